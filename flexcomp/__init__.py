@@ -1,0 +1,1 @@
+"""flexcomp: attention variants as tiny Python functions, compiled to fused Triton kernels."""

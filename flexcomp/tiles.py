@@ -1,0 +1,43 @@
+"""The records the sparsity analysis hands to codegen.  Nothing here knows of Triton.
+
+Tiles are (b, h, q-block, kv-block) rectangles of the attention matrix.  A tile
+is EMPTY when the mask is false on every in-range element (the kernel never
+visits it), FULL when it is true on every in-range element (the kernel skips
+mask_mod there), PARTIAL otherwise.  Elements past Q_LEN or KV_LEN do not count:
+the kernel bounds-checks the last tile of each row and column whatever its class.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .ir import Node
+
+
+class TileClass(enum.IntEnum):
+    EMPTY = 0
+    PARTIAL = 1
+    FULL = 2
+
+
+@dataclass(frozen=True)
+class ClosedFormBounds:
+    """Per-tile kv ranges as IR expressions, so a kernel can compute its own loop bounds.
+
+    The expressions are i32 IR over the ARGs `q_lo` and `q_hi` (the first and last
+    q index of a tile, inclusive), `b`, `h`, `Q_LEN` and `KV_LEN`, and may read the
+    mod's captured tensors.  For every q in [q_lo, q_hi]:
+
+    * the mask is false for every kv outside [kv_lo, kv_hi);
+    * the mask is true for every kv in [full_lo, full_hi) (intersected with [0, KV_LEN)).
+
+    Either range may be empty (lo >= hi).  Neither is clamped to [0, KV_LEN]: the
+    consumer clamps.  Both are exact for the masks they are offered for (causal,
+    sliding window, prefix-LM, block-causal, offset causal...): no tighter range holds.
+    """
+
+    kv_lo: Node
+    kv_hi: Node
+    full_lo: Node
+    full_hi: Node
