@@ -1,1 +1,57 @@
 """flexcomp: attention variants as tiny Python functions, compiled to fused Triton kernels."""
+
+from __future__ import annotations
+
+import importlib
+
+from .api import CompiledVariant, compile, flex_attention
+from .errors import (
+    BackendError,
+    FlexcompError,
+    FlexcompSyntaxError,
+    FlexcompTypeError,
+    SignatureError,
+    SourceLoc,
+    UndefinedNameError,
+    UnsupportedConstructError,
+)
+from .mods import Mod
+
+__version__ = "0.1.0"
+
+# Names whose modules are still being written land here lazily (see __getattr__).
+_LAZY = {
+    "score_mod": "mods", "mask_mod": "mods", "as_mod": "mods", "and_masks": "mods", "or_masks": "mods",
+    "noop_mask": "mods", "create_block_mask": "blockmask", "create_mask": "blockmask", "BlockMask": "blockmask",
+}
+
+__all__ = [
+    "BackendError",
+    "BlockMask",
+    "CompiledVariant",
+    "FlexcompError",
+    "FlexcompSyntaxError",
+    "FlexcompTypeError",
+    "Mod",
+    "SignatureError",
+    "SourceLoc",
+    "UndefinedNameError",
+    "UnsupportedConstructError",
+    "__version__",
+    "and_masks",
+    "as_mod",
+    "compile",
+    "create_block_mask",
+    "create_mask",
+    "flex_attention",
+    "mask_mod",
+    "noop_mask",
+    "or_masks",
+    "score_mod",
+]  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'flexcomp' has no attribute {name!r}")

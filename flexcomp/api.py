@@ -1,0 +1,215 @@
+"""The public entry points: `flex_attention` (a drop-in for torch's) and `compile`."""
+
+from __future__ import annotations
+
+import copy
+import numbers
+import os
+from typing import Any
+
+import torch
+
+from .errors import BackendError
+from .ir import free_args, to_text
+from .mods import Mod
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod: Any = None,
+    block_mask: Any = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    kernel_options: dict[str, Any] | None = None,
+    *,
+    mask_mod: Any = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """torch.nn.attention.flex_attention's arguments and semantics, through flexcomp's compiler.
+
+    query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv] -> out [B, Hq, Lq, Dv]
+    (and lse [B, Hq, Lq], natural log, with `return_lse`).  `score_mod` / `mask_mod` may be
+    Mods or plain functions.  `mask_mod=` without a `block_mask` builds the block mask for you.
+    `backend`: "auto" (the generated Triton kernel on CUDA, the reference elsewhere),
+    "triton" (on CPU tensors it needs TRITON_INTERPRET=1) or "reference".
+    """
+    validate_inputs(query, key, value, enable_gqa)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown {backend=}; expected one of {', '.join(BACKENDS)}")
+    if scale is not None and not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    if mask_mod is not None and block_mask is not None:
+        raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
+    score_mod = to_mod(score_mod, "score")
+    mask_mod = to_mod(mask_mod, "mask")
+    if block_mask is not None:
+        validate_block_mask(block_mask, query, key)
+    if choose_backend(backend, query) == "reference":
+        from .reference import reference_attention
+
+        out, lse = reference_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                                       mask_mod=mask_mod)
+    else:
+        if block_mask is None and mask_mod is not None:
+            block_mask = build_block_mask(mask_mod, query, key)
+        elif block_mask is not None and not isinstance(block_mask.mask_mod, Mod) and block_mask.mask_mod is not None:
+            block_mask = copy.copy(block_mask)  # e.g. torch's own BlockMask with a plain function
+            block_mask.mask_mod = to_mod(block_mask.mask_mod, "mask")
+        out, lse = _triton_forward()(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                                     kernel_options)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------- checks
+
+
+def validate_inputs(query: Any, key: Any, value: Any, enable_gqa: bool) -> None:
+    """ValueError / TypeError naming both values for every malformed combination of q, k, v."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, L, D], got {name}.ndim={t.ndim} (shape {tuple(t.shape)})")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {name}.dtype={t.dtype}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {query.dtype=} {key.dtype=} {value.dtype=}")
+    if not query.device == key.device == value.device:
+        raise ValueError(f"q, k, v devices differ: {query.device=} {key.device=} {value.device=}")
+    (q_batch, q_heads, _, q_head_dim), (kv_batch, kv_heads, kv_len, k_head_dim) = query.shape, key.shape
+    v_batch, v_heads, v_len, _ = value.shape
+    _require(q_batch == kv_batch, f"{q_batch=} != {kv_batch=}")
+    _require(kv_batch == v_batch, f"key batch {kv_batch=} != value batch {v_batch=}")
+    _require(kv_heads == v_heads, f"key heads {kv_heads=} != value heads {v_heads=}")
+    _require(kv_len == v_len, f"key length {kv_len=} != value length {v_len=}")
+    _require(q_head_dim == k_head_dim, f"{q_head_dim=} != {k_head_dim=}")
+    if enable_gqa:
+        _require(kv_heads > 0 and q_heads % kv_heads == 0, f"{q_heads=} is not a multiple of {kv_heads=}")
+    else:
+        _require(q_heads == kv_heads, f"{q_heads=} != {kv_heads=}; pass enable_gqa=True for grouped-query attention")
+
+
+def validate_block_mask(block_mask: Any, query: torch.Tensor, key: torch.Tensor) -> None:
+    """The block mask must be made for these lengths, this batch and these heads (or broadcast), on this device."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    block_mask_q_len, block_mask_kv_len = block_mask.seq_lengths
+    _require(q_len == block_mask_q_len, f"{q_len=} != {block_mask_q_len=}; build the block mask for these lengths")
+    _require(kv_len == block_mask_kv_len, f"{kv_len=} != {block_mask_kv_len=}; build the block mask for these lengths")
+    q_batch, q_heads = query.shape[:2]
+    block_mask_batch, block_mask_heads = block_mask.kv_num_blocks.shape[:2]
+    _require(block_mask_batch in (1, q_batch), f"{block_mask_batch=} is neither 1 nor {q_batch=}")
+    _require(block_mask_heads in (1, q_heads), f"{block_mask_heads=} is neither 1 nor {q_heads=}")
+    block_mask_device = block_mask.kv_num_blocks.device
+    _require(block_mask_device == query.device, f"{block_mask_device=} != {query.device=}")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def to_mod(fn_or_mod: Any, kind: str) -> Mod | None:
+    """None stays None; a Mod must be of `kind`; a plain function is compiled with `as_mod`."""
+    if fn_or_mod is None:
+        return None
+    if isinstance(fn_or_mod, Mod):
+        if fn_or_mod.kind != kind:
+            raise TypeError(f"{kind}_mod= got a {fn_or_mod.kind}_mod ({fn_or_mod.name}): {fn_or_mod.kind=} != {kind=}")
+        return fn_or_mod
+    if not callable(fn_or_mod):
+        raise TypeError(f"{kind}_mod must be a function or a flexcomp Mod, got {type(fn_or_mod).__name__}")
+    from .mods import as_mod
+
+    return as_mod(fn_or_mod, kind)
+
+
+def choose_backend(backend: str, query: torch.Tensor) -> str:
+    if backend == "auto":
+        return "triton" if query.device.type == "cuda" else "reference"
+    if backend == "triton" and query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendError(
+            "backend='triton' on CPU tensors runs the kernel under Triton's interpreter, which is off",
+            hint="set TRITON_INTERPRET=1 in the environment before triton is imported, or use backend='reference'",
+        )
+    return backend
+
+
+def _triton_forward():
+    try:
+        from .codegen import flex_forward
+    except ImportError as e:
+        raise BackendError(f"the Triton backend is unavailable: {e}", hint="use backend='reference'") from e
+    return flex_forward
+
+
+def build_block_mask(mask_mod: Mod, query: torch.Tensor, key: torch.Tensor, **kwargs: Any) -> Any:
+    """create_block_mask over the batch and heads only when the mask reads `b` / `h`; otherwise they broadcast."""
+    from .blockmask import create_block_mask
+
+    used = free_args(mask_mod.ir)
+    B = query.shape[0] if "b" in used else 1
+    H = query.shape[1] if "h" in used else 1
+    return create_block_mask(mask_mod, B, H, query.shape[2], key.shape[2], device=query.device, **kwargs)
+
+
+# ---------------------------------------------------------------- compile
+
+
+class CompiledVariant:
+    """An attention variant: a score_mod and/or mask_mod, their IR, kernel source and a callable."""
+
+    def __init__(self, score_mod: Mod | None, mask_mod: Mod | None):
+        self.score_mod = score_mod
+        self.mask_mod = mask_mod
+
+    @property
+    def name(self) -> str:
+        return " + ".join(m.name for m in (self.score_mod, self.mask_mod) if m is not None) or "softmax attention"
+
+    @property
+    def ir(self) -> str:
+        """The optimized IR of both mods, as text."""
+        parts = [f"# {m.kind}_mod {m.name}\n{to_text(m.ir)}" for m in (self.score_mod, self.mask_mod) if m is not None]
+        return "\n\n".join(parts) or "# no mods: plain softmax attention"
+
+    @property
+    def source(self) -> str:
+        """The generated Triton kernel's source."""
+        try:
+            from .codegen import kernel_source
+        except ImportError as e:
+            raise BackendError(f"kernel source is unavailable: the Triton code generator did not load ({e})") from e
+        return kernel_source(self.score_mod, self.mask_mod)
+
+    def block_mask(self, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device: Any = None,
+                   **kwargs: Any) -> Any:
+        """create_block_mask for this variant's mask_mod (noop_mask without one)."""
+        from .blockmask import create_block_mask
+
+        mask = self.mask_mod
+        if mask is None:
+            from .mods import noop_mask
+
+            mask = noop_mask
+        return create_block_mask(mask, B, H, Q_LEN, KV_LEN, device=device, **kwargs)
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any = None,
+                 scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
+                 kernel_options: dict[str, Any] | None = None, *, backend: str = "auto") -> Any:
+        mask_mod = self.mask_mod if block_mask is None else None
+        return flex_attention(query, key, value, self.score_mod, block_mask, scale, enable_gqa, return_lse,
+                              kernel_options, mask_mod=mask_mod, backend=backend)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{m.kind}_mod={m.name} key={m.key}" for m in (self.score_mod, self.mask_mod) if m)
+        return f"<flexcomp.CompiledVariant {fields or 'no mods'}>"
+
+
+def compile(score_mod: Any = None, mask_mod: Any = None) -> CompiledVariant:
+    """Compile a score_mod and/or mask_mod (Mods or plain functions) into a `CompiledVariant`."""
+    return CompiledVariant(to_mod(score_mod, "score"), to_mod(mask_mod, "mask"))
