@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from .errors import SourceLoc
-from .ir import BufferSpec, Node, structural_key
+from .errors import SignatureError, SourceLoc
+from .ir import BufferSpec, DType, Node, Op, structural_key
+from .ir import const as ir_const
 
 
 @dataclass(eq=False)
@@ -48,3 +51,77 @@ class Mod:
 
     def __repr__(self) -> str:
         return f"<flexcomp {self.kind}_mod {self.name} key={self.key}>"
+
+
+# ---------------------------------------------------------------- decorators and composition
+
+
+def _compile(fn: Callable, kind: str) -> Mod:
+    from .compiler import optimize
+    from .frontend import lower_function
+
+    lowered = lower_function(fn, kind)
+    name = getattr(fn, "__name__", kind)
+    return Mod(kind, name, optimize(lowered.raw_ir, name), lowered.raw_ir, lowered.buffers, lowered.resolvers, fn,
+               lowered.loc)
+
+
+def score_mod(fn: Callable) -> Mod:
+    """Decorator: compile `fn(score, b, h, q_idx, kv_idx)` now; errors point at the offending line."""
+    return _compile(fn, "score")
+
+
+def mask_mod(fn: Callable) -> Mod:
+    """Decorator: compile `fn(b, h, q_idx, kv_idx) -> bool` now; errors point at the offending line."""
+    return _compile(fn, "mask")
+
+
+_LAZY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plain function -> {kind: Mod}
+
+
+def as_mod(fn_or_mod: Mod | Callable | None, kind: str) -> Mod | None:
+    """A Mod of `kind` ("score" or "mask") from a Mod, a plain function (compiled once, cached), or None."""
+    if fn_or_mod is None:
+        return None
+    if kind not in ("score", "mask"):
+        raise ValueError(f"{kind=} must be 'score' or 'mask'")
+    if isinstance(fn_or_mod, Mod):
+        if fn_or_mod.kind != kind:
+            raise SignatureError(f"expected a {kind}_mod, got {fn_or_mod.kind}_mod {fn_or_mod.name!r}", fn_or_mod.loc)
+        return fn_or_mod
+    if not callable(fn_or_mod):
+        raise SignatureError(f"a {kind}_mod must be a function or a Mod, got {type(fn_or_mod).__name__}")
+    try:
+        cached = _LAZY.setdefault(fn_or_mod, {})
+    except TypeError:  # not weak-referenceable: compile every time
+        cached = {}
+    if kind not in cached:
+        cached[kind] = _compile(fn_or_mod, kind)
+    return cached[kind]
+
+
+def _combine(op: Op, name: str, mods: tuple) -> Mod:
+    from .compiler import optimize
+    from .frontend import BufferTable
+
+    table = BufferTable()
+    parts = [as_mod(m, "mask") for m in mods]
+    raw = ir_const(op == Op.AND)
+    for m in parts:
+        body = table.merge(m.buffers, m.resolvers, m.raw_ir)
+        raw = body if raw.op == Op.CONST else Node(op, DType.BOOL, (raw, body))
+    full_name = f"{name}({', '.join(m.name for m in parts)})"
+    return Mod("mask", full_name, optimize(raw, full_name), raw, tuple(table.specs.values()), dict(table.resolvers))
+
+
+def and_masks(*mods: Mod | Callable) -> Mod:
+    """A mask_mod true where every one of `mods` is true (no mods: everywhere)."""
+    return _combine(Op.AND, "and_masks", mods)
+
+
+def or_masks(*mods: Mod | Callable) -> Mod:
+    """A mask_mod true where any one of `mods` is true (no mods: nowhere)."""
+    return _combine(Op.OR, "or_masks", mods)
+
+
+noop_mask = Mod("mask", "noop_mask", ir_const(True), ir_const(True))
