@@ -1,0 +1,258 @@
+"""Launching the generated forward kernel: checks, configs, arguments."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flexcomp.errors import BackendError
+from flexcomp.ir import arg, const
+from flexcomp.mods import Mod
+from flexcomp.tiles import ClosedFormBounds
+
+from .cache import cache_key, load_generated
+from .forward_source import bounds_text, forward_source
+
+# (bits per element, head dim up to) -> (BLOCK_M, BLOCK_N, num_warps, num_stages): torch's H100 defaults.
+# Autotuning replaces this table later; kernel_options override any entry.
+FORWARD_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
+    (32, 64): (128, 32, 4, 3),
+    (32, 128): (32, 64, 4, 3),
+    (32, 256): (32, 32, 4, 3),
+    (16, 64): (128, 128, 4, 3),
+    (16, 128): (128, 64, 8, 3),
+    (16, 256): (64, 32, 4, 3),
+}
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_BLOCK = 16  # tl.dot's smallest tile side
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def default_config(dtype: torch.dtype, head_dim: int) -> LaunchConfig:
+    bits = 32 if dtype == torch.float32 else 16
+    bucket = next(d for d in (64, 128, 256) if next_power_of_2(head_dim) <= d)
+    return LaunchConfig(*FORWARD_CONFIGS[(bits, bucket)])
+
+
+def _fit(block: int, sparse: int, name: str, overridden: bool) -> int:
+    """The largest power of two <= block that divides the block mask's block size."""
+    if overridden:
+        if block < MIN_BLOCK or block & (block - 1) or sparse % block:
+            raise ValueError(f"kernel_options {name}={block} must be a power of two >= {MIN_BLOCK} "
+                             f"dividing the block mask's block size {sparse}")
+        return block
+    while block > MIN_BLOCK and sparse % block:
+        block //= 2
+    if sparse % block:
+        raise BackendError(f"block mask block size {sparse} is not a multiple of {MIN_BLOCK}")
+    return block
+
+
+def choose_config(q: torch.Tensor, block_size: tuple[int, int], kernel_options: dict | None) -> LaunchConfig:
+    options = kernel_options or {}
+    base = default_config(q.dtype, max(q.shape[-1], MIN_BLOCK))
+    block_m = _fit(options.get("BLOCK_M", base.block_m), block_size[0], "BLOCK_M", "BLOCK_M" in options)
+    block_n = _fit(options.get("BLOCK_N", base.block_n), block_size[1], "BLOCK_N", "BLOCK_N" in options)
+    return LaunchConfig(block_m, block_n, options.get("num_warps", base.num_warps),
+                        options.get("num_stages", base.num_stages))
+
+
+# ---------------------------------------------------------------- source and kernel
+
+
+def kernel_key(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBounds | None) -> str:
+    return cache_key("forward", score_mod.key if score_mod else "none", mask_mod.key, bounds_text(bounds))
+
+
+def forward_module(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBounds | None):
+    key = kernel_key(score_mod, mask_mod, bounds)
+    return load_generated("forward", key, lambda: forward_source(score_mod, mask_mod, bounds))
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"query, key, value must be 4-d [B, H, L, D]; got {q.dim()=}, {k.dim()=}, {v.dim()=}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"query, key, value dtypes differ: {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise BackendError(f"the Triton kernel supports float16, bfloat16, float32; got {q.dtype=} "
+                           "(use backend='reference')")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"query, key, value devices differ: {q.device=}, {k.device=}, {v.device=}")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); got {q.device=}")
+    (B, Hq, _, D), (Bk, Hkv, Lkv, Dk), (Bv, Hv, Lv, _) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"batch sizes differ: {B=}, {Bk=}, {Bv=}")
+    if D != Dk:
+        raise ValueError(f"query and key head dims differ: {D=} != {Dk=}")
+    if Hkv != Hv or Lkv != Lv:
+        raise ValueError(f"key and value shapes disagree: {k.shape=}, {v.shape=}")
+    if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
+        raise ValueError(f"query heads {Hq=} and kv heads {Hkv=} need enable_gqa=True and Hq % Hkv == 0")
+    if max(D, v.shape[-1]) > MAX_HEAD_DIM:
+        raise BackendError(f"head dims up to {MAX_HEAD_DIM} are supported; got {D=}, Dv={v.shape[-1]}")
+
+
+def check_block_mask(block_mask: Any, q: torch.Tensor, k: torch.Tensor) -> None:
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    block_mask_q_len, block_mask_kv_len = block_mask.seq_lengths
+    if (q_len, kv_len) != (block_mask_q_len, block_mask_kv_len):
+        raise ValueError(f"block mask built for other lengths: {q_len=}, {kv_len=} but "
+                         f"{block_mask_q_len=}, {block_mask_kv_len=}")
+    nb, nh, rows = block_mask.kv_num_blocks.shape
+    needed_rows = -(-q_len // block_mask.BLOCK_SIZE[0])
+    if nb not in (1, q.shape[0]) or nh not in (1, q.shape[1]) or rows < needed_rows:
+        raise ValueError(f"block mask tables of shape {tuple(block_mask.kv_num_blocks.shape)} do not fit "
+                         f"B={q.shape[0]}, Hq={q.shape[1]} with {needed_rows} q blocks")
+
+
+def captured_tensors(mod: Mod | None, device: torch.device) -> list[Any]:
+    """Each captured tensor's pointer and strides, in the order of ops.buffer_params."""
+    if mod is None:
+        return []
+    values = mod.tensors()
+    args: list[Any] = []
+    for spec in mod.buffers:
+        t = values[spec.name]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(spec.shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"captured tensor {spec.name!r} changed shape since the mod was compiled: "
+                             f"{got} != {tuple(spec.shape)} (recompile the mod)")
+        if t.device != device:
+            raise ValueError(f"captured tensor {spec.name!r} is on {t.device}, the inputs on {device}")
+        if t.dtype == torch.bool:
+            t = t.view(torch.uint8)  # loaded as bytes and compared with 0
+        args += [t, *t.stride()]
+    return args
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _strides(t: torch.Tensor | None, ndim: int) -> list[int]:
+    """Strides with size-1 dims broadcast (stride 0); zeros for a missing table."""
+    if t is None:
+        return [0] * ndim
+    return [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())]
+
+
+def flex_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod: Mod | None,
+    block_mask: Any,
+    scale: float,
+    enable_gqa: bool,
+    return_lse: bool,
+    kernel_options: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the generated forward kernel: (out [B, Hq, Lq, Dv] in the input dtype, lse [B, Hq, Lq] float32).
+
+    lse is always computed (natural log; -inf on fully masked rows); `return_lse`
+    is accepted for symmetry with the API, which drops it.
+    """
+    del return_lse
+    q, k, v = query, key, value
+    check_inputs(q, k, v, enable_gqa)
+    block_mask = block_mask if block_mask is not None else dense_block_mask(q, k)
+    check_block_mask(block_mask, q, k)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    mask_mod = block_mask.mask_mod
+    if not isinstance(mask_mod, Mod) or (score_mod is not None and not isinstance(score_mod, Mod)):
+        raise BackendError("the Triton kernel needs compiled mods (flexcomp.score_mod / flexcomp.mask_mod)")
+    bounds = getattr(block_mask, "bounds", None)
+    B, Hq, Lq, D = q.shape
+    Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    sparse_q, sparse_kv = _block_size(block_mask)
+    config = choose_config(q, (sparse_q, sparse_kv), kernel_options)
+    module = forward_module(score_mod, mask_mod, bounds)
+
+    out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    has_full = block_mask.full_kv_num_blocks is not None and block_mask.full_kv_indices is not None
+    full_num = block_mask.full_kv_num_blocks if has_full else block_mask.kv_num_blocks
+    full_idx = block_mask.full_kv_indices if has_full else block_mask.kv_indices
+    grid = (-(-Lq // config.block_m), B * Hq)
+    module.flex_forward_kernel[grid](
+        q, *q.stride(),
+        k, *k.stride(),
+        v, *v.stride(),
+        out, *out.stride(),
+        lse, *lse.stride(),
+        block_mask.kv_num_blocks, *_strides(block_mask.kv_num_blocks, 3),
+        block_mask.kv_indices, *_strides(block_mask.kv_indices, 4),
+        full_num, *_strides(full_num, 3),
+        full_idx, *_strides(full_idx, 4),
+        *captured_tensors(score_mod, q.device),
+        *captured_tensors(mask_mod, q.device),
+        float(scale), Lq, Lkv, Hq, Hq // Hkv,
+        HAS_SCORE_MOD=score_mod is not None, USE_BOUNDS=bounds is not None, HAS_FULL=has_full,
+        SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv, TILES_PER_BLOCK=sparse_kv // config.block_n,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_D=max(next_power_of_2(D), MIN_BLOCK), BLOCK_DV=max(next_power_of_2(Dv), MIN_BLOCK), D=D, DV=Dv,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+NOOP_MASK = Mod("mask", "noop_mask", const(True), const(True))
+DENSE_BOUNDS = ClosedFormBounds(const(0), arg("KV_LEN"), const(0), arg("KV_LEN"))
+
+
+@dataclass
+class DenseBlockMask:
+    """No mask: every kv tile is FULL, by closed-form bounds, so the tables are never read."""
+
+    seq_lengths: tuple[int, int]
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    BLOCK_SIZE: tuple[int, int] = (128, 128)
+    mask_mod: Mod = NOOP_MASK
+    full_kv_num_blocks: torch.Tensor | None = None
+    full_kv_indices: torch.Tensor | None = None
+    bounds: ClosedFormBounds = DENSE_BOUNDS
+
+
+def dense_block_mask(q: torch.Tensor, k: torch.Tensor) -> DenseBlockMask:
+    rows = -(-q.shape[-2] // 128)
+    num = torch.zeros((1, 1, rows), dtype=torch.int32, device=q.device)
+    return DenseBlockMask((q.shape[-2], k.shape[-2]), num, num[..., None])
+
+
+def _block_size(block_mask: Any) -> tuple[int, int]:
+    size = block_mask.BLOCK_SIZE
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def kernel_source(score_mod: Mod | None, mask_mod: Mod | None, **specialization: Any) -> str:
+    """The generated forward kernel's Python/Triton source (what `flex_forward` runs).
+
+    `specialization` may give `bounds` (a ClosedFormBounds, or None for the
+    index-table walk); dtypes, head dims and block sizes are constexprs of the
+    one kernel, so they do not change the text.
+    """
+    unknown = set(specialization) - {"bounds"}
+    if unknown:
+        raise TypeError(f"unknown specialization {sorted(unknown)}; known: ['bounds']")
+    return forward_source(score_mod, mask_mod or NOOP_MASK, specialization.get("bounds"))
