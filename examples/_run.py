@@ -101,24 +101,6 @@ def brute_force_tiles(mask_mod, batch: int, heads: int, q_len: int, kv_len: int,
     return torch.where(tiles_all, 2, torch.where(tiles_any, 1, 0))
 
 
-def tile_classes(block_mask) -> torch.Tensor:
-    """[B, H, n_q_blocks, n_kv_blocks] tile classes of a BlockMask, from its torch-compatible fields."""
-    if hasattr(block_mask, "tile_classes"):
-        return torch.as_tensor(block_mask.tile_classes()).long().cpu()
-    num, idx = block_mask.kv_num_blocks.cpu(), block_mask.kv_indices.cpu()
-    full_num, full_idx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
-    classes = torch.zeros(*idx.shape, dtype=torch.long)
-    for (b, h, qb), n in zip(torch.cartesian_prod(*(torch.arange(s) for s in num.shape)).tolist(), num.flatten()):
-        classes[b, h, qb, idx[b, h, qb, : int(n)]] = 1
-    if full_num is not None:
-        full_num, full_idx = full_num.cpu(), full_idx.cpu()
-        for (b, h, qb), n in zip(
-            torch.cartesian_prod(*(torch.arange(s) for s in full_num.shape)).tolist(), full_num.flatten()
-        ):
-            classes[b, h, qb, full_idx[b, h, qb, : int(n)]] = 2
-    return classes
-
-
 # ---------------------------------------------------------------- showing what was built
 
 
@@ -142,7 +124,7 @@ def show_tiles(mask_mod, batch: int, heads: int, q_len: int, kv_len: int, block_
 
     _section(f"tiles of {mask_mod.name} at B={batch} H={heads} Q={q_len} KV={kv_len} BLOCK_SIZE={block_size}")
     block_mask = fc.create_block_mask(mask_mod, batch, heads, q_len, kv_len, device="cpu", BLOCK_SIZE=block_size)
-    counts = torch.bincount(tile_classes(block_mask).flatten(), minlength=3).tolist()
+    counts = torch.bincount(torch.as_tensor(block_mask.tile_classes()).flatten().long(), minlength=3).tolist()
     print(f"EMPTY {counts[0]}  PARTIAL {counts[1]}  FULL {counts[2]}  sparsity {block_mask.sparsity():.1f}%")
     bounds = getattr(block_mask, "bounds", None)
     if bounds is not None:
@@ -174,10 +156,13 @@ def check_against_dense(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen).to(device) for n in (q_len, kv_len, kv_len))
-    block_mask = None
-    if mask_mod is not None:
-        block_mask = fc.create_block_mask(mask_mod, batch, heads, q_len, kv_len, device=device, BLOCK_SIZE=block_size)
-    out, lse = fc.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, return_lse=True, backend=backend)
+    masking = {}
+    if mask_mod is not None and _have_block_masks():
+        masking["block_mask"] = fc.create_block_mask(mask_mod, batch, heads, q_len, kv_len, device=device,
+                                                     BLOCK_SIZE=block_size)
+    elif mask_mod is not None:
+        masking["mask_mod"] = mask_mod
+    out, lse = fc.flex_attention(q, k, v, score_mod=score_mod, return_lse=True, backend=backend, **masking)
     want_out, want_lse = dense_attention(q, k, v, score_mod, mask_mod)
     err = (out.double().cpu() - want_out).abs().max().item()
     lse_ok = torch.allclose(lse.double().cpu(), want_lse, atol=1e-4, rtol=1e-4)  # also -inf == -inf
@@ -190,9 +175,20 @@ def _parse_args(q_len: int, kv_len: int) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="compile, show and check this attention variant")
     parser.add_argument("--triton", action="store_true", help="check the Triton backend (interpreter on CPU)")
     parser.add_argument("--q-len", type=int, default=q_len, help="sequence length for the tile analysis")
-    parser.add_argument("--kv-len", type=int, default=kv_len)
+    parser.add_argument("--kv-len", type=int, default=None, help="default: the example's, or --q-len when given")
     parser.add_argument("--quiet", action="store_true", help="only the check")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.kv_len is None:
+        args.kv_len = kv_len if args.q_len == q_len else args.q_len
+    return args
+
+
+def _have_block_masks() -> bool:
+    try:
+        import flexcomp.blockmask  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def run_example(
@@ -208,7 +204,9 @@ def run_example(
     check_kv = check_kv_len or min(args.kv_len, 128)
     if not args.quiet:
         show_ir(*mods)
-        if mask_mod is not None:
+        if mask_mod is not None and not _have_block_masks():
+            _section("tiles: flexcomp.create_block_mask not available yet")
+        elif mask_mod is not None:
             show_tiles(mask_mod, batch, heads, args.q_len, args.kv_len, block_size)
         show_kernel(score_mod, mask_mod)
     backends = ["auto"] + (["triton"] if args.triton else [])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -111,7 +113,18 @@ def _combine(op: Op, name: str, mods: tuple) -> Mod:
         body = table.merge(m.buffers, m.resolvers, m.raw_ir)
         raw = body if raw.op == Op.CONST else Node(op, DType.BOOL, (raw, body))
     full_name = f"{name}({', '.join(m.name for m in parts)})"
-    return Mod("mask", full_name, optimize(raw, full_name), raw, tuple(table.specs.values()), dict(table.resolvers))
+    return Mod("mask", full_name, optimize(raw, full_name), raw, tuple(table.specs.values()), dict(table.resolvers),
+               _combined_fn(op, parts))
+
+
+def _combined_fn(op: Op, parts: list[Mod]) -> Callable:
+    """As torch's and_masks/or_masks: calling the composite calls each part's own Python function."""
+    combine = operator.and_ if op == Op.AND else operator.or_
+
+    def combined(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return functools.reduce(combine, (part(b, h, q_idx, kv_idx) for part in parts), op == Op.AND)
+
+    return combined
 
 
 def and_masks(*mods: Mod | Callable) -> Mod:
@@ -124,4 +137,8 @@ def or_masks(*mods: Mod | Callable) -> Mod:
     return _combine(Op.OR, "or_masks", mods)
 
 
-noop_mask = Mod("mask", "noop_mask", ir_const(True), ir_const(True))
+def _attend_everywhere(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> bool:
+    return True
+
+
+noop_mask = Mod("mask", "noop_mask", ir_const(True), ir_const(True), fn=_attend_everywhere)
