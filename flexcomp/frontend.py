@@ -223,7 +223,11 @@ def parse_source(src: Source) -> Tree:
         token = getattr(e, "token", None)
         shown = f"`{token}`" if token is not None and str(token).strip() else "this"
         message = label or f"unexpected {shown}: not part of the flexcomp language"
-        raise FlexcompSyntaxError(f"{message} (in mod {src.fn_name!r})", src.at(e.line, e.column), ALLOWED) from None
+        column = e.column
+        if label and label.startswith("this statement"):  # the keyword lexes as a name: point at the statement
+            line = src.text.splitlines()[e.line - 1]
+            column = len(line) - len(line.lstrip()) + 1
+        raise FlexcompSyntaxError(f"{message} (in mod {src.fn_name!r})", src.at(e.line, column), ALLOWED) from None
     except DedentError as e:
         raise FlexcompSyntaxError(f"inconsistent indentation in {src.fn_name!r}: {e}") from None
     except LarkError as e:
@@ -432,6 +436,7 @@ class FunctionLowering:
                     self.bind(target, self.expr(value, env), env)
             elif kind == "expr_stmt":
                 if stmt.children[0].data != "string":  # docstrings and bare strings are comments
+                    self.expr(stmt.children[0], env)  # an unsupported call is the better message
                     self.refuse("an expression statement (its value would be discarded)", stmt)
             elif kind != "pass_stmt":
                 self.refuse(UNSUPPORTED_RULES.get(kind, f"`{kind}`"), stmt)
