@@ -211,6 +211,7 @@ def flex_forward(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_D=max(next_power_of_2(D), MIN_BLOCK), BLOCK_DV=max(next_power_of_2(Dv), MIN_BLOCK), D=D, DV=Dv,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST_DOT=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out, lse

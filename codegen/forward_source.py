@@ -44,11 +44,12 @@ def render_mod(mod: Mod | None, kind: str) -> ModCode:
         return ModCode(hoisted + "\n\n" + _function(f"{kind}_mod", list(arg_names), [], "score"), [], [])
     buffers = tuple(mod.buffers)
     params = buffer_params(f"{prefix}b", buffers)
+    bp = f"{prefix}b"
     names = {arg(a): MOD_ARG_NAMES[a] for a in arg_names if a not in LOOP_ARGS}
     hoisted_nodes = hoistable([mod.ir], LOOP_ARGS)
-    pre_lines, hoisted = render_block(hoisted_nodes, names, f"{prefix}h", buffers)
+    pre_lines, hoisted = render_block(hoisted_nodes, names, f"{prefix}h", buffers, bp)
     names.update({arg(a): MOD_ARG_NAMES[a] for a in arg_names if a in LOOP_ARGS})
-    lines, (result,) = render_block([mod.ir], names, f"{prefix}", buffers)
+    lines, (result,) = render_block([mod.ir], names, prefix, buffers, bp)
     pre_args = [a for a in arg_names if a not in LOOP_ARGS]
     text = _function(f"{kind}_mod_hoisted", pre_args + params, pre_lines, ", ".join(hoisted) or "0")
     text += "\n\n" + _function(f"{kind}_mod", list(arg_names) + hoisted + params, lines, result)
@@ -62,7 +63,7 @@ def render_bounds(bounds: ClosedFormBounds | None, mask_mod: Mod) -> str:
         return _function("kv_bounds", params, [], "0, KV_LEN, 0, 0")
     roots = [bounds.kv_lo, bounds.kv_hi, bounds.full_lo, bounds.full_hi]
     names = {arg(a): n for a, n in BOUND_ARG_NAMES.items()}
-    lines, results = render_block(roots, names, "k", tuple(mask_mod.buffers))
+    lines, results = render_block(roots, names, "k", tuple(mask_mod.buffers), "mb")
     return _function("kv_bounds", params, lines, ", ".join(results))
 
 
@@ -117,7 +118,8 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
         kernel = kernel.replace("{" + key + "}", value)
     parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), score.functions, mask.functions,
              render_bounds(bounds, mask_mod), kernel.strip()]
-    return "\n\n\n".join(parts) + "\n"
+    text = "\n\n\n".join(parts)
+    return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
 
 
 def _args(names: list[str]) -> str:
@@ -138,6 +140,16 @@ def bounds_text(bounds: ClosedFormBounds | None) -> str:
 # The template.  {NAME} holes take the generated argument lists above.
 FORWARD_TEMPLATE = '''
 @triton.jit
+def dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # UPCAST_DOT is set only under Triton's interpreter, whose bfloat16 tl.dot multiplies raw bit patterns
+    if UPCAST_DOT:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return c
+
+
+@triton.jit
 def attend_tiles(
     acc, l_i, m_i, q,
     K, stride_kn, stride_kd,
@@ -149,7 +161,7 @@ def attend_tiles(
     IS_FULL: tl.constexpr, USE_BOUNDS: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
     SPARSE_KV: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Online softmax over kv tiles. FULL tiles (IS_FULL) never evaluate the mask."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -165,7 +177,7 @@ def attend_tiles(
         kv_in = offs_n < KV_LEN
         kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=kv_in[None, :] & (offs_d[:, None] < D), other=0.0)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        qk = dot(q, kt, DOT_PRECISION, UPCAST_DOT)
         kv_idx = offs_n[None, :]
         if HAS_SCORE_MOD:  # the mod sees q.k * scale in natural units
             score = score_mod(qk * sm_scale, b, h, q_idx, kv_idx, {SCORE_HOISTED}{SCORE_BUFFERS})
@@ -184,7 +196,7 @@ def attend_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=kv_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -206,7 +218,7 @@ def flex_forward_kernel(
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -270,7 +282,7 @@ def flex_forward_kernel(
         partial_row, stride_in,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
     )
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
@@ -279,7 +291,7 @@ def flex_forward_kernel(
         full_row, stride_fin,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
     )
 
     # a fully masked row has l = 0: output 0 and lse -inf, never 0/0

@@ -250,6 +250,7 @@ def render_block(
     names: dict[Node, str],
     prefix: str,
     buffers: tuple[BufferSpec, ...],
+    buffer_prefix: str,
     indent: str = "    ",
 ) -> tuple[list[str], list[str]]:
     """SSA lines computing `roots`, and each root's text.
@@ -270,7 +271,7 @@ def render_block(
             all_const = node.op != Op.LOAD and all(s.op == Op.CONST for s in node.src)
             operands = [Operand(s, names.get(s, ""), all_const) for s in node.src]
             if node.op == Op.LOAD:
-                expr = _render_load(node, operands, prefix, by_name)
+                expr = _render_load(node, operands, buffer_prefix, by_name)
             elif node.op in OP_RULES:
                 expr = OP_RULES[node.op](node, operands)
             else:
