@@ -12,6 +12,8 @@ interpreter when there is no GPU), --q-len/--kv-len (tile-analysis size), --quie
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import math
 import os
 import sys
@@ -134,9 +136,8 @@ def show_tiles(mask_mod, batch: int, heads: int, q_len: int, kv_len: int, block_
 
 
 def show_kernel(score_mod, mask_mod) -> None:
-    try:
-        from flexcomp.codegen import kernel_source
-    except ImportError:
+    kernel_source = getattr(importlib.import_module("flexcomp.codegen"), "kernel_source", None)
+    if kernel_source is None:
         _section("kernel source: codegen not available yet")
         return
     _section("generated kernel source")
@@ -184,11 +185,7 @@ def _parse_args(q_len: int, kv_len: int) -> argparse.Namespace:
 
 
 def _have_block_masks() -> bool:
-    try:
-        import flexcomp.blockmask  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("flexcomp.blockmask") is not None
 
 
 def run_example(

@@ -118,13 +118,16 @@ def _combine(op: Op, name: str, mods: tuple) -> Mod:
 
 
 def _combined_fn(op: Op, parts: list[Mod]) -> Callable:
-    """As torch's and_masks/or_masks: calling the composite calls each part's own Python function."""
+    """As torch's and_masks/or_masks: calling the composite calls each part's own Python function.
+
+    A partial rather than a closure, so that `inspect.getsource` does not show this helper as the user's code.
+    """
     combine = operator.and_ if op == Op.AND else operator.or_
+    return functools.partial(_call_parts, combine, op == Op.AND, tuple(parts))
 
-    def combined(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        return functools.reduce(combine, (part(b, h, q_idx, kv_idx) for part in parts), op == Op.AND)
 
-    return combined
+def _call_parts(combine: Callable, identity: bool, parts: tuple[Mod, ...], *args: Any) -> Any:
+    return functools.reduce(combine, (part(*args) for part in parts), identity)
 
 
 def and_masks(*mods: Mod | Callable) -> Mod:
