@@ -39,7 +39,7 @@ def e_while(b, h, q, kv):
 
 
 def e_lambda(b, h, q, kv):
-    return (lambda x: x)(q) > kv
+    return (lambda x: x)(q) > kv  # noqa: PLC3002
 
 
 def e_comprehension(b, h, q, kv):
@@ -55,18 +55,18 @@ def e_fstring(b, h, q, kv):
 
 
 def e_import(b, h, q, kv):
-    import os
+    import os  # noqa: F401
 
     return q > kv
 
 
 def e_global(b, h, q, kv):
-    global TABLE
+    global TABLE  # noqa: PLW0602
     return q > kv
 
 
 def e_walrus(b, h, q, kv):
-    return (y := q) > kv
+    return (y := q) > kv  # noqa: F841
 
 
 def e_star_args(*args):
