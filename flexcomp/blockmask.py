@@ -1,0 +1,316 @@
+"""BlockMask: torch FlexAttention's block-sparse tables, built from the IR in O(tiles), not O(L^2).
+
+`create_block_mask` classifies every (b, h, q block, kv block) tile EMPTY / PARTIAL / FULL:
+
+1. closed form: masks whose per-row kv range is an affine or floor-affine function of q
+   (causal, sliding window, prefix-LM, block-causal, offset causal, their intersections) get
+   `bounds` (a `ClosedFormBounds`) and tables computed from them per q block, in O(q blocks);
+2. otherwise interval/relational analysis of the IR, a band of q blocks at a time, with
+   captured tensors summarized per block (`flexcomp.sparsity`);
+3. tiles the analysis leaves PARTIAL are evaluated exactly on the device, in bounded-memory
+   batches, when `exact=True` or when more than `AUTO_EXACT_FRACTION` of all tiles are undecided.
+
+Layout is torch's: kv_num_blocks [B, H, nq] int32 and kv_indices [B, H, nq, W] int32 (PARTIAL
+tiles, ascending), full_kv_num_blocks / full_kv_indices (FULL tiles), and the q-major transposes
+q_num_blocks / q_indices / full_q_num_blocks / full_q_indices.  B and H are 1 when the mask does
+not read b / h.  W is the largest count in any row (torch pads to nkv; consumers read only the
+first num_blocks entries of a row, so both layouts are valid).
+
+Lazy: with closed-form bounds, kv_indices, full_kv_* and all q-major tables are materialized on
+first access (causal's full table is inherently O(nq * nkv)); otherwise the q-major tables are.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import torch
+
+from .ir import free_args
+from .mods import Mod
+from .sparsity import closed_form_bounds
+from .sparsity.tables import (
+    bounds_rows,
+    ordered_to_classes,
+    rows_from_ranges,
+    rows_to_ordered,
+    transpose_ordered,
+)
+from .sparsity.tiles import Grid, analyze_rows, evaluate_tiles
+from .tiles import ClosedFormBounds, TileClass
+
+Tensor = torch.Tensor
+DEFAULT_BLOCK = 128
+AUTO_EXACT_FRACTION = 0.25  # undecided share of all tiles above which the exact fallback runs by itself
+ANALYSIS_TILES = 1 << 22  # tiles analyzed per band of q blocks: bounds the analysis' memory
+
+_TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+           "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")  # fmt: skip
+
+
+class BlockMask:
+    """torch's BlockMask fields and methods, plus `bounds`, `decided_by`, `explain()` and `tile_classes()`."""
+
+    def __init__(self, seq_lengths: tuple[int, int], BLOCK_SIZE: int | tuple[int, int], mask_mod: Any,
+                 tables: dict[str, Tensor | None], lazy: dict[str, Callable[[], Tensor]] | None = None,
+                 bounds: ClosedFormBounds | None = None, decided_by: dict[str, int] | None = None):
+        self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        self.BLOCK_SIZE = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(map(int, BLOCK_SIZE))
+        self.mask_mod = mask_mod
+        self.bounds = bounds
+        self.decided_by = dict(decided_by or {})
+        self._tables = dict(tables)
+        self._lazy = dict(lazy or {})
+
+    def _get(self, name: str) -> Tensor | None:
+        if name not in self._tables and name in self._lazy:
+            self._tables[name] = self._lazy.pop(name)()
+        return self._tables.get(name)
+
+    def _set(self, name: str, value: Tensor | None) -> None:
+        self._lazy.pop(name, None)
+        self._tables[name] = value
+
+    kv_num_blocks = property(lambda self: self._get("kv_num_blocks"), lambda self, v: self._set("kv_num_blocks", v))
+    kv_indices = property(lambda self: self._get("kv_indices"), lambda self, v: self._set("kv_indices", v))
+    full_kv_num_blocks = property(lambda self: self._get("full_kv_num_blocks"),
+                                  lambda self, v: self._set("full_kv_num_blocks", v))
+    full_kv_indices = property(lambda self: self._get("full_kv_indices"),
+                               lambda self, v: self._set("full_kv_indices", v))
+    q_num_blocks = property(lambda self: self._get("q_num_blocks"), lambda self, v: self._set("q_num_blocks", v))
+    q_indices = property(lambda self: self._get("q_indices"), lambda self, v: self._set("q_indices", v))
+    full_q_num_blocks = property(lambda self: self._get("full_q_num_blocks"),
+                                 lambda self, v: self._set("full_q_num_blocks", v))
+    full_q_indices = property(lambda self: self._get("full_q_indices"), lambda self, v: self._set("full_q_indices", v))
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def from_kv_blocks(cls, kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor | None = None,
+                       full_kv_indices: Tensor | None = None, BLOCK_SIZE: int | tuple[int, int] = DEFAULT_BLOCK,
+                       mask_mod: Any = None, seq_lengths: tuple[int, int] | None = None,
+                       compute_q_blocks: bool = True) -> BlockMask:
+        """A BlockMask from hand-built kv tables (as torch's): the q-major tables are derived lazily."""
+        if kv_indices.dim() < 2:
+            raise ValueError(f"kv_indices must have at least 2 dims, got {tuple(kv_indices.shape)=}")
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("full_kv_num_blocks and full_kv_indices must be both given or both omitted")
+        block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
+        if seq_lengths is None:
+            seq_lengths = (kv_indices.shape[-2] * block[0], kv_indices.shape[-1] * block[1])
+        if mask_mod is None:
+            from .mods import noop_mask
+
+            mask_mod = noop_mask
+        tables: dict[str, Tensor | None] = {"kv_num_blocks": kv_num_blocks, "kv_indices": kv_indices,
+                                            "full_kv_num_blocks": full_kv_num_blocks, "full_kv_indices": full_kv_indices}
+        mask = cls(seq_lengths, block, mask_mod, tables)
+        nkv = -(-mask.seq_lengths[1] // block[1])
+        if compute_q_blocks:
+            mask._lazy["q_num_blocks"] = lambda: transpose_ordered(kv_num_blocks, kv_indices, nkv)[0]
+            mask._lazy["q_indices"] = lambda: transpose_ordered(kv_num_blocks, kv_indices, nkv)[1]
+            if full_kv_num_blocks is not None:
+                mask._lazy["full_q_num_blocks"] = lambda: transpose_ordered(full_kv_num_blocks, full_kv_indices, nkv)[0]
+                mask._lazy["full_q_indices"] = lambda: transpose_ordered(full_kv_num_blocks, full_kv_indices, nkv)[1]
+            else:
+                mask._tables.update(full_q_num_blocks=None, full_q_indices=None)
+        else:
+            mask._tables.update({name: None for name in _TABLES[4:]})
+        return mask
+
+    # ------------------------------------------------------------ views
+
+    @property
+    def num_blocks(self) -> tuple[int, int]:
+        """(q blocks, kv blocks) of the tiling."""
+        return (-(-self.seq_lengths[0] // self.BLOCK_SIZE[0]), -(-self.seq_lengths[1] // self.BLOCK_SIZE[1]))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.kv_num_blocks.shape[:-1]) + self.seq_lengths
+
+    def tile_classes(self) -> Tensor:
+        """uint8 TileClass map [B|1, H|1, nq, nkv] (O(tiles): for inspection and tests)."""
+        nq, nkv = self.num_blocks
+        return ordered_to_classes(self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks,
+                                  self.full_kv_indices, nkv)[..., :nq, :]
+
+    def to_dense(self) -> Tensor:
+        """int32 [B, H, nq, nkv]: 1 where the kernel visits the tile (PARTIAL or FULL), as torch's."""
+        return (self.tile_classes() != TileClass.EMPTY).to(torch.int32)
+
+    def numel(self) -> int:
+        out = 1
+        for n in self.shape:
+            out *= n
+        return out
+
+    def sparsity(self) -> float:
+        """Percent of the attention matrix in skipped tiles (torch's formula)."""
+        computed = int(self.kv_num_blocks.sum().item())
+        if self.full_kv_num_blocks is not None:
+            computed += int(self.full_kv_num_blocks.sum().item())
+        return 100 * (1 - computed * self.BLOCK_SIZE[0] * self.BLOCK_SIZE[1] / self.numel())
+
+    def to_string(self, grid_size: int | tuple[int, int] = (20, 20), limit: int = 4) -> str:
+        """torch's text picture: one character pair per group of tiles (█ all visited, ░ some, ' ' none)."""
+        dense = self.to_dense()
+        *batch_dims, rows, cols = dense.shape
+        if grid_size == -1:
+            max_rows, max_cols = rows, cols
+        else:
+            max_rows, max_cols = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+        row_step, col_step = max(1, -(-rows // max_rows)), max(1, -(-cols // max_cols))
+        chars = {1.0: "█", 0.0: " "}
+        pictures = []
+        for count, batch_idx in enumerate(itertools.product(*[range(n) for n in batch_dims])):
+            if count == limit:
+                pictures += ["...", "To print out more, set BlockMask.to_string(limit=N)",
+                             "You can also index (BlockMask[batch, head]) to choose a specific batch or head"]
+                break
+            grid = dense[batch_idx].float()
+            lines = [f"{batch_idx}"]
+            for r in range(0, rows, row_step):
+                line = ""
+                for c in range(0, cols, col_step):
+                    line += chars.get(grid[r:r + row_step, c:c + col_step].mean().item(), "░") * 2
+                lines.append(line)
+            pictures.append("\n".join(lines) + "\n")
+        return "\n".join(pictures)
+
+    def explain(self) -> str:
+        """How the tiles were decided, e.g. 'closed form: 36 tiles; analysis: 0; evaluation: 0'."""
+        parts = [f"{how}: {n} tiles" for how, n in self.decided_by.items()]
+        bounds = "none" if self.bounds is None else (
+            f"kv in [{_expr(self.bounds.kv_lo)}, {_expr(self.bounds.kv_hi)}), "
+            f"full in [{_expr(self.bounds.full_lo)}, {_expr(self.bounds.full_hi)})")
+        return f"BlockMask {self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}: " + "; ".join(parts) + f"\nbounds: {bounds}"
+
+    def __getitem__(self, index: Any) -> BlockMask:
+        """Index the batch/head/q-block dims of every table (ints keep their dim, as torch's)."""
+        index = index if isinstance(index, tuple) else (index,)
+        padded = (*index, slice(None), slice(None), slice(None))[:3]
+        sizes = self.kv_num_blocks.shape[:3]
+        index = tuple((slice(i % n, i % n + 1) if isinstance(i, int) else i) for i, n in zip(padded, sizes))
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return BlockMask.from_kv_blocks(pick(self.kv_num_blocks), pick(self.kv_indices),
+                                        pick(self.full_kv_num_blocks), pick(self.full_kv_indices),
+                                        BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
+                                        seq_lengths=self.seq_lengths, compute_q_blocks=True)
+
+    def to(self, device: torch.device | str) -> BlockMask:
+        tables = {name: (None if t is None else t.to(device)) for name in _TABLES for t in [getattr(self, name)]}
+        return BlockMask(self.seq_lengths, self.BLOCK_SIZE, self.mask_mod, tables, bounds=self.bounds,
+                         decided_by=self.decided_by)
+
+    def __str__(self) -> str:
+        return f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%, \n{self.to_string().strip()}\n)"
+
+    def __repr__(self) -> str:
+        shapes = {name: (None if name in self._lazy else _shape(self._tables.get(name))) for name in _TABLES[:4]}
+        name = getattr(self.mask_mod, "name", getattr(self.mask_mod, "__name__", self.mask_mod))
+        return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, "
+                + ", ".join(f"{k}={v if v is not None else 'lazy'}" for k, v in shapes.items())
+                + f", sparsity={self.sparsity():.2f}%, mask_mod={name}, decided_by={self.decided_by})")
+
+
+def _shape(t: Tensor | None) -> tuple[int, ...] | None:
+    return None if t is None else tuple(t.shape)
+
+
+def _expr(node: Any) -> str:
+    from .ir import to_expr
+
+    return to_expr(node)
+
+
+# ---------------------------------------------------------------- building
+
+
+def _as_mask_mod(mask_mod: Any) -> Mod:
+    if isinstance(mask_mod, Mod):
+        return mask_mod
+    from .mods import as_mod
+
+    return as_mod(mask_mod, "mask")
+
+
+def _block_sizes(BLOCK_SIZE: int | tuple[int, int]) -> tuple[int, int]:
+    block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
+    if len(block) != 2 or min(block) < 1:
+        raise ValueError(f"BLOCK_SIZE must be a positive int or a (Q, KV) pair, got {BLOCK_SIZE=}")
+    return int(block[0]), int(block[1])
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def create_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device: Any = None,
+                      BLOCK_SIZE: int | tuple[int, int] = DEFAULT_BLOCK, *, exact: bool = False) -> BlockMask:
+    """torch's create_block_mask, from the mask's IR: O(tiles) time and memory (see the module docstring).
+
+    B / H of None, or a mask that does not read b / h, give batch / head dims of size 1 (broadcast).
+    `exact=True` evaluates every tile the analysis cannot decide (bounded memory, on `device`).
+    """
+    if Q_LEN < 1 or KV_LEN < 1:
+        raise ValueError(f"sequence lengths must be positive, got {Q_LEN=} {KV_LEN=}")
+    mod = _as_mask_mod(mask_mod)
+    device = torch.device(device) if device is not None else _default_device()
+    q_block, kv_block = _block_sizes(BLOCK_SIZE)
+    used = free_args(mod.ir)
+    grid = Grid(B=(B or 1) if "b" in used else 1, H=(H or 1) if "h" in used else 1, q_len=Q_LEN, kv_len=KV_LEN,
+                q_block=q_block, kv_block=kv_block)
+    bounds = closed_form_bounds(mod)
+    if bounds is not None and not ({"b", "h"} & used):
+        return _from_bounds(mod, bounds, grid, device)
+    return _from_analysis(mod, grid, device, exact, bounds)
+
+
+def _from_bounds(mod: Mod, bounds: ClosedFormBounds, grid: Grid, device: torch.device) -> BlockMask:
+    """Tables from the closed-form kv ranges: O(nq) now, the index tables on first access."""
+    ranges = bounds_rows(bounds, grid, mod.tensors())  # [nq] kv-block ranges: partial [a, f0) + [f1, c), full [f0, f1)
+    tables, lazy = rows_from_ranges(ranges, grid, device)
+    counts = {"closed form": grid.num_q_blocks * grid.num_kv_blocks}
+    return BlockMask((grid.q_len, grid.kv_len), (grid.q_block, grid.kv_block), mod, tables, lazy, bounds, counts)
+
+
+def _from_analysis(mod: Mod, grid: Grid, device: torch.device, exact: bool,
+                   bounds: ClosedFormBounds | None) -> BlockMask:
+    tensors = mod.tensors()
+    nq, nkv = grid.num_q_blocks, grid.num_kv_blocks
+    band = max(1, ANALYSIS_TILES // max(1, grid.B * grid.H * nkv))
+    bands = [(q0, min(nq, q0 + band)) for q0 in range(0, nq, band)]
+    classes = [analyze_rows(mod.ir, tensors, grid, q0, q1) for q0, q1 in bands]
+    undecided = sum(int((c == TileClass.PARTIAL).sum().item()) for c in classes)
+    total = grid.B * grid.H * nq * nkv
+    evaluate = exact or undecided > AUTO_EXACT_FRACTION * total
+    how = "summary" if mod.buffers else "analysis"
+    counts = {how: total - undecided, "evaluation": 0, "undecided (PARTIAL, not evaluated)": 0}
+    partial_rows, full_rows = [], []
+    for (q0, _), cls in zip(bands, classes):
+        if evaluate and undecided:
+            tiles = (cls == TileClass.PARTIAL).nonzero()
+            if tiles.numel():
+                cls[tuple(tiles.T)] = evaluate_tiles(mod.ir, tensors, grid, q0, tiles, device)
+        partial_rows.append(cls == TileClass.PARTIAL)
+        full_rows.append(cls == TileClass.FULL)
+    counts["evaluation" if evaluate else "undecided (PARTIAL, not evaluated)"] = undecided
+    tables = rows_to_ordered(partial_rows, full_rows, device)
+    mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=(grid.q_block, grid.kv_block), mask_mod=mod,
+                                    seq_lengths=(grid.q_len, grid.kv_len))
+    mask.bounds, mask.decided_by = bounds, {k: v for k, v in counts.items() if v or k == how}
+    return mask
+
+
+def create_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device: Any = None) -> Tensor:
+    """The dense bool mask [B, H, Q_LEN, KV_LEN] (O(L^2): for small sizes and tests, as torch's)."""
+    from .evaluate import evaluate, index_grid
+
+    mod = _as_mask_mod(mask_mod)
+    device = torch.device(device) if device is not None else _default_device()
+    B, H = B or 1, H or 1
+    env = index_grid(B, H, Q_LEN, KV_LEN, device)
+    tensors = {k: v.to(device) for k, v in mod.tensors().items()}
+    return evaluate(mod.ir, env, tensors).expand(B, H, Q_LEN, KV_LEN).contiguous()

@@ -1,0 +1,136 @@
+"""torch's ordered block tables (counts + ascending indices per row), built without dense [nq, nkv] maps.
+
+Index tables are [..., rows, W] with W the largest count of any row (at least 1); entries past a
+row's count are 0 and must not be read.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..evaluate import evaluate
+from ..tiles import ClosedFormBounds, TileClass
+
+Tensor = torch.Tensor
+
+
+def mask_to_ordered(mask: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """bool [..., R, N] -> (int32 counts [..., R], int32 ascending indices [..., R, W])."""
+    counts = mask.sum(-1)
+    width = max(1, int(counts.max().item()) if counts.numel() else 1) if width is None else width
+    flat = mask.reshape(-1, mask.shape[-1])
+    rows, cols = flat.nonzero(as_tuple=True)
+    row_counts = counts.reshape(-1)
+    starts = torch.cumsum(row_counts, 0) - row_counts
+    slot = torch.arange(rows.numel(), device=mask.device) - starts[rows]
+    out = torch.zeros(flat.shape[0], width, dtype=torch.int32, device=mask.device)
+    out[rows, slot] = cols.to(torch.int32)
+    return counts.to(torch.int32), out.reshape(*mask.shape[:-1], width)
+
+
+def _pad(indices: Tensor, width: int) -> Tensor:
+    return torch.nn.functional.pad(indices, (0, width - indices.shape[-1]))
+
+
+def rows_to_ordered(partial: list[Tensor], full: list[Tensor], device: torch.device) -> tuple[Tensor, ...]:
+    """Bands of bool tile maps (along q blocks) -> kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices."""
+    out = []
+    for bands in (partial, full):
+        parts = [mask_to_ordered(m) for m in bands]
+        width = max(p[1].shape[-1] for p in parts)
+        out.append(torch.cat([p[0] for p in parts], dim=-1).to(device))
+        out.append(torch.cat([_pad(p[1], width) for p in parts], dim=-2).to(device))
+    return tuple(out)
+
+
+def ordered_to_classes(num: Tensor, idx: Tensor, full_num: Tensor | None, full_idx: Tensor | None,
+                       num_cols: int) -> Tensor:
+    """uint8 TileClass map [..., rows, num_cols] from ordered tables (FULL wins where both list a tile)."""
+    out = torch.zeros(*idx.shape[:-1], num_cols + 1, dtype=torch.uint8, device=idx.device)
+    for n, i, cls in ((num, idx, TileClass.PARTIAL), (full_num, full_idx, TileClass.FULL)):
+        if n is None:
+            continue
+        listed = torch.arange(i.shape[-1], device=i.device) < n[..., None]
+        cols = torch.where(listed, i.long().clamp(0, num_cols - 1), num_cols)
+        out.scatter_(-1, cols, torch.full_like(cols, int(cls), dtype=torch.uint8))
+    return out[..., :num_cols]
+
+
+def transpose_ordered(num: Tensor, idx: Tensor, num_cols: int) -> tuple[Tensor, Tensor]:
+    """The q-major tables: for each kv block, the q blocks that list it (ascending), from the listed entries only."""
+    *batch, rows, width = idx.shape
+    idx2, num2 = idx.reshape(-1, rows, width), num.reshape(-1, rows)
+    nbatch = idx2.shape[0]
+    listed = torch.arange(width, device=idx.device) < num2[..., None]
+    b = torch.arange(nbatch, device=idx.device).view(-1, 1, 1).expand(idx2.shape)[listed]
+    r = torch.arange(rows, device=idx.device).view(1, -1, 1).expand(idx2.shape)[listed]
+    c = idx2.long()[listed]
+    key = (b * num_cols + c) * rows + r  # sort by (batch, column, row)
+    order = torch.argsort(key)
+    b, r, c = b[order], r[order], c[order]
+    counts = torch.zeros(nbatch * num_cols, dtype=torch.int64, device=idx.device)
+    counts.scatter_add_(0, b * num_cols + c, torch.ones_like(c))
+    q_width = max(1, int(counts.max().item()) if counts.numel() else 1)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(c.numel(), device=idx.device) - starts[b * num_cols + c]
+    out = torch.zeros(nbatch * num_cols, q_width, dtype=torch.int32, device=idx.device)
+    out[b * num_cols + c, slot] = r.to(torch.int32)
+    return counts.to(torch.int32).view(*batch, num_cols), out.view(*batch, num_cols, q_width)
+
+
+# ---------------------------------------------------------------- closed-form bounds -> tables
+
+
+def bounds_rows(bounds: ClosedFormBounds, grid, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per q block, kv-block ranges (int64 [nq] each): visited [a, c), full [f0, f1) with a <= f0 <= f1 <= c."""
+    qb = torch.arange(grid.num_q_blocks, dtype=torch.int64)
+    env = {"q_lo": (qb * grid.q_block).int(), "q_hi": (torch.clamp((qb + 1) * grid.q_block, max=grid.q_len) - 1).int(),
+           "Q_LEN": torch.tensor(grid.q_len, dtype=torch.int32), "KV_LEN": torch.tensor(grid.kv_len, dtype=torch.int32),
+           "b": torch.tensor(0, dtype=torch.int32), "h": torch.tensor(0, dtype=torch.int32)}
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    value = lambda node: evaluate(node, env, tensors).long().expand(qb.shape).clamp(0, grid.kv_len)  # noqa: E731
+    kv_lo, kv_hi, full_lo, full_hi = (value(n) for n in (bounds.kv_lo, bounds.kv_hi, bounds.full_lo, bounds.full_hi))
+    bk, nkv = grid.kv_block, grid.num_kv_blocks
+    a = kv_lo // bk
+    c = torch.where(kv_hi > kv_lo, -(-kv_hi // bk), a)  # an empty range visits nothing
+    f0 = -(-full_lo // bk)  # first block starting at or after full_lo
+    f1 = torch.where(full_hi >= grid.kv_len, nkv, full_hi // bk)  # the last block is full if it reaches KV_LEN
+    empty_full = f1 <= f0
+    f0, f1 = torch.where(empty_full, c, f0.clamp(a, c)), torch.where(empty_full, c, f1.clamp(a, c))
+    return a, f0, f1, c
+
+
+def rows_from_ranges(ranges: tuple[Tensor, Tensor, Tensor, Tensor], grid,
+                     device: torch.device) -> tuple[dict[str, Tensor], dict[str, Callable[[], Tensor]]]:
+    """Eager counts, lazy index tables, from per-row ranges (partial = [a, f0) + [f1, c), full = [f0, f1))."""
+    a, f0, f1, c = ranges
+    left, right = f0 - a, c - f1
+    view = lambda t: t.to(torch.int32).view(1, 1, -1).to(device)  # noqa: E731
+    tables = {"kv_num_blocks": view(left + right), "full_kv_num_blocks": view(f1 - f0)}
+
+    def partial_indices() -> Tensor:
+        width = max(1, int((left + right).max().item()))
+        j = torch.arange(width)
+        idx = torch.where(j < left[:, None], a[:, None] + j, f1[:, None] + j - left[:, None])
+        idx = torch.where(j < (left + right)[:, None], idx, 0)
+        return idx.to(torch.int32).view(1, 1, -1, width).to(device)
+
+    def full_indices() -> Tensor:
+        width = max(1, int((f1 - f0).max().item()))
+        j = torch.arange(width)
+        idx = torch.where(j < (f1 - f0)[:, None], f0[:, None] + j, 0)
+        return idx.to(torch.int32).view(1, 1, -1, width).to(device)
+
+    def transposed(full: bool) -> tuple[Tensor, Tensor]:
+        # column k is listed by rows whose range covers it: with monotone ranges these are contiguous,
+        # but hand them to the generic transpose to stay correct for any ranges
+        num = tables["full_kv_num_blocks" if full else "kv_num_blocks"]
+        idx = full_indices() if full else partial_indices()
+        return transpose_ordered(num, idx, grid.num_kv_blocks)
+
+    lazy = {"kv_indices": partial_indices, "full_kv_indices": full_indices,
+            "q_num_blocks": lambda: transposed(False)[0], "q_indices": lambda: transposed(False)[1],
+            "full_q_num_blocks": lambda: transposed(True)[0], "full_q_indices": lambda: transposed(True)[1]}
+    return tables, lazy

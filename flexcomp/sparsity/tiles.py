@@ -1,0 +1,83 @@
+"""Tile classification of a row band of q blocks: analysis first, evaluation of what it leaves undecided."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ir import Node
+from ..tiles import TileClass
+from .intervals import Analyzer
+
+Tensor = torch.Tensor
+EVAL_ELEMENTS = 1 << 24  # mask elements evaluated per batch of tiles: bounds the exact fallback's memory
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The tiling: batch/head extents actually analyzed (1 when the mask ignores b / h) and block sizes."""
+
+    B: int
+    H: int
+    q_len: int
+    kv_len: int
+    q_block: int
+    kv_block: int
+
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.q_len // self.q_block)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return -(-self.kv_len // self.kv_block)
+
+    def ranges(self, q0: int, q1: int, device: torch.device | str = "cpu") -> dict[str, tuple[Tensor, Tensor]]:
+        """Per-tile [lo, hi] of every ARG over q blocks [q0, q1) (in-range elements only)."""
+        qb = torch.arange(q0, q1, dtype=torch.int64, device=device)
+        kb = torch.arange(self.num_kv_blocks, dtype=torch.int64, device=device)
+        q_lo, q_hi = qb * self.q_block, torch.clamp((qb + 1) * self.q_block, max=self.q_len) - 1
+        k_lo, k_hi = kb * self.kv_block, torch.clamp((kb + 1) * self.kv_block, max=self.kv_len) - 1
+        b = torch.arange(self.B, dtype=torch.int64, device=device).view(-1, 1, 1, 1)
+        h = torch.arange(self.H, dtype=torch.int64, device=device).view(1, -1, 1, 1)
+        return {"b": (b, b), "h": (h, h), "q_idx": (q_lo.view(1, 1, -1, 1), q_hi.view(1, 1, -1, 1)),
+                "kv_idx": (k_lo.view(1, 1, 1, -1), k_hi.view(1, 1, 1, -1))}
+
+
+def analyze_rows(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, q1: int) -> Tensor:
+    """uint8 TileClass [B, H, q1-q0, nkv] proven by interval/relational analysis (PARTIAL = undecided)."""
+    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    can_true, can_false = Analyzer(grid.ranges(q0, q1), tensors).truth(ir)
+    shape = (grid.B, grid.H, q1 - q0, grid.num_kv_blocks)
+    can_true, can_false = can_true.expand(shape), can_false.expand(shape)
+    out = torch.full(shape, int(TileClass.PARTIAL), dtype=torch.uint8)
+    out[~can_true] = int(TileClass.EMPTY)
+    out[~can_false & can_true] = int(TileClass.FULL)
+    return out
+
+
+def evaluate_tiles(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, tiles: Tensor,
+                   device: torch.device | str) -> Tensor:
+    """Exact classes of the listed tiles ([T, 4] rows of (b, h, q block - q0, kv block)), by evaluating the mask."""
+    from ..evaluate import evaluate
+
+    bq, bk = grid.q_block, grid.kv_block
+    out = torch.empty(tiles.shape[0], dtype=torch.uint8)
+    per_batch = max(1, EVAL_ELEMENTS // (bq * bk))
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    for start in range(0, tiles.shape[0], per_batch):
+        t = tiles[start:start + per_batch].to(device)
+        q = (t[:, 2:3] + q0) * bq + torch.arange(bq, device=device)  # [T, bq]
+        kv = t[:, 3:4] * bk + torch.arange(bk, device=device)  # [T, bk]
+        valid = (q < grid.q_len)[:, :, None] & (kv < grid.kv_len)[:, None, :]
+        env = {"b": t[:, 0].view(-1, 1, 1).int(), "h": t[:, 1].view(-1, 1, 1).int(),
+               "q_idx": q.clamp(max=grid.q_len - 1)[:, :, None].int(),
+               "kv_idx": kv.clamp(max=grid.kv_len - 1)[:, None, :].int()}
+        mask = evaluate(ir, env, tensors).expand(valid.shape)
+        true = (mask & valid).flatten(1).sum(1)
+        total = valid.flatten(1).sum(1)
+        cls = torch.where(true == 0, int(TileClass.EMPTY), torch.where(true == total, int(TileClass.FULL),
+                                                                         int(TileClass.PARTIAL)))
+        out[start:start + t.shape[0]] = cls.to(torch.uint8).cpu()
+    return out
