@@ -15,15 +15,12 @@ from .errors import (
     UndefinedNameError,
     UnsupportedConstructError,
 )
-from .mods import Mod
+from .mods import Mod, and_masks, as_mod, mask_mod, noop_mask, or_masks, score_mod
 
 __version__ = "0.1.0"
 
-# Names whose modules are still being written land here lazily (see __getattr__).
-_LAZY = {
-    "score_mod": "mods", "mask_mod": "mods", "as_mod": "mods", "and_masks": "mods", "or_masks": "mods",
-    "noop_mask": "mods", "create_block_mask": "blockmask", "create_mask": "blockmask", "BlockMask": "blockmask",
-}
+# Block masks load on first use: they pull in the sparsity analysis (sympy), which `import flexcomp` need not pay for.
+_LAZY = {"create_block_mask": "blockmask", "create_mask": "blockmask", "BlockMask": "blockmask"}
 
 __all__ = [
     "BackendError",

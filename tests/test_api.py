@@ -1,0 +1,182 @@
+"""flexcomp.flex_attention / flexcomp.compile: validation, backend choice, drop-in behaviour, packaging."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
+
+import flexcomp as fc
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_BLOCKMASK = importlib.util.find_spec("flexcomp.blockmask") is not None
+needs_blockmask = pytest.mark.skipif(not HAS_BLOCKMASK, reason="flexcomp.blockmask not written yet")
+
+
+@fc.mask_mod
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def causal_fn(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def relative_bias(score, b, h, q_idx, kv_idx):
+    return score + 0.05 * (kv_idx - q_idx)
+
+
+# torch computes `0.05 * (kv_idx - q_idx)` in float32 even for float64 scores; flexcomp's IR in the score's dtype.
+F64_BIAS_TOL = {"atol": 1e-6, "rtol": 1e-6}
+
+
+def tensors(randn, B=1, Hq=2, Hkv=2, Lq=9, Lkv=11, D=8, Dv=8, dtype=torch.float32):
+    return randn(B, Hq, Lq, D, dtype=dtype), randn(B, Hkv, Lkv, D, dtype=dtype), randn(B, Hkv, Lkv, Dv, dtype=dtype)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def bad_inputs(randn):
+    q, k, v = tensors(randn)
+    bm = torch_create_block_mask(causal_fn, None, None, 9, 11, device="cpu")
+    return {  # name: (args, kwargs, error type, text the message must contain)
+        "query not a tensor": ((q.tolist(), k, v), {}, TypeError, "query must be a torch.Tensor, got list"),
+        "3-D key": ((q, k[0], v), {}, ValueError, "key.ndim=3"),
+        "integer dtype": ((q.long(), k.long(), v.long()), {}, TypeError, "query.dtype=torch.int64"),
+        "dtype mismatch": ((q, k.double(), v), {}, ValueError, "query.dtype=torch.float32 key.dtype=torch.float64"),
+        "device mismatch": ((q, k.to("meta"), v), {}, ValueError, "key.device=device(type='meta')"),
+        "batch mismatch": ((q, *tensors(randn, B=2)[1:]), {}, ValueError, "q_batch=1 != kv_batch=2"),
+        "heads without gqa": ((q, *tensors(randn, Hkv=1)[1:]), {}, ValueError, "q_heads=2 != kv_heads=1"),
+        "heads not a multiple": (tensors(randn, Hq=3, Hkv=2), {"enable_gqa": True}, ValueError,
+                                 "q_heads=3 is not a multiple of kv_heads=2"),
+        "head dim": ((q, tensors(randn, D=4)[1], v), {}, ValueError, "q_head_dim=8 != k_head_dim=4"),
+        "value length": ((q, k, tensors(randn, Lkv=12)[2]), {}, ValueError, "kv_len=11 != value length v_len=12"),
+        "block mask q_len": (tensors(randn, Lq=10), {"block_mask": bm}, ValueError, "q_len=10 != block_mask_q_len=9"),
+        "block mask kv_len": (tensors(randn, Lkv=12), {"block_mask": bm}, ValueError,
+                              "kv_len=12 != block_mask_kv_len=11"),
+        "block mask batch": (tensors(randn, B=3), {"block_mask": torch_create_block_mask(
+            causal_fn, 2, None, 9, 11, device="cpu")}, ValueError, "block_mask_batch=2 is neither 1 nor q_batch=3"),
+        "unknown backend": ((q, k, v), {"backend": "cuda"}, ValueError, "backend='cuda'"),
+        "mask as score_mod": ((q, k, v, causal), {}, TypeError, "fn_or_mod.kind='mask' != kind='score'"),
+        "score_mod not callable": ((q, k, v, 3.0), {}, TypeError, "score_mod must be a function or a flexcomp Mod"),
+        "mask_mod and block_mask": ((q, k, v), {"block_mask": bm, "mask_mod": causal}, ValueError, "not both"),
+        "scale not a number": ((q, k, v), {"scale": "0.1"}, TypeError, "scale must be a number"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_inputs(lambda *s, **k: torch.zeros(s))))
+def test_bad_input_is_named(case, randn):
+    args, kwargs, error, text = bad_inputs(randn)[case]
+    with pytest.raises(error) as info:
+        fc.flex_attention(*args, **kwargs)
+    assert text in str(info.value)
+
+
+def test_triton_on_cpu_without_interpreter_says_how(randn, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(fc.BackendError, match="TRITON_INTERPRET=1"):
+        fc.flex_attention(*tensors(randn), backend="triton")
+
+
+# ---------------------------------------------------------------- results
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_plain_functions_match_naive(backend, randn, naive_attention):
+    q, k, v = tensors(randn, B=2, Hq=4, Hkv=2, Lq=37, Lkv=45, Dv=16, dtype=torch.float64)
+    out, lse = fc.flex_attention(q, k, v, relative_bias, scale=0.2, enable_gqa=True, return_lse=True,
+                                 mask_mod=causal_fn, backend=backend)
+    want, want_lse = naive_attention(q, k, v, relative_bias, causal_fn, 0.2, True)
+    torch.testing.assert_close(out, want, **F64_BIAS_TOL)
+    rows = ~want_lse.isinf()
+    assert torch.equal(lse.isinf(), ~rows)
+    torch.testing.assert_close(lse[rows], want_lse[rows], **F64_BIAS_TOL)
+
+
+def test_returns_only_out_without_return_lse(randn):
+    out = fc.flex_attention(*tensors(randn))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 2, 9, 8)
+
+
+def test_torch_block_mask_is_a_drop_in(randn, torch_flex):
+    """torch's own BlockMask (a plain-function mask_mod) works, and the answer is torch's."""
+    q, k, v = tensors(randn, Lq=130, Lkv=150)
+    bm = torch_create_block_mask(causal_fn, None, None, 130, 150, device="cpu")
+    want, want_lse = torch_flex.flex_attention(q, k, v, relative_bias, bm, return_lse=True)
+    out, lse = fc.flex_attention(q, k, v, relative_bias, bm, return_lse=True)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_reference_backend_trains(randn, naive_attention):
+    q, k, v = (t.requires_grad_() for t in tensors(randn, Lq=20, Lkv=20, dtype=torch.float64))
+    fc.flex_attention(q, k, v, relative_bias, mask_mod=causal).square().sum().backward()
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    naive_attention(q2, k2, v2, relative_bias, causal_fn)[0].square().sum().backward()
+    for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        torch.testing.assert_close(got, want, **F64_BIAS_TOL)
+
+
+@needs_blockmask
+@pytest.mark.parametrize("score_mod, mask_mod", [(None, causal), (relative_bias, None), (relative_bias, causal_fn)])
+def test_triton_backend_matches_reference(score_mod, mask_mod, randn):
+    q, k, v = tensors(randn, Hq=2, Hkv=1, Lq=40, Lkv=70, Dv=16)
+    kw = {"enable_gqa": True, "return_lse": True, "mask_mod": mask_mod}
+    out, lse = fc.flex_attention(q, k, v, score_mod, backend="triton", **kw)
+    want, want_lse = fc.flex_attention(q, k, v, score_mod, backend="reference", **kw)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
+
+
+# ---------------------------------------------------------------- compile
+
+
+def test_compiled_variant(randn, naive_attention):
+    variant = fc.compile(relative_bias, causal)
+    assert variant.score_mod.kind == "score" and variant.mask_mod is causal
+    assert "relative_bias" in repr(variant) and "causal" in repr(variant)
+    assert "# score_mod relative_bias" in variant.ir and "ge %" in variant.ir
+    q, k, v = tensors(randn, Lq=33, Lkv=33, dtype=torch.float64)
+    out = variant(q, k, v, backend="reference")
+    torch.testing.assert_close(out, naive_attention(q, k, v, relative_bias, causal_fn)[0], **F64_BIAS_TOL)
+
+
+def test_compiled_variant_source_is_a_triton_kernel():
+    source = fc.compile(relative_bias, causal).source
+    assert "@triton.jit" in source and "tl." in source
+
+
+@needs_blockmask
+def test_compiled_variant_block_mask(randn, naive_attention):
+    variant = fc.compile(mask_mod=causal)
+    bm = variant.block_mask(1, 1, 40, 40, device="cpu")
+    q, k, v = tensors(randn, Lq=40, Lkv=40, dtype=torch.float64)
+    out = variant(q, k, v, block_mask=bm, backend="reference")
+    torch.testing.assert_close(out, naive_attention(q, k, v, None, causal_fn)[0], atol=1e-10, rtol=1e-10)
+
+
+# ---------------------------------------------------------------- packaging
+
+
+def test_public_names():
+    for name in fc.__all__:
+        assert getattr(fc, name) is not None, name
+    assert issubclass(fc.BackendError, fc.FlexcompError)
+
+
+def readme_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL).group(1)
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = readme_commands()
+    assert len(commands) == 2 and commands[1].endswith("pytest -q -n 2 tests")
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert any(line.startswith(commands[1] + " ") or line == commands[1] for line in ci_lines)
+    assert "set -euo pipefail" in ci_lines
