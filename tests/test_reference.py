@@ -324,3 +324,19 @@ def test_evaluate_mod_runs_the_ir(randn):
     qi, ki = torch.arange(4).view(1, 1, 4, 1), torch.arange(5).view(1, 1, 1, 5)
     torch.testing.assert_close(mod(s, bi, hi, qi, ki), s + slopes[hi] * (ki - qi))
     assert ir_mod("mask", "causal", CAUSAL_IR)(0, 0, 3, 2).item() is True
+
+
+@pytest.mark.parametrize("name", ["causal", "window", "document", "prefix"])
+def test_flexcomp_block_masks(name, rng, randn, naive_attention):
+    """Block masks from flexcomp's own create_block_mask: same tiles as ours, same answer as the dense mask."""
+    from flexcomp.blockmask import create_block_mask
+
+    Lq, Lkv = 150, 150
+    _, _, mask_fn, mask_mod = variant(name, 2, 150, rng)
+    q_, k_, v_ = qkv(randn, (2, 2, 1, Lq, Lkv, 8, 8), torch.float64)
+    block_mask = create_block_mask(mask_mod, None, None, Lq, Lkv, device="cpu", BLOCK_SIZE=32)
+    assert torch.equal(tile_map(block_mask).long(), block_mask.tile_classes().long())
+    out, lse = reference_attention(q_, k_, v_, None, block_mask, None, True, True, q_chunk=64, kv_chunk=64)
+    want, want_lse = naive_attention(q_, k_, v_, None, mask_fn, None, True)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    assert_lse_close(lse, want_lse, atol=1e-10, rtol=1e-10)
