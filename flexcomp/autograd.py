@@ -1,0 +1,70 @@
+"""flex attention through torch.autograd: the generated forward kernel, and generated backward kernels.
+
+The score_mod's captured tensors are inputs of the autograd Function, so a learnable
+bias table, per-head ALiBi slopes or a per-head softcap gets its gradient like q, k and v
+do.  Users never write a backward: the score_mod's derivatives come from `flexcomp.grad`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .mods import Mod
+
+
+class FlexAttentionFunction(torch.autograd.Function):
+    """(out, lse) = flex attention of q, k, v; differentiable in q, k, v, lse's users and captured tensors."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, *captured):
+        from .codegen import flex_forward
+
+        out, lse = flex_forward(query, key, value, score_mod, block_mask, scale, enable_gqa, True, kernel_options)
+        ctx.save_for_backward(query, key, value, out, lse, *captured)
+        ctx.mods = (score_mod, block_mask, scale, enable_gqa, kernel_options)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        from .codegen.backward import flex_backward
+
+        query, key, value, out, lse, *captured = ctx.saved_tensors
+        score_mod, block_mask, scale, enable_gqa, kernel_options = ctx.mods
+        specs = tuple(score_mod.buffers) if score_mod is not None else ()
+        wanted = frozenset(spec.name for spec, t, needs in zip(specs, captured, ctx.needs_input_grad[8:])
+                           if needs and t.is_floating_point())
+        if grad_out is None:  # only lse was used
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv, grads = flex_backward(
+            query, key, value, out, lse, grad_out.contiguous(), grad_lse, score_mod, block_mask, scale, enable_gqa,
+            kernel_options, captured={spec.name: t for spec, t in zip(specs, captured)}, grad_buffers=wanted,
+        )
+        captured_grads = [grads.get(spec.name) for spec in specs]
+        return (dq, dk, dv, None, None, None, None, None, *captured_grads)
+
+
+def triton_flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod: Mod | None,
+    block_mask: Any,
+    scale: float | None,
+    enable_gqa: bool,
+    return_lse: bool,
+    kernel_options: dict[str, Any] | None = None,
+    *captured_tensors: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flex_forward's arguments and result (out, lse), differentiable end to end.
+
+    `captured_tensors` are the score_mod's captured tensors in the order of `score_mod.buffers`;
+    by default their current values.  Gradients reach every one that requires grad.
+    """
+    del return_lse  # lse is always returned (and differentiable); the caller drops it
+    if score_mod is not None and not captured_tensors:
+        values = score_mod.tensors()
+        captured_tensors = tuple(values[spec.name] for spec in score_mod.buffers)
+    return FlexAttentionFunction.apply(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
+                                       *captured_tensors)

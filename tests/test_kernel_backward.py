@@ -1,0 +1,147 @@
+"""Generated backward kernels (Triton interpreter via conftest, tiny shapes) against float64 torch autograd of naive attention.
+
+Every case differentiates one loss, sum(out * dO) (+ sum(lse * dlse) where lse is used), through
+flexcomp.autograd.triton_flex_attention and through tests/naive.py, and compares the gradients of
+q, k, v and every learnable captured tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from flexcomp.codegen.backward import kernel_source_backward
+from naive import naive_attention
+from torch.nn.attention.flex_attention import create_block_mask
+
+import flexcomp as fc
+from flexcomp.autograd import triton_flex_attention
+
+SMALL_TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}
+TOL = {torch.float32: {"atol": 2e-4, "rtol": 2e-4}, torch.float16: {"atol": 3e-2, "rtol": 3e-2}}
+
+
+def block_mask_for(mask: fc.Mod, B: int, H: int, q_len: int, kv_len: int, block: int):
+    """torch's own block tables (q-major ones included), carrying the flexcomp Mod the kernels render."""
+    block_mask = copy.copy(create_block_mask(mask.fn, B, H, q_len, kv_len, device="cpu", BLOCK_SIZE=block))
+    block_mask.mask_mod = mask
+    return block_mask
+
+
+def compare(randn, *, shapes, score_mod=None, score_fn=None, mask=None, mask_fn=None, tables=(), block=16,
+            enable_gqa=False, use_lse=False, dtype=torch.float32, options=SMALL_TILES, B=1):
+    """Run both paths; `tables` are the learnable captured tensors, read by `score_mod` and `score_fn(.., t)`."""
+    (Hq, Hkv), (Lq, Lkv), (D, Dv) = shapes
+    q, k = randn(B, Hq, Lq, D), randn(B, Hkv, Lkv, D)
+    v, grad_out, grad_lse = randn(B, Hkv, Lkv, Dv), randn(B, Hq, Lq, Dv), randn(B, Hq, Lq)
+
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, *tables)]
+    fn = (lambda s, b, h, i, j: score_fn(s, b, h, i, j, *ref[3:])) if score_fn else None
+    out, lse = naive_attention(*ref[:3], score_fn=fn, mask_fn=mask_fn, enable_gqa=enable_gqa)
+    loss = (out * grad_out.double()).sum()
+    if use_lse:
+        loss = loss + (lse * grad_lse.double()).sum()
+    loss.backward()
+
+    block_mask = block_mask_for(mask, B, Hq, Lq, Lkv, block) if mask is not None else None
+    ours = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    got_out, got_lse = triton_flex_attention(*ours, score_mod, block_mask, None, enable_gqa, use_lse, options, *tables)
+    loss = (got_out.float() * grad_out).sum() + ((got_lse * grad_lse).sum() if use_lse else 0)
+    loss.backward()
+    for name, got, want in zip(("dq", "dk", "dv", *(f"d table{i}" for i in range(len(tables)))),
+                               [t.grad for t in ours] + [t.grad for t in tables], [t.grad for t in ref]):
+        assert got is not None, name
+        assert torch.isfinite(got).all(), f"{name} is not finite"
+        torch.testing.assert_close(got.double(), want, **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
+        assert want.abs().max() > 0  # the case exercises this gradient
+    return ours, tables
+
+
+# ---------------------------------------------------------------- mods the cases use
+
+
+def causal_mask():
+    @fc.mask_mod
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    return causal
+
+
+def test_causal_relative_bias_read_twice(randn):
+    bias = randn(2, 64).requires_grad_()
+
+    @fc.score_mod
+    def rel_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx - kv_idx] + 0.5 * bias[(h + 1) % 2, kv_idx // 3]
+
+    def reference(s, b, h, i, j, t):
+        return s + t[h, (i - j) % 64] + 0.5 * t[(h + 1) % 2, j // 3]
+
+    compare(randn, shapes=((2, 2), (37, 37), (16, 16)), score_mod=rel_bias, score_fn=reference, mask=causal_mask(),
+            mask_fn=lambda b, h, i, j: i >= j, tables=(bias,), B=2)
+
+
+def test_sliding_window_alibi_learnable_slopes_gqa_cross_lengths(randn):
+    slopes = randn(4).abs().requires_grad_()
+
+    @fc.score_mod
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx)
+
+    @fc.mask_mod
+    def window(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx <= 12) & (kv_idx - q_idx <= 12)
+
+    compare(randn, shapes=((4, 2), (33, 50), (32, 16)), score_mod=alibi, mask=window, block=32, enable_gqa=True,
+            score_fn=lambda s, b, h, i, j, t: s - t[h] * (i - j), mask_fn=lambda b, h, i, j: (i - j).abs() <= 12,
+            tables=(slopes,))
+
+
+def test_softcap_learnable_no_block_mask_with_lse_gradient(randn):
+    cap = (randn(2).abs() + 2).requires_grad_()
+
+    @fc.score_mod
+    def softcap(score, b, h, q_idx, kv_idx):
+        return cap[h] * torch.tanh(score / cap[h])
+
+    compare(randn, shapes=((2, 2), (21, 29), (16, 16)), score_mod=softcap, use_lse=True,
+            score_fn=lambda s, b, h, i, j, t: t[h] * torch.tanh(s / t[h]), tables=(cap,))
+
+
+def test_fully_masked_rows_give_zero_gradients(randn):
+    @fc.mask_mod
+    def late_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx >= 20)
+
+    ours, _ = compare(randn, shapes=((1, 1), (40, 40), (16, 16)), mask=late_causal,
+                      mask_fn=lambda b, h, i, j: (i >= j) & (i >= 20))
+    assert ours[0].grad[:, :, :20].abs().max() == 0
+
+
+def test_half_precision_with_causal_lse(randn):
+    compare(randn, shapes=((2, 1), (32, 32), (16, 32)), mask=causal_mask(), mask_fn=lambda b, h, i, j: i >= j,
+            enable_gqa=True, use_lse=True, dtype=torch.float16, block=32, options={**SMALL_TILES, "BLOCK_N1": 32})
+
+
+def test_source_names_the_derivatives():
+    scale = torch.ones(3)
+
+    @fc.score_mod
+    def scaled_softcap(score, b, h, q_idx, kv_idx):
+        return scale[h] * torch.tanh(score)
+
+    text = kernel_source_backward(scaled_softcap, causal_mask(), frozenset({"scale"}))
+    assert "d score_mod / d score" in text and "tl.atomic_add" in text
+    assert "tl.atomic_add" not in kernel_source_backward(scaled_softcap, None, frozenset())
+
+
+@pytest.mark.parametrize("bad", [{"BLOCK_M1": 24}, {"BLOCK_N2": 64}])
+def test_bad_kernel_options_name_the_value(randn, bad):
+    from flexcomp.codegen.backward import flex_backward
+
+    q = randn(1, 1, 32, 16)
+    block_mask = block_mask_for(causal_mask(), 1, 1, 32, 32, 32)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        flex_backward(q, q, q, q, q[..., 0], q, None, None, block_mask, None, False, bad)
