@@ -23,7 +23,8 @@ first access (causal's full table is inherently O(nq * nkv)); otherwise the q-ma
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -193,7 +194,7 @@ class BlockMask:
         padded = (*index, slice(None), slice(None), slice(None))[:3]
         sizes = self.kv_num_blocks.shape[:3]
         index = tuple((slice(i % n, i % n + 1) if isinstance(i, int) else i) for i, n in zip(padded, sizes))
-        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        pick = lambda t: None if t is None else t[index]
         return BlockMask.from_kv_blocks(pick(self.kv_num_blocks), pick(self.kv_indices),
                                         pick(self.full_kv_num_blocks), pick(self.full_kv_indices),
                                         BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,

@@ -12,7 +12,7 @@ Ints: an interval leaving int32 is replaced by all of int32 (the evaluator wraps
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -26,7 +26,7 @@ Truth = tuple[Tensor, Tensor]  # (can_be_true, can_be_false)
 F32_REL, F32_ABS = 2.0**-20, 1e-30
 
 
-def _t(x: float | int | bool, dtype: torch.dtype) -> Tensor:
+def _t(x: float | bool, dtype: torch.dtype) -> Tensor:
     return torch.tensor(x, dtype=dtype).view(1, 1, 1, 1)
 
 
@@ -54,8 +54,8 @@ def _nan_top(shape_like: Tensor) -> Ival:
 
 
 def _float_arith(op: Op, a: Ival, b: Ival) -> Ival:
-    has_inf = lambda x: ~torch.isfinite(x[0]) | ~torch.isfinite(x[1])  # noqa: E731
-    has_zero = lambda x: (x[0] <= 0) & (x[1] >= 0)  # noqa: E731
+    has_inf = lambda x: ~torch.isfinite(x[0]) | ~torch.isfinite(x[1])
+    has_zero = lambda x: (x[0] <= 0) & (x[1] >= 0)
     if op in (Op.DIV, Op.FLOORDIV, Op.MOD, Op.POW):
         bad = has_zero(b) | has_inf(a) | has_inf(b)
         safe_b = (torch.where(bad, 1.0, b[0]), torch.where(bad, 1.0, b[1]))

@@ -6,7 +6,7 @@ row's count are 0 and must not be read.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -90,7 +90,7 @@ def bounds_rows(bounds: ClosedFormBounds, grid, tensors: dict[str, Tensor]) -> t
            "Q_LEN": torch.tensor(grid.q_len, dtype=torch.int32), "KV_LEN": torch.tensor(grid.kv_len, dtype=torch.int32),
            "b": torch.tensor(0, dtype=torch.int32), "h": torch.tensor(0, dtype=torch.int32)}
     tensors = {k: v.cpu() for k, v in tensors.items()}
-    value = lambda node: evaluate(node, env, tensors).long().expand(qb.shape).clamp(0, grid.kv_len)  # noqa: E731
+    value = lambda node: evaluate(node, env, tensors).long().expand(qb.shape).clamp(0, grid.kv_len)
     kv_lo, kv_hi, full_lo, full_hi = (value(n) for n in (bounds.kv_lo, bounds.kv_hi, bounds.full_lo, bounds.full_hi))
     bk, nkv = grid.kv_block, grid.num_kv_blocks
     a = kv_lo // bk
@@ -107,7 +107,7 @@ def rows_from_ranges(ranges: tuple[Tensor, Tensor, Tensor, Tensor], grid,
     """Eager counts, lazy index tables, from per-row ranges (partial = [a, f0) + [f1, c), full = [f0, f1))."""
     a, f0, f1, c = ranges
     left, right = f0 - a, c - f1
-    view = lambda t: t.to(torch.int32).view(1, 1, -1).to(device)  # noqa: E731
+    view = lambda t: t.to(torch.int32).view(1, 1, -1).to(device)
     tables = {"kv_num_blocks": view(left + right), "full_kv_num_blocks": view(f1 - f0)}
 
     def partial_indices() -> Tensor:
