@@ -1,0 +1,154 @@
+"""BlockMask tables against torch's create_block_mask and against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import flex_attention as torch_flex
+
+from flexcomp.blockmask import BlockMask, create_block_mask, create_mask
+from flexcomp.evaluate import evaluate
+from flexcomp.ir import Op
+from flexcomp.mods import Mod
+from flexcomp.sparsity import standard as std
+from flexcomp.sparsity.standard import node
+from flexcomp.tiles import TileClass
+
+H_ARG = __import__("flexcomp.ir", fromlist=["arg"]).arg("h")
+
+
+def mod_of(mask, tensors=None, name="mask") -> Mod:
+    """A Mod built by hand from IR (no front end): the function evaluates the IR, for torch."""
+    tensors = dict(tensors or {})
+
+    def fn(b, h, q_idx, kv_idx):
+        env = {"b": b.int(), "h": h.int(), "q_idx": q_idx.int(), "kv_idx": kv_idx.int()}
+        return evaluate(mask, env, tensors)
+
+    return Mod("mask", name, mask, mask, resolvers={}, fn=fn) if not tensors else _with_tensors(mask, tensors, fn, name)
+
+
+def _with_tensors(mask, tensors, fn, name) -> Mod:
+    from flexcomp.ir import BufferSpec
+
+    specs = tuple(BufferSpec(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items())
+    return Mod("mask", name, mask, mask, specs, {k: (lambda v=v: v) for k, v in tensors.items()}, fn)
+
+
+def torch_classes(fn, B, H, q_len, kv_len, block) -> torch.Tensor:
+    bm = torch_flex.create_block_mask(fn, B, H, q_len, kv_len, device="cpu", BLOCK_SIZE=block)
+    nkv = -(-kv_len // (block if isinstance(block, int) else block[1]))
+    partial = torch_flex._ordered_to_dense(bm.kv_num_blocks, bm.kv_indices, bm.kv_indices.shape[-1])[..., :nkv]
+    full = torch_flex._ordered_to_dense(bm.full_kv_num_blocks, bm.full_kv_indices, bm.full_kv_indices.shape[-1])
+    return (partial + 2 * full[..., :nkv]).to(torch.uint8)
+
+
+def brute_classes(mod: Mod, B, H, q_len, kv_len, block) -> torch.Tensor:
+    bq, bk = (block, block) if isinstance(block, int) else block
+    dense = create_mask(mod, B, H, q_len, kv_len, "cpu")
+    nq, nk = -(-q_len // bq), -(-kv_len // bk)
+    padded = torch.full((dense.shape[0], dense.shape[1], nq * bq, nk * bk), -1, dtype=torch.int8)
+    padded[..., :q_len, :kv_len] = dense.to(torch.int8)
+    tiles = padded.view(*padded.shape[:2], nq, bq, nk, bk).permute(0, 1, 2, 4, 3, 5).flatten(-2)
+    any_true, any_false = (tiles == 1).any(-1), (tiles == 0).any(-1)
+    return torch.where(~any_true, 0, torch.where(~any_false, 2, 1)).to(torch.uint8)
+
+
+def _doc_mod():
+    mask, tensors = std.document(300, 7)
+    return mod_of(mask, tensors, "document")
+
+
+HEAD_GATE = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(1)) < 0.5
+CASES = {
+    "causal": lambda: mod_of(std.causal()),
+    "sliding_window": lambda: mod_of(std.sliding_window(70)),
+    "prefix_lm": lambda: mod_of(std.prefix_lm(90)),
+    "block_causal": lambda: mod_of(std.block_causal(48)),
+    "dilated": lambda: mod_of(std.dilated_window(50)),
+    "document": _doc_mod,
+    "head_gate": lambda: mod_of(__import__("flexcomp.ir", fromlist=["load"]).load(
+        "GATE", __import__("flexcomp.ir", fromlist=["DType"]).DType.BOOL,
+        (H_ARG, node(Op.FLOORDIV, std.Q, std.c(64)), node(Op.FLOORDIV, std.KV, std.c(64)))), {"GATE": HEAD_GATE}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("shape", [(300, 300, 64), (300, 257, (32, 64)), (200, 300, (64, 32))])
+def test_tables_match_torch(name: str, shape) -> None:
+    q_len, kv_len, block = shape
+    mod = CASES[name]()
+    H = 3 if name == "head_gate" else None
+    ours = create_block_mask(mod, 2, H, q_len, kv_len, "cpu", block, exact=True)
+    theirs = torch_classes(mod.fn, 1, H or 1, q_len, kv_len, block)
+    got = ours.tile_classes()
+    assert torch.equal(got.expand_as(theirs) != TileClass.EMPTY, theirs != 0), name
+    # torch pads the last row/column with masked elements, so it never calls them FULL; we may
+    bq, bk = ours.BLOCK_SIZE
+    interior = torch.ones_like(theirs, dtype=torch.bool)
+    if q_len % bq:
+        interior[..., -1, :] = False
+    if kv_len % bk:
+        interior[..., -1] = False
+    assert torch.equal(got.expand_as(theirs)[interior], theirs[interior]), name
+    assert torch.equal(got, brute_classes(mod, 1, H or 1, q_len, kv_len, block)), name
+
+
+def test_closed_forms_are_exact_without_evaluation() -> None:
+    for name in ("causal", "sliding_window", "prefix_lm", "block_causal"):
+        mod = CASES[name]()
+        bm = create_block_mask(mod, None, None, 300, 250, "cpu", 32)
+        assert bm.decided_by.get("evaluation", 0) == 0 and "undecided" not in " ".join(bm.decided_by), bm.explain()
+        assert torch.equal(bm.tile_classes(), brute_classes(mod, 1, 1, 300, 250, 32)), name
+
+
+def test_broadcast_dims_and_head_dependence() -> None:
+    causal = create_block_mask(CASES["causal"](), 4, 8, 256, 256, "cpu")
+    assert causal.kv_num_blocks.shape == (1, 1, 2) and causal.shape == (1, 1, 256, 256)
+    gated = create_block_mask(CASES["head_gate"](), 4, 3, 300, 300, "cpu", 64)
+    assert gated.kv_num_blocks.shape == (1, 3, 5)  # depends on h, not on b
+    per_head = gated.tile_classes()
+    assert not torch.equal(per_head[0, 0], per_head[0, 1]) or not torch.equal(per_head[0, 1], per_head[0, 2])
+
+
+def test_closed_form_tables_and_lazy_fields() -> None:
+    bm = create_block_mask(CASES["sliding_window"](), None, None, 1000, 900, "cpu", (64, 32))
+    assert bm.bounds is not None and "kv_indices" in bm._lazy and bm.decided_by == {"closed form": 16 * 29}
+    assert bm.BLOCK_SIZE == (64, 32) and bm.seq_lengths == (1000, 900)
+    expected = brute_classes(CASES["sliding_window"](), 1, 1, 1000, 900, (64, 32))
+    assert torch.equal(bm.tile_classes(), expected)
+    # q-major tables are the transposes of the kv-major ones
+    for num, idx, cls in ((bm.q_num_blocks, bm.q_indices, TileClass.PARTIAL),
+                          (bm.full_q_num_blocks, bm.full_q_indices, TileClass.FULL)):
+        for k in range(expected.shape[-1]):
+            rows = (expected[0, 0, :, k] == cls).nonzero().flatten().tolist()
+            assert idx[0, 0, k, : num[0, 0, k]].tolist() == rows
+    assert "kv in [(q_lo - 69), (q_hi + 1))" in bm.explain()
+
+
+def test_from_kv_blocks_sparsity_and_to_string() -> None:
+    num = torch.tensor([[[1, 2]]], dtype=torch.int32)
+    idx = torch.tensor([[[0, 0], [0, 1]]], dtype=torch.int32)
+    bm = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=128, seq_lengths=(256, 256))
+    assert bm.to_dense().tolist() == [[[[1, 0], [1, 1]]]]
+    assert bm.sparsity() == pytest.approx(25.0)
+    assert bm.q_num_blocks.tolist() == [[[2, 1]]] and bm.q_indices[0, 0, 0].tolist() == [0, 1]
+    assert bm.to_string().splitlines()[1:3] == ["██  ", "████"]
+    theirs = torch_flex.BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=128, seq_lengths=(256, 256))
+    assert bm.sparsity() == pytest.approx(theirs.sparsity())
+    sliced = create_block_mask(CASES["head_gate"](), 2, 3, 300, 300, "cpu", 64)[:, 1]
+    assert sliced.kv_num_blocks.shape == (1, 1, 5)
+
+
+def test_create_mask_matches_torch() -> None:
+    mod = CASES["prefix_lm"]()
+    ours = create_mask(mod, 2, 1, 70, 90, "cpu")
+    theirs = torch_flex.create_mask(mod.fn, 2, 1, 70, 90, device="cpu")
+    assert torch.equal(ours, theirs)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="BLOCK_SIZE"):
+        create_block_mask(CASES["causal"](), None, None, 64, 64, "cpu", (0, 64))
+    with pytest.raises(ValueError, match="Q_LEN"):
+        create_block_mask(CASES["causal"](), None, None, 0, 64, "cpu")
