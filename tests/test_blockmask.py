@@ -128,7 +128,7 @@ def test_closed_form_tables_and_lazy_fields() -> None:
 
 def test_from_kv_blocks_sparsity_and_to_string() -> None:
     num = torch.tensor([[[1, 2]]], dtype=torch.int32)
-    idx = torch.tensor([[[0, 0], [0, 1]]], dtype=torch.int32)
+    idx = torch.tensor([[[[0, 0], [0, 1]]]], dtype=torch.int32)
     bm = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=128, seq_lengths=(256, 256))
     assert bm.to_dense().tolist() == [[[[1, 0], [1, 1]]]]
     assert bm.sparsity() == pytest.approx(25.0)
