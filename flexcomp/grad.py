@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .ir import DType, Node, Op, const, result_dtype, toposort
+from .ir import DType, Node, Op, const, promote, result_dtype, toposort
 
 F32 = DType.F32
 Adjoint = Node | None  # None means zero
@@ -43,7 +43,18 @@ def _fold(op: Op, *src: Node) -> Node | None:
     return const(folded(*values), F32)
 
 
+def _as(node: Node, dtype: DType) -> Node:
+    if node.dtype == dtype:
+        return node
+    return const(node.arg, dtype) if node.op == Op.CONST else Node(Op.CAST, dtype, (node,))
+
+
 def _node(op: Op, *src: Node) -> Node:
+    """op(*src) with explicit casts to the operands' common dtype (the IR invariant compiler.check_ir checks)."""
+    operands = src[1:] if op == Op.WHERE else src
+    common = promote(*(s.dtype for s in operands))
+    operands = tuple(_as(s, common) for s in operands)
+    src = (src[0], *operands) if op == Op.WHERE else operands
     return _fold(op, *src) or Node(op, result_dtype(op, tuple(s.dtype for s in src)), tuple(src))
 
 
@@ -195,9 +206,15 @@ def adjoints(root: Node) -> dict[Node, Node]:
     return adjoint
 
 
+def _simplified(node: Node) -> Node:
+    from .compiler import optimize  # the front end's rule tables: constant folding, algebra, CSE
+
+    return optimize(node, "derivative")
+
+
 def score_grad(root: Node) -> Node:
     """d score_mod / d score, as F32 IR over the mod's ARGs and captured tensors."""
-    return adjoints(root).get(Node(Op.ARG, F32, (), "score"), num(0.0))
+    return _simplified(adjoints(root).get(Node(Op.ARG, F32, (), "score"), num(0.0)))
 
 
 def load_grads(root: Node) -> list[tuple[Node, Node]]:
@@ -208,4 +225,4 @@ def load_grads(root: Node) -> list[tuple[Node, Node]]:
     scattered (accumulated) into that tensor's gradient.
     """
     grads = adjoints(root)
-    return [(node, grads[node]) for node in toposort(root) if node.op == Op.LOAD and node in grads]
+    return [(node, _simplified(grads[node])) for node in toposort(root) if node.op == Op.LOAD and node in grads]

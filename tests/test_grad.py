@@ -10,13 +10,18 @@ import torch
 
 from flexcomp.evaluate import evaluate, index_grid, safe_index
 from flexcomp.grad import load_grads, score_grad
-from flexcomp.ir import DType, Node, Op, arg, const, load, result_dtype
+from flexcomp.ir import DType, Node, Op, arg, const, load, promote, result_dtype
 
 F32, I32 = DType.F32, DType.I32
 SHAPE = (2, 3, 5, 7)  # B, H, Q, KV
 
 
 def op(kind: Op, *src: Node) -> Node:
+    """A node with explicit casts of its operands to their common dtype, as the front end builds them."""
+    operands = src[1:] if kind == Op.WHERE else src
+    common = promote(*(s.dtype for s in operands))
+    operands = tuple(s if s.dtype == common else Node(Op.CAST, common, (s,)) for s in operands)
+    src = (src[0], *operands) if kind == Op.WHERE else operands
     return Node(kind, result_dtype(kind, tuple(s.dtype for s in src)), tuple(src))
 
 
