@@ -140,13 +140,10 @@ def describe_tiles(mask_mod: Mod, shape: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _decided_by(block_mask: Any) -> str | None:
-    """How the classification was reached, if the BlockMask records it."""
-    for attr in ("decided_by", "analysis", "method"):
-        value = getattr(block_mask, attr, None)
-        if isinstance(value, str):
-            return value
-    return None
+def _decided_by(block_mask: Any) -> dict[str, int] | None:
+    """How many tiles each method classified (closed form, analysis, evaluation), if the BlockMask records it."""
+    decided = getattr(block_mask, "decided_by", None)
+    return {str(how): int(n) for how, n in decided.items()} if isinstance(decided, dict) and decided else None
 
 
 def build_block_mask(mask_mod: Mod, shape: argparse.Namespace) -> Any:
@@ -198,7 +195,7 @@ def render_text(report: dict[str, Any]) -> str:
                    f"BLOCK_SIZE={s['block_size']}: grid {tiles['grid']}")
         out.append(f"EMPTY {c['EMPTY']}  PARTIAL {c['PARTIAL']}  FULL {c['FULL']}  sparsity {tiles['sparsity']:.1f}%")
         if tiles["decided_by"]:
-            out.append(f"decided by: {tiles['decided_by']}")
+            out.append("decided by: " + ", ".join(f"{how} {n} tiles" for how, n in tiles["decided_by"].items()))
         if tiles["bounds"]:
             out.append("closed-form kv bounds for a q tile [q_lo, q_hi]:")
             out += [f"  {name:8s}= {expr}" for name, expr in tiles["bounds"].items()]

@@ -76,7 +76,7 @@ def draw_mask(
         colours = ListedColormap([TILE_COLOURS[c] for c in TileClass])
         right.imshow(grid.numpy(), cmap=colours, vmin=0, vmax=2, interpolation="nearest", aspect="auto")
         counts = torch.bincount(grid.flatten(), minlength=3).tolist()
-        right.set_title(f"tiles, Q={q_len} x KV={kv_len}, BLOCK_SIZE={block_size} "
+        right.set_title(f"tiles, Q={q_len} x KV={kv_len}, BLOCK_SIZE={block_size}\n"
                         f"({counts[0]} empty, {counts[1]} partial, {counts[2]} full)", fontsize=10)
         _label_axes(right, "kv block", "q block")
         right.legend(handles=[Patch(facecolor=TILE_COLOURS[c], edgecolor="#888888", label=c.name) for c in TileClass],
