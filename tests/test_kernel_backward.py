@@ -163,3 +163,13 @@ def test_odd_head_dims_and_a_score_mod_that_masks(randn):
     compare(randn, shapes=((2, 2), (19, 19), (24, 40)), score_mod=prefix_lm, score_fn=reference,
             tables=(temperature,), use_lse=True, B=2)
 
+
+
+def test_flexcomp_block_mask_tables(randn, monkeypatch):
+    """flexcomp's own create_block_mask (closed-form bounds, lazily built q-major tables) drives the backward too."""
+    from flexcomp.blockmask import create_block_mask as flexcomp_block_mask
+
+    monkeypatch.setitem(globals(), "block_mask_for",
+                        lambda mask, B, H, q_len, kv_len, block: flexcomp_block_mask(mask, B, H, q_len, kv_len,
+                                                                                   device="cpu", BLOCK_SIZE=block))
+    compare(randn, shapes=((2, 2), (45, 45), (16, 16)), mask=causal_mask(), mask_fn=lambda b, h, i, j: i >= j, B=2)
