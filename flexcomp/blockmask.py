@@ -44,7 +44,7 @@ from .tiles import ClosedFormBounds, TileClass
 Tensor = torch.Tensor
 DEFAULT_BLOCK = 128
 AUTO_EXACT_FRACTION = 0.25  # undecided share of all tiles above which the exact fallback runs by itself
-ANALYSIS_TILES = 1 << 22  # tiles analyzed per band of q blocks: bounds the analysis' memory
+ANALYSIS_TILES = 1 << 20  # tiles analyzed per band of q blocks: bounds the analysis' memory
 
 _TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
            "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")  # fmt: skip
