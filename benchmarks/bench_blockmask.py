@@ -51,8 +51,9 @@ def long_masks(quick: bool) -> list[str]:
     rows = []
     L = 1 << (18 if quick else 20)
     for name, mask in (("causal", std.causal()), ("sliding window 4096", std.sliding_window(4096))):
-        bm, secs, mem = timed(lambda: create_block_mask(mod_of(mask), None, None, L, L, "cpu"))
-        rows.append(f"| {name} | {L} | {secs * 1e3:.1f} ms | {mem:.1f} MB | {bm.sparsity():.2f}% | {bm.explain().splitlines()[0].split(': ', 1)[1]} |")
+        bm, secs, mem = timed(lambda m=mask: create_block_mask(mod_of(m), None, None, L, L, "cpu"))
+        how = bm.explain().splitlines()[0].split(": ", 1)[1]
+        rows.append(f"| {name} | {L} | {secs * 1e3:.1f} ms | {mem:.1f} MB | {bm.sparsity():.2f}% | {how} |")
     L = 1 << (16 if quick else 18)
     mask, tensors = std.document(L, 1000)
     mod = mod_of(mask, tensors, "document")
