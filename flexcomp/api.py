@@ -140,11 +140,12 @@ def choose_backend(backend: str, query: torch.Tensor) -> str:
 
 
 def _triton_forward():
+    """The generated kernels behind an autograd Function: forward, and backward when gradients are needed."""
     try:
-        from .codegen import flex_forward
+        from .autograd import triton_flex_attention
     except ImportError as e:
         raise BackendError(f"the Triton backend is unavailable: {e}", hint="use backend='reference'") from e
-    return flex_forward
+    return triton_flex_attention
 
 
 def build_block_mask(mask_mod: Mod, query: torch.Tensor, key: torch.Tensor, **kwargs: Any) -> Any:
