@@ -22,14 +22,22 @@ class ModIndenter(Indenter):
     tab_len = 8
 
 
+class LambdaIndenter(ModIndenter):
+    """A lambda is cut out of a larger expression: each newline in it is a continuation line, as in brackets."""
+
+    def handle_NL(self, token):  # lark's hook for newline tokens
+        yield from ()
+
+
 @functools.cache
-def mod_parser() -> Lark:
-    """The LALR parser for a mod's source (built once, on first use)."""
+def mod_parser(start: str = "start") -> Lark:
+    """The LALR parser for a mod's source: a `def` ("start") or a lambda ("lambda_mod"); built once each."""
     return Lark(
         GRAMMAR_PATH.read_text(),
         parser="lalr",
         lexer="contextual",
-        postlex=ModIndenter(),
+        start=start,
+        postlex=LambdaIndenter() if start == "lambda_mod" else ModIndenter(),
         propagate_positions=True,
         maybe_placeholders=True,
     )

@@ -1,0 +1,104 @@
+"""Front end: a mod's Python source -> typed IR.
+
+The source of a `def` or a lambda is read with `inspect` (source.py), parsed with the lark grammar in
+grammar/mods.lark, and lowered by `FunctionLowering` (statements.py, expressions.py, call_lowering.py), a
+visitor over the lark tree that builds `Node`s through typed builders (builders.py) and the call table
+(calls.py); free names resolve through the closure and globals (names.py).  Every node gets the `SourceLoc`
+of the code it came from, and every refusal is a `FlexcompError` that points at the user's line.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import FlexcompError, FlexcompTypeError, SignatureError, SourceLoc, UnsupportedConstructError
+from ..ir import MASK_MOD_ARGS, SCORE_MOD_ARGS, BufferSpec, DType, Node, arg
+from .builders import cast
+from .expressions import Context
+from .names import BufferTable, capture
+from .source import read_function
+from .statements import FunctionLowering
+
+__all__ = ["BufferTable", "Lowered", "lower_function"]
+
+
+@dataclass(frozen=True)
+class Lowered:
+    raw_ir: Node
+    buffers: tuple[BufferSpec, ...]
+    resolvers: dict[str, Callable[[], Any]]
+    loc: SourceLoc | None
+
+
+def lower_function(fn: Callable, kind: str) -> Lowered:
+    """Parse and lower `fn` (a def, a lambda, or a functools.partial of one) as a score_mod or mask_mod."""
+    partial = fn if isinstance(fn, functools.partial) else None
+    if partial is not None:
+        fn = partial.func
+    if not isinstance(fn, types.FunctionType):
+        raise SignatureError(f"a {kind}_mod must be a plain Python function, a lambda or a functools.partial of "
+                             f"one, got {type(fn).__name__}")
+    src, tree = read_function(fn)
+    lowering = FunctionLowering(Context(stack=[fn.__code__]), fn, src, tree)
+    try:
+        return lower_mod(lowering, kind, partial)
+    except FlexcompError:
+        raise
+    except RecursionError:
+        raise UnsupportedConstructError(f"{src.fn_name!r} is nested too deeply to compile", lowering.def_loc) from None
+
+
+def lower_mod(lowering: FunctionLowering, kind: str, partial: functools.partial | None) -> Lowered:
+    canonical = SCORE_MOD_ARGS if kind == "score" else MASK_MOD_ARGS
+    env = bind_partial(lowering, partial) if partial is not None else {}
+    params = [p for p in lowering.params() if p not in env]
+    if len(params) != len(canonical):
+        bound = f" ({len(env)} bound by functools.partial)" if env else ""
+        raise SignatureError(f"a {kind}_mod takes {len(canonical)} parameters ({', '.join(canonical)}), "
+                             f"{lowering.src.fn_name!r} takes {len(params)}{bound}", lowering.def_loc)
+    env |= {p: arg(c, lowering.def_loc) for p, c in zip(params, canonical)}
+    lowering.check_return = check_score_return if kind == "score" else check_mask_return
+    root = lowering.lower_body(env)
+    buffers = lowering.ctx.buffers
+    return Lowered(root, tuple(buffers.specs.values()), dict(buffers.resolvers), lowering.def_loc)
+
+
+def bind_partial(lowering: FunctionLowering, partial: functools.partial) -> dict[str, Any]:
+    """The partial's bound arguments as captured values, by parameter name.
+
+    Calling the partial passes the mod's arguments positionally after the bound leading ones, so every
+    keyword-bound parameter must come after the parameters left free.
+    """
+    params, loc = lowering.params(), lowering.def_loc
+    leading = dict(zip(params, partial.args))
+    unknown = set(partial.keywords) - set(params[len(leading):])
+    if len(partial.args) > len(params) or unknown:
+        raise SignatureError(f"functools.partial of {lowering.src.fn_name!r} binds {len(partial.args)} leading "
+                             f"arguments and keywords {sorted(partial.keywords)}, but it takes ({', '.join(params)})",
+                             loc)
+    free = [p for p in params[len(leading):] if p not in partial.keywords]
+    if params[len(leading):len(leading) + len(free)] != free:
+        raise SignatureError(f"functools.partial of {lowering.src.fn_name!r} binds {sorted(partial.keywords)} by "
+                             f"keyword before the free parameters {free}: the mod's arguments would land on them",
+                             loc, "bind the leading parameters positionally, or reorder the parameters")
+    values = leading | dict(partial.keywords)
+    return {name: capture(name, value, functools.partial(values.get, name), lowering.ctx.buffers, loc)
+            for name, value in values.items()}
+
+
+def check_score_return(value: Node, loc: SourceLoc) -> Node:
+    if value.dtype == DType.BOOL:
+        raise FlexcompTypeError("a score_mod must return a number, this returns a bool", loc,
+                                "to mask, return torch.where(cond, score, float('-inf')) or use a mask_mod")
+    return cast(value, DType.F32, loc)
+
+
+def check_mask_return(value: Node, loc: SourceLoc) -> Node:
+    if value.dtype != DType.BOOL:
+        raise FlexcompTypeError(f"a mask_mod must return a bool, this returns {value.dtype.value}", loc,
+                                "return a comparison, e.g. `q_idx >= kv_idx`")
+    return value

@@ -1,0 +1,83 @@
+"""Typed IR node builders: explicit CASTs wherever torch would promote implicitly.
+
+Backends never need promotion rules of their own because every operand pair reaching them already agrees.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import FlexcompTypeError
+from ..ir import (
+    ARITHMETIC_OPS,
+    COMPARISON_OPS,
+    INT32_MAX,
+    INT32_MIN,
+    LOGICAL_OPS,
+    DType,
+    Node,
+    Op,
+    const,
+    promote,
+    result_dtype,
+)
+
+OP_SYMBOL = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.FLOORDIV: "//", Op.MOD: "%", Op.POW: "**",
+             Op.AND: "&", Op.OR: "|", Op.XOR: "^", Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==",
+             Op.NE: "!="}  # fmt: skip
+BINOPS = {v: k for k, v in OP_SYMBOL.items()}
+
+
+def cast(x: Node, dtype: DType, loc: Any = None) -> Node:
+    return x if x.dtype == dtype else Node(Op.CAST, dtype, (x,), None, loc or x.loc)
+
+
+def to_bool(x: Node, loc: Any = None) -> Node:
+    return cast(x, DType.BOOL, loc)
+
+
+def unary(op: Op, x: Node, loc: Any) -> Node:
+    if op == Op.NOT and x.dtype == DType.F32:
+        raise FlexcompTypeError("`~` needs a bool or an int, got a float", loc, "use `not` or a comparison")
+    if op in (Op.NEG, Op.ABS, Op.FLOOR) and x.dtype == DType.BOOL:
+        x = cast(x, DType.I32, loc)
+    if result_dtype(op, (x.dtype,)) == DType.F32:
+        x = cast(x, DType.F32, loc)
+    return Node(op, result_dtype(op, (x.dtype,)), (x,), None, loc)
+
+
+def binary(op: Op, a: Node, b: Node, loc: Any) -> Node:
+    if op == Op.DIV:
+        a, b = cast(a, DType.F32, loc), cast(b, DType.F32, loc)
+    elif op in LOGICAL_OPS:
+        if DType.F32 in (a.dtype, b.dtype):
+            raise FlexcompTypeError(f"`{OP_SYMBOL[op]}` needs bools or ints, got a float", loc,
+                                    "compare first, e.g. `(x > 0) & (y > 0)`")
+        common = promote(a.dtype, b.dtype)
+        a, b = cast(a, common, loc), cast(b, common, loc)
+    elif op in ARITHMETIC_OPS or op in COMPARISON_OPS:
+        common = promote(a.dtype, b.dtype)
+        if common == DType.BOOL and op in ARITHMETIC_OPS:  # True + True is 2, as in torch
+            common = DType.I32
+        a, b = cast(a, common, loc), cast(b, common, loc)
+    return Node(op, result_dtype(op, (a.dtype, b.dtype)), (a, b), None, loc)
+
+
+def where(c: Node, a: Node, b: Node, loc: Any) -> Node:
+    common = promote(a.dtype, b.dtype)
+    a, b = cast(a, common, loc), cast(b, common, loc)
+    return Node(Op.WHERE, common, (to_bool(c, loc), a, b), None, loc)
+
+
+def logical(op: Op, a: Node, b: Node, loc: Any) -> Node:
+    return Node(op, DType.BOOL, (to_bool(a, loc), to_bool(b, loc)), None, loc)
+
+
+def logical_not(x: Node, loc: Any) -> Node:
+    return Node(Op.NOT, DType.BOOL, (to_bool(x, loc),), None, loc)
+
+
+def int_const(value: int, loc: Any, what: str = "integer") -> Node:
+    if not INT32_MIN <= value <= INT32_MAX:
+        raise FlexcompTypeError(f"{what} {value} does not fit in int32", loc, "indices and int constants are int32")
+    return const(int(value), DType.I32, loc)

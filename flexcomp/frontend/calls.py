@@ -1,0 +1,97 @@
+"""The call table: which torch/math/builtin functions and tensor methods a mod may call, and their IR.
+
+Every spelling (`torch.minimum`, `x.minimum`, `min`) maps to one key of BUILTINS, whose rule says how many
+arguments it takes and which typed IR it builds.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import SourceLoc
+from ..ir import DType, Node, Op
+from .builders import binary, cast, logical, logical_not, unary, where
+
+UNARY_FLOAT = {"exp": Op.EXP, "exp2": Op.EXP2, "log": Op.LOG, "log2": Op.LOG2, "sqrt": Op.SQRT, "rsqrt": Op.RSQRT,
+               "tanh": Op.TANH, "sigmoid": Op.SIGMOID, "sin": Op.SIN, "cos": Op.COS}  # fmt: skip
+
+# spelling -> BUILTINS key, per namespace
+TORCH_FUNCS = {**{n: n for n in UNARY_FLOAT}, "abs": "abs", "floor": "floor", "where": "where", "minimum": "min2",
+               "maximum": "max2", "clamp": "clamp", "clip": "clamp", "neg": "neg", "negative": "neg",
+               "logical_and": "logical_and", "logical_or": "logical_or", "logical_not": "logical_not",
+               "pow": "pow", "remainder": "mod", "floor_divide": "floordiv"}  # fmt: skip
+MATH_FUNCS = {"exp": "exp", "log": "log", "log2": "log2", "sqrt": "sqrt", "tanh": "tanh", "sin": "sin", "cos": "cos",
+              "floor": "floor", "fabs": "abs"}  # fmt: skip
+PY_BUILTINS = {"abs": "abs", "min": "min", "max": "max", "int": "int", "float": "float", "bool": "bool", "pow": "pow"}
+METHODS = {**{n: n for n in UNARY_FLOAT}, "abs": "abs", "floor": "floor", "neg": "neg", "clamp": "clamp",
+           "clip": "clamp", "float": "float", "double": "float", "half": "float", "bfloat16": "float", "int": "int",
+           "long": "int", "bool": "bool", "to": "to", "type": "to", "minimum": "min2", "maximum": "max2",
+           "pow": "pow", "logical_not": "logical_not", "logical_and": "logical_and", "logical_or": "logical_or",
+           "sqrt": "sqrt", "remainder": "mod"}  # fmt: skip
+
+# Every float dtype computes in f32 and every int dtype in i32 (the kernels' arithmetic).
+TORCH_DTYPES = {"float32": DType.F32, "float": DType.F32, "float64": DType.F32, "double": DType.F32,
+                "float16": DType.F32, "half": DType.F32, "bfloat16": DType.F32, "int32": DType.I32,
+                "int": DType.I32, "int64": DType.I32, "long": DType.I32, "int16": DType.I32, "int8": DType.I32,
+                "uint8": DType.I32, "bool": DType.BOOL}  # fmt: skip
+CAST_KEYS = {DType.F32: "float", DType.I32: "int", DType.BOOL: "bool"}  # torch.float32(x) -> float(x)
+MODULE_CONSTANTS = {"torch": {"inf": math.inf, "pi": math.pi, "e": math.e, "nan": math.nan},
+                    "math": {"inf": math.inf, "pi": math.pi, "e": math.e, "tau": math.tau, "nan": math.nan}}  # fmt: skip
+MODULES = {"torch": torch, "math": math}
+NAMESPACE_FUNCS = {"torch": TORCH_FUNCS, "math": MATH_FUNCS}
+
+
+def known_callable(value: Any) -> str | None:
+    """The BUILTINS key of a torch/math/builtin function object (however it was imported)."""
+    for module, table in ((torch, TORCH_FUNCS), (math, MATH_FUNCS), (builtins, PY_BUILTINS)):
+        for name, key in table.items():
+            if getattr(module, name, None) is value:
+                return key
+    return None
+
+
+# ---------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    fewest: int  # arguments
+    most: int
+    build: Callable[[list[Node], SourceLoc], Node]
+
+
+def unary_rule(op: Op) -> Rule:
+    return Rule(1, 1, lambda xs, loc: unary(op, xs[0], loc))
+
+
+def binary_rule(op: Op) -> Rule:
+    return Rule(2, 2, lambda xs, loc: binary(op, xs[0], xs[1], loc))
+
+
+def cast_rule(dtype: DType) -> Rule:
+    return Rule(1, 1, lambda xs, loc: cast(xs[0], dtype, loc))
+
+
+def fold_rule(op: Op, most: int) -> Rule:
+    return Rule(2, most, lambda xs, loc: functools.reduce(lambda acc, x: binary(op, acc, x, loc), xs[1:], xs[0]))
+
+
+BUILTINS: dict[str, Rule] = {
+    **{name: unary_rule(op) for name, op in UNARY_FLOAT.items()},  # exp(x) -> EXP(float(x))
+    "abs": unary_rule(Op.ABS), "floor": unary_rule(Op.FLOOR), "neg": unary_rule(Op.NEG),
+    "int": cast_rule(DType.I32), "float": cast_rule(DType.F32), "bool": cast_rule(DType.BOOL),  # int(x) -> CAST
+    "where": Rule(3, 3, lambda xs, loc: where(xs[0], xs[1], xs[2], loc)),
+    "min": fold_rule(Op.MIN, 99), "max": fold_rule(Op.MAX, 99),  # min(a, b, c) -> MIN(MIN(a, b), c)
+    "min2": fold_rule(Op.MIN, 2), "max2": fold_rule(Op.MAX, 2),  # torch.minimum takes exactly two
+    "logical_not": Rule(1, 1, lambda xs, loc: logical_not(xs[0], loc)),
+    "logical_and": Rule(2, 2, lambda xs, loc: logical(Op.AND, xs[0], xs[1], loc)),
+    "logical_or": Rule(2, 2, lambda xs, loc: logical(Op.OR, xs[0], xs[1], loc)),
+    "pow": binary_rule(Op.POW), "mod": binary_rule(Op.MOD), "floordiv": binary_rule(Op.FLOORDIV),
+}  # fmt: skip

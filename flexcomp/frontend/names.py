@@ -1,0 +1,115 @@
+"""Name resolution: closure cells, globals and builtins, and the captured tensors' buffer table."""
+
+from __future__ import annotations
+
+import builtins
+import numbers
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import SignatureError, SourceLoc, UndefinedNameError, UnsupportedConstructError
+from ..ir import BufferSpec, DType, Node, Op, const, map_nodes
+from .builders import int_const
+from .calls import MODULES, PY_BUILTINS, TORCH_DTYPES, known_callable
+from .values import Builtin, Captured, ModRef, Module, PyFunction, TorchDType, Value
+
+
+@dataclass
+class BufferTable:
+    """The captured tensors of one mod being built, with renaming on name clashes."""
+
+    specs: dict[str, BufferSpec] = field(default_factory=dict)
+    resolvers: dict[str, Callable[[], Any]] = field(default_factory=dict)
+
+    def add(self, spec: BufferSpec, resolver: Callable[[], Any]) -> str:
+        """The buffer name to use for `spec`: shared when it is the same tensor under the same name."""
+        if spec.name in self.specs and self.specs[spec.name] == spec and self.resolvers[spec.name]() is resolver():
+            return spec.name
+        name, i = spec.name, 1
+        while name in self.specs:
+            name, i = f"{spec.name}_{i}", i + 1
+        self.specs[name] = BufferSpec(name, spec.dtype, spec.shape)
+        self.resolvers[name] = resolver
+        return name
+
+    def merge(self, specs: tuple[BufferSpec, ...], resolvers: Any, root: Node) -> Node:
+        """Add another mod's buffers; returns its IR with LOADs renamed where names clashed."""
+        renames = {s.name: self.add(s, resolvers[s.name]) for s in specs}
+        if all(k == v for k, v in renames.items()):
+            return root
+        return map_nodes(root, lambda n: n.replace(arg=renames[n.arg]) if n.op == Op.LOAD else None)
+
+
+def tensor_spec(name: str, tensor: torch.Tensor, loc: SourceLoc | None) -> BufferSpec:
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if tensor.is_complex() or tensor.dim() > 4:
+        raise SignatureError(f"captured tensor {name!r} ({dtype}, shape {tuple(tensor.shape)}) is not supported: "
+                             "tensors must be real or bool with at most 4 dims", loc)
+    return BufferSpec(name, dtype, tuple(tensor.shape))
+
+
+def checked_resolver(spec: BufferSpec, read: Callable[[], Any]) -> Callable[[], Any]:
+    """Re-reads the binding at call time, refusing a tensor whose dtype or shape changed."""
+
+    def resolve() -> Any:
+        value = read()
+        got = (str(value.dtype).removeprefix("torch."), tuple(value.shape)) if isinstance(value, torch.Tensor) else None
+        if got != (spec.dtype, spec.shape):
+            raise SignatureError(f"captured tensor {spec.name!r} changed after the mod was compiled: "
+                                 f"compiled for {(spec.dtype, spec.shape)=}, now {got=}; re-decorate the mod")
+        return value
+
+    return resolve
+
+
+def resolve_free(fn: Callable, name: str, buffers: BufferTable, loc: SourceLoc) -> Value:
+    """A name not bound locally: closure cell, then globals, then the allowed builtins."""
+    code = fn.__code__
+    if name in code.co_freevars:
+        cell = fn.__closure__[code.co_freevars.index(name)]
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            raise UndefinedNameError(f"free variable {name!r} is not bound yet", loc) from None
+        return capture(name, value, lambda: cell.cell_contents, buffers, loc)
+    if name in fn.__globals__:
+        return capture(name, fn.__globals__[name], lambda: fn.__globals__[name], buffers, loc)
+    if name in PY_BUILTINS:
+        return Builtin(PY_BUILTINS[name])
+    if hasattr(builtins, name):
+        raise UnsupportedConstructError(f"the builtin `{name}` is not supported in a mod", loc,
+                                        f"supported builtins: {', '.join(PY_BUILTINS)}")
+    raise UndefinedNameError(f"name {name!r} is not defined", loc,
+                             "a mod may use its parameters, its locals, and names bound in its closure or module")
+
+
+def capture(name: str, value: Any, read: Callable[[], Any], buffers: BufferTable, loc: SourceLoc | None) -> Value:
+    """The compile-time value of a captured Python object; `read` re-reads a tensor's binding at call time."""
+    if isinstance(value, bool):
+        return const(value, DType.BOOL, loc)
+    if isinstance(value, numbers.Integral):
+        return int_const(int(value), loc, f"captured int {name!r} =")
+    if isinstance(value, numbers.Real):
+        return const(float(value), DType.F32, loc)
+    if isinstance(value, torch.Tensor):
+        spec = tensor_spec(name, value, loc)
+        return Captured(BufferSpec(buffers.add(spec, checked_resolver(spec, read)), spec.dtype, spec.shape))
+    if isinstance(value, torch.dtype):
+        return TorchDType(TORCH_DTYPES.get(str(value).removeprefix("torch."), DType.F32), str(value))
+    if isinstance(value, types.ModuleType) and value in MODULES.values():
+        return Module(value.__name__)
+    key = known_callable(value)
+    if key is not None:
+        return Builtin(key)
+    from ..mods import Mod  # mods imports the front end
+
+    if isinstance(value, Mod):
+        return ModRef(value)
+    if isinstance(value, types.FunctionType):
+        return PyFunction(value)
+    raise SignatureError(f"{name!r} is a {type(value).__module__}.{type(value).__qualname__}: a mod can capture "
+                         "only ints, floats, bools, torch tensors, torch/math, other mods and plain functions", loc)
