@@ -196,7 +196,7 @@ def run_variant(v: Variant, B: int, H: int, L: int, D: int, backward: bool, dtyp
                 row.ms[name] = bench(fn, backward=False)
             if backward:
                 row.ms_fwd_bwd[name] = bench(fn, backward=True, grads=dout)
-        except Exception as exc:  # an implementation that cannot run this shape is reported, not fatal
+        except Exception as exc:  # noqa: BLE001 -- an implementation that cannot run this shape is reported, not fatal
             print(f"  {name} failed on {v.name}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
     return row
 
