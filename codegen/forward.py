@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from flexcomp.errors import BackendError
 from flexcomp.ir import arg, const
@@ -189,32 +192,46 @@ def flex_forward(
 
     out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    has_full = block_mask.full_kv_num_blocks is not None and block_mask.full_kv_indices is not None
-    full_num = block_mask.full_kv_num_blocks if has_full else block_mask.kv_num_blocks
-    full_idx = block_mask.full_kv_indices if has_full else block_mask.kv_indices
-    grid = (-(-Lq // config.block_m), B * Hq)
-    module.flex_forward_kernel[grid](
+    has_full, tables = index_tables(block_mask, bounds is not None)
+    kernel = module.flex_forward_kernel
+    launch = functools.partial(
+        lambda *args, grid, **kwargs: kernel[grid](*args, **kwargs),
         q, *q.stride(),
         k, *k.stride(),
         v, *v.stride(),
         out, *out.stride(),
         lse, *lse.stride(),
-        block_mask.kv_num_blocks, *_strides(block_mask.kv_num_blocks, 3),
-        block_mask.kv_indices, *_strides(block_mask.kv_indices, 4),
-        full_num, *_strides(full_num, 3),
-        full_idx, *_strides(full_idx, 4),
+        *tables,
         *captured_tensors(score_mod, q.device),
         *captured_tensors(mask_mod, q.device),
         float(scale), Lq, Lkv, Hq, Hq // Hkv,
         HAS_SCORE_MOD=score_mod is not None, USE_BOUNDS=bounds is not None, HAS_FULL=has_full,
-        SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv, TILES_PER_BLOCK=sparse_kv // config.block_n,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv,
         BLOCK_D=max(next_power_of_2(D), MIN_BLOCK), BLOCK_DV=max(next_power_of_2(Dv), MIN_BLOCK), D=D, DV=Dv,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST_DOT=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return out, lse
+    for attempt in fallbacks(config):
+        try:
+            launch(grid=(-(-Lq // attempt.block_m), B * Hq), BLOCK_M=attempt.block_m,
+                   BLOCK_N=attempt.block_n, TILES_PER_BLOCK=sparse_kv // attempt.block_n,
+                   num_warps=attempt.num_warps, num_stages=attempt.num_stages)
+            return out, lse
+        except OutOfResources as e:
+            error = e
+    raise BackendError(f"no launch configuration fits this GPU for {D=}, {Dv=}, {q.dtype}: {error}")
+
+
+def fallbacks(config: LaunchConfig) -> list[LaunchConfig]:
+    """The chosen config, then smaller ones: a mod that gathers from tables can need more shared memory."""
+    smaller = [dataclasses.replace(config, num_stages=1)]
+    while smaller[-1].block_n > MIN_BLOCK or smaller[-1].block_m > MIN_BLOCK:
+        last = smaller[-1]
+        if last.block_n >= last.block_m and last.block_n > MIN_BLOCK:
+            smaller.append(dataclasses.replace(last, block_n=last.block_n // 2))
+        else:
+            smaller.append(dataclasses.replace(last, block_m=last.block_m // 2))
+    return [config, *smaller]
 
 
 NOOP_MASK = Mod("mask", "noop_mask", const(True), const(True))
@@ -239,6 +256,22 @@ def dense_block_mask(q: torch.Tensor, k: torch.Tensor) -> DenseBlockMask:
     rows = -(-q.shape[-2] // 128)
     num = torch.zeros((1, 1, rows), dtype=torch.int32, device=q.device)
     return DenseBlockMask((q.shape[-2], k.shape[-2]), num, num[..., None])
+
+
+def index_tables(block_mask: Any, use_bounds: bool) -> tuple[bool, list[Any]]:
+    """(has FULL tables, the four tables' pointers and strides).  With bounds no table is read,
+    so none is touched either: flexcomp's BlockMask builds them lazily, and causal's is O(L^2 / block^2)."""
+    if use_bounds:
+        stand_in = block_mask.kv_num_blocks
+        return False, [stand_in, 0, 0, 0, stand_in, 0, 0, 0, 0] * 2
+    num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+    full_num, full_idx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
+    has_full = full_num is not None and full_idx is not None
+    if not has_full:
+        full_num, full_idx = num, idx
+    tables = [num, *_strides(num, 3), idx, *_strides(idx, 4), full_num, *_strides(full_num, 3),
+              full_idx, *_strides(full_idx, 4)]
+    return has_full, tables
 
 
 def _block_size(block_mask: Any) -> tuple[int, int]:

@@ -41,7 +41,7 @@ def render_mod(mod: Mod | None, kind: str) -> ModCode:
     arg_names = ("score", "b", "h", "q_idx", "kv_idx") if kind == "score" else ("b", "h", "q_idx", "kv_idx")
     if mod is None:  # no score_mod: the identity, never called (HAS_SCORE_MOD is False)
         hoisted = _function(f"{kind}_mod_hoisted", ["b", "h", "q_idx"], [], "0")
-        return ModCode(hoisted + "\n\n" + _function(f"{kind}_mod", list(arg_names), [], "score"), [], [])
+        return ModCode(hoisted + "\n\n\n" + _function(f"{kind}_mod", list(arg_names), [], "score"), [], [])
     buffers = tuple(mod.buffers)
     params = buffer_params(f"{prefix}b", buffers)
     bp = f"{prefix}b"
@@ -52,7 +52,7 @@ def render_mod(mod: Mod | None, kind: str) -> ModCode:
     lines, (result,) = render_block([mod.ir], names, prefix, buffers, bp)
     pre_args = [a for a in arg_names if a not in LOOP_ARGS]
     text = _function(f"{kind}_mod_hoisted", pre_args + params, pre_lines, ", ".join(hoisted) or "0")
-    text += "\n\n" + _function(f"{kind}_mod", list(arg_names) + hoisted + params, lines, result)
+    text += "\n\n\n" + _function(f"{kind}_mod", list(arg_names) + hoisted + params, lines, result)
     return ModCode(text, hoisted, params)
 
 

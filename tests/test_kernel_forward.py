@@ -349,3 +349,17 @@ def test_float_semantics_of_scale(randn, naive_attention):
     q, k, v = randn(1, 1, 20, 16), randn(1, 1, 20, 16), randn(1, 1, 20, 16)
     check(*run(q, k, v, alibi, scale=0.37), *naive_attention(q, k, v, alibi.fn, scale=0.37))
 
+
+
+@pytest.mark.parametrize("mask", [causal, sliding_window, document], ids=lambda m: m.name)
+def test_flexcomp_block_mask(randn, naive_attention, mask):
+    # flexcomp's own BlockMask: closed-form bounds where the analysis finds them, and then no table is built
+    from flexcomp.blockmask import create_block_mask
+
+    L = len(document_ids)
+    q, k, v = randn(1, 2, L, 16), randn(1, 2, L, 16), randn(1, 2, L, 16)
+    bm = create_block_mask(mask, 1, 2, L, L, device="cpu", BLOCK_SIZE=32)
+    assert (bm.bounds is not None) == (mask is not document)
+    check(*run(q, k, v, softcap, bm), *naive_attention(q, k, v, softcap.fn, mask.fn))
+    if bm.bounds is not None:
+        assert "kv_indices" in bm._lazy and "full_kv_indices" in bm._lazy  # never materialized
