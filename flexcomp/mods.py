@@ -63,18 +63,25 @@ def _compile(fn: Callable, kind: str) -> Mod:
     from .frontend import lower_function
 
     lowered = lower_function(fn, kind)
-    name = getattr(fn, "__name__", kind)
+    name = mod_name(fn, kind)
     return Mod(kind, name, optimize(lowered.raw_ir, name), lowered.raw_ir, lowered.buffers, lowered.resolvers, fn,
                lowered.loc)
 
 
+def mod_name(fn: Callable, kind: str) -> str:
+    """The function's name; a functools.partial is named after the function it wraps."""
+    if isinstance(fn, functools.partial):
+        return f"partial({mod_name(fn.func, kind)})"
+    return getattr(fn, "__name__", kind)
+
+
 def score_mod(fn: Callable) -> Mod:
-    """Decorator: compile `fn(score, b, h, q_idx, kv_idx)` now; errors point at the offending line."""
+    """Decorator (or call on a lambda): compile `fn(score, b, h, q_idx, kv_idx)` now; errors point at the line."""
     return _compile(fn, "score")
 
 
 def mask_mod(fn: Callable) -> Mod:
-    """Decorator: compile `fn(b, h, q_idx, kv_idx) -> bool` now; errors point at the offending line."""
+    """Decorator (or call on a lambda): compile `fn(b, h, q_idx, kv_idx) -> bool` now; errors point at the line."""
     return _compile(fn, "mask")
 
 
@@ -82,7 +89,8 @@ _LAZY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plain function
 
 
 def as_mod(fn_or_mod: Mod | Callable | None, kind: str) -> Mod | None:
-    """A Mod of `kind` ("score" or "mask") from a Mod, a plain function (compiled once, cached), or None."""
+    """A Mod of `kind` ("score" or "mask") from a Mod, a function, lambda or functools.partial (compiled once,
+    cached per object), or None."""
     if fn_or_mod is None:
         return None
     if kind not in ("score", "mask"):
