@@ -205,6 +205,10 @@ def test_fallback_by_arity_tells_lambdas_apart_by_parameters(monkeypatch, rng):
     mask, score = (lambda b, h, q, kv: (q >= kv) & (h < 2)), (lambda s, b, h, q, kv: s - kv)
     check(fm.mask_mod(mask), mask, rng)
     check(fm.score_mod(score), score, rng)
+    spread = fm.as_mod(
+        lambda b, h, q, kv: (q >= kv)
+        & (q - kv <= WINDOW), "mask")
+    check(spread, functools.partial(windowed, window=WINDOW), rng)
 
 
 def test_fallback_by_arity_refuses_ambiguous_lines(monkeypatch):

@@ -162,24 +162,32 @@ def lambda_span_by_arity(fn: Callable, lines: list[str]) -> tuple[Position, Posi
 
 
 def expression_end(lines: list[str], start: Position) -> Position:
-    """Where the expression starting at `start` ends: at a `,`, `;` or closing bracket outside brackets."""
-    text = "\n".join([lines[start[0]][start[1]:], *lines[start[0] + 1:]])
-    depth, last = 0, (0, 0)
+    """Where the expression starting at `start` ends: at a `,`, `;`, `for` or closing bracket outside its own
+    brackets, or at the end of the statement.  The file is tokenized from its top so that brackets opened before
+    the lambda (a call spread over lines) make its newlines continuation lines."""
+    depth, last = 0, start
     try:
-        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            if tok.type == tokenize.OP and tok.string in "([{":
-                depth += 1
-            elif tok.type == tokenize.OP and tok.string in ")]}" and depth == 0 or tok.type == tokenize.NEWLINE \
-                    or depth == 0 and (tok.string in (",", ";") or tok.string == "for"):
+        for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines) + "\n").readline):
+            if (tok.start[0] - 1, tok.start[1]) < start:
+                continue
+            if ends_expression(tok, depth):
                 break
-            elif tok.type == tokenize.OP and tok.string in ")]}":
-                depth -= 1
+            depth += OPENING.get(tok.string, 0) if tok.type == tokenize.OP else 0
             if tok.type not in (tokenize.NL, tokenize.COMMENT):
-                last = tok.end
-    except tokenize.TokenError:
+                last = (tok.end[0] - 1, tok.end[1])
+    except tokenize.TokenError:  # the file's text runs out: the expression ends with it
         pass
-    line, col = last[0] - 1, last[1]
-    return start[0] + line, col + (start[1] if line == 0 else 0)
+    return last
+
+
+OPENING = {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}
+
+
+def ends_expression(tok: tokenize.TokenInfo, depth: int) -> bool:
+    if tok.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+        return True
+    closes_outer = tok.type == tokenize.OP and OPENING.get(tok.string) == -1
+    return depth == 0 and (closes_outer or tok.string in (",", ";", "for"))
 
 
 def refuse_lambda_signature(fn: Callable, loc: SourceLoc) -> None:
