@@ -14,7 +14,7 @@ import flexcomp as fc
 import flexcomp.mods as fm
 from flexcomp.errors import FlexcompTypeError, SignatureError, UnsupportedConstructError
 from flexcomp.evaluate import evaluate
-from flexcomp.frontend import source
+from flexcomp.frontend import lambdas
 
 N = 256
 WINDOW = 6
@@ -201,7 +201,7 @@ def test_lambda_with_wrong_arity_is_refused():
 
 
 def test_fallback_by_arity_tells_lambdas_apart_by_parameters(monkeypatch, rng):
-    monkeypatch.setattr(source, "body_span_from_positions", lambda code, lines: None)
+    monkeypatch.setattr(lambdas, "body_span_from_positions", lambda code, lines: None)
     mask, score = (lambda b, h, q, kv: (q >= kv) & (h < 2)), (lambda s, b, h, q, kv: s - kv)
     check(fm.mask_mod(mask), mask, rng)
     check(fm.score_mod(score), score, rng)
@@ -212,7 +212,7 @@ def test_fallback_by_arity_tells_lambdas_apart_by_parameters(monkeypatch, rng):
 
 
 def test_fallback_by_arity_refuses_ambiguous_lines(monkeypatch):
-    monkeypatch.setattr(source, "body_span_from_positions", lambda code, lines: None)
+    monkeypatch.setattr(lambdas, "body_span_from_positions", lambda code, lines: None)
     first, second = (lambda b, h, q, kv: q >= kv), (lambda b, h, q, kv: q <= kv)  # noqa: F841
     with pytest.raises(SignatureError, match="cannot tell which lambda"):
         fm.mask_mod(first)

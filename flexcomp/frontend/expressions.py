@@ -13,8 +13,8 @@ from ..ir import DType, Node, Op, const, load
 from .builders import BINOPS, binary, int_const, logical, logical_not, to_bool, unary, where
 from .call_lowering import CallLowering
 from .calls import METHODS, MODULE_CONSTANTS, NAMESPACE_FUNCS, TORCH_DTYPES
+from .locations import Source
 from .names import BufferTable, resolve_free
-from .source import Source
 from .values import ALLOWED, NONE, Builtin, Captured, Method, Module, Text, TorchDType, Value, describe
 
 # lark rule -> how the construct is named when refused
