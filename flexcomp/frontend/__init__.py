@@ -1,11 +1,12 @@
 """Front end: a mod's Python source -> typed IR.
 
 The source of a `def` (source.py) or a lambda (lambdas.py) is read with `inspect`, parsed with the lark
-grammar in grammar/mods.lark with positions mapped back to the file (locations.py), and lowered by `FunctionLowering` (statements.py, expressions.py, call_lowering.py), a
-visitor over the lark tree that builds `Node`s through typed builders (builders.py) and the call table
-(calls.py); free names resolve through the closure and globals (names.py); values.py holds what exists
-only while compiling (modules, functions, unindexed tensors).  Every node gets the `SourceLoc`
-of the code it came from, and every refusal is a `FlexcompError` that points at the user's line.
+grammar in grammar/mods.lark, with positions mapped back to the file (locations.py), and lowered by
+`FunctionLowering` (statements.py, expressions.py, call_lowering.py), a visitor over the lark tree that builds
+`Node`s through typed builders (builders.py) and the call table (calls.py).  Free names resolve through the
+closure and globals (names.py); values.py holds what exists only while compiling (modules, functions,
+unindexed tensors).  Every node gets the `SourceLoc` of the code it came from, and every refusal is a
+`FlexcompError` that points at the user's line.
 """
 
 from __future__ import annotations
