@@ -47,9 +47,11 @@ def flex_attention(
         raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
     score_mod = to_mod(score_mod, "score")
     mask_mod = to_mod(mask_mod, "mask")
+    backend = choose_backend(backend, query)
     if block_mask is not None:
         validate_block_mask(block_mask, query, key)
-    if choose_backend(backend, query) == "reference":
+        block_mask = with_compiled_mask_mod(block_mask, compile_plain=backend == "triton")
+    if backend == "reference":
         from .reference import reference_attention
 
         out, lse = reference_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
@@ -57,9 +59,6 @@ def flex_attention(
     else:
         if block_mask is None and mask_mod is not None:
             block_mask = build_block_mask(mask_mod, query, key)
-        elif block_mask is not None and not isinstance(block_mask.mask_mod, Mod) and block_mask.mask_mod is not None:
-            block_mask = copy.copy(block_mask)  # e.g. torch's own BlockMask with a plain function
-            block_mask.mask_mod = to_mod(block_mask.mask_mod, "mask")
         out, lse = _triton_forward()(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
                                      kernel_options)
     return (out, lse) if return_lse else out
@@ -114,18 +113,35 @@ def _require(ok: bool, message: str) -> None:
 
 
 def to_mod(fn_or_mod: Any, kind: str) -> Mod | None:
-    """None stays None; a Mod must be of `kind`; a plain function is compiled with `as_mod`."""
+    """None stays None; a Mod must be of `kind`; a plain function is compiled with `as_mod`.
+
+    The result is specialized for the captured tensors as they are now (`Mod.specialized`).
+    """
     if fn_or_mod is None:
         return None
     if isinstance(fn_or_mod, Mod):
         if fn_or_mod.kind != kind:
             raise TypeError(f"{kind}_mod= got a {fn_or_mod.kind}_mod ({fn_or_mod.name}): {fn_or_mod.kind=} != {kind=}")
-        return fn_or_mod
+        return fn_or_mod.specialized()
     if not callable(fn_or_mod):
         raise TypeError(f"{kind}_mod must be a function or a flexcomp Mod, got {type(fn_or_mod).__name__}")
     from .mods import as_mod
 
-    return as_mod(fn_or_mod, kind)
+    return as_mod(fn_or_mod, kind).specialized()
+
+
+def with_compiled_mask_mod(block_mask: Any, compile_plain: bool) -> Any:
+    """The block mask with its mask_mod specialized for the live captured tensors, and a plain function (e.g. in
+    torch's own BlockMask) compiled when `compile_plain`; a shallow copy when anything changed."""
+    mask_mod = block_mask.mask_mod
+    if mask_mod is None or not (compile_plain or isinstance(mask_mod, Mod)):
+        return block_mask
+    compiled = to_mod(mask_mod, "mask")
+    if compiled is mask_mod:
+        return block_mask
+    block_mask = copy.copy(block_mask)
+    block_mask.mask_mod = compiled
+    return block_mask
 
 
 def choose_backend(backend: str, query: torch.Tensor) -> str:
@@ -185,7 +201,7 @@ class CompiledVariant:
             from .codegen import kernel_source
         except ImportError as e:
             raise BackendError(f"kernel source is unavailable: the Triton code generator did not load ({e})") from e
-        return kernel_source(self.score_mod, self.mask_mod)
+        return kernel_source(to_mod(self.score_mod, "score"), to_mod(self.mask_mod, "mask"))
 
     def block_mask(self, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device: Any = None,
                    **kwargs: Any) -> Any:

@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .errors import SignatureError, SourceLoc
 from .ir import BufferSpec, DType, Node, Op, structural_key
 from .ir import const as ir_const
@@ -21,8 +23,11 @@ class Mod:
     `ir` is the optimized IR and `raw_ir` the IR as parsed.  `buffers` describes
     the captured tensors (name, dtype, shape); `resolvers` fetch their current
     values, so a tensor updated in place (or a global rebound to a tensor of the
-    same shape and dtype) is seen at every call.  `fn` is the user's function;
-    calling the Mod calls it, so a Mod can also be passed to torch's own
+    same shape and dtype) is seen at every call.  The IR and kernels specialize on
+    the buffers' dtypes and shapes: when a global or closure cell is rebound to a
+    tensor of another shape or dtype, `specialized()` re-lowers the function for
+    the live tensors (as torch's flex_attention recompiles).  `fn` is the user's
+    function; calling the Mod calls it, so a Mod can also be passed to torch's own
     flex_attention.
     """
 
@@ -34,6 +39,8 @@ class Mod:
     resolvers: Mapping[str, Callable[[], Any]] = field(default_factory=dict)
     fn: Callable | None = None
     loc: SourceLoc | None = None
+    relower: Callable[[], Mod] | None = field(default=None, repr=False)  # rebuilds the Mod from live values
+    variants: dict[tuple[BufferSpec, ...], Mod] = field(default_factory=dict, repr=False)  # shared by all variants
 
     @property
     def key(self) -> str:
@@ -41,8 +48,44 @@ class Mod:
         return structural_key(self.kind, self.ir, self.buffers)
 
     def tensors(self) -> dict[str, Any]:
-        """The captured tensors' current values, by buffer name."""
-        return {spec.name: self.resolvers[spec.name]() for spec in self.buffers}
+        """The captured tensors' current values, by buffer name; they must still fit `buffers`."""
+        values = {spec.name: self.resolvers[spec.name]() for spec in self.buffers}
+        live = self._live_specs(values)
+        if live != self.buffers:
+            compiled, now = _spec_changes(self.buffers, live)
+            raise SignatureError(f"captured tensor changed after the mod was compiled: {compiled=} != {now=}; "
+                                 f"{self.name}.specialized() gives the mod for the live tensors", self.loc)
+        return values
+
+    def specialized(self) -> Mod:
+        """This Mod if its captured tensors still have the compiled dtypes and shapes, else the function
+        re-lowered for the live ones (cached per dtype/shape tuple, so alternating shapes compile once each)."""
+        if not self.buffers:
+            return self
+        live = self._live_specs({spec.name: self.resolvers[spec.name]() for spec in self.buffers})
+        if live == self.buffers:
+            return self
+        self.variants.setdefault(self.buffers, self)
+        if live not in self.variants:
+            if self.relower is None:
+                self.tensors()  # raises: nothing to re-lower from
+            if len(self.variants) >= MAX_VARIANTS:
+                del self.variants[next(iter(self.variants))]  # the oldest
+            variant = self.relower()
+            variant.variants = self.variants
+            self.variants[live] = self.variants.setdefault(variant.buffers, variant)
+        return self.variants[live]
+
+    def _live_specs(self, values: dict[str, Any]) -> tuple[BufferSpec, ...]:
+        from .frontend.names import tensor_spec
+
+        for spec in self.buffers:
+            value = values[spec.name]
+            if not isinstance(value, torch.Tensor):
+                raise SignatureError(f"{spec.name!r}, captured by {self.kind}_mod {self.name!r} as a tensor, is now "
+                                     f"a {type(value).__name__}: a captured tensor can be rebound only to a tensor",
+                                     self.loc)
+        return tuple(tensor_spec(spec.name, values[spec.name], self.loc) for spec in self.buffers)
 
     def __call__(self, *args: Any) -> Any:
         if self.fn is not None:
@@ -55,6 +98,14 @@ class Mod:
         return f"<flexcomp {self.kind}_mod {self.name} key={self.key}>"
 
 
+MAX_VARIANTS = 16  # re-lowered Mods kept per function (torch's recompile limit is 8)
+
+
+def _spec_changes(compiled: tuple[BufferSpec, ...], live: tuple[BufferSpec, ...]) -> tuple[list, list]:
+    changed = [(a, b) for a, b in zip(compiled, live) if a != b]
+    return ([(a.name, a.dtype, a.shape) for a, _ in changed], [(b.name, b.dtype, b.shape) for _, b in changed])
+
+
 # ---------------------------------------------------------------- decorators and composition
 
 
@@ -65,7 +116,7 @@ def _compile(fn: Callable, kind: str) -> Mod:
     lowered = lower_function(fn, kind)
     name = mod_name(fn, kind)
     return Mod(kind, name, optimize(lowered.raw_ir, name), lowered.raw_ir, lowered.buffers, lowered.resolvers, fn,
-               lowered.loc)
+               lowered.loc, relower=functools.partial(_compile, fn, kind))
 
 
 def mod_name(fn: Callable, kind: str) -> str:
@@ -115,14 +166,14 @@ def _combine(op: Op, name: str, mods: tuple) -> Mod:
     from .frontend import BufferTable
 
     table = BufferTable()
-    parts = [as_mod(m, "mask") for m in mods]
+    parts = [as_mod(m, "mask").specialized() for m in mods]
     raw = ir_const(op == Op.AND)
     for m in parts:
         body = table.merge(m.buffers, m.resolvers, m.raw_ir)
         raw = body if raw.op == Op.CONST else Node(op, DType.BOOL, (raw, body))
     full_name = f"{name}({', '.join(m.name for m in parts)})"
     return Mod("mask", full_name, optimize(raw, full_name), raw, tuple(table.specs.values()), dict(table.resolvers),
-               _combined_fn(op, parts))
+               _combined_fn(op, parts), relower=functools.partial(_combine, op, name, tuple(parts)))
 
 
 def _combined_fn(op: Op, parts: list[Mod]) -> Callable:

@@ -42,6 +42,7 @@ def evaluate_mod(mod: Any, *args: Any) -> torch.Tensor:
     """Run `mod`'s IR on `args`, given in the order of its canonical parameters."""
     from .evaluate import evaluate
 
+    mod = mod.specialized()
     names = SCORE_MOD_ARGS if mod.kind == "score" else MASK_MOD_ARGS
     if len(args) != len(names):
         raise TypeError(f"{mod.kind}_mod {mod.name} takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
@@ -174,7 +175,7 @@ def reference_attention(
 
 
 def _mods_need_grad(score_mod: Any) -> bool:
-    tensors = score_mod.tensors() if hasattr(score_mod, "tensors") else {}
+    tensors = score_mod.specialized().tensors() if hasattr(score_mod, "specialized") else {}
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
 
 

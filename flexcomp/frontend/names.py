@@ -52,20 +52,6 @@ def tensor_spec(name: str, tensor: torch.Tensor, loc: SourceLoc | None) -> Buffe
     return BufferSpec(name, dtype, tuple(tensor.shape))
 
 
-def checked_resolver(spec: BufferSpec, read: Callable[[], Any]) -> Callable[[], Any]:
-    """Re-reads the binding at call time, refusing a tensor whose dtype or shape changed."""
-
-    def resolve() -> Any:
-        value = read()
-        got = (str(value.dtype).removeprefix("torch."), tuple(value.shape)) if isinstance(value, torch.Tensor) else None
-        if got != (spec.dtype, spec.shape):
-            raise SignatureError(f"captured tensor {spec.name!r} changed after the mod was compiled: "
-                                 f"compiled for {(spec.dtype, spec.shape)=}, now {got=}; re-decorate the mod")
-        return value
-
-    return resolve
-
-
 def resolve_free(fn: Callable, name: str, buffers: BufferTable, loc: SourceLoc) -> Value:
     """A name not bound locally: closure cell, then globals, then the allowed builtins."""
     code = fn.__code__
@@ -88,7 +74,11 @@ def resolve_free(fn: Callable, name: str, buffers: BufferTable, loc: SourceLoc) 
 
 
 def capture(name: str, value: Any, read: Callable[[], Any], buffers: BufferTable, loc: SourceLoc | None) -> Value:
-    """The compile-time value of a captured Python object; `read` re-reads a tensor's binding at call time."""
+    """The compile-time value of a captured Python object.
+
+    `read` re-reads a tensor's binding at call time: `Mod.specialized` compares the live tensor's dtype and
+    shape with the compiled ones and re-lowers the function when they differ.
+    """
     if isinstance(value, bool):
         return const(value, DType.BOOL, loc)
     if isinstance(value, numbers.Integral):
@@ -97,7 +87,7 @@ def capture(name: str, value: Any, read: Callable[[], Any], buffers: BufferTable
         return const(float(value), DType.F32, loc)
     if isinstance(value, torch.Tensor):
         spec = tensor_spec(name, value, loc)
-        return Captured(BufferSpec(buffers.add(spec, checked_resolver(spec, read)), spec.dtype, spec.shape))
+        return Captured(BufferSpec(buffers.add(spec, read), spec.dtype, spec.shape))
     if isinstance(value, torch.dtype):
         return TorchDType(TORCH_DTYPES.get(str(value).removeprefix("torch."), DType.F32), str(value))
     if isinstance(value, types.ModuleType) and value in MODULES.values():
