@@ -1,0 +1,112 @@
+"""Docs that cannot rot: every ```python block of README.md and docs/*.md runs, and so does every
+`python -m flexcomp ...` line of their ```bash blocks.
+
+A document's python blocks run in order in one fresh namespace, as a reader would paste them, each
+from its own file (mods read their source with `inspect`, so it must exist on disk).  A block whose
+first line is `# not run` is only parsed: keep those few, and say why on that line.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
+CLI_LINE = re.compile(r"^((?:\w+=\S+\s+)*)python -m flexcomp (.+)$")
+
+
+@dataclass(frozen=True)
+class Block:
+    doc: Path
+    line: int  # of the opening fence
+    lang: str
+    code: str
+
+    @property
+    def runnable(self) -> bool:
+        return not self.code.lstrip().startswith("# not run")
+
+
+def blocks(doc: Path, lang: str) -> list[Block]:
+    text = doc.read_text()
+    return [Block(doc, text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2))
+            for m in FENCE.finditer(text) if m.group(1) == lang]
+
+
+def doc_id(doc: Path) -> str:
+    return str(doc.relative_to(REPO))
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if blocks(d, "python")], ids=doc_id)
+def test_python_blocks_run(doc, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a block that writes a file writes it here
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # and a block that sets a variable sets it for itself
+    namespace = {"__name__": f"docs_{doc.stem}"}
+    for i, block in enumerate(blocks(doc, "python")):
+        where = f"{doc_id(doc)}:{block.line}"
+        ast.parse(block.code, where)
+        if not block.runnable:
+            continue
+        path = tmp_path / f"{doc.stem}_{i}.py"
+        path.write_text(block.code)
+        try:
+            exec(compile(block.code, str(path), "exec"), namespace)  # noqa: S102 (running the docs is the point)
+        except Exception as e:
+            raise AssertionError(f"the ```python block at {where} fails: {type(e).__name__}: {e}") from e
+
+
+def cli_lines() -> list[tuple[str, str]]:
+    lines = []
+    for doc in DOCS:
+        for block in blocks(doc, "bash"):
+            for offset, line in enumerate(block.code.splitlines(), start=1):
+                if CLI_LINE.match(line.strip()):
+                    lines.append((f"{doc_id(doc)}:{block.line + offset}", line.strip()))
+    return lines
+
+
+@pytest.mark.parametrize(("where", "line"), cli_lines(), ids=[w for w, _ in cli_lines()])
+def test_cli_lines_run(where, line, tmp_path, monkeypatch, capsys):
+    """`python -m flexcomp ARGS` is `flexcomp.cli.main(ARGS)`; run in-process (a subprocess per line costs an import
+    of torch each), from a scratch folder that sees the repository's examples/, so `-o mask.png` lands there."""
+    from flexcomp.cli import main
+
+    env_part, args = CLI_LINE.match(line).groups()
+    args = shlex.split(args, comments=True)
+    for assignment in env_part.split():
+        monkeypatch.setenv(*assignment.split("=", 1))
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    monkeypatch.chdir(tmp_path)
+    status = main(args)
+    out, err = capsys.readouterr()
+    assert status == 0, f"{where}: `{line}` exited {status}:\n{err[-2000:]}"
+    assert out.strip(), f"{where}: `{line}` printed nothing"
+    if "-o" in args:
+        output = args[args.index("-o") + 1]
+        assert (tmp_path / output).stat().st_size > 0, f"{where}: `{line}` wrote no {output}"
+    if "FLEXCOMP_DEBUG" in env_part:
+        assert "after fold_constants" in err, f"{where}: FLEXCOMP_DEBUG=1 printed no IR after the passes"
+
+
+def test_every_doc_block_is_checked():
+    """A runnable block in a language this file does not run would rot silently."""
+    for doc in DOCS:
+        for m in FENCE.finditer(doc.read_text()):
+            assert m.group(1) in ("python", "bash", "text", ""), f"{doc_id(doc)}: a ```{m.group(1)} block"
+
+
+def test_readme_lists_every_example():
+    """The README's Examples table is the gallery's one copy: every examples/*.py is in it, and only those."""
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Examples"):readme.index("\n## ", readme.index("## Examples") + 1)]
+    listed = set(re.findall(r"\]\(examples/(\w+\.py)\)", table))
+    on_disk = {p.name for p in (REPO / "examples").glob("*.py") if not p.name.startswith("_")}
+    assert listed == on_disk, f"missing from the table: {on_disk - listed}; not on disk: {listed - on_disk}"
