@@ -16,40 +16,18 @@ from flexcomp.ir import arg, const
 from flexcomp.mods import Mod
 from flexcomp.tiles import ClosedFormBounds
 
+from . import autotune
+from .autotune import MIN_BLOCK, LaunchConfig, next_power_of_2
 from .cache import cache_key, load_generated
 from .forward_source import bounds_text, forward_source
 
-# (bits per element, head dim up to) -> (BLOCK_M, BLOCK_N, num_warps, num_stages): torch's H100 defaults.
-# Autotuning replaces this table later; kernel_options override any entry.
-FORWARD_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
-    (32, 64): (128, 32, 4, 3),
-    (32, 128): (32, 64, 4, 3),
-    (32, 256): (32, 32, 4, 3),
-    (16, 64): (128, 128, 4, 3),
-    (16, 128): (128, 64, 8, 3),
-    (16, 256): (64, 32, 4, 3),
-}
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_BLOCK = 16  # tl.dot's smallest tile side
 MAX_HEAD_DIM = 256
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+FAST_TANH_DTYPES = (torch.float16, torch.bfloat16)  # fp32 inputs keep the precise tanh
 
 
 def default_config(dtype: torch.dtype, head_dim: int) -> LaunchConfig:
-    bits = 32 if dtype == torch.float32 else 16
-    bucket = next(d for d in (64, 128, 256) if next_power_of_2(head_dim) <= d)
-    return LaunchConfig(*FORWARD_CONFIGS[(bits, bucket)])
+    return autotune.default_config(32 if dtype == torch.float32 else 16, head_dim)
 
 
 def _fit(block: int, sparse: int, name: str, overridden: bool) -> int:
@@ -66,9 +44,10 @@ def _fit(block: int, sparse: int, name: str, overridden: bool) -> int:
     return block
 
 
-def choose_config(q: torch.Tensor, block_size: tuple[int, int], kernel_options: dict | None) -> LaunchConfig:
+def choose_config(q: torch.Tensor, block_size: tuple[int, int], kernel_options: dict | None,
+                  base: LaunchConfig | None = None) -> LaunchConfig:
     options = kernel_options or {}
-    base = default_config(q.dtype, max(q.shape[-1], MIN_BLOCK))
+    base = base or default_config(q.dtype, max(q.shape[-1], MIN_BLOCK))
     block_m = _fit(options.get("BLOCK_M", base.block_m), block_size[0], "BLOCK_M", "BLOCK_M" in options)
     block_n = _fit(options.get("BLOCK_N", base.block_n), block_size[1], "BLOCK_N", "BLOCK_N" in options)
     return LaunchConfig(block_m, block_n, options.get("num_warps", base.num_warps),
@@ -82,9 +61,24 @@ def kernel_key(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBounds | 
     return cache_key("forward", score_mod.key if score_mod else "none", mask_mod.key, bounds_text(bounds))
 
 
+# ids of what the key hashes -> (those objects, kept alive so their ids stay unique; module, key)
+_MODULES_BY_ID: dict[tuple[int, ...], tuple[tuple, Any, str]] = {}
+
+
 def forward_module(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBounds | None):
-    key = kernel_key(score_mod, mask_mod, bounds)
-    return load_generated("forward", key, lambda: forward_source(score_mod, mask_mod, bounds))
+    return _module_and_key(score_mod, mask_mod, bounds)[0]
+
+
+def _module_and_key(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBounds | None) -> tuple[Any, str]:
+    """Hashing the IR to a key costs ~0.1 ms of host time per call: remember it per (mods, bounds) objects."""
+    parts = (score_mod, mask_mod, bounds, *(x for m in (score_mod, mask_mod) if m is not None for x in (m.ir, m.buffers)))
+    ids = tuple(map(id, parts))
+    hit = _MODULES_BY_ID.get(ids)
+    if hit is None:
+        key = kernel_key(score_mod, mask_mod, bounds)
+        module = load_generated("forward", key, lambda: forward_source(score_mod, mask_mod, bounds))
+        hit = _MODULES_BY_ID[ids] = (parts, module, key)
+    return hit[1], hit[2]
 
 
 # ---------------------------------------------------------------- checks
@@ -188,8 +182,9 @@ def flex_forward(
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
     sparse_q, sparse_kv = _block_size(block_mask)
     config = choose_config(q, (sparse_q, sparse_kv), kernel_options)
-    module = forward_module(score_mod, mask_mod, bounds)
+    module, key = _module_and_key(score_mod, mask_mod, bounds)
 
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     has_full, tables = index_tables(block_mask, bounds is not None)
@@ -209,17 +204,35 @@ def flex_forward(
         SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv,
         BLOCK_D=max(next_power_of_2(D), MIN_BLOCK), BLOCK_DV=max(next_power_of_2(Dv), MIN_BLOCK), D=D, DV=Dv,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        UPCAST_DOT=q.dtype == torch.bfloat16 and interpreted,
+        EVEN_KV=Lkv % sparse_kv == 0,  # every kv tile in bounds (a table walk visits whole sparse blocks)
+        FAST_TANH=score_mod is not None and q.dtype in FAST_TANH_DTYPES and not interpreted,
     )  # fmt: skip
+
+    def run(config: LaunchConfig) -> None:
+        launch(grid=(-(-Lq // config.block_m), B * Hq), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+               TILES_PER_BLOCK=sparse_kv // config.block_n, EVEN_Q=Lq % config.block_m == 0,
+               num_warps=config.num_warps, num_stages=config.num_stages)
+
+    if autotune.wanted(kernel_options):
+        bits = 32 if q.dtype == torch.float32 else 16
+        configs = [choose_config(q, (sparse_q, sparse_kv), kernel_options, c)
+                   for c in autotune.candidates(bits, max(D, Dv), (sparse_q, sparse_kv))]
+        tune_key = (f"{key} {q.dtype} D={D} Dv={Dv} Lq~{next_power_of_2(Lq)} "
+                    f"Lkv~{next_power_of_2(Lkv)} gqa={Hq // Hkv} {_device_name(q.device)}")
+        config = autotune.tuned_config(tune_key, list(dict.fromkeys(configs)) or [config], run)
     for attempt in fallbacks(config):
         try:
-            launch(grid=(-(-Lq // attempt.block_m), B * Hq), BLOCK_M=attempt.block_m,
-                   BLOCK_N=attempt.block_n, TILES_PER_BLOCK=sparse_kv // attempt.block_n,
-                   num_warps=attempt.num_warps, num_stages=attempt.num_stages)
+            run(attempt)
             return out, lse
         except OutOfResources as e:
             error = e
     raise BackendError(f"no launch configuration fits this GPU for {D=}, {Dv=}, {q.dtype}: {error}")
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def fallbacks(config: LaunchConfig) -> list[LaunchConfig]:

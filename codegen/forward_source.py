@@ -116,10 +116,16 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
     kernel = FORWARD_TEMPLATE
     for key, value in fill.items():
         kernel = kernel.replace("{" + key + "}", value)
-    parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), score.functions, mask.functions,
-             render_bounds(bounds, mask_mod), kernel.strip()]
+    parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), score.functions,
+             fast_variant(score.functions), mask.functions, render_bounds(bounds, mask_mod), kernel.strip()]
     text = "\n\n\n".join(parts)
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
+
+
+def fast_variant(functions: str) -> str:
+    """`score_mod_fast`: score_mod with tanh on the MUFU unit (the kernel calls it when FAST_TANH)."""
+    body = functions[functions.index("@triton.jit\ndef score_mod("):]
+    return body.replace("def score_mod(", "def score_mod_fast(").replace("tanh_f32(", "tanh_approx(")
 
 
 def _args(names: list[str]) -> str:
@@ -150,6 +156,26 @@ def dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def tanh_approx(x):
+    # one MUFU op (max rel. error ~2^-11): used for 16-bit inputs on CUDA only (FAST_TANH); the interpreter cannot run asm
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def load_tile(ptrs, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    # bounds checks only where a length is not a multiple of the tile (decided on the host)
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=rows_in & cols_in, other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=rows_in, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=cols_in, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
 def attend_tiles(
     acc, l_i, m_i, q,
     K, stride_kn, stride_kd,
@@ -162,8 +188,9 @@ def attend_tiles(
     SPARSE_KV: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
-    """Online softmax over kv tiles. FULL tiles (IS_FULL) never evaluate the mask."""
+    \"\"\"Online softmax over kv tiles. FULL tiles (IS_FULL) never evaluate the mask.\"\"\"
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_idx = offs_m[:, None]
@@ -175,27 +202,34 @@ def attend_tiles(
             start_n = block * SPARSE_KV + (i % TILES_PER_BLOCK) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_in = offs_n < KV_LEN
-        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=kv_in[None, :] & (offs_d[:, None] < D), other=0.0)
+        kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                       kv_in[None, :], offs_d[:, None] < D, CHECK_KV, BLOCK_D != D)
         qk = dot(q, kt, DOT_PRECISION, UPCAST_DOT)
         kv_idx = offs_n[None, :]
         if HAS_SCORE_MOD:  # the mod sees q.k * scale in natural units
-            score = score_mod(qk * sm_scale, b, h, q_idx, kv_idx, {SCORE_HOISTED}{SCORE_BUFFERS})
+            if FAST_TANH:
+                score = score_mod_fast(qk * sm_scale, b, h, q_idx, kv_idx, {SCORE_HOISTED}{SCORE_BUFFERS})
+            else:
+                score = score_mod(qk * sm_scale, b, h, q_idx, kv_idx, {SCORE_HOISTED}{SCORE_BUFFERS})
             score = tl.broadcast_to(score.to(tl.float32), (BLOCK_M, BLOCK_N)) * 1.4426950408889634
         else:
             score = qk * (sm_scale * 1.4426950408889634)
         if not IS_FULL:
             keep = mask_mod(b, h, q_idx, kv_idx, {MASK_HOISTED}{MASK_BUFFERS})
             score = tl.where(keep, score, float("-inf"))
-        score = tl.where(kv_in[None, :], score, float("-inf"))
+        if CHECK_KV:
+            score = tl.where(kv_in[None, :], score, float("-inf"))
         # base-2 online softmax; a row with nothing unmasked yet keeps m = -inf, so subtract 0 instead
         m_new = tl.maximum(m_i, tl.max(score, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if ((not IS_FULL) or HAS_SCORE_MOD) or CHECK_KV:  # else every score here is finite
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(score - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=kv_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        v = load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                      kv_in[:, None], offs_dv[None, :] < DV, CHECK_KV, BLOCK_DV != DV)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -219,8 +253,10 @@ def flex_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    EVEN_Q: tl.constexpr = False, EVEN_KV: tl.constexpr = False, FAST_TANH: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
+    # q tiles in reverse: under a causal-like mask the last ones are the longest, so they start first
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H_Q
     h = bh % H_Q
@@ -230,9 +266,9 @@ def flex_forward_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     b64 = b.to(tl.int64)
     kv_h64 = (h // GQA_GROUP).to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < Q_LEN) & (offs_d[None, :] < D), other=0.0)
+    q = load_tile(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
+                  + offs_d[None, :] * stride_qd,
+                  offs_m[:, None] < Q_LEN, offs_d[None, :] < D, not EVEN_Q, BLOCK_D != D)
     K_bh = K + b64 * stride_kb + kv_h64 * stride_kh
     V_bh = V + b64 * stride_vb + kv_h64 * stride_vh
 
@@ -282,7 +318,7 @@ def flex_forward_kernel(
         partial_row, stride_in,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH,
     )
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
@@ -291,7 +327,7 @@ def flex_forward_kernel(
         full_row, stride_fin,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH,
     )
 
     # a fully masked row has l = 0: output 0 and lse -inf, never 0/0
@@ -300,8 +336,12 @@ def flex_forward_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     row_in = offs_m < Q_LEN
-    tl.store(Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
-             + offs_dv[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=row_in[:, None] & (offs_dv[None, :] < DV))
+    out_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
+                + offs_dv[None, :] * stride_od)
+    out = out.to(Out.dtype.element_ty)
+    if EVEN_Q and BLOCK_DV == DV:
+        tl.store(out_ptrs, out)
+    else:
+        tl.store(out_ptrs, out, mask=row_in[:, None] & (offs_dv[None, :] < DV))
     tl.store(Lse + b64 * stride_lb + h.to(tl.int64) * stride_lh + offs_m * stride_lm, lse, mask=row_in)
 '''

@@ -1,0 +1,118 @@
+"""Forward launch configs: a measured default table, and opt-in autotuning remembered on disk.
+
+The default (`default_config`) costs nothing: a table measured on an H100
+(benchmarks/NOTES_forward.md).  Autotuning, asked for with
+`kernel_options={"autotune": True}` or `FLEXCOMP_AUTOTUNE=1`, times every
+candidate that `keep` admits once per (kernel, head dims, dtype, GPU, lengths)
+and writes the winner to `<cache dir>/autotune_forward.json`, so later calls and
+later processes pay nothing.  Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from triton.runtime.errors import OutOfResources
+
+from .cache import _write_atomically, cache_dir
+
+MIN_BLOCK = 16  # tl.dot's smallest tile side
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (bits per element, head dim up to) -> the default config, measured on an H100 (bf16, L=8192).
+DEFAULTS: dict[tuple[int, int], LaunchConfig] = {
+    (32, 64): LaunchConfig(128, 32, 4, 3),
+    (32, 128): LaunchConfig(32, 64, 4, 3),
+    (32, 256): LaunchConfig(32, 32, 4, 3),
+    (16, 64): LaunchConfig(128, 128, 8, 3),
+    (16, 128): LaunchConfig(128, 128, 8, 3),
+    (16, 256): LaunchConfig(64, 32, 4, 3),
+}
+
+# What autotuning tries: every combination, less what `keep` rejects.
+BLOCKS_M = (64, 128)
+BLOCKS_N = (32, 64, 128)
+WARPS = (4, 8)
+STAGES = (2, 3, 4)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    return next(d for d in (64, 128, 256) if next_power_of_2(head_dim) <= d)
+
+
+def default_config(bits: int, head_dim: int) -> LaunchConfig:
+    return DEFAULTS[(bits, head_dim_bucket(head_dim))]
+
+
+def keep(c: LaunchConfig, bits: int, head_dim: int, sparse: tuple[int, int]) -> bool:
+    """Configs worth timing: tiles that divide the block mask's blocks and fit in registers and shared memory."""
+    if sparse[0] % c.block_m or sparse[1] % c.block_n:
+        return False
+    d = next_power_of_2(head_dim)
+    # fp32 accumulators: BLOCK_M x (BLOCK_N + D) floats over the threads; past ~192 per thread it spills
+    if c.block_m * (c.block_n + d) // (32 * c.num_warps) > 192:
+        return False
+    # K and V tiles per pipeline stage, plus q
+    smem = (c.num_stages * 2 * c.block_n * d + c.block_m * d) * bits // 8
+    return smem <= 200 * 1024 and not (c.block_m == 128 and c.num_warps == 4 and d >= 128)
+
+
+def candidates(bits: int, head_dim: int, sparse: tuple[int, int]) -> list[LaunchConfig]:
+    every = [LaunchConfig(m, n, w, s) for m in BLOCKS_M for n in BLOCKS_N for w in WARPS for s in STAGES]
+    return [c for c in every if keep(c, bits, head_dim, sparse)]
+
+
+def wanted(kernel_options: dict | None) -> bool:
+    return bool((kernel_options or {}).get("autotune")) or os.environ.get("FLEXCOMP_AUTOTUNE") == "1"
+
+
+def _table_path() -> Path:
+    return cache_dir() / "autotune_forward.json"
+
+
+def _read_table() -> dict:
+    try:
+        return json.loads(_table_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def tuned_config(key: str, configs: list[LaunchConfig], run: Callable[[LaunchConfig], None]) -> LaunchConfig:
+    """The fastest of `configs` for `key` (timed once, then read from disk). `run` launches one config."""
+    known = _read_table().get(key)
+    if known is not None:
+        return LaunchConfig(**known)
+    from triton.testing import do_bench
+
+    best, best_ms = configs[0], float("inf")
+    for i, config in enumerate(configs):
+        try:
+            ms = do_bench(lambda config=config: run(config), warmup=5, rep=25, return_mode="median")
+        except OutOfResources:
+            ms = float("inf")
+        print(f"flexcomp autotune [{i + 1}/{len(configs)}] {config}: {ms:.3f} ms", file=sys.stderr, flush=True)
+        if ms < best_ms:
+            best, best_ms = config, ms
+    print(f"flexcomp autotune: chose {best} ({best_ms:.3f} ms) for {key}", file=sys.stderr, flush=True)
+    table = _read_table()  # re-read: another process may have added entries meanwhile
+    table[key] = asdict(best)
+    _table_path().parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(_table_path(), json.dumps(table, indent=1, sort_keys=True))
+    return best
