@@ -9,6 +9,7 @@ float tensors.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 import torch
@@ -106,31 +107,58 @@ def evaluate(
 ) -> Tensor:
     """The value of `root` with ARGs bound by `env` and LOADs reading `tensors` (broadcasting).
 
-    Float nodes compute in `float_dtype` (default: the score's dtype if `env` has
-    one, else float32).  The result may be a broadcast view: callers that need a
-    full tensor expand it.
+    Float nodes follow torch's type promotion, as a score_mod run by torch does: a literal is a Python
+    float (it takes the other operand's dtype), ints become float32 (torch's default dtype), float32 meeting
+    float64 gives float64.  So with a float64 score, `score + 0.1 * (kv_idx - q_idx)` computes the bias in
+    float32 and only the sum in float64, exactly as torch.  Float tables load as float32, except float64
+    tables in float64 attention (a float64 score): a float32 attention never turns float64, as in the kernels.
+    An explicit `float_dtype` instead computes every float node in that dtype.  The result may be a
+    broadcast view: callers that need a full tensor expand it.
     """
     tensors = tensors or {}
-    if float_dtype is None:
-        score = env.get("score")
-        float_dtype = score.dtype if isinstance(score, Tensor) and score.is_floating_point() else torch.float32
+    score = env.get("score")
+    wide = isinstance(score, Tensor) and score.dtype == torch.float64
     device = next((t.device for t in env.values() if isinstance(t, Tensor)), torch.device("cpu"))
     values: dict[Node, Tensor] = {}
+    literal: set[Node] = set()  # float values made of constants only: Python floats, weak in promotion
     for node in toposort(root):
-        out_dtype = torch_dtype(node.dtype, float_dtype)
         if node.op == Op.CONST:
-            value = torch.tensor(node.arg, dtype=out_dtype, device=device)
+            value = torch.tensor(node.arg, dtype=_const_dtype(node.dtype, float_dtype), device=device)
+            literal.add(node)
         elif node.op == Op.ARG:
             value = torch.as_tensor(env[node.arg], device=device)
         elif node.op == Op.LOAD:
             table = torch.as_tensor(tensors[node.arg]).to(device)
-            value = _load(table, [values[s] for s in node.src], node.dtype, float_dtype)
-        elif node.op == Op.CAST:
-            value = values[node.src[0]]
+            value = _load(table, [values[s] for s in node.src], node.dtype, float_dtype or _load_dtype(table, wide))
         else:
-            value = OP_TABLE[node.op](*(values[s] for s in node.src))
-        values[node] = value if value.dtype == out_dtype else value.to(out_dtype)
+            compute = float_dtype or _promoted(node.src, values, literal)
+            sources = [_as_float(values[s], compute) for s in node.src]
+            value = sources[0] if node.op == Op.CAST else OP_TABLE[node.op](*sources)
+            if all(s in literal for s in node.src):
+                literal.add(node)
+            out_dtype = torch_dtype(node.dtype, compute)
+            value = value if value.dtype == out_dtype else value.to(out_dtype)
+        values[node] = value
     return values[root]
+
+
+def _const_dtype(dtype: DType, float_dtype: torch.dtype | None) -> torch.dtype:
+    return torch_dtype(dtype, float_dtype or torch.float64)  # a float literal keeps Python's double until used
+
+
+def _load_dtype(table: Tensor, wide: bool) -> torch.dtype:
+    return torch.float64 if wide and table.dtype == torch.float64 else torch.float32
+
+
+def _promoted(sources: tuple[Node, ...], values: dict[Node, Tensor], literal: set[Node]) -> torch.dtype:
+    """torch's result dtype for floats meeting: the widest non-literal float, else float32 (the default dtype)."""
+    dtypes = [values[s].dtype for s in sources if s not in literal and values[s].is_floating_point()]
+    return functools.reduce(torch.promote_types, dtypes) if dtypes else torch.float32
+
+
+def _as_float(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """Float operands in the op's dtype; ints and bools are left for torch to promote."""
+    return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
 
 
 def index_grid(

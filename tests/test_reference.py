@@ -340,3 +340,38 @@ def test_flexcomp_block_masks(name, rng, randn, naive_attention):
     want, want_lse = naive_attention(q_, k_, v_, None, mask_fn, None, True)
     torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
     assert_lse_close(lse, want_lse, atol=1e-10, rtol=1e-10)
+
+
+# ---------------------------------------------------------------- float64: torch's type promotion, node by node
+
+
+def relative_bias_fn(s, b_, h_, q_, kv_):
+    return s + 0.1 * (kv_ - q_)  # the bias meets no float64 value: torch computes it in float32
+
+
+def test_float64_index_terms_compute_in_float32_as_torch(randn, torch_flex):
+    import flexcomp as fc
+
+    q_ = randn(1, 2, 4, 8, dtype=torch.float64)
+    k_, v_ = randn(1, 2, 3000, 8, dtype=torch.float64), randn(1, 2, 3000, 8, dtype=torch.float64)
+    want, want_lse = torch_flex.flex_attention(q_, k_, v_, relative_bias_fn, return_lse=True)
+    out, lse = reference_attention(q_, k_, v_, fc.score_mod(relative_bias_fn), return_lse=True)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=1e-12)
+    # float64 all the way (the other reading) is visibly different at these indices: the test can tell them apart
+    everywhere = lambda s, b_, h_, q_, kv_: s + 0.1 * (kv_ - q_).double()
+    _, all_f64_lse = reference_attention(q_, k_, v_, everywhere, return_lse=True)
+    assert (all_f64_lse - want_lse).abs().max() > 1e-7
+
+
+def test_evaluate_promotes_like_torch():
+    from flexcomp.evaluate import evaluate, index_grid
+
+    env = {**index_grid(1, 1, 5, 4000), "score": torch.randn(1, 1, 5, 4000, dtype=torch.float64)}
+    bias = Node(Op.MUL, F32, (const(0.1), Node(Op.CAST, F32, (op(Op.SUB, kv, q),))))  # 0.1 * float(kv - q)
+    scaled = Node(Op.MUL, F32, (score, const(0.1)))  # a literal takes the score's dtype, exactly
+    got_bias, got_scaled = (evaluate(n, env) for n in (bias, scaled))
+    i, j = env["q_idx"].long(), env["kv_idx"].long()
+    assert got_bias.dtype == torch.float32 and torch.equal(got_bias, 0.1 * (j - i))
+    assert got_scaled.dtype == torch.float64 and torch.equal(got_scaled, env["score"] * 0.1)
+    assert evaluate(bias, env, float_dtype=torch.float64).dtype == torch.float64  # the explicit override
