@@ -110,3 +110,39 @@ def test_readme_lists_every_example():
     listed = set(re.findall(r"\]\(examples/(\w+\.py)\)", table))
     on_disk = {p.name for p in (REPO / "examples").glob("*.py") if not p.name.startswith("_")}
     assert listed == on_disk, f"missing from the table: {on_disk - listed}; not on disk: {listed - on_disk}"
+
+
+def runnable_code() -> str:
+    return "\n".join(b.code for doc in DOCS for b in blocks(doc, "python") if b.runnable)
+
+
+def test_every_public_name_has_a_running_example():
+    import flexcomp as fc
+
+    code = runnable_code()
+    missing = [name for name in fc.__all__ if f"fc.{name}" not in code]
+    assert not missing, f"public names no doc example uses: {missing}"
+
+
+def test_every_cli_flag_and_kernel_option_is_exercised():
+    from flexcomp.cli import build_parser
+
+    lines = " ".join(line for _, line in cli_lines())
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    flags = {flag for sub in subcommands.values() for action in sub._actions for flag in action.option_strings}
+    missing = sorted(f for f in flags - {"-h", "--help", "--output"} if f" {f} " not in f" {lines} ")
+    assert not missing, f"CLI flags no doc command line uses: {missing}"
+    for name in subcommands:
+        assert any(line.startswith(f"python -m flexcomp {name} ") for _, line in cli_lines()), f"no `{name}` line"
+    code = runnable_code()
+    for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
+        assert f'"{key}"' in code, f"kernel_options key {key!r} has no running example"
+
+
+def test_every_environment_variable_is_documented():
+    used = set()
+    for folder in ("flexcomp", "codegen", "tests"):
+        for path in (REPO / folder).rglob("*.py"):
+            used |= set(re.findall(r"os\.environ(?:\.get|\.setdefault)?[\[(]\"(\w+)\"", path.read_text()))
+    docs = "".join(doc.read_text() for doc in DOCS)
+    assert used and not [v for v in used if v not in docs], f"undocumented: {sorted(v for v in used if v not in docs)}"
