@@ -1,32 +1,49 @@
-"""Block-mask construction: flexcomp (analysis, O(tiles)) beside torch's create_block_mask (O(L^2)).
+"""Block-mask construction: flexcomp (O(tiles)) beside torch's create_block_mask (O(L^2)), same process and device.
 
-Prints one table: build time and peak extra CPU memory (tracemalloc plus torch CPU allocations are
-not both visible, so peak RSS growth is reported), exactness checks, the speed ratio against torch,
-and the exact-tile fraction of analysis alone (tiles analysis decided / tiles brute force calls FULL
-or EMPTY) for the standard variants.  Run: python benchmarks/bench_blockmask.py [--quick]
+Each flexcomp case is timed twice: "lazy" is the BlockMask as the kernel uses it (with closed-form
+bounds the index tables stay unbuilt: the kernel computes its loop bounds), "all tables" also
+materializes every torch-layout table (kv_indices, full_kv_indices and the q-major transposes).
+Times are the median of warm runs (the first call, which derives the closed form with sympy, is
+excluded and reported separately as "cold").  Peak extra memory is measured per run:
+  cpu:  VmHWM growth over VmRSS before the run, after resetting the high-water mark through
+        /proc/self/clear_refs, with glibc's mmap threshold pinned to 64 KiB so freed tensors go back to
+        the OS (otherwise reused pages would hide allocations); torch CPU tensors included;
+  cuda: torch.cuda.max_memory_allocated() growth after reset_peak_memory_stats() (plus the CPU figure,
+        since the analysis runs on the host and only the tables move to the GPU).
+Document masks are checked on ALL tiles: against per-document counts (tile true count =
+sum over documents of q-count x kv-count, an oracle independent of the analysis), and against the
+per-element brute force (the exact fallback's chunked evaluation of every tile) on CUDA or with
+--brute-force.  Run: python benchmarks/bench_blockmask.py [--device cuda|cpu] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
 
-import resource
-import sys
+import argparse
+import ctypes
+import functools
+import json
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
+from flexcomp import blockmask
 from flexcomp.blockmask import create_block_mask
 from flexcomp.evaluate import evaluate
-from flexcomp.ir import Op
+from flexcomp.ir import BufferSpec, Op
 from flexcomp.mods import Mod
 from flexcomp.sparsity import standard as std
 from flexcomp.sparsity.standard import node
-from flexcomp.sparsity.tiles import Grid, analyze_rows, evaluate_tiles
+from flexcomp.sparsity.tiles import Grid, evaluate_tiles
 from flexcomp.tiles import TileClass
+
+TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+          "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")  # fmt: skip
 
 
 def mod_of(mask, tensors=None, name="mask") -> Mod:
-    from flexcomp.ir import BufferSpec
-
+    """A Mod from hand-built IR (no front end); calling it evaluates the IR."""
     tensors = dict(tensors or {})
     specs = tuple(BufferSpec(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in tensors.items())
 
@@ -36,55 +53,199 @@ def mod_of(mask, tensors=None, name="mask") -> Mod:
     return Mod("mask", name, mask, mask, specs, {k: (lambda v=v: v) for k, v in tensors.items()}, fn)
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# ---------------------------------------------------------------- measuring
 
 
-def timed(fn):
-    before = rss_mb()
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start, rss_mb() - before
+class Meter:
+    """Wall time and peak extra memory of a call on one device (see the module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.hwm_resettable = _pin_mmap_threshold() and _reset_hwm()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn: Callable[[], object], reps: int) -> float:
+        times = []
+        for _ in range(reps):
+            self.sync()
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def peak(self, fn: Callable[[], object]) -> dict[str, float]:
+        """Peak extra MiB during one call: {"cpu": ..., "cuda": ...} (cpu is None when unmeasurable)."""
+        self.sync()
+        out: dict[str, float] = {}
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base_cuda = torch.cuda.memory_allocated(self.device)
+        rss = _status_mib("VmRSS")
+        if self.hwm_resettable:
+            _reset_hwm()
+        result = fn()
+        self.sync()
+        out["cpu"] = _status_mib("VmHWM") - rss if self.hwm_resettable else None
+        if self.cuda:
+            out["cuda"] = (torch.cuda.max_memory_allocated(self.device) - base_cuda) / 2**20
+        del result
+        return out
 
 
-def long_masks(quick: bool) -> list[str]:
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _pin_mmap_threshold() -> bool:
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16) == 1  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def materialize(bm) -> object:
+    for name in TABLES:
+        getattr(bm, name)
+    return bm
+
+
+def _materialized(build: Callable[[], object]) -> object:
+    return materialize(build())
+
+
+# ---------------------------------------------------------------- exactness of document masks
+
+
+def per_document_classes(doc: torch.Tensor, block: int, device: torch.device) -> torch.Tensor:
+    """Exact tile classes of DOC[q] == DOC[kv] on every tile: true count = sum_d n_q(i, d) * n_kv(j, d)."""
+    doc = doc.to(device).long()
+    n, num_docs = -(-doc.numel() // block), int(doc.max().item()) + 1
+    counts = torch.zeros(n, num_docs, dtype=torch.float32, device=device)
+    counts.index_put_((torch.arange(doc.numel(), device=device) // block, doc),
+                      torch.ones(doc.numel(), dtype=torch.float32, device=device), accumulate=True)
+    true = counts @ counts.T  # exact in float32: every partial sum is an integer <= block**2 < 2**24
+    sizes = counts.sum(1)
+    total = sizes[:, None] * sizes[None, :]
+    return torch.where(true == 0, 0, torch.where(true == total, 2, 1)).to(torch.uint8).cpu()
+
+
+def brute_force_classes(mask, tensors, grid: Grid, device: torch.device) -> torch.Tensor:
+    """Every tile evaluated element by element, in bounded chunks (the exact fallback's evaluator)."""
+    out = torch.empty(grid.num_q_blocks, grid.num_kv_blocks, dtype=torch.uint8)
+    rows = max(1, (1 << 20) // grid.num_kv_blocks)
+    for q0 in range(0, grid.num_q_blocks, rows):
+        q1 = min(grid.num_q_blocks, q0 + rows)
+        qb, kb = torch.meshgrid(torch.arange(q1 - q0), torch.arange(grid.num_kv_blocks), indexing="ij")
+        tiles = torch.stack([torch.zeros_like(qb), torch.zeros_like(qb), qb, kb], -1).reshape(-1, 4)
+        out[q0:q1] = evaluate_tiles(mask, tensors, grid, q0, tiles, device).view(q1 - q0, -1)
+    return out
+
+
+def check_document(bm, mask, tensors, grid: Grid, device: torch.device, brute: bool) -> str:
+    got = bm.tile_classes()[0, 0].cpu()
+    tiles = got.numel()
+    notes = []
+    oracle = per_document_classes(tensors["DOC"], grid.q_block, device)
+    notes.append(f"{int((oracle == got).sum())}/{tiles} tiles = per-document counts")
+    if brute:
+        start = time.perf_counter()
+        exact = brute_force_classes(mask, tensors, grid, device)
+        notes.append(f"{int((exact == got).sum())}/{tiles} = per-element brute force "
+                     f"({time.perf_counter() - start:.0f} s)")
+    return "; ".join(notes)
+
+
+# ---------------------------------------------------------------- cases
+
+
+def document_mask(L: int, num_docs: int, causal: bool = False):
+    mask, tensors = std.document(L, num_docs)
+    return (node(Op.AND, mask, std.causal()) if causal else mask), tensors
+
+
+def long_cases(quick: bool) -> list[tuple[str, int, object, dict]]:
+    big, doc_small, doc_big = (1 << 18, 1 << 15, 1 << 17) if quick else (1 << 20, 1 << 18, 1 << 20)
+    return [("causal", big, std.causal(), {}), ("sliding window 4096", big, std.sliding_window(4096), {}),
+            ("document x1000", doc_small, *document_mask(doc_small, 1000)),
+            ("document x1000", doc_big, *document_mask(doc_big, 1000)),
+            ("document x1000 & causal", doc_small, *document_mask(doc_small, 1000, causal=True))]
+
+
+def run_long(meter: Meter, quick: bool, brute: bool) -> list[dict]:
     rows = []
-    L = 1 << (18 if quick else 20)
-    for name, mask in (("causal", std.causal()), ("sliding window 4096", std.sliding_window(4096))):
-        bm, secs, mem = timed(lambda m=mask: create_block_mask(mod_of(m), None, None, L, L, "cpu"))
-        how = bm.explain().splitlines()[0].split(": ", 1)[1]
-        rows.append(f"| {name} | {L} | {secs * 1e3:.1f} ms | {mem:.1f} MB | {bm.sparsity():.2f}% | {how} |")
-    L = 1 << (16 if quick else 18)
-    mask, tensors = std.document(L, 1000)
-    mod = mod_of(mask, tensors, "document")
-    bm, secs, mem = timed(lambda: create_block_mask(mod, None, None, L, L, "cpu"))
-    classes = bm.tile_classes()[0, 0]
-    grid = Grid(1, 1, L, L, 128, 128)
-    sample = torch.randint(0, grid.num_q_blocks, (2000, 2), generator=torch.Generator().manual_seed(0))
-    tiles = torch.cat([torch.zeros(2000, 2, dtype=torch.long), sample], 1)
-    brute = evaluate_tiles(mask, tensors, grid, 0, tiles, "cpu")
-    agree = int((brute == classes[sample[:, 0], sample[:, 1]]).sum())
-    rows.append(f"| document x1000 | {L} | {secs * 1e3:.1f} ms | {mem:.1f} MB | {bm.sparsity():.2f}% | "
-                f"{agree}/2000 sampled tiles equal brute force |")
+    for name, L, mask, tensors in long_cases(quick):
+        mod = mod_of(mask, tensors, name)
+        build = functools.partial(create_block_mask, mod, None, None, L, L, meter.device)
+        every_table = functools.partial(_materialized, build)
+        cold = meter.time(build, 1)
+        reps = 3 if L >= 1 << 20 else 5
+        row = {"case": name, "L": L, "device": str(meter.device), "cold_s": cold,
+               "lazy_s": meter.time(build, reps), "all_tables_s": meter.time(every_table, reps),
+               "lazy_mem": meter.peak(build), "all_tables_mem": meter.peak(every_table)}
+        bm = build()
+        check = "closed form (tests: = brute force)" if bm.bounds is not None else "not checked here"
+        row.update(sparsity=bm.sparsity(), decided_by=bm.decided_by, check=check)
+        if "DOC" in tensors and "causal" not in name:
+            grid = Grid(1, 1, L, L, 128, 128)
+            row["check"] = check_document(bm, mask, tensors, grid, meter.device, brute and L <= (1 << 18))
+        rows.append(row)
+        print(f"  {name} L={L}: {row['lazy_s'] * 1e3:.1f} ms", flush=True)
     return rows
 
 
-def versus_torch(quick: bool) -> str:
-    from torch.nn.attention.flex_attention import create_block_mask as torch_cbm
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    L = 32768 if device == "cuda" or not quick else 4096
-    mod = mod_of(std.sliding_window(1024))
-    causal = lambda b, h, q, kv: q >= kv
-    torch_cbm(causal, None, None, 256, 256, device=device)  # warm-up
-    _, t_torch, _ = timed(lambda: torch_cbm(causal, None, None, L, L, device=device))
-    _, t_ours, _ = timed(lambda: create_block_mask(mod_of(std.causal()), None, None, L, L, device))
-    _, t_doc, _ = timed(lambda: create_block_mask(mod, None, None, L, L, device))
-    return (f"causal at L={L} on {device}: torch {t_torch * 1e3:.1f} ms, flexcomp {t_ours * 1e3:.1f} ms "
-            f"({t_torch / t_ours:.0f}x); flexcomp sliding window {t_doc * 1e3:.1f} ms")
+def torch_cases(L: int, device: torch.device) -> list[tuple[str, object, dict, Callable]]:
+    """(name, IR, captured tensors, the same mask as a plain torch mask_mod for torch's create_block_mask)."""
+    window = 1024
+    doc_mask, tensors = document_mask(L, max(2, L // 1024))
+    doc = tensors["DOC"].to(device)
+    return [("causal", std.causal(), {}, lambda b, h, q, kv: q >= kv),
+            ("sliding window 1024", std.sliding_window(window), {},
+             lambda b, h, q, kv: (q >= kv) & (q - kv < window)),
+            (f"document x{L // 1024}", doc_mask, tensors, lambda b, h, q, kv: doc[q] == doc[kv])]
 
 
-def exact_fractions() -> list[str]:
+def run_versus_torch(meter: Meter, L: int) -> list[dict]:
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
+
+    rows = []
+    device = meter.device
+    for name, mask, tensors, torch_fn in torch_cases(L, device):
+        mod = mod_of(mask, tensors, name)
+        ours = functools.partial(create_block_mask, mod, None, None, L, L, device)
+        every_table = functools.partial(_materialized, ours)
+        theirs = functools.partial(torch_create_block_mask, torch_fn, None, None, L, L, device=device)
+        theirs()  # warm-up (and the vmap trace)
+        ours()
+        row = {"case": name, "L": L, "device": str(device), "torch_s": meter.time(theirs, 3),
+               "lazy_s": meter.time(ours, 7), "all_tables_s": meter.time(every_table, 7),
+               "torch_mem": meter.peak(theirs), "lazy_mem": meter.peak(ours), "all_tables_mem": meter.peak(every_table)}
+        row["same_tiles_visited"] = bool(torch.equal(ours().to_dense().cpu(), theirs().to_dense().cpu()))
+        rows.append(row)
+        print(f"  vs torch {name} L={L}: torch {row['torch_s'] * 1e3:.1f} ms, ours {row['lazy_s'] * 1e3:.2f} ms",
+              flush=True)
+    return rows
+
+
+def exact_fractions() -> list[dict]:
+    """Tiles decided without evaluation / tiles brute force calls FULL or EMPTY, at L~4096 (auto-evaluation off)."""
     doc, doc_tensors = std.document(4096, 40)
     variants = {
         "causal": (std.causal(), {}, 4000, 3000), "sliding window": (std.sliding_window(500), {}, 4000, 4000),
@@ -95,30 +256,86 @@ def exact_fractions() -> list[str]:
         "2-D neighborhood (W=60, R=3)": (std.neighborhood(60, 3), {}, 3600, 3600),
         "document & causal": (node(Op.AND, doc, std.causal()), doc_tensors, 4096, 4096),
     }
-    rows = []
-    for name, (mask, tensors, q_len, kv_len) in variants.items():
-        grid = Grid(1, 1, q_len, kv_len, 128, 128)
-        analysis = analyze_rows(mask, tensors, grid, 0, grid.num_q_blocks)
-        all_tiles = torch.stack(torch.meshgrid(torch.arange(grid.num_q_blocks), torch.arange(grid.num_kv_blocks),
-                                               indexing="ij"), -1).reshape(-1, 2)
-        tiles = torch.cat([torch.zeros(all_tiles.shape[0], 2, dtype=torch.long), all_tiles], 1)
-        brute = evaluate_tiles(mask, tensors, grid, 0, tiles, "cpu").view(analysis.shape[-2:])
-        decidable = brute != TileClass.PARTIAL
-        decided = analysis[0, 0] != TileClass.PARTIAL
-        wrong = int((decided & (analysis[0, 0] != brute)).sum())
-        rows.append(f"| {name} | {int(decided.sum())}/{int(decidable.sum())} | "
-                    f"{100 * int(decided.sum()) / max(1, int(decidable.sum())):.1f}% | {wrong} |")
+    rows, auto = [], blockmask.AUTO_EXACT_FRACTION
+    blockmask.AUTO_EXACT_FRACTION = 2.0  # never evaluate: measure what the analysis alone decides
+    try:
+        for name, (mask, tensors, q_len, kv_len) in variants.items():
+            bm = create_block_mask(mod_of(mask, tensors), None, None, q_len, kv_len, "cpu")
+            got = bm.tile_classes()[0, 0]
+            brute = brute_force_classes(mask, tensors, Grid(1, 1, q_len, kv_len, 128, 128), torch.device("cpu"))
+            decided, decidable = got != TileClass.PARTIAL, brute != TileClass.PARTIAL
+            rows.append({"variant": name, "decided": int(decided.sum()), "decidable": int(decidable.sum()),
+                         "wrong": int((got != brute).sum()), "decided_by": bm.decided_by})
+    finally:
+        blockmask.AUTO_EXACT_FRACTION = auto
     return rows
 
 
+# ---------------------------------------------------------------- report
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 0.1 else f"{s * 1e3:.0f} ms"
+
+
+def _mem(m: dict) -> str:
+    cpu = "n/a" if m.get("cpu") is None else f"{m['cpu']:.1f}"
+    return f"{cpu} MiB" + (f" (GPU {m['cuda']:.1f} MiB)" if "cuda" in m else "")
+
+
+def markdown(long_rows: list[dict], torch_rows: list[dict], fractions: list[dict], meta: dict) -> str:
+    out = [(f"Device: {meta['device']}; torch {meta['torch']}; CPU threads {meta['threads']}; "
+            f"CPU memory: {meta['cpu_memory']}."), "",
+           ("| mask | L | lazy (kernel's view) | all tables | cold first call | peak extra mem lazy | "
+            "peak extra mem all tables | sparsity | decided by | exactness |"), "|---" * 10 + "|"]
+    for r in long_rows:
+        how = ", ".join(f"{k}: {v}" for k, v in r["decided_by"].items())
+        out.append(f"| {r['case']} | {r['L']:,} | {_ms(r['lazy_s'])} | {_ms(r['all_tables_s'])} | {_ms(r['cold_s'])} | "
+                   f"{_mem(r['lazy_mem'])} | {_mem(r['all_tables_mem'])} | {r['sparsity']:.2f}% | {how} | "
+                   f"{r['check']} |")
+    out += ["", ("| mask (same process, same device) | L | torch create_block_mask | flexcomp lazy | flexcomp all tables "
+                 "| speedup lazy / all tables | torch peak mem | flexcomp peak mem (all tables) | same tiles |"),
+            "|---" * 9 + "|"]
+    for r in torch_rows:
+        out.append(f"| {r['case']} | {r['L']:,} | {_ms(r['torch_s'])} | {_ms(r['lazy_s'])} | "
+                   f"{_ms(r['all_tables_s'])} | {r['torch_s'] / r['lazy_s']:.0f}x / "
+                   f"{r['torch_s'] / r['all_tables_s']:.0f}x | {_mem(r['torch_mem'])} | {_mem(r['all_tables_mem'])} | "
+                   f"{r['same_tiles_visited']} |")
+    out += ["", ("| variant (L~4096, 128x128 tiles) | decided without evaluation / decidable | exact fraction | "
+                 "wrong |"), "|---|---|---|---|"]
+    for r in fractions:
+        out.append(f"| {r['variant']} | {r['decided']}/{r['decidable']} | "
+                   f"{100 * r['decided'] / max(1, r['decidable']):.1f}% | {r['wrong']} |")
+    return "\n".join(out)
+
+
 def main() -> None:
-    quick = "--quick" in sys.argv
-    print("| mask | L | build | peak extra RSS | sparsity | notes |\n|---|---|---|---|---|---|")
-    print("\n".join(long_masks(quick)))
-    print()
-    print(versus_torch(quick))
-    print("\n| variant (L~4096, 128x128 tiles) | analysis decided / decidable | exact fraction | wrong |\n|---|---|---|---|")
-    print("\n".join(exact_fractions()))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a minute on a CPU)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--brute-force", choices=("auto", "on", "off"), default="auto",
+                        help="per-element check of every document tile (auto: on CUDA only; ~15 min on a CPU core)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    meter = Meter(device)
+    brute = args.brute_force == "on" or (args.brute_force == "auto" and device.type == "cuda")
+    versus_L = 32768 if device.type == "cuda" or not args.quick else 8192
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_memory": "VmHWM growth (clear_refs reset, mmap threshold 64 KiB)" if meter.hwm_resettable
+            else "unavailable (no /proc/self/clear_refs)"}
+    long_rows = run_long(meter, args.quick, brute)
+    torch_rows = run_versus_torch(meter, versus_L)
+    fractions = exact_fractions()
+    print(markdown(long_rows, torch_rows, fractions, meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "long": long_rows, "versus_torch": torch_rows, "exact_fractions": fractions},
+                      f, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,16 @@ import torch
 from .ir import free_args
 from .mods import Mod
 from .sparsity import closed_form_bounds
+from .sparsity.equality import candidate_ranges, ranges_to_tiles
 from .sparsity.tables import (
     bounds_rows,
     ordered_to_classes,
     rows_from_ranges,
     rows_to_ordered,
+    tiles_to_ordered,
     transpose_ordered,
 )
-from .sparsity.tiles import Grid, analyze_rows, evaluate_tiles
+from .sparsity.tiles import Grid, analyze_rows, analyze_tiles, evaluate_tiles
 from .tiles import ClosedFormBounds, TileClass
 
 Tensor = torch.Tensor
@@ -280,16 +282,17 @@ def _from_bounds(mod: Mod, bounds: ClosedFormBounds, grid: Grid, device: torch.d
 
 def _from_analysis(mod: Mod, grid: Grid, device: torch.device, exact: bool,
                    bounds: ClosedFormBounds | None) -> BlockMask:
+    """Dense bands of q blocks through the analysis, or only the candidate tiles of a document-style mask."""
     tensors = mod.tensors()
+    ranges = candidate_ranges(mod.ir, tensors, grid)
+    if ranges is not None:
+        return _from_candidates(mod, grid, device, exact, bounds, ranges)
     nq, nkv = grid.num_q_blocks, grid.num_kv_blocks
     band = max(1, ANALYSIS_TILES // max(1, grid.B * grid.H * nkv))
     bands = [(q0, min(nq, q0 + band)) for q0 in range(0, nq, band)]
     classes = [analyze_rows(mod.ir, tensors, grid, q0, q1) for q0, q1 in bands]
     undecided = sum(int((c == TileClass.PARTIAL).sum().item()) for c in classes)
-    total = grid.B * grid.H * nq * nkv
-    evaluate = exact or undecided > AUTO_EXACT_FRACTION * total
-    how = "summary" if mod.buffers else "analysis"
-    counts = {how: total - undecided, "evaluation": 0, "undecided (PARTIAL, not evaluated)": 0}
+    evaluate, counts = _decide_fallback(mod, grid, exact, undecided, skipped=0)
     partial_rows, full_rows = [], []
     for (q0, _), cls in zip(bands, classes):
         if evaluate and undecided:
@@ -298,11 +301,44 @@ def _from_analysis(mod: Mod, grid: Grid, device: torch.device, exact: bool,
                 cls[tuple(tiles.T)] = evaluate_tiles(mod.ir, tensors, grid, q0, tiles, device)
         partial_rows.append(cls == TileClass.PARTIAL)
         full_rows.append(cls == TileClass.FULL)
-    counts["evaluation" if evaluate else "undecided (PARTIAL, not evaluated)"] = undecided
     tables = rows_to_ordered(partial_rows, full_rows, device)
+    return _finish(mod, grid, tables, bounds, counts)
+
+
+def _from_candidates(mod: Mod, grid: Grid, device: torch.device, exact: bool, bounds: ClosedFormBounds | None,
+                     ranges: tuple[Tensor, Tensor]) -> BlockMask:
+    """`f(q) == g(kv) & ...` with g monotone: tiles outside each row's kv range are EMPTY (sparsity.equality)."""
+    tensors = mod.tensors()
+    rows, cols = ranges_to_tiles(*ranges)
+    cls = analyze_tiles(mod.ir, tensors, grid, rows, cols)  # [B, H, T]
+    skipped = grid.B * grid.H * (grid.num_q_blocks * grid.num_kv_blocks - rows.numel())
+    undecided = int((cls == TileClass.PARTIAL).sum().item())
+    evaluate, counts = _decide_fallback(mod, grid, exact, undecided, skipped)
+    if evaluate and undecided:
+        b, h, t = (cls == TileClass.PARTIAL).nonzero(as_tuple=True)
+        tiles = torch.stack([b, h, rows[t], cols[t]], 1)
+        cls[b, h, t] = evaluate_tiles(mod.ir, tensors, grid, 0, tiles, device)
+    partial = tiles_to_ordered(rows, cols, cls == TileClass.PARTIAL, grid.num_q_blocks)
+    full = tiles_to_ordered(rows, cols, cls == TileClass.FULL, grid.num_q_blocks)
+    tables = tuple(t.to(device) for t in (*partial, *full))
+    return _finish(mod, grid, tables, bounds, counts)
+
+
+def _decide_fallback(mod: Mod, grid: Grid, exact: bool, undecided: int, skipped: int) -> tuple[bool, dict[str, int]]:
+    """Whether the undecided tiles are evaluated, and the decided_by counts that follow."""
+    total = grid.B * grid.H * grid.num_q_blocks * grid.num_kv_blocks
+    evaluate = exact or undecided > AUTO_EXACT_FRACTION * total
+    how = "summary" if mod.buffers else "analysis"
+    counts = {"equality ranges": skipped, how: total - skipped - undecided,
+              "evaluation" if evaluate else "undecided (PARTIAL, not evaluated)": undecided}
+    return evaluate, {k: v for k, v in counts.items() if v or k == how}
+
+
+def _finish(mod: Mod, grid: Grid, tables: tuple[Tensor, ...], bounds: ClosedFormBounds | None,
+            counts: dict[str, int]) -> BlockMask:
     mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=(grid.q_block, grid.kv_block), mask_mod=mod,
                                     seq_lengths=(grid.q_len, grid.kv_len))
-    mask.bounds, mask.decided_by = bounds, {k: v for k, v in counts.items() if v or k == how}
+    mask.bounds, mask.decided_by = bounds, counts
     return mask
 
 

@@ -152,3 +152,79 @@ def test_bad_arguments() -> None:
         create_block_mask(CASES["causal"](), None, None, 64, 64, "cpu", (0, 64))
     with pytest.raises(ValueError, match="Q_LEN"):
         create_block_mask(CASES["causal"](), None, None, 0, 64, "cpu")
+
+
+# ---------------------------------------------------------------- document-style masks (sparsity.equality)
+
+DOC_TABLE = std.document(300, 7)[1]["DOC"]
+EQUALITY_TERMS = {
+    "doc": lambda: node(Op.EQ, ir_load(std.Q), ir_load(std.KV)),
+    "doc swapped": lambda: node(Op.EQ, ir_load(std.KV), ir_load(std.Q)),
+    "block diagonal": lambda: node(Op.EQ, node(Op.FLOORDIV, std.Q, std.c(50)), node(Op.FLOORDIV, std.KV, std.c(70))),
+    "doc of q vs kv // 40": lambda: node(Op.EQ, ir_load(std.Q), node(Op.FLOORDIV, std.KV, std.c(40))),
+}
+OTHER_TERMS = {"none": None, "causal": std.causal(), "window": std.sliding_window(90),
+               "head gate": CASES["head_gate"]().ir, "not equal": node(Op.NE, std.Q, std.KV)}
+
+
+def ir_load(index):
+    from flexcomp.ir import DType, load
+
+    return load("DOC", DType.I32, (index,))
+
+
+@pytest.mark.parametrize("term", sorted(EQUALITY_TERMS))
+@pytest.mark.parametrize("other", sorted(OTHER_TERMS))
+def test_equality_ranges_match_brute_force(term: str, other: str) -> None:
+    mask = EQUALITY_TERMS[term]()
+    if OTHER_TERMS[other] is not None:
+        mask = node(Op.AND, OTHER_TERMS[other], mask)
+    mod = mod_of(mask, {"DOC": DOC_TABLE, "GATE": HEAD_GATE})
+    for q_len, kv_len, block in [(300, 300, 16), (300, 257, (32, 8)), (173, 300, (8, 64))]:
+        bm = create_block_mask(mod, None, 3, q_len, kv_len, "cpu", block)
+        assert bm.decided_by.get("equality ranges", 0) > 0, bm.explain()
+        expected = brute_classes(mod, 1, bm.kv_num_blocks.shape[1], q_len, kv_len, block)
+        got = bm.tile_classes().expand_as(expected)
+        assert not ((got == TileClass.FULL) & (expected != TileClass.FULL)).any(), (term, other)
+        assert not ((got == TileClass.EMPTY) & (expected != TileClass.EMPTY)).any(), (term, other)
+        exact = create_block_mask(mod, None, 3, q_len, kv_len, "cpu", block, exact=True)
+        assert torch.equal(exact.tile_classes().expand_as(expected), expected), (term, other)
+
+
+def test_unsorted_documents_fall_back_to_bands() -> None:
+    shuffled = DOC_TABLE[torch.randperm(300, generator=torch.Generator().manual_seed(0))]
+    mod = mod_of(std.document(300, 7)[0], {"DOC": shuffled})
+    bm = create_block_mask(mod, None, None, 300, 300, "cpu", 32, exact=True)
+    assert "equality ranges" not in bm.decided_by
+    assert torch.equal(bm.tile_classes(), brute_classes(mod, 1, 1, 300, 300, 32))
+
+
+# ---------------------------------------------------------------- no O(L^2) memory
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any torch op produces while active."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "document"])
+def test_no_quadratic_allocation_at_long_lengths(name: str) -> None:
+    L = 1 << 20 if name != "document" else 1 << 18
+    mask, tensors = std.document(L, 1000) if name == "document" else (
+        std.causal() if name == "causal" else std.sliding_window(4096), {})
+    mod = mod_of(mask, tensors)
+    with LargestTensor() as probe:
+        bm = create_block_mask(mod, None, None, L, L, "cpu")
+        if name != "causal":  # causal's full table is inherently nq * nkv / 2 entries: stays lazy
+            for table in ("kv_indices", "full_kv_indices", "q_indices", "full_q_indices"):
+                getattr(bm, table)
+    tiles = bm.num_blocks[0] * bm.num_blocks[1]
+    assert probe.largest <= max(L, tiles // 16), f"{name}: a tensor of {probe.largest} elements ({L=}, {tiles=})"

@@ -117,7 +117,7 @@ def constraint_of(node: Node, negate: bool, lin_cache: dict, keys: dict[Node, st
     if op == Op.NE:
         if not terms:
             return const != 0
-        t, lo, hi, scale, _ = normalize(terms, const, 0, 0, keys)
+        t, lo, hi, _, _ = normalize(terms, const, 0, 0, keys)
         return Constraint(t, neq=lo, sources=(a, b)) if lo == hi else True
     lo, hi = FORM_RANGE[op]
     return _make(terms, const, lo, hi, (a, b), keys)

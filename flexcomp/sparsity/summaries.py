@@ -15,6 +15,7 @@ import torch
 Tensor = torch.Tensor
 AXES = ("b", "h", "q_idx", "kv_idx")
 GATHER_BUDGET = 1 << 25  # elements per gather; ranges longer than this are reduced in slices
+DEDUP_MIN = 4096  # range lists longer than this are deduplicated before reducing
 
 
 def axis_of(shape: torch.Size) -> int | None:
@@ -25,6 +26,16 @@ def axis_of(shape: torch.Size) -> int | None:
 
 def _reduce_dim(table: Tensor, dim: int, lo: Tensor, hi: Tensor, op: str) -> Tensor:
     """Reduce `table` along `dim` over [lo[i], hi[i]] for each i: the dim becomes len(lo)."""
+    if lo.numel() > DEDUP_MIN:  # a list of tiles repeats each block's range: reduce each distinct range once
+        key = lo * (int(hi.max().item()) + 1) + hi
+        distinct, inverse = torch.unique(key, return_inverse=True)
+        if distinct.numel() < lo.numel() // 2:
+            first = torch.empty_like(distinct).scatter_(0, inverse, torch.arange(lo.numel(), device=lo.device))
+            return _reduce_ranges(table, dim, lo[first], hi[first], op).index_select(dim, inverse)
+    return _reduce_ranges(table, dim, lo, hi, op)
+
+
+def _reduce_ranges(table: Tensor, dim: int, lo: Tensor, hi: Tensor, op: str) -> Tensor:
     span = int((hi - lo).max().item()) + 1 if lo.numel() else 1
     moved = table.movedim(dim, 0)
     out = []
@@ -37,6 +48,23 @@ def _reduce_dim(table: Tensor, dim: int, lo: Tensor, hi: Tensor, op: str) -> Ten
     return torch.cat(out).movedim(0, dim)
 
 
+def _reduce_paired(table: Tensor, first: int, dim: int, lo: Tensor, hi: Tensor, op: str) -> Tensor:
+    """Reduce `dim` over [lo[i], hi[i]] for the i-th entry of the already reduced dim `first`: `dim` becomes 1.
+
+    Two indices along one grid axis (T[q // 64, q % 64], or a list of tiles where q and kv share the
+    axis) pair up entry by entry; reducing each alone and gathering the outer product would be n**2."""
+    moved = table.movedim((first, dim), (0, 1))
+    span = int((hi - lo).max().item()) + 1 if lo.numel() else 1
+    rows_per_slice = max(1, GATHER_BUDGET // max(1, span * moved[0, 0].numel()))
+    out = []
+    for start in range(0, lo.numel(), rows_per_slice):
+        l, h = lo[start:start + rows_per_slice], hi[start:start + rows_per_slice]
+        idx = torch.minimum(l[:, None] + torch.arange(span, device=l.device), h[:, None])
+        picked = moved[start:start + l.numel()][torch.arange(l.numel(), device=l.device)[:, None], idx]
+        out.append(picked.amin(dim=1) if op == "min" else picked.amax(dim=1))
+    return torch.cat(out).unsqueeze(1).movedim((0, 1), (first, dim))
+
+
 def load_bounds(table: Tensor, index_ranges: list[tuple[Tensor, Tensor]], grid_dims: int = 4) -> tuple[Tensor, Tensor]:
     """[lo, hi] of `table[indices]` per tile, given each index's per-tile [lo, hi] (grid-broadcast tensors)."""
     table = table.detach()
@@ -45,6 +73,7 @@ def load_bounds(table: Tensor, index_ranges: list[tuple[Tensor, Tensor]], grid_d
     table = table.to(torch.float64) if table.is_floating_point() else table.to(torch.int64)
     tmin, tmax = table, table
     gather: list[Tensor] = []
+    reduced_along: dict[int, int] = {}  # grid axis -> the table dim already reduced along it
     for dim, (lo, hi) in enumerate(index_ranges):
         size = table.shape[dim]
         axis = axis_of(torch.broadcast_shapes(lo.shape, hi.shape))
@@ -57,8 +86,17 @@ def load_bounds(table: Tensor, index_ranges: list[tuple[Tensor, Tensor]], grid_d
             if axis is not None:
                 shape[axis] = max(lo.shape[axis], hi.shape[axis])
             lo1, hi1 = lo.expand(shape).reshape(-1), hi.expand(shape).reshape(-1)
-        tmin = _reduce_dim(tmin, dim, lo1.to(tmin.device), hi1.to(tmin.device), "min")
-        tmax = _reduce_dim(tmax, dim, lo1.to(tmax.device), hi1.to(tmax.device), "max")
+        lo1, hi1 = lo1.to(tmin.device), hi1.to(tmin.device)
+        if axis is not None and axis in reduced_along:
+            first = reduced_along[axis]
+            tmin = _reduce_paired(tmin, first, dim, lo1, hi1, "min")
+            tmax = _reduce_paired(tmax, first, dim, lo1, hi1, "max")
+            gather.append(torch.zeros([1] * grid_dims, dtype=torch.int64, device=tmin.device))
+            continue
+        tmin = _reduce_dim(tmin, dim, lo1, hi1, "min")
+        tmax = _reduce_dim(tmax, dim, lo1, hi1, "max")
+        if axis is not None:
+            reduced_along[axis] = dim
         view = [1] * grid_dims
         if axis is not None:
             view[axis] = lo1.numel()

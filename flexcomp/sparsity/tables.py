@@ -30,6 +30,23 @@ def mask_to_ordered(mask: Tensor, width: int | None = None) -> tuple[Tensor, Ten
     return counts.to(torch.int32), out.reshape(*mask.shape[:-1], width)
 
 
+def tiles_to_ordered(rows: Tensor, cols: Tensor, keep: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
+    """Listed tiles (row-major int64 [T] rows and cols, bool keep [..., T]) -> (counts [..., R], indices [..., R, W])."""
+    batch = keep.shape[:-1]
+    keep2 = keep.reshape(-1, keep.shape[-1])
+    n = keep2.shape[0]
+    counts = torch.zeros(n, num_rows, dtype=torch.int64)
+    counts.scatter_add_(1, rows.expand(n, -1), keep2.long())
+    width = max(1, int(counts.max().item()) if counts.numel() else 1)
+    row_start = torch.cumsum(counts, 1) - counts  # kept tiles before each row
+    rank = torch.cumsum(keep2.long(), 1) - 1
+    which, pos = keep2.nonzero(as_tuple=True)
+    slot = rank[which, pos] - row_start[which, rows[pos]]
+    out = torch.zeros(n, num_rows, width, dtype=torch.int32)
+    out[which, rows[pos], slot] = cols[pos].to(torch.int32)
+    return counts.to(torch.int32).view(*batch, num_rows), out.view(*batch, num_rows, width)
+
+
 def _pad(indices: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(indices, (0, width - indices.shape[-1]))
 
@@ -102,33 +119,49 @@ def bounds_rows(bounds: ClosedFormBounds, grid, tensors: dict[str, Tensor]) -> t
     return a, f0, f1, c
 
 
+def _range_indices(lo: Tensor, f0: Tensor, f1: Tensor, hi: Tensor, full: bool) -> Tensor:
+    """Ascending index table [1, 1, R, W] of per-row ranges: [f0, f1) if `full`, else [lo, f0) + [f1, hi)."""
+    starts, counts = (f0, f1 - f0) if full else (lo, (f0 - lo) + (hi - f1))
+    width = max(1, int(counts.max().item()) if counts.numel() else 1)
+    j = torch.arange(width)
+    idx = starts[:, None] + j
+    if not full:  # past the left piece, continue in the right one
+        left = (f0 - lo)[:, None]
+        idx = torch.where(j < left, idx, f1[:, None] + j - left)
+    idx = torch.where(j < counts[:, None], idx, 0)
+    return idx.to(torch.int32).view(1, 1, -1, width)
+
+
+def transpose_ranges(ranges: tuple[Tensor, Tensor, Tensor, Tensor], num_cols: int) -> tuple[Tensor, ...] | None:
+    """Per-column row ranges of monotone per-row ranges, in the same (lo, f0, f1, hi) form, or None.
+
+    With lo, f0, f1, hi non-decreasing over rows, column k is FULL in rows [#(f1 <= k), #(f0 <= k)) and
+    PARTIAL in [#(hi <= k), #(f1 <= k)) + [#(f0 <= k), #(lo <= k)), where #(x <= k) counts rows (a searchsorted)."""
+    if any(bool((r[1:] < r[:-1]).any()) for r in ranges):
+        return None
+    a, f0, f1, c = ranges
+    cols = torch.arange(num_cols, dtype=a.dtype)
+    upto = lambda x: torch.searchsorted(x.contiguous(), cols, right=True)
+    return upto(c), upto(f1), upto(f0), upto(a)
+
+
 def rows_from_ranges(ranges: tuple[Tensor, Tensor, Tensor, Tensor], grid,
                      device: torch.device) -> tuple[dict[str, Tensor], dict[str, Callable[[], Tensor]]]:
     """Eager counts, lazy index tables, from per-row ranges (partial = [a, f0) + [f1, c), full = [f0, f1))."""
     a, f0, f1, c = ranges
-    left, right = f0 - a, c - f1
     view = lambda t: t.to(torch.int32).view(1, 1, -1).to(device)
-    tables = {"kv_num_blocks": view(left + right), "full_kv_num_blocks": view(f1 - f0)}
-
-    def partial_indices() -> Tensor:
-        width = max(1, int((left + right).max().item()))
-        j = torch.arange(width)
-        idx = torch.where(j < left[:, None], a[:, None] + j, f1[:, None] + j - left[:, None])
-        idx = torch.where(j < (left + right)[:, None], idx, 0)
-        return idx.to(torch.int32).view(1, 1, -1, width).to(device)
-
-    def full_indices() -> Tensor:
-        width = max(1, int((f1 - f0).max().item()))
-        j = torch.arange(width)
-        idx = torch.where(j < (f1 - f0)[:, None], f0[:, None] + j, 0)
-        return idx.to(torch.int32).view(1, 1, -1, width).to(device)
+    tables = {"kv_num_blocks": view((f0 - a) + (c - f1)), "full_kv_num_blocks": view(f1 - f0)}
+    partial_indices = lambda: _range_indices(*ranges, full=False).to(device)
+    full_indices = lambda: _range_indices(*ranges, full=True).to(device)
 
     def transposed(full: bool) -> tuple[Tensor, Tensor]:
-        # column k is listed by rows whose range covers it: with monotone ranges these are contiguous,
-        # but hand them to the generic transpose to stay correct for any ranges
-        num = tables["full_kv_num_blocks" if full else "kv_num_blocks"]
-        idx = full_indices() if full else partial_indices()
-        return transpose_ordered(num, idx, grid.num_kv_blocks)
+        by_col = transpose_ranges(ranges, grid.num_kv_blocks)
+        if by_col is None:  # ranges that are not monotone: the generic transpose of the listed entries
+            num = tables["full_kv_num_blocks" if full else "kv_num_blocks"]
+            return transpose_ordered(num, full_indices() if full else partial_indices(), grid.num_kv_blocks)
+        lo, g0, g1, hi = by_col
+        num = (g1 - g0) if full else (g0 - lo) + (hi - g1)
+        return view(num), _range_indices(*by_col, full=full).to(device)
 
     lazy = {"kv_indices": partial_indices, "full_kv_indices": full_indices,
             "q_num_blocks": lambda: transposed(False)[0], "q_indices": lambda: transposed(False)[1],

@@ -44,6 +44,17 @@ class Grid:
         return {"b": (b, b), "h": (h, h), "q_idx": (q_lo.view(1, 1, -1, 1), q_hi.view(1, 1, -1, 1)),
                 "kv_idx": (k_lo.view(1, 1, 1, -1), k_hi.view(1, 1, 1, -1))}
 
+    def tile_ranges(self, q_blocks: Tensor, kv_blocks: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per-tile [lo, hi] of every ARG for a list of tiles: q and kv both run along grid axis 2."""
+        q_lo = q_blocks * self.q_block
+        q_hi = torch.clamp((q_blocks + 1) * self.q_block, max=self.q_len) - 1
+        k_lo = kv_blocks * self.kv_block
+        k_hi = torch.clamp((kv_blocks + 1) * self.kv_block, max=self.kv_len) - 1
+        b = torch.arange(self.B, dtype=torch.int64).view(-1, 1, 1, 1)
+        h = torch.arange(self.H, dtype=torch.int64).view(1, -1, 1, 1)
+        view = lambda t: t.view(1, 1, -1, 1)
+        return {"b": (b, b), "h": (h, h), "q_idx": (view(q_lo), view(q_hi)), "kv_idx": (view(k_lo), view(k_hi))}
+
 
 def analyze_rows(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, q1: int) -> Tensor:
     """uint8 TileClass [B, H, q1-q0, nkv] proven by interval/relational analysis (PARTIAL = undecided)."""
@@ -54,6 +65,24 @@ def analyze_rows(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, q1: 
     out = torch.full(shape, int(TileClass.PARTIAL), dtype=torch.uint8)
     out[~can_true] = int(TileClass.EMPTY)
     out[~can_false & can_true] = int(TileClass.FULL)
+    return out
+
+
+def analyze_tiles(ir: Node, tensors: dict[str, Tensor], grid: Grid, q_blocks: Tensor, kv_blocks: Tensor,
+                  chunk: int = 1 << 18) -> Tensor:
+    """uint8 TileClass [B, H, T] of the listed tiles (int64 [T] q and kv block numbers), by the same analysis."""
+    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    out = torch.empty(grid.B, grid.H, q_blocks.numel(), dtype=torch.uint8)
+    step = max(1, chunk // (grid.B * grid.H))
+    for start in range(0, q_blocks.numel(), step):
+        qb, kb = q_blocks[start:start + step], kv_blocks[start:start + step]
+        can_true, can_false = Analyzer(grid.tile_ranges(qb, kb), tensors).truth(ir)
+        shape = (grid.B, grid.H, qb.numel(), 1)
+        can_true, can_false = can_true.expand(shape)[..., 0], can_false.expand(shape)[..., 0]
+        cls = torch.full(can_true.shape, int(TileClass.PARTIAL), dtype=torch.uint8)
+        cls[~can_true] = int(TileClass.EMPTY)
+        cls[~can_false & can_true] = int(TileClass.FULL)
+        out[..., start:start + qb.numel()] = cls
     return out
 
 
