@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import numbers
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 
@@ -15,6 +16,34 @@ from .mods import Mod
 
 BACKENDS = ("auto", "triton", "reference")
 
+# torch's FlexKernelOptions.  Used by flexcomp's kernels: BLOCK_M, BLOCK_N (forward tiles), BLOCK_M1, BLOCK_N1,
+# BLOCK_M2, BLOCK_N2 (backward tiles), num_warps, num_stages; the rest are accepted and have no effect (hints
+# and switches of torch's own kernels; flexcomp's are always safe on fully masked rows).  `autotune` is flexcomp's.
+KERNEL_OPTIONS = (
+    "BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "num_warps", "num_stages",
+    "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "FORCE_USE_FLEX_ATTENTION", "USE_TMA",
+    "kpack", "matrix_instr_nonkdim", "waves_per_eu", "BACKEND",
+    "autotune",
+)  # fmt: skip
+TORCH_BACKENDS = ("AUTO", "TRITON", "FLASH", "TRITON_DECODE")
+
+
+try:  # torch's own classes, so code written for torch sees the types it expects
+    from torch.nn.attention.flex_attention import AuxOutput, AuxRequest
+except ImportError:  # torch before return_aux existed
+
+    class AuxRequest(NamedTuple):
+        """Which auxiliary outputs flex_attention returns."""
+
+        lse: bool = False
+        max_scores: bool = False
+
+    class AuxOutput(NamedTuple):
+        """lse [B, Hq, Lq] and max_scores [B, Hq, Lq] (natural log units), None where not requested."""
+
+        lse: torch.Tensor | None = None
+        max_scores: torch.Tensor | None = None
+
 
 def flex_attention(
     query: torch.Tensor,
@@ -22,45 +51,56 @@ def flex_attention(
     value: torch.Tensor,
     score_mod: Any = None,
     block_mask: Any = None,
-    scale: float | None = None,
+    scale: float | torch.Tensor | None = None,
     enable_gqa: bool = False,
     return_lse: bool = False,
     kernel_options: dict[str, Any] | None = None,
     *,
+    return_aux: Any = None,
     mask_mod: Any = None,
     backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> Any:
     """torch.nn.attention.flex_attention's arguments and semantics, through flexcomp's compiler.
 
     query [B, Hq, Lq, D], key [B, Hkv, Lkv, D], value [B, Hkv, Lkv, Dv] -> out [B, Hq, Lq, Dv]
-    (and lse [B, Hq, Lq], natural log, with `return_lse`).  `score_mod` / `mask_mod` may be
-    Mods or plain functions.  `mask_mod=` without a `block_mask` builds the block mask for you.
+    (and lse [B, Hq, Lq], natural log, with `return_lse`; or `return_aux=AuxRequest(lse=..., max_scores=...)`
+    -> (out, AuxOutput), as torch).  key/value with batch 1 broadcast over the query's batch when a block mask
+    (or mask_mod) is given for that batch, as torch.  `scale` may be a one-element tensor.  `kernel_options`
+    takes torch's keys (see `KERNEL_OPTIONS`).  `score_mod` / `mask_mod` may be Mods or plain functions.
+    `mask_mod=` without a `block_mask` builds the block mask for you.
     `backend`: "auto" (the generated Triton kernel on CUDA, the reference elsewhere),
     "triton" (on CPU tensors it needs TRITON_INTERPRET=1) or "reference".
     """
     validate_inputs(query, key, value, enable_gqa)
     if backend not in BACKENDS:
         raise ValueError(f"unknown {backend=}; expected one of {', '.join(BACKENDS)}")
-    if scale is not None and not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    scale = as_scale(scale)
+    kernel_options = normalize_kernel_options(kernel_options)
+    want_lse, want_max = aux_wanted(return_lse, return_aux)
     if mask_mod is not None and block_mask is not None:
         raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
     score_mod = to_mod(score_mod, "score")
     mask_mod = to_mod(mask_mod, "mask")
+    key, value = broadcast_batch(query, key, value, block_mask, mask_mod is not None)
     backend = choose_backend(backend, query)
     if block_mask is not None:
         validate_block_mask(block_mask, query, key)
         block_mask = with_compiled_mask_mod(block_mask, compile_plain=backend == "triton")
+    max_scores = None
     if backend == "reference":
-        from .reference import reference_attention
+        from .reference import reference_attention_aux
 
-        out, lse = reference_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
-                                       mask_mod=mask_mod)
+        out, lse, max_scores = reference_attention_aux(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                                                       mask_mod=mask_mod)
     else:
+        if want_max:
+            raise BackendError("flexcomp's Triton kernels do not compute max_scores", hint="use backend='reference'")
         if block_mask is None and mask_mod is not None:
             block_mask = build_block_mask(mask_mod, query, key)
-        out, lse = _triton_forward()(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+        out, lse = _triton_forward()(query, key, value, score_mod, block_mask, scale, enable_gqa, want_lse,
                                      kernel_options)
+    if return_aux is not None:
+        return out, AuxOutput(lse=lse if want_lse else None, max_scores=max_scores if want_max else None)
     return (out, lse) if return_lse else out
 
 
@@ -80,9 +120,8 @@ def validate_inputs(query: Any, key: Any, value: Any, enable_gqa: bool) -> None:
         raise ValueError(f"q, k, v dtypes differ: {query.dtype=} {key.dtype=} {value.dtype=}")
     if not query.device == key.device == value.device:
         raise ValueError(f"q, k, v devices differ: {query.device=} {key.device=} {value.device=}")
-    (q_batch, q_heads, _, q_head_dim), (kv_batch, kv_heads, kv_len, k_head_dim) = query.shape, key.shape
+    (_, q_heads, _, q_head_dim), (kv_batch, kv_heads, kv_len, k_head_dim) = query.shape, key.shape
     v_batch, v_heads, v_len, _ = value.shape
-    _require(q_batch == kv_batch, f"{q_batch=} != {kv_batch=}")
     _require(kv_batch == v_batch, f"key batch {kv_batch=} != value batch {v_batch=}")
     _require(kv_heads == v_heads, f"key heads {kv_heads=} != value heads {v_heads=}")
     _require(kv_len == v_len, f"key length {kv_len=} != value length {v_len=}")
@@ -91,6 +130,75 @@ def validate_inputs(query: Any, key: Any, value: Any, enable_gqa: bool) -> None:
         _require(kv_heads > 0 and q_heads % kv_heads == 0, f"{q_heads=} is not a multiple of {kv_heads=}")
     else:
         _require(q_heads == kv_heads, f"{q_heads=} != {kv_heads=}; pass enable_gqa=True for grouped-query attention")
+
+
+def broadcast_batch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
+                    has_mask_mod: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's batch rule: Bq != Bkv only with a block mask of batch Bq, and then Bkv must be 1 (broadcast).
+
+    A `mask_mod=` builds its block mask for the query's batch, so it counts as one.  Errors are torch's.
+    """
+    Bq, Bkv = query.shape[0], key.shape[0]
+    if Bq == Bkv:
+        return key, value
+    if block_mask is None and not has_mask_mod:
+        raise ValueError(f"Expect query and key/value to have the same batch size, or non-none block_mask, "
+                         f"but got block_mask=None, {Bq=}, and {Bkv=}.")
+    B_block_mask = block_mask.kv_num_blocks.shape[0] if block_mask is not None else Bq
+    if B_block_mask != Bq:
+        raise ValueError(f"Expect query and key/value to have the same batch size, or block_mask and query to have "
+                         f"the same batch size, but got {Bq=}, {Bkv=}, {B_block_mask=}.")
+    if Bkv != 1:
+        raise RuntimeError(f"Bq and Bkv must broadcast. Got {Bq=} and {Bkv=}")
+    return key.expand(Bq, -1, -1, -1), value.expand(Bq, -1, -1, -1)  # views: no copy, gradients sum over Bq
+
+
+def as_scale(scale: Any) -> float | None:
+    """None, a number, or a one-element tensor (as torch accepts) -> a float."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"a tensor scale must have one element, got shape {tuple(scale.shape)}")
+        return float(scale)
+    if not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a number, a one-element tensor or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def aux_wanted(return_lse: bool, return_aux: Any) -> tuple[bool, bool]:
+    """(lse wanted, max_scores wanted), refusing both spellings at once as torch does."""
+    if return_aux is None:
+        return bool(return_lse), False
+    if return_lse:
+        raise ValueError("Cannot specify both return_lse and return_aux. "
+                         "return_lse is deprecated, please use return_aux=AuxRequest(lse=True) instead.")
+    return bool(return_aux.lse), bool(return_aux.max_scores)
+
+
+def normalize_kernel_options(kernel_options: Any) -> dict[str, Any] | None:
+    """torch's kernel_options (keys optionally prefixed fwd_ / bwd_, as torch) -> flexcomp's unprefixed dict.
+
+    Unknown keys are refused with the list of known ones, rather than silently ignored.
+    """
+    if kernel_options is None:
+        return None
+    if not isinstance(kernel_options, Mapping):
+        raise TypeError(f"kernel_options must be a dict, got {type(kernel_options).__name__}")
+    options: dict[str, Any] = {}
+    for name, value in kernel_options.items():
+        base = name.removeprefix("fwd_").removeprefix("bwd_")
+        if base not in KERNEL_OPTIONS:
+            raise ValueError(f"unknown kernel_options key {name!r}; known (each also as fwd_<key> / bwd_<key>): "
+                             f"{', '.join(KERNEL_OPTIONS)}")
+        if base in options and options[base] != value:
+            raise ValueError(f"kernel_options sets {base} twice ({options[base]!r} and {name}={value!r}): flexcomp "
+                             "uses one value for forward and backward")
+        options[base] = value
+    backend = options.get("BACKEND", "AUTO")
+    if backend not in TORCH_BACKENDS:
+        raise ValueError(f"Invalid BACKEND value {backend!r}. Must be one of {TORCH_BACKENDS}")
+    return options
 
 
 def validate_block_mask(block_mask: Any, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -217,10 +325,11 @@ class CompiledVariant:
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any = None,
                  scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
-                 kernel_options: dict[str, Any] | None = None, *, backend: str = "auto") -> Any:
+                 kernel_options: dict[str, Any] | None = None, *, return_aux: Any = None,
+                 backend: str = "auto") -> Any:
         mask_mod = self.mask_mod if block_mask is None else None
         return flex_attention(query, key, value, self.score_mod, block_mask, scale, enable_gqa, return_lse,
-                              kernel_options, mask_mod=mask_mod, backend=backend)
+                              kernel_options, return_aux=return_aux, mask_mod=mask_mod, backend=backend)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{m.kind}_mod={m.name} key={m.key}" for m in (self.score_mod, self.mask_mod) if m)

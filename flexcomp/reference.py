@@ -126,13 +126,31 @@ def reference_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     return_lse: bool = False,
+    **options: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, lse or None): `reference_attention_aux` without max_scores; `options` are its keywords."""
+    out, lse, _ = reference_attention_aux(query, key, value, score_mod, block_mask, scale, enable_gqa, **options)
+    return out, (lse if return_lse else None)
+
+
+def reference_attention_aux(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod: Any = None,
+    block_mask: Any = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
     *,
     mask_mod: Any = None,
     q_chunk: int | None = None,
     kv_chunk: int | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention with torch FlexAttention's semantics; returns (out, lse or None).
+    """Attention with torch FlexAttention's semantics; returns (out, lse, max_scores).
+
+    lse and max_scores ([B, Hq, Lq], in float32, float64 for float64 inputs, as torch) are the log-sum-exp
+    and the maximum of each row's modded, masked scores (-inf for a fully masked row); max_scores has no gradient.
 
     `score_mod` / `mask_mod` may be Mods or plain functions.  `mask_mod` is used
     only without a `block_mask` (then it applies everywhere, as if every tile were
@@ -159,19 +177,17 @@ def reference_attention(
     cq, ck = q_chunk or cq, kv_chunk or ck
     q = query.to(work)
     k, v = key.to(work), value.to(work)
-    outs, lses = [], []
+    chunks = []
     for q0 in range(0, Lq, cq):
         q1 = min(q0 + cq, Lq)
         rows = q[:, :, q0:q1]
         if needs_grad:  # backward recomputes one q chunk at a time instead of keeping every rectangle
-            out, lse = torch.utils.checkpoint.checkpoint(_attend_rows, plan, rows, k, v, q0, ck, use_reentrant=False)
+            chunks.append(torch.utils.checkpoint.checkpoint(_attend_rows, plan, rows, k, v, q0, ck,
+                                                            use_reentrant=False))
         else:
-            out, lse = _attend_rows(plan, rows, k, v, q0, ck)
-        outs.append(out)
-        lses.append(lse)
-    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    lse = torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]
-    return out.to(query.dtype), (lse if return_lse else None)  # lse in float32 (float64 for float64), as torch
+            chunks.append(_attend_rows(plan, rows, k, v, q0, ck))
+    out, lse, max_scores = (torch.cat(parts, dim=2) if len(parts) > 1 else parts[0] for parts in zip(*chunks))
+    return out.to(query.dtype), lse, max_scores.detach()  # lse in float32 (float64 for float64), as torch
 
 
 def _mods_need_grad(score_mod: Any) -> bool:
@@ -260,7 +276,7 @@ def _attend_rows(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     empty = total == 0  # fully masked rows: out 0, lse -inf
     safe_total = torch.where(empty, 1.0, total)
     lse = torch.where(empty, -math.inf, torch.where(empty, 0.0, m) + torch.log(safe_total))
-    return acc / safe_total, lse.squeeze(-1)
+    return acc / safe_total, lse.squeeze(-1), m.squeeze(-1)
 
 
 def _weighted_values(p: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:

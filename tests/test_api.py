@@ -51,7 +51,16 @@ def bad_inputs(randn):
         "integer dtype": ((q.long(), k.long(), v.long()), {}, TypeError, "query.dtype=torch.int64"),
         "dtype mismatch": ((q, k.double(), v), {}, ValueError, "query.dtype=torch.float32 key.dtype=torch.float64"),
         "device mismatch": ((q, k.to("meta"), v), {}, ValueError, "key.device=device(type='meta')"),
-        "batch mismatch": ((q, *tensors(randn, B=2)[1:]), {}, ValueError, "q_batch=1 != kv_batch=2"),
+        "batch mismatch": ((q, *tensors(randn, B=2)[1:]), {}, ValueError,
+                           "same batch size, or non-none block_mask, but got block_mask=None, Bq=1, and Bkv=2"),
+        "scale tensor": ((q, k, v), {"scale": torch.ones(2)}, ValueError, "one element, got shape (2,)"),
+        "scale text": ((q, k, v), {"scale": "0.1"}, TypeError, "scale must be a number, a one-element tensor"),
+        "kernel option": ((q, k, v), {"kernel_options": {"BLOCK_SIZE": 64}}, ValueError,
+                          "unknown kernel_options key 'BLOCK_SIZE'; known (each also as fwd_<key> / bwd_<key>): BLOCK_M"),
+        "torch BACKEND": ((q, k, v), {"kernel_options": {"BACKEND": "CUDNN"}}, ValueError,
+                          "Invalid BACKEND value 'CUDNN'. Must be one of"),
+        "lse twice": ((q, k, v), {"return_lse": True, "return_aux": fc.api.AuxRequest(lse=True)}, ValueError,
+                      "Cannot specify both return_lse and return_aux"),
         "heads without gqa": ((q, *tensors(randn, Hkv=1)[1:]), {}, ValueError, "q_heads=2 != kv_heads=1"),
         "heads not a multiple": (tensors(randn, Hq=3, Hkv=2), {"enable_gqa": True}, ValueError,
                                  "q_heads=3 is not a multiple of kv_heads=2"),
@@ -132,6 +141,96 @@ def test_triton_backend_matches_reference(score_mod, mask_mod, randn):
     want, want_lse = fc.flex_attention(q, k, v, score_mod, backend="reference", **kw)
     torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
+
+
+# ---------------------------------------------------------------- torch's signature: batch broadcast, aux, scale
+
+
+def batch_tensors(randn, Bq, Bkv, L=20):
+    return randn(Bq, 2, L, 8), randn(Bkv, 2, L, 8), randn(Bkv, 2, L, 8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_key_value_batch_one_broadcasts_with_a_block_mask(backend, randn, naive_attention, torch_flex):
+    q, k, v = batch_tensors(randn, 3, 1)
+    bm = torch_create_block_mask(causal_fn, 3, None, 20, 20, device="cpu")
+    want, want_lse = naive_attention(q, k.expand(3, -1, -1, -1), v.expand(3, -1, -1, -1), relative_bias, causal_fn)
+    out, lse = fc.flex_attention(q, k, v, relative_bias, bm, return_lse=True, backend=backend)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, torch_flex.flex_attention(q, k, v, relative_bias, bm), atol=2e-5, rtol=2e-5)
+    out = fc.flex_attention(q, k, v, relative_bias, mask_mod=causal, backend=backend)  # built for q's batch
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_broadcast_key_value_get_summed_gradients(randn, naive_attention):
+    q, k, v = (t.double().requires_grad_() for t in batch_tensors(randn, 3, 1, L=12))
+    fc.flex_attention(q, k, v, mask_mod=causal).square().sum().backward()
+    k2, v2 = (t.detach().requires_grad_() for t in (k, v))
+    want, _ = naive_attention(q.detach(), k2.expand(3, -1, -1, -1), v2.expand(3, -1, -1, -1), None, causal_fn)
+    want.square().sum().backward()
+    assert k.grad.shape == k.shape
+    torch.testing.assert_close(k.grad, k2.grad, **F64_TOL)
+    torch.testing.assert_close(v.grad, v2.grad, **F64_TOL)
+
+
+@pytest.mark.parametrize("Bq, Bkv, Bbm", [(4, 1, None), (4, 1, 1), (1, 4, 4), (4, 2, 4), (4, 2, 2)])
+def test_batch_mismatches_give_torchs_errors(Bq, Bkv, Bbm, randn, torch_flex):
+    q, k, v = batch_tensors(randn, Bq, Bkv, L=8)
+    bm = None if Bbm is None else torch_create_block_mask(causal_fn, Bbm, None, 8, 8, device="cpu")
+    with pytest.raises((ValueError, RuntimeError)) as torch_error:
+        torch_flex.flex_attention(q, k, v, block_mask=bm)
+    with pytest.raises(type(torch_error.value)) as ours:
+        fc.flex_attention(q, k, v, block_mask=bm)
+    assert str(ours.value) == str(torch_error.value)
+
+
+def test_scale_may_be_a_one_element_tensor(randn):
+    q, k, v = tensors(randn)
+    want = fc.flex_attention(q, k, v, scale=0.3)
+    assert torch.equal(fc.flex_attention(q, k, v, scale=torch.tensor(0.3)), want)
+    assert torch.equal(fc.flex_attention(q, k, v, scale=torch.tensor([0.3])), want)
+
+
+def test_return_aux_lse_and_max_scores(randn, naive_attention, torch_flex):
+    q, k, v = tensors(randn, Lq=12, Lkv=12, dtype=torch.float64)
+    out, aux = fc.flex_attention(q, k, v, relative_bias, mask_mod=causal, return_aux=fc.api.AuxRequest(True, True))
+    assert isinstance(aux, torch_flex.AuxOutput)
+    want, want_lse = naive_attention(q, k, v, relative_bias, causal_fn)
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) / 8**0.5 + 0.05 * (torch.arange(12) - torch.arange(12)[:, None])
+    want_max = s.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), -torch.inf).amax(-1)
+    torch.testing.assert_close(out, want, **F64_TOL)
+    torch.testing.assert_close(aux.lse, want_lse, **F64_TOL)
+    torch.testing.assert_close(aux.max_scores, want_max, **F64_TOL)
+    bm = torch_create_block_mask(causal_fn, None, None, 12, 12, device="cpu")
+    _, torch_aux = torch_flex.flex_attention(q, k, v, relative_bias, bm,
+                                                     return_aux=torch_flex.AuxRequest(lse=True))
+    only_lse = fc.flex_attention(q, k, v, relative_bias, bm, return_aux=torch_flex.AuxRequest(lse=True))[1]
+    assert only_lse.max_scores is None and torch_aux.max_scores is None
+    torch.testing.assert_close(only_lse.lse, torch_aux.lse, **F64_TOL)
+    assert fc.flex_attention(q, k, v, return_aux=fc.api.AuxRequest())[1] == fc.api.AuxOutput(None, None)
+
+
+def test_triton_says_it_has_no_max_scores(randn):
+    with pytest.raises(fc.BackendError, match="do not compute max_scores"):
+        fc.flex_attention(*tensors(randn), backend="triton", return_aux=fc.api.AuxRequest(max_scores=True))
+
+
+@pytest.mark.parametrize("options", [
+    {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1},
+    {"fwd_BLOCK_M": 16, "bwd_BLOCK_M1": 16, "PRESCALE_QK": True, "ROWS_GUARANTEED_SAFE": False, "BACKEND": "TRITON"},
+])
+def test_torchs_kernel_options_are_accepted(options, randn):
+    q, k, v = tensors(randn, Lq=40, Lkv=40)
+    want = fc.flex_attention(q, k, v, mask_mod=causal, backend="reference")
+    out = fc.flex_attention(q, k, v, mask_mod=causal, backend="triton", kernel_options=options)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+def test_kernel_option_given_twice_differently():
+    with pytest.raises(ValueError, match="sets num_warps twice"):
+        fc.api.normalize_kernel_options({"fwd_num_warps": 4, "bwd_num_warps": 8})
+    assert fc.api.normalize_kernel_options({"fwd_BLOCK_M": 64, "bwd_BLOCK_N2": 32}) == {"BLOCK_M": 64, "BLOCK_N2": 32}
 
 
 # ---------------------------------------------------------------- compile
