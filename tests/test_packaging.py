@@ -1,7 +1,13 @@
 """The installed package must contain every subpackage of the source tree."""
 
 import pathlib
-import tomllib
+
+import pytest
+
+try:
+    import tomllib  # Python 3.11+
+except ModuleNotFoundError:  # Python 3.10 (pyproject's floor): the backport, if installed
+    tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml needs tomllib (3.11+) or tomli on 3.10")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
