@@ -11,7 +11,7 @@ from flexcomp.evaluate import evaluate
 from flexcomp.ir import DType, Node, Op
 from flexcomp.sparsity import standard as std
 from flexcomp.sparsity.closed_form import derive_bounds
-from flexcomp.sparsity.tiles import Grid, analyze_rows
+from flexcomp.sparsity.tiles import Grid, analyze_rows, analyze_tiles
 from flexcomp.tiles import TileClass
 
 Q, KV, H = ir.arg("q_idx"), ir.arg("kv_idx"), ir.arg("h")
@@ -211,3 +211,19 @@ def test_float_math_is_sound() -> None:
              node(Op.NE, node(Op.SQRT, node(Op.SUB, Q, KV)), ir.const(2.0))]
     for mask in masks:
         assert_sound(mask, Grid(1, 1, 50, 40, 8, 8), {})
+
+
+# ---------------------------------------------------------------- lists of tiles (the document path's analysis)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mask=bool_exprs(3), grid=grids, seed=st.integers(0, 2**16))
+def test_tile_list_analysis_never_contradicts_brute_force(mask: Node, grid: Grid, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    count = 1 + grid.num_q_blocks * grid.num_kv_blocks // 2
+    q_blocks = torch.randint(0, grid.num_q_blocks, (count,), generator=gen)
+    kv_blocks = torch.randint(0, grid.num_kv_blocks, (count,), generator=gen)
+    got = analyze_tiles(mask, TENSORS, grid, q_blocks, kv_blocks)[0]  # [H, T]
+    any_true, any_false = (t[0][:, q_blocks, kv_blocks] for t in brute_force(mask, grid, TENSORS))
+    assert not ((got == TileClass.EMPTY) & any_true).any(), ir.to_text(mask)
+    assert not ((got == TileClass.FULL) & any_false).any(), ir.to_text(mask)

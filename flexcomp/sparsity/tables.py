@@ -121,15 +121,16 @@ def bounds_rows(bounds: ClosedFormBounds, grid, tensors: dict[str, Tensor]) -> t
 
 def _range_indices(lo: Tensor, f0: Tensor, f1: Tensor, hi: Tensor, full: bool) -> Tensor:
     """Ascending index table [1, 1, R, W] of per-row ranges: [f0, f1) if `full`, else [lo, f0) + [f1, hi)."""
+    lo, f0, f1, hi = (t.to(torch.int32) for t in (lo, f0, f1, hi))  # int32 throughout: causal's is nq * nkv / 2
     starts, counts = (f0, f1 - f0) if full else (lo, (f0 - lo) + (hi - f1))
     width = max(1, int(counts.max().item()) if counts.numel() else 1)
-    j = torch.arange(width)
+    j = torch.arange(width, dtype=torch.int32)
     idx = starts[:, None] + j
     if not full:  # past the left piece, continue in the right one
         left = (f0 - lo)[:, None]
         idx = torch.where(j < left, idx, f1[:, None] + j - left)
     idx = torch.where(j < counts[:, None], idx, 0)
-    return idx.to(torch.int32).view(1, 1, -1, width)
+    return idx.view(1, 1, -1, width)
 
 
 def transpose_ranges(ranges: tuple[Tensor, Tensor, Tensor, Tensor], num_cols: int) -> tuple[Tensor, ...] | None:
