@@ -27,6 +27,8 @@ import flexcomp as fc
 
 
 def parse_config(text: str) -> dict:
+    if text == "notma":  # the default config with the pointer-load path
+        return {"tma": False}
     blocks, rest = text.split("w")
     m, n = blocks.split("x")
     w, s = rest.split("s")
@@ -95,7 +97,8 @@ def measure(v: ba.Variant, D: int, args, configs: list) -> tuple:
             if v.sdpa_causal is not None:
                 times["cudnn"] = ba.bench(cudnn, backward=False)
         for c in configs:
-            label = "default" if c is None else "{BLOCK_M}x{BLOCK_N}w{num_warps}s{num_stages}".format(**c)
+            label = "default" if c is None else "notma" if "BLOCK_M" not in c else (
+                "{BLOCK_M}x{BLOCK_N}w{num_warps}s{num_stages}".format(**c))
             try:
                 times[label] = ba.bench(lambda c=c: ours(c), backward=False)
             except Exception as exc:  # noqa: BLE001
@@ -127,6 +130,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=12)
     parser.add_argument("--no-flex", action="store_true", help="skip torch flex and cuDNN")
     args = parser.parse_args()
+    torch._dynamo.config.recompile_limit = 256  # one compiled flex per variant and head dim, not a fallback
     variants = [v for v in ba.VARIANTS if not args.only or v.name in args.only]
     configs = [None] + [parse_config(c) for c in args.configs]
 

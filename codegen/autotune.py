@@ -32,14 +32,20 @@ class LaunchConfig:
     num_stages: int
 
 
-# (bits per element, head dim up to) -> the default config, measured on an H100 (bf16, L=8192).
+# (bits per element, head dim up to) -> the default config, measured on an H100 (bf16, L=8192;
+# benchmarks/NOTES_forward.md).  fp32 and D=256 entries are torch's defaults, not measured here.
 DEFAULTS: dict[tuple[int, int], LaunchConfig] = {
     (32, 64): LaunchConfig(128, 32, 4, 3),
     (32, 128): LaunchConfig(32, 64, 4, 3),
     (32, 256): LaunchConfig(32, 32, 4, 3),
-    (16, 64): LaunchConfig(128, 128, 8, 3),
+    (16, 64): LaunchConfig(128, 64, 8, 3),
     (16, 128): LaunchConfig(128, 128, 8, 3),
     (16, 256): LaunchConfig(64, 32, 4, 3),
+}
+# the same for sparse block masks (few kv blocks per q tile): smaller tiles waste less on partial ones
+SPARSE_DEFAULTS: dict[tuple[int, int], LaunchConfig] = {
+    (16, 64): LaunchConfig(64, 64, 4, 3),
+    (16, 128): LaunchConfig(64, 64, 4, 3),
 }
 
 # What autotuning tries: every combination, less what `keep` rejects.
@@ -57,8 +63,9 @@ def head_dim_bucket(head_dim: int) -> int:
     return next(d for d in (64, 128, 256) if next_power_of_2(head_dim) <= d)
 
 
-def default_config(bits: int, head_dim: int) -> LaunchConfig:
-    return DEFAULTS[(bits, head_dim_bucket(head_dim))]
+def default_config(bits: int, head_dim: int, sparse: bool = False) -> LaunchConfig:
+    key = (bits, head_dim_bucket(head_dim))
+    return SPARSE_DEFAULTS.get(key, DEFAULTS[key]) if sparse else DEFAULTS[key]
 
 
 def keep(c: LaunchConfig, bits: int, head_dim: int, sparse: tuple[int, int]) -> bool:

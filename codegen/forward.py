@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import triton
 from triton.runtime.errors import OutOfResources
 
 from flexcomp.errors import BackendError
@@ -26,8 +27,8 @@ MAX_HEAD_DIM = 256
 FAST_TANH_DTYPES = (torch.float16, torch.bfloat16)  # fp32 inputs keep the precise tanh
 
 
-def default_config(dtype: torch.dtype, head_dim: int) -> LaunchConfig:
-    return autotune.default_config(32 if dtype == torch.float32 else 16, head_dim)
+def default_config(dtype: torch.dtype, head_dim: int, sparse: bool = False) -> LaunchConfig:
+    return autotune.default_config(32 if dtype == torch.float32 else 16, head_dim, sparse)
 
 
 def _fit(block: int, sparse: int, name: str, overridden: bool) -> int:
@@ -45,9 +46,9 @@ def _fit(block: int, sparse: int, name: str, overridden: bool) -> int:
 
 
 def choose_config(q: torch.Tensor, block_size: tuple[int, int], kernel_options: dict | None,
-                  base: LaunchConfig | None = None) -> LaunchConfig:
+                  base: LaunchConfig | None = None, sparse: bool = False) -> LaunchConfig:
     options = kernel_options or {}
-    base = base or default_config(q.dtype, max(q.shape[-1], MIN_BLOCK))
+    base = base or default_config(q.dtype, max(q.shape[-1], MIN_BLOCK), sparse)
     block_m = _fit(options.get("BLOCK_M", base.block_m), block_size[0], "BLOCK_M", "BLOCK_M" in options)
     block_n = _fit(options.get("BLOCK_N", base.block_n), block_size[1], "BLOCK_N", "BLOCK_N" in options)
     return LaunchConfig(block_m, block_n, options.get("num_warps", base.num_warps),
@@ -71,7 +72,8 @@ def forward_module(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
 
 def _module_and_key(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBounds | None) -> tuple[Any, str]:
     """Hashing the IR to a key costs ~0.1 ms of host time per call: remember it per (mods, bounds) objects."""
-    parts = (score_mod, mask_mod, bounds, *(x for m in (score_mod, mask_mod) if m is not None for x in (m.ir, m.buffers)))
+    mods = [m for m in (score_mod, mask_mod) if m is not None]
+    parts = (score_mod, mask_mod, bounds, *(x for m in mods for x in (m.ir, m.buffers)))
     ids = tuple(map(id, parts))
     hit = _MODULES_BY_ID.get(ids)
     if hit is None:
@@ -181,7 +183,7 @@ def flex_forward(
     B, Hq, Lq, D = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
     sparse_q, sparse_kv = _block_size(block_mask)
-    config = choose_config(q, (sparse_q, sparse_kv), kernel_options)
+    config = choose_config(q, (sparse_q, sparse_kv), kernel_options, sparse=is_sparse(block_mask, bounds))
     module, key = _module_and_key(score_mod, mask_mod, bounds)
 
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -207,6 +209,7 @@ def flex_forward(
         UPCAST_DOT=q.dtype == torch.bfloat16 and interpreted,
         EVEN_KV=Lkv % sparse_kv == 0,  # every kv tile in bounds (a table walk visits whole sparse blocks)
         FAST_TANH=score_mod is not None and q.dtype in FAST_TANH_DTYPES and not interpreted,
+        USE_TMA=use_tma(k, v, kernel_options) and not interpreted,
     )  # fmt: skip
 
     def run(config: LaunchConfig) -> None:
@@ -228,6 +231,78 @@ def flex_forward(
         except OutOfResources as e:
             error = e
     raise BackendError(f"no launch configuration fits this GPU for {D=}, {Dv=}, {q.dtype}: {error}")
+
+
+SPARSE_BELOW = 0.25  # visited fraction of kv blocks under which smaller tiles win (measured: NOTES_forward.md)
+# id(block mask) -> (the mask, kept alive so its id stays unique; sparse?)
+_SPARSITY: dict[int, tuple[Any, bool]] = {}
+
+
+def is_sparse(block_mask: Any, bounds: ClosedFormBounds | None) -> bool:
+    """Whether the q tiles visit under SPARSE_BELOW of the kv blocks on average (decided once per block mask).
+
+    Closed-form bounds are evaluated on the host (no table is built); tables are summed on their
+    device once (one sync per new block mask)."""
+    hit = _SPARSITY.get(id(block_mask))
+    if hit is None:
+        hit = _SPARSITY[id(block_mask)] = (block_mask, _visited_fraction(block_mask, bounds) < SPARSE_BELOW)
+    return hit[1]
+
+
+def _visited_fraction(block_mask: Any, bounds: ClosedFormBounds | None) -> float:
+    q_len, kv_len = block_mask.seq_lengths
+    block_q, block_kv = _block_size(block_mask)
+    n_q, n_kv = -(-q_len // block_q), -(-kv_len // block_kv)
+    if bounds is not None:
+        from flexcomp.evaluate import evaluate
+
+        q_lo = torch.arange(n_q, dtype=torch.int32) * block_q
+        env = {"b": torch.zeros((), dtype=torch.int32), "h": torch.zeros((), dtype=torch.int32), "q_lo": q_lo,
+               "q_hi": torch.clamp(q_lo + block_q, max=q_len) - 1, "Q_LEN": torch.tensor(q_len, dtype=torch.int32),
+               "KV_LEN": torch.tensor(kv_len, dtype=torch.int32)}
+        try:
+            lo, hi = (evaluate(root, env).clamp(0, kv_len).expand(n_q) for root in (bounds.kv_lo, bounds.kv_hi))
+        except Exception:  # noqa: BLE001 -- e.g. bounds that read captured tensors: a heuristic, so assume dense
+            return 1.0
+        return float((hi - lo).clamp_min(0).sum()) / max(n_q * kv_len, 1)
+    visited = block_mask.kv_num_blocks.sum()
+    if block_mask.full_kv_num_blocks is not None:
+        visited = visited + block_mask.full_kv_num_blocks.sum()
+    rows = block_mask.kv_num_blocks.shape[0] * block_mask.kv_num_blocks.shape[1] * n_q
+    return float(visited) / max(rows * n_kv, 1)
+
+
+def use_tma(k: torch.Tensor, v: torch.Tensor, kernel_options: dict | None) -> bool:
+    """K and V through Hopper's tensor copy engine: sm_90+, unit last stride, 16-byte aligned rows and bases.
+
+    `kernel_options={"tma": False}` turns it off.  Descriptors made on the device need a scratch
+    allocator: torch's is installed unless the program set its own."""
+    if not (kernel_options or {}).get("tma", True) or k.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    for t in (k, v):
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+            return False
+    return _install_allocator()
+
+
+@functools.cache
+def _install_allocator() -> bool:
+    try:
+        from triton.runtime import _allocation
+    except ImportError:
+        return False
+    current = getattr(_allocation, "_allocator", None)
+    current = current.get() if hasattr(current, "get") else current
+    if isinstance(current, getattr(_allocation, "NullAllocator", ())):
+        triton.set_allocator(_scratch)
+    return True
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 @functools.cache

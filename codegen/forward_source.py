@@ -188,12 +188,15 @@ def attend_tiles(
     SPARSE_KV: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr,
+    CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     \"\"\"Online softmax over kv tiles. FULL tiles (IS_FULL) never evaluate the mask.\"\"\"
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_idx = offs_m[:, None]
+    if USE_TMA:  # Hopper's bulk tensor copies for K and V (host checked 16-byte alignment, unit last stride)
+        k_desc = tl.make_tensor_descriptor(K, [KV_LEN, D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V, [KV_LEN, DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
     for i in range(0, n_tiles):
         if USE_BOUNDS:
             start_n = tl.where(i < n_first, first_lo + i * BLOCK_N, second_lo + (i - n_first) * BLOCK_N)
@@ -202,8 +205,11 @@ def attend_tiles(
             start_n = block * SPARSE_KV + (i % TILES_PER_BLOCK) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_in = offs_n < KV_LEN
-        kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                       kv_in[None, :], offs_d[:, None] < D, CHECK_KV, BLOCK_D != D)
+        if USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
+            kt = tl.trans(k_desc.load([start_n, 0]))
+        else:
+            kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                           kv_in[None, :], offs_d[:, None] < D, CHECK_KV, BLOCK_D != D)
         qk = dot(q, kt, DOT_PRECISION, UPCAST_DOT)
         kv_idx = offs_n[None, :]
         if HAS_SCORE_MOD:  # the mod sees q.k * scale in natural units
@@ -228,8 +234,11 @@ def attend_tiles(
         alpha = tl.math.exp2(m_i - m_safe)
         p = tl.math.exp2(score - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                      kv_in[:, None], offs_dv[None, :] < DV, CHECK_KV, BLOCK_DV != DV)
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])
+        else:
+            v = load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                          kv_in[:, None], offs_dv[None, :] < DV, CHECK_KV, BLOCK_DV != DV)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -254,6 +263,7 @@ def flex_forward_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     EVEN_Q: tl.constexpr = False, EVEN_KV: tl.constexpr = False, FAST_TANH: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
 ):
     # q tiles in reverse: under a causal-like mask the last ones are the longest, so they start first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -318,7 +328,7 @@ def flex_forward_kernel(
         partial_row, stride_in,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA,
     )
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
@@ -327,7 +337,7 @@ def flex_forward_kernel(
         full_row, stride_fin,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA,
     )
 
     # a fully masked row has l = 0: output 0 and lse -inf, never 0/0
