@@ -3,25 +3,57 @@
 `flex_backward` takes what the forward saved (q, k, v, out, lse) and the incoming
 gradients (of out, and of lse when it was returned) and returns dq, dk, dv and
 the gradients of the score_mod's captured float tensors named in `grad_buffers`.
-The kernels recompute P from q, k and lse (no O(L^2) state); delta = rowsum(dO * O)
-is computed here with torch, minus dlse (d lse_i / d s_ij = P_ij folds into it).
+The kernels recompute P from q, k and lse (no O(L^2) state); a small kernel first
+computes delta = rowsum(dO * O) minus dlse (d lse_i / d s_ij = P_ij folds into it).
+Block sizes, warps and stages per kernel are data (`BACKWARD_CONFIGS`), measured on an H100.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
+from flexcomp.errors import BackendError
 from flexcomp.mods import Mod
 
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
 
-DEFAULT_BLOCKS = {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32}
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tiles of the dK/dV kernel (M1 q rows per step, N1 kv rows per program) and of the dQ kernel (M2, N2)."""
+
+    BLOCK_M1: int
+    BLOCK_N1: int
+    BLOCK_M2: int
+    BLOCK_N2: int
+    warps_dkdv: int
+    stages_dkdv: int
+    warps_dq: int
+    stages_dq: int
+
+
+# (bits per element, head dim up to) -> config; see benchmarks/NOTES_backward.md for the measurements.
+# kernel_options (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages) override any entry.
+BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
+    (32, 64): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
+    (32, 128): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
+    (32, 256): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
+    (16, 64): BackwardConfig(64, 64, 64, 64, 4, 2, 4, 3),
+    (16, 128): BackwardConfig(64, 128, 128, 64, 8, 3, 8, 2),
+    (16, 256): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
+}
 DEFAULT_SPARSE_BLOCK = 128  # tile size of the synthesized all-FULL tables when there is no block mask
+MIN_BLOCK = 16
+DELTA_BLOCK_M = 64
+LAST_KERNELS: dict[str, Any] = {}  # kernel name -> the last launch's compiled kernel (n_regs, n_spills), for tuning
 
 
 def backward_module(score_mod: Mod | None, mask_mod: Mod | None, grad_buffers: frozenset[str]):
@@ -76,17 +108,46 @@ def _table_args(num: torch.Tensor, idx: torch.Tensor, full_idx: torch.Tensor) ->
 # ---------------------------------------------------------------- launch
 
 
-def _choose_blocks(kernel_options: dict[str, Any] | None, sparse: tuple[int, int]) -> dict[str, int]:
+def default_config(dtype: torch.dtype, head_dim: int) -> BackwardConfig:
+    bits = 32 if dtype == torch.float32 else 16
+    bucket = next(d for d in (64, 128, 256) if max(triton.next_power_of_2(head_dim), MIN_BLOCK) <= d)
+    return BACKWARD_CONFIGS[(bits, bucket)]
+
+
+def _fit(size: int, limit: int) -> int:
+    """The largest power of two <= size that divides the block mask's block size."""
+    while size > MIN_BLOCK and limit % size:
+        size //= 2
+    return size
+
+
+def choose_config(kernel_options: dict[str, Any] | None, sparse: tuple[int, int], dtype: torch.dtype,
+                  head_dim: int) -> BackwardConfig:
     options = kernel_options or {}
+    base = default_config(dtype, head_dim)
     blocks = {}
-    for name, default in DEFAULT_BLOCKS.items():
+    for name in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
         limit = sparse[0] if name.startswith("BLOCK_M") else sparse[1]
-        size = int(options.get(name, min(default, limit)))
-        if size < 16 or size & (size - 1) or limit % size:
-            raise ValueError(f"kernel_options {name}={size} must be a power of two >= 16 that divides the "
+        size = int(options[name]) if name in options else _fit(getattr(base, name), limit)
+        if size < MIN_BLOCK or size & (size - 1) or limit % size:
+            raise ValueError(f"kernel_options {name}={size} must be a power of two >= {MIN_BLOCK} that divides the "
                              f"block mask's block size {limit=}")
         blocks[name] = size
-    return blocks
+    warps = {k: options["num_warps"] for k in ("warps_dkdv", "warps_dq") if "num_warps" in options}
+    stages = {k: options["num_stages"] for k in ("stages_dkdv", "stages_dq") if "num_stages" in options}
+    return dataclasses.replace(base, **blocks, **warps, **stages)
+
+
+def fallbacks(config: BackwardConfig) -> list[BackwardConfig]:
+    """The chosen config, then one stage, then halved tiles: a mod that gathers from tables can need more shared memory."""
+    configs = [config, dataclasses.replace(config, stages_dkdv=1, stages_dq=1)]
+    while max(configs[-1].BLOCK_N1, configs[-1].BLOCK_M2) > MIN_BLOCK:
+        c = configs[-1]
+        configs.append(dataclasses.replace(c, BLOCK_M1=max(c.BLOCK_M1 // 2, MIN_BLOCK),
+                                           BLOCK_N1=max(c.BLOCK_N1 // 2, MIN_BLOCK),
+                                           BLOCK_M2=max(c.BLOCK_M2 // 2, MIN_BLOCK),
+                                           BLOCK_N2=max(c.BLOCK_N2 // 2, MIN_BLOCK)))
+    return configs
 
 
 def _strides(t: torch.Tensor) -> list[int]:
@@ -141,40 +202,60 @@ def flex_backward(
             captured = {**mod.tensors(), **captured}
     device = query.device
     sparse = _block_sizes(block_mask) if block_mask is not None else (DEFAULT_SPARSE_BLOCK, DEFAULT_SPARSE_BLOCK)
-    blocks = _choose_blocks(kernel_options, sparse)
-    if block_mask is None:
-        sparse = (max(blocks["BLOCK_M1"], blocks["BLOCK_M2"]), max(blocks["BLOCK_N1"], blocks["BLOCK_N2"]))
+    config = choose_config(kernel_options, sparse, query.dtype, max(D, Dv))
+    if block_mask is None:  # the synthesized tables' tile: as small as the kernels' tiles, so no tile is wasted
+        sparse = (max(config.BLOCK_M1, config.BLOCK_M2), max(config.BLOCK_N1, config.BLOCK_N2))
     module = backward_module(score_mod, mask_mod, frozenset(grad_buffers))
 
     lse = lse.to(torch.float32).contiguous()
-    delta = (grad_out.to(torch.float32) * out.to(torch.float32)).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.to(torch.float32)  # d lse_i / d s_ij = P_ij: dS_ij += P_ij * dlse_i
-    delta = delta.contiguous()
+    delta = torch.empty_like(lse)
+    dlse = grad_lse.to(torch.float32) if grad_lse is not None else None
+    _launch(module.flex_bwd_delta, (triton.cdiv(Lq, DELTA_BLOCK_M), B * Hq),
+            out, *_strides(out), grad_out, *_strides(grad_out),
+            dlse if dlse is not None else delta, *(_strides(dlse) if dlse is not None else [0, 0, 0]), delta,
+            Lq, Hq, HAS_DLSE=dlse is not None, BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+            DV=Dv, num_warps=4)
     dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     grads = {name: torch.zeros(captured[name].shape, dtype=torch.float32, device=device) for name in grad_buffers}
     mod_args = _buffer_args(score_mod, captured, device) + _buffer_args(mask_mod, captured, device)
     grad_specs = [s for s in (score_mod.buffers if score_mod else ()) if s.name in grad_buffers]
     grad_args = [x for s in grad_specs for x in (grads[s.name], *_strides(grads[s.name]))]
-    shapes = {"D": D, "DV": Dv, "BLOCK_D": max(16, triton.next_power_of_2(D)),
-              "BLOCK_DV": max(16, triton.next_power_of_2(Dv)), "GQA_GROUP": group, "SPARSE_Q": sparse[0],
-              "SPARSE_KV": sparse[1], "DOT_PRECISION": "ieee" if query.dtype == torch.float32 else "tf32"}
-    options = {k: v for k, v in (kernel_options or {}).items() if k in ("num_warps", "num_stages")}
     qkvdo = [query, *_strides(query), key, *_strides(key), value, *_strides(value), grad_out, *_strides(grad_out)]
+    q_tables = _tables(block_mask, True, Lq, Lkv, sparse, device)
+    kv_tables = _tables(block_mask, False, Lq, Lkv, sparse, device)
 
-    num, idx, full_num, full_idx = _tables(block_mask, True, Lq, Lkv, sparse, device)
-    grid = (triton.cdiv(Lkv, blocks["BLOCK_N1"]), B * Hkv)
-    module.flex_bwd_dkdv[grid](*qkvdo, lse, delta, dk, *_strides(dk), dv, *_strides(dv),
-                               num, idx, full_num, full_idx, *_table_args(num, idx, full_idx), *mod_args,
-                               scale, Lq, Lkv, Hq, Hkv, BLOCK_M=blocks["BLOCK_M1"], BLOCK_N=blocks["BLOCK_N1"],
-                               **shapes, **options)
-    num, idx, full_num, full_idx = _tables(block_mask, False, Lq, Lkv, sparse, device)
-    grid = (triton.cdiv(Lq, blocks["BLOCK_M2"]), B * Hq)
-    module.flex_bwd_dq[grid](*qkvdo, lse, delta, dq, *_strides(dq),
-                             num, idx, full_num, full_idx, *_table_args(num, idx, full_idx), *mod_args, *grad_args,
-                             scale, Lq, Lkv, Hq, BLOCK_M=blocks["BLOCK_M2"], BLOCK_N=blocks["BLOCK_N2"],
-                             **shapes, **options)
+    # tanh on the MUFU unit for 16-bit inputs, as the forward does (never under the interpreter: no inline asm)
+    fast_tanh = query.dtype in (torch.float16, torch.bfloat16) and query.device.type == "cuda"
+    error = None
+    for attempt in fallbacks(config):
+        shapes = {"D": D, "DV": Dv, "BLOCK_D": max(16, triton.next_power_of_2(D)),
+                  "BLOCK_DV": max(16, triton.next_power_of_2(Dv)), "GQA_GROUP": group, "SPARSE_Q": sparse[0],
+                  "SPARSE_KV": sparse[1], "DOT_PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
+                  "HAS_SCORE_MOD": score_mod is not None, "FAST_TANH": fast_tanh,
+                  "EVEN_KV": Lkv % max(attempt.BLOCK_N1, attempt.BLOCK_N2) == 0}
+        try:
+            num, idx, full_num, full_idx = q_tables
+            _launch(module.flex_bwd_dkdv, (triton.cdiv(Lkv, attempt.BLOCK_N1), B * Hkv),
+                    *qkvdo, lse, delta, dk, *_strides(dk), dv, *_strides(dv),
+                    num, idx, full_num, full_idx, *_table_args(num, idx, full_idx), *mod_args,
+                    scale, Lq, Lkv, Hq, Hkv, BLOCK_M=attempt.BLOCK_M1, BLOCK_N=attempt.BLOCK_N1,
+                    **shapes, num_warps=attempt.warps_dkdv, num_stages=attempt.stages_dkdv)
+            num, idx, full_num, full_idx = kv_tables
+            for g in grads.values():
+                g.zero_()  # a retry after running out of resources must not add twice
+            _launch(module.flex_bwd_dq, (triton.cdiv(Lq, attempt.BLOCK_M2), B * Hq),
+                    *qkvdo, lse, delta, dq, *_strides(dq),
+                    num, idx, full_num, full_idx, *_table_args(num, idx, full_idx), *mod_args, *grad_args,
+                    scale, Lq, Lkv, Hq, BLOCK_M=attempt.BLOCK_M2, BLOCK_N=attempt.BLOCK_N2,
+                    **shapes, num_warps=attempt.warps_dq, num_stages=attempt.stages_dq)
+            LAST_KERNELS["config"] = attempt
+            break
+        except OutOfResources as e:
+            error = e
+    else:
+        raise BackendError(f"no backward launch configuration fits this GPU for {D=}, {Dv=}, {query.dtype}: {error}")
     return dq, dk, dv, {name: g.to(captured[name].dtype) for name, g in grads.items()}
 
 
-
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    LAST_KERNELS[getattr(kernel, "fn", kernel).__name__] = kernel[grid](*args, **kwargs)

@@ -50,18 +50,29 @@ def _mod_names(kind: str) -> dict[Node, str]:
 
 
 def render_modded_scores(score_mod: Mod | None, mask_mod: Mod | None) -> str:
+    """modded_scores(...): the score_mod and its derivative, then the ragged edge and the mask as -inf."""
     score_ir = score_mod.ir if score_mod is not None else arg("score")
     score_buffers = tuple(score_mod.buffers) if score_mod is not None else ()
     mask_buffers = tuple(mask_mod.buffers) if mask_mod is not None else ()
     lines, (modded, dmod) = _render([score_ir, score_grad(score_ir)], _mod_names("score"), SCORE_PREFIX, score_buffers)
-    lines.append("    keep = kv_idx < KV_LEN")
+    lines += [f"    modded = {modded}",
+              "    if not EVEN_KV:  # the last kv tile reaches past KV_LEN",
+              "        modded = tl.where(kv_idx < KV_LEN, modded, float(\"-inf\"))"]
     if mask_mod is not None:
         mask_lines, (keep,) = _render([mask_mod.ir], _mod_names("mask"), MASK_PREFIX, mask_buffers, " " * 8)
-        lines += ["    if not IS_FULL:", *mask_lines, f"        keep = keep & {keep}"]
-    lines += [f"    modded = tl.where(keep, {modded}, float(\"-inf\"))", f"    return modded, {dmod}"]
+        lines += ["    if not IS_FULL:", *mask_lines, f"        modded = tl.where({keep}, modded, float(\"-inf\"))"]
+    lines.append(f"    return modded, {dmod}")
     params = ["score", "b", "h", "q_idx", "kv_idx", "KV_LEN", *buffer_params(SCORE_PREFIX, score_buffers),
-              *buffer_params(MASK_PREFIX, mask_buffers), "IS_FULL: tl.constexpr"]
+              *buffer_params(MASK_PREFIX, mask_buffers), "IS_FULL: tl.constexpr", "EVEN_KV: tl.constexpr"]
     return _function("modded_scores", params, lines)
+
+
+def render_dscore(score_mod: Mod | None) -> str:
+    """dS of the raw score: dS of the modded score times d mod / d score (skipped where that is the constant 1)."""
+    dmod = score_grad(score_mod.ir) if score_mod is not None else None
+    if dmod is None or (dmod.op == Op.CONST and float(dmod.arg) == 1.0):
+        return "dscore = ds"
+    return "dscore = tl.where(ds == 0.0, 0.0, ds * dmod)  # masked entries stay 0 even where dmod is not finite"
 
 
 def _reduce_over_free_axes(value: str, index_nodes: tuple[Node, ...]) -> str:
@@ -140,56 +151,116 @@ def backward_source(score_mod: Mod | None, mask_mod: Mod | None, grad_buffers: f
                         describe(score_mod, "score", grad_buffers), describe(mask_mod, "mask")])
     kernel = BACKWARD_TEMPLATE.replace("{MOD_BUFFERS}", mod_buffers).replace("{GRAD_BUFFERS}", grad_params)
     kernel = kernel.replace("{SCATTER}", scatter_call or "pass  # no captured tensor needs a gradient")
-    parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(),
-             render_modded_scores(score_mod, mask_mod), render_scatter(score_mod, grad_buffers), kernel.strip()]
+    kernel = kernel.replace("{DSCORE}", render_dscore(score_mod))
+    modded = render_modded_scores(score_mod, mask_mod)
+    fast = modded.replace("def modded_scores(", "def modded_scores_fast(").replace("tanh_f32(", "tanh_approx(")
+    parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), TANH_APPROX.strip(), modded, fast,
+             render_scatter(score_mod, grad_buffers), kernel.strip()]
     return "\n\n\n".join(parts) + "\n"
+
+
+TANH_APPROX = '''
+@triton.jit
+def tanh_approx(x):
+    # one MUFU op (max rel. error ~2^-11), as the forward uses for 16-bit inputs on CUDA (FAST_TANH)
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+'''
 
 
 # The template.  {NAME} holes take generated argument lists.  Every tile recomputes
 # P = exp(modded score - lse) from q, k and the saved lse; dS = P * (dP - delta), where
 # delta = rowsum(dO * O) - dlse (the returned lse's gradient: d lse_i / d s_ij = P_ij).
+# Exponentials are base 2: lse is scaled by log2(e) once per q tile.
 BACKWARD_TEMPLATE = '''
 @triton.jit
-def probabilities(q, kt, lse, b, h, offs_m, offs_n, sm_scale, KV_LEN,
-                  {MOD_BUFFERS}IS_FULL: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(P, the raw score, d score_mod / d score) of one [BLOCK_M, BLOCK_N] tile."""
-    score = tl.dot(q, kt, input_precision=DOT_PRECISION) * sm_scale
-    modded, dmod = modded_scores(score, b, h, offs_m[:, None], offs_n[None, :], KV_LEN, {MOD_BUFFERS}IS_FULL)
+def flex_bwd_delta(
+    O, stride_ob, stride_oh, stride_om, stride_od,
+    DO, stride_dob, stride_doh, stride_dom, stride_dod,
+    DLSE, stride_lb, stride_lh, stride_lm,
+    DELTA,  # contiguous float32 [B, H_Q, Q_LEN]
+    Q_LEN, H_Q,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, DV: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dlse, in float32."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b64 = (bh // H_Q).to(tl.int64)
+    h64 = (bh % H_Q).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_in = offs_m < Q_LEN
+    tile_in = q_in[:, None] & (offs_dv[None, :] < DV)
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                mask=tile_in, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=tile_in, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm, mask=q_in, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * Q_LEN + offs_m, delta, mask=q_in)
+
+
+@triton.jit
+def log2_lse(lse):
     # lse = -inf marks a fully masked row (and rows past Q_LEN are loaded as +inf): P = 0 there
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    p = tl.exp(modded - lse[:, None])
+    return tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+
+
+@triton.jit
+def probabilities(a, b_op, lse2, b, h, q_idx, kv_idx, sm_scale, KV_LEN,
+                  {MOD_BUFFERS}IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+                  FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(P, the raw score, d score_mod / d score) of one tile, a @ b_op = q.k^T or (dK/dV's orientation) k.q^T.
+
+    q_idx, kv_idx and lse2 = lse * log2(e) come broadcastable along the tile's axes; the mods only broadcast.
+    """
+    qk = tl.dot(a, b_op, input_precision=DOT_PRECISION)
+    score = qk * sm_scale  # the mod sees q.k * scale in natural units
+    if HAS_SCORE_MOD and FAST_TANH:
+        modded, dmod = modded_scores_fast(score, b, h, q_idx, kv_idx, KV_LEN, {MOD_BUFFERS}IS_FULL, EVEN_KV)
+    else:
+        modded, dmod = modded_scores(score, b, h, q_idx, kv_idx, KV_LEN, {MOD_BUFFERS}IS_FULL, EVEN_KV)
+    modded = tl.broadcast_to(modded, qk.shape)  # a mod may not vary along every axis
+    p = tl.math.exp2(modded * 1.4426950408889634 - lse2)
     return p, score, dmod
 
 
 @triton.jit
 def dkdv_tiles(
-    dk, dv, kt, vt, Q, DO, LSE, DELTA,
+    dk, dv, k, v, Q, DO, LSE, DELTA,
     stride_qm, stride_qd, stride_dom, stride_dod,
     index_row, n_blocks, b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
     {MOD_BUFFERS}
-    IS_FULL: tl.constexpr, SPARSE_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, FAST_TANH: tl.constexpr,
+    SPARSE_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dK (unscaled) and dV of one kv tile over the q tiles of `n_blocks` sparse q blocks."""
+    """Accumulate dK (unscaled) and dV of one kv tile over the q tiles of `n_blocks` sparse q blocks.
+
+    Tiles are [BLOCK_N, BLOCK_M] (kv rows, q columns): P^T and dS^T come out of the dots in the
+    layout the dV and dK dots take, so no register tile is transposed.
+    """
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    kv_idx = offs_n[:, None]
     for i in range(0, n_blocks * (SPARSE_Q // BLOCK_M)):
         block = tl.load(index_row + i // (SPARSE_Q // BLOCK_M)).to(tl.int32)
         offs_m = block * SPARSE_Q + (i % (SPARSE_Q // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
         q_in = offs_m < Q_LEN
-        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=q_in[:, None] & (offs_d[None, :] < D), other=0.0)
+        qt = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                     mask=q_in[None, :] & (offs_d[:, None] < D), other=0.0)
         do = tl.load(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                      mask=q_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(LSE + offs_m, mask=q_in, other=float("inf"))
+        lse2 = log2_lse(tl.load(LSE + offs_m, mask=q_in, other=float("inf")))
         delta = tl.load(DELTA + offs_m, mask=q_in, other=0.0)
-        p, score, dmod = probabilities(q, kt, lse, b, h, offs_m, offs_n, sm_scale, KV_LEN,
-                                       {MOD_BUFFERS}IS_FULL, DOT_PRECISION)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dscore = tl.where(ds == 0.0, 0.0, ds * dmod)  # masked entries stay 0 even where dmod is not finite
-        dk += tl.dot(tl.trans(dscore.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        p, score, dmod = probabilities(k, qt, lse2[None, :], b, h, offs_m[None, :], kv_idx, sm_scale, KV_LEN,
+                                       {MOD_BUFFERS}IS_FULL, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, DOT_PRECISION)
+        dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[None, :])
+        {DSCORE}
+        dk = tl.dot(dscore.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -209,7 +280,7 @@ def flex_bwd_dkdv(
     GQA_GROUP: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -220,10 +291,10 @@ def flex_bwd_dkdv(
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_in = offs_n < KV_LEN
     b64 = b.to(tl.int64)
-    kt = tl.load(K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + offs_n[None, :] * stride_kn
-                 + offs_d[:, None] * stride_kd, mask=kv_in[None, :] & (offs_d[:, None] < D), other=0.0)
-    vt = tl.load(V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + offs_n[None, :] * stride_vn
-                 + offs_dv[:, None] * stride_vd, mask=kv_in[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    k = tl.load(K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=kv_in[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
+                + offs_dv[None, :] * stride_vd, mask=kv_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     sparse_n = (pid_n * BLOCK_N) // SPARSE_KV
@@ -233,17 +304,17 @@ def flex_bwd_dkdv(
         Q_bh = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
         DO_bh = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh
         lse_row = (b64 * H_Q + h) * Q_LEN
-        dk, dv = dkdv_tiles(dk, dv, kt, vt, Q_bh, DO_bh, LSE + lse_row, DELTA + lse_row,
+        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE + lse_row, DELTA + lse_row,
                             stride_qm, stride_qd, stride_dom, stride_dod,
                             Q_IDX + row * table_cols, tl.load(Q_NUM + row), b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
                             {MOD_BUFFERS}
-                            False, SPARSE_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION)
-        dk, dv = dkdv_tiles(dk, dv, kt, vt, Q_bh, DO_bh, LSE + lse_row, DELTA + lse_row,
+                            False, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION)
+        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE + lse_row, DELTA + lse_row,
                             stride_qm, stride_qd, stride_dom, stride_dod,
                             FULL_Q_IDX + row * full_table_cols, tl.load(FULL_Q_NUM + row), b, h, offs_n, sm_scale,
                             Q_LEN, KV_LEN,
                             {MOD_BUFFERS}
-                            True, SPARSE_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION)
+                            True, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION)
     tl.store(DK_OUT + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK_OUT.dtype.element_ty),
              mask=kv_in[:, None] & (offs_d[None, :] < D))
@@ -254,12 +325,14 @@ def flex_bwd_dkdv(
 
 @triton.jit
 def dq_tiles(
-    dq, q, do, lse, delta, K, V,
+    dq, q, do, lse2, delta, K, V,
     stride_kn, stride_kd, stride_vn, stride_vd,
     index_row, n_blocks, b, h, offs_m, sm_scale, KV_LEN,
     {MOD_BUFFERS}{GRAD_BUFFERS}
-    IS_FULL: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, FAST_TANH: tl.constexpr,
+    SPARSE_KV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dQ (unscaled) of one q tile over the kv tiles of `n_blocks` sparse kv blocks."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -273,13 +346,13 @@ def dq_tiles(
                      mask=kv_in[None, :] & (offs_d[:, None] < D), other=0.0)
         vt = tl.load(V + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                      mask=kv_in[None, :] & (offs_dv[:, None] < DV), other=0.0)
-        p, score, dmod = probabilities(q, kt, lse, b, h, offs_m, offs_n, sm_scale, KV_LEN,
-                                       {MOD_BUFFERS}IS_FULL, DOT_PRECISION)
+        kv_idx = offs_n[None, :]
+        p, score, dmod = probabilities(q, kt, lse2[:, None], b, h, q_idx, kv_idx, sm_scale, KV_LEN,
+                                       {MOD_BUFFERS}IS_FULL, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, DOT_PRECISION)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dscore = tl.where(ds == 0.0, 0.0, ds * dmod)
-        dq += tl.dot(dscore.to(q.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
-        kv_idx = offs_n[None, :]
+        {DSCORE}
+        dq = tl.dot(dscore.to(q.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
         {SCATTER}
     return dq
 
@@ -299,9 +372,10 @@ def flex_bwd_dq(
     GQA_GROUP: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # last q tiles first: under causal-like masks they have the most kv tiles, so the tail of the grid is short
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H_Q
     h = bh % H_Q
@@ -316,20 +390,20 @@ def flex_bwd_dq(
     do = tl.load(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
                  + offs_dv[None, :] * stride_dod, mask=q_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse_row = (b64 * H_Q + h) * Q_LEN
-    lse = tl.load(LSE + lse_row + offs_m, mask=q_in, other=float("inf"))
+    lse2 = log2_lse(tl.load(LSE + lse_row + offs_m, mask=q_in, other=float("inf")))
     delta = tl.load(DELTA + lse_row + offs_m, mask=q_in, other=0.0)
     K_bh = K + b64 * stride_kb + h_kv64 * stride_kh
     V_bh = V + b64 * stride_vb + h_kv64 * stride_vh
     row = (b * table_b + h * table_h) * table_rows + (pid_m * BLOCK_M) // SPARSE_Q
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = dq_tiles(dq, q, do, lse, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
                   KV_IDX + row * table_cols, tl.load(KV_NUM + row), b, h, offs_m, sm_scale, KV_LEN,
                   {MOD_BUFFERS}{GRAD_BUFFERS}
-                  False, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION)
-    dq = dq_tiles(dq, q, do, lse, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
+                  False, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION)
+    dq = dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
                   FULL_KV_IDX + row * full_table_cols, tl.load(FULL_KV_NUM + row), b, h, offs_m, sm_scale, KV_LEN,
                   {MOD_BUFFERS}{GRAD_BUFFERS}
-                  True, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION)
+                  True, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION)
     tl.store(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_in[:, None] & (offs_d[None, :] < D))
