@@ -27,8 +27,8 @@ import flexcomp as fc
 
 
 def parse_config(text: str) -> dict:
-    if text == "notma":  # the default config with the pointer-load path
-        return {"tma": False}
+    if text == "tma":  # the default config with K/V through tensor descriptors
+        return {"USE_TMA": True}
     blocks, rest = text.split("w")
     m, n = blocks.split("x")
     w, s = rest.split("s")
@@ -97,7 +97,7 @@ def measure(v: ba.Variant, D: int, args, configs: list) -> tuple:
             if v.sdpa_causal is not None:
                 times["cudnn"] = ba.bench(cudnn, backward=False)
         for c in configs:
-            label = "default" if c is None else "notma" if "BLOCK_M" not in c else (
+            label = "default" if c is None else "tma" if "BLOCK_M" not in c else (
                 "{BLOCK_M}x{BLOCK_N}w{num_warps}s{num_stages}".format(**c))
             try:
                 times[label] = ba.bench(lambda c=c: ours(c), backward=False)

@@ -223,7 +223,8 @@ def flex_forward(
                    for c in autotune.candidates(bits, max(D, Dv), (sparse_q, sparse_kv))]
         tune_key = (f"{key} {q.dtype} D={D} Dv={Dv} Lq~{next_power_of_2(Lq)} "
                     f"Lkv~{next_power_of_2(Lkv)} gqa={Hq // Hkv} {_device_name(q.device)}")
-        config = autotune.tuned_config(tune_key, list(dict.fromkeys(configs)) or [config], run)
+        config = autotune.tuned_config(tune_key, list(dict.fromkeys(configs)) or [config], run,
+                                       on_gpu=q.device.type == "cuda" and not interpreted)
     for attempt in fallbacks(config):
         try:
             run(attempt)
@@ -275,9 +276,10 @@ def _visited_fraction(block_mask: Any, bounds: ClosedFormBounds | None) -> float
 def use_tma(k: torch.Tensor, v: torch.Tensor, kernel_options: dict | None) -> bool:
     """K and V through Hopper's tensor copy engine: sm_90+, unit last stride, 16-byte aligned rows and bases.
 
-    `kernel_options={"tma": False}` turns it off.  Descriptors made on the device need a scratch
-    allocator: torch's is installed unless the program set its own."""
-    if not (kernel_options or {}).get("tma", True) or k.device.type != "cuda":
+    Off unless `kernel_options={"USE_TMA": True}` (torch's key): on the H100 it measured 3-10% slower
+    than the cp.async pointer loads (benchmarks/NOTES_forward.md).  Descriptors made on the device need
+    a scratch allocator: torch's is installed unless the program set its own."""
+    if not (kernel_options or {}).get("USE_TMA", False) or k.device.type != "cuda":
         return False
     if torch.cuda.get_device_capability(k.device)[0] < 9:
         return False
@@ -288,8 +290,8 @@ def use_tma(k: torch.Tensor, v: torch.Tensor, kernel_options: dict | None) -> bo
     return _install_allocator()
 
 
-@functools.cache
 def _install_allocator() -> bool:
+    # checked on every call: triton keeps the allocator in a ContextVar, so each thread starts without one
     try:
         from triton.runtime import _allocation
     except ImportError:

@@ -1,0 +1,47 @@
+"""Forward autotuning (interpreter): the winner is timed once, written to the cache dir, then reused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+from flexcomp.codegen import autotune
+
+import flexcomp as fc
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def test_autotune_times_once_and_remembers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLEXCOMP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune, "BLOCKS_M", (16,))
+    monkeypatch.setattr(autotune, "BLOCKS_N", (16, 32))
+    monkeypatch.setattr(autotune, "WARPS", (4,))
+    monkeypatch.setattr(autotune, "STAGES", (2,))
+    bm = fc.create_block_mask(causal, 1, 1, 64, 64, device="cpu", BLOCK_SIZE=32)
+    q, k, v = (torch.randn(1, 2, 64, 16, dtype=torch.float64).float() for _ in range(3))
+    out = fc.flex_attention(q, k, v, block_mask=bm, backend="triton", kernel_options={"autotune": True})
+    scores = (q.double() @ k.double().transpose(-1, -2)) / 4.0
+    scores = scores.masked_fill(~torch.ones(64, 64, dtype=torch.bool).tril(), float("-inf"))
+    expected = torch.softmax(scores, -1) @ v.double()
+    assert (out.double() - expected).abs().max() < 1e-4
+    progress = capsys.readouterr().err
+    assert "[2/2]" in progress and "chose" in progress
+    (entry,) = json.loads((tmp_path / "autotune_forward.json").read_text()).values()
+    assert entry["block_m"] == 16 and entry["block_n"] in (16, 32)
+
+    fc.flex_attention(q, k, v, block_mask=bm, backend="triton", kernel_options={"autotune": True})
+    assert "flexcomp autotune" not in capsys.readouterr().err  # read from disk, not timed again
+
+
+def test_candidates_respect_the_block_mask_and_shared_memory():
+    configs = autotune.candidates(16, 128, (128, 128))
+    assert configs and all(128 % c.block_m == 0 and 128 % c.block_n == 0 for c in configs)
+    assert all(autotune.keep(c, 16, 128, (128, 128)) for c in configs)
+    assert not autotune.keep(autotune.LaunchConfig(128, 128, 8, 4), 16, 256, (128, 128))  # 4 stages of 128x256
+    assert all(c.block_n <= 64 for c in autotune.candidates(16, 128, (64, 64)))
