@@ -29,6 +29,8 @@ from torch.nn.attention import flex_attention as torch_flex_module
 import flexcomp as fc
 
 torch_flex = torch.compile(torch_flex_module.flex_attention, dynamic=False)
+# one compiled flex per variant and head dim: past dynamo's default limit of 8 torch would run unfused
+torch._dynamo.config.recompile_limit = 256
 
 
 # ---------------------------------------------------------------- the variants, as plain functions
