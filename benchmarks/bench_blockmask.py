@@ -1,8 +1,10 @@
 """Block-mask construction: flexcomp (O(tiles)) beside torch's create_block_mask (O(L^2)), same process and device.
 
 Each flexcomp case is timed twice: "lazy" is the BlockMask as the kernel uses it (with closed-form
-bounds the index tables stay unbuilt: the kernel computes its loop bounds), "all tables" also
-materializes every torch-layout table (kv_indices, full_kv_indices and the q-major transposes).
+bounds the index tables stay unbuilt: the kernel computes its loop bounds), "all tables" is the same
+call followed by building every torch-layout table (counts, kv_indices, full_kv_indices and the q-major
+transposes q_indices / full_q_indices), checked to leave none lazy; its peak memory includes the tables
+themselves, whose bytes are reported beside it.
 Times are the median of warm runs (the first call, which derives the closed form with sympy, is
 excluded and reported separately as "cold").  Peak extra memory is measured per run:
   cpu:  VmHWM growth over VmRSS before the run, after resetting the high-water mark through
@@ -13,7 +15,9 @@ excluded and reported separately as "cold").  Peak extra memory is measured per 
 Document masks are checked on ALL tiles: against per-document counts (tile true count =
 sum over documents of q-count x kv-count, an oracle independent of the analysis), and against the
 per-element brute force (the exact fallback's chunked evaluation of every tile) on CUDA or with
---brute-force.  Run: python benchmarks/bench_blockmask.py [--device cuda|cpu] [--quick] [--json PATH]
+--brute-force.
+Run: python benchmarks/bench_blockmask.py [--device cuda|cpu] [--quick] [--threads N] [--only causal,sliding]
+     [--json PATH]
 """
 
 from __future__ import annotations
@@ -122,9 +126,17 @@ def _pin_mmap_threshold() -> bool:
 
 
 def materialize(bm) -> object:
+    """Every torch-layout table built (counts, kv_indices, full_kv_indices, the q-major transposes), none left lazy."""
     for name in TABLES:
         getattr(bm, name)
+    assert not bm._lazy, f"tables left unbuilt: {sorted(bm._lazy)}"
     return bm
+
+
+def table_mib(bm) -> float:
+    """Bytes of all the tables themselves: what "all tables" peak memory is to be compared with."""
+    tables = [getattr(bm, name) for name in TABLES]
+    return sum(t.numel() * t.element_size() for t in tables if t is not None) / 2**20
 
 
 def _materialized(build: Callable[[], object]) -> object:
@@ -189,9 +201,11 @@ def long_cases(quick: bool) -> list[tuple[str, int, object, dict]]:
             ("document x1000 & causal", doc_small, *document_mask(doc_small, 1000, causal=True))]
 
 
-def run_long(meter: Meter, quick: bool, brute: bool) -> list[dict]:
+def run_long(meter: Meter, quick: bool, brute: bool, only: str | None = None) -> list[dict]:
     rows = []
     for name, L, mask, tensors in long_cases(quick):
+        if only and not any(word in name for word in only.split(",")):
+            continue
         mod = mod_of(mask, tensors, name)
         build = functools.partial(create_block_mask, mod, None, None, L, L, meter.device)
         every_table = functools.partial(_materialized, build)
@@ -200,14 +214,16 @@ def run_long(meter: Meter, quick: bool, brute: bool) -> list[dict]:
         row = {"case": name, "L": L, "device": str(meter.device), "cold_s": cold,
                "lazy_s": meter.time(build, reps), "all_tables_s": meter.time(every_table, reps),
                "lazy_mem": meter.peak(build), "all_tables_mem": meter.peak(every_table)}
-        bm = build()
+        bm = materialize(build())
+        row["tables_mib"] = table_mib(bm)
         check = "closed form (tests: = brute force)" if bm.bounds is not None else "not checked here"
         row.update(sparsity=bm.sparsity(), decided_by=bm.decided_by, check=check)
         if "DOC" in tensors and "causal" not in name:
             grid = Grid(1, 1, L, L, 128, 128)
             row["check"] = check_document(bm, mask, tensors, grid, meter.device, brute and L <= (1 << 18))
         rows.append(row)
-        print(f"  {name} L={L}: {row['lazy_s'] * 1e3:.1f} ms", flush=True)
+        print(f"  {name} L={L}: lazy {row['lazy_s'] * 1e3:.1f} ms, all tables {_ms(row['all_tables_s'])}, "
+              f"{_mem(row['all_tables_mem'])} peak for {row['tables_mib']:.1f} MiB of tables", flush=True)
     return rows
 
 
@@ -287,11 +303,12 @@ def markdown(long_rows: list[dict], torch_rows: list[dict], fractions: list[dict
     out = [(f"Device: {meta['device']}; torch {meta['torch']}; CPU threads {meta['threads']}; "
             f"CPU memory: {meta['cpu_memory']}."), "",
            ("| mask | L | lazy (kernel's view) | all tables | cold first call | peak extra mem lazy | "
-            "peak extra mem all tables | sparsity | decided by | exactness |"), "|---" * 10 + "|"]
+            "peak extra mem all tables | bytes of the tables | sparsity | decided by | exactness |"), "|---" * 11 + "|"]
     for r in long_rows:
         how = ", ".join(f"{k}: {v}" for k, v in r["decided_by"].items())
         out.append(f"| {r['case']} | {r['L']:,} | {_ms(r['lazy_s'])} | {_ms(r['all_tables_s'])} | {_ms(r['cold_s'])} | "
-                   f"{_mem(r['lazy_mem'])} | {_mem(r['all_tables_mem'])} | {r['sparsity']:.2f}% | {how} | "
+                   f"{_mem(r['lazy_mem'])} | {_mem(r['all_tables_mem'])} | {r['tables_mib']:.1f} MiB | "
+                   f"{r['sparsity']:.2f}% | {how} | "
                    f"{r['check']} |")
     out += ["", ("| mask (same process, same device) | L | torch create_block_mask | flexcomp lazy | flexcomp all tables "
                  "| speedup lazy / all tables | torch peak mem | flexcomp peak mem (all tables) | same tiles |"),
@@ -314,6 +331,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a minute on a CPU)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--only", help="comma-separated substrings: only the long cases named so (e.g. causal,sliding),"
+                        " and no torch comparison or exact-fraction tables")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--brute-force", choices=("auto", "on", "off"), default="auto",
                         help="per-element check of every document tile (auto: on CUDA only; ~15 min on a CPU core)")
@@ -328,9 +347,9 @@ def main() -> None:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_memory": "VmHWM growth (clear_refs reset, mmap threshold 64 KiB)" if meter.hwm_resettable
             else "unavailable (no /proc/self/clear_refs)"}
-    long_rows = run_long(meter, args.quick, brute)
-    torch_rows = run_versus_torch(meter, versus_L)
-    fractions = exact_fractions()
+    long_rows = run_long(meter, args.quick, brute, args.only)
+    torch_rows = [] if args.only else run_versus_torch(meter, versus_L)
+    fractions = [] if args.only else exact_fractions()
     print(markdown(long_rows, torch_rows, fractions, meta))
     if args.json:
         with open(args.json, "w") as f:

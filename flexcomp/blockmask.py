@@ -22,6 +22,7 @@ first access (causal's full table is inherently O(nq * nkv)); otherwise the q-ma
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -110,14 +111,16 @@ class BlockMask:
                                             "full_kv_num_blocks": full_kv_num_blocks, "full_kv_indices": full_kv_indices}
         mask = cls(seq_lengths, block, mask_mod, tables)
         nkv = -(-mask.seq_lengths[1] // block[1])
-        if compute_q_blocks:
-            mask._lazy["q_num_blocks"] = lambda: transpose_ordered(kv_num_blocks, kv_indices, nkv)[0]
-            mask._lazy["q_indices"] = lambda: transpose_ordered(kv_num_blocks, kv_indices, nkv)[1]
-            if full_kv_num_blocks is not None:
-                mask._lazy["full_q_num_blocks"] = lambda: transpose_ordered(full_kv_num_blocks, full_kv_indices, nkv)[0]
-                mask._lazy["full_q_indices"] = lambda: transpose_ordered(full_kv_num_blocks, full_kv_indices, nkv)[1]
-            else:
-                mask._tables.update(full_q_num_blocks=None, full_q_indices=None)
+        if compute_q_blocks:  # one transpose per kind, shared by its counts and indices
+            kv_tables = {"": (kv_num_blocks, kv_indices), "full_": (full_kv_num_blocks, full_kv_indices)}
+            transposed = functools.cache(lambda kind: transpose_ordered(*kv_tables[kind], nkv))
+            for kind, (num, _) in kv_tables.items():
+                names = (f"{kind}q_num_blocks", f"{kind}q_indices")
+                if num is None:
+                    mask._tables.update(dict.fromkeys(names))
+                    continue
+                for part, name in enumerate(names):
+                    mask._lazy[name] = lambda kind=kind, part=part: transposed(kind)[part]
         else:
             mask._tables.update({name: None for name in _TABLES[4:]})
         return mask

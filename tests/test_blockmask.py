@@ -11,7 +11,10 @@ from flexcomp.evaluate import evaluate
 from flexcomp.ir import Op
 from flexcomp.mods import Mod
 from flexcomp.sparsity import standard as std
+from flexcomp.sparsity import tables as tables_module
 from flexcomp.sparsity.standard import node
+from flexcomp.sparsity.tables import rows_from_ranges, transpose_ordered
+from flexcomp.sparsity.tiles import Grid
 from flexcomp.tiles import TileClass
 
 H_ARG = __import__("flexcomp.ir", fromlist=["arg"]).arg("h")
@@ -199,19 +202,84 @@ def test_unsorted_documents_fall_back_to_bands() -> None:
     assert torch.equal(bm.tile_classes(), brute_classes(mod, 1, 1, 300, 300, 32))
 
 
+# ---------------------------------------------------------------- chunked index tables (sparsity.tables)
+
+TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+          "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")  # fmt: skip
+
+
+def random_ranges(rows: int, cols: int, monotone: bool, seed: int) -> tuple[torch.Tensor, ...]:
+    """Per-row (a, f0, f1, c) with 0 <= a <= f0 <= f1 <= c <= cols, non-decreasing over rows if `monotone`."""
+    g = torch.Generator().manual_seed(seed)
+    points = torch.randint(0, cols + 1, (rows, 4), generator=g).sort(1).values
+    if monotone:
+        points = points.sort(0).values
+    return tuple(points.T.contiguous())
+
+
+def listed(num: torch.Tensor, idx: torch.Tensor) -> list[list[int]]:
+    return [idx[0, 0, r, : num[0, 0, r]].tolist() for r in range(num.shape[-1])]
+
+
+@pytest.mark.parametrize("monotone", [True, False])
+@pytest.mark.parametrize("rows, cols", [(1, 1), (37, 53), (61, 19)])
+def test_chunked_range_tables_equal_one_shot_and_brute_force(monkeypatch, monotone, rows, cols) -> None:
+    ranges = random_ranges(rows, cols, monotone, seed=rows * cols)
+    grid = Grid(1, 1, rows * 16, cols * 16, 16, 16)
+    built = {}
+    for chunk in (1, 7, cols + 1, 1 << 40):  # one row per band ... the whole table in one band
+        monkeypatch.setattr(tables_module, "CHUNK_ELEMENTS", chunk)
+        eager, lazy = rows_from_ranges(ranges, grid, torch.device("cpu"))
+        built[chunk] = {**eager, **{name: make() for name, make in lazy.items()}}
+    one_shot = built[1 << 40]
+    for chunk, got in built.items():
+        assert all(torch.equal(got[name], one_shot[name]) for name in TABLES), chunk
+    a, f0, f1, c = (t.tolist() for t in ranges)
+    partial = [list(range(a[r], f0[r])) + list(range(f1[r], c[r])) for r in range(rows)]
+    full = [list(range(f0[r], f1[r])) for r in range(rows)]
+    by_col = lambda lists: [[r for r in range(rows) if k in lists[r]] for k in range(cols)]
+    expected = {"kv": partial, "full_kv": full, "q": by_col(partial), "full_q": by_col(full)}
+    for kind, lists in expected.items():
+        assert listed(one_shot[f"{kind}_num_blocks"], one_shot[f"{kind}_indices"]) == lists, kind
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "prefix_lm", "block_causal"])
+@pytest.mark.parametrize("shape", [(1000, 777, (48, 40)), (777, 1000, (40, 48)), (130, 1000, (128, 7))])
+def test_chunked_block_mask_equals_one_shot(monkeypatch, name, shape) -> None:
+    q_len, kv_len, block = shape
+    mod = CASES[name]()
+    built = {}
+    for chunk in (5, 1 << 40):
+        monkeypatch.setattr(tables_module, "CHUNK_ELEMENTS", chunk)
+        bm = create_block_mask(mod, None, None, q_len, kv_len, "cpu", block)
+        built[chunk] = {table: getattr(bm, table) for table in TABLES}
+    assert all(torch.equal(built[5][t], built[1 << 40][t]) for t in TABLES), name
+    got = built[5]
+    assert torch.equal(BlockMask.from_kv_blocks(*(got[t] for t in TABLES[:4]), block, mod, (q_len, kv_len))
+                       .tile_classes(), brute_classes(mod, 1, 1, q_len, kv_len, block)), name
+    nkv = -(-kv_len // block[1])
+    for kind in ("", "full_"):  # the q-major tables from ranges = the transposes of the listed kv entries
+        num, idx = transpose_ordered(got[f"{kind}kv_num_blocks"], got[f"{kind}kv_indices"], nkv)
+        assert listed(num, idx) == listed(got[f"{kind}q_num_blocks"], got[f"{kind}q_indices"]), (name, kind)
+
+
 # ---------------------------------------------------------------- no O(L^2) memory
 
 
 class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the largest tensor any torch op produces while active."""
+    """Records the largest tensor any torch op produces while active, and the storages of those above `limit`."""
 
-    largest = 0
+    def __init__(self, limit: int = 1 << 62):
+        super().__init__()
+        self.largest, self.limit, self.big_storages = 0, limit, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else [out]):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                if t.numel() > self.limit:
+                    self.big_storages.add(t.untyped_storage().data_ptr())
         return out
 
 
@@ -228,3 +296,17 @@ def test_no_quadratic_allocation_at_long_lengths(name: str) -> None:
                 getattr(bm, table)
     tiles = bm.num_blocks[0] * bm.num_blocks[1]
     assert probe.largest <= max(L, tiles // 16), f"{name}: a tensor of {probe.largest} elements ({L=}, {tiles=})"
+
+
+def test_causal_tables_at_long_lengths_allocate_only_themselves() -> None:
+    """Every table of causal at L = 2**20: the nq * nkv tables are built in bands, their only big allocations."""
+    L = 1 << 20
+    bm = create_block_mask(mod_of(std.causal()), None, None, L, L, "cpu")
+    tiles = bm.num_blocks[0] * bm.num_blocks[1]
+    with LargestTensor(limit=tiles // 16) as probe:
+        tables = {name: getattr(bm, name) for name in TABLES}
+    table_storages = {t.untyped_storage().data_ptr() for t in tables.values()}
+    assert probe.big_storages <= table_storages and len(probe.big_storages) == 2, probe.big_storages
+    full_q = tables["full_q_indices"][0, 0]
+    assert full_q.shape[-1] == bm.num_blocks[0] - 1 and full_q[5, : tables["full_q_num_blocks"][0, 0, 5]].tolist() \
+        == list(range(6, bm.num_blocks[0]))  # kv block 5 is FULL for the q blocks after it

@@ -6,6 +6,7 @@ row's count are 0 and must not be read.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -14,6 +15,7 @@ from ..evaluate import evaluate
 from ..tiles import ClosedFormBounds, TileClass
 
 Tensor = torch.Tensor
+CHUNK_ELEMENTS = 1 << 22  # index entries built per band of rows: bounds the intermediates of a table
 
 
 def mask_to_ordered(mask: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
@@ -115,22 +117,32 @@ def bounds_rows(bounds: ClosedFormBounds, grid, tensors: dict[str, Tensor]) -> t
     f0 = -(-full_lo // bk)  # first block starting at or after full_lo
     f1 = torch.where(full_hi >= grid.kv_len, nkv, full_hi // bk)  # the last block is full if it reaches KV_LEN
     empty_full = f1 <= f0
-    f0, f1 = torch.where(empty_full, c, f0.clamp(a, c)), torch.where(empty_full, c, f1.clamp(a, c))
+    # an empty full range may sit anywhere in [a, c]: at the next full range's start keeps f0, f1 monotone
+    # where they can be (causal's first row), so the q-major tables come from ranges (transpose_ranges)
+    next_f0 = torch.where(empty_full, nkv, f0).flip(0).cummin(0).values.flip(0)
+    at = torch.minimum(torch.maximum(next_f0, a), c)
+    f0, f1 = torch.where(empty_full, at, f0.clamp(a, c)), torch.where(empty_full, at, f1.clamp(a, c))
     return a, f0, f1, c
 
 
 def _range_indices(lo: Tensor, f0: Tensor, f1: Tensor, hi: Tensor, full: bool) -> Tensor:
-    """Ascending index table [1, 1, R, W] of per-row ranges: [f0, f1) if `full`, else [lo, f0) + [f1, hi)."""
-    lo, f0, f1, hi = (t.to(torch.int32) for t in (lo, f0, f1, hi))  # int32 throughout: causal's is nq * nkv / 2
+    """Ascending index table [1, 1, R, W] of per-row ranges: [f0, f1) if `full`, else [lo, f0) + [f1, hi).
+
+    Written into the preallocated table a band of rows (at most CHUNK_ELEMENTS entries, or one row) at a
+    time, so the only intermediates are one band's: causal's full table alone is nq * nkv / 2 entries."""
+    lo, f0, f1, hi = (t.to(torch.int32) for t in (lo, f0, f1, hi))  # int32 throughout
     starts, counts = (f0, f1 - f0) if full else (lo, (f0 - lo) + (hi - f1))
     width = max(1, int(counts.max().item()) if counts.numel() else 1)
+    out = torch.empty(counts.numel(), width, dtype=torch.int32)
     j = torch.arange(width, dtype=torch.int32)
-    idx = starts[:, None] + j
-    if not full:  # past the left piece, continue in the right one
-        left = (f0 - lo)[:, None]
-        idx = torch.where(j < left, idx, f1[:, None] + j - left)
-    idx = torch.where(j < counts[:, None], idx, 0)
-    return idx.view(1, 1, -1, width)
+    step = max(1, CHUNK_ELEMENTS // width)
+    for r in range(0, counts.numel(), step):
+        rows, band = slice(r, r + step), out[r:r + step]
+        torch.add(starts[rows, None], j, out=band)  # start + j
+        if not full:  # past the left piece [lo, f0), jump the gap to f1
+            band.add_((j >= (f0 - lo)[rows, None]) * (f1 - f0)[rows, None])
+        band.masked_fill_(j >= counts[rows, None], 0)
+    return out.view(1, 1, -1, width)
 
 
 def transpose_ranges(ranges: tuple[Tensor, Tensor, Tensor, Tensor], num_cols: int) -> tuple[Tensor, ...] | None:
@@ -155,16 +167,25 @@ def rows_from_ranges(ranges: tuple[Tensor, Tensor, Tensor, Tensor], grid,
     partial_indices = lambda: _range_indices(*ranges, full=False).to(device)
     full_indices = lambda: _range_indices(*ranges, full=True).to(device)
 
-    def transposed(full: bool) -> tuple[Tensor, Tensor]:
-        by_col = transpose_ranges(ranges, grid.num_kv_blocks)
-        if by_col is None:  # ranges that are not monotone: the generic transpose of the listed entries
-            num = tables["full_kv_num_blocks" if full else "kv_num_blocks"]
-            return transpose_ordered(num, full_indices() if full else partial_indices(), grid.num_kv_blocks)
-        lo, g0, g1, hi = by_col
-        num = (g1 - g0) if full else (g0 - lo) + (hi - g1)
-        return view(num), _range_indices(*by_col, full=full).to(device)
+    by_col = functools.cache(lambda: transpose_ranges(ranges, grid.num_kv_blocks))
+
+    @functools.cache
+    def generic_transpose(full: bool) -> tuple[Tensor, Tensor]:  # ranges that are not monotone: from listed entries
+        num = tables["full_kv_num_blocks" if full else "kv_num_blocks"]
+        return transpose_ordered(num, full_indices() if full else partial_indices(), grid.num_kv_blocks)
+
+    def q_counts(full: bool) -> Tensor:
+        if by_col() is None:
+            return generic_transpose(full)[0]
+        lo, g0, g1, hi = by_col()
+        return view((g1 - g0) if full else (g0 - lo) + (hi - g1))
+
+    def q_indices(full: bool) -> Tensor:
+        if by_col() is None:
+            return generic_transpose(full)[1]
+        return _range_indices(*by_col(), full=full).to(device)
 
     lazy = {"kv_indices": partial_indices, "full_kv_indices": full_indices,
-            "q_num_blocks": lambda: transposed(False)[0], "q_indices": lambda: transposed(False)[1],
-            "full_q_num_blocks": lambda: transposed(True)[0], "full_q_indices": lambda: transposed(True)[1]}
+            "q_num_blocks": lambda: q_counts(False), "q_indices": lambda: q_indices(False),
+            "full_q_num_blocks": lambda: q_counts(True), "full_q_indices": lambda: q_indices(True)}
     return tables, lazy
