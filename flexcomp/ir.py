@@ -16,9 +16,10 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 class DType(enum.Enum):
@@ -143,7 +144,7 @@ class Node:
 # ---------------------------------------------------------------- constructors
 
 
-def const(value: bool | int | float, dtype: DType | None = None, loc: Any = None) -> Node:
+def const(value: bool | float, dtype: DType | None = None, loc: Any = None) -> Node:
     if dtype is None:
         dtype = DType.BOOL if isinstance(value, bool) else DType.I32 if isinstance(value, int) else DType.F32
     value = {DType.BOOL: bool, DType.I32: int, DType.F32: float}[dtype](value)
