@@ -43,9 +43,9 @@ def rel(a, b) -> float:
 # ---------------------------------------------------------------- the D=192 diagnosis
 
 
-def naive64(q, k, v, scale, mask: bool, score_fn=None):
+def naive64(q, k, v, scale, mask: bool, softcapped: bool = False):
     s = (q @ k.transpose(-1, -2)) * scale
-    if score_fn is not None:
+    if softcapped:
         s = 20.0 * torch.tanh(s / 20.0)
     if mask:
         L, S = s.shape[-2:]
@@ -131,11 +131,8 @@ def diagnose() -> None:
     print("\n## D=192 dK diagnosis, shape (B, Hq, Hkv, Lq, Lkv, D, Dv) =", shape)
     diagnose_case("causal bf16 (x3)", shape, repeat=3)
     diagnose_case("no mask", shape, mask=False)
-    diagnose_case("softcap + causal", shape, score=True)
     diagnose_case("causal fp32", shape, dtype=torch.float32)
-    diagnose_case("causal, D=128 Dv=128", (1, 2, 2, 330, 330, 128, 128))
-    diagnose_case("causal, D=64 Dv=64", (1, 2, 2, 330, 330, 64, 64))
-    diagnose_case("causal, num_warps=8", shape, options={"num_warps": 8})
+    diagnose_case("softcap + causal", shape, score=True)
     torch_flex_dk_error(shape)
 
 
