@@ -8,9 +8,12 @@ Three generated @triton.jit helpers carry everything variant-specific:
 * `scatter_captured(ds, score, b, h, q_idx, kv_idx, ...)` adds ds * d score_mod / d load into a
   float32 gradient buffer at each load's (wrapped, clamped) indices, summed over the tile axes the
   indices do not depend on first, so a per-head table costs one atomic per tile, not one per element;
-* the template's two kernels call them: `flex_bwd_dkdv` (one program per kv tile, walking the
-  q-major block tables, summing over the q heads of a GQA group) and `flex_bwd_dq` (one program per
-  q tile, walking the kv-major tables; it also scatters the captured tensors' gradients).
+* the template's kernels call them: `flex_bwd_delta` (delta = rowsum(dO * O) - dlse), `flex_bwd_dkdv`
+  (one program per kv tile, walking the q-major block tables, summing over the q heads of a GQA group;
+  its tiles are [kv, q], S^T = K Q^T, so P^T and dS^T feed the dV and dK dots without a register
+  transpose, which on the H100 miscompiled for a padded 256-wide dK) and `flex_bwd_dq` (one program per
+  q tile, heaviest first, walking the kv-major tables; it also scatters the captured tensors' gradients).
+  The mods only broadcast, so they run unchanged on either orientation.
 """
 
 from __future__ import annotations
