@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +64,7 @@ def kernel_key(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBounds | 
 
 
 # ids of what the key hashes -> (those objects, kept alive so their ids stay unique; module, key)
-_MODULES_BY_ID: dict[tuple[int, ...], tuple[tuple, Any, str]] = {}
+_MODULES_BY_ID: OrderedDict[tuple[int, ...], tuple[tuple, Any, str]] = OrderedDict()
 
 
 def forward_module(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBounds | None):
@@ -80,6 +81,9 @@ def _module_and_key(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBoun
         key = kernel_key(score_mod, mask_mod, bounds)
         module = load_generated("forward", key, lambda: forward_source(score_mod, mask_mod, bounds))
         hit = _MODULES_BY_ID[ids] = (parts, module, key)
+        if len(_MODULES_BY_ID) > MEMO_SIZE:
+            _MODULES_BY_ID.popitem(last=False)
+    _MODULES_BY_ID.move_to_end(ids)
     return hit[1], hit[2]
 
 
@@ -235,18 +239,25 @@ def flex_forward(
 
 
 SPARSE_BELOW = 0.25  # visited fraction of kv blocks under which smaller tiles win (measured: NOTES_forward.md)
-# id(block mask) -> (the mask, kept alive so its id stays unique; sparse?)
-_SPARSITY: dict[int, tuple[Any, bool]] = {}
+MEMO_SIZE = 256  # block masks are often rebuilt every step: remember only the recent ones
+# (id(bounds or kv_num_blocks), lengths, block size) -> (that object, kept alive so its id stays unique; sparse?)
+_SPARSITY: OrderedDict[tuple, tuple[Any, bool]] = OrderedDict()
 
 
 def is_sparse(block_mask: Any, bounds: ClosedFormBounds | None) -> bool:
     """Whether the q tiles visit under SPARSE_BELOW of the kv blocks on average (decided once per block mask).
 
     Closed-form bounds are evaluated on the host (no table is built); tables are summed on their
-    device once (one sync per new block mask)."""
-    hit = _SPARSITY.get(id(block_mask))
+    device once (one sync per new block mask).  Keyed by the bounds or table object, which shallow
+    copies of a block mask share."""
+    anchor = bounds if bounds is not None else block_mask.kv_num_blocks
+    key = (id(anchor), tuple(block_mask.seq_lengths), _block_size(block_mask))
+    hit = _SPARSITY.get(key)
     if hit is None:
-        hit = _SPARSITY[id(block_mask)] = (block_mask, _visited_fraction(block_mask, bounds) < SPARSE_BELOW)
+        hit = _SPARSITY[key] = (anchor, _visited_fraction(block_mask, bounds) < SPARSE_BELOW)
+        if len(_SPARSITY) > MEMO_SIZE:
+            _SPARSITY.popitem(last=False)
+    _SPARSITY.move_to_end(key)
     return hit[1]
 
 
