@@ -16,6 +16,13 @@ Document masks are checked on ALL tiles: against per-document counts (tile true 
 sum over documents of q-count x kv-count, an oracle independent of the analysis), and against the
 per-element brute force (the exact fallback's chunked evaluation of every tile) on CUDA or with
 --brute-force.
+The "lazy closed-form build" table splits one lazy causal / sliding-window build at L=32768 into its device
+work (`sparsity.counts.build`: the aten ops that make kv_num_blocks / full_kv_num_blocks, listed) and the
+rest, which is Python overhead (argument checks, the mod, the cached closed form and symbolic counts, the
+BlockMask object).  (device="meta" is no proxy for the Python part: meta ops run Python shape functions,
+and the sliding window's clamp_ takes ~0.6 ms there.)
+No cache of BlockMasks is involved: every timed call builds a new one (the symbolic counts are cached per
+bounds and grid, like the sympy derivation).
 Run: python benchmarks/bench_blockmask.py [--device cuda|cpu] [--quick] [--threads N] [--only causal,sliding]
      [--json PATH]
 """
@@ -227,6 +234,41 @@ def run_long(meter: Meter, quick: bool, brute: bool, only: str | None = None) ->
     return rows
 
 
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops run while active (views excluded: they launch nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.__name__.startswith(("view", "_unsafe_view")):
+            self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def run_breakdown(meter: Meter, L: int = 32768) -> list[dict]:
+    """Lazy closed-form builds split into device ops and Python overhead (see the module docstring)."""
+    from flexcomp.sparsity import counts
+
+    rows = []
+    for name, mask in (("causal", std.causal()), ("sliding window 1024", std.sliding_window(1024))):
+        mod = mod_of(mask, {}, name)
+        build = functools.partial(create_block_mask, mod, None, None, L, L, meter.device)
+        bm = build()
+        values = counts.symbolic_counts(bm.bounds, L, L, *bm.BLOCK_SIZE)
+        ops_only = functools.partial(counts.build, values, bm.num_blocks[0], meter.device)
+        with OpLog() as log:
+            build()
+        row = {"case": name, "L": L, "device": str(meter.device), "total_s": meter.time(build, 201),
+               "device_ops_s": meter.time(ops_only, 201), "ops": log.ops}
+        row["python_s"] = row["total_s"] - row["device_ops_s"]
+        rows.append(row)
+        print(f"  lazy build {name} L={L}: {row['total_s'] * 1e6:.1f} us = ops {row['device_ops_s'] * 1e6:.1f} us "
+              f"({len(log.ops)}: {', '.join(log.ops)}) + Python {row['python_s'] * 1e6:.1f} us", flush=True)
+    return rows
+
+
 def torch_cases(L: int, device: torch.device) -> list[tuple[str, object, dict, Callable]]:
     """(name, IR, captured tensors, the same mask as a plain torch mask_mod for torch's create_block_mask)."""
     window = 1024
@@ -299,7 +341,8 @@ def _mem(m: dict) -> str:
     return f"{cpu} MiB" + (f" (GPU {m['cuda']:.1f} MiB)" if "cuda" in m else "")
 
 
-def markdown(long_rows: list[dict], torch_rows: list[dict], fractions: list[dict], meta: dict) -> str:
+def markdown(long_rows: list[dict], torch_rows: list[dict], fractions: list[dict], meta: dict,
+             breakdown: list[dict] = ()) -> str:
     out = [(f"Device: {meta['device']}; torch {meta['torch']}; CPU threads {meta['threads']}; "
             f"CPU memory: {meta['cpu_memory']}."), "",
            ("| mask | L | lazy (kernel's view) | all tables | cold first call | peak extra mem lazy | "
@@ -318,6 +361,13 @@ def markdown(long_rows: list[dict], torch_rows: list[dict], fractions: list[dict
                    f"{_ms(r['all_tables_s'])} | {r['torch_s'] / r['lazy_s']:.0f}x / "
                    f"{r['torch_s'] / r['all_tables_s']:.0f}x | {_mem(r['torch_mem'])} | {_mem(r['all_tables_mem'])} | "
                    f"{r['same_tiles_visited']} |")
+    if breakdown:
+        out += ["", ("| lazy closed-form build (cold: no BlockMask cache) | L | total | device ops (counts.build) | "
+                     "Python overhead (total - ops) | aten ops issued |"), "|---" * 6 + "|"]
+        for r in breakdown:
+            out.append(f"| {r['case']} | {r['L']:,} | {r['total_s'] * 1e6:.1f} us | {r['device_ops_s'] * 1e6:.1f} us | "
+                       f"{r['python_s'] * 1e6:.1f} us | "
+                       f"{len(r['ops'])}: {', '.join(r['ops'])} |")
     out += ["", ("| variant (L~4096, 128x128 tiles) | decided without evaluation / decidable | exact fraction | "
                  "wrong |"), "|---|---|---|---|"]
     for r in fractions:
@@ -348,12 +398,14 @@ def main() -> None:
             "cpu_memory": "VmHWM growth (clear_refs reset, mmap threshold 64 KiB)" if meter.hwm_resettable
             else "unavailable (no /proc/self/clear_refs)"}
     long_rows = run_long(meter, args.quick, brute, args.only)
+    breakdown = [] if args.only else run_breakdown(meter)
     torch_rows = [] if args.only else run_versus_torch(meter, versus_L)
     fractions = [] if args.only else exact_fractions()
-    print(markdown(long_rows, torch_rows, fractions, meta))
+    print(markdown(long_rows, torch_rows, fractions, meta, breakdown))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "long": long_rows, "versus_torch": torch_rows, "exact_fractions": fractions},
+            json.dump({"meta": meta, "long": long_rows, "versus_torch": torch_rows, "exact_fractions": fractions,
+                       "lazy_build_breakdown": breakdown},
                       f, indent=1, default=str)
 
 

@@ -16,8 +16,10 @@ q_num_blocks / q_indices / full_q_num_blocks / full_q_indices.  B and H are 1 wh
 not read b / h.  W is the largest count in any row (torch pads to nkv; consumers read only the
 first num_blocks entries of a row, so both layouts are valid).
 
-Lazy: with closed-form bounds, kv_indices, full_kv_* and all q-major tables are materialized on
-first access (causal's full table is inherently O(nq * nkv)); otherwise the q-major tables are.
+Lazy: with closed-form bounds, kv_indices, full_kv_indices and all q-major tables are materialized on
+first access (causal's full table is inherently O(nq * nkv)); otherwise the q-major tables are.  The
+counts of closed-form bounds are built on the device from their cached symbolic form (sparsity.counts):
+causal is an arange and a full, no copy, no sync.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from .ir import free_args
 from .mods import Mod
 from .sparsity import closed_form_bounds
+from .sparsity import counts as device_counts
 from .sparsity.equality import candidate_ranges, ranges_to_tiles
 from .sparsity.tables import (
     bounds_rows,
@@ -266,7 +269,7 @@ def create_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, K
     mod = _as_mask_mod(mask_mod)
     device = torch.device(device) if device is not None else _default_device()
     q_block, kv_block = _block_sizes(BLOCK_SIZE)
-    used = free_args(mod.ir)
+    used = _free_args(mod.ir)
     grid = Grid(B=(B or 1) if "b" in used else 1, H=(H or 1) if "h" in used else 1, q_len=Q_LEN, kv_len=KV_LEN,
                 q_block=q_block, kv_block=kv_block)
     bounds = closed_form_bounds(mod)
@@ -275,10 +278,19 @@ def create_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, K
     return _from_analysis(mod, grid, device, exact, bounds)
 
 
+@functools.lru_cache(maxsize=256)
+def _free_args(ir: Any) -> frozenset[str]:
+    return free_args(ir)  # an IR walk: once per IR, not per call (the hash of a Node is cached)
+
+
 def _from_bounds(mod: Mod, bounds: ClosedFormBounds, grid: Grid, device: torch.device) -> BlockMask:
-    """Tables from the closed-form kv ranges: O(nq) now, the index tables on first access."""
-    ranges = bounds_rows(bounds, grid, mod.tensors())  # [nq] kv-block ranges: partial [a, f0) + [f1, c), full [f0, f1)
-    tables, lazy = rows_from_ranges(ranges, grid, device)
+    """Tables from the closed-form kv ranges: the counts now, built on `device` from the bounds' symbolic
+    form (sparsity.counts: an arange or two, no copy, no sync); the index tables on first access."""
+    # [nq] kv-block ranges on the host: partial [a, f0) + [f1, c), full [f0, f1); only for the index tables
+    ranges = lambda: bounds_rows(bounds, grid, mod.tensors())
+    values = device_counts.symbolic_counts(bounds, grid.q_len, grid.kv_len, grid.q_block, grid.kv_block)
+    counts = None if values is None else device_counts.build(values, grid.num_q_blocks, device)
+    tables, lazy = rows_from_ranges(ranges, grid, device, counts)
     counts = {"closed form": grid.num_q_blocks * grid.num_kv_blocks}
     return BlockMask((grid.q_len, grid.kv_len), (grid.q_block, grid.kv_block), mod, tables, lazy, bounds, counts)
 

@@ -310,3 +310,76 @@ def test_causal_tables_at_long_lengths_allocate_only_themselves() -> None:
     full_q = tables["full_q_indices"][0, 0]
     assert full_q.shape[-1] == bm.num_blocks[0] - 1 and full_q[5, : tables["full_q_num_blocks"][0, 0, 5]].tolist() \
         == list(range(6, bm.num_blocks[0]))  # kv block 5 is FULL for the q blocks after it
+
+
+# ---------------------------------------------------------------- closed-form counts on the device
+
+
+SYMBOLIC_MASKS = {
+    "causal": std.causal(), "sliding 7": std.sliding_window(7), "sliding 300": std.sliding_window(300),
+    "prefix-LM": std.prefix_lm(700), "block-causal": std.block_causal(300), "offset +": std.offset_causal(333),
+    "offset -": std.offset_causal(-333),
+    "scaled": node(Op.LE, std.KV, node(Op.FLOORDIV, node(Op.MUL, std.Q, std.c(3)), std.c(2))),  # kv <= 3q // 2
+    "abs band": node(Op.LE, node(Op.ABS, node(Op.SUB, std.Q, std.KV)), std.c(100)),
+}  # fmt: skip
+GRIDS = [(1000, 777, 48, 40), (777, 1000, 40, 48), (130, 1000, 128, 7), (4096, 2048, 128, 64), (1, 1, 128, 128),
+         (5, 300, 16, 16), (2999, 1234, 100, 32), (32768, 32768, 128, 128)]
+
+
+@pytest.mark.parametrize("name", sorted(SYMBOLIC_MASKS))
+def test_device_counts_equal_host_ranges(name: str) -> None:
+    """sparsity.counts (symbolic in the q-block index, replayed as device ops) = bounds_rows' counts, on every grid."""
+    from flexcomp.sparsity import counts
+    from flexcomp.sparsity.closed_form import closed_form_bounds
+    from flexcomp.sparsity.tables import bounds_rows
+
+    bounds = closed_form_bounds(SYMBOLIC_MASKS[name])
+    assert bounds is not None, name
+    for q_len, kv_len, bq, bk in GRIDS:
+        grid = Grid(1, 1, q_len, kv_len, bq, bk)
+        a, f0, f1, c = bounds_rows(bounds, grid, {})
+        values = counts.symbolic_counts(bounds, q_len, kv_len, bq, bk)
+        assert values is not None, (name, q_len, kv_len, bq, bk)
+        partial, full = counts.build(values, grid.num_q_blocks, torch.device("cpu"))
+        assert partial.dtype == full.dtype == torch.int32 and partial.shape == (1, 1, grid.num_q_blocks)
+        assert torch.equal(partial[0, 0], ((f0 - a) + (c - f1)).int()), (name, q_len, kv_len, bq, bk)
+        assert torch.equal(full[0, 0], (f1 - f0).int()), (name, q_len, kv_len, bq, bk)
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name, most", [("causal", 2), ("sliding_window", 5)])
+def test_lazy_closed_form_build_is_a_handful_of_ops(name: str, most: int) -> None:
+    """The lazy path issues only aranges / fulls / elementwise ops: no copy, no sync (item, nonzero), no sort."""
+    mod = mod_of(std.causal() if name == "causal" else std.sliding_window(1024))
+    create_block_mask(mod, None, None, 32768, 32768, "cpu")  # derives and caches the symbolic counts
+    with OpLog() as log:
+        bm = create_block_mask(mod, None, None, 32768, 32768, "cpu")
+    device_ops = [op for op in log.ops if not op.startswith(("view", "_unsafe_view"))]
+    assert len(device_ops) <= most and set(device_ops) <= {"arange.start_step", "full.default", "clamp_.default",
+                                                           "sub.Tensor"}, log.ops
+    assert bm._lazy.keys() >= {"kv_indices", "full_kv_indices", "q_indices"}
+    expected = brute_classes(mod, 1, 1, 2048, 2048, 128) if name == "causal" else None
+    if expected is not None:  # the same call at a size brute force affords
+        assert torch.equal(create_block_mask(mod, None, None, 2048, 2048, "cpu").tile_classes(), expected)
+
+
+def test_counts_fall_back_to_the_host_outside_the_fragment(monkeypatch) -> None:
+    from flexcomp.sparsity import counts
+
+    mod = CASES["sliding_window"]()
+    fast = create_block_mask(mod, None, None, 1000, 900, "cpu", (64, 32))
+    monkeypatch.setattr(counts, "symbolic_counts", lambda *args: None)
+    slow = create_block_mask(mod, None, None, 1000, 900, "cpu", (64, 32))
+    for table in TABLES:
+        assert torch.equal(getattr(fast, table), getattr(slow, table)), table

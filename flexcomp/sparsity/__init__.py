@@ -6,6 +6,7 @@
 - `tiles`: the tiling, the banded analysis driver and the exact (evaluating) fallback;
 - `closed_form`: sympy derivation of per-q-block kv ranges (`ClosedFormBounds`);
 - `tables`: torch's ordered block tables without dense maps.
+- `counts`: the count tables of closed-form bounds, built on the device from their symbolic form.
 """
 
 from __future__ import annotations

@@ -158,16 +158,25 @@ def transpose_ranges(ranges: tuple[Tensor, Tensor, Tensor, Tensor], num_cols: in
     return upto(c), upto(f1), upto(f0), upto(a)
 
 
-def rows_from_ranges(ranges: tuple[Tensor, Tensor, Tensor, Tensor], grid,
-                     device: torch.device) -> tuple[dict[str, Tensor], dict[str, Callable[[], Tensor]]]:
-    """Eager counts, lazy index tables, from per-row ranges (partial = [a, f0) + [f1, c), full = [f0, f1))."""
-    a, f0, f1, c = ranges
-    view = lambda t: t.to(torch.int32).view(1, 1, -1).to(device)
-    tables = {"kv_num_blocks": view((f0 - a) + (c - f1)), "full_kv_num_blocks": view(f1 - f0)}
-    partial_indices = lambda: _range_indices(*ranges, full=False).to(device)
-    full_indices = lambda: _range_indices(*ranges, full=True).to(device)
+def rows_from_ranges(ranges: tuple[Tensor, ...] | Callable[[], tuple[Tensor, ...]], grid, device: torch.device,
+                     counts: tuple[Tensor, Tensor] | None = None,
+                     ) -> tuple[dict[str, Tensor], dict[str, Callable[[], Tensor]]]:
+    """Eager counts, lazy index tables, from per-row ranges (partial = [a, f0) + [f1, c), full = [f0, f1)).
 
-    by_col = functools.cache(lambda: transpose_ranges(ranges, grid.num_kv_blocks))
+    `ranges` may be a function, called (once, on the host) only when an index table is first read;
+    `counts` (kv_num_blocks, full_kv_num_blocks), when given, are used as they are (e.g. built on the
+    device by `counts.build`: then nothing is copied to the device until an index table is read)."""
+    ranges_now = ranges if callable(ranges) else (lambda: ranges)
+    get_ranges = functools.cache(ranges_now)
+    view = lambda t: t.to(torch.int32).view(1, 1, -1).to(device)
+    if counts is None:
+        a, f0, f1, c = get_ranges()
+        counts = (view((f0 - a) + (c - f1)), view(f1 - f0))
+    tables = {"kv_num_blocks": counts[0], "full_kv_num_blocks": counts[1]}
+    partial_indices = lambda: _range_indices(*get_ranges(), full=False).to(device)
+    full_indices = lambda: _range_indices(*get_ranges(), full=True).to(device)
+
+    by_col = functools.cache(lambda: transpose_ranges(get_ranges(), grid.num_kv_blocks))
 
     @functools.cache
     def generic_transpose(full: bool) -> tuple[Tensor, Tensor]:  # ranges that are not monotone: from listed entries
