@@ -6,7 +6,6 @@ row's count are 0 and must not be read.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -167,7 +166,7 @@ def rows_from_ranges(ranges: tuple[Tensor, ...] | Callable[[], tuple[Tensor, ...
     `counts` (kv_num_blocks, full_kv_num_blocks), when given, are used as they are (e.g. built on the
     device by `counts.build`: then nothing is copied to the device until an index table is read)."""
     ranges_now = ranges if callable(ranges) else (lambda: ranges)
-    get_ranges = functools.cache(ranges_now)
+    get_ranges = _once(ranges_now)
     view = lambda t: t.to(torch.int32).view(1, 1, -1).to(device)
     if counts is None:
         a, f0, f1, c = get_ranges()
@@ -176,12 +175,14 @@ def rows_from_ranges(ranges: tuple[Tensor, ...] | Callable[[], tuple[Tensor, ...
     partial_indices = lambda: _range_indices(*get_ranges(), full=False).to(device)
     full_indices = lambda: _range_indices(*get_ranges(), full=True).to(device)
 
-    by_col = functools.cache(lambda: transpose_ranges(get_ranges(), grid.num_kv_blocks))
+    by_col = _once(lambda: transpose_ranges(get_ranges(), grid.num_kv_blocks))
+    transposed: dict[bool, tuple[Tensor, Tensor]] = {}
 
-    @functools.cache
     def generic_transpose(full: bool) -> tuple[Tensor, Tensor]:  # ranges that are not monotone: from listed entries
-        num = tables["full_kv_num_blocks" if full else "kv_num_blocks"]
-        return transpose_ordered(num, full_indices() if full else partial_indices(), grid.num_kv_blocks)
+        if full not in transposed:
+            num = tables["full_kv_num_blocks" if full else "kv_num_blocks"]
+            transposed[full] = transpose_ordered(num, full_indices() if full else partial_indices(), grid.num_kv_blocks)
+        return transposed[full]
 
     def q_counts(full: bool) -> Tensor:
         if by_col() is None:
@@ -198,3 +199,15 @@ def rows_from_ranges(ranges: tuple[Tensor, ...] | Callable[[], tuple[Tensor, ...
             "q_num_blocks": lambda: q_counts(False), "q_indices": lambda: q_indices(False),
             "full_q_num_blocks": lambda: q_counts(True), "full_q_indices": lambda: q_indices(True)}
     return tables, lazy
+
+
+def _once(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, called at most once (functools.cache costs ~3 us to wrap: this is on every lazy build)."""
+    memo: list = []
+
+    def call():
+        if not memo:
+            memo.append(fn())
+        return memo[0]
+
+    return call
