@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -115,6 +117,17 @@ class Row:
     ms: dict = field(default_factory=dict)  # impl -> forward ms
     ms_fwd_bwd: dict = field(default_factory=dict)
     grad_rel_err: float | None = None
+    first_call_s: dict = field(default_factory=dict)  # impl -> seconds of its first call (code generation, compile)
+
+
+def first_call(fn) -> tuple[torch.Tensor, float]:
+    """The result and wall time of a first call: what a user waits for at a variant's first use
+    (flexcomp: kernel generation and Triton's compile, unless the disk cache has them; torch: Dynamo and Inductor)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -180,9 +193,9 @@ def run_variant(v: Variant, B: int, H: int, L: int, D: int, backward: bool, dtyp
                     return F.scaled_dot_product_attention(q, k, val, is_causal=v.sdpa_causal, enable_gqa=gqa)
             impls[name] = sdpa
 
-    expected = impls["torch flex"]()
-    got = impls["flexcomp"]()
+    (expected, torch_first), (got, ours_first) = first_call(impls["torch flex"]), first_call(impls["flexcomp"])
     row = Row(v.name, D, mask_density(v.mask_mod, L, device), rel_err(got, expected))
+    row.first_call_s = {"flexcomp": ours_first, "torch flex": torch_first}
     if backward:
         expected.backward(dout)
         ref_grads = [t.grad.clone() for t in (q, k, val)]
@@ -245,7 +258,12 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="variant names to run")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--max-err", type=float, default=2e-2, help="fail when flexcomp differs more than this")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="keep flexcomp's and Triton's disk caches (default: fresh ones, so first calls are cold)")
     args = parser.parse_args()
+    if not args.warm_cache:
+        for var in ("FLEXCOMP_CACHE_DIR", "TRITON_CACHE_DIR"):
+            os.environ[var] = tempfile.mkdtemp(prefix=var.lower() + "_")
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -262,6 +280,7 @@ def main() -> int:
             row = run_variant(v, args.batch, args.heads, args.length, D, args.backward, torch.bfloat16)
             rows.append(row)
             print(f"  {v.name:28s} D={D:3d} err={row.max_rel_err:.1e}"
+                  + f" first call: flexcomp {row.first_call_s['flexcomp']:.1f}s, torch {row.first_call_s['torch flex']:.1f}s"
                   + (f" grad_err={row.grad_rel_err:.1e}" if row.grad_rel_err is not None else "")
                   + f"  ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
     print_table(rows, args.batch, args.heads, args.length, backward=False)
