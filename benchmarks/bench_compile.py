@@ -16,9 +16,9 @@ import sys
 import time
 
 import bench_attention as ba
+from flexcomp.codegen.forward import kernel_source
 
 import flexcomp as fc
-from flexcomp.codegen.forward import kernel_source
 
 
 def median_ms(fn, repeat: int = 7) -> float:
@@ -28,6 +28,10 @@ def median_ms(fn, repeat: int = 7) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def fmt(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.1f} ms"
 
 
 def decorate(fn, kind: str):
@@ -51,9 +55,7 @@ def main() -> int:
         block_mask = fc.create_block_mask(mask, 1, 1, 8192, 8192)
         first_ms = (time.perf_counter() - start) * 1e3
         again_ms = median_ms(lambda mask=mask: fc.create_block_mask(mask, 1, 1, 8192, 8192))
-        source_ms = median_ms(lambda: kernel_source(score, mask, bounds=block_mask.bounds))
-        def fmt(ms):
-            return "-" if ms is None else f"{ms:.1f} ms"
+        source_ms = median_ms(lambda s=score, m=mask, b=block_mask.bounds: kernel_source(s, m, bounds=b))
         print(f"| {v.name} | {fmt(mask_ms)} | {fmt(score_ms)} | {first_ms:.1f} / {again_ms:.2f} ms | {source_ms:.1f} ms |")
     return 0
 
