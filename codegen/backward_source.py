@@ -18,8 +18,6 @@ Three generated @triton.jit helpers carry everything variant-specific:
 
 from __future__ import annotations
 
-import inspect
-
 from flexcomp.grad import load_grads, score_grad
 from flexcomp.ir import BufferSpec, Node, Op, arg, free_args, to_text
 from flexcomp.mods import Mod
@@ -33,9 +31,7 @@ SCORE_PREFIX, MASK_PREFIX, GRAD_PREFIX = "sb", "mb", "gb"
 def _render(roots: list[Node], names: dict[Node, str], prefix: str, buffers: tuple[BufferSpec, ...],
             indent: str = "    ") -> tuple[list[str], list[str]]:
     """ops.render_block with the captured tensors' parameters named by `prefix` (as buffer_params names them)."""
-    if "buffer_prefix" in inspect.signature(render_block).parameters:
-        return render_block(roots, names, prefix, buffers, buffer_prefix=prefix, indent=indent)
-    return render_block(roots, names, prefix, buffers, indent=indent)
+    return render_block(roots, names, prefix, buffers, buffer_prefix=prefix, indent=indent)
 
 
 def _function(name: str, params: list[str], lines: list[str]) -> str:
