@@ -19,12 +19,11 @@ Three generated @triton.jit helpers carry everything variant-specific:
 from __future__ import annotations
 
 from flexcomp.grad import load_grads, score_grad
-from flexcomp.ir import BufferSpec, Node, Op, arg, free_args, to_text
+from flexcomp.ir import MASK_MOD_ARGS, SCORE_MOD_ARGS, BufferSpec, Node, Op, arg, free_args, to_text
 from flexcomp.mods import Mod
 
 from .ops import PRELUDE, buffer_params, identifier, render_block
 
-MOD_ARGS = {"score": "score", "b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
 SCORE_PREFIX, MASK_PREFIX, GRAD_PREFIX = "sb", "mb", "gb"
 
 
@@ -44,15 +43,22 @@ def _args(names: list[str]) -> str:
 
 
 def _mod_names(kind: str) -> dict[Node, str]:
-    names = ("score", "b", "h", "q_idx", "kv_idx") if kind == "score" else ("b", "h", "q_idx", "kv_idx")
-    return {arg(a): MOD_ARGS[a] for a in names}
+    """The mod's ARGs, named in the generated helpers as in the IR."""
+    return {arg(a): a for a in (SCORE_MOD_ARGS if kind == "score" else MASK_MOD_ARGS)}
+
+
+def _buffers(mod: Mod | None) -> tuple[BufferSpec, ...]:
+    return tuple(mod.buffers) if mod is not None else ()
+
+
+def _commented(node: Node) -> str:
+    return "\n".join(f"#   {line}" for line in to_text(node).splitlines())
 
 
 def render_modded_scores(score_mod: Mod | None, mask_mod: Mod | None) -> str:
     """modded_scores(...): the score_mod and its derivative, then the ragged edge and the mask as -inf."""
     score_ir = score_mod.ir if score_mod is not None else arg("score")
-    score_buffers = tuple(score_mod.buffers) if score_mod is not None else ()
-    mask_buffers = tuple(mask_mod.buffers) if mask_mod is not None else ()
+    score_buffers, mask_buffers = _buffers(score_mod), _buffers(mask_mod)
     lines, (modded, dmod) = _render([score_ir, score_grad(score_ir)], _mod_names("score"), SCORE_PREFIX, score_buffers)
     lines += [f"    modded = {modded}",
               "    if not EVEN_KV:  # the last kv tile reaches past KV_LEN",
@@ -89,10 +95,10 @@ def _reduce_over_free_axes(value: str, index_nodes: tuple[Node, ...]) -> str:
 
 def render_scatter(score_mod: Mod | None, grad_buffers: frozenset[str]) -> str:
     """scatter_captured(...): the captured float tensors' gradient contributions of one tile."""
-    buffers = tuple(score_mod.buffers) if score_mod is not None else ()
+    buffers = _buffers(score_mod)
     specs = {spec.name: spec for spec in buffers}
-    grads = [(load, d) for load, d in load_grads(score_mod.ir)] if score_mod is not None else []
-    grads = [(load, d) for load, d in grads if load.arg in grad_buffers]
+    all_grads = load_grads(score_mod.ir) if score_mod is not None else []
+    grads = [(load, d) for load, d in all_grads if load.arg in grad_buffers]
     names = _mod_names("score")
     roots = [d for _, d in grads] + [i for load, _ in grads for i in load.src if i.op != Op.CONST]
     lines, _ = _render(roots, names, SCORE_PREFIX, buffers)
@@ -127,21 +133,17 @@ def _grad_address(spec: BufferSpec, load: Node, names: dict[Node, str]) -> str:
 def describe(mod: Mod | None, kind: str, grad_buffers: frozenset[str] = frozenset()) -> str:
     if mod is None:
         return f"# {kind}_mod: none"
-    text = "\n".join(f"#   {line}" for line in to_text(mod.ir).splitlines())
-    out = f"# {kind}_mod {mod.name} (key {mod.key})\n{text}"
+    out = f"# {kind}_mod {mod.name} (key {mod.key})\n{_commented(mod.ir)}"
     if kind == "score":
-        d = "\n".join(f"#   {line}" for line in to_text(score_grad(mod.ir)).splitlines())
-        out += f"\n# d {kind}_mod / d score:\n{d}"
+        out += f"\n# d {kind}_mod / d score:\n{_commented(score_grad(mod.ir))}"
         for load, grad in load_grads(mod.ir):
             if load.arg in grad_buffers:
-                g = "\n".join(f"#   {line}" for line in to_text(grad).splitlines())
-                out += f"\n# d {kind}_mod / d {load.arg}[...] (scattered into its gradient):\n{g}"
+                out += f"\n# d {kind}_mod / d {load.arg}[...] (scattered into its gradient):\n{_commented(grad)}"
     return out
 
 
 def backward_source(score_mod: Mod | None, mask_mod: Mod | None, grad_buffers: frozenset[str]) -> str:
-    score_buffers = tuple(score_mod.buffers) if score_mod is not None else ()
-    mask_buffers = tuple(mask_mod.buffers) if mask_mod is not None else ()
+    score_buffers, mask_buffers = _buffers(score_mod), _buffers(mask_mod)
     mod_buffers = _args(buffer_params(SCORE_PREFIX, score_buffers) + buffer_params(MASK_PREFIX, mask_buffers))
     grad_params = _args(_grad_params(score_buffers, grad_buffers))
     scatter_call = (f"scatter_captured(ds, score, b, h, q_idx, kv_idx, "
