@@ -214,10 +214,6 @@ def free_args(root: Node) -> frozenset[str]:
     return frozenset(n.arg for n in toposort(root) if n.op == Op.ARG)
 
 
-def loaded_buffers(root: Node) -> frozenset[str]:
-    return frozenset(n.arg for n in toposort(root) if n.op == Op.LOAD)
-
-
 def substitute(root: Node, mapping: dict[Node, Node]) -> Node:
     """Replace every occurrence of the keys of `mapping` (bottom-up, sharing preserved)."""
     done: dict[Node, Node] = {}
