@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from mod_check import assert_ir_matches, mod_args, mod_inputs
 
 import flexcomp.mods as fm
 from flexcomp.compiler import check_ir
@@ -27,14 +28,7 @@ FLAG = True
 
 
 def inputs(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "score": torch.randn(N, generator=g) * 3,
-        "b": torch.randint(0, 2, (N,), dtype=torch.int32, generator=g),
-        "h": torch.randint(0, 4, (N,), dtype=torch.int32, generator=g),
-        "q_idx": torch.randint(-20, 40, (N,), dtype=torch.int32, generator=g),
-        "kv_idx": torch.randint(-20, 40, (N,), dtype=torch.int32, generator=g),
-    }
+    return mod_inputs(torch.Generator().manual_seed(seed), N)
 
 
 def call_python(fn, args: list[torch.Tensor]) -> torch.Tensor:
@@ -50,19 +44,9 @@ def call_python(fn, args: list[torch.Tensor]) -> torch.Tensor:
 
 def check(mod: fm.Mod, seed: int = 1) -> None:
     env = inputs(seed)
-    names = ("score", "b", "h", "q_idx", "kv_idx") if mod.kind == "score" else ("b", "h", "q_idx", "kv_idx")
     check_ir(mod.raw_ir)
     check_ir(mod.ir)
-    expected = call_python(mod.fn, [env[n] for n in names])
-    for root in (mod.raw_ir, mod.ir):
-        got = evaluate(root, env, mod.tensors()).expand(N)
-        if mod.kind == "mask":
-            assert got.dtype == torch.bool
-            assert torch.equal(got, expected.bool().expand(N)), mod.name
-        else:
-            assert got.dtype == torch.float32
-            torch.testing.assert_close(got.double(), expected.double().expand(N), rtol=1e-5, atol=1e-5,
-                                       equal_nan=True, msg=mod.name)
+    assert_ir_matches(mod, call_python(mod.fn, mod_args(mod, env)), env, equal_nan=True)
 
 
 # ---------------------------------------------------------------- score mods

@@ -9,11 +9,11 @@ import linecache
 
 import pytest
 import torch
+from mod_check import assert_ir_matches, mod_args, mod_inputs
 
 import flexcomp as fc
 import flexcomp.mods as fm
 from flexcomp.errors import FlexcompTypeError, SignatureError, UnsupportedConstructError
-from flexcomp.evaluate import evaluate
 from flexcomp.frontend import lambdas
 
 N = 256
@@ -22,27 +22,10 @@ BIAS = torch.randn(4)
 FTABLE = torch.randn(8)
 
 
-def index_inputs(rng: torch.Generator) -> dict[str, torch.Tensor]:
-    return {
-        "score": torch.randn(N, generator=rng) * 3,
-        "b": torch.randint(0, 2, (N,), dtype=torch.int32, generator=rng),
-        "h": torch.randint(0, 4, (N,), dtype=torch.int32, generator=rng),
-        "q_idx": torch.randint(-20, 40, (N,), dtype=torch.int32, generator=rng),
-        "kv_idx": torch.randint(-20, 40, (N,), dtype=torch.int32, generator=rng),
-    }
-
-
 def check(mod: fm.Mod, fn, rng: torch.Generator) -> None:
     """mod's IR (raw and optimized) evaluated on random indices == `fn` called on the same index tensors."""
-    env = index_inputs(rng)
-    names = ("score", "b", "h", "q_idx", "kv_idx") if mod.kind == "score" else ("b", "h", "q_idx", "kv_idx")
-    expected = torch.as_tensor(fn(*(env[n] for n in names))).expand(N)
-    for root in (mod.raw_ir, mod.ir):
-        got = evaluate(root, env, mod.tensors()).expand(N)
-        if mod.kind == "mask":
-            assert got.dtype == torch.bool and torch.equal(got, expected.bool())
-        else:
-            torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-5)
+    env = mod_inputs(rng, N)
+    assert_ir_matches(mod, torch.as_tensor(fn(*mod_args(mod, env))), env)
 
 
 def position_of(snippet: str, fn) -> tuple[int, int]:
