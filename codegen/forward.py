@@ -22,6 +22,7 @@ from . import autotune
 from .autotune import MIN_BLOCK, LaunchConfig, next_power_of_2
 from .cache import cache_key, load_generated
 from .forward_source import bounds_text, forward_source
+from .ops import float_index_exact
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -214,6 +215,7 @@ def flex_forward(
         EVEN_KV=Lkv % sparse_kv == 0,  # every kv tile in bounds (a table walk visits whole sparse blocks)
         FAST_TANH=score_mod is not None and q.dtype in FAST_TANH_DTYPES and not interpreted,
         USE_TMA=use_tma(k, v, kernel_options) and not interpreted,
+        FLOAT_INDEX=float_index(score_mod, B, Hq, Lq + sparse_q, Lkv + sparse_kv),
     )  # fmt: skip
 
     def run(config: LaunchConfig) -> None:
@@ -282,6 +284,17 @@ def _visited_fraction(block_mask: Any, bounds: ClosedFormBounds | None) -> float
         visited = visited + block_mask.full_kv_num_blocks.sum()
     rows = block_mask.kv_num_blocks.shape[0] * block_mask.kv_num_blocks.shape[1] * n_q
     return float(visited) / max(rows * n_kv, 1)
+
+
+def float_index(score_mod: Mod | None, batch: int, heads: int, q_bound: int, kv_bound: int) -> bool:
+    """Whether the kernel may compute the score mod's int->float index casts in float (ops.float_index_form).
+
+    The bounds pad the lengths by a sparse block: the last tiles evaluate the mod past the end (those
+    scores are masked or never stored, but the range check covers them too)."""
+    if score_mod is None:
+        return False
+    ranges = (("b", 0, batch - 1), ("h", 0, heads - 1), ("q_idx", 0, q_bound - 1), ("kv_idx", 0, kv_bound - 1))
+    return float_index_exact(score_mod.ir, ranges)
 
 
 def use_tma(k: torch.Tensor, v: torch.Tensor, kernel_options: dict | None) -> bool:

@@ -20,7 +20,7 @@ from flexcomp.ir import arg, to_expr, to_text
 from flexcomp.mods import Mod
 from flexcomp.tiles import ClosedFormBounds
 
-from .ops import PRELUDE, buffer_params, hoistable, render_block
+from .ops import PRELUDE, buffer_params, cast_f32, float_index_form, hoistable, render_block
 
 LOOP_ARGS = frozenset({"score", "kv_idx"})  # what changes from one kv tile to the next
 MOD_ARG_NAMES = {"score": "score", "b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
@@ -29,31 +29,49 @@ BOUND_ARG_NAMES = {"b": "b", "h": "h", "q_lo": "q_lo", "q_hi": "q_hi", "Q_LEN": 
 
 @dataclass(frozen=True)
 class ModCode:
-    """One mod, rendered: its two functions' text and the names the template threads through."""
+    """One mod, rendered: its functions' text and the names the template threads through."""
 
     functions: str
     hoisted: list[str]  # values the kernel computes per q tile and hands to the loop
     buffers: list[str]  # captured-tensor parameters
+    float_functions: str = ""  # score mods: `score_mod_float`, the exact float index form (ops.float_index_form)
+
+
+FLOAT_INDEX_NAME = "kv_idx_f"  # the kernel's float32 kv_idx: start_n + arange, converted per tile, not per element
 
 
 def render_mod(mod: Mod | None, kind: str) -> ModCode:
     prefix = "s" if kind == "score" else "m"
     arg_names = ("score", "b", "h", "q_idx", "kv_idx") if kind == "score" else ("b", "h", "q_idx", "kv_idx")
+    float_params = list(arg_names) + [FLOAT_INDEX_NAME]
     if mod is None:  # no score_mod: the identity, never called (HAS_SCORE_MOD is False)
         hoisted = _function(f"{kind}_mod_hoisted", ["b", "h", "q_idx"], [], "0")
-        return ModCode(hoisted + "\n\n\n" + _function(f"{kind}_mod", list(arg_names), [], "score"), [], [])
+        floats = _function(f"{kind}_mod_float", float_params, [], "score") if kind == "score" else ""
+        return ModCode(hoisted + "\n\n\n" + _function(f"{kind}_mod", list(arg_names), [], "score"), [], [], floats)
     buffers = tuple(mod.buffers)
     params = buffer_params(f"{prefix}b", buffers)
     bp = f"{prefix}b"
+    roots = [mod.ir]
+    float_ir, _ = float_index_form(mod.ir)
+    if kind == "score" and float_ir != mod.ir:
+        roots.append(float_ir)  # both forms' loop invariants are hoisted; the kernel uses one set
     names = {arg(a): MOD_ARG_NAMES[a] for a in arg_names if a not in LOOP_ARGS}
-    hoisted_nodes = hoistable([mod.ir], LOOP_ARGS)
-    pre_lines, hoisted = render_block(hoisted_nodes, names, f"{prefix}h", buffers, bp)
+    pre_lines, hoisted = render_block(hoistable(roots, LOOP_ARGS), names, f"{prefix}h", buffers, bp)
     names.update({arg(a): MOD_ARG_NAMES[a] for a in arg_names if a in LOOP_ARGS})
+    float_names = {**names, cast_f32(arg("kv_idx")): FLOAT_INDEX_NAME}
     lines, (result,) = render_block([mod.ir], names, prefix, buffers, bp)
     pre_args = [a for a in arg_names if a not in LOOP_ARGS]
     text = _function(f"{kind}_mod_hoisted", pre_args + params, pre_lines, ", ".join(hoisted) or "0")
     text += "\n\n\n" + _function(f"{kind}_mod", list(arg_names) + hoisted + params, lines, result)
-    return ModCode(text, hoisted, params)
+    floats = ""
+    if kind == "score":
+        float_params += hoisted + params
+        if len(roots) == 1:  # nothing to rewrite: never called (the host sets FLOAT_INDEX only after a rewrite)
+            floats = _function("score_mod_float", float_params, [], "score")
+        else:
+            float_lines, (float_result,) = render_block([float_ir], float_names, "sf", buffers, bp)
+            floats = _function("score_mod_float", float_params, float_lines, float_result)
+    return ModCode(text, hoisted, params, floats)
 
 
 def render_bounds(bounds: ClosedFormBounds | None, mask_mod: Mod) -> str:
@@ -117,15 +135,17 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
     for key, value in fill.items():
         kernel = kernel.replace("{" + key + "}", value)
     parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), score.functions,
-             fast_variant(score.functions), mask.functions, render_bounds(bounds, mask_mod), kernel.strip()]
+             fast_variant(score.functions, "score_mod"), score.float_functions,
+             fast_variant(score.float_functions, "score_mod_float"), mask.functions,
+             render_bounds(bounds, mask_mod), kernel.strip()]
     text = "\n\n\n".join(parts)
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
 
 
-def fast_variant(functions: str) -> str:
-    """`score_mod_fast`: score_mod with tanh on the MUFU unit (the kernel calls it when FAST_TANH)."""
-    body = functions[functions.index("@triton.jit\ndef score_mod("):]
-    return body.replace("def score_mod(", "def score_mod_fast(").replace("tanh_f32(", "tanh_approx(")
+def fast_variant(functions: str, name: str) -> str:
+    """`{name}_fast`: the function `name` with tanh on the MUFU unit (the kernel calls it when FAST_TANH)."""
+    body = functions[functions.index(f"@triton.jit\ndef {name}("):]
+    return body.replace(f"def {name}(", f"def {name}_fast(").replace("tanh_f32(", "tanh_approx(")
 
 
 def _args(names: list[str]) -> str:
@@ -188,12 +208,13 @@ def attend_tiles(
     SPARSE_KV: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr,
+    CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
 ):
     \"\"\"Online softmax over kv tiles. FULL tiles (IS_FULL) never evaluate the mask.\"\"\"
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_idx = offs_m[:, None]
+    offs_n_f = tl.arange(0, BLOCK_N).to(tl.float32)
     if USE_TMA:  # Hopper's bulk tensor copies for K and V (host checked 16-byte alignment, unit last stride)
         k_desc = tl.make_tensor_descriptor(K, [KV_LEN, D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(V, [KV_LEN, DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
@@ -213,7 +234,14 @@ def attend_tiles(
         qk = dot(q, kt, DOT_PRECISION, UPCAST_DOT)
         kv_idx = offs_n[None, :]
         if HAS_SCORE_MOD:  # the mod sees q.k * scale in natural units
-            if FAST_TANH:
+            if FLOAT_INDEX:  # int->float casts of kv_idx expressions done in float: exact, the host checked the range
+                kv_idx_f = (start_n.to(tl.float32) + offs_n_f)[None, :]
+                if FAST_TANH:
+                    score = score_mod_float_fast(qk * sm_scale, b, h, q_idx, kv_idx, kv_idx_f,
+                                                 {SCORE_HOISTED}{SCORE_BUFFERS})
+                else:
+                    score = score_mod_float(qk * sm_scale, b, h, q_idx, kv_idx, kv_idx_f, {SCORE_HOISTED}{SCORE_BUFFERS})
+            elif FAST_TANH:
                 score = score_mod_fast(qk * sm_scale, b, h, q_idx, kv_idx, {SCORE_HOISTED}{SCORE_BUFFERS})
             else:
                 score = score_mod(qk * sm_scale, b, h, q_idx, kv_idx, {SCORE_HOISTED}{SCORE_BUFFERS})
@@ -263,7 +291,7 @@ def flex_forward_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     EVEN_Q: tl.constexpr = False, EVEN_KV: tl.constexpr = False, FAST_TANH: tl.constexpr = False,
-    USE_TMA: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, FLOAT_INDEX: tl.constexpr = False,
 ):
     # q tiles in reverse: under a causal-like mask the last ones are the longest, so they start first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -328,7 +356,7 @@ def flex_forward_kernel(
         partial_row, stride_in,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
     )
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
@@ -337,7 +365,7 @@ def flex_forward_kernel(
         full_row, stride_fin,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
     )
 
     # a fully masked row has l = 0: output 0 and lse -inf, never 0/0

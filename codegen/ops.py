@@ -12,13 +12,14 @@ so Triton's own promotion rules never decide anything.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from flexcomp.errors import BackendError
-from flexcomp.ir import BufferSpec, DType, Node, Op, promote, toposort
+from flexcomp.ir import BufferSpec, DType, Node, Op, free_args, map_nodes, promote, toposort
 
 TL_DTYPE = {DType.BOOL: "tl.int1", DType.I32: "tl.int32", DType.F32: "tl.float32"}
 MAX_POW_UNROLL = 8  # x ** n with a constant |n| <= this becomes a product
@@ -305,3 +306,161 @@ def hoistable(roots: list[Node], loop_args: frozenset[str]) -> list[Node]:
                 hoisted.append(node)
     return hoisted
 
+
+
+# ---------------------------------------------------------------- exact float index arithmetic
+#
+# `cast_f32(kv_idx - q_idx)` costs an int subtract and an int->float conversion per score element,
+# and the conversion runs at a quarter of the FP32 rate on Hopper.  Pushed down to the leaves, the
+# conversions happen once per vector instead: cast_f32(q_idx) once per q tile (hoisted) and
+# cast_f32(kv_idx) as `start_n + arange` in float per kv tile.  Exact, bit for bit, while every value
+# involved stays within +-2^24 (float32 holds every such integer; sums, differences and products of
+# them that stay in range are exact too): `float_index_exact` checks that on the host.
+
+FLOAT_EXACT_LIMIT = 2**24
+INDEX_LOOP_ARG = "kv_idx"  # the leaf whose float form the kernel builds per tile; others are hoisted
+
+
+def cast_f32(node: Node) -> Node:
+    return Node(Op.CAST, DType.F32, (node,))
+
+
+def _f32_op(op: Op, *src: Node) -> Node:
+    return Node(op, DType.F32, src)
+
+
+def _float_zero() -> Node:
+    return Node(Op.CONST, DType.F32, (), 0.0)
+
+
+def _times_const(a: Node, c: int, f: Callable[[Node], Node]) -> Node:
+    if c == 0:
+        return _float_zero()
+    if c > 0:
+        return _f32_op(Op.MUL, f(a), Node(Op.CONST, DType.F32, (), float(c)))
+    # 0.0 - x*|c| rather than x*c: an int 0 casts to +0.0, and x * -c would give -0.0
+    return _f32_op(Op.SUB, _float_zero(), _f32_op(Op.MUL, f(a), Node(Op.CONST, DType.F32, (), float(-c))))
+
+
+def _mul_rule(n: Node, f: Callable[[Node], Node]) -> Node | None:
+    a, b = n.src
+    if b.op == Op.CONST and b.dtype == DType.I32:
+        return _times_const(a, b.arg, f)
+    if a.op == Op.CONST and a.dtype == DType.I32:
+        return _times_const(b, a.arg, f)
+    return None
+
+
+# cast_f32(n) for an int `n` -> its float form, given `f` = the float form of a source; None: n stays a leaf
+FloatIndexRule = Callable[[Node, Callable[[Node], Node]], Node | None]
+FLOAT_INDEX_RULES: dict[Op, FloatIndexRule] = {
+    # cast_f32(c) -> float(c)
+    Op.CONST: lambda n, f: Node(Op.CONST, DType.F32, (), float(n.arg)),
+    # cast_f32(a + b) -> cast_f32(a) + cast_f32(b)
+    Op.ADD: lambda n, f: _f32_op(Op.ADD, f(n.src[0]), f(n.src[1])),
+    # cast_f32(a - b) -> cast_f32(a) - cast_f32(b)
+    Op.SUB: lambda n, f: _f32_op(Op.SUB, f(n.src[0]), f(n.src[1])),
+    # cast_f32(-a) -> 0.0 - cast_f32(a)   (not -cast_f32(a): that is -0.0 where a = 0)
+    Op.NEG: lambda n, f: _f32_op(Op.SUB, _float_zero(), f(n.src[0])),
+    # cast_f32(a * c) -> cast_f32(a) * c   (c < 0: 0.0 - cast_f32(a) * -c; c = 0: 0.0); non-constant products stay
+    Op.MUL: _mul_rule,
+}
+
+
+def _float_form(n: Node, memo: dict[Node, Node], region: set[Node]) -> Node:
+    """The float32 form of int node `n`; `region` collects every int node whose value it carries."""
+    if n in memo:
+        return memo[n]
+    region.add(n)
+    rule = FLOAT_INDEX_RULES.get(n.op) if n.dtype == DType.I32 else None
+    form = None
+    if rule is not None and (n.op == Op.CONST or INDEX_LOOP_ARG in free_args(n)):
+        form = rule(n, lambda s: _float_form(s, memo, region))
+    # leaves: the loop's index (the kernel's per-tile float iota), hoisted values (one conversion per q tile),
+    # and anything the rules do not cover (converted as before)
+    memo[n] = form or cast_f32(n)
+    return memo[n]
+
+
+def float_index_form(root: Node) -> tuple[Node, frozenset[Node]]:
+    """`root` with each int->float32 cast of a kv_idx expression pushed down to its leaves, and the int
+    nodes whose values the float arithmetic then carries (every one must stay within +-2^24)."""
+    memo: dict[Node, Node] = {}
+    region: set[Node] = set()
+
+    def rewrite(node: Node) -> Node | None:
+        if node.op != Op.CAST or node.dtype != DType.F32 or node.src[0].dtype != DType.I32:
+            return None
+        if INDEX_LOOP_ARG not in free_args(node.src[0]):
+            return None  # loop-invariant: hoisted whole, converted once per q tile already
+        return _float_form(node.src[0], memo, region)
+
+    return map_nodes(root, rewrite), frozenset(region)
+
+
+# ---- integer ranges, for the guard
+
+Interval = tuple[float, float]
+UNBOUNDED: Interval = (-math.inf, math.inf)
+
+
+def _products(a: Interval, b: Interval) -> Interval:
+    corners = [x * y for x in a for y in b if not (math.isinf(x) and y == 0 or math.isinf(y) and x == 0)]
+    return (min(corners), max(corners)) if corners else UNBOUNDED
+
+
+def _floordiv_interval(n: Node, a: Interval, b: Interval) -> Interval:
+    c = n.src[1]
+    if c.op == Op.CONST and c.arg > 0 and not any(map(math.isinf, a)):
+        return (a[0] // c.arg, a[1] // c.arg)
+    return UNBOUNDED
+
+
+def _mod_interval(n: Node, a: Interval, b: Interval) -> Interval:
+    c = n.src[1]
+    return (0, c.arg - 1) if c.op == Op.CONST and c.arg > 0 else UNBOUNDED
+
+
+IntervalRule = Callable[..., Interval]
+INTERVAL_RULES: dict[Op, IntervalRule] = {
+    Op.CONST: lambda n: (n.arg, n.arg),
+    Op.ADD: lambda n, a, b: (a[0] + b[0], a[1] + b[1]),
+    Op.SUB: lambda n, a, b: (a[0] - b[1], a[1] - b[0]),
+    Op.NEG: lambda n, a: (-a[1], -a[0]),
+    Op.MUL: lambda n, a, b: _products(a, b),
+    Op.FLOORDIV: _floordiv_interval,
+    Op.MOD: _mod_interval,
+    Op.MIN: lambda n, a, b: (min(a[0], b[0]), min(a[1], b[1])),
+    Op.MAX: lambda n, a, b: (max(a[0], b[0]), max(a[1], b[1])),
+    Op.ABS: lambda n, a: (0 if a[0] <= 0 <= a[1] else min(abs(a[0]), abs(a[1])), max(abs(a[0]), abs(a[1]))),
+}
+
+
+def int_intervals(root: Node, arg_ranges: dict[str, Interval]) -> dict[Node, Interval]:
+    """A range for every int/bool node (bools are 0..1; ops without a rule are unbounded)."""
+    ranges: dict[Node, Interval] = {}
+    for n in toposort(root):
+        if n.dtype == DType.BOOL:
+            ranges[n] = (0, 1)
+        elif n.dtype != DType.I32:
+            continue
+        elif n.op == Op.ARG:
+            ranges[n] = arg_ranges.get(n.arg, UNBOUNDED)
+        elif n.op in INTERVAL_RULES and all(s in ranges for s in n.src):
+            ranges[n] = INTERVAL_RULES[n.op](n, *(ranges[s] for s in n.src))
+        elif n.op == Op.CAST and n.src[0].dtype == DType.BOOL:
+            ranges[n] = (0, 1)
+        else:
+            ranges[n] = UNBOUNDED
+    return ranges
+
+
+@functools.lru_cache(maxsize=256)
+def float_index_exact(root: Node, arg_ranges: tuple[tuple[str, int, int], ...]) -> bool:
+    """Whether `float_index_form(root)` changes something and computes exactly what `root` does, for the
+    ARG ranges given as (name, lo, hi) inclusive (a host-side check; the kernel takes it as a constexpr)."""
+    rewritten, region = float_index_form(root)
+    if rewritten == root:
+        return False
+    ranges = int_intervals(root, {name: (lo, hi) for name, lo, hi in arg_ranges})
+    return all(max(abs(ranges[n][0]), abs(ranges[n][1])) <= FLOAT_EXACT_LIMIT for n in region)
