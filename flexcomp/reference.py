@@ -101,17 +101,19 @@ class _Tiles:
 
     def rectangle(self, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
         """[Bm, Hm, q1-q0, k1-k0] tile classes (Bm, Hm may be 1 and broadcast)."""
-        qb0, qb1 = q0 // self.q_block, (q1 - 1) // self.q_block + 1
-        kb0, kb1 = k0 // self.kv_block, (k1 - 1) // self.kv_block + 1
-        sub = self.map[:, :, qb0:qb1, kb0:kb1]
-        q_rows = torch.arange(q0, q1, device=sub.device) // self.q_block - qb0
-        kv_cols = torch.arange(k0, k1, device=sub.device) // self.kv_block - kb0
+        sub = self._blocks(q0, q1, k0, k1)
+        q_rows = torch.arange(q0, q1, device=sub.device) // self.q_block - q0 // self.q_block
+        kv_cols = torch.arange(k0, k1, device=sub.device) // self.kv_block - k0 // self.kv_block
         return sub[:, :, q_rows][:, :, :, kv_cols]
 
     def classes_in(self, q0: int, q1: int, k0: int, k1: int) -> set[int]:
+        return set(self._blocks(q0, q1, k0, k1).unique().tolist())
+
+    def _blocks(self, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
+        """The tile map's entries for the blocks that rows [q0, q1) and columns [k0, k1) touch."""
         qb0, qb1 = q0 // self.q_block, (q1 - 1) // self.q_block + 1
         kb0, kb1 = k0 // self.kv_block, (k1 - 1) // self.kv_block + 1
-        return set(self.map[:, :, qb0:qb1, kb0:kb1].unique().tolist())
+        return self.map[:, :, qb0:qb1, kb0:kb1]
 
 
 # ---------------------------------------------------------------- attention
@@ -275,7 +277,7 @@ def _attend_rows(plan: _Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         m = m_new
     empty = total == 0  # fully masked rows: out 0, lse -inf
     safe_total = torch.where(empty, 1.0, total)
-    lse = torch.where(empty, -math.inf, torch.where(empty, 0.0, m) + torch.log(safe_total))
+    lse = torch.where(empty, -math.inf, m + torch.log(safe_total))
     return acc / safe_total, lse.squeeze(-1), m.squeeze(-1)
 
 
