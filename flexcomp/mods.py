@@ -49,7 +49,7 @@ class Mod:
 
     def tensors(self) -> dict[str, Any]:
         """The captured tensors' current values, by buffer name; they must still fit `buffers`."""
-        values = {spec.name: self.resolvers[spec.name]() for spec in self.buffers}
+        values = self._live_values()
         live = self._live_specs(values)
         if live != self.buffers:
             compiled, now = _spec_changes(self.buffers, live)
@@ -62,7 +62,7 @@ class Mod:
         re-lowered for the live ones (cached per dtype/shape tuple, so alternating shapes compile once each)."""
         if not self.buffers:
             return self
-        live = self._live_specs({spec.name: self.resolvers[spec.name]() for spec in self.buffers})
+        live = self._live_specs(self._live_values())
         if live == self.buffers:
             return self
         self.variants.setdefault(self.buffers, self)
@@ -75,6 +75,9 @@ class Mod:
             variant.variants = self.variants
             self.variants[live] = self.variants.setdefault(variant.buffers, variant)
         return self.variants[live]
+
+    def _live_values(self) -> dict[str, Any]:
+        return {spec.name: self.resolvers[spec.name]() for spec in self.buffers}
 
     def _live_specs(self, values: dict[str, Any]) -> tuple[BufferSpec, ...]:
         from .frontend.names import tensor_spec
