@@ -77,7 +77,7 @@ def _block_sizes(block_mask: Any) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _all_full_tables(batch: int, rows: int, cols: int, device: torch.device):
+def _all_full_tables(rows: int, cols: int, device: torch.device):
     """Tables listing every tile FULL: attention without a block mask walks all of them."""
     num = torch.full((1, 1, rows), cols, dtype=torch.int32, device=device)
     idx = torch.arange(cols, dtype=torch.int32, device=device).expand(1, 1, rows, cols).contiguous()
@@ -89,7 +89,7 @@ def _tables(block_mask: Any, q_major: bool, q_len: int, kv_len: int, sparse: tup
     """(num, idx, full_num, full_idx) as contiguous int32; missing FULL tables become empty ones."""
     if block_mask is None:
         n_q, n_kv = math.ceil(q_len / sparse[0]), math.ceil(kv_len / sparse[1])
-        return _all_full_tables(1, n_kv if q_major else n_q, n_q if q_major else n_kv, device)
+        return _all_full_tables(n_kv if q_major else n_q, n_q if q_major else n_kv, device)
     prefix = "q" if q_major else "kv"
     num, idx = getattr(block_mask, f"{prefix}_num_blocks"), getattr(block_mask, f"{prefix}_indices")
     full_num, full_idx = getattr(block_mask, f"full_{prefix}_num_blocks"), getattr(block_mask, f"full_{prefix}_indices")
