@@ -21,6 +21,7 @@ from triton.runtime.errors import OutOfResources
 
 from flexcomp.errors import BackendError
 from flexcomp.mods import Mod
+from flexcomp.tiles import block_size
 
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
@@ -70,11 +71,6 @@ def kernel_source_backward(score_mod: Mod | None, mask_mod: Mod | None,
 
 
 # ---------------------------------------------------------------- block tables
-
-
-def _block_sizes(block_mask: Any) -> tuple[int, int]:
-    size = block_mask.BLOCK_SIZE
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _all_full_tables(rows: int, cols: int, device: torch.device):
@@ -201,7 +197,7 @@ def flex_backward(
         if mod is not None and any(spec.name not in captured for spec in mod.buffers):
             captured = {**mod.tensors(), **captured}
     device = query.device
-    sparse = _block_sizes(block_mask) if block_mask is not None else (DEFAULT_SPARSE_BLOCK, DEFAULT_SPARSE_BLOCK)
+    sparse = block_size(block_mask) if block_mask is not None else (DEFAULT_SPARSE_BLOCK, DEFAULT_SPARSE_BLOCK)
     config = choose_config(kernel_options, sparse, query.dtype, max(D, Dv))
     if block_mask is None:  # the synthesized tables' tile: as small as the kernels' tiles, so no tile is wasted
         sparse = (max(config.BLOCK_M1, config.BLOCK_M2), max(config.BLOCK_N1, config.BLOCK_N2))

@@ -21,7 +21,7 @@ import torch
 import torch.utils.checkpoint
 
 from .ir import MASK_MOD_ARGS, SCORE_MOD_ARGS
-from .tiles import TileClass
+from .tiles import TileClass, block_size
 
 DEFAULT_CHUNK_ELEMENTS = 2**24  # score elements live per (q chunk x kv chunk) rectangle
 
@@ -64,7 +64,7 @@ def _as_arg_tensor(name: str, value: Any) -> torch.Tensor:
 def tile_map(block_mask: Any) -> torch.Tensor:
     """The BlockMask's tables as a dense [B, H, q blocks, kv blocks] int8 map of `TileClass` (O(tiles))."""
     q_len, kv_len = block_mask.seq_lengths
-    q_block, kv_block = _block_size(block_mask)
+    q_block, kv_block = block_size(block_mask)
     num_kv_blocks = math.ceil(kv_len / kv_block)
     num_q_blocks = math.ceil(q_len / q_block)
     tiles = _scatter_tiles(block_mask.kv_num_blocks, block_mask.kv_indices, num_kv_blocks, TileClass.PARTIAL, None)
@@ -72,11 +72,6 @@ def tile_map(block_mask: Any) -> torch.Tensor:
         tiles = _scatter_tiles(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, num_kv_blocks,
                                TileClass.FULL, tiles)
     return tiles[:, :, :num_q_blocks]
-
-
-def _block_size(block_mask: Any) -> tuple[int, int]:
-    size = block_mask.BLOCK_SIZE
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _scatter_tiles(num_blocks: torch.Tensor, indices: torch.Tensor, num_kv_blocks: int, cls: TileClass,
@@ -97,7 +92,7 @@ class _Tiles:
 
     def __init__(self, block_mask: Any, device: torch.device):
         self.map = tile_map(block_mask).to(device)
-        self.q_block, self.kv_block = _block_size(block_mask)
+        self.q_block, self.kv_block = block_size(block_mask)
 
     def rectangle(self, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
         """[Bm, Hm, q1-q0, k1-k0] tile classes (Bm, Hm may be 1 and broadcast)."""

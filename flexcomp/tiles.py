@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from .ir import Node
 
@@ -41,3 +42,9 @@ class ClosedFormBounds:
     kv_hi: Node
     full_lo: Node
     full_hi: Node
+
+
+def block_size(block_mask: Any) -> tuple[int, int]:
+    """A block mask's (q, kv) tile size; its BLOCK_SIZE may be one int for both axes or a (q, kv) pair."""
+    size = block_mask.BLOCK_SIZE
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
