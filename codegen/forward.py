@@ -16,7 +16,7 @@ from triton.runtime.errors import OutOfResources
 from flexcomp.errors import BackendError
 from flexcomp.ir import arg, const
 from flexcomp.mods import Mod
-from flexcomp.tiles import ClosedFormBounds
+from flexcomp.tiles import ClosedFormBounds, block_size
 
 from . import autotune
 from .autotune import MIN_BLOCK, LaunchConfig, next_power_of_2
@@ -66,10 +66,6 @@ def kernel_key(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBounds | 
 
 # ids of what the key hashes -> (those objects, kept alive so their ids stay unique; module, key)
 _MODULES_BY_ID: OrderedDict[tuple[int, ...], tuple[tuple, Any, str]] = OrderedDict()
-
-
-def forward_module(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBounds | None):
-    return _module_and_key(score_mod, mask_mod, bounds)[0]
 
 
 def _module_and_key(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBounds | None) -> tuple[Any, str]:
@@ -187,7 +183,7 @@ def flex_forward(
     bounds = getattr(block_mask, "bounds", None)
     B, Hq, Lq, D = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    sparse_q, sparse_kv = _block_size(block_mask)
+    sparse_q, sparse_kv = block_size(block_mask)
     config = choose_config(q, (sparse_q, sparse_kv), kernel_options, sparse=is_sparse(block_mask, bounds))
     module, key = _module_and_key(score_mod, mask_mod, bounds)
 
@@ -253,7 +249,7 @@ def is_sparse(block_mask: Any, bounds: ClosedFormBounds | None) -> bool:
     device once (one sync per new block mask).  Keyed by the bounds or table object, which shallow
     copies of a block mask share."""
     anchor = bounds if bounds is not None else block_mask.kv_num_blocks
-    key = (id(anchor), tuple(block_mask.seq_lengths), _block_size(block_mask))
+    key = (id(anchor), tuple(block_mask.seq_lengths), block_size(block_mask))
     hit = _SPARSITY.get(key)
     if hit is None:
         hit = _SPARSITY[key] = (anchor, _visited_fraction(block_mask, bounds) < SPARSE_BELOW)
@@ -265,7 +261,7 @@ def is_sparse(block_mask: Any, bounds: ClosedFormBounds | None) -> bool:
 
 def _visited_fraction(block_mask: Any, bounds: ClosedFormBounds | None) -> float:
     q_len, kv_len = block_mask.seq_lengths
-    block_q, block_kv = _block_size(block_mask)
+    block_q, block_kv = block_size(block_mask)
     n_q, n_kv = -(-q_len // block_q), -(-kv_len // block_kv)
     if bounds is not None:
         from flexcomp.evaluate import evaluate
@@ -386,11 +382,6 @@ def index_tables(block_mask: Any, use_bounds: bool) -> tuple[bool, list[Any]]:
     tables = [num, *_strides(num, 3), idx, *_strides(idx, 4), full_num, *_strides(full_num, 3),
               full_idx, *_strides(full_idx, 4)]
     return has_full, tables
-
-
-def _block_size(block_mask: Any) -> tuple[int, int]:
-    size = block_mask.BLOCK_SIZE
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def kernel_source(score_mod: Mod | None, mask_mod: Mod | None, **specialization: Any) -> str:

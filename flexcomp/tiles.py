@@ -33,7 +33,9 @@ class ClosedFormBounds:
     * the mask is false for every kv outside [kv_lo, kv_hi);
     * the mask is true for every kv in [full_lo, full_hi) (intersected with [0, KV_LEN)).
 
-    Either range may be empty (lo >= hi).  Neither is clamped to [0, KV_LEN]: the
+    (Today's producer, flexcomp.sparsity.closed_form, derives bounds only for masks
+    without captured tensors, over q_lo, q_hi and KV_LEN; codegen accepts the
+    wider form.)  Either range may be empty (lo >= hi).  Neither is clamped to [0, KV_LEN]: the
     consumer clamps.  Both are exact for the masks they are offered for (causal,
     sliding window, prefix-LM, block-causal, offset causal...): no tighter range holds.
     """
