@@ -6,12 +6,19 @@ the gradients of the score_mod's captured float tensors named in `grad_buffers`.
 The kernels recompute P from q, k and lse (no O(L^2) state); a small kernel first
 computes delta = rowsum(dO * O) minus dlse (d lse_i / d s_ij = P_ij folds into it).
 Block sizes, warps and stages per kernel are data (`BACKWARD_CONFIGS`), measured on an H100.
+
+dq, dk and dv are deterministic: each program owns its output rows and stores them once (no atomics).
+The captured tensors' gradients are float32 atomics by default; under
+`torch.use_deterministic_algorithms(True)` the dQ kernel instead adds into its own slice of a
+[programs, numel] float32 buffer and torch sums the slices (bitwise reproducible, bounded by
+`DETERMINISTIC_PARTIALS_LIMIT_BYTES`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +61,8 @@ BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
 DEFAULT_SPARSE_BLOCK = 128  # tile size of the synthesized all-FULL tables when there is no block mask
 MIN_BLOCK = 16
 DELTA_BLOCK_M = 64
+# Deterministic mode's partial gradients ([dQ programs, numel] float32 per captured tensor) may use at most this
+DETERMINISTIC_PARTIALS_LIMIT_BYTES = 1 << 30
 LAST_KERNELS: dict[str, Any] = {}  # kernel name -> the last launch's compiled kernel (n_regs, n_spills), for tuning
 
 
@@ -159,6 +168,40 @@ def _buffer_args(mod: Mod | None, tensors: dict[str, torch.Tensor], device) -> l
     return args
 
 
+def _deterministic_partials(grads: dict[str, torch.Tensor], programs: int) -> dict[str, torch.Tensor]:
+    """Zeroed [programs, *shape] float32 buffers, one slice per dQ program; raises when they would be too large.
+
+    Under torch.use_deterministic_algorithms(True, warn_only=True) an oversized request warns and returns {}
+    (the caller then uses atomics), as torch's own ops without a deterministic implementation do.
+    """
+    numel = sum(g.numel() for g in grads.values())
+    needed = programs * numel * 4
+    if needed > DETERMINISTIC_PARTIALS_LIMIT_BYTES:
+        message = (f"flexcomp's Triton backward for captured-tensor gradients does not have a deterministic "
+                   f"implementation within {DETERMINISTIC_PARTIALS_LIMIT_BYTES=} bytes ({programs=} dQ programs x "
+                   f"{numel=} gradient elements x 4 bytes = {needed} bytes), but you set "
+                   f"'torch.use_deterministic_algorithms(True)'. You can call torch.use_deterministic_algorithms(False) "
+                   f"(or pass warn_only=True) to accept float32 atomics, use backend='reference', or raise "
+                   f"flexcomp.codegen.backward.DETERMINISTIC_PARTIALS_LIMIT_BYTES.")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise BackendError(message)
+        warnings.warn(message, stacklevel=3)
+        return {}
+    return {name: torch.zeros((programs, *g.shape), dtype=torch.float32, device=g.device) for name, g in grads.items()}
+
+
+def _grad_args(grad_specs, grads: dict[str, torch.Tensor], partials: dict[str, torch.Tensor]) -> list[Any]:
+    """Each gradient's buffer, its strides and its slice stride: the partials' when deterministic, else 0."""
+    args = []
+    for spec in grad_specs:
+        if partials:
+            p = partials[spec.name]
+            args += [p, *_strides(p)[1:], p.stride(0)]
+        else:
+            args += [grads[spec.name], *_strides(grads[spec.name]), 0]
+    return args
+
+
 def flex_backward(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -215,7 +258,7 @@ def flex_backward(
     grads = {name: torch.zeros(captured[name].shape, dtype=torch.float32, device=device) for name in grad_buffers}
     mod_args = _buffer_args(score_mod, captured, device) + _buffer_args(mask_mod, captured, device)
     grad_specs = [s for s in (score_mod.buffers if score_mod else ()) if s.name in grad_buffers]
-    grad_args = [x for s in grad_specs for x in (grads[s.name], *_strides(grads[s.name]))]
+    deterministic = bool(grads) and torch.are_deterministic_algorithms_enabled()
     qkvdo = [query, *_strides(query), key, *_strides(key), value, *_strides(value), grad_out, *_strides(grad_out)]
     q_tables = _tables(block_mask, True, Lq, Lkv, sparse, device)
     kv_tables = _tables(block_mask, False, Lq, Lkv, sparse, device)
@@ -239,11 +282,16 @@ def flex_backward(
             num, idx, full_num, full_idx = kv_tables
             for g in grads.values():
                 g.zero_()  # a retry after running out of resources must not add twice
-            _launch(module.flex_bwd_dq, (triton.cdiv(Lq, attempt.BLOCK_M2), B * Hq),
+            dq_grid = (triton.cdiv(Lq, attempt.BLOCK_M2), B * Hq)
+            partials = _deterministic_partials(grads, dq_grid[0] * dq_grid[1]) if deterministic else {}
+            _launch(module.flex_bwd_dq, dq_grid,
                     *qkvdo, lse, delta, dq, *_strides(dq),
-                    num, idx, full_num, full_idx, *_table_args(num, idx, full_idx), *mod_args, *grad_args,
+                    num, idx, full_num, full_idx, *_table_args(num, idx, full_idx), *mod_args,
+                    *_grad_args(grad_specs, grads, partials),
                     scale, Lq, Lkv, Hq, BLOCK_M=attempt.BLOCK_M2, BLOCK_N=attempt.BLOCK_N2,
-                    **shapes, num_warps=attempt.warps_dq, num_stages=attempt.stages_dq)
+                    **shapes, num_warps=attempt.warps_dq, num_stages=attempt.stages_dq, DETERMINISTIC=bool(partials))
+            for name, p in partials.items():
+                torch.sum(p, 0, out=grads[name])  # a fixed-order reduction over the programs' slices
             LAST_KERNELS["config"] = attempt
             break
         except OutOfResources as e:

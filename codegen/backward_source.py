@@ -7,7 +7,9 @@ Three generated @triton.jit helpers carry everything variant-specific:
   they share subexpressions (tanh of a softcap is computed once);
 * `scatter_captured(ds, score, b, h, q_idx, kv_idx, ...)` adds ds * d score_mod / d load into a
   float32 gradient buffer at each load's (wrapped, clamped) indices, summed over the tile axes the
-  indices do not depend on first, so a per-head table costs one atomic per tile, not one per element;
+  indices do not depend on first, so a per-head table costs one atomic per tile, not one per element.
+  Under DETERMINISTIC (torch.are_deterministic_algorithms_enabled()) it instead adds, without atomics
+  and in a fixed order, into the program's own slice of a [programs, numel] buffer that torch then sums;
 * the template's kernels call them: `flex_bwd_delta` (delta = rowsum(dO * O) - dlse), `flex_bwd_dkdv`
   (one program per kv tile, walking the q-major block tables, summing over the q heads of a GQA group;
   its tiles are [kv, q], S^T = K Q^T, so P^T and dS^T feed the dV and dK dots without a register
@@ -80,10 +82,15 @@ def render_dscore(score_mod: Mod | None) -> str:
     return "dscore = tl.where(ds == 0.0, 0.0, ds * dmod)  # masked entries stay 0 even where dmod is not finite"
 
 
+def _tile_axes(index_nodes: tuple[Node, ...]) -> tuple[bool, bool]:
+    """Whether a load's indices vary along the tile's q axis, and along its kv axis."""
+    used = frozenset().union(*(free_args(i) for i in index_nodes)) if index_nodes else frozenset()
+    return "q_idx" in used, "kv_idx" in used
+
+
 def _reduce_over_free_axes(value: str, index_nodes: tuple[Node, ...]) -> str:
     """Sum a [BLOCK_M, BLOCK_N] contribution over the tile axes its target indices do not vary along."""
-    used = frozenset().union(*(free_args(i) for i in index_nodes)) if index_nodes else frozenset()
-    along_q, along_kv = "q_idx" in used, "kv_idx" in used
+    along_q, along_kv = _tile_axes(index_nodes)
     if along_q and along_kv:
         return value
     if along_q:
@@ -106,20 +113,35 @@ def render_scatter(score_mod: Mod | None, grad_buffers: frozenset[str]) -> str:
         spec = specs[load.arg]
         d_text = names.get(d) or _render([d], names, SCORE_PREFIX, buffers)[1][0]
         lines.append(f"    c{n} = tl.where(ds == 0.0, 0.0, ds * {d_text})  # d mod / d {load.arg}[...]")
-        lines.append(f"    tl.atomic_add({_grad_address(spec, load, names)}, "
-                     f"{_reduce_over_free_axes(f'c{n}', load.src)})")
+        base, offset = _grad_base(spec), _grad_offset(spec, load, names)
+        reduced = _reduce_over_free_axes(f"c{n}", load.src)
+        add = "add_in_order" if any(_tile_axes(load.src)) else "add_one"  # one entry per tile needs no ordering
+        lines += ["    if DETERMINISTIC:  # into this program's own slice of the partials, in a fixed order",
+                  f"        {add}({base}_ptr + slot * {base}_slot_stride, {offset}, {reduced})",
+                  "    else:",
+                  f"        tl.atomic_add({base}_ptr + {offset}, {reduced})"]
     lines.append("    return")
     params = ["ds", "score", "b", "h", "q_idx", "kv_idx", *buffer_params(SCORE_PREFIX, buffers),
-              *_grad_params(buffers, grad_buffers)]
+              *_grad_params(buffers, grad_buffers), "slot", "DETERMINISTIC: tl.constexpr"]
     return _function("scatter_captured", params, lines)
 
 
 def _grad_params(buffers: tuple[BufferSpec, ...], grad_buffers: frozenset[str]) -> list[str]:
-    return buffer_params(GRAD_PREFIX, tuple(b for b in buffers if b.name in grad_buffers))
+    """Each gradient's pointer and strides, then the stride between programs' slices (deterministic mode; else 0)."""
+    params = []
+    for spec in buffers:
+        if spec.name in grad_buffers:
+            params += [*buffer_params(GRAD_PREFIX, (spec,)), f"{_grad_base(spec)}_slot_stride"]
+    return params
 
 
-def _grad_address(spec: BufferSpec, load: Node, names: dict[Node, str]) -> str:
-    base = f"{GRAD_PREFIX}_{identifier(spec.name)}"
+def _grad_base(spec: BufferSpec) -> str:
+    return f"{GRAD_PREFIX}_{identifier(spec.name)}"
+
+
+def _grad_offset(spec: BufferSpec, load: Node, names: dict[Node, str]) -> str:
+    """The element offset of a load's (wrapped, clamped) indices in the gradient buffer."""
+    base = _grad_base(spec)
     terms = []
     for d, (index, size) in enumerate(zip(load.src, spec.shape)):
         if index.op == Op.CONST:  # wrap and clamp now, as the forward's loads do
@@ -127,7 +149,7 @@ def _grad_address(spec: BufferSpec, load: Node, names: dict[Node, str]) -> str:
             terms.append(f"{min(max(i + size if i < 0 else i, 0), size - 1)} * {base}_stride{d}")
         else:
             terms.append(f"wrap_index({names[index]}.to(tl.int32), {size}) * {base}_stride{d}")
-    return f"{base}_ptr + {' + '.join(terms) or '0'}"
+    return f"({' + '.join(terms) or '0'})"
 
 
 def describe(mod: Mod | None, kind: str, grad_buffers: frozenset[str] = frozenset()) -> str:
@@ -147,7 +169,8 @@ def backward_source(score_mod: Mod | None, mask_mod: Mod | None, grad_buffers: f
     mod_buffers = _args(buffer_params(SCORE_PREFIX, score_buffers) + buffer_params(MASK_PREFIX, mask_buffers))
     grad_params = _args(_grad_params(score_buffers, grad_buffers))
     scatter_call = (f"scatter_captured(ds, score, b, h, q_idx, kv_idx, "
-                    f"{_args(buffer_params(SCORE_PREFIX, score_buffers))}{grad_params})" if grad_params else "")
+                    f"{_args(buffer_params(SCORE_PREFIX, score_buffers))}{grad_params}slot, DETERMINISTIC)"
+                    if grad_params else "")
     header = "\n".join(["# Generated by flexcomp.codegen: the FlexAttention backward kernels for this variant.",
                         describe(score_mod, "score", grad_buffers), describe(mask_mod, "mask")])
     kernel = BACKWARD_TEMPLATE.replace("{MOD_BUFFERS}", mod_buffers).replace("{GRAD_BUFFERS}", grad_params)
@@ -199,6 +222,26 @@ def flex_bwd_delta(
     if HAS_DLSE:
         delta -= tl.load(DLSE + b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm, mask=q_in, other=0.0)
     tl.store(DELTA + bh.to(tl.int64) * Q_LEN + offs_m, delta, mask=q_in)
+
+
+@triton.jit
+def add_one(slice_ptr, offset, value):
+    # a plain read-add-write: only this program touches its slice, and a scalar store is one thread's
+    tl.store(slice_ptr + offset, tl.load(slice_ptr + offset) + value)
+
+
+@triton.jit
+def add_in_order(slice_ptr, offsets, values):
+    """slice_ptr[offsets] += values without atomics, the same way on every run (deterministic mode).
+
+    A tile's offsets repeat (a relative-position table is hit once per diagonal), so each distinct
+    offset, in ascending order, gets the tl.sum (a fixed tree) of its values and one read-add-write.
+    """
+    offsets = tl.where(values == 0.0, 2147483647, tl.broadcast_to(offsets, values.shape))  # + 0 changes nothing
+    target = tl.min(tl.min(offsets, 1), 0)
+    while target < 2147483647:
+        add_one(slice_ptr, target, tl.sum(tl.sum(tl.where(offsets == target, values, 0.0), 1), 0))
+        target = tl.min(tl.min(tl.where(offsets > target, offsets, 2147483647), 1), 0)
 
 
 @triton.jit
@@ -329,11 +372,11 @@ def dq_tiles(
     dq, q, do, lse2, delta, K, V,
     stride_kn, stride_kd, stride_vn, stride_vd,
     index_row, n_blocks, b, h, offs_m, sm_scale, KV_LEN,
-    {MOD_BUFFERS}{GRAD_BUFFERS}
+    {MOD_BUFFERS}{GRAD_BUFFERS}slot,
     IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, FAST_TANH: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     """Accumulate dQ (unscaled) of one q tile over the kv tiles of `n_blocks` sparse kv blocks."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -374,7 +417,11 @@ def flex_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
+    """dQ of one q tile; also the captured tensors' gradients: atomics into one float32 buffer each, or
+    (DETERMINISTIC) plain adds into this program's slice of a [programs, numel] buffer that torch sums."""
+    slot = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
     # last q tiles first: under causal-like masks they have the most kv tiles, so the tail of the grid is short
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -399,12 +446,14 @@ def flex_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
                   KV_IDX + row * table_cols, tl.load(KV_NUM + row), b, h, offs_m, sm_scale, KV_LEN,
-                  {MOD_BUFFERS}{GRAD_BUFFERS}
-                  False, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION)
+                  {MOD_BUFFERS}{GRAD_BUFFERS}slot,
+                  False, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                  DETERMINISTIC)
     dq = dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
                   FULL_KV_IDX + row * full_table_cols, tl.load(FULL_KV_NUM + row), b, h, offs_m, sm_scale, KV_LEN,
-                  {MOD_BUFFERS}{GRAD_BUFFERS}
-                  True, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION)
+                  {MOD_BUFFERS}{GRAD_BUFFERS}slot,
+                  True, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                  DETERMINISTIC)
     tl.store(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_in[:, None] & (offs_d[None, :] < D))
