@@ -3,6 +3,8 @@
 The score_mod's captured tensors are inputs of the autograd Function, so a learnable
 bias table, per-head ALiBi slopes or a per-head softcap gets its gradient like q, k and v
 do.  Users never write a backward: the score_mod's derivatives come from `flexcomp.grad`.
+Those gradients follow torch's determinism switch: float32 atomics by default, bitwise reproducible
+under `torch.use_deterministic_algorithms(True)` (codegen/backward.py reads the switch at backward time).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def relative_bias_case(randn):
         return s + t[h, (i - j) % 64] + 0.5 * t[(h + 1) % 2, j // 3]
 
     return bias, {"shapes": ((2, 2), (37, 37), (16, 16)), "score_mod": rel_bias, "score_fn": reference,
-                      "mask": causal_mask(), "mask_fn": lambda b, h, i, j: i >= j, "B": 2}
+                     "mask": causal_mask(), "mask_fn": lambda b, h, i, j: i >= j, "B": 2}
 
 
 def gradients(randn, bias, case) -> list[torch.Tensor]:
