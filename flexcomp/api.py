@@ -12,7 +12,7 @@ import torch
 
 from .errors import BackendError
 from .ir import free_args, to_text
-from .mods import Mod
+from .mods import Mod, specialized_mod
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -79,8 +79,8 @@ def flex_attention(
     want_lse, want_max = aux_wanted(return_lse, return_aux)
     if mask_mod is not None and block_mask is not None:
         raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
-    score_mod = to_mod(score_mod, "score")
-    mask_mod = to_mod(mask_mod, "mask")
+    score_mod = specialized_mod(score_mod, "score")
+    mask_mod = specialized_mod(mask_mod, "mask")
     key, value = broadcast_batch(query, key, value, block_mask, mask_mod is not None)
     backend = choose_backend(backend, query)
     if block_mask is not None:
@@ -220,31 +220,13 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def to_mod(fn_or_mod: Any, kind: str) -> Mod | None:
-    """None stays None; a Mod must be of `kind`; a plain function is compiled with `as_mod`.
-
-    The result is specialized for the captured tensors as they are now (`Mod.specialized`).
-    """
-    if fn_or_mod is None:
-        return None
-    if isinstance(fn_or_mod, Mod):
-        if fn_or_mod.kind != kind:
-            raise TypeError(f"{kind}_mod= got a {fn_or_mod.kind}_mod ({fn_or_mod.name}): {fn_or_mod.kind=} != {kind=}")
-        return fn_or_mod.specialized()
-    if not callable(fn_or_mod):
-        raise TypeError(f"{kind}_mod must be a function or a flexcomp Mod, got {type(fn_or_mod).__name__}")
-    from .mods import as_mod
-
-    return as_mod(fn_or_mod, kind).specialized()
-
-
 def with_compiled_mask_mod(block_mask: Any, compile_plain: bool) -> Any:
     """The block mask with its mask_mod specialized for the live captured tensors, and a plain function (e.g. in
     torch's own BlockMask) compiled when `compile_plain`; a shallow copy when anything changed."""
     mask_mod = block_mask.mask_mod
     if mask_mod is None or not (compile_plain or isinstance(mask_mod, Mod)):
         return block_mask
-    compiled = to_mod(mask_mod, "mask")
+    compiled = specialized_mod(mask_mod, "mask")
     if compiled is mask_mod:
         return block_mask
     block_mask = copy.copy(block_mask)
@@ -309,7 +291,7 @@ class CompiledVariant:
             from .codegen import kernel_source
         except ImportError as e:
             raise BackendError(f"kernel source is unavailable: the Triton code generator did not load ({e})") from e
-        return kernel_source(to_mod(self.score_mod, "score"), to_mod(self.mask_mod, "mask"))
+        return kernel_source(specialized_mod(self.score_mod, "score"), specialized_mod(self.mask_mod, "mask"))
 
     def block_mask(self, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device: Any = None,
                    **kwargs: Any) -> Any:
@@ -338,4 +320,4 @@ class CompiledVariant:
 
 def compile(score_mod: Any = None, mask_mod: Any = None) -> CompiledVariant:
     """Compile a score_mod and/or mask_mod (Mods or plain functions) into a `CompiledVariant`."""
-    return CompiledVariant(to_mod(score_mod, "score"), to_mod(mask_mod, "mask"))
+    return CompiledVariant(specialized_mod(score_mod, "score"), specialized_mod(mask_mod, "mask"))

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .ir import free_args
-from .mods import Mod
+from .mods import Mod, specialized_mod
 from .sparsity import closed_form_bounds
 from .sparsity import counts as device_counts
 from .sparsity.equality import candidate_ranges, ranges_to_tiles
@@ -237,15 +237,6 @@ def _expr(node: Any) -> str:
 # ---------------------------------------------------------------- building
 
 
-def _as_mask_mod(mask_mod: Any) -> Mod:
-    """A compiled mask_mod, specialized for its captured tensors as they are now."""
-    if isinstance(mask_mod, Mod):
-        return mask_mod.specialized()
-    from .mods import as_mod
-
-    return as_mod(mask_mod, "mask").specialized()
-
-
 def _block_sizes(BLOCK_SIZE: int | tuple[int, int]) -> tuple[int, int]:
     block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
     if len(block) != 2 or min(block) < 1:
@@ -266,7 +257,7 @@ def create_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, K
     """
     if Q_LEN < 1 or KV_LEN < 1:
         raise ValueError(f"sequence lengths must be positive, got {Q_LEN=} {KV_LEN=}")
-    mod = _as_mask_mod(mask_mod)
+    mod = specialized_mod(mask_mod, "mask")
     device = torch.device(device) if device is not None else _default_device()
     q_block, kv_block = _block_sizes(BLOCK_SIZE)
     used = _free_args(mod.ir)
@@ -361,7 +352,7 @@ def create_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, KV_LEN:
     """The dense bool mask [B, H, Q_LEN, KV_LEN] (O(L^2): for small sizes and tests, as torch's)."""
     from .evaluate import evaluate, index_grid
 
-    mod = _as_mask_mod(mask_mod)
+    mod = specialized_mod(mask_mod, "mask")
     device = torch.device(device) if device is not None else _default_device()
     B, H = B or 1, H or 1
     env = index_grid(B, H, Q_LEN, KV_LEN, device)

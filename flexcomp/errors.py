@@ -76,5 +76,11 @@ class SignatureError(FlexcompError):
     """A mod with the wrong number of parameters, or a captured value of an unusable kind."""
 
 
+class ModKindError(SignatureError, TypeError):
+    """A Mod of the other kind, or no function at all, where a score_mod or mask_mod is expected.
+
+    Also a TypeError: a wrong argument to `flex_attention` is one, as in torch."""
+
+
 class BackendError(FlexcompError):
     """A backend that cannot run this call (no Triton, unsupported shape...)."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .errors import SignatureError, SourceLoc
+from .errors import ModKindError, SignatureError, SourceLoc
 from .ir import BufferSpec, DType, Node, Op, structural_key
 from .ir import const as ir_const
 
@@ -144,17 +144,18 @@ _LAZY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plain function
 
 def as_mod(fn_or_mod: Mod | Callable | None, kind: str) -> Mod | None:
     """A Mod of `kind` ("score" or "mask") from a Mod, a function, lambda or functools.partial (compiled once,
-    cached per object), or None."""
+    cached per object), or None.  A Mod of the other kind or a non-callable is a `ModKindError`."""
     if fn_or_mod is None:
         return None
     if kind not in ("score", "mask"):
         raise ValueError(f"{kind=} must be 'score' or 'mask'")
     if isinstance(fn_or_mod, Mod):
         if fn_or_mod.kind != kind:
-            raise SignatureError(f"expected a {kind}_mod, got {fn_or_mod.kind}_mod {fn_or_mod.name!r}", fn_or_mod.loc)
+            raise ModKindError(f"expected a {kind}_mod, got {fn_or_mod.kind}_mod {fn_or_mod.name!r} "
+                               f"({fn_or_mod.kind=} != {kind=})", fn_or_mod.loc)
         return fn_or_mod
     if not callable(fn_or_mod):
-        raise SignatureError(f"a {kind}_mod must be a function or a Mod, got {type(fn_or_mod).__name__}")
+        raise ModKindError(f"{kind}_mod must be a function or a flexcomp Mod, got {type(fn_or_mod).__name__}")
     try:
         cached = _LAZY.setdefault(fn_or_mod, {})
     except TypeError:  # not weak-referenceable: compile every time
@@ -164,12 +165,18 @@ def as_mod(fn_or_mod: Mod | Callable | None, kind: str) -> Mod | None:
     return cached[kind]
 
 
+def specialized_mod(fn_or_mod: Mod | Callable | None, kind: str) -> Mod | None:
+    """`as_mod`, specialized for the captured tensors as they are now (`Mod.specialized`): what entry points run."""
+    mod = as_mod(fn_or_mod, kind)
+    return None if mod is None else mod.specialized()
+
+
 def _combine(op: Op, name: str, mods: tuple) -> Mod:
     from .compiler import optimize
     from .frontend import BufferTable
 
     table = BufferTable()
-    parts = [as_mod(m, "mask").specialized() for m in mods]
+    parts = [specialized_mod(m, "mask") for m in mods]
     raw = ir_const(op == Op.AND)
     for m in parts:
         body = table.merge(m.buffers, m.resolvers, m.raw_ir)

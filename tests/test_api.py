@@ -87,6 +87,17 @@ def test_bad_input_is_named(case, randn):
     assert text in str(info.value)
 
 
+@pytest.mark.parametrize("case", ["mask as score_mod", "score_mod not callable"])
+def test_wrong_mod_is_a_type_error_and_a_flexcomp_error(case, randn):
+    """One check (`as_mod`) for every entry point: a TypeError as torch raises, and a FlexcompError."""
+    args, kwargs, _, text = bad_inputs(randn)[case]
+    with pytest.raises(fc.ModKindError, match=re.escape(text)) as info:
+        fc.flex_attention(*args, **kwargs)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, fc.SignatureError)
+    with pytest.raises(fc.ModKindError, match=re.escape(text)):
+        fc.compile(*args[3:])
+
+
 def test_triton_on_cpu_without_interpreter_says_how(randn, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(fc.BackendError, match="TRITON_INTERPRET=1"):

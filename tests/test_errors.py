@@ -12,6 +12,7 @@ import flexcomp.mods as fm
 from flexcomp.errors import (
     FlexcompSyntaxError,
     FlexcompTypeError,
+    ModKindError,
     SignatureError,
     UndefinedNameError,
     UnsupportedConstructError,
@@ -275,8 +276,13 @@ def test_lambda_without_source_is_refused_clearly():
 
 def test_as_mod_kind_mismatch():
     mod = fm.mask_mod(e_arity_ok)
-    with pytest.raises(SignatureError, match="expected a score_mod, got mask_mod"):
+    with pytest.raises(ModKindError, match=r"expected a score_mod, got mask_mod 'e_arity_ok' \(fn_or_mod.kind='mask' "
+                       r"!= kind='score'\)") as info:
         fm.as_mod(mod, "score")
+    assert isinstance(info.value, SignatureError) and isinstance(info.value, TypeError)
+    assert info.value.loc == mod.loc
+    with pytest.raises(ModKindError, match="mask_mod must be a function or a flexcomp Mod, got int"):
+        fm.as_mod(3, "mask")
 
 
 def e_arity_ok(b, h, q, kv):
