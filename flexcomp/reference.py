@@ -29,26 +29,39 @@ DEFAULT_CHUNK_ELEMENTS = 2**24  # score elements live per (q chunk x kv chunk) r
 # ---------------------------------------------------------------- running mods
 
 
+def _specialized(mod: Any) -> Any:
+    """A Mod specialized for its captured tensors as they are now (once per call); a plain function as is."""
+    from .mods import Mod
+
+    return mod.specialized() if isinstance(mod, Mod) else mod
+
+
 def _as_callable(mod: Any) -> Callable[..., torch.Tensor]:
-    """A Mod runs through its IR (the semantics codegen must match); a plain function is called as is."""
+    """A (specialized) Mod runs through its IR (the semantics codegen must match); a plain function is called as is."""
     from .mods import Mod
 
     if isinstance(mod, Mod):
-        return lambda *args: evaluate_mod(mod, *args)
+        tensors = mod.tensors()  # once per call, not per rectangle
+        return lambda *args: _run_ir(mod, tensors, *args)
     return mod
 
 
 def evaluate_mod(mod: Any, *args: Any) -> torch.Tensor:
-    """Run `mod`'s IR on `args`, given in the order of its canonical parameters."""
+    """Run `mod`'s IR, specialized for its captured tensors as they are now, on `args`, given in the order of its
+    canonical parameters."""
+    mod = mod.specialized()
+    return _run_ir(mod, mod.tensors(), *args)
+
+
+def _run_ir(mod: Any, tensors: dict[str, torch.Tensor], *args: Any) -> torch.Tensor:
     from .evaluate import evaluate
 
-    mod = mod.specialized()
     names = SCORE_MOD_ARGS if mod.kind == "score" else MASK_MOD_ARGS
     if len(args) != len(names):
         raise TypeError(f"{mod.kind}_mod {mod.name} takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
     env = {name: _as_arg_tensor(name, value) for name, value in zip(names, args)}
     device = next((t.device for t in env.values() if isinstance(t, torch.Tensor)), None)
-    tensors = {name: t.to(device) if device is not None else t for name, t in mod.tensors().items()}
+    tensors = {name: t.to(device) if device is not None else t for name, t in tensors.items()}
     return evaluate(mod.ir, env, tensors)
 
 
@@ -162,6 +175,7 @@ def reference_attention_aux(
     tiles = _Tiles(block_mask, query.device) if block_mask is not None else None
     if block_mask is not None:
         mask_mod = block_mask.mask_mod
+    score_mod, mask_mod = _specialized(score_mod), _specialized(mask_mod)
     plan = _Plan(
         score_fn=_as_callable(score_mod) if score_mod is not None else None,
         mask_fn=_as_callable(mask_mod) if mask_mod is not None else None,
@@ -188,7 +202,7 @@ def reference_attention_aux(
 
 
 def _mods_need_grad(score_mod: Any) -> bool:
-    tensors = score_mod.specialized().tensors() if hasattr(score_mod, "specialized") else {}
+    tensors = score_mod.tensors() if hasattr(score_mod, "tensors") else {}
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
 
 

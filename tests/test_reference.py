@@ -326,6 +326,32 @@ def test_evaluate_mod_runs_the_ir(randn):
     assert ir_mod("mask", "causal", CAUSAL_IR)(0, 0, 3, 2).item() is True
 
 
+def test_mods_specialize_once_per_call_not_per_rectangle(rng, randn, naive_attention, monkeypatch):
+    """Many (q chunk x kv chunk) rectangles, but each Mod is specialized and its tensors read once per call."""
+    score_fn, score_mod, _, _ = variant("alibi", 2, 40, rng)
+    doc_ids = torch.arange(40) // 7
+    doc_fn, doc_mod = document(doc_ids)
+    calls = {"specialized": 0, "tensors": 0}
+
+    def counting(method):
+        original = getattr(Mod, method)
+
+        def counted(self):
+            calls[method] += 1
+            return original(self)
+        return counted
+
+    for method in calls:
+        monkeypatch.setattr(Mod, method, counting(method))
+    q_, k_, v_ = qkv(randn, (1, 2, 2, 40, 40, 8, 8), torch.float64)
+    out, lse = reference_attention(q_, k_, v_, score_mod, None, None, False, True, mask_mod=doc_mod,
+                                   q_chunk=8, kv_chunk=8)  # 25 rectangles
+    assert calls == {"specialized": 2, "tensors": 3}  # each mod's tensors once, the score_mod's once more for grad
+    want, want_lse = naive_attention(q_, k_, v_, score_fn, doc_fn, None, True)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    assert_lse_close(lse, want_lse, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("name", ["causal", "window", "document", "prefix"])
 def test_flexcomp_block_masks(name, rng, randn, naive_attention):
     """Block masks from flexcomp's own create_block_mask: same tiles as ours, same answer as the dense mask."""
