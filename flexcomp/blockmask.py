@@ -45,7 +45,7 @@ from .sparsity.tables import (
     transpose_ordered,
 )
 from .sparsity.tiles import Grid, analyze_rows, analyze_tiles, evaluate_tiles
-from .tiles import ClosedFormBounds, TileClass
+from .tiles import ClosedFormBounds, TileClass, block_pair
 
 Tensor = torch.Tensor
 DEFAULT_BLOCK = 128
@@ -63,7 +63,7 @@ class BlockMask:
                  tables: dict[str, Tensor | None], lazy: dict[str, Callable[[], Tensor]] | None = None,
                  bounds: ClosedFormBounds | None = None, decided_by: dict[str, int] | None = None):
         self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
-        self.BLOCK_SIZE = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(map(int, BLOCK_SIZE))
+        self.BLOCK_SIZE = block_pair(BLOCK_SIZE)
         self.mask_mod = mask_mod
         self.bounds = bounds
         self.decided_by = dict(decided_by or {})
@@ -103,7 +103,7 @@ class BlockMask:
             raise ValueError(f"kv_indices must have at least 2 dims, got {tuple(kv_indices.shape)=}")
         if (full_kv_num_blocks is None) != (full_kv_indices is None):
             raise ValueError("full_kv_num_blocks and full_kv_indices must be both given or both omitted")
-        block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
+        block = block_pair(BLOCK_SIZE)
         if seq_lengths is None:
             seq_lengths = (kv_indices.shape[-2] * block[0], kv_indices.shape[-1] * block[1])
         if mask_mod is None:
@@ -238,10 +238,12 @@ def _expr(node: Any) -> str:
 
 
 def _block_sizes(BLOCK_SIZE: int | tuple[int, int]) -> tuple[int, int]:
-    block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
-    if len(block) != 2 or min(block) < 1:
-        raise ValueError(f"BLOCK_SIZE must be a positive int or a (Q, KV) pair, got {BLOCK_SIZE=}")
-    return int(block[0]), int(block[1])
+    """`block_pair`, for the user's argument: checked."""
+    if isinstance(BLOCK_SIZE, int) or len(BLOCK_SIZE) == 2:
+        block = block_pair(BLOCK_SIZE)
+        if min(block) >= 1:
+            return block
+    raise ValueError(f"BLOCK_SIZE must be a positive int or a (Q, KV) pair, got {BLOCK_SIZE=}")
 
 
 def _default_device() -> torch.device:

@@ -48,5 +48,9 @@ class ClosedFormBounds:
 
 def block_size(block_mask: Any) -> tuple[int, int]:
     """A block mask's (q, kv) tile size; its BLOCK_SIZE may be one int for both axes or a (q, kv) pair."""
-    size = block_mask.BLOCK_SIZE
+    return block_pair(block_mask.BLOCK_SIZE)
+
+
+def block_pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(q, kv) from one int for both axes or a (q, kv) pair."""
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
