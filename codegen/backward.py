@@ -17,14 +17,15 @@ The captured tensors' gradients are float32 atomics by default; under
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import triton
-from triton.runtime.errors import OutOfResources
 
 from flexcomp.errors import BackendError
 from flexcomp.mods import Mod
@@ -32,6 +33,7 @@ from flexcomp.tiles import block_size
 
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
+from .launch import launch_first_fitting
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,11 @@ def _tables(block_mask: Any, q_major: bool, q_len: int, kv_len: int, sparse: tup
     return tuple(t.to(device=device, dtype=torch.int32).contiguous() for t in (num, idx, full_num, full_idx))
 
 
-def _table_args(num: torch.Tensor, idx: torch.Tensor, full_idx: torch.Tensor) -> list[int]:
+def _table_args(num: torch.Tensor, idx: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor) -> list[Any]:
+    """The four tables, then their batch and head strides (0 where broadcast), rows and widths."""
     tb, th, rows = num.shape
-    return [th if tb > 1 else 0, 1 if th > 1 else 0, rows, idx.shape[-1], full_idx.shape[-1]]
+    return [num, idx, full_num, full_idx, th if tb > 1 else 0, 1 if th > 1 else 0, rows, idx.shape[-1],
+            full_idx.shape[-1]]
 
 
 # ---------------------------------------------------------------- launch
@@ -202,6 +206,22 @@ def _grad_args(grad_specs, grads: dict[str, torch.Tensor], partials: dict[str, t
     return args
 
 
+def _compiled_mask_mod(block_mask: Any) -> Mod | None:
+    mask_mod = block_mask.mask_mod if block_mask is not None else None
+    if mask_mod is not None and not isinstance(mask_mod, Mod):
+        raise TypeError("the block mask's mask_mod must be a flexcomp Mod for the Triton backward")
+    return mask_mod
+
+
+def _with_live_tensors(captured: dict[str, torch.Tensor] | None, mods: tuple[Mod | None, ...]) -> dict[str, Any]:
+    """`captured`, completed with the mods' current tensors for the buffers it does not name."""
+    captured = dict(captured or {})
+    for mod in mods:
+        if mod is not None and any(spec.name not in captured for spec in mod.buffers):
+            captured = {**mod.tensors(), **captured}
+    return captured
+
+
 def flex_backward(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -231,14 +251,8 @@ def flex_backward(
     if query.dtype == torch.float64:
         raise TypeError("the Triton backward does not support float64; use backend='reference'")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    mask_mod = block_mask.mask_mod if block_mask is not None else None
-    mask_mod = mask_mod if isinstance(mask_mod, Mod) else None
-    if block_mask is not None and block_mask.mask_mod is not None and mask_mod is None:
-        raise TypeError("the block mask's mask_mod must be a flexcomp Mod for the Triton backward")
-    captured = dict(captured or {})
-    for mod in (score_mod, mask_mod):
-        if mod is not None and any(spec.name not in captured for spec in mod.buffers):
-            captured = {**mod.tensors(), **captured}
+    mask_mod = _compiled_mask_mod(block_mask)
+    captured = _with_live_tensors(captured, (score_mod, mask_mod))
     device = query.device
     sparse = block_size(block_mask) if block_mask is not None else (DEFAULT_SPARSE_BLOCK, DEFAULT_SPARSE_BLOCK)
     config = choose_config(kernel_options, sparse, query.dtype, max(D, Dv))
@@ -265,40 +279,45 @@ def flex_backward(
 
     # tanh on the MUFU unit for 16-bit inputs, as the forward does (never under the interpreter: no inline asm)
     fast_tanh = query.dtype in (torch.float16, torch.bfloat16) and query.device.type == "cuda"
-    error = None
-    for attempt in fallbacks(config):
-        shapes = {"D": D, "DV": Dv, "BLOCK_D": max(16, triton.next_power_of_2(D)),
-                  "BLOCK_DV": max(16, triton.next_power_of_2(Dv)), "GQA_GROUP": group, "SPARSE_Q": sparse[0],
-                  "SPARSE_KV": sparse[1], "DOT_PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
-                  "HAS_SCORE_MOD": score_mod is not None, "FAST_TANH": fast_tanh,
-                  "EVEN_KV": Lkv % max(attempt.BLOCK_N1, attempt.BLOCK_N2) == 0}
-        try:
-            num, idx, full_num, full_idx = q_tables
-            _launch(module.flex_bwd_dkdv, (triton.cdiv(Lkv, attempt.BLOCK_N1), B * Hkv),
-                    *qkvdo, lse, delta, dk, *_strides(dk), dv, *_strides(dv),
-                    num, idx, full_num, full_idx, *_table_args(num, idx, full_idx), *mod_args,
-                    scale, Lq, Lkv, Hq, Hkv, BLOCK_M=attempt.BLOCK_M1, BLOCK_N=attempt.BLOCK_N1,
-                    **shapes, num_warps=attempt.warps_dkdv, num_stages=attempt.stages_dkdv)
-            num, idx, full_num, full_idx = kv_tables
-            for g in grads.values():
-                g.zero_()  # a retry after running out of resources must not add twice
-            dq_grid = (triton.cdiv(Lq, attempt.BLOCK_M2), B * Hq)
-            partials = _deterministic_partials(grads, dq_grid[0] * dq_grid[1]) if deterministic else {}
-            _launch(module.flex_bwd_dq, dq_grid,
-                    *qkvdo, lse, delta, dq, *_strides(dq),
-                    num, idx, full_num, full_idx, *_table_args(num, idx, full_idx), *mod_args,
-                    *_grad_args(grad_specs, grads, partials),
-                    scale, Lq, Lkv, Hq, BLOCK_M=attempt.BLOCK_M2, BLOCK_N=attempt.BLOCK_N2,
-                    **shapes, num_warps=attempt.warps_dq, num_stages=attempt.stages_dq, DETERMINISTIC=bool(partials))
-            for name, p in partials.items():
-                torch.sum(p, 0, out=grads[name])  # a fixed-order reduction over the programs' slices
-            LAST_KERNELS["config"] = attempt
-            break
-        except OutOfResources as e:
-            error = e
-    else:
-        raise BackendError(f"no backward launch configuration fits this GPU for {D=}, {Dv=}, {query.dtype}: {error}")
+    shapes = {"D": D, "DV": Dv, "BLOCK_D": max(16, triton.next_power_of_2(D)),
+              "BLOCK_DV": max(16, triton.next_power_of_2(Dv)), "GQA_GROUP": group, "SPARSE_Q": sparse[0],
+              "SPARSE_KV": sparse[1], "DOT_PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
+              "HAS_SCORE_MOD": score_mod is not None, "FAST_TANH": fast_tanh}
+    dkdv = _bound(module.flex_bwd_dkdv, [*qkvdo, lse, delta, dk, *_strides(dk), dv, *_strides(dv),
+                                         *_table_args(*q_tables), *mod_args],
+                  [scale, Lq, Lkv, Hq, Hkv], **shapes)
+    dq_kernel = _bound(module.flex_bwd_dq, [*qkvdo, lse, delta, dq, *_strides(dq),
+                                            *_table_args(*kv_tables), *mod_args],
+                       [scale, Lq, Lkv, Hq], **shapes)
+    gradients = functools.partial(_launch_gradients, dkdv=dkdv, dq=dq_kernel, dims=(B, Hq, Hkv, Lq, Lkv),
+                                  grads=grads, grad_specs=grad_specs, deterministic=deterministic)
+    LAST_KERNELS["config"] = launch_first_fitting(
+        fallbacks(config), gradients, f"no backward launch configuration fits this GPU for {D=}, {Dv=}, {query.dtype}")
     return dq, dk, dv, {name: g.to(captured[name].dtype) for name, g in grads.items()}
+
+
+def _bound(kernel, head: list[Any], tail: list[Any], **constants: Any) -> Callable[..., None]:
+    """`kernel` with its leading and trailing arguments bound: called with the middle ones, a grid and tiles."""
+    return lambda *middle, grid, **tiles: _launch(kernel, grid, *head, *middle, *tail, **constants, **tiles)
+
+
+def _launch_gradients(attempt: BackwardConfig, dkdv: Callable[..., None], dq: Callable[..., None],
+                      dims: tuple[int, ...], grads: dict[str, torch.Tensor], grad_specs: list[Any],
+                      deterministic: bool) -> None:
+    """The dK/dV and dQ kernels at `attempt`'s tiles, and the captured tensors' gradients (from zero: a retry
+    after running out of resources must not add twice)."""
+    B, Hq, Hkv, Lq, Lkv = dims
+    even_kv = Lkv % max(attempt.BLOCK_N1, attempt.BLOCK_N2) == 0
+    dkdv(grid=(triton.cdiv(Lkv, attempt.BLOCK_N1), B * Hkv), BLOCK_M=attempt.BLOCK_M1, BLOCK_N=attempt.BLOCK_N1,
+         EVEN_KV=even_kv, num_warps=attempt.warps_dkdv, num_stages=attempt.stages_dkdv)
+    for g in grads.values():
+        g.zero_()
+    dq_grid = (triton.cdiv(Lq, attempt.BLOCK_M2), B * Hq)
+    partials = _deterministic_partials(grads, dq_grid[0] * dq_grid[1]) if deterministic else {}
+    dq(*_grad_args(grad_specs, grads, partials), grid=dq_grid, BLOCK_M=attempt.BLOCK_M2, BLOCK_N=attempt.BLOCK_N2,
+       EVEN_KV=even_kv, num_warps=attempt.warps_dq, num_stages=attempt.stages_dq, DETERMINISTIC=bool(partials))
+    for name, p in partials.items():
+        torch.sum(p, 0, out=grads[name])  # a fixed-order reduction over the programs' slices
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import triton
-from triton.runtime.errors import OutOfResources
 
 from flexcomp.errors import BackendError
 from flexcomp.ir import arg, const
@@ -22,6 +21,7 @@ from . import autotune
 from .autotune import MIN_BLOCK, LaunchConfig, next_power_of_2
 from .cache import cache_key, load_generated
 from .forward_source import bounds_text, forward_source
+from .launch import launch_first_fitting
 from .ops import float_index_exact
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -227,13 +227,8 @@ def flex_forward(
                     f"Lkv~{next_power_of_2(Lkv)} gqa={Hq // Hkv} {_device_name(q.device)}")
         config = autotune.tuned_config(tune_key, list(dict.fromkeys(configs)) or [config], run,
                                        on_gpu=q.device.type == "cuda" and not interpreted)
-    for attempt in fallbacks(config):
-        try:
-            run(attempt)
-            return out, lse
-        except OutOfResources as e:
-            error = e
-    raise BackendError(f"no launch configuration fits this GPU for {D=}, {Dv=}, {q.dtype}: {error}")
+    launch_first_fitting(fallbacks(config), run, f"no launch configuration fits this GPU for {D=}, {Dv=}, {q.dtype}")
+    return out, lse
 
 
 SPARSE_BELOW = 0.25  # visited fraction of kv blocks under which smaller tiles win (measured: NOTES_forward.md)

@@ -14,9 +14,12 @@ import copy
 
 import pytest
 import torch
+from flexcomp.codegen import backward, forward
 from flexcomp.codegen.backward import kernel_source_backward
+from flexcomp.codegen.launch import launch_first_fitting
 from naive import naive_attention
 from torch.nn.attention.flex_attention import create_block_mask
+from triton.runtime.errors import OutOfResources
 
 import flexcomp as fc
 from flexcomp.autograd import triton_flex_attention
@@ -190,3 +193,40 @@ def test_head_dim_192_padded_to_256_ragged_causal(randn, with_softcap):
     compare(randn, shapes=((2, 2), (33, 33), (192, 128)), mask=causal_mask(), mask_fn=lambda b, h, i, j: i >= j,
             score_mod=softcap if with_softcap else None,
             score_fn=(lambda s, b, h, i, j: 20.0 * torch.tanh(s / 20.0)) if with_softcap else None)
+
+
+def test_a_launch_that_runs_out_of_resources_retries_smaller_and_adds_no_gradient_twice(randn, monkeypatch):
+    """Each kernel's first config runs, then reports OutOfResources (as if late): the next smaller config reruns,
+    and the captured tensor's gradient, which the first try already accumulated, is still right."""
+    tried = []
+
+    def failing_first(configs, run, refusal):
+        def run_or_fail(config):
+            run(config)
+            tried.append(config)
+            if len(tried) in (1, 3):  # the forward's first try, then the backward's
+                raise OutOfResources(1, 0, "shared memory")
+        return launch_first_fitting(configs, run_or_fail, refusal)
+
+    monkeypatch.setattr(forward, "launch_first_fitting", failing_first)
+    monkeypatch.setattr(backward, "launch_first_fitting", failing_first)
+    bias = randn(2, 64).requires_grad_()
+
+    @fc.score_mod
+    def rel_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx - kv_idx]
+
+    compare(randn, shapes=((2, 2), (37, 37), (16, 16)), score_mod=rel_bias,
+            score_fn=lambda s, b, h, i, j, t: s + t[h, (i - j) % 64], mask=causal_mask(),
+            mask_fn=lambda b, h, i, j: i >= j, tables=(bias,))
+    assert len(tried) == 4 and tried[1] == forward.fallbacks(tried[0])[1]
+    assert tried[3] == backward.fallbacks(tried[2])[1] == backward.LAST_KERNELS["config"]
+
+
+def test_no_config_that_fits_is_a_backend_error():
+    def never_fits(config):
+        raise OutOfResources(config, 0, "shared memory")
+
+    with pytest.raises(fc.BackendError, match="no launch configuration fits .* Required: 2, Hardware limit: 0"):
+        launch_first_fitting([4, 2], never_fits, "no launch configuration fits this GPU for D=8")
+    assert launch_first_fitting([4, 2], lambda config: None, "unused") == 4

@@ -1,0 +1,26 @@
+"""Launching a generated kernel with the first of its configs that fits the GPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from triton.runtime.errors import OutOfResources
+
+from flexcomp.errors import BackendError
+
+Config = TypeVar("Config")
+
+
+def launch_first_fitting(configs: Iterable[Config], run: Callable[[Config], None], refusal: str) -> Config:
+    """Run `run` with each config in turn (the chosen one, then smaller: a mod that gathers from tables can need
+    more shared memory) until one does not run out of resources, and return that one.  When none fits, a
+    BackendError: `refusal` and the last error."""
+    error = None
+    for config in configs:
+        try:
+            run(config)
+            return config
+        except OutOfResources as e:
+            error = e
+    raise BackendError(f"{refusal}: {error}")
