@@ -87,22 +87,18 @@ def _call2(fn: str) -> Rule:
     return lambda n, a: f"{fn}({a[0].as_(n.dtype)}, {a[1].as_(n.dtype)})"
 
 
-def _floordiv(n: Node, a: list[Operand]) -> str:
-    x, y = (o.as_(n.dtype) for o in a)
-    if n.dtype == DType.F32:
-        return f"tl.floor({x} / {y})"
-    if n.src[1].op == Op.CONST and n.src[1].arg > 0:
-        return f"floordiv_by_positive({x}, {y})"
-    return f"floordiv_i32({x}, {y})"
+def _division(float_form: str, by_positive: str, general: str) -> Rule:
+    """Python's floor `//` or `%`: `float_form` on floats; on ints the helper for a positive constant divisor
+    (cheaper) or the general one (any signs)."""
 
+    def rule(n: Node, a: list[Operand]) -> str:
+        x, y = (o.as_(n.dtype) for o in a)
+        if n.dtype == DType.F32:
+            return float_form.format(x=x, y=y)
+        helper = by_positive if n.src[1].op == Op.CONST and n.src[1].arg > 0 else general
+        return f"{helper}({x}, {y})"
 
-def _mod(n: Node, a: list[Operand]) -> str:
-    x, y = (o.as_(n.dtype) for o in a)
-    if n.dtype == DType.F32:
-        return f"({x} - {y} * tl.floor({x} / {y}))"
-    if n.src[1].op == Op.CONST and n.src[1].arg > 0:
-        return f"mod_by_positive({x}, {y})"
-    return f"mod_i32({x}, {y})"
+    return rule
 
 
 def _pow(n: Node, a: list[Operand]) -> str:
@@ -153,8 +149,8 @@ OP_RULES: dict[Op, Rule] = {
     Op.SUB: _infix("-"),
     Op.MUL: _infix("*"),
     Op.DIV: lambda n, a: f"({a[0].as_(DType.F32)} / {a[1].as_(DType.F32)})",
-    Op.FLOORDIV: _floordiv,
-    Op.MOD: _mod,
+    Op.FLOORDIV: _division("tl.floor({x} / {y})", "floordiv_by_positive", "floordiv_i32"),  # a // b
+    Op.MOD: _division("({x} - {y} * tl.floor({x} / {y}))", "mod_by_positive", "mod_i32"),  # a % b
     Op.POW: _pow,
     Op.MIN: _call2("tl.minimum"),
     Op.MAX: _call2("tl.maximum"),
