@@ -16,6 +16,7 @@ import time
 
 import torch
 import triton
+from aot_forward import signature
 from flexcomp.codegen.backward import backward_module
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -37,17 +38,6 @@ POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "DQ": "*bf1
             "KV_NUM": "*i32", "KV_IDX": "*i32", "FULL_KV_NUM": "*i32", "FULL_KV_IDX": "*i32"}
 
 
-def signature(params: list[str], constexprs: dict) -> dict[str, str]:
-    """Argument types as a bf16 launch would specialize them (captured tables and gradients are `*_ptr`)."""
-    def kind(p: str) -> str:
-        if p in constexprs:
-            return "constexpr"
-        if p in POINTERS:
-            return POINTERS[p]
-        return "*fp32" if p.endswith("_ptr") else "fp32" if p == "sm_scale" else "i32"
-    return {p: kind(p) for p in params}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, default=64)
@@ -60,7 +50,7 @@ def main() -> None:
                       "BLOCK_D": D, "BLOCK_DV": D, "D": D, "DV": D, "DOT_PRECISION": "tf32", "HAS_SCORE_MOD": True,
                       "EVEN_KV": True, "FAST_TANH": False, "DETERMINISTIC": deterministic}
         start = time.time()
-        compiled = triton.compile(ASTSource(kernel, signature(params, constexprs), constexprs),
+        compiled = triton.compile(ASTSource(kernel, signature(params, constexprs, POINTERS), constexprs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})
         ptx = compiled.asm["ptx"]
         print(f"dQ D={D} DETERMINISTIC={deterministic}: compiled in {time.time() - start:.1f}s; "

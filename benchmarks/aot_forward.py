@@ -34,10 +34,12 @@ def causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def signature(params: list[str], constexprs: dict) -> dict[str, str]:
-    """Argument types as a bf16 launch would specialize them (captured float tables are `*_ptr`)."""
-    pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32",
-                "KV_NUM": "*i32", "KV_IDX": "*i32", "FULL_NUM": "*i32", "FULL_IDX": "*i32"}
+FORWARD_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32",
+                    "KV_NUM": "*i32", "KV_IDX": "*i32", "FULL_NUM": "*i32", "FULL_IDX": "*i32"}
+
+
+def signature(params: list[str], constexprs: dict, pointers: dict[str, str] = FORWARD_POINTERS) -> dict[str, str]:
+    """Argument types as a bf16 launch would specialize them (captured tables and their gradients are `*_ptr`)."""
     def kind(p: str) -> str:
         if p in constexprs:
             return "constexpr"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flexcomp.codegen import backward
 from flexcomp.codegen.backward import kernel_source_backward
-from test_kernel_backward import SMALL_TILES, block_mask_for, causal_mask, compare
+from test_kernel_backward import SMALL_TILES, block_mask_for, causal_mask, compare, relative_bias_case
 
 import flexcomp as fc
 from flexcomp.autograd import triton_flex_attention
@@ -41,21 +41,6 @@ def partial_calls(monkeypatch):
 
     monkeypatch.setattr(backward, "_deterministic_partials", spy)
     return calls
-
-
-def relative_bias_case(randn):
-    """A learnable [H, 64] table read twice with index arithmetic: tiles hit its entries many times each."""
-    bias = randn(2, 64).requires_grad_()
-
-    @fc.score_mod
-    def rel_bias(score, b, h, q_idx, kv_idx):
-        return score + bias[h, q_idx - kv_idx] + 0.5 * bias[(h + 1) % 2, kv_idx // 3]
-
-    def reference(s, b, h, i, j, t):
-        return s + t[h, (i - j) % 64] + 0.5 * t[(h + 1) % 2, j // 3]
-
-    return bias, {"shapes": ((2, 2), (37, 37), (16, 16)), "score_mod": rel_bias, "score_fn": reference,
-                     "mask": causal_mask(), "mask_fn": lambda b, h, i, j: i >= j, "B": 2}
 
 
 def gradients(randn, bias, case) -> list[torch.Tensor]:

@@ -75,7 +75,8 @@ def causal_mask():
     return causal
 
 
-def test_causal_relative_bias_read_twice(randn):
+def relative_bias_case(randn):
+    """A learnable [H, 64] table read twice with index arithmetic: tiles hit its entries many times each."""
     bias = randn(2, 64).requires_grad_()
 
     @fc.score_mod
@@ -85,8 +86,13 @@ def test_causal_relative_bias_read_twice(randn):
     def reference(s, b, h, i, j, t):
         return s + t[h, (i - j) % 64] + 0.5 * t[(h + 1) % 2, j // 3]
 
-    compare(randn, shapes=((2, 2), (37, 37), (16, 16)), score_mod=rel_bias, score_fn=reference, mask=causal_mask(),
-            mask_fn=lambda b, h, i, j: i >= j, tables=(bias,), B=2)
+    return bias, {"shapes": ((2, 2), (37, 37), (16, 16)), "score_mod": rel_bias, "score_fn": reference,
+                     "mask": causal_mask(), "mask_fn": lambda b, h, i, j: i >= j, "B": 2}
+
+
+def test_causal_relative_bias_read_twice(randn):
+    bias, case = relative_bias_case(randn)
+    compare(randn, **case, tables=(bias,))
 
 
 def test_sliding_window_alibi_learnable_slopes_gqa_cross_lengths(randn):
