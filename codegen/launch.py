@@ -11,6 +11,10 @@ from flexcomp.errors import BackendError
 
 Config = TypeVar("Config")
 
+# Compile options for every generated kernel.  The online softmax relies on fused multiply-adds; Triton 3.9
+# warns that its default for them turns off in 3.10, so say so explicitly instead of inheriting a default.
+KERNEL_OPTIONS = {"enable_fp_fusion": True}
+
 
 def launch_first_fitting(configs: Iterable[Config], run: Callable[[Config], None], refusal: str) -> Config:
     """Run `run` with each config in turn (the chosen one, then smaller: a mod that gathers from tables can need
