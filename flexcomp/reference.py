@@ -156,7 +156,7 @@ def reference_attention_aux(
     q_chunk: int | None = None,
     kv_chunk: int | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention with torch FlexAttention's semantics; returns (out, lse, max_scores).
 
     lse and max_scores ([B, Hq, Lq], in float32, float64 for float64 inputs, as torch) are the log-sum-exp

@@ -11,9 +11,15 @@ import pytest
 import torch
 from flexcomp.codegen import backward
 from flexcomp.codegen.backward import kernel_source_backward
-from test_kernel_backward import SMALL_TILES, block_mask_for, causal_mask, compare, relative_bias_case
+from test_kernel_backward import (
+    SMALL_TILES,
+    alibi_window_case,
+    block_mask_for,
+    causal_mask,
+    compare,
+    relative_bias_case,
+)
 
-import flexcomp as fc
 from flexcomp.autograd import triton_flex_attention
 from flexcomp.errors import BackendError
 
@@ -78,19 +84,8 @@ def test_two_runs_are_bitwise_equal(rng, deterministic, partial_calls):
 
 
 def test_per_head_slopes_with_gqa_match_float64(randn, deterministic, partial_calls):
-    slopes = randn(4).abs().requires_grad_()
-
-    @fc.score_mod
-    def alibi(score, b, h, q_idx, kv_idx):
-        return score - slopes[h] * (q_idx - kv_idx)
-
-    @fc.mask_mod
-    def window(b, h, q_idx, kv_idx):
-        return (q_idx - kv_idx <= 12) & (kv_idx - q_idx <= 12)
-
-    compare(randn, shapes=((4, 2), (33, 50), (32, 16)), score_mod=alibi, mask=window, block=32, enable_gqa=True,
-            score_fn=lambda s, b, h, i, j, t: s - t[h] * (i - j), mask_fn=lambda b, h, i, j: (i - j).abs() <= 12,
-            tables=(slopes,))
+    slopes, case = alibi_window_case(randn)
+    compare(randn, **case, tables=(slopes,))
     assert partial_calls == [4 * 3]
 
 

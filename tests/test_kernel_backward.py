@@ -95,7 +95,8 @@ def test_causal_relative_bias_read_twice(randn):
     compare(randn, **case, tables=(bias,))
 
 
-def test_sliding_window_alibi_learnable_slopes_gqa_cross_lengths(randn):
+def alibi_window_case(randn):
+    """Learnable per-head slopes (one table entry per tile) under a two-sided window, GQA, Lq != Lkv."""
     slopes = randn(4).abs().requires_grad_()
 
     @fc.score_mod
@@ -106,9 +107,14 @@ def test_sliding_window_alibi_learnable_slopes_gqa_cross_lengths(randn):
     def window(b, h, q_idx, kv_idx):
         return (q_idx - kv_idx <= 12) & (kv_idx - q_idx <= 12)
 
-    compare(randn, shapes=((4, 2), (33, 50), (32, 16)), score_mod=alibi, mask=window, block=32, enable_gqa=True,
-            score_fn=lambda s, b, h, i, j, t: s - t[h] * (i - j), mask_fn=lambda b, h, i, j: (i - j).abs() <= 12,
-            tables=(slopes,))
+    return slopes, {"shapes": ((4, 2), (33, 50), (32, 16)), "score_mod": alibi, "mask": window, "block": 32,
+                    "enable_gqa": True, "score_fn": lambda s, b, h, i, j, t: s - t[h] * (i - j),
+                    "mask_fn": lambda b, h, i, j: (i - j).abs() <= 12}
+
+
+def test_sliding_window_alibi_learnable_slopes_gqa_cross_lengths(randn):
+    slopes, case = alibi_window_case(randn)
+    compare(randn, **case, tables=(slopes,))
 
 
 def test_softcap_learnable_no_block_mask_with_lse_gradient(randn):
