@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -212,6 +213,8 @@ def flex_forward(
         FAST_TANH=score_mod is not None and q.dtype in FAST_TANH_DTYPES and not interpreted,
         USE_TMA=use_tma(k, v, kernel_options) and not interpreted,
         FLOAT_INDEX=float_index(score_mod, B, Hq, Lq + sparse_q, Lkv + sparse_kv),
+        FOLD_SCALE=fold_scale(score_mod, float(scale), kernel_options),
+        WARP_SPECIALIZE=bool((kernel_options or {}).get("WARP_SPECIALIZE", False)) and not interpreted,
     )  # fmt: skip
 
     def run(config: LaunchConfig) -> None:
@@ -286,6 +289,16 @@ def float_index(score_mod: Mod | None, batch: int, heads: int, q_bound: int, kv_
         return False
     ranges = (("b", 0, batch - 1), ("h", 0, heads - 1), ("q_idx", 0, q_bound - 1), ("kv_idx", 0, kv_bound - 1))
     return float_index_exact(score_mod.ir, ranges)
+
+
+def fold_scale(score_mod: Mod | None, scale: float, kernel_options: dict | None) -> bool:
+    """Whether the kernel scales raw q.k inside the exp2's FMA (one FFMA per score, not FMUL + FADD).
+
+    Only without a score_mod (the mod needs the scaled score), and only for a finite scale > 0 (then
+    max(qk) * c equals max(qk * c) and -inf stays -inf).  On unless `kernel_options={"FOLD_SCALE": False}`
+    (kept for the A/B in benchmarks/tune_forward.py)."""
+    wanted = (kernel_options or {}).get("FOLD_SCALE", True)
+    return bool(wanted) and score_mod is None and math.isfinite(scale) and scale > 0
 
 
 def use_tma(k: torch.Tensor, v: torch.Tensor, kernel_options: dict | None) -> bool:

@@ -196,6 +196,89 @@ def load_tile(ptrs, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.c
 
 
 @triton.jit
+def attend_tile(
+    acc, l_i, m_i, q, start_n,
+    K, stride_kn, stride_kd, k_desc,
+    V, stride_vn, stride_vd, v_desc,
+    b, h, q_idx, sm_scale, qk_scale, KV_LEN,
+    {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
+    IS_FULL: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
+):
+    \"\"\"One kv tile of the online softmax. FULL tiles (IS_FULL) never evaluate the mask.\"\"\"
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_in = offs_n < KV_LEN
+    if USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
+        kt = tl.trans(k_desc.load([start_n, 0]))
+    else:
+        kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                       kv_in[None, :], offs_d[:, None] < D, CHECK_KV, BLOCK_D != D)
+    qk = dot(q, kt, DOT_PRECISION, UPCAST_DOT)
+    kv_idx = offs_n[None, :]
+    if HAS_SCORE_MOD:  # the mod sees q.k * scale in natural units
+        if FLOAT_INDEX:  # int->float casts of kv_idx expressions done in float: exact, the host checked the range
+            kv_idx_f = (start_n.to(tl.float32) + tl.arange(0, BLOCK_N).to(tl.float32))[None, :]
+            if FAST_TANH:
+                score = score_mod_float_fast(qk * sm_scale, b, h, q_idx, kv_idx, kv_idx_f,
+                                             {SCORE_HOISTED}{SCORE_BUFFERS})
+            else:
+                score = score_mod_float(qk * sm_scale, b, h, q_idx, kv_idx, kv_idx_f, {SCORE_HOISTED}{SCORE_BUFFERS})
+        elif FAST_TANH:
+            score = score_mod_fast(qk * sm_scale, b, h, q_idx, kv_idx, {SCORE_HOISTED}{SCORE_BUFFERS})
+        else:
+            score = score_mod(qk * sm_scale, b, h, q_idx, kv_idx, {SCORE_HOISTED}{SCORE_BUFFERS})
+        score = tl.broadcast_to(score.to(tl.float32), (BLOCK_M, BLOCK_N)) * 1.4426950408889634
+    elif FOLD_SCALE:  # raw q.k: the scale goes into the row max and the exp2's FMA below (qk_scale > 0)
+        score = qk
+    else:
+        score = qk * qk_scale
+    if not IS_FULL:
+        keep = mask_mod(b, h, q_idx, kv_idx, {MASK_HOISTED}{MASK_BUFFERS})
+        score = tl.where(keep, score, float("-inf"))
+    if CHECK_KV:
+        score = tl.where(kv_in[None, :], score, float("-inf"))
+    # base-2 online softmax; a row with nothing unmasked yet keeps m = -inf, so subtract 0 instead
+    if FOLD_SCALE and not HAS_SCORE_MOD:  # max(qk) * c == max(qk * c) for c > 0, also with -inf entries
+        m_new = tl.maximum(m_i, tl.max(score, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(score, 1))
+    if ((not IS_FULL) or HAS_SCORE_MOD) or CHECK_KV:  # else every score here is finite
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    alpha = tl.math.exp2(m_i - m_safe)
+    if FOLD_SCALE and not HAS_SCORE_MOD:
+        p = tl.math.exp2(score * qk_scale - m_safe[:, None])  # one FFMA per element; -inf stays -inf
+    else:
+        p = tl.math.exp2(score - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if USE_TMA:
+        v = v_desc.load([start_n, 0])
+    else:
+        v = load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                      kv_in[:, None], offs_dv[None, :] < DV, CHECK_KV, BLOCK_DV != DV)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def tile_start(i, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
+               USE_BOUNDS: tl.constexpr, SPARSE_KV: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    \"\"\"The first kv index of the loop's i-th tile: two runs of consecutive tiles, or a walk of the block mask's row.\"\"\"
+    if USE_BOUNDS:
+        start_n = tl.where(i < n_first, first_lo + i * BLOCK_N, second_lo + (i - n_first) * BLOCK_N)
+    else:
+        block = tl.load(kv_index_row + (i // TILES_PER_BLOCK) * stride_kv_index).to(tl.int32)
+        start_n = block * SPARSE_KV + (i % TILES_PER_BLOCK) * BLOCK_N
+    return start_n
+
+
+@triton.jit
 def attend_tiles(
     acc, l_i, m_i, q,
     K, stride_kn, stride_kd,
@@ -209,66 +292,38 @@ def attend_tiles(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    \"\"\"Online softmax over kv tiles. FULL tiles (IS_FULL) never evaluate the mask.\"\"\"
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    \"\"\"Online softmax over kv tiles (attend_tile per tile).\"\"\"
     q_idx = offs_m[:, None]
-    offs_n_f = tl.arange(0, BLOCK_N).to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # scores in base 2
     if USE_TMA:  # Hopper's bulk tensor copies for K and V (host checked 16-byte alignment, unit last stride)
         k_desc = tl.make_tensor_descriptor(K, [KV_LEN, D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(V, [KV_LEN, DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
-    for i in range(0, n_tiles):
-        if USE_BOUNDS:
-            start_n = tl.where(i < n_first, first_lo + i * BLOCK_N, second_lo + (i - n_first) * BLOCK_N)
-        else:
-            block = tl.load(kv_index_row + (i // TILES_PER_BLOCK) * stride_kv_index).to(tl.int32)
-            start_n = block * SPARSE_KV + (i % TILES_PER_BLOCK) * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_in = offs_n < KV_LEN
-        if USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
-            kt = tl.trans(k_desc.load([start_n, 0]))
-        else:
-            kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                           kv_in[None, :], offs_d[:, None] < D, CHECK_KV, BLOCK_D != D)
-        qk = dot(q, kt, DOT_PRECISION, UPCAST_DOT)
-        kv_idx = offs_n[None, :]
-        if HAS_SCORE_MOD:  # the mod sees q.k * scale in natural units
-            if FLOAT_INDEX:  # int->float casts of kv_idx expressions done in float: exact, the host checked the range
-                kv_idx_f = (start_n.to(tl.float32) + offs_n_f)[None, :]
-                if FAST_TANH:
-                    score = score_mod_float_fast(qk * sm_scale, b, h, q_idx, kv_idx, kv_idx_f,
-                                                 {SCORE_HOISTED}{SCORE_BUFFERS})
-                else:
-                    score = score_mod_float(qk * sm_scale, b, h, q_idx, kv_idx, kv_idx_f, {SCORE_HOISTED}{SCORE_BUFFERS})
-            elif FAST_TANH:
-                score = score_mod_fast(qk * sm_scale, b, h, q_idx, kv_idx, {SCORE_HOISTED}{SCORE_BUFFERS})
-            else:
-                score = score_mod(qk * sm_scale, b, h, q_idx, kv_idx, {SCORE_HOISTED}{SCORE_BUFFERS})
-            score = tl.broadcast_to(score.to(tl.float32), (BLOCK_M, BLOCK_N)) * 1.4426950408889634
-        else:
-            score = qk * (sm_scale * 1.4426950408889634)
-        if not IS_FULL:
-            keep = mask_mod(b, h, q_idx, kv_idx, {MASK_HOISTED}{MASK_BUFFERS})
-            score = tl.where(keep, score, float("-inf"))
-        if CHECK_KV:
-            score = tl.where(kv_in[None, :], score, float("-inf"))
-        # base-2 online softmax; a row with nothing unmasked yet keeps m = -inf, so subtract 0 instead
-        m_new = tl.maximum(m_i, tl.max(score, 1))
-        if ((not IS_FULL) or HAS_SCORE_MOD) or CHECK_KV:  # else every score here is finite
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_safe = m_new
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(score - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_TMA:
-            v = v_desc.load([start_n, 0])
-        else:
-            v = load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                          kv_in[:, None], offs_dv[None, :] < DV, CHECK_KV, BLOCK_DV != DV)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
-        m_i = m_new
+    else:
+        k_desc, v_desc = K, V  # unused
+    if WARP_SPECIALIZE:  # Triton's Hopper/Blackwell warp specialization (tl.range's option; triton >= 3.4)
+        for i in tl.range(0, n_tiles, warp_specialize=True):
+            start_n = tile_start(i, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
+                                 USE_BOUNDS, SPARSE_KV, TILES_PER_BLOCK, BLOCK_N)
+            acc, l_i, m_i = attend_tile(
+                acc, l_i, m_i, q, start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc,
+                b, h, q_idx, sm_scale, qk_scale, KV_LEN,
+                {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
+                IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
+                CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE,
+            )
+    else:
+        for i in range(0, n_tiles):
+            start_n = tile_start(i, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
+                                 USE_BOUNDS, SPARSE_KV, TILES_PER_BLOCK, BLOCK_N)
+            acc, l_i, m_i = attend_tile(
+                acc, l_i, m_i, q, start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc,
+                b, h, q_idx, sm_scale, qk_scale, KV_LEN,
+                {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
+                IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
+                CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE,
+            )
     return acc, l_i, m_i
 
 
@@ -291,7 +346,8 @@ def flex_forward_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     EVEN_Q: tl.constexpr = False, EVEN_KV: tl.constexpr = False, FAST_TANH: tl.constexpr = False,
-    USE_TMA: tl.constexpr = False, FLOAT_INDEX: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, FLOAT_INDEX: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     # q tiles in reverse: under a causal-like mask the last ones are the longest, so they start first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -357,6 +413,7 @@ def flex_forward_kernel(
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
+        FOLD_SCALE, WARP_SPECIALIZE,
     )
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
@@ -366,6 +423,7 @@ def flex_forward_kernel(
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
+        FOLD_SCALE, WARP_SPECIALIZE,
     )
 
     # a fully masked row has l = 0: output 0 and lse -inf, never 0/0
