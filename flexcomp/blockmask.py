@@ -35,7 +35,7 @@ from .ir import free_args
 from .mods import Mod, specialized_mod
 from .sparsity import closed_form_bounds
 from .sparsity import counts as device_counts
-from .sparsity.equality import candidate_ranges, ranges_to_tiles
+from .sparsity.equality import candidate_ranges, interval_tables, ranges_to_tiles
 from .sparsity.tables import (
     bounds_rows,
     ordered_to_classes,
@@ -290,8 +290,12 @@ def _from_bounds(mod: Mod, bounds: ClosedFormBounds, grid: Grid, device: torch.d
 
 def _from_analysis(mod: Mod, grid: Grid, device: torch.device, exact: bool,
                    bounds: ClosedFormBounds | None) -> BlockMask:
-    """Dense bands of q blocks through the analysis, or only the candidate tiles of a document-style mask."""
+    """Exact per-row intervals of a document-style mask on the device, or dense bands of q blocks through the
+    analysis, or only the candidate tiles of a document-style mask."""
     tensors = mod.tensors()
+    tables = interval_tables(mod.ir, tensors, grid, device, sync_free=device.type != "cpu")
+    if tables is not None:
+        return _finish(mod, grid, tables, bounds, {"equality intervals": grid.num_q_blocks * grid.num_kv_blocks})
     ranges = candidate_ranges(mod.ir, tensors, grid)
     if ranges is not None:
         return _from_candidates(mod, grid, device, exact, bounds, ranges)

@@ -10,16 +10,32 @@ false on every element there, so the AND is); the ones inside go through the ord
 
 f and g are evaluated once per position (O(L)) with the evaluator, so int32 wrap-around and the
 clamped reads of captured tensors are those of the kernel.  A g that is not monotone gives None.
+
+Exact and on the device (`interval_tables`): when every other conjunct is one kv interval per row
+(`lo(q) <= kv < hi(q)`, closed_form.kv_interval: causal, sliding window, ...) and the mask reads only
+q_idx and kv_idx, each row's true set is the interval [searchsorted_left(g, f(q)), searchsorted_right(g, f(q)))
+cut by [lo(q), hi(q)), and `tables.spans_to_tables` turns the rows' intervals into exact tables.  Up to
+`DENSE_TILES` tiles this is a fixed list of device ops with no host sync (tables in torch's dense width nkv);
+an unsorted g is then found on the device, and makes every tile PARTIAL (the kernel evaluates the mask
+everywhere: right, not exact) when `sync_free`, or returns None (the analysis path, exact) when not.
+Past `DENSE_TILES`, one sync reads the band width and the sortedness, and the tables are nq x band.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
+import sympy as sp
 import torch
 
 from ..evaluate import evaluate
-from ..ir import DType, Node, Op, free_args
+from ..ir import INT32_MAX, INT32_MIN, DType, Node, Op, arg, const, free_args, substitute
+from . import closed_form
+from .tables import columns, interval_spans, spans_to_tables
 
 Tensor = torch.Tensor
+DENSE_TILES = 1 << 22  # up to this many tiles the tables are built dense (nq x nkv), with no host sync
 
 
 def conjuncts(node: Node) -> list[Node]:
@@ -76,3 +92,103 @@ def ranges_to_tiles(start: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
     rows = torch.repeat_interleave(torch.arange(start.numel()), counts)
     offsets = torch.arange(rows.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     return rows, start[rows] + offsets
+
+
+# ---------------------------------------------------------------- exact tables from per-row intervals
+
+
+@dataclass(frozen=True)
+class IntervalPlan:
+    """mask = `f(q) == g(kv)` & `lo(q) <= kv < hi(q)`; lo / hi None when unbounded; `same`: f(i) = g(i)."""
+
+    f: Node
+    g: Node
+    same: bool
+    lo: Node | None
+    hi: Node | None
+
+
+@functools.lru_cache(maxsize=256)
+def interval_plan(ir: Node) -> IntervalPlan | None:
+    """The plan of a document-style mask whose other conjuncts are one kv interval per row, or None."""
+    term = equality_term(ir)
+    if term is None or free_args(ir) - {"q_idx", "kv_idx"}:
+        return None
+    f, g = term
+    rest = [t for t in conjuncts(ir) if not (t.op == Op.EQ and set(t.src) == {f, g})]
+    lo, hi = -sp.oo, sp.oo
+    try:
+        for t in rest:
+            t_lo, t_hi = closed_form.kv_interval(t)
+            lo, hi = sp.Max(lo, t_lo), sp.Min(hi, t_hi)
+        lo, hi = sp.simplify(lo), sp.simplify(hi)
+        if (lo.free_symbols | hi.free_symbols) - {closed_form.Q}:
+            return None
+        q = arg("q_idx")
+        lo_ir = None if lo == -sp.oo else closed_form.to_ir(lo, q, const(INT32_MIN))
+        hi_ir = None if hi == sp.oo else closed_form.to_ir(hi, q, const(INT32_MAX))
+    except (closed_form._Unsupported, TypeError, ValueError, AttributeError):
+        return None
+    if sp.oo in (lo, -hi):  # a row range that is empty for every q: not worth a special case
+        return None
+    same = substitute(f, {arg("q_idx"): arg("kv_idx")}) == g
+    return IntervalPlan(f, g, same, lo_ir, hi_ir)
+
+
+def _positions(node: Node, name: str, length: int, tensors: dict[str, Tensor], device: torch.device) -> Tensor:
+    """int32 [length]: node at positions 0..length-1 of `name` (a 1-D table read by the index itself: a slice)."""
+    if node.op == Op.LOAD and node.src == (arg(name),) and tensors[node.arg].dim() == 1:
+        table = tensors[node.arg]
+        if table.numel() >= length:  # index in range: no wrap, no clamp
+            return table[:length].to(device=device, dtype=torch.int32)
+    index = torch.arange(length, dtype=torch.int32, device=device)
+    return evaluate(node, {name: index}, tensors).expand(length).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=32)
+def _row_bound(node: Node, q_len: int, rows: int, device: torch.device) -> Tensor:
+    """int32 [rows]: a bound over q at rows 0..rows-1 (rows past Q_LEN repeat the last), cached: it reads no tensor."""
+    q = torch.arange(rows, dtype=torch.int32, device=device).clamp_(max=q_len - 1)
+    return evaluate(node, {"q_idx": q}, {}).expand(rows).to(torch.int32)
+
+
+def row_intervals(plan: IntervalPlan, tensors: dict[str, Tensor], grid, device: torch.device,
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """int32 [nq * bq] lo, hi (each row's kv interval, rows past Q_LEN repeat the last) and g's unsortedness."""
+    rows = grid.num_q_blocks * grid.q_block
+    g = _positions(plan.g, "kv_idx", grid.kv_len, tensors, device)
+    f = g[:grid.q_len] if plan.same and grid.q_len <= grid.kv_len else _positions(plan.f, "q_idx", grid.q_len,
+                                                                                   tensors, device)
+    if rows > grid.q_len:
+        f = torch.cat([f, f[-1:].expand(rows - grid.q_len)])
+    lo = torch.searchsorted(g, f, out_int32=True)
+    hi = torch.searchsorted(g, f, right=True, out_int32=True)
+    if plan.lo is not None:
+        lo = torch.maximum(lo, _row_bound(plan.lo, grid.q_len, rows, device))
+    if plan.hi is not None:
+        hi = torch.minimum(hi, _row_bound(plan.hi, grid.q_len, rows, device))
+    return lo, hi, (g[1:] < g[:-1]).any()
+
+
+def interval_tables(ir: Node, tensors: dict[str, Tensor], grid, device: torch.device, sync_free: bool,
+                    ) -> tuple[Tensor, ...] | None:
+    """kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, exact, or None (see the module docstring)."""
+    plan = interval_plan(ir)
+    if plan is None:
+        return None
+    tensors = {k: v.detach().to(device) for k, v in tensors.items()}
+    lo, hi, unsorted = row_intervals(plan, tensors, grid, device)
+    spans = interval_spans(lo, hi, grid)
+    if grid.num_q_blocks * grid.num_kv_blocks > DENSE_TILES:  # a band of columns per q block: one sync
+        start = spans[1].amin(1, keepdim=True)
+        width, unsorted = torch.stack([(spans[2].amax(1, keepdim=True) - start).max(), unsorted.long()]).tolist()
+        return None if unsorted else spans_to_tables(spans, grid, start, max(1, width))
+    if not sync_free and bool(unsorted):
+        return None
+    tables = spans_to_tables(spans, grid)
+    if not sync_free:
+        return tables
+    nkv = grid.num_kv_blocks  # unsorted g: every tile PARTIAL, decided on the device
+    kv_num, kv_indices, full_num, full_indices = tables
+    return (torch.where(unsorted, nkv, kv_num), torch.where(unsorted, columns(nkv, device), kv_indices),
+            torch.where(unsorted, 0, full_num), full_indices)

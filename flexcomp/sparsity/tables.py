@@ -6,6 +6,7 @@ row's count are 0 and must not be read.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -211,3 +212,52 @@ def _once(fn: Callable[[], object]) -> Callable[[], object]:
         return memo[0]
 
     return call
+
+
+# ---------------------------------------------------------------- per-row kv intervals -> tables
+
+
+def interval_spans(lo: Tensor, hi: Tensor, grid) -> tuple[Tensor, ...]:
+    """Per-row kv intervals [lo, hi) (int32 [nq * bq]; rows past Q_LEN repeat the last) -> kv-block spans.
+
+    (touched [nq, bq] int32: 1 where the row is non-empty; first, end [nq, bq]: the kv blocks [first, end)
+    a row meets; f0, f1 [nq, 1]: the kv blocks [f0, f1) every row of the q block covers, i.e. the FULL ones)."""
+    nq, bq, bk, nkv, kv_len = grid.num_q_blocks, grid.q_block, grid.kv_block, grid.num_kv_blocks, grid.kv_len
+    lo, hi = lo.view(nq, bq), hi.view(nq, bq)
+    touched = (hi > lo).to(torch.int32)
+    first, end = lo // bk, (hi + (bk - 1)) // bk  # an empty row's pair is harmless: its weight is 0
+    f0 = (lo.amax(1, keepdim=True) + (bk - 1)) // bk  # an empty row has max lo >= min hi: no FULL block
+    cover = hi.amin(1, keepdim=True)
+    f1 = cover // bk if kv_len % bk == 0 else torch.where(cover >= kv_len, nkv, cover // bk)  # ragged last block
+    return touched, first, end, f0, f1
+
+
+def spans_to_tables(spans: tuple[Tensor, ...], grid, start: Tensor | None = None, width: int | None = None,
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices ([1, 1, nq(, width)] int32) from spans.
+
+    Column c of q block i is kv block start[i] + c (start None: 0, width nkv: torch's dense layout).  A tile is
+    non-empty where a difference array of the rows' [first, end) is positive; PARTIAL = non-empty and not FULL.
+    No host sync: a fixed number of device ops, O(nq * width) memory."""
+    touched, first, end, f0, f1 = spans
+    nq, nkv = grid.num_q_blocks, grid.num_kv_blocks
+    width = nkv if width is None else width
+    local = (lambda t: t) if start is None else (lambda t: t - start)
+    edges = torch.zeros(nq, width + 1, dtype=torch.int32, device=first.device)
+    edges.scatter_add_(1, local(first), touched).scatter_add_(1, local(end), -touched)
+    nonempty = edges.cumsum(1, dtype=torch.int32)[:, :width] > 0
+    col = columns(width, first.device)
+    full = (col >= local(f0)) & (col < local(f1))
+    partial = nonempty > full  # a > b on bools: a & ~b
+    kv_indices = partial.sort(dim=1, descending=True, stable=True).indices.to(torch.int32)  # listed first, ascending
+    full_indices = (f0 + col).clamp_(max=nkv - 1)  # the entries past the count are never read: kept in range
+    if start is not None:
+        kv_indices += start
+    view = lambda t: t.view(1, 1, nq, -1)
+    return (partial.sum(1, dtype=torch.int32).view(1, 1, nq), view(kv_indices),
+            full.sum(1, dtype=torch.int32).view(1, 1, nq), view(full_indices))
+
+
+@functools.lru_cache(maxsize=64)
+def columns(width: int, device: torch.device) -> Tensor:
+    return torch.arange(width, dtype=torch.int32, device=device)
