@@ -214,7 +214,6 @@ def flex_forward(
         USE_TMA=use_tma(k, v, kernel_options) and not interpreted,
         FLOAT_INDEX=float_index(score_mod, B, Hq, Lq + sparse_q, Lkv + sparse_kv),
         FOLD_SCALE=fold_scale(score_mod, float(scale), kernel_options),
-        WARP_SPECIALIZE=bool((kernel_options or {}).get("WARP_SPECIALIZE", False)) and not interpreted,
     )  # fmt: skip
 
     def run(config: LaunchConfig) -> None:

@@ -292,7 +292,7 @@ def attend_tiles(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
 ):
     \"\"\"Online softmax over kv tiles (attend_tile per tile).\"\"\"
     q_idx = offs_m[:, None]
@@ -302,28 +302,16 @@ def attend_tiles(
         v_desc = tl.make_tensor_descriptor(V, [KV_LEN, DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
     else:
         k_desc, v_desc = K, V  # unused
-    if WARP_SPECIALIZE:  # Triton's Hopper/Blackwell warp specialization (tl.range's option; triton >= 3.4)
-        for i in tl.range(0, n_tiles, warp_specialize=True):
-            start_n = tile_start(i, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
-                                 USE_BOUNDS, SPARSE_KV, TILES_PER_BLOCK, BLOCK_N)
-            acc, l_i, m_i = attend_tile(
-                acc, l_i, m_i, q, start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc,
-                b, h, q_idx, sm_scale, qk_scale, KV_LEN,
-                {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-                IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
-                CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE,
-            )
-    else:
-        for i in range(0, n_tiles):
-            start_n = tile_start(i, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
-                                 USE_BOUNDS, SPARSE_KV, TILES_PER_BLOCK, BLOCK_N)
-            acc, l_i, m_i = attend_tile(
-                acc, l_i, m_i, q, start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc,
-                b, h, q_idx, sm_scale, qk_scale, KV_LEN,
-                {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-                IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
-                CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE,
-            )
+    for i in range(0, n_tiles):
+        start_n = tile_start(i, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
+                             USE_BOUNDS, SPARSE_KV, TILES_PER_BLOCK, BLOCK_N)
+        acc, l_i, m_i = attend_tile(
+            acc, l_i, m_i, q, start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc,
+            b, h, q_idx, sm_scale, qk_scale, KV_LEN,
+            {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
+            IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
+            CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE,
+        )
     return acc, l_i, m_i
 
 
@@ -347,7 +335,6 @@ def flex_forward_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     EVEN_Q: tl.constexpr = False, EVEN_KV: tl.constexpr = False, FAST_TANH: tl.constexpr = False,
     USE_TMA: tl.constexpr = False, FLOAT_INDEX: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False,
-    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     # q tiles in reverse: under a causal-like mask the last ones are the longest, so they start first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -413,7 +400,7 @@ def flex_forward_kernel(
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-        FOLD_SCALE, WARP_SPECIALIZE,
+        FOLD_SCALE,
     )
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
@@ -423,7 +410,7 @@ def flex_forward_kernel(
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-        FOLD_SCALE, WARP_SPECIALIZE,
+        FOLD_SCALE,
     )
 
     # a fully masked row has l = 0: output 0 and lse -inf, never 0/0

@@ -1,5 +1,5 @@
-"""The forward kernel's A/B switches (kernel_options FOLD_SCALE, WARP_SPECIALIZE), under Triton's interpreter:
-each setting against the float64 oracle, and the two FOLD_SCALE paths against each other."""
+"""The forward kernel's A/B switch kernel_options FOLD_SCALE, under Triton's interpreter: each setting against
+the float64 oracle, and the two paths against each other."""
 
 from __future__ import annotations
 
@@ -108,10 +108,10 @@ def test_fold_scale_host_rule():
 
 
 @pytest.mark.parametrize("mask, score", [(causal, None), (document_causal, softcap)], ids=["causal", "doc-softcap"])
-def test_warp_specialize_option_is_accepted(randn, naive_attention, mask, score):
-    # a GPU-only compiler switch: under the interpreter the kernel runs the plain loop, and the answer is the same
+def test_fold_scale_through_the_api(randn, naive_attention, mask, score):
+    # torch-style prefixed key; with a score_mod the switch changes nothing (the mod needs the scaled score)
     q, k, v = randn(1, 2, 75, 16), randn(1, 2, 75, 16), randn(1, 2, 75, 16)
-    out, lse = fc.flex_attention(q, k, v, score_mod=score, block_mask=fc.create_block_mask(
-        mask, 1, 1, 75, 75, device="cpu", BLOCK_SIZE=32), return_lse=True,
-        kernel_options={**SMALL, "WARP_SPECIALIZE": True, "FOLD_SCALE": False})
+    block_mask = fc.create_block_mask(mask, 1, 1, 75, 75, device="cpu", BLOCK_SIZE=32)
+    out, lse = fc.flex_attention(q, k, v, score_mod=score, block_mask=block_mask, return_lse=True,
+                                 kernel_options={**SMALL, "fwd_FOLD_SCALE": False})
     check(out, lse, *naive_attention(q, k, v, score.fn if score else None, mask.fn))
