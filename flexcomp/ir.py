@@ -96,6 +96,8 @@ ARG_DTYPES: dict[str, DType] = {
     "q_hi": DType.I32,
     "Q_LEN": DType.I32,
     "KV_LEN": DType.I32,
+    # codegen only: the softmax scale, folded into a score_mod's own scalar factors (codegen/base2.py)
+    "sm_scale": DType.F32,
 }
 SCORE_MOD_ARGS = ("score", "b", "h", "q_idx", "kv_idx")
 MASK_MOD_ARGS = ("b", "h", "q_idx", "kv_idx")
