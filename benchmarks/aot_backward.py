@@ -1,23 +1,34 @@
-"""Compile the generated dQ kernel for Hopper (sm_90) on any machine, atomic and deterministic scatter alike.
+"""Compile the generated backward kernels for Hopper (sm_90) on any machine and report what ptxas made of them.
 
-    python benchmarks/aot_backward.py [--head-dim 64]
+    python benchmarks/aot_backward.py [--head-dims 64 128] [--variants causal softcap rel_bias] [--dq-only]
 
-No GPU needed (Triton's own backend and bundled ptxas, as benchmarks/aot_forward.py does).  The variant
-is a learnable relative-position bias read twice plus causal, so the dQ kernel scatters the table's
-gradient: DETERMINISTIC=False with float32 atomics (atom.global.add in the PTX), DETERMINISTIC=True
-with ordered plain adds into the program's own slice (no atomics).
+No GPU needed (Triton's own backend and bundled ptxas, as benchmarks/aot_forward.py does).  Per variant and
+head dim, at the H100 configs of `BACKWARD_CONFIGS`, it compiles
+
+* the dK/dV kernel with ATOMIC_DQ off (the separate scheme) and on (the atomic-dQ scheme: the dQ tile's
+  `red.global.add.f32`, and for rel_bias the captured table's gradient scattered there too), and
+* the dQ kernel with the captured gradient's scatter atomic and DETERMINISTIC (ordered plain adds, no atomics),
+
+and prints registers, stack and spill instructions (STL/LDL in the cubin's SASS), local-memory instructions in the PTX, the atomics
+(`red`/`atom`, with their vector width) and the wgmma count.  rel_bias is a learnable relative-position bias
+read twice plus causal; softcap is tanh softcapping plus causal.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import os
+import re
+import subprocess
+import tempfile
 import time
+from collections import Counter
 
 import torch
 import triton
 from aot_forward import signature
-from flexcomp.codegen.backward import backward_module
+from flexcomp.codegen.backward import BACKWARD_CONFIGS, backward_module
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -30,34 +41,113 @@ def rel_bias(score, b, h, q_idx, kv_idx):
     return score + BIAS[h, q_idx - kv_idx] + 0.5 * BIAS[h, kv_idx // 3]
 
 
+def softcap(score, b, h, q_idx, kv_idx):
+    return 20.0 * torch.tanh(score / 20.0)
+
+
 def causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "DQ": "*bf16", "LSE": "*fp32", "DELTA": "*fp32",
-            "KV_NUM": "*i32", "KV_IDX": "*i32", "FULL_KV_NUM": "*i32", "FULL_KV_IDX": "*i32"}
+VARIANTS = {"causal": (None, causal), "softcap": (softcap, causal), "rel_bias": (rel_bias, causal)}
+POINTERS = {p: "*bf16" for p in ("Q", "K", "V", "DO", "DQ", "DK_OUT", "DV_OUT")}
+POINTERS |= {p: "*fp32" for p in ("LSE", "DELTA", "DQ_ACC")}
+POINTERS |= {p: "*i32" for p in ("KV_NUM", "KV_IDX", "FULL_KV_NUM", "FULL_KV_IDX", "Q_NUM", "Q_IDX", "FULL_Q_NUM",
+                                 "FULL_Q_IDX")}
+
+
+def launch_ints(B: int, H: int, L: int, D: int) -> dict[str, int]:
+    """The integer arguments of a contiguous [B, H, L, D] bf16 launch (ones become constants, as Triton's launcher)."""
+    ints = {"Q_LEN": L, "KV_LEN": L, "H_Q": H, "H_KV": H, "table_rows": L // 128, "table_cols": L // 128,
+            "full_table_cols": L // 128, "table_b": 0, "table_h": 0}
+    for t in ("q", "k", "v", "do", "dq", "dk", "dv"):
+        row = "n" if t in ("k", "v", "dk", "dv") else "m"
+        ints |= {f"stride_{t}b": H * L * D, f"stride_{t}h": L * D, f"stride_{t}{row}": D, f"stride_{t}d": 1}
+    return ints
+
+
+def specialize(params: list[str], constexprs: dict, ints: dict[str, int]) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as Triton's launcher makes them: ints equal to 1 become constants,
+    multiples of 16 and every pointer (torch allocations are 256-byte aligned) get tt.divisibility 16."""
+    constexprs, attrs = dict(constexprs), {}
+    for i, p in enumerate(params):
+        value = ints.get(p)
+        if p in constexprs or p == "sm_scale":
+            continue
+        if p in POINTERS or p.endswith("_ptr"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif value == 1:
+            constexprs[p] = 1
+        elif value is not None and value % 16 == 0 and value:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature(params, constexprs, POINTERS), constexprs, attrs
+
+
+def sass_usage(cubin: bytes) -> str:
+    """Registers and stack from the cubin, and its spill instructions (STL/LDL in the SASS: spills are ptxas's,
+    so the PTX cannot show them)."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    stores, loads = len(re.findall(r"\bSTL\b", sass)), len(re.findall(r"\bLDL\b", sass))
+    return (f"{regs.group(1) if regs else '?'} regs, stack {stack.group(1) if stack else '?'} bytes, "
+            f"STL {stores} LDL {loads}")
+
+
+def atomics(ptx: str) -> str:
+    """Each distinct red/atom instruction (opcode with its modifiers) and how often it occurs."""
+    found = Counter(m.group(0) for m in re.finditer(r"\b(?:red|atom)(?:\.[a-z0-9]+)+", ptx))
+    return ", ".join(f"{op} x{n}" for op, n in sorted(found.items())) or "none"
+
+
+def report(label: str, kernel, constexprs: dict, D: int, warps: int, stages: int) -> None:
+    """Compile `kernel` for sm_90 as a contiguous bf16 [4, 16, 8192, D] launch would, and print what came out."""
+    start = time.time()
+    params = list(inspect.signature(kernel.fn).parameters)
+    sig, constexprs, attrs = specialize(params, constexprs, launch_ints(4, 16, 8192, D))
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True})
+    ptx = compiled.asm["ptx"]
+    local = ptx.count("ld.local") + ptx.count("st.local")
+    print(f"{label}: {time.time() - start:.0f}s; {sass_usage(compiled.asm['cubin'])}; ld/st.local in PTX {local}; "
+          f"wgmma {ptx.count('wgmma.mma_async')}; atomics: {atomics(ptx)}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--head-dim", type=int, default=64)
-    D = parser.parse_args().head_dim
-    score, mask = fc.score_mod(rel_bias), fc.mask_mod(causal)
-    kernel = backward_module(score, mask, frozenset({"BIAS"})).flex_bwd_dq
-    params = list(inspect.signature(kernel.fn).parameters)
-    for deterministic in (False, True):
-        constexprs = {"GQA_GROUP": 1, "SPARSE_Q": 128, "SPARSE_KV": 128, "BLOCK_M": 128, "BLOCK_N": 64,
-                      "BLOCK_D": D, "BLOCK_DV": D, "D": D, "DV": D, "DOT_PRECISION": "tf32", "HAS_SCORE_MOD": True,
-                      "EVEN_KV": True, "FAST_TANH": False, "DETERMINISTIC": deterministic}
-        start = time.time()
-        compiled = triton.compile(ASTSource(kernel, signature(params, constexprs, POINTERS), constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})
-        ptx = compiled.asm["ptx"]
-        print(f"dQ D={D} DETERMINISTIC={deterministic}: compiled in {time.time() - start:.1f}s; "
-              f"atom.global {ptx.count('atom.global')}, red.global {ptx.count('red.global')}, "
-              f"bar.sync {ptx.count('bar.sync')}, wgmma {ptx.count('wgmma.mma_async')}, "
-              f"cubin {len(compiled.asm['cubin'])} bytes")
-
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["causal", "rel_bias"])
+    parser.add_argument("--dq-only", action="store_true", help="only the dQ kernel (the scatter's two modes)")
+    args = parser.parse_args()
+    for variant in args.variants:
+        score_fn, mask_fn = VARIANTS[variant]
+        score, mask = fc.score_mod(score_fn) if score_fn else None, fc.mask_mod(mask_fn)
+        module = backward_module(score, mask, frozenset({"BIAS"}) if variant == "rel_bias" else frozenset())
+        for D in args.head_dims:
+            config = BACKWARD_CONFIGS[(16, max(64, triton.next_power_of_2(D)))]
+            shared = {"GQA_GROUP": 1, "SPARSE_Q": 128, "SPARSE_KV": 128, "BLOCK_D": triton.next_power_of_2(D),
+                      "BLOCK_DV": triton.next_power_of_2(D), "D": D, "DV": D, "DOT_PRECISION": "tf32",
+                      "HAS_SCORE_MOD": score is not None, "EVEN_KV": True, "FAST_TANH": variant == "softcap"}
+            if not args.dq_only:
+                for atomic in (False, True):
+                    report(f"{variant} D={D} dK/dV ATOMIC_DQ={atomic} "
+                           f"({config.BLOCK_M1}x{config.BLOCK_N1}, {config.warps_dkdv}w {config.stages_dkdv}s)",
+                           module.flex_bwd_dkdv,
+                           {**shared, "BLOCK_M": config.BLOCK_M1, "BLOCK_N": config.BLOCK_N1, "ATOMIC_DQ": atomic},
+                           D, config.warps_dkdv, config.stages_dkdv)
+            for deterministic in (False, True) if variant == "rel_bias" else (False,):
+                report(f"{variant} D={D} dQ DETERMINISTIC={deterministic} "
+                       f"({config.BLOCK_M2}x{config.BLOCK_N2}, {config.warps_dq}w {config.stages_dq}s)",
+                       module.flex_bwd_dq,
+                       {**shared, "BLOCK_M": config.BLOCK_M2, "BLOCK_N": config.BLOCK_N2, "DETERMINISTIC": deterministic},
+                       D, config.warps_dq, config.stages_dq)
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,12 @@ The kernels recompute P from q, k and lse (no O(L^2) state); a small kernel firs
 computes delta = rowsum(dO * O) minus dlse (d lse_i / d s_ij = P_ij folds into it).
 Block sizes, warps and stages per kernel are data (`BACKWARD_CONFIGS`), measured on an H100.
 
-dq, dk and dv are deterministic: each program owns its output rows and stores them once (no atomics).
+dQ has two schemes, chosen by kernel_options["BACKWARD_DQ"] (default `DEFAULT_BACKWARD_DQ`):
+"separate" runs a dQ kernel that recomputes S and dP per q tile (7 matmuls per tile pair; each program
+owns its output rows and stores them once: dq, dk, dv are deterministic); "atomic" (FlashAttention-2's)
+has the dK/dV kernel add dS K into a float32 dQ buffer with atomics (5 matmuls; the order of the adds,
+so dq's last bits, vary from run to run), then one torch op scales and casts it.  Under
+torch.use_deterministic_algorithms(True) the separate scheme is always used.
 The captured tensors' gradients are float32 atomics by default; under
 `torch.use_deterministic_algorithms(True)` the dQ kernel instead adds into its own slice of a
 [programs, numel] float32 buffer and torch sums the slices (bitwise reproducible, bounded by
@@ -65,6 +70,8 @@ MIN_BLOCK = 16
 DELTA_BLOCK_M = 64
 # Deterministic mode's partial gradients ([dQ programs, numel] float32 per captured tensor) may use at most this
 DETERMINISTIC_PARTIALS_LIMIT_BYTES = 1 << 30
+BACKWARD_DQ_SCHEMES = ("separate", "atomic")
+DEFAULT_BACKWARD_DQ = "separate"  # "atomic" once it is measured faster on the GPU (benchmarks/NOTES_backward.md)
 LAST_KERNELS: dict[str, Any] = {}  # kernel name -> the last launch's compiled kernel (n_regs, n_spills), for tuning
 
 
@@ -145,6 +152,15 @@ def choose_config(kernel_options: dict[str, Any] | None, sparse: tuple[int, int]
     warps = {k: options["num_warps"] for k in ("warps_dkdv", "warps_dq") if "num_warps" in options}
     stages = {k: options["num_stages"] for k in ("stages_dkdv", "stages_dq") if "num_stages" in options}
     return dataclasses.replace(base, **blocks, **warps, **stages)
+
+
+def atomic_dq(kernel_options: dict[str, Any] | None) -> bool:
+    """Whether dQ is added from the dK/dV kernel with atomics: kernel_options' BACKWARD_DQ (or the default),
+    never under torch.use_deterministic_algorithms(True), which the separate dQ kernel serves."""
+    scheme = (kernel_options or {}).get("BACKWARD_DQ", DEFAULT_BACKWARD_DQ)
+    if scheme not in BACKWARD_DQ_SCHEMES:
+        raise ValueError(f"kernel_options BACKWARD_DQ={scheme!r} must be one of {BACKWARD_DQ_SCHEMES}")
+    return scheme == "atomic" and not torch.are_deterministic_algorithms_enabled()
 
 
 def fallbacks(config: BackwardConfig) -> list[BackwardConfig]:
@@ -256,6 +272,7 @@ def flex_backward(
     device = query.device
     sparse = block_size(block_mask) if block_mask is not None else (DEFAULT_SPARSE_BLOCK, DEFAULT_SPARSE_BLOCK)
     config = choose_config(kernel_options, sparse, query.dtype, max(D, Dv))
+    atomic = atomic_dq(kernel_options)
     if block_mask is None:  # the synthesized tables' tile: as small as the kernels' tiles, so no tile is wasted
         sparse = (max(config.BLOCK_M1, config.BLOCK_M2), max(config.BLOCK_N1, config.BLOCK_N2))
     module = backward_module(score_mod, mask_mod, frozenset(grad_buffers))
@@ -275,7 +292,9 @@ def flex_backward(
     deterministic = bool(grads) and torch.are_deterministic_algorithms_enabled()
     qkvdo = [query, *_strides(query), key, *_strides(key), value, *_strides(value), grad_out, *_strides(grad_out)]
     q_tables = _tables(block_mask, True, Lq, Lkv, sparse, device)
-    kv_tables = _tables(block_mask, False, Lq, Lkv, sparse, device)
+    kv_tables = _tables(block_mask, False, Lq, Lkv, sparse, device) if not atomic else None
+    # the atomic scheme's float32 dQ sums, zeroed per launch attempt (the argument is unused otherwise)
+    dq_sums = torch.empty((B, Hq, Lq, D), dtype=torch.float32, device=device) if atomic else None
 
     # tanh on the MUFU unit for 16-bit inputs, as the forward does (never under the interpreter: no inline asm)
     fast_tanh = query.dtype in (torch.float16, torch.bfloat16) and query.device.type == "cuda"
@@ -283,16 +302,18 @@ def flex_backward(
               "BLOCK_DV": max(16, triton.next_power_of_2(Dv)), "GQA_GROUP": group, "SPARSE_Q": sparse[0],
               "SPARSE_KV": sparse[1], "DOT_PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
               "HAS_SCORE_MOD": score_mod is not None, "FAST_TANH": fast_tanh}
-    dkdv = _bound(module.flex_bwd_dkdv, [*qkvdo, lse, delta, dk, *_strides(dk), dv, *_strides(dv),
-                                         *_table_args(*q_tables), *mod_args],
-                  [scale, Lq, Lkv, Hq, Hkv], **shapes)
-    dq_kernel = _bound(module.flex_bwd_dq, [*qkvdo, lse, delta, dq, *_strides(dq),
-                                            *_table_args(*kv_tables), *mod_args],
-                       [scale, Lq, Lkv, Hq], **shapes)
+    dkdv = _bound(module.flex_bwd_dkdv, [*qkvdo, lse, delta, delta if dq_sums is None else dq_sums,
+                                         dk, *_strides(dk), dv, *_strides(dv), *_table_args(*q_tables), *mod_args],
+                  [scale, Lq, Lkv, Hq, Hkv], ATOMIC_DQ=atomic, **shapes)
+    dq_kernel = None if atomic else _bound(module.flex_bwd_dq, [*qkvdo, lse, delta, dq, *_strides(dq),
+                                                                *_table_args(*kv_tables), *mod_args],
+                                           [scale, Lq, Lkv, Hq], **shapes)
     gradients = functools.partial(_launch_gradients, dkdv=dkdv, dq=dq_kernel, dims=(B, Hq, Hkv, Lq, Lkv),
-                                  grads=grads, grad_specs=grad_specs, deterministic=deterministic)
+                                  grads=grads, grad_specs=grad_specs, deterministic=deterministic, dq_sums=dq_sums)
     LAST_KERNELS["config"] = launch_first_fitting(
         fallbacks(config), gradients, f"no backward launch configuration fits this GPU for {D=}, {Dv=}, {query.dtype}")
+    if dq_sums is not None:
+        torch.mul(dq_sums, scale, out=dq)  # scale and cast in one pass
     return dq, dk, dv, {name: g.to(captured[name].dtype) for name, g in grads.items()}
 
 
@@ -301,17 +322,20 @@ def _bound(kernel, head: list[Any], tail: list[Any], **constants: Any) -> Callab
     return lambda *middle, grid, **tiles: _launch(kernel, grid, *head, *middle, *tail, **constants, **tiles)
 
 
-def _launch_gradients(attempt: BackwardConfig, dkdv: Callable[..., None], dq: Callable[..., None],
+def _launch_gradients(attempt: BackwardConfig, dkdv: Callable[..., None], dq: Callable[..., None] | None,
                       dims: tuple[int, ...], grads: dict[str, torch.Tensor], grad_specs: list[Any],
-                      deterministic: bool) -> None:
-    """The dK/dV and dQ kernels at `attempt`'s tiles, and the captured tensors' gradients (from zero: a retry
-    after running out of resources must not add twice)."""
+                      deterministic: bool, dq_sums: torch.Tensor | None) -> None:
+    """The dK/dV and (unless `dq_sums` takes dQ's atomic adds) dQ kernels at `attempt`'s tiles, and the captured
+    tensors' gradients; every sum from zero: a retry after running out of resources must not add twice."""
     B, Hq, Hkv, Lq, Lkv = dims
     even_kv = Lkv % max(attempt.BLOCK_N1, attempt.BLOCK_N2) == 0
-    dkdv(grid=(triton.cdiv(Lkv, attempt.BLOCK_N1), B * Hkv), BLOCK_M=attempt.BLOCK_M1, BLOCK_N=attempt.BLOCK_N1,
-         EVEN_KV=even_kv, num_warps=attempt.warps_dkdv, num_stages=attempt.stages_dkdv)
-    for g in grads.values():
+    for g in (*grads.values(), *([dq_sums] if dq_sums is not None else [])):
         g.zero_()
+    dkdv(*_grad_args(grad_specs, grads, {}), grid=(triton.cdiv(Lkv, attempt.BLOCK_N1), B * Hkv),
+         BLOCK_M=attempt.BLOCK_M1, BLOCK_N=attempt.BLOCK_N1, EVEN_KV=even_kv, num_warps=attempt.warps_dkdv,
+         num_stages=attempt.stages_dkdv)
+    if dq is None:
+        return
     dq_grid = (triton.cdiv(Lq, attempt.BLOCK_M2), B * Hq)
     partials = _deterministic_partials(grads, dq_grid[0] * dq_grid[1]) if deterministic else {}
     dq(*_grad_args(grad_specs, grads, partials), grid=dq_grid, BLOCK_M=attempt.BLOCK_M2, BLOCK_N=attempt.BLOCK_N2,

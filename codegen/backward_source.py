@@ -16,6 +16,12 @@ Three generated @triton.jit helpers carry everything variant-specific:
   transpose, which on the H100 miscompiled for a padded 256-wide dK) and `flex_bwd_dq` (one program per
   q tile, heaviest first, walking the kv-major tables; it also scatters the captured tensors' gradients).
   The mods only broadcast, so they run unchanged on either orientation.
+
+Under ATOMIC_DQ (kernel_options BACKWARD_DQ="atomic") the dK/dV kernel also computes dQ's part dS K of each
+tile, adds it into a float32 [B, H_Q, Q_LEN, D] buffer with relaxed atomics (`red.global.add`), and scatters
+the captured tensors' gradients (`scatter_captured_kv`, its [kv, q] tiles); the dQ kernel is not launched.
+Five matmuls per tile pair instead of seven (S and dP are not recomputed), at the price of D float32 atomic
+adds per q row per kv tile; the sum's order varies from run to run.
 """
 
 from __future__ import annotations
@@ -88,20 +94,21 @@ def _tile_axes(index_nodes: tuple[Node, ...]) -> tuple[bool, bool]:
     return "q_idx" in used, "kv_idx" in used
 
 
-def _reduce_over_free_axes(value: str, index_nodes: tuple[Node, ...]) -> str:
-    """Sum a [BLOCK_M, BLOCK_N] contribution over the tile axes its target indices do not vary along."""
+def _reduce_over_free_axes(value: str, index_nodes: tuple[Node, ...], kv_major: bool) -> str:
+    """Sum a tile's contribution over the axes its target indices do not vary along; the tile is
+    [BLOCK_M, BLOCK_N] (q rows: the dQ kernel) or, `kv_major`, [BLOCK_N, BLOCK_M] (the dK/dV kernel)."""
     along_q, along_kv = _tile_axes(index_nodes)
     if along_q and along_kv:
         return value
-    if along_q:
-        return f"tl.sum({value}, 1)[:, None]"
-    if along_kv:
-        return f"tl.sum({value}, 0)[None, :]"
+    if along_q or along_kv:
+        kept_axis = 0 if along_q != kv_major else 1
+        return f"tl.sum({value}, {1 - kept_axis})" + ("[:, None]" if kept_axis == 0 else "[None, :]")
     return f"tl.sum(tl.sum({value}, 1), 0)"
 
 
-def render_scatter(score_mod: Mod | None, grad_buffers: frozenset[str]) -> str:
-    """scatter_captured(...): the captured float tensors' gradient contributions of one tile."""
+def render_scatter(score_mod: Mod | None, grad_buffers: frozenset[str], kv_major: bool = False) -> str:
+    """scatter_captured(...) (scatter_captured_kv for the dK/dV kernel's [kv, q] tiles): the captured float
+    tensors' gradient contributions of one tile."""
     buffers = _buffers(score_mod)
     specs = {spec.name: spec for spec in buffers}
     all_grads = load_grads(score_mod.ir) if score_mod is not None else []
@@ -114,7 +121,7 @@ def render_scatter(score_mod: Mod | None, grad_buffers: frozenset[str]) -> str:
         d_text = names.get(d) or _render([d], names, SCORE_PREFIX, buffers)[1][0]
         lines.append(f"    c{n} = tl.where(ds == 0.0, 0.0, ds * {d_text})  # d mod / d {load.arg}[...]")
         base, offset = _grad_base(spec), _grad_offset(spec, load, names)
-        reduced = _reduce_over_free_axes(f"c{n}", load.src)
+        reduced = _reduce_over_free_axes(f"c{n}", load.src, kv_major)
         add = "add_in_order" if any(_tile_axes(load.src)) else "add_one"  # one entry per tile needs no ordering
         lines += ["    if DETERMINISTIC:  # into this program's own slice of the partials, in a fixed order",
                   f"        {add}({base}_ptr + slot * {base}_slot_stride, {offset}, {reduced})",
@@ -123,7 +130,7 @@ def render_scatter(score_mod: Mod | None, grad_buffers: frozenset[str]) -> str:
     lines.append("    return")
     params = ["ds", "score", "b", "h", "q_idx", "kv_idx", *buffer_params(SCORE_PREFIX, buffers),
               *_grad_params(buffers, grad_buffers), "slot", "DETERMINISTIC: tl.constexpr"]
-    return _function("scatter_captured", params, lines)
+    return _function("scatter_captured_kv" if kv_major else "scatter_captured", params, lines)
 
 
 def _grad_params(buffers: tuple[BufferSpec, ...], grad_buffers: frozenset[str]) -> list[str]:
@@ -168,18 +175,20 @@ def backward_source(score_mod: Mod | None, mask_mod: Mod | None, grad_buffers: f
     score_buffers, mask_buffers = _buffers(score_mod), _buffers(mask_mod)
     mod_buffers = _args(buffer_params(SCORE_PREFIX, score_buffers) + buffer_params(MASK_PREFIX, mask_buffers))
     grad_params = _args(_grad_params(score_buffers, grad_buffers))
-    scatter_call = (f"scatter_captured(ds, score, b, h, q_idx, kv_idx, "
-                    f"{_args(buffer_params(SCORE_PREFIX, score_buffers))}{grad_params}slot, DETERMINISTIC)"
-                    if grad_params else "")
+    scatter_args = f"ds, score, b, h, q_idx, kv_idx, {_args(buffer_params(SCORE_PREFIX, score_buffers))}{grad_params}"
+    no_scatter = "pass  # no captured tensor needs a gradient"
+    scatter_call = f"scatter_captured({scatter_args}slot, DETERMINISTIC)" if grad_params else no_scatter
+    scatter_kv_call = f"scatter_captured_kv({scatter_args}0, False)" if grad_params else no_scatter
     header = "\n".join(["# Generated by flexcomp.codegen: the FlexAttention backward kernels for this variant.",
                         describe(score_mod, "score", grad_buffers), describe(mask_mod, "mask")])
     kernel = BACKWARD_TEMPLATE.replace("{MOD_BUFFERS}", mod_buffers).replace("{GRAD_BUFFERS}", grad_params)
-    kernel = kernel.replace("{SCATTER}", scatter_call or "pass  # no captured tensor needs a gradient")
+    kernel = kernel.replace("{SCATTER}", scatter_call).replace("{SCATTER_KV}", scatter_kv_call)
     kernel = kernel.replace("{DSCORE}", render_dscore(score_mod))
     modded = render_modded_scores(score_mod, mask_mod)
     fast = modded.replace("def modded_scores(", "def modded_scores_fast(").replace("tanh_f32(", "tanh_approx(")
     parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), TANH_APPROX.strip(), modded, fast,
-             render_scatter(score_mod, grad_buffers), kernel.strip()]
+             render_scatter(score_mod, grad_buffers), render_scatter(score_mod, grad_buffers, kv_major=True),
+             kernel.strip()]
     return "\n\n\n".join(parts) + "\n"
 
 
@@ -271,19 +280,21 @@ def probabilities(a, b_op, lse2, b, h, q_idx, kv_idx, sm_scale, KV_LEN,
 
 @triton.jit
 def dkdv_tiles(
-    dk, dv, k, v, Q, DO, LSE, DELTA,
+    dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC,
     stride_qm, stride_qd, stride_dom, stride_dod,
     index_row, n_blocks, b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
-    {MOD_BUFFERS}
+    {MOD_BUFFERS}{GRAD_BUFFERS}
     IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, FAST_TANH: tl.constexpr,
     SPARSE_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    """Accumulate dK (unscaled) and dV of one kv tile over the q tiles of `n_blocks` sparse q blocks.
+    """Accumulate dK (unscaled) and dV of one kv tile over the q tiles of `n_blocks` sparse q blocks;
+    under ATOMIC_DQ also add each q tile's dQ contribution (unscaled) into the float32 rows at DQ_ACC
+    and scatter the captured tensors' gradients (the dQ kernel then does not run).
 
     Tiles are [BLOCK_N, BLOCK_M] (kv rows, q columns): P^T and dS^T come out of the dots in the
-    layout the dV and dK dots take, so no register tile is transposed.
+    layout the dV and dK dots take, so no register tile is transposed (dQ's dot reads dS^T transposed).
     """
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -304,7 +315,14 @@ def dkdv_tiles(
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[None, :])
         {DSCORE}
-        dk = tl.dot(dscore.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+        dscore_lp = dscore.to(qt.dtype)
+        dk = tl.dot(dscore_lp, tl.trans(qt), dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:  # dQ[q tile] += dS K, as dQ^T = K^T dS^T (k is in shared memory: its transpose is a view)
+            dq_t = tl.dot(tl.trans(k), dscore_lp, input_precision=DOT_PRECISION)
+            tl.atomic_add(DQ_ACC + offs_m[None, :] * D + offs_d[:, None], dq_t,
+                          mask=q_in[None, :] & (offs_d[:, None] < D), sem="relaxed")
+            q_idx = offs_m[None, :]
+            {SCATTER_KV}
     return dk, dv
 
 
@@ -315,16 +333,18 @@ def flex_bwd_dkdv(
     V, stride_vb, stride_vh, stride_vn, stride_vd,
     DO, stride_dob, stride_doh, stride_dom, stride_dod,
     LSE, DELTA,  # contiguous float32 [B, H_Q, Q_LEN]
+    DQ_ACC,  # contiguous float32 [B, H_Q, Q_LEN, D], zeroed (ATOMIC_DQ; else unused)
     DK_OUT, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     DV_OUT, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,  # contiguous int32 [TB, TH, kv blocks(, cols)]
     table_b, table_h, table_rows, table_cols, full_table_cols,  # table_b/h: 0 where the mask broadcasts
-    {MOD_BUFFERS}
+    {MOD_BUFFERS}{GRAD_BUFFERS}
     sm_scale, Q_LEN, KV_LEN, H_Q, H_KV,
     GQA_GROUP: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -348,17 +368,19 @@ def flex_bwd_dkdv(
         Q_bh = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
         DO_bh = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh
         lse_row = (b64 * H_Q + h) * Q_LEN
-        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE + lse_row, DELTA + lse_row,
+        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D,
                             stride_qm, stride_qd, stride_dom, stride_dod,
                             Q_IDX + row * table_cols, tl.load(Q_NUM + row), b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
-                            {MOD_BUFFERS}
-                            False, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION)
-        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE + lse_row, DELTA + lse_row,
+                            {MOD_BUFFERS}{GRAD_BUFFERS}
+                            False, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                            ATOMIC_DQ)
+        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D,
                             stride_qm, stride_qd, stride_dom, stride_dod,
                             FULL_Q_IDX + row * full_table_cols, tl.load(FULL_Q_NUM + row), b, h, offs_n, sm_scale,
                             Q_LEN, KV_LEN,
-                            {MOD_BUFFERS}
-                            True, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION)
+                            {MOD_BUFFERS}{GRAD_BUFFERS}
+                            True, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                            ATOMIC_DQ)
     tl.store(DK_OUT + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK_OUT.dtype.element_ty),
              mask=kv_in[:, None] & (offs_d[None, :] < D))

@@ -18,13 +18,14 @@ BACKENDS = ("auto", "triton", "reference")
 
 # torch's FlexKernelOptions.  Used by flexcomp's kernels: BLOCK_M, BLOCK_N (forward tiles), BLOCK_M1, BLOCK_N1,
 # BLOCK_M2, BLOCK_N2 (backward tiles), num_warps, num_stages; the rest are accepted and have no effect (hints
-# and switches of torch's own kernels; flexcomp's are always safe on fully masked rows).  `autotune` is flexcomp's.
+# and switches of torch's own kernels; flexcomp's are always safe on fully masked rows).  `autotune` and
+# `BACKWARD_DQ` (codegen/backward.py) are flexcomp's.
 KERNEL_OPTIONS = (
     "BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "num_warps", "num_stages",
     "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "FORCE_USE_FLEX_ATTENTION", "USE_TMA",
     "kpack", "matrix_instr_nonkdim", "waves_per_eu", "BACKEND",
     "FOLD_SCALE",  # flexcomp's forward switch (codegen/forward.py:fold_scale), for A/B timing
-    "autotune",
+    "autotune", "BACKWARD_DQ",
 )  # fmt: skip
 TORCH_BACKENDS = ("AUTO", "TRITON", "FLASH", "TRITON_DECODE")
 
