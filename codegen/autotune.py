@@ -31,6 +31,7 @@ class LaunchConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    use_tma: bool = False  # K and V through Hopper tensor descriptors (forward.tma_possible decides if it can)
 
 
 # (bits per element, head dim up to) -> the default config, measured on an H100 (bf16, L=8192;
@@ -54,6 +55,7 @@ BLOCKS_M = (64, 128)
 BLOCKS_N = (32, 64, 128)
 WARPS = (4, 8)
 STAGES = (2, 3, 4)
+TMA = (False, True)  # tried only where forward.tma_possible holds (sm_90+, aligned K/V): mixed on the H100
 
 
 def next_power_of_2(n: int) -> int:
@@ -82,8 +84,11 @@ def keep(c: LaunchConfig, bits: int, head_dim: int, sparse: tuple[int, int]) -> 
     return smem <= 200 * 1024 and not (c.block_m == 128 and c.num_warps == 4 and d >= 128)
 
 
-def candidates(bits: int, head_dim: int, sparse: tuple[int, int]) -> list[LaunchConfig]:
-    every = [LaunchConfig(m, n, w, s) for m in BLOCKS_M for n in BLOCKS_N for w in WARPS for s in STAGES]
+def candidates(bits: int, head_dim: int, sparse: tuple[int, int], tma: bool = False) -> list[LaunchConfig]:
+    """Every combination that `keep` admits; with `tma`, each also with K/V through tensor descriptors."""
+    loads = TMA if tma else (False,)
+    every = [LaunchConfig(m, n, w, s, t) for t in loads for m in BLOCKS_M for n in BLOCKS_N for w in WARPS
+             for s in STAGES]
     return [c for c in every if keep(c, bits, head_dim, sparse)]
 
 

@@ -55,7 +55,7 @@ def choose_config(q: torch.Tensor, block_size: tuple[int, int], kernel_options: 
     block_m = _fit(options.get("BLOCK_M", base.block_m), block_size[0], "BLOCK_M", "BLOCK_M" in options)
     block_n = _fit(options.get("BLOCK_N", base.block_n), block_size[1], "BLOCK_N", "BLOCK_N" in options)
     return LaunchConfig(block_m, block_n, options.get("num_warps", base.num_warps),
-                        options.get("num_stages", base.num_stages))
+                        options.get("num_stages", base.num_stages), bool(options.get("USE_TMA", base.use_tma)))
 
 
 # ---------------------------------------------------------------- source and kernel
@@ -211,22 +211,27 @@ def flex_forward(
         UPCAST_DOT=q.dtype == torch.bfloat16 and interpreted,
         EVEN_KV=Lkv % sparse_kv == 0,  # every kv tile in bounds (a table walk visits whole sparse blocks)
         FAST_TANH=score_mod is not None and q.dtype in FAST_TANH_DTYPES and not interpreted,
-        USE_TMA=use_tma(k, v, kernel_options) and not interpreted,
         FLOAT_INDEX=float_index(score_mod, B, Hq, Lq + sparse_q, Lkv + sparse_kv),
         FOLD_SCALE=fold_scale(score_mod, float(scale), kernel_options),
     )  # fmt: skip
 
+    tma_ok = None  # whether K/V may go through tensor descriptors: checked once, when a config asks
+
     def run(config: LaunchConfig) -> None:
+        nonlocal tma_ok
+        if config.use_tma and tma_ok is None:
+            tma_ok = tma_possible(k, v) and not interpreted
         launch(grid=(-(-Lq // config.block_m), B * Hq), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                TILES_PER_BLOCK=sparse_kv // config.block_n, EVEN_Q=Lq % config.block_m == 0,
-               num_warps=config.num_warps, num_stages=config.num_stages)
+               USE_TMA=bool(config.use_tma and tma_ok), num_warps=config.num_warps, num_stages=config.num_stages)
 
     if autotune.wanted(kernel_options):
         bits = 32 if q.dtype == torch.float32 else 16
+        with_tma = "USE_TMA" not in (kernel_options or {}) and tma_possible(k, v) and not interpreted
         configs = [choose_config(q, (sparse_q, sparse_kv), kernel_options, c)
-                   for c in autotune.candidates(bits, max(D, Dv), (sparse_q, sparse_kv))]
+                   for c in autotune.candidates(bits, max(D, Dv), (sparse_q, sparse_kv), tma=with_tma)]
         tune_key = (f"{key} {q.dtype} D={D} Dv={Dv} Lq~{next_power_of_2(Lq)} "
-                    f"Lkv~{next_power_of_2(Lkv)} gqa={Hq // Hkv} {_device_name(q.device)}")
+                    f"Lkv~{next_power_of_2(Lkv)} gqa={Hq // Hkv} tma={with_tma} {_device_name(q.device)}")
         config = autotune.tuned_config(tune_key, list(dict.fromkeys(configs)) or [config], run,
                                        on_gpu=q.device.type == "cuda" and not interpreted)
     launch_first_fitting(fallbacks(config), run, f"no launch configuration fits this GPU for {D=}, {Dv=}, {q.dtype}")
@@ -300,13 +305,14 @@ def fold_scale(score_mod: Mod | None, scale: float, kernel_options: dict | None)
     return bool(wanted) and score_mod is None and math.isfinite(scale) and scale > 0
 
 
-def use_tma(k: torch.Tensor, v: torch.Tensor, kernel_options: dict | None) -> bool:
-    """K and V through Hopper's tensor copy engine: sm_90+, unit last stride, 16-byte aligned rows and bases.
-
-    Off unless `kernel_options={"USE_TMA": True}` (torch's key): on the H100 it measured 3-10% slower
-    than the cp.async pointer loads (benchmarks/NOTES_forward.md).  Descriptors made on the device need
-    a scratch allocator: torch's is installed unless the program set its own."""
-    if not (kernel_options or {}).get("USE_TMA", False) or k.device.type != "cuda":
+def tma_possible(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether K and V can go through Hopper's tensor copy engine: sm_90+, unit last stride, 16-byte aligned
+    rows and bases.  A config asks for it (LaunchConfig.use_tma): off by default, on with
+    `kernel_options={"USE_TMA": True}` (torch's key) or where autotuning picks it; on the H100 it measured
+    3-10% slower than the cp.async pointer loads on plain causal, faster on ALiBi D=64
+    (benchmarks/NOTES_forward.md).  Descriptors made on the device need a scratch allocator: torch's is
+    installed unless the program set its own."""
+    if k.device.type != "cuda":
         return False
     if torch.cuda.get_device_capability(k.device)[0] < 9:
         return False

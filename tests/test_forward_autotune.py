@@ -45,3 +45,23 @@ def test_candidates_respect_the_block_mask_and_shared_memory():
     assert all(autotune.keep(c, 16, 128, (128, 128)) for c in configs)
     assert not autotune.keep(autotune.LaunchConfig(128, 128, 8, 4), 16, 256, (128, 128))  # 4 stages of 128x256
     assert all(c.block_n <= 64 for c in autotune.candidates(16, 128, (64, 64)))
+
+
+def test_tma_is_a_config_axis_only_where_possible():
+    plain = autotune.candidates(16, 64, (128, 128))
+    both = autotune.candidates(16, 64, (128, 128), tma=True)
+    assert not any(c.use_tma for c in plain)
+    assert {c for c in both if not c.use_tma} == set(plain)
+    assert {autotune.LaunchConfig(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in both if c.use_tma} == set(plain)
+    # tables written before the axis existed still load (no use_tma key: pointer loads)
+    old_entry = json.loads('{"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}')
+    assert autotune.LaunchConfig(**old_entry).use_tma is False
+
+
+def test_use_tma_option_reaches_the_config():
+    from flexcomp.codegen.forward import choose_config
+
+    q = torch.randn(1, 1, 256, 64, dtype=torch.bfloat16)
+    assert choose_config(q, (128, 128), {"USE_TMA": True}).use_tma
+    assert not choose_config(q, (128, 128), None).use_tma
+    assert choose_config(q, (128, 128), {"USE_TMA": True}, autotune.LaunchConfig(64, 64, 4, 3)).use_tma
