@@ -15,10 +15,11 @@ Exact and on the device (`interval_tables`): when every other conjunct is one kv
 (`lo(q) <= kv < hi(q)`, closed_form.kv_interval: causal, sliding window, ...) and the mask reads only
 q_idx and kv_idx, each row's true set is the interval [searchsorted_left(g, f(q)), searchsorted_right(g, f(q)))
 cut by [lo(q), hi(q)), and `tables.spans_to_tables` turns the rows' intervals into exact tables.  Up to
-`DENSE_TILES` tiles this is a fixed list of device ops with no host sync (tables in torch's dense width nkv);
-an unsorted g is then found on the device, and makes every tile PARTIAL (the kernel evaluates the mask
-everywhere: right, not exact) when `sync_free`, or returns None (the analysis path, exact) when not.
-Past `DENSE_TILES`, one sync reads the band width and the sortedness, and the tables are nq x band.
+`DENSE_TILES` tiles and with `sync_free` (the GPU) this is a fixed list of device ops with no host sync,
+tables in torch's dense width nkv; an unsorted g is then found on the device and makes every tile PARTIAL
+(the kernel evaluates the mask everywhere: right, not exact).  Otherwise (the CPU, where a host read is
+free, or past `DENSE_TILES`) one host read gets the band of kv blocks the q blocks meet (tables and work
+nq x band, not nq x nkv) and the sortedness: an unsorted g gives None (the analysis path, exact).
 """
 
 from __future__ import annotations
@@ -146,10 +147,11 @@ def _positions(node: Node, name: str, length: int, tensors: dict[str, Tensor], d
 
 
 @functools.lru_cache(maxsize=32)
-def _row_bound(node: Node, q_len: int, rows: int, device: torch.device) -> Tensor:
-    """int32 [rows]: a bound over q at rows 0..rows-1 (rows past Q_LEN repeat the last), cached: it reads no tensor."""
+def _row_bound(node: Node, q_len: int, kv_len: int, rows: int, device: torch.device) -> Tensor:
+    """int32 [rows]: a bound over q at rows 0..rows-1 (rows past Q_LEN repeat the last) clamped into [0, KV_LEN];
+    cached: it reads no tensor."""
     q = torch.arange(rows, dtype=torch.int32, device=device).clamp_(max=q_len - 1)
-    return evaluate(node, {"q_idx": q}, {}).expand(rows).to(torch.int32)
+    return evaluate(node, {"q_idx": q}, {}).expand(rows).clamp(0, kv_len).to(torch.int32)
 
 
 def row_intervals(plan: IntervalPlan, tensors: dict[str, Tensor], grid, device: torch.device,
@@ -164,9 +166,9 @@ def row_intervals(plan: IntervalPlan, tensors: dict[str, Tensor], grid, device: 
     lo = torch.searchsorted(g, f, out_int32=True)
     hi = torch.searchsorted(g, f, right=True, out_int32=True)
     if plan.lo is not None:
-        lo = torch.maximum(lo, _row_bound(plan.lo, grid.q_len, rows, device))
+        lo = torch.maximum(lo, _row_bound(plan.lo, grid.q_len, grid.kv_len, rows, device))
     if plan.hi is not None:
-        hi = torch.minimum(hi, _row_bound(plan.hi, grid.q_len, rows, device))
+        hi = torch.minimum(hi, _row_bound(plan.hi, grid.q_len, grid.kv_len, rows, device))
     return lo, hi, (g[1:] < g[:-1]).any()
 
 
@@ -179,16 +181,15 @@ def interval_tables(ir: Node, tensors: dict[str, Tensor], grid, device: torch.de
     tensors = {k: v.detach().to(device) for k, v in tensors.items()}
     lo, hi, unsorted = row_intervals(plan, tensors, grid, device)
     spans = interval_spans(lo, hi, grid)
-    if grid.num_q_blocks * grid.num_kv_blocks > DENSE_TILES:  # a band of columns per q block: one sync
-        start = spans[1].amin(1, keepdim=True)
-        width, unsorted = torch.stack([(spans[2].amax(1, keepdim=True) - start).max(), unsorted.long()]).tolist()
-        return None if unsorted else spans_to_tables(spans, grid, start, max(1, width))
-    if not sync_free and bool(unsorted):
-        return None
-    tables = spans_to_tables(spans, grid)
-    if not sync_free:
-        return tables
-    nkv = grid.num_kv_blocks  # unsorted g: every tile PARTIAL, decided on the device
+    if sync_free and grid.num_q_blocks * grid.num_kv_blocks <= DENSE_TILES:
+        return _unless_unsorted(spans_to_tables(spans, grid), unsorted, grid.num_kv_blocks)
+    start = spans[1].amin(1, keepdim=True)  # a band of columns per q block, its width read on the host
+    width, unsorted = torch.stack([(spans[2].amax(1, keepdim=True) - start).max(), unsorted.long()]).tolist()
+    return None if unsorted else spans_to_tables(spans, grid, start, max(1, width))
+
+
+def _unless_unsorted(tables: tuple[Tensor, ...], unsorted: Tensor, nkv: int) -> tuple[Tensor, ...]:
+    """The tables, or every tile PARTIAL where g turned out unsorted (decided on the device: no sync)."""
     kv_num, kv_indices, full_num, full_indices = tables
-    return (torch.where(unsorted, nkv, kv_num), torch.where(unsorted, columns(nkv, device), kv_indices),
+    return (torch.where(unsorted, nkv, kv_num), torch.where(unsorted, columns(nkv, unsorted.device), kv_indices),
             torch.where(unsorted, 0, full_num), full_indices)
