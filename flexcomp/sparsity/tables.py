@@ -243,10 +243,9 @@ def spans_to_tables(spans: tuple[Tensor, ...], grid, start: Tensor | None = None
     nq, nkv = grid.num_q_blocks, grid.num_kv_blocks
     width = nkv if width is None else width
     local = (lambda t: t) if start is None else (lambda t: t - start)
-    if start is not None:  # an empty row's end may lie left of the band (its weight is 0: any column will do)
-        end = torch.maximum(end, first)
-    edges = torch.zeros(nq, width + 1, dtype=torch.int32, device=first.device)
-    edges.scatter_add_(1, local(first), touched).scatter_add_(1, local(end), -touched)
+    column = local if start is None else (lambda t: (t - start).clamp_(0, width))  # an empty row's may lie outside
+    edges = torch.zeros(nq, width + 1, dtype=torch.int32, device=first.device)  # the band: its weight is 0
+    edges.scatter_add_(1, column(first), touched).scatter_add_(1, column(end), -touched)
     nonempty = edges.cumsum(1, dtype=torch.int32)[:, :width] > 0
     col = columns(width, first.device)
     full = (col >= local(f0)) & (col < local(f1))
