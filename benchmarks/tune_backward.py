@@ -1,18 +1,23 @@
 """Backward-pass experiments on the GPU: one run diagnoses, sweeps configs and times.
 
     python benchmarks/tune_backward.py diagnose     # the D=192 dK error, under controlled variations
-    python benchmarks/tune_backward.py sweep --head-dims 64 128 [--variants causal none]
+    python benchmarks/tune_backward.py sweep --head-dims 64 128 [--variants causal none softcap document]
+        [--dq-schemes separate atomic] [--defaults]
     python benchmarks/tune_backward.py all
 
 `sweep` times flexcomp's backward alone (out.backward with the graph kept) per config of
 `flexcomp.codegen.backward.BACKWARD_CONFIGS`, with each kernel's time from torch.profiler, its
 registers and spills, beside torch's compiled flex_attention backward on the same inputs.
-Results go to stdout as a table and to $OUT/tune_backward.json when OUT is set.
+`--dq-schemes` times each config under each dQ scheme (kernel_options BACKWARD_DQ; the atomic scheme runs
+no dQ kernel, so configs differing only in their dQ tiles are timed once); `--defaults` times only the
+config BACKWARD_CONFIGS holds for the head dim.  A summary table per (D, variant) closes the sweep.
+Results go to stdout and to $OUT/tune_backward.json when OUT is set.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -34,6 +39,16 @@ def causal(b, h, q_idx, kv_idx):
 
 def softcap(score, b, h, q_idx, kv_idx):
     return 20.0 * torch.tanh(score / 20.0)
+
+
+DOC_IDS = torch.zeros(1, dtype=torch.int32)  # set per sweep: sorted document ids, 64 documents
+
+
+def document_causal(b, h, q_idx, kv_idx):
+    return (DOC_IDS[q_idx] == DOC_IDS[kv_idx]) & (q_idx >= kv_idx)
+
+
+MASKS = {"causal": causal, "softcap": causal, "document": document_causal, "none": None}
 
 
 def rel(a, b) -> float:
@@ -173,20 +188,53 @@ def short(times: dict[str, float]) -> str:
     return " ".join(parts) + f" other={other:.3f}"
 
 
-def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None) -> None:
+def documents(L: int, n_docs: int, gen: torch.Generator) -> torch.Tensor:
+    """Sorted int32 document ids of L positions cut at n_docs - 1 random places (as bench_attention.py)."""
+    cuts = torch.sort(torch.randperm(L - 1, device="cuda", generator=gen)[: n_docs - 1] + 1).values
+    ids = torch.zeros(L, dtype=torch.int32, device="cuda")
+    ids[cuts] = 1
+    return ids.cumsum(0).to(torch.int32)
+
+
+def density_of(mask_mod, L: int) -> float:
+    """The fraction of (q, kv) pairs the mask keeps (counted in chunks of q rows: no L x L tensor)."""
+    if mask_mod is None:
+        return 1.0
+    kv = torch.arange(L, device="cuda")
+    kept = sum(int(mask_mod(0, 0, torch.arange(i, min(i + 512, L), device="cuda")[:, None], kv[None, :]).sum())
+               for i in range(0, L, 512))
+    return kept / (L * L)
+
+
+def timed_configs(D: int, configs, defaults: bool, scheme: str) -> list[tuple]:
+    """The configs to time for `scheme`: the atomic scheme has no dQ kernel, so one per dK/dV config."""
+    if defaults:
+        configs = [dataclasses.astuple(bwd.default_config(torch.bfloat16, D))]
+    configs = configs or SWEEP[D]
+    if scheme == "separate":
+        return list(configs)
+    first_per_dkdv: dict[tuple, tuple] = {}
+    for c in configs:
+        first_per_dkdv.setdefault((c[0], c[1], c[4], c[5]), c)  # (BLOCK_M1, BLOCK_N1, warps, stages) of dK/dV
+    return list(first_per_dkdv.values())
+
+
+def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separate",), defaults=False) -> None:
+    global DOC_IDS
     from triton.testing import do_bench
 
-    print(f"\n## backward sweep B={B} H={H} L={L} bf16 (backward only; TFLOP/s = 2.5 x forward flops)")
+    print(f"\n## backward sweep B={B} H={H} L={L} bf16 (backward only; TFLOP/s = 2.5 x forward flops); "
+          f"dQ schemes {schemes}")
     for D in head_dims:
         for variant in variants:
             gen = torch.Generator(device="cuda").manual_seed(D)
             q, k, v, dout = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
                              for _ in range(4))
             q, k, v = (t.requires_grad_() for t in (q, k, v))
-            mask_mod = causal if variant in ("causal", "softcap") else None
+            DOC_IDS = documents(L, 64, gen)
+            mask_mod = MASKS[variant]
             score = softcap if variant == "softcap" else None
-            density = 0.5 + 0.5 / L if mask_mod else 1.0
-            flops = 2.5 * 4 * B * H * L * L * D * density
+            flops = 2.5 * 4 * B * H * L * L * D * density_of(mask_mod, L)
             t_mask = torch_flex_module.create_block_mask(mask_mod, 1, 1, L, L, device="cuda") if mask_mod else None
             f_mask = fc.create_block_mask(mask_mod, 1, 1, L, L, device="cuda") if mask_mod else None
             f_score = fc.score_mod(score) if score else None
@@ -202,41 +250,64 @@ def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None) -> None:
             print(f"D={D} {variant:8s} torch flex   {ms:7.3f} ms {flops / ms / 1e9:5.0f} TFLOP/s", flush=True)
             RESULTS.append({"kind": "sweep", "D": D, "variant": variant, "impl": "torch flex", "ms": ms,
                             "kernels": times})
-            for config in (configs or SWEEP[D]):
+            for scheme, config in ((s, c) for s in schemes for c in timed_configs(D, configs, defaults, s)):
                 key = (16, 64 if D <= 64 else 128)
                 saved = bwd.BACKWARD_CONFIGS[key]
                 bwd.BACKWARD_CONFIGS[key] = bwd.BackwardConfig(*config)
+                label = f"{scheme:8s} {config!s:32s}"
                 try:
                     for t in (q, k, v):
                         t.grad = None
-                    out = fc.flex_attention(q, k, v, score_mod=f_score, block_mask=f_mask)
+                    out = fc.flex_attention(q, k, v, score_mod=f_score, block_mask=f_mask,
+                                            kernel_options={"BACKWARD_DQ": scheme})
                     err = max(rel(g, r) for g, r in zip(torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
                                                          ref_grads))
                     used = bwd.LAST_KERNELS.get("config")
                     res = {n: (getattr(c, "n_regs", None), getattr(c, "n_spills", None))
                            for n, c in bwd.LAST_KERNELS.items() if n.startswith("flex")}
                     ms, times = time_backward(out)
-                    print(f"D={D} {variant:8s} {config!s:32s} {ms:7.3f} ms {flops / ms / 1e9:5.0f} TFLOP/s "
+                    print(f"D={D} {variant:8s} {label} {ms:7.3f} ms {flops / ms / 1e9:5.0f} TFLOP/s "
                           f"err={err:.1e} {short(times)} regs/spills={res}"
                           + ("" if used == bwd.BackwardConfig(*config) else f" FELL BACK to {used}"), flush=True)
                     RESULTS.append({"kind": "sweep", "D": D, "variant": variant, "impl": "flexcomp",
-                                    "config": config, "ms": ms, "err": err, "kernels": times,
+                                    "scheme": scheme, "config": config, "ms": ms, "err": err, "kernels": times,
                                     "resources": res})
                 except Exception as exc:  # noqa: BLE001 -- a config that fails is reported, the sweep goes on
-                    print(f"D={D} {variant:8s} {config!s:32s} FAILED {type(exc).__name__}: {str(exc)[:300]}",
+                    print(f"D={D} {variant:8s} {label} FAILED {type(exc).__name__}: {str(exc)[:300]}",
                           flush=True)
                 finally:
                     bwd.BACKWARD_CONFIGS[key] = saved
                     torch.cuda.empty_cache()
+    summary(schemes)
+
+
+def summary(schemes) -> None:
+    """Per (D, variant): torch flex's ms, and each dQ scheme's best ms with its config and the ratio to torch."""
+    print("\n| D | variant | torch flex ms | " + " | ".join(f"best {s} ms (config) | vs torch" for s in schemes) + " |")
+    print("|---|---|---|" + "---|---|" * len(schemes))
+    cases = dict.fromkeys((r["D"], r["variant"]) for r in RESULTS if r["kind"] == "sweep")
+    for D, variant in cases:
+        rows = [r for r in RESULTS if r["kind"] == "sweep" and (r["D"], r["variant"]) == (D, variant)]
+        torch_ms = next((r["ms"] for r in rows if r["impl"] == "torch flex"), float("nan"))
+        cells = []
+        for scheme in schemes:
+            ours = [r for r in rows if r.get("scheme") == scheme]
+            best = min(ours, key=lambda r: r["ms"], default=None)
+            cells.append(f"{best['ms']:.3f} {tuple(best['config'])} | {torch_ms / best['ms']:.2f}x" if best
+                         else "- | -")
+        print(f"| {D} | {variant} | {torch_ms:.3f} | " + " | ".join(cells) + " |")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["diagnose", "sweep", "all"])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--variants", nargs="+", default=["causal"])
+    parser.add_argument("--variants", nargs="+", choices=list(MASKS), default=["causal"])
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--configs", help="JSON list of config tuples, replacing the built-in sweep")
+    parser.add_argument("--dq-schemes", nargs="+", choices=bwd.BACKWARD_DQ_SCHEMES, default=["separate"],
+                        help="time each config under each dQ scheme (kernel_options BACKWARD_DQ)")
+    parser.add_argument("--defaults", action="store_true", help="time only the default config per head dim")
     args = parser.parse_args()
     t0 = time.time()
     import triton
@@ -246,7 +317,8 @@ def main() -> int:
         diagnose()
     if args.what in ("sweep", "all"):
         configs = [tuple(c) for c in json.loads(args.configs)] if args.configs else None
-        sweep(args.head_dims, args.variants, L=args.length, configs=configs)
+        sweep(args.head_dims, args.variants, L=args.length, configs=configs, schemes=tuple(args.dq_schemes),
+              defaults=args.defaults)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "tune_backward.json"), "w") as f:
             json.dump(RESULTS, f, indent=1, default=str)
