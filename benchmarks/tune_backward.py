@@ -258,6 +258,7 @@ def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separa
                 try:
                     for t in (q, k, v):
                         t.grad = None
+                    bwd.LAST_KERNELS.clear()  # the atomic scheme launches no dQ kernel: report no stale one
                     out = fc.flex_attention(q, k, v, score_mod=f_score, block_mask=f_mask,
                                             kernel_options={"BACKWARD_DQ": scheme})
                     err = max(rel(g, r) for g, r in zip(torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
