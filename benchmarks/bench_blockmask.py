@@ -18,7 +18,8 @@ per-element brute force (the exact fallback's chunked evaluation of every tile) 
 --brute-force.
 The "lazy closed-form build" table splits one lazy causal / sliding-window build at L=32768 into its device
 work (`sparsity.counts.build`: the aten ops that make kv_num_blocks / full_kv_num_blocks, listed) and the
-rest, which is Python overhead (argument checks, the mod, the cached closed form and symbolic counts, the
+rest; its document rows time `sparsity.equality.interval_tables` as the GPU runs it (sync-free, dense tables)
+and list its aten ops (on a CPU, create_block_mask takes the banded path instead: one host read), which is Python overhead (argument checks, the mod, the cached closed form and symbolic counts, the
 BlockMask object).  (device="meta" is no proxy for the Python part: meta ops run Python shape functions,
 and the sliding window's clamp_ takes ~0.6 ms there.)
 No cache of BlockMasks is involved: every timed call builds a new one (the symbolic counts are cached per
@@ -266,6 +267,32 @@ def run_breakdown(meter: Meter, L: int = 32768) -> list[dict]:
         rows.append(row)
         print(f"  lazy build {name} L={L}: {row['total_s'] * 1e6:.1f} us = ops {row['device_ops_s'] * 1e6:.1f} us "
               f"({len(log.ops)}: {', '.join(log.ops)}) + Python {row['python_s'] * 1e6:.1f} us", flush=True)
+    return rows + run_document_breakdown(meter, L)
+
+
+def run_document_breakdown(meter: Meter, L: int) -> list[dict]:
+    """The document build's device work: `equality.interval_tables` as the GPU runs it (sync_free: dense tables, no
+    host read), on this device; its aten ops listed (views and the CPU-side wrapping of Python scalars excluded)."""
+    from flexcomp.sparsity import equality
+
+    rows = []
+    for name, causal in ((f"document x{L // 1024}", False), (f"document x{L // 1024} & causal", True)):
+        mask, tensors = document_mask(L, L // 1024, causal)
+        tensors = {k: v.to(meter.device) for k, v in tensors.items()}
+        mod = mod_of(mask, tensors, name)
+        build = functools.partial(create_block_mask, mod, None, None, L, L, meter.device)
+        grid = Grid(1, 1, L, L, 128, 128)
+        ops_only = functools.partial(equality.interval_tables, mask, tensors, grid, meter.device, True)
+        ops_only()
+        with OpLog() as log:
+            ops_only()
+        ops = [op for op in log.ops if op.split(".")[0] not in ("slice", "detach", "expand", "scalar_tensor", "lift_fresh")]
+        row = {"case": name, "L": L, "device": str(meter.device), "total_s": meter.time(build, 51),
+               "device_ops_s": meter.time(ops_only, 51), "ops": ops}
+        row["python_s"] = row["total_s"] - row["device_ops_s"]
+        rows.append(row)
+        print(f"  lazy build {name} L={L}: {row['total_s'] * 1e6:.1f} us (create_block_mask, this device's path) = "
+              f"sync-free ops {row['device_ops_s'] * 1e6:.1f} us ({len(ops)}: {', '.join(ops)})", flush=True)
     return rows
 
 
