@@ -5,9 +5,12 @@
 1. closed form: masks whose per-row kv range is an affine or floor-affine function of q
    (causal, sliding window, prefix-LM, block-causal, offset causal, their intersections) get
    `bounds` (a `ClosedFormBounds`) and tables computed from them per q block, in O(q blocks);
-2. otherwise interval/relational analysis of the IR, a band of q blocks at a time, with
+2. document-style masks (`f(q) == g(kv)` with g sorted, and conjuncts that keep one kv interval per row,
+   e.g. `DOC[q] == DOC[kv] & (q >= kv)`): exact tables from each row's kv interval, on the device
+   (sparsity.equality.interval_tables; on a GPU with no host sync);
+3. otherwise interval/relational analysis of the IR, a band of q blocks at a time, with
    captured tensors summarized per block (`flexcomp.sparsity`);
-3. tiles the analysis leaves PARTIAL are evaluated exactly on the device, in bounded-memory
+4. tiles the analysis leaves PARTIAL are evaluated exactly on the device, in bounded-memory
    batches, when `exact=True` or when more than `AUTO_EXACT_FRACTION` of all tiles are undecided.
 
 Layout is torch's: kv_num_blocks [B, H, nq] int32 and kv_indices [B, H, nq, W] int32 (PARTIAL

@@ -146,7 +146,7 @@ def _positions(node: Node, name: str, length: int, tensors: dict[str, Tensor], d
     return evaluate(node, {name: index}, tensors).expand(length).to(torch.int32)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)  # int32 [L] on the device each
 def _row_bound(node: Node, q_len: int, kv_len: int, rows: int, device: torch.device) -> Tensor:
     """int32 [rows]: a bound over q at rows 0..rows-1 (rows past Q_LEN repeat the last) clamped into [0, KV_LEN];
     cached: it reads no tensor."""
