@@ -10,10 +10,11 @@ itself (a softcap's `score / 30 ... * 30`).  Folded, the scalars meet and multip
 
 `base2_form(ir)` returns IR over the raw `qk` (the ARG "score") and the ARG "sm_scale".  Only
 multiplications and divisions by loop-invariant values (constants, and what depends on b, h, q_idx and
-sm_scale alone: the kernel hoists those out of the kv loop) are moved; they are moved only where they
-then merge with another one, so no per-element operation is ever added.  Reassociating float products
-changes results by an ulp or so of the score (as FMA contraction does), never more: no addition is
-reordered, no value's magnitude changes.
+sm_scale alone: the kernel hoists those out of the kv loop) are moved: merged with another such factor,
+or distributed over a sum that holds the score, where they then merge with the softmax scale; no
+per-element operation is added.  Reassociating float products changes results by an ulp or so of the
+score (as FMA contraction does), never more: no addition is reordered, and sums of index terms (exact
+in float32, ops.float_index_form) are never split.
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ def _absorbs(n: Node) -> bool:
     return False
 
 
+def _worth_distributing(n: Node) -> bool:
+    """Distribute a factor over a sum only where the score is: the factor then merges with the score's own
+    (the softmax scale), and one side that does not absorb it costs a multiply that fuses into the add.
+    Sums of index terms are left whole, so exact integer-valued arithmetic (ops.float_index_form) stays exact."""
+    if "score" not in free_args(n):
+        return False
+    if n.op == Op.NEG:
+        return True
+    return all(s.dtype == DType.F32 for s in n.src) and sum(not _absorbs(s) for s in n.src) <= 1
+
+
 def _invariant_first(n: Node) -> Node | None:
     a, b = n.src
     return n.replace(src=(b, a)) if invariant(a) and not invariant(b) else None
@@ -82,8 +94,8 @@ BASE2_RULES: list[Rule] = [
     (lambda n: n.op == Op.MUL and n.dtype == DType.F32, _invariant_first),
     # (x * a) * b -> x * (a * b);  (x / a) * b -> x * (b / a);  (x * a) / b -> x * (a / b);  (x / a) / b -> x / (a * b)
     (lambda n: _scaling(n) and _scaled(n.src[0]) and not invariant(n.src[0]), _merge),
-    # (x + y) * a -> x * a + y * a;  (x - y) * a -> x * a - y * a;  (-x) * a -> -(x * a)   (when both sides absorb a)
-    (lambda n: _scaling(n) and n.src[0].op in (Op.ADD, Op.SUB, Op.NEG) and _absorbs(n.src[0]), _distribute),
+    # (x + y) * a -> x * a + y * a;  (x - y) * a -> x * a - y * a;  (-x) * a -> -(x * a)   (sums holding the score)
+    (lambda n: _scaling(n) and n.src[0].op in (Op.ADD, Op.SUB, Op.NEG) and _worth_distributing(n.src[0]), _distribute),
 ]
 
 

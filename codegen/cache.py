@@ -3,7 +3,7 @@
 Triton's jit reads a kernel's source from its file, so generated code is
 written to `$FLEXCOMP_CACHE_DIR` (default ~/.cache/flexcomp) and imported from
 there.  A file is named by a hash of what its text depends on (the mods' keys,
-the bounds, and the code generator's own source), so a second process finds it
+the bounds, and the code generator's own source, IR rewrites included), so a second process finds it
 without regenerating, and Triton's cache, keyed by that same text, finds the
 binaries.
 """
@@ -28,12 +28,17 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+# flexcomp's modules whose rules shape the generated text (IR rewrites, derivatives), beside codegen/'s own
+GENERATOR_MODULES = ("ir.py", "rewrite.py", "grad.py", "tiles.py")
+
+
 @cache
 def generator_version() -> str:
-    """A hash of codegen/'s own files: editing the generator invalidates every cached kernel."""
+    """A hash of the generator's files: editing any of them invalidates every cached kernel."""
     here = Path(__file__).parent
+    package = Path(importlib.util.find_spec("flexcomp").origin).parent
     digest = hashlib.sha256()
-    for path in sorted(here.glob("*.py")):
+    for path in [*sorted(here.glob("*.py")), *(package / name for name in GENERATOR_MODULES)]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 

@@ -20,10 +20,12 @@ from flexcomp.ir import arg, to_expr, to_text
 from flexcomp.mods import Mod
 from flexcomp.tiles import ClosedFormBounds
 
+from .base2 import base2_form
 from .ops import PRELUDE, buffer_params, cast_f32, float_index_form, hoistable, render_block
 
 LOOP_ARGS = frozenset({"score", "kv_idx"})  # what changes from one kv tile to the next
-MOD_ARG_NAMES = {"score": "score", "b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
+MOD_ARG_NAMES = {"score": "score", "b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", "sm_scale": "sm_scale"}
+SCORE_FUNCTION_ARGS = ("score", "b", "h", "q_idx", "kv_idx", "sm_scale")  # score = the raw q.k (base2_form)
 BOUND_ARG_NAMES = {"b": "b", "h": "h", "q_lo": "q_lo", "q_hi": "q_hi", "Q_LEN": "Q_LEN", "KV_LEN": "KV_LEN"}
 
 
@@ -41,26 +43,30 @@ FLOAT_INDEX_NAME = "kv_idx_f"  # the kernel's float32 kv_idx: start_n + arange, 
 
 
 def render_mod(mod: Mod | None, kind: str) -> ModCode:
+    """The mod's kernel functions.  A score_mod is rendered in the kernel's units (codegen/base2.py): it takes
+    the raw q.k and sm_scale and returns `score_mod(qk * sm_scale) * log2(e)`, its scalar factors merged."""
     prefix = "s" if kind == "score" else "m"
-    arg_names = ("score", "b", "h", "q_idx", "kv_idx") if kind == "score" else ("b", "h", "q_idx", "kv_idx")
+    arg_names = SCORE_FUNCTION_ARGS if kind == "score" else ("b", "h", "q_idx", "kv_idx")
     float_params = list(arg_names) + [FLOAT_INDEX_NAME]
+    pre_args = [a for a in arg_names if a not in LOOP_ARGS]
     if mod is None:  # no score_mod: the identity, never called (HAS_SCORE_MOD is False)
-        hoisted = _function(f"{kind}_mod_hoisted", ["b", "h", "q_idx"], [], "0")
+        hoisted = _function(f"{kind}_mod_hoisted", pre_args, [], "0")
         floats = _function(f"{kind}_mod_float", float_params, [], "score") if kind == "score" else ""
         return ModCode(hoisted + "\n\n\n" + _function(f"{kind}_mod", list(arg_names), [], "score"), [], [], floats)
     buffers = tuple(mod.buffers)
     params = buffer_params(f"{prefix}b", buffers)
     bp = f"{prefix}b"
-    roots = [mod.ir]
-    float_ir, _ = float_index_form(mod.ir)
-    if kind == "score" and float_ir != mod.ir:
+    ir, float_ir = mod.ir, float_index_form(mod.ir)[0]
+    if kind == "score":
+        ir, float_ir = base2_form(ir), base2_form(float_ir)
+    roots = [ir]
+    if kind == "score" and float_ir != ir:
         roots.append(float_ir)  # both forms' loop invariants are hoisted; the kernel uses one set
     names = {arg(a): MOD_ARG_NAMES[a] for a in arg_names if a not in LOOP_ARGS}
     pre_lines, hoisted = render_block(hoistable(roots, LOOP_ARGS), names, f"{prefix}h", buffers, bp)
     names.update({arg(a): MOD_ARG_NAMES[a] for a in arg_names if a in LOOP_ARGS})
     float_names = {**names, cast_f32(arg("kv_idx")): FLOAT_INDEX_NAME}
-    lines, (result,) = render_block([mod.ir], names, prefix, buffers, bp)
-    pre_args = [a for a in arg_names if a not in LOOP_ARGS]
+    lines, (result,) = render_block([ir], names, prefix, buffers, bp)
     text = _function(f"{kind}_mod_hoisted", pre_args + params, pre_lines, ", ".join(hoisted) or "0")
     text += "\n\n\n" + _function(f"{kind}_mod", list(arg_names) + hoisted + params, lines, result)
     floats = ""
@@ -220,19 +226,19 @@ def attend_tile(
                        kv_in[None, :], offs_d[:, None] < D, CHECK_KV, BLOCK_D != D)
     qk = dot(q, kt, DOT_PRECISION, UPCAST_DOT)
     kv_idx = offs_n[None, :]
-    if HAS_SCORE_MOD:  # the mod sees q.k * scale in natural units
+    if HAS_SCORE_MOD:  # score_mod(q.k * scale) * log2(e), the scalings folded into the mod (codegen/base2.py)
         if FLOAT_INDEX:  # int->float casts of kv_idx expressions done in float: exact, the host checked the range
             kv_idx_f = (start_n.to(tl.float32) + tl.arange(0, BLOCK_N).to(tl.float32))[None, :]
             if FAST_TANH:
-                score = score_mod_float_fast(qk * sm_scale, b, h, q_idx, kv_idx, kv_idx_f,
+                score = score_mod_float_fast(qk, b, h, q_idx, kv_idx, sm_scale, kv_idx_f,
                                              {SCORE_HOISTED}{SCORE_BUFFERS})
             else:
-                score = score_mod_float(qk * sm_scale, b, h, q_idx, kv_idx, kv_idx_f, {SCORE_HOISTED}{SCORE_BUFFERS})
+                score = score_mod_float(qk, b, h, q_idx, kv_idx, sm_scale, kv_idx_f, {SCORE_HOISTED}{SCORE_BUFFERS})
         elif FAST_TANH:
-            score = score_mod_fast(qk * sm_scale, b, h, q_idx, kv_idx, {SCORE_HOISTED}{SCORE_BUFFERS})
+            score = score_mod_fast(qk, b, h, q_idx, kv_idx, sm_scale, {SCORE_HOISTED}{SCORE_BUFFERS})
         else:
-            score = score_mod(qk * sm_scale, b, h, q_idx, kv_idx, {SCORE_HOISTED}{SCORE_BUFFERS})
-        score = tl.broadcast_to(score.to(tl.float32), (BLOCK_M, BLOCK_N)) * 1.4426950408889634
+            score = score_mod(qk, b, h, q_idx, kv_idx, sm_scale, {SCORE_HOISTED}{SCORE_BUFFERS})
+        score = tl.broadcast_to(score.to(tl.float32), (BLOCK_M, BLOCK_N))
     elif FOLD_SCALE:  # raw q.k: the scale goes into the row max and the exp2's FMA below (qk_scale > 0)
         score = qk
     else:
@@ -354,7 +360,7 @@ def flex_forward_kernel(
     V_bh = V + b64 * stride_vb + kv_h64 * stride_vh
 
     q_idx = offs_m[:, None]
-    {SCORE_HOISTED_LHS} = score_mod_hoisted(b, h, q_idx, {SCORE_BUFFERS})
+    {SCORE_HOISTED_LHS} = score_mod_hoisted(b, h, q_idx, sm_scale, {SCORE_BUFFERS})
     {MASK_HOISTED_LHS} = mask_mod_hoisted(b, h, q_idx, {MASK_BUFFERS})
 
     # The kv tiles this q tile visits: PARTIAL ones (mask applied) and FULL ones (mask skipped)

@@ -13,7 +13,7 @@ from flexcomp.codegen.ops import float_index_form, variant_nodes
 
 import flexcomp as fc
 from flexcomp.evaluate import evaluate
-from flexcomp.ir import Op, arg, const, substitute, toposort
+from flexcomp.ir import Op, arg, const, free_args, substitute, toposort
 
 SLOPES = torch.rand(4) + 0.1
 BIAS = torch.randn(4, 64)
@@ -102,6 +102,26 @@ def test_scalar_factors_merge_out_of_the_loop(fn, before, after):
     literal = _f32(Op.MUL, substitute(ir, {arg("score"): _f32(Op.MUL, arg("score"), arg("sm_scale"))}), const(LOG2E))
     assert per_element_ops(literal) == before
     assert per_element_ops(base2_form(ir)) == after
+
+
+def test_a_per_element_bias_leaves_an_fma():
+    ir = float_index_form(fc.score_mod(relative_bias).ir)[0]
+    literal = _f32(Op.MUL, substitute(ir, {arg("score"): _f32(Op.MUL, arg("score"), arg("sm_scale"))}), const(LOG2E))
+    folded = base2_form(ir)
+    assert per_element_ops(folded) == per_element_ops(literal)
+    # (qk*s + bias)*log2e -> qk*(s log2e) + bias*log2e: the add and one multiply contract into an FFMA
+    assert folded.op == Op.ADD and arg("score") in {s.src[0] for s in folded.src if s.op == Op.MUL}
+
+
+def test_index_sums_are_never_split():
+    """The float index form is exact integer arithmetic: a factor must multiply its sum, not each term."""
+    mod = fc.score_mod(negated)
+    for fn in (alibi, negated, sigmoid_gate):
+        ir = float_index_form(fc.score_mod(fn).ir)[0]
+        folded = base2_form(ir)
+        index_sums = {n for n in toposort(ir) if n.op in (Op.ADD, Op.SUB) and "score" not in free_args(n)}
+        assert index_sums <= set(toposort(folded)), fn.__name__
+    assert mod is not None
 
 
 def test_no_per_element_operation_is_ever_added():
