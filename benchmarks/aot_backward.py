@@ -27,7 +27,7 @@ from collections import Counter
 
 import torch
 import triton
-from aot_forward import signature
+from aot_forward import NVIDIA_BIN, signature
 from flexcomp.codegen.backward import BACKWARD_CONFIGS, backward_module
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -107,10 +107,39 @@ def atomics(ptx: str) -> str:
     return ", ".join(f"{op} x{n}" for op, n in sorted(found.items())) or "none"
 
 
-def report(label: str, kernel, constexprs: dict, D: int, warps: int, stages: int) -> None:
+def sass_loop_spans(cubin: bytes) -> list[tuple[str, int, Counter]]:
+    """(label, instructions, opcode counts) from each backward branch's target to the branch: whole loops,
+    the blocks a predicated atomic splits off included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([os.path.join(NVIDIA_BIN, "nvdisasm"), "-c", path], capture_output=True, check=False,
+                              text=True).stdout
+    ops, labels, spans = [], {}, []
+    for line in text.splitlines():
+        m = re.match(r"^\s*\.(L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ops)
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*)", line)
+        if m:
+            ops.append(m.group(1))
+            target = re.search(r"`?\(?\.(L_x_\d+)", m.group(2)) if m.group(1) == "BRA" else None
+            if target and target.group(1) in labels:
+                start = labels[target.group(1)]
+                spans.append((target.group(1), len(ops) - start, Counter(ops[start:])))
+    return spans
+
+
+LOOP_COUNTED = ("HGMMA", "ISETP", "PLOP3", "SEL", "LDG", "LDGSTS", "RED", "IMAD", "IADD3", "LEA", "FSEL", "FSETP")
+
+
+def report(label: str, kernel, constexprs: dict, D: int, warps: int, stages: int, loops: bool = False) -> None:
     """Compile `kernel` for sm_90 as a contiguous bf16 [4, 16, 8192, D] launch would, and print what came out."""
     start = time.time()
     params = list(inspect.signature(kernel.fn).parameters)
+    constexprs = {k: v for k, v in constexprs.items() if k in params}  # a template without EVEN_Q ignores it
     sig, constexprs, attrs = specialize(params, constexprs, launch_ints(4, 16, 8192, D))
     compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True})
@@ -118,6 +147,11 @@ def report(label: str, kernel, constexprs: dict, D: int, warps: int, stages: int
     local = ptx.count("ld.local") + ptx.count("st.local")
     print(f"{label}: {time.time() - start:.0f}s; {sass_usage(compiled.asm['cubin'])}; ld/st.local in PTX {local}; "
           f"wgmma {ptx.count('wgmma.mma_async')}; atomics: {atomics(ptx)}", flush=True)
+    if loops:
+        for block, size, ops in sass_loop_spans(compiled.asm["cubin"]):
+            counts = {f: sum(n for op, n in ops.items() if op.startswith(f)) for f in LOOP_COUNTED}
+            if counts["HGMMA"]:  # the tile loops (the GQA loop around them has them too, and is reported last)
+                print(f"    SASS loop at {block}: {size} instructions; {({k: n for k, n in counts.items() if n})}")
 
 
 def main() -> None:
@@ -125,6 +159,9 @@ def main() -> None:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[128])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["causal", "rel_bias"])
     parser.add_argument("--dq-only", action="store_true", help="only the dQ kernel (the scatter's two modes)")
+    parser.add_argument("--ragged", action="store_true",
+                        help="compile as for lengths that are not multiples of the tiles (every load masked)")
+    parser.add_argument("--loops", action="store_true", help="per-loop-body SASS instruction counts")
     args = parser.parse_args()
     for variant in args.variants:
         score_fn, mask_fn = VARIANTS[variant]
@@ -134,20 +171,22 @@ def main() -> None:
             config = BACKWARD_CONFIGS[(16, max(64, triton.next_power_of_2(D)))]
             shared = {"GQA_GROUP": 1, "SPARSE_Q": 128, "SPARSE_KV": 128, "BLOCK_D": triton.next_power_of_2(D),
                       "BLOCK_DV": triton.next_power_of_2(D), "D": D, "DV": D, "DOT_PRECISION": "tf32",
-                      "HAS_SCORE_MOD": score is not None, "EVEN_KV": True, "FAST_TANH": variant == "softcap"}
+                      "HAS_SCORE_MOD": score is not None, "EVEN_KV": not args.ragged, "EVEN_Q": not args.ragged,
+                      "FAST_TANH": variant == "softcap"}
             if not args.dq_only:
                 for atomic in (False, True):
                     report(f"{variant} D={D} dK/dV ATOMIC_DQ={atomic} "
                            f"({config.BLOCK_M1}x{config.BLOCK_N1}, {config.warps_dkdv}w {config.stages_dkdv}s)",
                            module.flex_bwd_dkdv,
                            {**shared, "BLOCK_M": config.BLOCK_M1, "BLOCK_N": config.BLOCK_N1, "ATOMIC_DQ": atomic},
-                           D, config.warps_dkdv, config.stages_dkdv)
+                           D, config.warps_dkdv, config.stages_dkdv, args.loops)
             for deterministic in (False, True) if variant == "rel_bias" else (False,):
                 report(f"{variant} D={D} dQ DETERMINISTIC={deterministic} "
                        f"({config.BLOCK_M2}x{config.BLOCK_N2}, {config.warps_dq}w {config.stages_dq}s)",
                        module.flex_bwd_dq,
                        {**shared, "BLOCK_M": config.BLOCK_M2, "BLOCK_N": config.BLOCK_N2, "DETERMINISTIC": deterministic},
-                       D, config.warps_dq, config.stages_dq)
+                       D, config.warps_dq, config.stages_dq, args.loops)
+
 
 if __name__ == "__main__":
     main()

@@ -284,7 +284,7 @@ def flex_backward(
             out, *_strides(out), grad_out, *_strides(grad_out),
             dlse if dlse is not None else delta, *(_strides(dlse) if dlse is not None else [0, 0, 0]), delta,
             Lq, Hq, HAS_DLSE=dlse is not None, BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
-            DV=Dv, num_warps=4)
+            DV=Dv, EVEN_Q=Lq % DELTA_BLOCK_M == 0, num_warps=4)
     dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     grads = {name: torch.zeros(captured[name].shape, dtype=torch.float32, device=device) for name in grad_buffers}
     mod_args = _buffer_args(score_mod, captured, device) + _buffer_args(mask_mod, captured, device)
@@ -304,10 +304,10 @@ def flex_backward(
               "HAS_SCORE_MOD": score_mod is not None, "FAST_TANH": fast_tanh}
     dkdv = _bound(module.flex_bwd_dkdv, [*qkvdo, lse, delta, delta if dq_sums is None else dq_sums,
                                          dk, *_strides(dk), dv, *_strides(dv), *_table_args(*q_tables), *mod_args],
-                  [scale, Lq, Lkv, Hq, Hkv], ATOMIC_DQ=atomic, **shapes)
+                  [scale, Lq, Lkv, Hq, Hkv], ATOMIC_DQ=atomic, EVEN_Q=Lq % sparse[0] == 0, **shapes)
     dq_kernel = None if atomic else _bound(module.flex_bwd_dq, [*qkvdo, lse, delta, dq, *_strides(dq),
                                                                 *_table_args(*kv_tables), *mod_args],
-                                           [scale, Lq, Lkv, Hq], **shapes)
+                                           [scale, Lq, Lkv, Hq], EVEN_KV=Lkv % sparse[1] == 0, **shapes)
     gradients = functools.partial(_launch_gradients, dkdv=dkdv, dq=dq_kernel, dims=(B, Hq, Hkv, Lq, Lkv),
                                   grads=grads, grad_specs=grad_specs, deterministic=deterministic, dq_sums=dq_sums)
     LAST_KERNELS["config"] = launch_first_fitting(
@@ -326,20 +326,25 @@ def _launch_gradients(attempt: BackwardConfig, dkdv: Callable[..., None], dq: Ca
                       dims: tuple[int, ...], grads: dict[str, torch.Tensor], grad_specs: list[Any],
                       deterministic: bool, dq_sums: torch.Tensor | None) -> None:
     """The dK/dV and (unless `dq_sums` takes dQ's atomic adds) dQ kernels at `attempt`'s tiles, and the captured
-    tensors' gradients; every sum from zero: a retry after running out of resources must not add twice."""
+    tensors' gradients; every sum from zero: a retry after running out of resources must not add twice.
+
+    Bounds checks go where a length is not a multiple of the tile: here each program's own tile (kv rows of
+    the dK/dV kernel, q rows of the dQ kernel); the tiles the table walks visit were decided in flex_backward
+    (a whole sparse block is walked, so there the length must be a multiple of the sparse block)."""
     B, Hq, Hkv, Lq, Lkv = dims
-    even_kv = Lkv % max(attempt.BLOCK_N1, attempt.BLOCK_N2) == 0
     for g in (*grads.values(), *([dq_sums] if dq_sums is not None else [])):
         g.zero_()
     dkdv(*_grad_args(grad_specs, grads, {}), grid=(triton.cdiv(Lkv, attempt.BLOCK_N1), B * Hkv),
-         BLOCK_M=attempt.BLOCK_M1, BLOCK_N=attempt.BLOCK_N1, EVEN_KV=even_kv, num_warps=attempt.warps_dkdv,
+         BLOCK_M=attempt.BLOCK_M1, BLOCK_N=attempt.BLOCK_N1, EVEN_KV=Lkv % attempt.BLOCK_N1 == 0,
+         num_warps=attempt.warps_dkdv,
          num_stages=attempt.stages_dkdv)
     if dq is None:
         return
     dq_grid = (triton.cdiv(Lq, attempt.BLOCK_M2), B * Hq)
     partials = _deterministic_partials(grads, dq_grid[0] * dq_grid[1]) if deterministic else {}
     dq(*_grad_args(grad_specs, grads, partials), grid=dq_grid, BLOCK_M=attempt.BLOCK_M2, BLOCK_N=attempt.BLOCK_N2,
-       EVEN_KV=even_kv, num_warps=attempt.warps_dq, num_stages=attempt.stages_dq, DETERMINISTIC=bool(partials))
+       EVEN_Q=Lq % attempt.BLOCK_M2 == 0, num_warps=attempt.warps_dq, num_stages=attempt.stages_dq,
+       DETERMINISTIC=bool(partials))
     for name, p in partials.items():
         torch.sum(p, 0, out=grads[name])  # a fixed-order reduction over the programs' slices
 

@@ -213,6 +213,7 @@ def flex_bwd_delta(
     DELTA,  # contiguous float32 [B, H_Q, Q_LEN]
     Q_LEN, H_Q,
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, DV: tl.constexpr,
+    EVEN_Q: tl.constexpr = False,
 ):
     """delta = rowsum(dO * O) - dlse, in float32."""
     pid_m = tl.program_id(0)
@@ -222,15 +223,53 @@ def flex_bwd_delta(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_in = offs_m < Q_LEN
-    tile_in = q_in[:, None] & (offs_dv[None, :] < DV)
-    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                mask=tile_in, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_dv[None, :] * stride_dod, mask=tile_in, other=0.0)
+    dv_in = offs_dv[None, :] < DV
+    o = load_tile(O + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                  q_in[:, None], dv_in, not EVEN_Q, BLOCK_DV != DV)
+    do = load_tile(DO + b64 * stride_dob + h64 * stride_doh + offs_m[:, None] * stride_dom
+                   + offs_dv[None, :] * stride_dod, q_in[:, None], dv_in, not EVEN_Q, BLOCK_DV != DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm, mask=q_in, other=0.0)
-    tl.store(DELTA + bh.to(tl.int64) * Q_LEN + offs_m, delta, mask=q_in)
+        delta -= load_rows(DLSE + b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm, q_in, 0.0, not EVEN_Q)
+    if EVEN_Q:
+        tl.store(DELTA + bh.to(tl.int64) * Q_LEN + offs_m, delta)
+    else:
+        tl.store(DELTA + bh.to(tl.int64) * Q_LEN + offs_m, delta, mask=q_in)
+
+
+@triton.jit
+def load_tile(ptrs, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    # bounds checks only where a length is not a multiple of the tile (decided on the host), as the forward's
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=rows_in & cols_in, other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=rows_in, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=cols_in, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def load_rows(ptrs, rows_in, other, CHECK_ROWS: tl.constexpr):
+    if CHECK_ROWS:
+        x = tl.load(ptrs, mask=rows_in, other=other)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def store_tile(ptrs, x, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    if CHECK_ROWS and CHECK_COLS:
+        tl.store(ptrs, x, mask=rows_in & cols_in)
+    elif CHECK_ROWS:
+        tl.store(ptrs, x, mask=rows_in)
+    elif CHECK_COLS:
+        tl.store(ptrs, x, mask=cols_in)
+    else:
+        tl.store(ptrs, x)
 
 
 @triton.jit
@@ -285,7 +324,7 @@ def dkdv_tiles(
     index_row, n_blocks, b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
     {MOD_BUFFERS}{GRAD_BUFFERS}
     IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, FAST_TANH: tl.constexpr,
-    SPARSE_Q: tl.constexpr,
+    SPARSE_Q: tl.constexpr, EVEN_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
@@ -295,6 +334,7 @@ def dkdv_tiles(
 
     Tiles are [BLOCK_N, BLOCK_M] (kv rows, q columns): P^T and dS^T come out of the dots in the
     layout the dV and dK dots take, so no register tile is transposed (dQ's dot reads dS^T transposed).
+    EVEN_Q: Q_LEN is a multiple of SPARSE_Q, so no q tile of a listed block reaches past it: no row masks.
     """
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -303,12 +343,12 @@ def dkdv_tiles(
         block = tl.load(index_row + i // (SPARSE_Q // BLOCK_M)).to(tl.int32)
         offs_m = block * SPARSE_Q + (i % (SPARSE_Q // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
         q_in = offs_m < Q_LEN
-        qt = tl.load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                     mask=q_in[None, :] & (offs_d[:, None] < D), other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                     mask=q_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse2 = log2_lse(tl.load(LSE + offs_m, mask=q_in, other=float("inf")))
-        delta = tl.load(DELTA + offs_m, mask=q_in, other=0.0)
+        qt = load_tile(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                       q_in[None, :], offs_d[:, None] < D, not EVEN_Q, BLOCK_D != D)
+        do = load_tile(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                       q_in[:, None], offs_dv[None, :] < DV, not EVEN_Q, BLOCK_DV != DV)
+        lse2 = log2_lse(load_rows(LSE + offs_m, q_in, float("inf"), not EVEN_Q))
+        delta = load_rows(DELTA + offs_m, q_in, 0.0, not EVEN_Q)
         p, score, dmod = probabilities(k, qt, lse2[None, :], b, h, offs_m[None, :], kv_idx, sm_scale, KV_LEN,
                                        {MOD_BUFFERS}IS_FULL, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, DOT_PRECISION)
         dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -319,8 +359,13 @@ def dkdv_tiles(
         dk = tl.dot(dscore_lp, tl.trans(qt), dk, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:  # dQ[q tile] += dS K, as dQ^T = K^T dS^T (k is in shared memory: its transpose is a view)
             dq_t = tl.dot(tl.trans(k), dscore_lp, input_precision=DOT_PRECISION)
-            tl.atomic_add(DQ_ACC + offs_m[None, :] * D + offs_d[:, None], dq_t,
-                          mask=q_in[None, :] & (offs_d[:, None] < D), sem="relaxed")
+            dq_ptrs = DQ_ACC + offs_m[None, :] * D + offs_d[:, None]
+            if EVEN_Q and BLOCK_D == D:
+                tl.atomic_add(dq_ptrs, dq_t, sem="relaxed")
+            elif EVEN_Q:
+                tl.atomic_add(dq_ptrs, dq_t, mask=offs_d[:, None] < D, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq_t, mask=q_in[None, :] & (offs_d[:, None] < D), sem="relaxed")
             q_idx = offs_m[None, :]
             {SCATTER_KV}
     return dk, dv
@@ -344,8 +389,10 @@ def flex_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, EVEN_Q: tl.constexpr = False,
 ):
+    """dK, dV of one kv tile (and under ATOMIC_DQ dQ's parts).  EVEN_KV: KV_LEN is a multiple of BLOCK_N (this
+    program's tile is in bounds); EVEN_Q: Q_LEN is a multiple of SPARSE_Q (every q tile the tables list is)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H_KV
@@ -355,10 +402,10 @@ def flex_bwd_dkdv(
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_in = offs_n < KV_LEN
     b64 = b.to(tl.int64)
-    k = tl.load(K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
-                + offs_d[None, :] * stride_kd, mask=kv_in[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
-                + offs_dv[None, :] * stride_vd, mask=kv_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = load_tile(K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
+                  + offs_d[None, :] * stride_kd, kv_in[:, None], offs_d[None, :] < D, not EVEN_KV, BLOCK_D != D)
+    v = load_tile(V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
+                  + offs_dv[None, :] * stride_vd, kv_in[:, None], offs_dv[None, :] < DV, not EVEN_KV, BLOCK_DV != DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     sparse_n = (pid_n * BLOCK_N) // SPARSE_KV
@@ -372,21 +419,21 @@ def flex_bwd_dkdv(
                             stride_qm, stride_qd, stride_dom, stride_dod,
                             Q_IDX + row * table_cols, tl.load(Q_NUM + row), b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
                             {MOD_BUFFERS}{GRAD_BUFFERS}
-                            False, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                            False, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
                             ATOMIC_DQ)
         dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D,
                             stride_qm, stride_qd, stride_dom, stride_dod,
                             FULL_Q_IDX + row * full_table_cols, tl.load(FULL_Q_NUM + row), b, h, offs_n, sm_scale,
                             Q_LEN, KV_LEN,
                             {MOD_BUFFERS}{GRAD_BUFFERS}
-                            True, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                            True, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
                             ATOMIC_DQ)
-    tl.store(DK_OUT + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
-             + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK_OUT.dtype.element_ty),
-             mask=kv_in[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_OUT + b64 * stride_dvb + h_kv.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn
-             + offs_dv[None, :] * stride_dvd, dv.to(DV_OUT.dtype.element_ty),
-             mask=kv_in[:, None] & (offs_dv[None, :] < DV))
+    store_tile(DK_OUT + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
+               + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK_OUT.dtype.element_ty),
+               kv_in[:, None], offs_d[None, :] < D, not EVEN_KV, BLOCK_D != D)
+    store_tile(DV_OUT + b64 * stride_dvb + h_kv.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn
+               + offs_dv[None, :] * stride_dvd, dv.to(DV_OUT.dtype.element_ty),
+               kv_in[:, None], offs_dv[None, :] < DV, not EVEN_KV, BLOCK_DV != DV)
 
 
 @triton.jit
@@ -400,7 +447,8 @@ def dq_tiles(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
-    """Accumulate dQ (unscaled) of one q tile over the kv tiles of `n_blocks` sparse kv blocks."""
+    """Accumulate dQ (unscaled) of one q tile over the kv tiles of `n_blocks` sparse kv blocks.
+    EVEN_KV: KV_LEN is a multiple of SPARSE_KV, so no kv tile of a listed block reaches past it."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_idx = offs_m[:, None]
@@ -408,10 +456,10 @@ def dq_tiles(
         block = tl.load(index_row + i // (SPARSE_KV // BLOCK_N)).to(tl.int32)
         offs_n = block * SPARSE_KV + (i % (SPARSE_KV // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_in = offs_n < KV_LEN
-        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=kv_in[None, :] & (offs_d[:, None] < D), other=0.0)
-        vt = tl.load(V + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                     mask=kv_in[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                       kv_in[None, :], offs_d[:, None] < D, not EVEN_KV, BLOCK_D != D)
+        vt = load_tile(V + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                       kv_in[None, :], offs_dv[:, None] < DV, not EVEN_KV, BLOCK_DV != DV)
         kv_idx = offs_n[None, :]
         p, score, dmod = probabilities(q, kt, lse2[:, None], b, h, q_idx, kv_idx, sm_scale, KV_LEN,
                                        {MOD_BUFFERS}IS_FULL, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, DOT_PRECISION)
@@ -439,10 +487,12 @@ def flex_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, EVEN_Q: tl.constexpr = False,
 ):
     """dQ of one q tile; also the captured tensors' gradients: atomics into one float32 buffer each, or
-    (DETERMINISTIC) plain adds into this program's slice of a [programs, numel] buffer that torch sums."""
+    (DETERMINISTIC) plain adds into this program's slice of a [programs, numel] buffer that torch sums.
+    EVEN_Q: Q_LEN is a multiple of BLOCK_M (this program's tile is in bounds); EVEN_KV: KV_LEN is a multiple of
+    SPARSE_KV (every kv tile the tables list is)."""
     slot = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
     # last q tiles first: under causal-like masks they have the most kv tiles, so the tail of the grid is short
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -455,13 +505,13 @@ def flex_bwd_dq(
     q_in = offs_m < Q_LEN
     b64 = b.to(tl.int64)
     h_kv64 = (h // GQA_GROUP).to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=q_in[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_dv[None, :] * stride_dod, mask=q_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = load_tile(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
+                  + offs_d[None, :] * stride_qd, q_in[:, None], offs_d[None, :] < D, not EVEN_Q, BLOCK_D != D)
+    do = load_tile(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
+                   + offs_dv[None, :] * stride_dod, q_in[:, None], offs_dv[None, :] < DV, not EVEN_Q, BLOCK_DV != DV)
     lse_row = (b64 * H_Q + h) * Q_LEN
-    lse2 = log2_lse(tl.load(LSE + lse_row + offs_m, mask=q_in, other=float("inf")))
-    delta = tl.load(DELTA + lse_row + offs_m, mask=q_in, other=0.0)
+    lse2 = log2_lse(load_rows(LSE + lse_row + offs_m, q_in, float("inf"), not EVEN_Q))
+    delta = load_rows(DELTA + lse_row + offs_m, q_in, 0.0, not EVEN_Q)
     K_bh = K + b64 * stride_kb + h_kv64 * stride_kh
     V_bh = V + b64 * stride_vb + h_kv64 * stride_vh
     row = (b * table_b + h * table_h) * table_rows + (pid_m * BLOCK_M) // SPARSE_Q
@@ -476,7 +526,7 @@ def flex_bwd_dq(
                   {MOD_BUFFERS}{GRAD_BUFFERS}slot,
                   True, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
                   DETERMINISTIC)
-    tl.store(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=q_in[:, None] & (offs_d[None, :] < D))
+    store_tile(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
+               + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
+               q_in[:, None], offs_d[None, :] < D, not EVEN_Q, BLOCK_D != D)
 '''

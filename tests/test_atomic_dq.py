@@ -11,7 +11,16 @@ import pytest
 import torch
 from flexcomp.codegen import backward
 from flexcomp.codegen.backward import kernel_source_backward
-from test_kernel_backward import SMALL_TILES, alibi_window_case, causal_mask, compare, relative_bias_case
+from test_kernel_backward import (
+    EVEN_CASES,
+    SMALL_TILES,
+    alibi_window_case,
+    assert_flags,
+    causal_mask,
+    compare,
+    even_lengths_case,
+    relative_bias_case,
+)
 
 import flexcomp as fc
 from flexcomp.autograd import triton_flex_attention
@@ -163,4 +172,14 @@ def test_source_has_both_scatters_and_the_dq_atomic():
     text = kernel_source_backward(scaled, causal_mask(), frozenset({"scale"}))
     assert "def scatter_captured(" in text and "def scatter_captured_kv(" in text
     assert "scatter_captured_kv(ds, score, b, h, q_idx, kv_idx, " in text
-    assert 'tl.atomic_add(DQ_ACC + offs_m[None, :] * D + offs_d[:, None], dq_t' in text
+    assert "dq_ptrs = DQ_ACC + offs_m[None, :] * D + offs_d[:, None]" in text
+    assert 'tl.atomic_add(dq_ptrs, dq_t, sem="relaxed")' in text  # unmasked where Q_LEN and D allow it
+    assert 'tl.atomic_add(dq_ptrs, dq_t, mask=q_in[None, :] & (offs_d[:, None] < D), sem="relaxed")' in text
+
+
+@pytest.mark.parametrize("name", list(EVEN_CASES))
+def test_atomic_adds_unmasked_only_where_lengths_are_tile_multiples(randn, launches, name):
+    bias, case, flags = even_lengths_case(randn, name)
+    compare(randn, **case, tables=(bias,), options=ATOMIC)
+    assert_atomic_ran(launches)
+    assert_flags(launches, flags)

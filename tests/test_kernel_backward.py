@@ -242,3 +242,55 @@ def test_no_config_that_fits_is_a_backend_error():
     with pytest.raises(fc.BackendError, match="no launch configuration fits .* Required: 2, Hardware limit: 0"):
         launch_first_fitting([4, 2], never_fits, "no launch configuration fits this GPU for D=8")
     assert launch_first_fitting([4, 2], lambda config: None, "unused") == 4
+
+
+# ---------------------------------------------------------------- unmasked loads where the lengths allow them
+
+# (Lq, Lkv, D, Dv) at 16-wide tiles in 32-wide sparse blocks -> the constexprs each launch must get:
+# 64/64, D = BLOCK_D: no bounds check anywhere; 48/48, D padded: tile multiples but not sparse-block multiples, so
+# the table walks (dK/dV's q tiles, dQ's kv tiles) still check rows while each program's own tile does not;
+# 37/53: ragged everywhere.
+EVEN_CASES = {
+    "even": ((64, 64, 16, 16), {"flex_bwd_delta": {"EVEN_Q": True}, "flex_bwd_dkdv": {"EVEN_Q": True, "EVEN_KV": True},
+                                "flex_bwd_dq": {"EVEN_Q": True, "EVEN_KV": True}}),
+    "tile_multiples_d_padded": ((48, 48, 48, 32), {"flex_bwd_delta": {"EVEN_Q": False},
+                                                   "flex_bwd_dkdv": {"EVEN_Q": False, "EVEN_KV": True},
+                                                   "flex_bwd_dq": {"EVEN_Q": True, "EVEN_KV": False}}),
+    "ragged": ((37, 53, 16, 48), {"flex_bwd_delta": {"EVEN_Q": False}, "flex_bwd_dkdv": {"EVEN_Q": False, "EVEN_KV": False},
+                                  "flex_bwd_dq": {"EVEN_Q": False, "EVEN_KV": False}}),
+}
+
+
+def recorded_launches(monkeypatch) -> list[tuple[str, dict]]:
+    """(kernel name, its keyword arguments) of every backward launch from now on."""
+    calls, launch = [], backward._launch
+
+    def recording(kernel, grid, *args, **kwargs):
+        calls.append((kernel.fn.__name__, kwargs))
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(backward, "_launch", recording)
+    return calls
+
+
+def even_lengths_case(randn, name: str) -> tuple[torch.Tensor, dict, dict]:
+    """A learnable relative bias under causal at one of EVEN_CASES' shapes (the bias's gradient also sees any kv
+    tile past KV_LEN that a table walk visits unmasked), and the constexprs the launches must get."""
+    (Lq, Lkv, D, Dv), flags = EVEN_CASES[name]
+    bias, case = relative_bias_case(randn)
+    return bias, {**case, "shapes": ((2, 2), (Lq, Lkv), (D, Dv)), "block": 32, "B": 1}, flags
+
+
+def assert_flags(launches, flags: dict) -> None:
+    for kernel, kwargs in launches:
+        for flag, want in flags.get(kernel, {}).items():
+            assert kwargs[flag] == want, (kernel, flag, kwargs[flag])
+
+
+@pytest.mark.parametrize("name", list(EVEN_CASES))
+def test_loads_unmasked_only_where_lengths_are_tile_multiples(randn, monkeypatch, name):
+    bias, case, flags = even_lengths_case(randn, name)
+    launches = recorded_launches(monkeypatch)
+    compare(randn, **case, tables=(bias,))
+    assert {"flex_bwd_dkdv", "flex_bwd_dq"} <= {kernel for kernel, _ in launches}
+    assert_flags(launches, flags)
