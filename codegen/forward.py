@@ -30,8 +30,8 @@ MAX_HEAD_DIM = 256
 FAST_TANH_DTYPES = (torch.float16, torch.bfloat16)  # fp32 inputs keep the precise tanh
 
 
-def default_config(dtype: torch.dtype, head_dim: int, sparse: bool = False) -> LaunchConfig:
-    return autotune.default_config(32 if dtype == torch.float32 else 16, head_dim, sparse)
+def default_config(dtype: torch.dtype, head_dim: int, sparse: bool = False, score_mod: bool = False) -> LaunchConfig:
+    return autotune.default_config(32 if dtype == torch.float32 else 16, head_dim, sparse, score_mod)
 
 
 def _fit(block: int, sparse: int, name: str, overridden: bool) -> int:
@@ -49,9 +49,9 @@ def _fit(block: int, sparse: int, name: str, overridden: bool) -> int:
 
 
 def choose_config(q: torch.Tensor, block_size: tuple[int, int], kernel_options: dict | None,
-                  base: LaunchConfig | None = None, sparse: bool = False) -> LaunchConfig:
+                  base: LaunchConfig | None = None, sparse: bool = False, score_mod: bool = False) -> LaunchConfig:
     options = kernel_options or {}
-    base = base or default_config(q.dtype, max(q.shape[-1], MIN_BLOCK), sparse)
+    base = base or default_config(q.dtype, max(q.shape[-1], MIN_BLOCK), sparse, score_mod)
     block_m = _fit(options.get("BLOCK_M", base.block_m), block_size[0], "BLOCK_M", "BLOCK_M" in options)
     block_n = _fit(options.get("BLOCK_N", base.block_n), block_size[1], "BLOCK_N", "BLOCK_N" in options)
     return LaunchConfig(block_m, block_n, options.get("num_warps", base.num_warps),
@@ -185,7 +185,8 @@ def flex_forward(
     B, Hq, Lq, D = q.shape
     Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
     sparse_q, sparse_kv = block_size(block_mask)
-    config = choose_config(q, (sparse_q, sparse_kv), kernel_options, sparse=is_sparse(block_mask, bounds))
+    config = choose_config(q, (sparse_q, sparse_kv), kernel_options, sparse=is_sparse(block_mask, bounds),
+                           score_mod=score_mod is not None)
     module, key = _module_and_key(score_mod, mask_mod, bounds)
 
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"

@@ -65,3 +65,13 @@ def test_use_tma_option_reaches_the_config():
     assert choose_config(q, (128, 128), {"USE_TMA": True}).use_tma
     assert not choose_config(q, (128, 128), None).use_tma
     assert choose_config(q, (128, 128), {"USE_TMA": True}, autotune.LaunchConfig(64, 64, 4, 3)).use_tma
+
+
+def test_default_config_for_score_mods_at_small_head_dims():
+    from flexcomp.codegen.autotune import LaunchConfig
+    from flexcomp.codegen.forward import default_config
+
+    assert default_config(torch.bfloat16, 64, score_mod=True) == LaunchConfig(128, 64, 4, 3)
+    assert default_config(torch.bfloat16, 64) == LaunchConfig(128, 64, 8, 3)
+    assert default_config(torch.bfloat16, 64, sparse=True, score_mod=True) == default_config(torch.bfloat16, 64, sparse=True)
+    assert default_config(torch.bfloat16, 128, score_mod=True) == default_config(torch.bfloat16, 128)
