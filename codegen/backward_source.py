@@ -30,7 +30,7 @@ from flexcomp.grad import load_grads, score_grad
 from flexcomp.ir import MASK_MOD_ARGS, SCORE_MOD_ARGS, BufferSpec, Node, Op, arg, free_args, to_text
 from flexcomp.mods import Mod
 
-from .ops import PRELUDE, buffer_params, identifier, render_block
+from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, identifier, render_block
 
 SCORE_PREFIX, MASK_PREFIX, GRAD_PREFIX = "sb", "mb", "gb"
 
@@ -186,18 +186,10 @@ def backward_source(score_mod: Mod | None, mask_mod: Mod | None, grad_buffers: f
     kernel = kernel.replace("{DSCORE}", render_dscore(score_mod))
     modded = render_modded_scores(score_mod, mask_mod)
     fast = modded.replace("def modded_scores(", "def modded_scores_fast(").replace("tanh_f32(", "tanh_approx(")
-    parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), TANH_APPROX.strip(), modded, fast,
+    parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), KERNEL_HELPERS.strip(), modded, fast,
              render_scatter(score_mod, grad_buffers), render_scatter(score_mod, grad_buffers, kv_major=True),
              kernel.strip()]
     return "\n\n\n".join(parts) + "\n"
-
-
-TANH_APPROX = '''
-@triton.jit
-def tanh_approx(x):
-    # one MUFU op (max rel. error ~2^-11), as the forward uses for 16-bit inputs on CUDA (FAST_TANH)
-    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
-'''
 
 
 # The template.  {NAME} holes take generated argument lists.  Every tile recomputes
@@ -235,20 +227,6 @@ def flex_bwd_delta(
         tl.store(DELTA + bh.to(tl.int64) * Q_LEN + offs_m, delta)
     else:
         tl.store(DELTA + bh.to(tl.int64) * Q_LEN + offs_m, delta, mask=q_in)
-
-
-@triton.jit
-def load_tile(ptrs, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    # bounds checks only where a length is not a multiple of the tile (decided on the host), as the forward's
-    if CHECK_ROWS and CHECK_COLS:
-        x = tl.load(ptrs, mask=rows_in & cols_in, other=0.0)
-    elif CHECK_ROWS:
-        x = tl.load(ptrs, mask=rows_in, other=0.0)
-    elif CHECK_COLS:
-        x = tl.load(ptrs, mask=cols_in, other=0.0)
-    else:
-        x = tl.load(ptrs)
-    return x
 
 
 @triton.jit

@@ -21,7 +21,7 @@ from flexcomp.mods import Mod
 from flexcomp.tiles import ClosedFormBounds
 
 from .base2 import base2_form
-from .ops import PRELUDE, buffer_params, cast_f32, float_index_form, hoistable, render_block
+from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, cast_f32, float_index_form, hoistable, render_block
 
 LOOP_ARGS = frozenset({"score", "kv_idx"})  # what changes from one kv tile to the next
 MOD_ARG_NAMES = {"score": "score", "b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", "sm_scale": "sm_scale"}
@@ -140,8 +140,8 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
     kernel = FORWARD_TEMPLATE
     for key, value in fill.items():
         kernel = kernel.replace("{" + key + "}", value)
-    parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), score.functions,
-             fast_variant(score.functions, "score_mod"), score.float_functions,
+    parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), KERNEL_HELPERS.strip(),
+             score.functions, fast_variant(score.functions, "score_mod"), score.float_functions,
              fast_variant(score.float_functions, "score_mod_float"), mask.functions,
              render_bounds(bounds, mask_mod), kernel.strip()]
     text = "\n\n\n".join(parts)
@@ -179,26 +179,6 @@ def dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     else:
         c = tl.dot(a, b, input_precision=DOT_PRECISION)
     return c
-
-
-@triton.jit
-def tanh_approx(x):
-    # one MUFU op (max rel. error ~2^-11): used for 16-bit inputs on CUDA only (FAST_TANH); the interpreter cannot run asm
-    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def load_tile(ptrs, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    # bounds checks only where a length is not a multiple of the tile (decided on the host)
-    if CHECK_ROWS and CHECK_COLS:
-        x = tl.load(ptrs, mask=rows_in & cols_in, other=0.0)
-    elif CHECK_ROWS:
-        x = tl.load(ptrs, mask=rows_in, other=0.0)
-    elif CHECK_COLS:
-        x = tl.load(ptrs, mask=cols_in, other=0.0)
-    else:
-        x = tl.load(ptrs)
-    return x
 
 
 @triton.jit

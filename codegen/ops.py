@@ -206,6 +206,28 @@ def wrap_index(i, size):
     return tl.minimum(tl.maximum(i, 0), size - 1)
 '''
 
+# Helpers of both kernel templates (forward and backward), ahead of the templates in every generated file.
+KERNEL_HELPERS = '''
+@triton.jit
+def tanh_approx(x):
+    # one MUFU op (max rel. error ~2^-11): used for 16-bit inputs on CUDA only (FAST_TANH); the interpreter cannot run asm
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def load_tile(ptrs, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    # bounds checks only where a length is not a multiple of the tile (decided on the host)
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=rows_in & cols_in, other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=rows_in, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=cols_in, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+'''
+
 # ---------------------------------------------------------------- captured tensors
 
 
