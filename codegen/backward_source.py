@@ -318,8 +318,7 @@ def dkdv_tiles(
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_idx = offs_n[:, None]
     for i in range(0, n_blocks * (SPARSE_Q // BLOCK_M)):
-        block = tl.load(index_row + i // (SPARSE_Q // BLOCK_M)).to(tl.int32)
-        offs_m = block * SPARSE_Q + (i % (SPARSE_Q // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = listed_tile_start(index_row, 1, i, SPARSE_Q, BLOCK_M) + tl.arange(0, BLOCK_M)
         q_in = offs_m < Q_LEN
         qt = load_tile(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
                        q_in[None, :], offs_d[:, None] < D, not EVEN_Q, BLOCK_D != D)
@@ -431,8 +430,7 @@ def dq_tiles(
     offs_dv = tl.arange(0, BLOCK_DV)
     q_idx = offs_m[:, None]
     for i in range(0, n_blocks * (SPARSE_KV // BLOCK_N)):
-        block = tl.load(index_row + i // (SPARSE_KV // BLOCK_N)).to(tl.int32)
-        offs_n = block * SPARSE_KV + (i % (SPARSE_KV // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = listed_tile_start(index_row, 1, i, SPARSE_KV, BLOCK_N) + tl.arange(0, BLOCK_N)
         kv_in = offs_n < KV_LEN
         kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                        kv_in[None, :], offs_d[:, None] < D, not EVEN_KV, BLOCK_D != D)

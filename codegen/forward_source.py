@@ -254,13 +254,12 @@ def attend_tile(
 
 @triton.jit
 def tile_start(i, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
-               USE_BOUNDS: tl.constexpr, SPARSE_KV: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+               USE_BOUNDS: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_N: tl.constexpr):
     \"\"\"The first kv index of the loop's i-th tile: two runs of consecutive tiles, or a walk of the block mask's row.\"\"\"
     if USE_BOUNDS:
         start_n = tl.where(i < n_first, first_lo + i * BLOCK_N, second_lo + (i - n_first) * BLOCK_N)
     else:
-        block = tl.load(kv_index_row + (i // TILES_PER_BLOCK) * stride_kv_index).to(tl.int32)
-        start_n = block * SPARSE_KV + (i % TILES_PER_BLOCK) * BLOCK_N
+        start_n = listed_tile_start(kv_index_row, stride_kv_index, i, SPARSE_KV, BLOCK_N)
     return start_n
 
 
@@ -290,7 +289,7 @@ def attend_tiles(
         k_desc, v_desc = K, V  # unused
     for i in range(0, n_tiles):
         start_n = tile_start(i, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
-                             USE_BOUNDS, SPARSE_KV, TILES_PER_BLOCK, BLOCK_N)
+                             USE_BOUNDS, SPARSE_KV, BLOCK_N)
         acc, l_i, m_i = attend_tile(
             acc, l_i, m_i, q, start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc,
             b, h, q_idx, sm_scale, qk_scale, KV_LEN,

@@ -226,6 +226,13 @@ def load_tile(ptrs, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.c
     else:
         x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def listed_tile_start(index_row, stride_index, i, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
+    # the i-th tile of the blocks a block-mask row lists: each sparse block is SPARSE // BLOCK tiles
+    block = tl.load(index_row + (i // (SPARSE // BLOCK)) * stride_index).to(tl.int32)
+    return block * SPARSE + (i % (SPARSE // BLOCK)) * BLOCK
 '''
 
 # ---------------------------------------------------------------- captured tensors
