@@ -27,7 +27,7 @@ from collections import Counter
 
 import torch
 import triton
-from aot_forward import NVIDIA_BIN, signature
+from aot_forward import disassemble, signature
 from flexcomp.codegen.backward import BACKWARD_CONFIGS, backward_module
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -110,12 +110,7 @@ def atomics(ptx: str) -> str:
 def sass_loop_spans(cubin: bytes) -> list[tuple[str, int, Counter]]:
     """(label, instructions, opcode counts) from each backward branch's target to the branch: whole loops,
     the blocks a predicated atomic splits off included."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        text = subprocess.run([os.path.join(NVIDIA_BIN, "nvdisasm"), "-c", path], capture_output=True, check=False,
-                              text=True).stdout
+    text = disassemble(cubin)
     ops, labels, spans = [], {}, []
     for line in text.splitlines():
         m = re.match(r"^\s*\.(L_x_\d+):", line)

@@ -186,14 +186,19 @@ def ptxas_report(ptx: str) -> str:
     return f"regs {used.group(1) if used else '?'}, spill st/ld {spill.groups() if spill else '?'}"
 
 
-def sass_loops(cubin: bytes) -> list[tuple[str, Counter]]:
-    """(label, SASS opcode counts) of each SASS basic block that issues HGMMA (nvdisasm of the cubin)."""
+def disassemble(cubin: bytes) -> str:
+    """The SASS text of a cubin (the bundled nvdisasm)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        text = subprocess.run([os.path.join(NVIDIA_BIN, "nvdisasm"), "-c", path], capture_output=True, check=False,
+        return subprocess.run([os.path.join(NVIDIA_BIN, "nvdisasm"), "-c", path], capture_output=True, check=False,
                               text=True).stdout
+
+
+def sass_loops(cubin: bytes) -> list[tuple[str, Counter]]:
+    """(label, SASS opcode counts) of each SASS basic block that issues HGMMA (nvdisasm of the cubin)."""
+    text = disassemble(cubin)
     blocks, label, ops = [], "entry", Counter()
     for line in text.splitlines():
         m = re.match(r"^\s*\.(L_x_\d+):", line)
