@@ -51,7 +51,7 @@ def causal(b, h, q_idx, kv_idx):
 
 VARIANTS = {"causal": (None, causal), "softcap": (softcap, causal), "rel_bias": (rel_bias, causal)}
 POINTERS = {p: "*bf16" for p in ("Q", "K", "V", "DO", "DQ", "DK_OUT", "DV_OUT")}
-POINTERS |= {p: "*fp32" for p in ("LSE", "DELTA", "DQ_ACC")}
+POINTERS |= {p: "*fp32" for p in ("LSE", "LSE2", "DELTA", "DQ_ACC")}
 POINTERS |= {p: "*i32" for p in ("KV_NUM", "KV_IDX", "FULL_KV_NUM", "FULL_KV_IDX", "Q_NUM", "Q_IDX", "FULL_Q_NUM",
                                  "FULL_Q_IDX")}
 
@@ -166,7 +166,7 @@ def main() -> None:
             config = BACKWARD_CONFIGS[(16, max(64, triton.next_power_of_2(D)))]
             shared = {"GQA_GROUP": 1, "SPARSE_Q": 128, "SPARSE_KV": 128, "BLOCK_D": triton.next_power_of_2(D),
                       "BLOCK_DV": triton.next_power_of_2(D), "D": D, "DV": D, "DOT_PRECISION": "tf32",
-                      "HAS_SCORE_MOD": score is not None, "EVEN_KV": not args.ragged, "EVEN_Q": not args.ragged,
+                      "EVEN_KV": not args.ragged, "EVEN_Q": not args.ragged,
                       "FAST_TANH": variant == "softcap"}
             if not args.dq_only:
                 for atomic in (False, True):

@@ -4,7 +4,8 @@
 gradients (of out, and of lse when it was returned) and returns dq, dk, dv and
 the gradients of the score_mod's captured float tensors named in `grad_buffers`.
 The kernels recompute P from q, k and lse (no O(L^2) state); a small kernel first
-computes delta = rowsum(dO * O) minus dlse (d lse_i / d s_ij = P_ij folds into it).
+computes delta = rowsum(dO * O) minus dlse (d lse_i / d s_ij = P_ij folds into it) and the
+lse in base 2, once per row.
 Block sizes, warps and stages per kernel are data (`BACKWARD_CONFIGS`), measured on an H100.
 
 dQ has two schemes, chosen by kernel_options["BACKWARD_DQ"] (default `DEFAULT_BACKWARD_DQ`):
@@ -278,11 +279,11 @@ def flex_backward(
     module = backward_module(score_mod, mask_mod, frozenset(grad_buffers))
 
     lse = lse.to(torch.float32).contiguous()
-    delta = torch.empty_like(lse)
+    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
     dlse = grad_lse.to(torch.float32) if grad_lse is not None else None
     _launch(module.flex_bwd_delta, (triton.cdiv(Lq, DELTA_BLOCK_M), B * Hq),
             out, *_strides(out), grad_out, *_strides(grad_out),
-            dlse if dlse is not None else delta, *(_strides(dlse) if dlse is not None else [0, 0, 0]), delta,
+            dlse if dlse is not None else delta, *(_strides(dlse) if dlse is not None else [0, 0, 0]), lse, delta, lse2,
             Lq, Hq, HAS_DLSE=dlse is not None, BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
             DV=Dv, EVEN_Q=Lq % DELTA_BLOCK_M == 0, num_warps=4)
     dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
@@ -301,11 +302,11 @@ def flex_backward(
     shapes = {"D": D, "DV": Dv, "BLOCK_D": max(16, triton.next_power_of_2(D)),
               "BLOCK_DV": max(16, triton.next_power_of_2(Dv)), "GQA_GROUP": group, "SPARSE_Q": sparse[0],
               "SPARSE_KV": sparse[1], "DOT_PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
-              "HAS_SCORE_MOD": score_mod is not None, "FAST_TANH": fast_tanh}
-    dkdv = _bound(module.flex_bwd_dkdv, [*qkvdo, lse, delta, delta if dq_sums is None else dq_sums,
+              "FAST_TANH": fast_tanh}
+    dkdv = _bound(module.flex_bwd_dkdv, [*qkvdo, lse2, delta, delta if dq_sums is None else dq_sums,
                                          dk, *_strides(dk), dv, *_strides(dv), *_table_args(*q_tables), *mod_args],
                   [scale, Lq, Lkv, Hq, Hkv], ATOMIC_DQ=atomic, EVEN_Q=Lq % sparse[0] == 0, **shapes)
-    dq_kernel = None if atomic else _bound(module.flex_bwd_dq, [*qkvdo, lse, delta, dq, *_strides(dq),
+    dq_kernel = None if atomic else _bound(module.flex_bwd_dq, [*qkvdo, lse2, delta, dq, *_strides(dq),
                                                                 *_table_args(*kv_tables), *mod_args],
                                            [scale, Lq, Lkv, Hq], EVEN_KV=Lkv % sparse[1] == 0, **shapes)
     gradients = functools.partial(_launch_gradients, dkdv=dkdv, dq=dq_kernel, dims=(B, Hq, Hkv, Lq, Lkv),

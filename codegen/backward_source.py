@@ -30,6 +30,7 @@ from flexcomp.grad import load_grads, score_grad
 from flexcomp.ir import MASK_MOD_ARGS, SCORE_MOD_ARGS, BufferSpec, Node, Op, arg, free_args, to_text
 from flexcomp.mods import Mod
 
+from .base2 import base2_form, raw_score_form
 from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, identifier, render_block
 
 SCORE_PREFIX, MASK_PREFIX, GRAD_PREFIX = "sb", "mb", "gb"
@@ -64,26 +65,37 @@ def _commented(node: Node) -> str:
 
 
 def render_modded_scores(score_mod: Mod | None, mask_mod: Mod | None) -> str:
-    """modded_scores(...): the score_mod and its derivative, then the ragged edge and the mask as -inf."""
+    """modded_scores(qk, sm_scale, ...): the modded score in base-2 units (what exp2 takes) and d score_mod /
+    d score, then the ragged edge and the mask as -inf.
+
+    Both are rendered over the raw q.k with the scalings folded in (codegen/base2.py, as the forward does: no
+    multiply per element beyond the mod's own) and together, so they share subexpressions (a softcap's tanh is
+    computed once).  Where the derivative is the constant 1 (no score_mod, ALiBi, additive biases) it is not rendered."""
     score_ir = score_mod.ir if score_mod is not None else arg("score")
+    dmod = score_grad(score_ir)
+    names = {**_mod_names("score"), arg("score"): "qk", arg("sm_scale"): "sm_scale"}  # the ARG score is the raw q.k
     score_buffers, mask_buffers = _buffers(score_mod), _buffers(mask_mod)
-    lines, (modded, dmod) = _render([score_ir, score_grad(score_ir)], _mod_names("score"), SCORE_PREFIX, score_buffers)
-    lines += [f"    modded = {modded}",
-              "    if not EVEN_KV:  # the last kv tile reaches past KV_LEN",
+    roots = [base2_form(score_ir)] if _is_one(dmod) else [base2_form(score_ir), raw_score_form(dmod)]
+    lines, (modded, *dmod_text) = _render(roots, names, SCORE_PREFIX, score_buffers)
+    lines.append(f"    modded = {modded}")
+    lines += ["    if not EVEN_KV:  # the last kv tile reaches past KV_LEN",
               "        modded = tl.where(kv_idx < KV_LEN, modded, float(\"-inf\"))"]
     if mask_mod is not None:
         mask_lines, (keep,) = _render([mask_mod.ir], _mod_names("mask"), MASK_PREFIX, mask_buffers, " " * 8)
         lines += ["    if not IS_FULL:", *mask_lines, f"        modded = tl.where({keep}, modded, float(\"-inf\"))"]
-    lines.append(f"    return modded, {dmod}")
-    params = ["score", "b", "h", "q_idx", "kv_idx", "KV_LEN", *buffer_params(SCORE_PREFIX, score_buffers),
+    lines.append(f"    return modded, {dmod_text[0] if dmod_text else 1.0}")
+    params = ["qk", "sm_scale", "b", "h", "q_idx", "kv_idx", "KV_LEN", *buffer_params(SCORE_PREFIX, score_buffers),
               *buffer_params(MASK_PREFIX, mask_buffers), "IS_FULL: tl.constexpr", "EVEN_KV: tl.constexpr"]
     return _function("modded_scores", params, lines)
 
 
+def _is_one(node: Node) -> bool:
+    return node.op == Op.CONST and float(node.arg) == 1.0
+
+
 def render_dscore(score_mod: Mod | None) -> str:
     """dS of the raw score: dS of the modded score times d mod / d score (skipped where that is the constant 1)."""
-    dmod = score_grad(score_mod.ir) if score_mod is not None else None
-    if dmod is None or (dmod.op == Op.CONST and float(dmod.arg) == 1.0):
+    if score_mod is None or _is_one(score_grad(score_mod.ir)):
         return "dscore = ds"
     return "dscore = tl.where(ds == 0.0, 0.0, ds * dmod)  # masked entries stay 0 even where dmod is not finite"
 
@@ -195,19 +207,21 @@ def backward_source(score_mod: Mod | None, mask_mod: Mod | None, grad_buffers: f
 # The template.  {NAME} holes take generated argument lists.  Every tile recomputes
 # P = exp(modded score - lse) from q, k and the saved lse; dS = P * (dP - delta), where
 # delta = rowsum(dO * O) - dlse (the returned lse's gradient: d lse_i / d s_ij = P_ij).
-# Exponentials are base 2: lse is scaled by log2(e) once per q tile.
+# Exponentials are base 2: flex_bwd_delta scales lse by log2(e) once per row, and modded_scores returns
+# base-2 scores (where the mod's derivative is 1, with the scalings folded: exp2's argument is one FFMA).
 BACKWARD_TEMPLATE = '''
 @triton.jit
 def flex_bwd_delta(
     O, stride_ob, stride_oh, stride_om, stride_od,
     DO, stride_dob, stride_doh, stride_dom, stride_dod,
     DLSE, stride_lb, stride_lh, stride_lm,
-    DELTA,  # contiguous float32 [B, H_Q, Q_LEN]
+    LSE, DELTA, LSE2,  # contiguous float32 [B, H_Q, Q_LEN]
     Q_LEN, H_Q,
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, DV: tl.constexpr,
     EVEN_Q: tl.constexpr = False,
 ):
-    """delta = rowsum(dO * O) - dlse, in float32."""
+    """delta = rowsum(dO * O) - dlse, in float32; and lse2, the lse in the base-2 form the tile loops use
+    (computed once per row here, not once per tile there)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b64 = (bh // H_Q).to(tl.int64)
@@ -223,10 +237,14 @@ def flex_bwd_delta(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= load_rows(DLSE + b64 * stride_lb + h64 * stride_lh + offs_m * stride_lm, q_in, 0.0, not EVEN_Q)
+    rows = bh.to(tl.int64) * Q_LEN + offs_m
+    lse2 = log2_lse(load_rows(LSE + rows, q_in, 0.0, not EVEN_Q))
     if EVEN_Q:
-        tl.store(DELTA + bh.to(tl.int64) * Q_LEN + offs_m, delta)
+        tl.store(DELTA + rows, delta)
+        tl.store(LSE2 + rows, lse2)
     else:
-        tl.store(DELTA + bh.to(tl.int64) * Q_LEN + offs_m, delta, mask=q_in)
+        tl.store(DELTA + rows, delta, mask=q_in)
+        tl.store(LSE2 + rows, lse2, mask=q_in)
 
 
 @triton.jit
@@ -272,36 +290,35 @@ def add_in_order(slice_ptr, offsets, values):
 
 @triton.jit
 def log2_lse(lse):
-    # lse = -inf marks a fully masked row (and rows past Q_LEN are loaded as +inf): P = 0 there
+    # lse = -inf marks a fully masked row: +inf there makes P = 0 (the tile loops load rows past Q_LEN as +inf)
     return tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
 
 
 @triton.jit
 def probabilities(a, b_op, lse2, b, h, q_idx, kv_idx, sm_scale, KV_LEN,
-                  {MOD_BUFFERS}IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
+                  {MOD_BUFFERS}IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr,
                   FAST_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(P, the raw score, d score_mod / d score) of one tile, a @ b_op = q.k^T or (dK/dV's orientation) k.q^T.
+    """(P, the score, d score_mod / d score) of one tile, a @ b_op = q.k^T or (dK/dV's orientation) k.q^T.
 
     q_idx, kv_idx and lse2 = lse * log2(e) come broadcastable along the tile's axes; the mods only broadcast.
     """
     qk = tl.dot(a, b_op, input_precision=DOT_PRECISION)
-    score = qk * sm_scale  # the mod sees q.k * scale in natural units
-    if HAS_SCORE_MOD and FAST_TANH:
-        modded, dmod = modded_scores_fast(score, b, h, q_idx, kv_idx, KV_LEN, {MOD_BUFFERS}IS_FULL, EVEN_KV)
+    if FAST_TANH:
+        modded, dmod = modded_scores_fast(qk, sm_scale, b, h, q_idx, kv_idx, KV_LEN, {MOD_BUFFERS}IS_FULL, EVEN_KV)
     else:
-        modded, dmod = modded_scores(score, b, h, q_idx, kv_idx, KV_LEN, {MOD_BUFFERS}IS_FULL, EVEN_KV)
-    modded = tl.broadcast_to(modded, qk.shape)  # a mod may not vary along every axis
-    p = tl.math.exp2(modded * 1.4426950408889634 - lse2)
+        modded, dmod = modded_scores(qk, sm_scale, b, h, q_idx, kv_idx, KV_LEN, {MOD_BUFFERS}IS_FULL, EVEN_KV)
+    p = tl.math.exp2(tl.broadcast_to(modded, qk.shape) - lse2)  # a mod may not vary along every axis
+    score = qk * sm_scale  # natural units, for the captured tensors' gradients (dead code where none are taken)
     return p, score, dmod
 
 
 @triton.jit
 def dkdv_tiles(
-    dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC,
+    dk, dv, k, v, Q, DO, LSE2, DELTA, DQ_ACC,
     stride_qm, stride_qd, stride_dom, stride_dod,
     index_row, n_blocks, b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
     {MOD_BUFFERS}{GRAD_BUFFERS}
-    IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, FAST_TANH: tl.constexpr,
+    IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
     SPARSE_Q: tl.constexpr, EVEN_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
@@ -324,10 +341,10 @@ def dkdv_tiles(
                        q_in[None, :], offs_d[:, None] < D, not EVEN_Q, BLOCK_D != D)
         do = load_tile(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                        q_in[:, None], offs_dv[None, :] < DV, not EVEN_Q, BLOCK_DV != DV)
-        lse2 = log2_lse(load_rows(LSE + offs_m, q_in, float("inf"), not EVEN_Q))
+        lse2 = load_rows(LSE2 + offs_m, q_in, float("inf"), not EVEN_Q)
         delta = load_rows(DELTA + offs_m, q_in, 0.0, not EVEN_Q)
         p, score, dmod = probabilities(k, qt, lse2[None, :], b, h, offs_m[None, :], kv_idx, sm_scale, KV_LEN,
-                                       {MOD_BUFFERS}IS_FULL, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, DOT_PRECISION)
+                                       {MOD_BUFFERS}IS_FULL, EVEN_KV, FAST_TANH, DOT_PRECISION)
         dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[None, :])
@@ -354,7 +371,7 @@ def flex_bwd_dkdv(
     K, stride_kb, stride_kh, stride_kn, stride_kd,
     V, stride_vb, stride_vh, stride_vn, stride_vd,
     DO, stride_dob, stride_doh, stride_dom, stride_dod,
-    LSE, DELTA,  # contiguous float32 [B, H_Q, Q_LEN]
+    LSE2, DELTA,  # contiguous float32 [B, H_Q, Q_LEN]: lse in base 2 (flex_bwd_delta), delta
     DQ_ACC,  # contiguous float32 [B, H_Q, Q_LEN, D], zeroed (ATOMIC_DQ; else unused)
     DK_OUT, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     DV_OUT, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
@@ -365,7 +382,7 @@ def flex_bwd_dkdv(
     GQA_GROUP: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, EVEN_Q: tl.constexpr = False,
 ):
     """dK, dV of one kv tile (and under ATOMIC_DQ dQ's parts).  EVEN_KV: KV_LEN is a multiple of BLOCK_N (this
@@ -392,18 +409,18 @@ def flex_bwd_dkdv(
         Q_bh = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
         DO_bh = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh
         lse_row = (b64 * H_Q + h) * Q_LEN
-        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D,
+        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE2 + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D,
                             stride_qm, stride_qd, stride_dom, stride_dod,
                             Q_IDX + row * table_cols, tl.load(Q_NUM + row), b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
                             {MOD_BUFFERS}{GRAD_BUFFERS}
-                            False, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                            False, EVEN_KV, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
                             ATOMIC_DQ)
-        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D,
+        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE2 + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D,
                             stride_qm, stride_qd, stride_dom, stride_dod,
                             FULL_Q_IDX + row * full_table_cols, tl.load(FULL_Q_NUM + row), b, h, offs_n, sm_scale,
                             Q_LEN, KV_LEN,
                             {MOD_BUFFERS}{GRAD_BUFFERS}
-                            True, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                            True, EVEN_KV, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
                             ATOMIC_DQ)
     store_tile(DK_OUT + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
                + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK_OUT.dtype.element_ty),
@@ -419,7 +436,7 @@ def dq_tiles(
     stride_kn, stride_kd, stride_vn, stride_vd,
     index_row, n_blocks, b, h, offs_m, sm_scale, KV_LEN,
     {MOD_BUFFERS}{GRAD_BUFFERS}slot,
-    IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, FAST_TANH: tl.constexpr,
+    IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
@@ -438,7 +455,7 @@ def dq_tiles(
                        kv_in[None, :], offs_dv[:, None] < DV, not EVEN_KV, BLOCK_DV != DV)
         kv_idx = offs_n[None, :]
         p, score, dmod = probabilities(q, kt, lse2[:, None], b, h, q_idx, kv_idx, sm_scale, KV_LEN,
-                                       {MOD_BUFFERS}IS_FULL, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, DOT_PRECISION)
+                                       {MOD_BUFFERS}IS_FULL, EVEN_KV, FAST_TANH, DOT_PRECISION)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         {DSCORE}
@@ -453,7 +470,7 @@ def flex_bwd_dq(
     K, stride_kb, stride_kh, stride_kn, stride_kd,
     V, stride_vb, stride_vh, stride_vn, stride_vd,
     DO, stride_dob, stride_doh, stride_dom, stride_dod,
-    LSE, DELTA,  # contiguous float32 [B, H_Q, Q_LEN]
+    LSE2, DELTA,  # contiguous float32 [B, H_Q, Q_LEN]: lse in base 2 (flex_bwd_delta), delta
     DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,  # contiguous int32 [TB, TH, q blocks(, cols)]
     table_b, table_h, table_rows, table_cols, full_table_cols,
@@ -462,7 +479,7 @@ def flex_bwd_dq(
     GQA_GROUP: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
     DETERMINISTIC: tl.constexpr, EVEN_Q: tl.constexpr = False,
 ):
     """dQ of one q tile; also the captured tensors' gradients: atomics into one float32 buffer each, or
@@ -486,7 +503,7 @@ def flex_bwd_dq(
     do = load_tile(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
                    + offs_dv[None, :] * stride_dod, q_in[:, None], offs_dv[None, :] < DV, not EVEN_Q, BLOCK_DV != DV)
     lse_row = (b64 * H_Q + h) * Q_LEN
-    lse2 = log2_lse(load_rows(LSE + lse_row + offs_m, q_in, float("inf"), not EVEN_Q))
+    lse2 = load_rows(LSE2 + lse_row + offs_m, q_in, float("inf"), not EVEN_Q)
     delta = load_rows(DELTA + lse_row + offs_m, q_in, 0.0, not EVEN_Q)
     K_bh = K + b64 * stride_kb + h_kv64 * stride_kh
     V_bh = V + b64 * stride_vb + h_kv64 * stride_vh
@@ -495,12 +512,12 @@ def flex_bwd_dq(
     dq = dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
                   KV_IDX + row * table_cols, tl.load(KV_NUM + row), b, h, offs_m, sm_scale, KV_LEN,
                   {MOD_BUFFERS}{GRAD_BUFFERS}slot,
-                  False, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                  False, EVEN_KV, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
                   DETERMINISTIC)
     dq = dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
                   FULL_KV_IDX + row * full_table_cols, tl.load(FULL_KV_NUM + row), b, h, offs_m, sm_scale, KV_LEN,
                   {MOD_BUFFERS}{GRAD_BUFFERS}slot,
-                  True, EVEN_KV, HAS_SCORE_MOD, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                  True, EVEN_KV, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
                   DETERMINISTIC)
     store_tile(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),

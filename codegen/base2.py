@@ -105,3 +105,11 @@ def base2_form(score_ir: Node) -> Node:
     if scaled.dtype != DType.F32:
         scaled = Node(Op.CAST, DType.F32, (scaled,))
     return graph_rewrite(_f32(Op.MUL, scaled, const(LOG2E)), BASE2_RULES + SIMPLIFY, "base2")
+
+
+def raw_score_form(node: Node) -> Node:
+    """IR for `node(score := qk * sm_scale)` over the raw qk (the ARG "score") and sm_scale, its invariant
+    factors merged as base2_form merges them (the backward's d score_mod / d score, beside base2_form's score,
+    so the two share their subexpressions: a softcap's tanh(qk * (sm_scale / 30)))."""
+    scaled = substitute(node, {arg("score"): _f32(Op.MUL, arg("score"), arg("sm_scale"))})
+    return graph_rewrite(scaled, BASE2_RULES + SIMPLIFY, "raw score")
