@@ -64,12 +64,13 @@ class BlockMask:
 
     def __init__(self, seq_lengths: tuple[int, int], BLOCK_SIZE: int | tuple[int, int], mask_mod: Any,
                  tables: dict[str, Tensor | None], lazy: dict[str, Callable[[], Tensor]] | None = None,
-                 bounds: ClosedFormBounds | None = None, decided_by: dict[str, int] | None = None):
+                 bounds: ClosedFormBounds | None = None,
+                 decided_by: dict[str, int] | Callable[[], dict[str, int]] | None = None):
         self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
         self.BLOCK_SIZE = block_pair(BLOCK_SIZE)
         self.mask_mod = mask_mod
         self.bounds = bounds
-        self.decided_by = dict(decided_by or {})
+        self.decided_by = decided_by
         self._tables = dict(tables)
         self._lazy = dict(lazy or {})
 
@@ -81,6 +82,18 @@ class BlockMask:
     def _set(self, name: str, value: Tensor | None) -> None:
         self._lazy.pop(name, None)
         self._tables[name] = value
+
+    @property
+    def decided_by(self) -> dict[str, int]:
+        """How many tiles each method decided; a function until first read where that rests on a device flag
+        (document masks on the GPU: whether the ids were sorted), so that the build needs no host sync."""
+        if callable(self._decided_by):
+            self._decided_by = self._decided_by()
+        return self._decided_by
+
+    @decided_by.setter
+    def decided_by(self, value: dict[str, int] | Callable[[], dict[str, int]] | None) -> None:
+        self._decided_by = value if callable(value) else dict(value or {})
 
     kv_num_blocks = property(lambda self: self._get("kv_num_blocks"), lambda self, v: self._set("kv_num_blocks", v))
     kv_indices = property(lambda self: self._get("kv_indices"), lambda self, v: self._set("kv_indices", v))
@@ -298,7 +311,8 @@ def _from_analysis(mod: Mod, grid: Grid, device: torch.device, exact: bool,
     tensors = mod.tensors()
     tables = interval_tables(mod.ir, tensors, grid, device, sync_free=device.type != "cpu")
     if tables is not None:
-        return _finish(mod, grid, tables, bounds, {"equality intervals": grid.num_q_blocks * grid.num_kv_blocks})
+        *tables, unsorted = tables
+        return _finish(mod, grid, tables, bounds, _interval_report(grid.num_q_blocks * grid.num_kv_blocks, unsorted))
     ranges = candidate_ranges(mod.ir, tensors, grid)
     if ranges is not None:
         return _from_candidates(mod, grid, device, exact, bounds, ranges)
@@ -339,6 +353,17 @@ def _from_candidates(mod: Mod, grid: Grid, device: torch.device, exact: bool, bo
     return _finish(mod, grid, tables, bounds, counts)
 
 
+UNSORTED_IDS = "undecided (PARTIAL, not evaluated: the equality's kv side is not sorted)"
+
+
+def _interval_report(tiles: int, unsorted: Tensor | None) -> dict[str, int] | Callable[[], dict[str, int]]:
+    """decided_by of exact interval tables; where sortedness is a device flag (no sync in the build), a function
+    that reads it: an unsorted kv side made every tile PARTIAL (right, not exact)."""
+    if unsorted is None:
+        return {"equality intervals": tiles}
+    return lambda: {UNSORTED_IDS if bool(unsorted) else "equality intervals": tiles}
+
+
 def _decide_fallback(mod: Mod, grid: Grid, exact: bool, undecided: int, skipped: int) -> tuple[bool, dict[str, int]]:
     """Whether the undecided tiles are evaluated, and the decided_by counts that follow."""
     total = grid.B * grid.H * grid.num_q_blocks * grid.num_kv_blocks
@@ -350,10 +375,10 @@ def _decide_fallback(mod: Mod, grid: Grid, exact: bool, undecided: int, skipped:
 
 
 def _finish(mod: Mod, grid: Grid, tables: tuple[Tensor, ...], bounds: ClosedFormBounds | None,
-            counts: dict[str, int]) -> BlockMask:
+            counts: dict[str, int] | Callable[[], dict[str, int]]) -> BlockMask:
     mask = BlockMask.from_kv_blocks(*tables, BLOCK_SIZE=(grid.q_block, grid.kv_block), mask_mod=mod,
                                     seq_lengths=(grid.q_len, grid.kv_len))
-    mask.bounds, mask.decided_by = bounds, counts
+    mask.bounds, mask.decided_by = bounds, counts  # counts: a dict, or a function read on first use
     return mask
 
 

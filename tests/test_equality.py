@@ -59,7 +59,9 @@ def test_interval_tables_are_exact(rest: str, shape) -> None:
         mod = mod_of(mask, {"DOC": doc})
         grid = Grid(1, 1, q_len, kv_len, *block)
         for sync_free in (True, False):  # dense sync-free (the GPU's) and banded (the CPU's)
-            check_tables(equality.interval_tables(mask, {"DOC": doc}, grid, CPU, sync_free), mod, grid)
+            tables = equality.interval_tables(mask, {"DOC": doc}, grid, CPU, sync_free)
+            check_tables(tables[:4], mod, grid)
+            assert (tables[4] is None) == (not sync_free) and not (sync_free and bool(tables[4]))
 
 
 @pytest.mark.parametrize("case", ["short table", "int64 table", "kv // 40", "swapped"])
@@ -75,7 +77,7 @@ def test_interval_tables_of_other_equalities(case: str) -> None:
     mod = mod_of(mask, tensors)
     grid = Grid(1, 1, 300, 290, 16, 32)
     for sync_free in (True, False):
-        check_tables(equality.interval_tables(mask, tensors, grid, CPU, sync_free), mod, grid)
+        check_tables(equality.interval_tables(mask, tensors, grid, CPU, sync_free)[:4], mod, grid)
     bm = create_block_mask(mod, None, None, 300, 290, "cpu", (16, 32))
     assert bm.decided_by == {"equality intervals": 19 * 10}, bm.explain()
 
@@ -89,7 +91,7 @@ def test_banded_tables_equal_dense_ones(monkeypatch) -> None:
     banded = equality.interval_tables(mask, {"DOC": doc}, grid, CPU, sync_free=True)
     assert banded[1].shape[-1] < dense[1].shape[-1] == grid.num_kv_blocks
     assert all(torch.equal(a, b) for a, b in ((dense[0], banded[0]), (dense[2], banded[2])))
-    assert listed(*dense[:2]) == listed(*banded[:2]) and listed(*dense[2:]) == listed(*banded[2:])
+    assert listed(*dense[:2]) == listed(*banded[:2]) and listed(*dense[2:4]) == listed(*banded[2:4])
 
 
 def test_unsorted_table_is_all_partial_without_sync_or_none_with() -> None:
@@ -98,8 +100,9 @@ def test_unsorted_table_is_all_partial_without_sync_or_none_with() -> None:
     grid = Grid(1, 1, 300, 300, 32, 32)
     assert equality.interval_tables(mask, {"DOC": doc}, grid, CPU, sync_free=False) is None
     tables = equality.interval_tables(mask, {"DOC": doc}, grid, CPU, sync_free=True)
-    classes = ordered_to_classes(*tables, grid.num_kv_blocks)
+    classes = ordered_to_classes(*tables[:4], grid.num_kv_blocks)
     assert (classes == TileClass.PARTIAL).all()  # the kernel evaluates the mask on every tile: right, not exact
+    assert bool(tables[4])  # the device flag that the BlockMask's report reads
     bm = create_block_mask(mod_of(mask, {"DOC": doc}), None, None, 300, 300, "cpu", 32)  # CPU: the analysis path
     assert "equality intervals" not in bm.decided_by
 
@@ -124,7 +127,7 @@ class Ops(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def test_sync_free_build_reads_nothing_on_the_host() -> None:
-    """No .item() / bool() / nonzero / tolist on the GPU's path, and a fixed, small number of ops."""
+    """No .item() / bool() / nonzero / tolist on the GPU's path (one launch: test_interval_kernel counts its ops)."""
     L = 4096
     mask, tensors = std.document(L, 9)
     mask = node(Op.AND, mask, std.causal())
@@ -134,7 +137,6 @@ def test_sync_free_build_reads_nothing_on_the_host() -> None:
         equality.interval_tables(mask, tensors, grid, CPU, sync_free=True)
     host_reads = {"_local_scalar_dense.default", "nonzero.default", "item.default", "is_nonzero.default"}
     assert not host_reads & set(ops.names), ops.names
-    assert len(ops.names) <= 48, ops.names
     with Ops() as ops:  # the CPU's path: one host read (the band width and the sortedness together)
         equality.interval_tables(mask, tensors, grid, CPU, sync_free=False)
     assert "nonzero.default" not in ops.names

@@ -25,13 +25,14 @@ nq x band, not nq x nkv) and the sortedness: an unsorted g gives None (the analy
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import sympy as sp
 import torch
 
 from ..evaluate import evaluate
-from ..ir import INT32_MAX, INT32_MIN, DType, Node, Op, arg, const, free_args, substitute
+from ..ir import INT32_MAX, INT32_MIN, DType, Node, Op, arg, const, free_args, substitute, toposort
 from . import closed_form
 from .tables import columns, interval_spans, spans_to_tables
 
@@ -174,18 +175,25 @@ def row_intervals(plan: IntervalPlan, tensors: dict[str, Tensor], grid, device: 
 
 def interval_tables(ir: Node, tensors: dict[str, Tensor], grid, device: torch.device, sync_free: bool,
                     ) -> tuple[Tensor, ...] | None:
-    """kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, exact, or None (see the module docstring)."""
+    """kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, unsorted; or None (see the module docstring).
+
+    `unsorted` is None where the host knows g is sorted (the banded path), else a device tensor read by no one
+    here: nonzero where g turned out unsorted and every tile was made PARTIAL (the tables are then right, not
+    exact; a report that claims exactness reads it, a sync there and only there)."""
     plan = interval_plan(ir)
     if plan is None:
         return None
+    dense = sync_free and grid.num_q_blocks * grid.num_kv_blocks <= DENSE_TILES
+    if dense and _kernel_runs(device, grid):
+        return _kernel_tables(plan, tensors, grid, device)
     tensors = {k: v.detach().to(device) for k, v in tensors.items()}
     lo, hi, unsorted = row_intervals(plan, tensors, grid, device)
     spans = interval_spans(lo, hi, grid)
-    if sync_free and grid.num_q_blocks * grid.num_kv_blocks <= DENSE_TILES:
-        return _unless_unsorted(spans_to_tables(spans, grid), unsorted, grid.num_kv_blocks)
+    if dense:  # a device with no Triton here (a CPU outside the interpreter): the same tables from torch ops
+        return (*_unless_unsorted(spans_to_tables(spans, grid), unsorted, grid.num_kv_blocks), unsorted)
     start = spans[1].amin(1, keepdim=True)  # a band of columns per q block, its width read on the host
     width, unsorted = torch.stack([(spans[2].amax(1, keepdim=True) - start).max(), unsorted.long()]).tolist()
-    return None if unsorted else spans_to_tables(spans, grid, start, max(1, width))
+    return None if unsorted else (*spans_to_tables(spans, grid, start, max(1, width)), None)
 
 
 def _unless_unsorted(tables: tuple[Tensor, ...], unsorted: Tensor, nkv: int) -> tuple[Tensor, ...]:
@@ -193,3 +201,75 @@ def _unless_unsorted(tables: tuple[Tensor, ...], unsorted: Tensor, nkv: int) -> 
     kv_num, kv_indices, full_num, full_indices = tables
     return (torch.where(unsorted, nkv, kv_num), torch.where(unsorted, columns(nkv, unsorted.device), kv_indices),
             torch.where(unsorted, 0, full_num), full_indices)
+
+
+# ---------------------------------------------------------------- the same tables in one Triton launch
+
+KERNEL_ROWS = 1024  # q blocks up to this size go through the kernel (one program holds a block's rows)
+_KERNEL_DTYPES = (torch.int32, torch.int64)  # captured tables the kernel reads as they are (as int32)
+
+
+def _kernel_runs(device: torch.device, grid) -> bool:
+    """The kernel (sparsity.interval_kernel) runs on CUDA devices, and on CPU tensors under Triton's interpreter."""
+    if grid.q_block > KERNEL_ROWS:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in _OFF)
+
+
+_OFF = ("", "0", "false", "off", "no")
+
+
+def _kernel_tables(plan: IntervalPlan, tensors: dict[str, Tensor], grid, device: torch.device) -> tuple[Tensor, ...]:
+    """`interval_tables`' dense sync-free tables from one launch (f, g, the row bounds: no op where they are a
+    captured int32 / int64 table on the device and cached bounds); `unsorted` is an int32 [1] device flag."""
+    from . import interval_kernel  # Triton, imported when a GPU build first needs it
+
+    g = _kernel_positions(plan.g, "kv_idx", grid.kv_len, tensors, device)
+    f = g if plan.same and grid.q_len <= grid.kv_len else _kernel_positions(plan.f, "q_idx", grid.q_len, tensors,
+                                                                            device)
+    rows = grid.num_q_blocks * grid.q_block
+    lo = None if plan.lo is None else _row_bound(plan.lo, grid.q_len, grid.kv_len, rows, device)
+    hi = None if plan.hi is None else _row_bound(plan.hi, grid.q_len, grid.kv_len, rows, device)
+    return interval_kernel.launch(f, g, lo, hi, grid, device)
+
+
+def _kernel_positions(node: Node, name: str, length: int, tensors: dict[str, Tensor], device: torch.device,
+                      ) -> Tensor:
+    """A contiguous int32 / int64 vector on `device` whose first `length` entries are node at 0..length-1 of `name`
+    (read as int32): the captured table itself where node reads it by the index (no op), cached where node reads
+    no tensor, else evaluated."""
+    buffer = _direct_read(node, name)
+    if buffer is not None:
+        table = tensors[buffer]
+        if table.dim() == 1 and table.numel() >= length and table.dtype in _KERNEL_DTYPES:
+            if not _on(table, device):
+                table = table.to(device)
+            return table if table.is_contiguous() else table.contiguous()
+    if not _reads_tensors(node):
+        return _free_positions(node, name, length, device)
+    tensors = {k: v.detach().to(device) for k, v in tensors.items()}
+    return _positions(node, name, length, tensors, device).contiguous()
+
+
+def _on(table: Tensor, device: torch.device) -> bool:
+    here = table.device
+    if here == device:
+        return True
+    return here.type == device.type == "cuda" and device.index is None and here.index == torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=256)
+def _direct_read(node: Node, name: str) -> str | None:
+    """The buffer of `TABLE[name]` (a 1-D read by the index itself), else None."""
+    return node.arg if node.op == Op.LOAD and node.src == (arg(name),) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _reads_tensors(node: Node) -> bool:
+    return any(n.op == Op.LOAD for n in toposort(node))
+
+
+@functools.lru_cache(maxsize=8)  # int32 [L] on the device each
+def _free_positions(node: Node, name: str, length: int, device: torch.device) -> Tensor:
+    """`_positions` of a node that reads no tensor: cached, like the row bounds."""
+    return _positions(node, name, length, {}, device).contiguous()
