@@ -16,16 +16,20 @@ Document masks are checked on ALL tiles: against per-document counts (tile true 
 sum over documents of q-count x kv-count, an oracle independent of the analysis), and against the
 per-element brute force (the exact fallback's chunked evaluation of every tile) on CUDA or with
 --brute-force.
-The "lazy closed-form build" table splits one lazy causal / sliding-window build at L=32768 into its device
-work (`sparsity.counts.build`: the aten ops that make kv_num_blocks / full_kv_num_blocks, listed) and the
-rest; its document rows time `sparsity.equality.interval_tables` as the GPU runs it (sync-free, dense tables)
-and list its aten ops (on a CPU, create_block_mask takes the banded path instead: one host read), which is Python overhead (argument checks, the mod, the cached closed form and symbolic counts, the
-BlockMask object).  (device="meta" is no proxy for the Python part: meta ops run Python shape functions,
-and the sliding window's clamp_ takes ~0.6 ms there.)
+The "lazy build" table splits one lazy causal / sliding-window build at L=32768 into its device work
+(`sparsity.counts.build`: the aten ops that make kv_num_blocks / full_kv_num_blocks, listed) and the rest, which is
+Python overhead (argument checks, the mod, the cached closed form and symbolic counts, the BlockMask object).  Its
+document rows time `sparsity.equality.interval_tables` as the GPU runs it (sync-free dense tables: on CUDA one launch
+of sparsity.interval_kernel, its aten ops and launches listed, and its time again with the launch stubbed out); on a
+CPU, create_block_mask takes the banded path instead (one host read) and interval_tables the torch ops.  On CUDA the
+document rows also check the kernel's tables against the torch ops' and an unsorted id vector's handling.
+(device="meta" is no proxy for the Python part: meta ops run Python shape functions, and the sliding window's
+clamp_ takes ~0.6 ms there.)  In the comparison with torch both read the document ids from the device.
 No cache of BlockMasks is involved: every timed call builds a new one (the symbolic counts are cached per
 bounds and grid, like the sympy derivation).
 Run: python benchmarks/bench_blockmask.py [--device cuda|cpu] [--quick] [--threads N] [--only causal,sliding]
-     [--json PATH]
+     [--sections long,breakdown,torch,fractions] [--json PATH]
+The document build alone (about a minute): --sections breakdown,torch
 """
 
 from __future__ import annotations
@@ -270,9 +274,37 @@ def run_breakdown(meter: Meter, L: int = 32768) -> list[dict]:
     return rows + run_document_breakdown(meter, L)
 
 
+class LaunchLog:
+    """While active, the launches of the document kernel (sparsity.interval_kernel) are logged into `ops`, or, with
+    `stub`, replaced by nothing (what is left is the path's Python and allocations)."""
+
+    def __init__(self, ops: list[str] | None = None, stub: bool = False):
+        self.ops, self.stub = ops, stub
+
+    def __getitem__(self, grid):
+        if self.ops is not None:
+            self.ops.append(f"launch {self.kernel.fn.__name__}[{grid[0]}]")
+        return (lambda *args, **kwargs: None) if self.stub else self.kernel[grid]
+
+    def __enter__(self):
+        from flexcomp.sparsity import interval_kernel
+
+        self.kernel = interval_kernel.interval_tables_kernel
+        interval_kernel.interval_tables_kernel = self
+        return self
+
+    def __exit__(self, *exc):
+        from flexcomp.sparsity import interval_kernel
+
+        interval_kernel.interval_tables_kernel = self.kernel
+
+
 def run_document_breakdown(meter: Meter, L: int) -> list[dict]:
     """The document build's device work: `equality.interval_tables` as the GPU runs it (sync_free: dense tables, no
-    host read), on this device; its aten ops listed (views and the CPU-side wrapping of Python scalars excluded)."""
+    host read; on CUDA one launch of sparsity.interval_kernel), on this device; its aten ops and launches listed
+    (views and the CPU-side wrapping of Python scalars excluded), and its time with the launch stubbed out (the
+    path's Python and allocations).  On CUDA the kernel's tables are also checked against the torch ops' (element
+    for element), and an unsorted id vector against its contract (every tile PARTIAL, decided_by says so)."""
     from flexcomp.sparsity import equality
 
     rows = []
@@ -284,23 +316,52 @@ def run_document_breakdown(meter: Meter, L: int) -> list[dict]:
         grid = Grid(1, 1, L, L, 128, 128)
         ops_only = functools.partial(equality.interval_tables, mask, tensors, grid, meter.device, True)
         ops_only()
-        with OpLog() as log:
+        with OpLog() as log, LaunchLog(log.ops):
             ops_only()
         ops = [op for op in log.ops if op.split(".")[0] not in ("slice", "detach", "expand", "scalar_tensor", "lift_fresh")]
-        row = {"case": name, "L": L, "device": str(meter.device), "total_s": meter.time(build, 51),
-               "device_ops_s": meter.time(ops_only, 51), "ops": ops}
+        row = {"case": name, "L": L, "device": str(meter.device), "total_s": meter.time(build, 201),
+               "device_ops_s": meter.time(ops_only, 201), "ops": ops}
+        with LaunchLog(stub=True):
+            row["no_launch_s"] = meter.time(ops_only, 201)
         row["python_s"] = row["total_s"] - row["device_ops_s"]
+        if meter.cuda:
+            row["checks"] = check_document_kernel(mask, tensors, grid, meter.device)
         rows.append(row)
         print(f"  lazy build {name} L={L}: {row['total_s'] * 1e6:.1f} us (create_block_mask, this device's path) = "
-              f"sync-free ops {row['device_ops_s'] * 1e6:.1f} us ({len(ops)}: {', '.join(ops)})", flush=True)
+              f"sync-free ops {row['device_ops_s'] * 1e6:.1f} us ({len(ops)}: {', '.join(ops)}; without the launch "
+              f"{row['no_launch_s'] * 1e6:.1f} us) {row.get('checks', '')}", flush=True)
     return rows
+
+
+def check_document_kernel(mask, tensors, grid: Grid, device: torch.device) -> str:
+    """The kernel's four tables = those of the torch ops it replaces; an unsorted id vector (one swapped pair in the
+    middle of the ids: seen by one program's slice) gives every tile PARTIAL, reported, and the scratch is clear
+    after it (a sorted build right after is exact again)."""
+    from flexcomp.sparsity import equality
+    from flexcomp.sparsity.tables import interval_spans, spans_to_tables
+
+    def torch_ops(tensors):
+        lo, hi, _ = equality.row_intervals(equality.interval_plan(mask), tensors, grid, device)
+        return spans_to_tables(interval_spans(lo, hi, grid), grid)
+
+    got = equality.interval_tables(mask, tensors, grid, device, True)
+    same = all(torch.equal(a, b) for a, b in zip(got[:4], torch_ops(tensors))) and int(got[4]) == 0
+    doc = tensors["DOC"].clone()
+    middle = doc.numel() // 2
+    doc[[middle - 3000, middle + 3000]] = doc[[middle + 3000, middle - 3000]]
+    bm = create_block_mask(mod_of(mask, {"DOC": doc}), None, None, grid.q_len, grid.kv_len, device)
+    all_partial = bool((bm.tile_classes() == TileClass.PARTIAL).all()) and list(bm.decided_by) == [blockmask.UNSORTED_IDS]
+    again = equality.interval_tables(mask, tensors, grid, device, True)
+    clear = all(torch.equal(a, b) for a, b in zip(again[:4], got[:4])) and int(again[4]) == 0
+    return f"[kernel tables = torch ops': {same}; unsorted ids: all PARTIAL and reported: {all_partial}; then exact: {clear}]"
 
 
 def torch_cases(L: int, device: torch.device) -> list[tuple[str, object, dict, Callable]]:
     """(name, IR, captured tensors, the same mask as a plain torch mask_mod for torch's create_block_mask)."""
     window = 1024
     doc_mask, tensors = document_mask(L, max(2, L // 1024))
-    doc = tensors["DOC"].to(device)
+    tensors = {k: v.to(device) for k, v in tensors.items()}  # the ids where both read them: on the device
+    doc = tensors["DOC"]
     return [("causal", std.causal(), {}, lambda b, h, q, kv: q >= kv),
             ("sliding window 1024", std.sliding_window(window), {},
              lambda b, h, q, kv: (q >= kv) & (q - kv < window)),
@@ -371,32 +432,39 @@ def _mem(m: dict) -> str:
 def markdown(long_rows: list[dict], torch_rows: list[dict], fractions: list[dict], meta: dict,
              breakdown: list[dict] = ()) -> str:
     out = [(f"Device: {meta['device']}; torch {meta['torch']}; CPU threads {meta['threads']}; "
-            f"CPU memory: {meta['cpu_memory']}."), "",
-           ("| mask | L | lazy (kernel's view) | all tables | cold first call | peak extra mem lazy | "
-            "peak extra mem all tables | bytes of the tables | sparsity | decided by | exactness |"), "|---" * 11 + "|"]
+            f"CPU memory: {meta['cpu_memory']}.")]
+    if long_rows:
+        out += ["", ("| mask | L | lazy (kernel's view) | all tables | cold first call | peak extra mem lazy | "
+                     "peak extra mem all tables | bytes of the tables | sparsity | decided by | exactness |"),
+                "|---" * 11 + "|"]
     for r in long_rows:
         how = ", ".join(f"{k}: {v}" for k, v in r["decided_by"].items())
         out.append(f"| {r['case']} | {r['L']:,} | {_ms(r['lazy_s'])} | {_ms(r['all_tables_s'])} | {_ms(r['cold_s'])} | "
                    f"{_mem(r['lazy_mem'])} | {_mem(r['all_tables_mem'])} | {r['tables_mib']:.1f} MiB | "
                    f"{r['sparsity']:.2f}% | {how} | "
                    f"{r['check']} |")
-    out += ["", ("| mask (same process, same device) | L | torch create_block_mask | flexcomp lazy | flexcomp all tables "
-                 "| speedup lazy / all tables | torch peak mem | flexcomp peak mem (all tables) | same tiles |"),
-            "|---" * 9 + "|"]
+    if torch_rows:
+        out += ["", ("| mask (same process, same device) | L | torch create_block_mask | flexcomp lazy | "
+                     "flexcomp all tables | speedup lazy / all tables | torch peak mem | flexcomp peak mem (all tables) "
+                     "| same tiles |"), "|---" * 9 + "|"]
     for r in torch_rows:
         out.append(f"| {r['case']} | {r['L']:,} | {_ms(r['torch_s'])} | {_ms(r['lazy_s'])} | "
                    f"{_ms(r['all_tables_s'])} | {r['torch_s'] / r['lazy_s']:.0f}x / "
                    f"{r['torch_s'] / r['all_tables_s']:.0f}x | {_mem(r['torch_mem'])} | {_mem(r['all_tables_mem'])} | "
                    f"{r['same_tiles_visited']} |")
     if breakdown:
-        out += ["", ("| lazy closed-form build (cold: no BlockMask cache) | L | total | device ops (counts.build) | "
-                     "Python overhead (total - ops) | aten ops issued |"), "|---" * 6 + "|"]
+        out += ["", ("| lazy build (cold: no BlockMask cache) | L | total | device work (counts.build / "
+                     "interval_tables) | of it without the launch | Python overhead (total - device work) | "
+                     "aten ops and launches issued |"), "|---" * 7 + "|"]
         for r in breakdown:
+            no_launch = f"{r['no_launch_s'] * 1e6:.1f} us" if "no_launch_s" in r else "-"
+            checks = f" {r['checks']}" if "checks" in r else ""
             out.append(f"| {r['case']} | {r['L']:,} | {r['total_s'] * 1e6:.1f} us | {r['device_ops_s'] * 1e6:.1f} us | "
-                       f"{r['python_s'] * 1e6:.1f} us | "
-                       f"{len(r['ops'])}: {', '.join(r['ops'])} |")
-    out += ["", ("| variant (L~4096, 128x128 tiles) | decided without evaluation / decidable | exact fraction | "
-                 "wrong |"), "|---|---|---|---|"]
+                       f"{no_launch} | {r['python_s'] * 1e6:.1f} us | "
+                       f"{len(r['ops'])}: {', '.join(r['ops'])}{checks} |")
+    if fractions:
+        out += ["", ("| variant (L~4096, 128x128 tiles) | decided without evaluation / decidable | exact fraction | "
+                     "wrong |"), "|---|---|---|---|"]
     for r in fractions:
         out.append(f"| {r['variant']} | {r['decided']}/{r['decidable']} | "
                    f"{100 * r['decided'] / max(1, r['decidable']):.1f}% | {r['wrong']} |")
@@ -411,6 +479,9 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated substrings: only the long cases named so (e.g. causal,sliding),"
                         " and no torch comparison or exact-fraction tables")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--sections", default="long,breakdown,torch,fractions",
+                        help="comma-separated tables to run: long (the long cases), breakdown (the lazy-build split), "
+                        "torch (the comparison with torch), fractions (the exact fractions)")
     parser.add_argument("--brute-force", choices=("auto", "on", "off"), default="auto",
                         help="per-element check of every document tile (auto: on CUDA only; ~15 min on a CPU core)")
     args = parser.parse_args()
@@ -424,10 +495,11 @@ def main() -> None:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_memory": "VmHWM growth (clear_refs reset, mmap threshold 64 KiB)" if meter.hwm_resettable
             else "unavailable (no /proc/self/clear_refs)"}
-    long_rows = run_long(meter, args.quick, brute, args.only)
-    breakdown = [] if args.only else run_breakdown(meter)
-    torch_rows = [] if args.only else run_versus_torch(meter, versus_L)
-    fractions = [] if args.only else exact_fractions()
+    sections = set(args.sections.split(","))
+    long_rows = run_long(meter, args.quick, brute, args.only) if "long" in sections else []
+    breakdown = [] if args.only or "breakdown" not in sections else run_breakdown(meter)
+    torch_rows = [] if args.only or "torch" not in sections else run_versus_torch(meter, versus_L)
+    fractions = [] if args.only or "fractions" not in sections else exact_fractions()
     print(markdown(long_rows, torch_rows, fractions, meta, breakdown))
     if args.json:
         with open(args.json, "w") as f:

@@ -15,11 +15,14 @@ Exact and on the device (`interval_tables`): when every other conjunct is one kv
 (`lo(q) <= kv < hi(q)`, closed_form.kv_interval: causal, sliding window, ...) and the mask reads only
 q_idx and kv_idx, each row's true set is the interval [searchsorted_left(g, f(q)), searchsorted_right(g, f(q)))
 cut by [lo(q), hi(q)), and `tables.spans_to_tables` turns the rows' intervals into exact tables.  Up to
-`DENSE_TILES` tiles and with `sync_free` (the GPU) this is a fixed list of device ops with no host sync,
-tables in torch's dense width nkv; an unsorted g is then found on the device and makes every tile PARTIAL
-(the kernel evaluates the mask everywhere: right, not exact).  Otherwise (the CPU, where a host read is
-free, or past `DENSE_TILES`) one host read gets the band of kv blocks the q blocks meet (tables and work
-nq x band, not nq x nkv) and the sortedness: an unsorted g gives None (the analysis path, exact).
+`DENSE_TILES` tiles and with `sync_free` (the GPU) the tables come in torch's dense width nkv from one Triton
+launch (sparsity.interval_kernel: the searches, the spans and the tables, element for element those of the torch
+ops, which remain for a CPU outside Triton's interpreter) and five allocations, with no host sync: f and g are the
+captured int32 / int64 table itself where they read it by the index, the row bounds are cached.  An unsorted g is
+then found in the same launch and makes every tile PARTIAL (the kernel evaluates the mask everywhere: right, not
+exact); the launch leaves a device flag that the BlockMask's `decided_by` reads when first asked.  Otherwise (the
+CPU, where a host read is free, or past `DENSE_TILES`) one host read gets the band of kv blocks the q blocks meet
+(tables and work nq x band, not nq x nkv) and the sortedness: an unsorted g gives None (the analysis path, exact).
 """
 
 from __future__ import annotations
