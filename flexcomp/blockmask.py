@@ -7,7 +7,8 @@
    `bounds` (a `ClosedFormBounds`) and tables computed from them per q block, in O(q blocks);
 2. document-style masks (`f(q) == g(kv)` with g sorted, and conjuncts that keep one kv interval per row,
    e.g. `DOC[q] == DOC[kv] & (q >= kv)`): exact tables from each row's kv interval, on the device
-   (sparsity.equality.interval_tables; on a GPU with no host sync);
+   (sparsity.equality.interval_tables; on a GPU one Triton launch, no host sync: whether the ids were
+   sorted is a device flag, read by `decided_by` on first use);
 3. otherwise interval/relational analysis of the IR, a band of q blocks at a time, with
    captured tensors summarized per block (`flexcomp.sparsity`);
 4. tiles the analysis leaves PARTIAL are evaluated exactly on the device, in bounded-memory
