@@ -40,6 +40,9 @@ def launch(f: Tensor, g: Tensor, lo: Tensor | None, hi: Tensor | None, grid, dev
     """kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices ([1, 1, nq(, nkv)] int32) and unsorted
     (int32 [1]) from one launch; besides it, five allocations (no kernel: cheaper than one buffer's split and
     views) and no sync."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device.index):  # Triton launches on the current device
+            return launch(f, g, lo, hi, grid, device)
     plan = _launch_plan(grid, lo is not None, hi is not None)
     num = torch.empty(plan.count_shape, dtype=torch.int32, device=device)
     idx = torch.empty(plan.index_shape, dtype=torch.int32, device=device)
