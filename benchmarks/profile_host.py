@@ -1,0 +1,91 @@
+"""Host (CPU) cost of one call, flexcomp beside torch flex: for small or very sparse problems the GPU
+finishes before the next launch is issued, and the time per call is the host's.
+
+    python benchmarks/profile_host.py [--variant "document + causal"] [--head-dim 64] [--calls 200]
+
+Per implementation and mode (forward, forward+backward): the wall time of `--calls` back-to-back calls
+with one synchronize at the end (what a training loop sees when the host is the bottleneck), the GPU time
+of one call (CUDA events around a synchronized call), and for flexcomp the cProfile top functions by
+own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_attention as ba
+
+import flexcomp as fc
+
+
+def per_call_ms(fn, calls: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def gpu_ms(fn) -> float:
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="document + causal")
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    v = next(x for x in ba.VARIANTS if x.name == args.variant)
+    B, H, L, D = 4, 16, 8192, args.head_dim
+    device = "cuda"
+    ba.DOC_IDS = torch.repeat_interleave(torch.arange(64, dtype=torch.int32, device=device), L // 64)
+    ba.SLOPES = torch.exp2(-8.0 * torch.arange(1, H + 1, device=device) / H).float()
+    q, k, val = (torch.randn(B, H, L, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn_like(q)
+    f_mask = fc.create_block_mask(v.mask_mod, 1, 1, L, L, device=device) if v.mask_mod else None
+    t_mask = ba.torch_flex_module.create_block_mask(v.mask_mod, 1, 1, L, L, device=device) if v.mask_mod else None
+    f_score = fc.score_mod(v.score_mod) if v.score_mod else None
+    impls = {"flexcomp": lambda: fc.flex_attention(q, k, val, score_mod=f_score, block_mask=f_mask),
+             "torch flex": lambda: ba.torch_flex(q, k, val, score_mod=v.score_mod, block_mask=t_mask)}
+    for name, fn in impls.items():
+        with torch.no_grad():
+            fwd = per_call_ms(fn, args.calls), gpu_ms(fn)
+        step = lambda fn=fn: fn().backward(dout)
+        both = per_call_ms(step, args.calls), gpu_ms(step)
+        print(f"{name:10s} forward: {fwd[0]:.3f} ms/call back to back, GPU {fwd[1]:.3f} ms | "
+              f"forward+backward: {both[0]:.3f} ms/call, GPU {both[1]:.3f} ms", flush=True)
+    for label, call in (("forward", lambda: impls["flexcomp"]()), ("forward+backward",
+                                                                    lambda: impls["flexcomp"]().backward(dout))):
+        profile = cProfile.Profile()
+        grad = torch.enable_grad() if label != "forward" else torch.no_grad()
+        with grad:
+            profile.enable()
+            for _ in range(args.calls):
+                call()
+            profile.disable()
+        torch.cuda.synchronize()
+        print(f"\n## flexcomp {label}: top {args.top} by own time over {args.calls} calls")
+        pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
