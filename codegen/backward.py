@@ -77,10 +77,14 @@ LAST_KERNELS: dict[str, Any] = {}  # kernel name -> the last launch's compiled k
 
 
 def backward_module(score_mod: Mod | None, mask_mod: Mod | None, grad_buffers: frozenset[str]):
-    parts = ["backward", score_mod.key if score_mod else "-", mask_mod.key if mask_mod else "-",
-             ",".join(sorted(grad_buffers))]
-    return load_generated("flex_bwd", cache_key(*parts),
-                          lambda: backward_source(score_mod, mask_mod, grad_buffers))
+    parts = ("backward", score_mod.key if score_mod else "-", mask_mod.key if mask_mod else "-",
+             ",".join(sorted(grad_buffers)))
+    return load_generated("flex_bwd", _cache_key(parts), lambda: backward_source(score_mod, mask_mod, grad_buffers))
+
+
+@functools.lru_cache(maxsize=256)  # a sha256 of the generator's version and the parts: once per variant, not per call
+def _cache_key(parts: tuple[str, ...]) -> str:
+    return cache_key(*parts)
 
 
 def kernel_source_backward(score_mod: Mod | None, mask_mod: Mod | None,
@@ -164,7 +168,8 @@ def atomic_dq(kernel_options: dict[str, Any] | None) -> bool:
     return scheme == "atomic" and not torch.are_deterministic_algorithms_enabled()
 
 
-def fallbacks(config: BackwardConfig) -> list[BackwardConfig]:
+@functools.lru_cache(maxsize=64)  # on every call's path
+def fallbacks(config: BackwardConfig) -> tuple[BackwardConfig, ...]:
     """The chosen config, then one stage, then halved tiles: a mod that gathers from tables can need more shared memory."""
     configs = [config, dataclasses.replace(config, stages_dkdv=1, stages_dq=1)]
     while max(configs[-1].BLOCK_N1, configs[-1].BLOCK_M2) > MIN_BLOCK:
@@ -173,7 +178,7 @@ def fallbacks(config: BackwardConfig) -> list[BackwardConfig]:
                                            BLOCK_N1=max(c.BLOCK_N1 // 2, MIN_BLOCK),
                                            BLOCK_M2=max(c.BLOCK_M2 // 2, MIN_BLOCK),
                                            BLOCK_N2=max(c.BLOCK_N2 // 2, MIN_BLOCK)))
-    return configs
+    return tuple(configs)
 
 
 def _strides(t: torch.Tensor) -> list[int]:

@@ -346,7 +346,8 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def fallbacks(config: LaunchConfig) -> list[LaunchConfig]:
+@functools.lru_cache(maxsize=64)  # on every call's path
+def fallbacks(config: LaunchConfig) -> tuple[LaunchConfig, ...]:
     """The chosen config, then smaller ones: a mod that gathers from tables can need more shared memory."""
     smaller = [dataclasses.replace(config, num_stages=1)]
     while smaller[-1].block_n > MIN_BLOCK or smaller[-1].block_m > MIN_BLOCK:
@@ -355,7 +356,7 @@ def fallbacks(config: LaunchConfig) -> list[LaunchConfig]:
             smaller.append(dataclasses.replace(last, block_n=last.block_n // 2))
         else:
             smaller.append(dataclasses.replace(last, block_m=last.block_m // 2))
-    return [config, *smaller]
+    return (config, *smaller)
 
 
 NOOP_MASK = Mod("mask", "noop_mask", const(True), const(True))

@@ -42,9 +42,10 @@ class Mod:
     relower: Callable[[], Mod] | None = field(default=None, repr=False)  # rebuilds the Mod from live values
     variants: dict[tuple[BufferSpec, ...], Mod] = field(default_factory=dict, repr=False)  # shared by all variants
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """Kernel cache key: the IR and the buffers' dtypes and shapes, not their values."""
+        """Kernel cache key: the IR and the buffers' dtypes and shapes, not their values (computed once: a Mod's IR
+        and buffer specs never change; a captured tensor of another shape makes a new Mod variant)."""
         return structural_key(self.kind, self.ir, self.buffers)
 
     def tensors(self) -> dict[str, Any]:

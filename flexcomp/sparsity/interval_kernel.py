@@ -38,17 +38,15 @@ CHECK = 256  # neighbour pairs of g compared per step (and entries per step of t
 def launch(f: Tensor, g: Tensor, lo: Tensor | None, hi: Tensor | None, grid, device: torch.device,
            ) -> tuple[Tensor, ...]:
     """kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices ([1, 1, nq(, nkv)] int32) and unsorted
-    (int32 [1]) from one launch; besides it, five allocations (no kernel: cheaper than one buffer's split and
-    views) and no sync."""
+    (int32 [1]) from one launch; besides it, one allocation (views of it are the five outputs) and no sync."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         with torch.cuda.device(device.index):  # Triton launches on the current device
             return launch(f, g, lo, hi, grid, device)
     plan = _launch_plan(grid, lo is not None, hi is not None)
-    num = torch.empty(plan.count_shape, dtype=torch.int32, device=device)
-    idx = torch.empty(plan.index_shape, dtype=torch.int32, device=device)
-    full_num = torch.empty(plan.count_shape, dtype=torch.int32, device=device)
-    full_idx = torch.empty(plan.index_shape, dtype=torch.int32, device=device)
-    unsorted = torch.empty(1, dtype=torch.int32, device=device)
+    # one allocation (on a GPU host each costs ~10 us), split into the five outputs at 16-byte aligned offsets
+    parts = torch.empty(plan.buffer_size, dtype=torch.int32, device=device).split(plan.segments)[::2]
+    num, idx, full_num, full_idx = (part.view(shape) for part, shape in zip(parts, plan.shapes))
+    unsorted = parts[4]
     interval_tables_kernel[plan.programs](
         f, g, f if lo is None else lo, f if hi is None else hi,
         num, idx, full_num, full_idx, unsorted, _scratch(device),
@@ -63,7 +61,11 @@ class _LaunchPlan:
         nq, nkv, kv_len = grid.num_q_blocks, grid.num_kv_blocks, grid.kv_len
         rows = triton.next_power_of_2(grid.q_block)
         self.programs = (nq,)
-        self.count_shape, self.index_shape = (1, 1, nq), (1, 1, nq, nkv)
+        self.shapes = ((1, 1, nq), (1, 1, nq, nkv), (1, 1, nq), (1, 1, nq, nkv))
+        sizes = (nq, nq * nkv, nq, nq * nkv, 1)
+        aligned = [-(-n // 4) * 4 for n in sizes]  # every output starts 16-byte aligned, as Triton specializes it
+        self.segments = [x for size, pad in zip(sizes, aligned) for x in (size, pad - size)]  # (output, padding) pairs
+        self.buffer_size = sum(aligned)
         check_span = -(-(kv_len - 1) // nq)  # neighbour pairs of g per program
         self.ints = (grid.q_len, kv_len, grid.q_block, grid.kv_block, nkv, kv_len.bit_length(), check_span)
         self.constexprs = {"HAS_LO": has_lo, "HAS_HI": has_hi, "ROWS": rows,
