@@ -36,6 +36,32 @@ def per_call_ms(fn, calls: int) -> float:
     return (time.perf_counter() - start) * 1e3 / calls
 
 
+def enqueue_ms(fn, calls: int) -> float:
+    """Host time per call: calls issued without waiting (the GPU queue holds them), synchronized after timing."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) * 1e3 / calls
+    torch.cuda.synchronize()
+    return host
+
+
+def without_triton_launches(fn):
+    """fn with every Triton launch skipped (JITFunction.run returns at once): flexcomp's own host cost."""
+    from triton.runtime.jit import JITFunction
+
+    def call():
+        original = JITFunction.run
+        JITFunction.run = lambda self, *args, **kwargs: None
+        try:
+            return fn()
+        finally:
+            JITFunction.run = original
+    return call
+
+
 def gpu_ms(fn) -> float:
     torch.cuda.synchronize()
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -65,13 +91,20 @@ def main() -> int:
     f_score = fc.score_mod(v.score_mod) if v.score_mod else None
     impls = {"flexcomp": lambda: fc.flex_attention(q, k, val, score_mod=f_score, block_mask=f_mask),
              "torch flex": lambda: ba.torch_flex(q, k, val, score_mod=v.score_mod, block_mask=t_mask)}
+    calls = min(args.calls, 50)  # the host-time runs must not fill the GPU's launch queue
     for name, fn in impls.items():
-        with torch.no_grad():
-            fwd = per_call_ms(fn, args.calls), gpu_ms(fn)
         step = lambda fn=fn: fn().backward(dout)
-        both = per_call_ms(step, args.calls), gpu_ms(step)
-        print(f"{name:10s} forward: {fwd[0]:.3f} ms/call back to back, GPU {fwd[1]:.3f} ms | "
-              f"forward+backward: {both[0]:.3f} ms/call, GPU {both[1]:.3f} ms", flush=True)
+        with torch.no_grad():
+            fwd = per_call_ms(fn, args.calls), gpu_ms(fn), enqueue_ms(fn, calls)
+        both = per_call_ms(step, args.calls), gpu_ms(step), enqueue_ms(step, calls)
+        print(f"{name:10s} forward: {fwd[0]:.3f} ms/call back to back, GPU {fwd[1]:.3f} ms, host {fwd[2]:.3f} ms | "
+              f"forward+backward: {both[0]:.3f} ms/call, GPU {both[1]:.3f} ms, host {both[2]:.3f} ms", flush=True)
+    ours = impls["flexcomp"]
+    with torch.no_grad():
+        bare_fwd = enqueue_ms(without_triton_launches(ours), calls)
+    bare_both = enqueue_ms(without_triton_launches(lambda: ours().sum().backward()), calls)
+    print(f"flexcomp host without its Triton launches: forward {bare_fwd:.3f} ms, forward+backward "
+          f"{bare_both:.3f} ms (the backward's sum() adds two torch ops)", flush=True)
     for label, call in (("forward", lambda: impls["flexcomp"]()), ("forward+backward",
                                                                     lambda: impls["flexcomp"]().backward(dout))):
         profile = cProfile.Profile()
