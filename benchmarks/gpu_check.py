@@ -116,9 +116,46 @@ def check(name, mask_fn, score_fn, shape, dtype, backward: bool) -> tuple[bool, 
     return ok, " ".join(f"{k}={e:.1e}" for k, e in errs.items())
 
 
+def check_repeat_launches() -> tuple[bool, str]:
+    """codegen.launch's direct path: a repeated call (same specialization) gives the first call's bits, and a
+    misaligned view (another specialization) is not served the aligned kernel: it matches float64."""
+    from flexcomp.codegen import launch
+
+    mask = fc.create_block_mask(fc.mask_mod(causal), 1, 1, 333, 333, device=DEVICE)
+    score = fc.score_mod(softcap)
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    buffers = [torch.randn(2 * 4 * 333 * 64 + 1, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(4)]
+    dout = buffers[3][1:].view(2, 4, 333, 64)
+
+    def run(offset: int) -> list[torch.Tensor]:
+        q, k, v = (b[offset:offset + 2 * 4 * 333 * 64].view(2, 4, 333, 64).detach().requires_grad_() for b in buffers[:3])
+        out = fc.flex_attention(q, k, v, score_mod=score, block_mask=mask)
+        return [out, *torch.autograd.grad(out, (q, k, v), dout)]
+
+    first = run(0)
+    hits = launch.FAST_LAUNCHES[0]
+    again = run(0)
+    direct = launch.FAST_LAUNCHES[0] - hits
+    same = all(torch.equal(a, b) for a, b in zip(first, again))
+    shifted = run(1)  # data_ptr % 16 == 2: Triton compiles another specialization
+    q, k, v = (b[1:1 + 2 * 4 * 333 * 64].view(2, 4, 333, 64).double().requires_grad_() for b in buffers[:3])
+    ref = fc.flex_attention(q, k, v, score_mod=score, block_mask=mask, backend="reference")
+    ref_all = [ref, *torch.autograd.grad(ref, (q, k, v), dout.double())]
+    errs = [rel_err(a, r) for a, r in zip(shifted, ref_all)]
+    ok = direct > 0 and same and max(errs) <= TOLERANCE[torch.bfloat16]
+    return ok, (f"direct launches on repeat: {direct}; repeat bitwise equal: {same}; misaligned views vs float64: "
+                f"{' '.join(f'{e:.1e}' for e in errs)}")
+
+
 def main() -> int:
     t0 = time.time()
     failures = 0
+    try:
+        ok, detail = check_repeat_launches()
+    except Exception as exc:  # noqa: BLE001
+        ok, detail = False, f"{type(exc).__name__}: {str(exc)[:300]}"
+    failures += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {'repeat launches':28s} {detail}", flush=True)
     runs = list(itertools.product(CASES, SHAPES[:2], [torch.bfloat16], [True]))
     runs += list(itertools.product(CASES[:2] + CASES[5:6], SHAPES[2:], [torch.bfloat16], [True]))
     runs += list(itertools.product(CASES[1:3] + CASES[6:7], SHAPES[1:2], [torch.float16, torch.float32], [True]))
@@ -129,7 +166,7 @@ def main() -> int:
             ok, detail = False, f"{type(exc).__name__}: {str(exc)[:300]}"
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {name:28s} {shape!s:34s} {dtype!s:15s} {detail}", flush=True)
-    print(f"{len(runs) - failures}/{len(runs)} GPU checks passed in {time.time() - t0:.0f}s")
+    print(f"{len(runs) + 1 - failures}/{len(runs) + 1} GPU checks passed in {time.time() - t0:.0f}s")
     return 1 if failures else 0
 
 

@@ -39,7 +39,7 @@ from flexcomp.tiles import block_size
 
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
-from .launch import KERNEL_OPTIONS, launch_first_fitting
+from .launch import launch_first_fitting, launch_kernel
 
 
 @dataclass(frozen=True)
@@ -356,4 +356,4 @@ def _launch_gradients(attempt: BackwardConfig, dkdv: Callable[..., None], dq: Ca
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
-    LAST_KERNELS[getattr(kernel, "fn", kernel).__name__] = kernel[grid](*args, **kwargs, **KERNEL_OPTIONS)
+    LAST_KERNELS[getattr(kernel, "fn", kernel).__name__] = launch_kernel(kernel, grid, *args, **kwargs)

@@ -22,7 +22,7 @@ from . import autotune
 from .autotune import MIN_BLOCK, LaunchConfig, next_power_of_2
 from .cache import cache_key, load_generated
 from .forward_source import bounds_text, forward_source
-from .launch import KERNEL_OPTIONS, launch_first_fitting
+from .launch import launch_first_fitting, launch_kernel
 from .ops import float_index_exact
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -195,7 +195,7 @@ def flex_forward(
     has_full, tables = index_tables(block_mask, bounds is not None)
     kernel = module.flex_forward_kernel
     launch = functools.partial(
-        lambda *args, grid, **kwargs: kernel[grid](*args, **kwargs, **KERNEL_OPTIONS),
+        lambda *args, grid, **kwargs: launch_kernel(kernel, grid, *args, **kwargs),
         q, *q.stride(),
         k, *k.stride(),
         v, *v.stride(),

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flexcomp.codegen.launch import launch_kernel
+
 Tensor = torch.Tensor
 CHECK = 256  # neighbour pairs of g compared per step (and entries per step of the all-PARTIAL rewrite)
 
@@ -47,10 +49,8 @@ def launch(f: Tensor, g: Tensor, lo: Tensor | None, hi: Tensor | None, grid, dev
     parts = torch.empty(plan.buffer_size, dtype=torch.int32, device=device).split(plan.segments)[::2]
     num, idx, full_num, full_idx = (part.view(shape) for part, shape in zip(parts, plan.shapes))
     unsorted = parts[4]
-    interval_tables_kernel[plan.programs](
-        f, g, f if lo is None else lo, f if hi is None else hi,
-        num, idx, full_num, full_idx, unsorted, _scratch(device),
-        *plan.ints, **plan.constexprs)
+    launch_kernel(interval_tables_kernel, plan.programs, f, g, f if lo is None else lo, f if hi is None else hi,
+                  num, idx, full_num, full_idx, unsorted, _scratch(device), *plan.ints, **plan.constexprs)
     return num, idx, full_num, full_idx, unsorted
 
 
