@@ -52,6 +52,8 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> A
     kwargs.update(KERNEL_OPTIONS)
     if not FAST_LAUNCH or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return kernel[grid](*args, **kwargs)
+    if not hasattr(kernel, "params"):  # not a JITFunction (a wrapper that records launches)
+        return kernel[grid](*args, **kwargs)
     params, names = _PARAMS.get(kernel) or _PARAMS.setdefault(kernel, _parameters(kernel))
     values = [args[i] if i < len(args) else kwargs.get(name, default) for i, (name, _, default) in enumerate(params)]
     options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in names))  # num_warps, num_stages, ...

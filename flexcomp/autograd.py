@@ -26,6 +26,7 @@ class FlexAttentionFunction(torch.autograd.Function):
         out, lse = flex_forward(query, key, value, score_mod, block_mask, scale, enable_gqa, True, kernel_options)
         ctx.save_for_backward(query, key, value, out, lse, *captured)
         ctx.mods = (score_mod, block_mask, scale, enable_gqa, kernel_options)
+        ctx.set_materialize_grads(False)  # an unused lse's gradient stays None, not a zeroed tensor to read
         return out, lse
 
     @staticmethod
