@@ -133,7 +133,13 @@ class BlockMask:
         nkv = -(-mask.seq_lengths[1] // block[1])
         if compute_q_blocks:  # one transpose per kind, shared by its counts and indices
             kv_tables = {"": (kv_num_blocks, kv_indices), "full_": (full_kv_num_blocks, full_kv_indices)}
-            transposed = functools.cache(lambda kind: transpose_ordered(*kv_tables[kind], nkv))
+            memo: dict[str, tuple[Tensor, Tensor]] = {}  # (functools.cache's wrapper costs more than this build)
+
+            def transposed(kind: str) -> tuple[Tensor, Tensor]:
+                if kind not in memo:
+                    memo[kind] = transpose_ordered(*kv_tables[kind], nkv)
+                return memo[kind]
+
             for kind, (num, _) in kv_tables.items():
                 names = (f"{kind}q_num_blocks", f"{kind}q_indices")
                 if num is None:

@@ -81,6 +81,8 @@ class Mod:
         return {spec.name: self.resolvers[spec.name]() for spec in self.buffers}
 
     def _live_specs(self, values: dict[str, Any]) -> tuple[BufferSpec, ...]:
+        if all(_still_fits(spec, values[spec.name]) for spec in self.buffers):
+            return self.buffers  # the common case, on every call's path: no specs built
         from .frontend.names import tensor_spec
 
         for spec in self.buffers:
@@ -103,6 +105,16 @@ class Mod:
 
 
 MAX_VARIANTS = 16  # re-lowered Mods kept per function (torch's recompile limit is 8)
+
+
+def _still_fits(spec: BufferSpec, value: Any) -> bool:
+    """`value` is a tensor of the spec's dtype and shape (what frontend.names.tensor_spec would record)."""
+    return isinstance(value, torch.Tensor) and value.dtype == _torch_dtype(spec.dtype) and value.shape == spec.shape
+
+
+@functools.cache
+def _torch_dtype(name: str) -> Any:
+    return getattr(torch, name, None)
 
 
 def _spec_changes(compiled: tuple[BufferSpec, ...], live: tuple[BufferSpec, ...]) -> tuple[list, list]:

@@ -26,6 +26,7 @@ The scratch (int32 [2]) is one per device and stream: launches on one stream run
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -45,10 +46,9 @@ def launch(f: Tensor, g: Tensor, lo: Tensor | None, hi: Tensor | None, grid, dev
         with torch.cuda.device(device.index):  # Triton launches on the current device
             return launch(f, g, lo, hi, grid, device)
     plan = _launch_plan(grid, lo is not None, hi is not None)
-    # one allocation (on a GPU host each costs ~10 us), split into the five outputs at 16-byte aligned offsets
-    parts = torch.empty(plan.buffer_size, dtype=torch.int32, device=device).split(plan.segments)[::2]
-    num, idx, full_num, full_idx = (part.view(shape) for part, shape in zip(parts, plan.shapes))
-    unsorted = parts[4]
+    # one allocation (on a GPU host each costs ~10 us); the five outputs are views at 16-byte aligned offsets
+    buffer = torch.empty(plan.buffer_size, dtype=torch.int32, device=device)
+    num, idx, full_num, full_idx, unsorted = (buffer.as_strided(*view) for view in plan.views)
     launch_kernel(interval_tables_kernel, plan.programs, f, g, f if lo is None else lo, f if hi is None else hi,
                   num, idx, full_num, full_idx, unsorted, _scratch(device), *plan.ints, **plan.constexprs)
     return num, idx, full_num, full_idx, unsorted
@@ -61,15 +61,20 @@ class _LaunchPlan:
         nq, nkv, kv_len = grid.num_q_blocks, grid.num_kv_blocks, grid.kv_len
         rows = triton.next_power_of_2(grid.q_block)
         self.programs = (nq,)
-        self.shapes = ((1, 1, nq), (1, 1, nq, nkv), (1, 1, nq), (1, 1, nq, nkv))
-        sizes = (nq, nq * nkv, nq, nq * nkv, 1)
+        shapes = ((1, 1, nq), (1, 1, nq, nkv), (1, 1, nq), (1, 1, nq, nkv), (1,))
+        sizes = [math.prod(shape) for shape in shapes]
         aligned = [-(-n // 4) * 4 for n in sizes]  # every output starts 16-byte aligned, as Triton specializes it
-        self.segments = [x for size, pad in zip(sizes, aligned) for x in (size, pad - size)]  # (output, padding) pairs
+        offsets = [sum(aligned[:i]) for i in range(len(sizes))]
+        self.views = [(shape, _contiguous_strides(shape), offset) for shape, offset in zip(shapes, offsets)]
         self.buffer_size = sum(aligned)
         check_span = -(-(kv_len - 1) // nq)  # neighbour pairs of g per program
         self.ints = (grid.q_len, kv_len, grid.q_block, grid.kv_block, nkv, kv_len.bit_length(), check_span)
         self.constexprs = {"HAS_LO": has_lo, "HAS_HI": has_hi, "ROWS": rows,
                            "COLS": max(16, min(256, 8192 // rows)), "CHECK": CHECK}  # a [ROWS, COLS] compare <= 8192
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
 
 
 @functools.lru_cache(maxsize=64)
