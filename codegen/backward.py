@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import triton
 
 from flexcomp.errors import BackendError
 from flexcomp.mods import Mod
 from flexcomp.tiles import block_size
 
+from .autotune import next_power_of_2
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
 from .launch import launch_first_fitting, launch_kernel
@@ -148,8 +148,12 @@ def _table_args(num: torch.Tensor, idx: torch.Tensor, full_num: torch.Tensor, fu
 
 def default_config(dtype: torch.dtype, head_dim: int) -> BackwardConfig:
     bits = 32 if dtype == torch.float32 else 16
-    bucket = next(d for d in (64, 128, 256) if max(triton.next_power_of_2(head_dim), MIN_BLOCK) <= d)
+    bucket = next(d for d in (64, 128, 256) if max(next_power_of_2(head_dim), MIN_BLOCK) <= d)
     return BACKWARD_CONFIGS[(bits, bucket)]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # (triton.cdiv is a constexpr function: ~10 us a call on the host)
 
 
 def _fit(size: int, limit: int) -> int:
@@ -162,6 +166,15 @@ def _fit(size: int, limit: int) -> int:
 def choose_config(kernel_options: dict[str, Any] | None, sparse: tuple[int, int], dtype: torch.dtype,
                   head_dim: int) -> BackwardConfig:
     options = kernel_options or {}
+    try:
+        return _chosen_config(tuple(sorted(options.items())), sparse, dtype, head_dim)
+    except TypeError:  # an unhashable option value: decide without the memo
+        return _chosen_config.__wrapped__(tuple(sorted(options.items())), sparse, dtype, head_dim)
+
+
+@functools.lru_cache(maxsize=256)  # on every backward call's path
+def _chosen_config(option_items: tuple, sparse: tuple[int, int], dtype: torch.dtype, head_dim: int) -> BackwardConfig:
+    options = dict(option_items)
     base = default_config(dtype, head_dim)
     blocks = {}
     for name in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
@@ -303,10 +316,10 @@ def flex_backward(
     lse = lse.to(torch.float32).contiguous()
     delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
     dlse = grad_lse.to(torch.float32) if grad_lse is not None else None
-    _launch(module.flex_bwd_delta, (triton.cdiv(Lq, DELTA_BLOCK_M), B * Hq),
+    _launch(module.flex_bwd_delta, (_cdiv(Lq, DELTA_BLOCK_M), B * Hq),
             out, *_strides(out), grad_out, *_strides(grad_out),
             dlse if dlse is not None else delta, *(_strides(dlse) if dlse is not None else [0, 0, 0]), lse, delta, lse2,
-            Lq, Hq, HAS_DLSE=dlse is not None, BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
+            Lq, Hq, HAS_DLSE=dlse is not None, BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=max(16, next_power_of_2(Dv)),
             DV=Dv, EVEN_Q=Lq % DELTA_BLOCK_M == 0, num_warps=4)
     dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     grads = {name: torch.zeros(captured[name].shape, dtype=torch.float32, device=device) for name in grad_buffers}
@@ -321,8 +334,8 @@ def flex_backward(
 
     # tanh on the MUFU unit for 16-bit inputs, as the forward does (never under the interpreter: no inline asm)
     fast_tanh = query.dtype in (torch.float16, torch.bfloat16) and query.device.type == "cuda"
-    shapes = {"D": D, "DV": Dv, "BLOCK_D": max(16, triton.next_power_of_2(D)),
-              "BLOCK_DV": max(16, triton.next_power_of_2(Dv)), "GQA_GROUP": group, "SPARSE_Q": sparse[0],
+    shapes = {"D": D, "DV": Dv, "BLOCK_D": max(16, next_power_of_2(D)),
+              "BLOCK_DV": max(16, next_power_of_2(Dv)), "GQA_GROUP": group, "SPARSE_Q": sparse[0],
               "SPARSE_KV": sparse[1], "DOT_PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
               "FAST_TANH": fast_tanh}
     dkdv = _bound(module.flex_bwd_dkdv, [*qkvdo, lse2, delta, delta if dq_sums is None else dq_sums,
@@ -357,13 +370,13 @@ def _launch_gradients(attempt: BackwardConfig, dkdv: Callable[..., None], dq: Ca
     B, Hq, Hkv, Lq, Lkv = dims
     for g in (*grads.values(), *([dq_sums] if dq_sums is not None else [])):
         g.zero_()
-    dkdv(*_grad_args(grad_specs, grads, {}), grid=(triton.cdiv(Lkv, attempt.BLOCK_N1), B * Hkv),
+    dkdv(*_grad_args(grad_specs, grads, {}), grid=(_cdiv(Lkv, attempt.BLOCK_N1), B * Hkv),
          BLOCK_M=attempt.BLOCK_M1, BLOCK_N=attempt.BLOCK_N1, EVEN_KV=Lkv % attempt.BLOCK_N1 == 0,
          num_warps=attempt.warps_dkdv,
          num_stages=attempt.stages_dkdv)
     if dq is None:
         return
-    dq_grid = (triton.cdiv(Lq, attempt.BLOCK_M2), B * Hq)
+    dq_grid = (_cdiv(Lq, attempt.BLOCK_M2), B * Hq)
     partials = _deterministic_partials(grads, dq_grid[0] * dq_grid[1]) if deterministic else {}
     dq(*_grad_args(grad_specs, grads, partials), grid=dq_grid, BLOCK_M=attempt.BLOCK_M2, BLOCK_N=attempt.BLOCK_N2,
        EVEN_Q=Lq % attempt.BLOCK_M2 == 0, num_warps=attempt.warps_dq, num_stages=attempt.stages_dq,
