@@ -37,3 +37,12 @@ def naive_attention(q, k, v, score_fn=None, mask_fn=None, scale=None, enable_gqa
     weights = torch.exp(s - torch.where(lse.isinf(), 0.0, lse)[..., None])
     out = weights @ v.double()
     return out, lse
+
+
+def assert_close_to_reference(out, lse, ref_out, ref_lse, atol=2e-5):
+    """A kernel's (out, lse) against the float64 reference's: no NaN, the same fully masked rows, values close."""
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=atol)
+    finite = ref_lse.isfinite()
+    assert torch.equal(lse.isfinite(), finite)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=atol, rtol=atol)

@@ -20,6 +20,7 @@ from flexcomp.codegen import cache as codegen_cache
 from flexcomp.codegen import flex_forward, kernel_source
 from flexcomp.codegen import forward_source as forward_source_module
 from flexcomp.codegen.ops import OP_RULES
+from naive import assert_close_to_reference as check
 from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
 
 import flexcomp as fc
@@ -167,14 +168,6 @@ def even_kv(b, h, q_idx, kv_idx):
 def run(q, k, v, score_mod=None, block_mask=None, gqa=False, options=SMALL_BLOCKS, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return flex_forward(q, k, v, score_mod, block_mask, scale, gqa, True, dict(options))
-
-
-def check(out, lse, ref_out, ref_lse, atol=2e-5):
-    assert not out.isnan().any() and not lse.isnan().any()
-    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=atol)
-    finite = ref_lse.isfinite()
-    assert torch.equal(lse.isfinite(), finite)
-    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=atol, rtol=atol)
 
 
 # ---------------------------------------------------------------- tests
