@@ -45,6 +45,7 @@ _COMPILED: dict[tuple, Any] = {}  # (kernel, specialization signature) -> Triton
 FAST_LAUNCHES = [0]  # launches that took the direct path (a counter, for checks)
 _PARAMS: dict[Any, tuple] = {}  # kernel -> ((name, is_constexpr, default) per parameter, their names)
 INT32 = range(-(2**31), 2**31)
+_UNKNOWN = object()  # an argument of a kind _specialization does not know: that launch takes Triton's path
 
 
 def launch_kernel(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
@@ -57,8 +58,10 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> A
     params, names = _PARAMS.get(kernel) or _PARAMS.setdefault(kernel, _parameters(kernel))
     values = [args[i] if i < len(args) else kwargs.get(name, default) for i, (name, _, default) in enumerate(params)]
     options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in names))  # num_warps, num_stages, ...
-    key = (kernel, torch.cuda.current_device(), options,
-           tuple(v if constexpr else _specialization(v) for v, (_, constexpr, _) in zip(values, params)))
+    signature = tuple(v if constexpr else _specialization(v) for v, (_, constexpr, _) in zip(values, params))
+    if _UNKNOWN in signature:
+        return kernel[grid](*args, **kwargs)
+    key = (kernel, torch.cuda.current_device(), options, signature)
     compiled = _COMPILED.get(key)
     if compiled is None:
         compiled = _COMPILED[key] = kernel[grid](*args, **kwargs)
@@ -83,4 +86,4 @@ def _specialization(value: Any) -> Any:
         return int, value == 1, value % 16 == 0, value in INT32
     if isinstance(value, float):
         return float
-    return value  # anything else by value (by identity where unhashable by value: then never a hit)
+    return _UNKNOWN
