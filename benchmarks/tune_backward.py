@@ -29,6 +29,9 @@ from torch.nn.attention import flex_attention as torch_flex_module
 
 import flexcomp as fc
 
+# torch's compiled backward may donate its saved buffers, which forbids the retain_graph=True this script times
+# the backward with (a RuntimeError when torch's backward runs twice on one graph)
+torch._functorch.config.donated_buffer = False
 torch_flex = torch.compile(torch_flex_module.flex_attention, dynamic=False)
 RESULTS: list[dict] = []
 
