@@ -26,26 +26,19 @@ import bench_attention as ba
 import flexcomp as fc
 
 
-def per_call_ms(fn, calls: int) -> float:
+def ms_per_call(fn, calls: int, wait: bool) -> float:
+    """Wall time per call of `calls` back-to-back calls; `wait`: until the GPU is done (what a loop sees), else
+    only the host's part (calls issued without waiting: the GPU queue holds them; synchronized after timing)."""
     fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    if wait:
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) * 1e3 / calls
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / calls
-
-
-def enqueue_ms(fn, calls: int) -> float:
-    """Host time per call: calls issued without waiting (the GPU queue holds them), synchronized after timing."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - start) * 1e3 / calls
-    torch.cuda.synchronize()
-    return host
+    return elapsed
 
 
 def without_triton_launches(fn):
@@ -95,14 +88,14 @@ def main() -> int:
     for name, fn in impls.items():
         step = lambda fn=fn: fn().backward(dout)
         with torch.no_grad():
-            fwd = per_call_ms(fn, args.calls), gpu_ms(fn), enqueue_ms(fn, calls)
-        both = per_call_ms(step, args.calls), gpu_ms(step), enqueue_ms(step, calls)
+            fwd = ms_per_call(fn, args.calls, True), gpu_ms(fn), ms_per_call(fn, calls, False)
+        both = ms_per_call(step, args.calls, True), gpu_ms(step), ms_per_call(step, calls, False)
         print(f"{name:10s} forward: {fwd[0]:.3f} ms/call back to back, GPU {fwd[1]:.3f} ms, host {fwd[2]:.3f} ms | "
               f"forward+backward: {both[0]:.3f} ms/call, GPU {both[1]:.3f} ms, host {both[2]:.3f} ms", flush=True)
     ours = impls["flexcomp"]
     with torch.no_grad():
-        bare_fwd = enqueue_ms(without_triton_launches(ours), calls)
-    bare_both = enqueue_ms(without_triton_launches(lambda: ours().sum().backward()), calls)
+        bare_fwd = ms_per_call(without_triton_launches(ours), calls, False)
+    bare_both = ms_per_call(without_triton_launches(lambda: ours().sum().backward()), calls, False)
     print(f"flexcomp host without its Triton launches: forward {bare_fwd:.3f} ms, forward+backward "
           f"{bare_both:.3f} ms (the backward's sum() adds two torch ops)", flush=True)
     for label, call in (("forward", lambda: impls["flexcomp"]()), ("forward+backward",
