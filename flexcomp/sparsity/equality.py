@@ -216,10 +216,8 @@ def _kernel_runs(device: torch.device, grid) -> bool:
     """The kernel (sparsity.interval_kernel) runs on CUDA devices, and on CPU tensors under Triton's interpreter."""
     if grid.q_block > KERNEL_ROWS:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in _OFF)
-
-
-_OFF = ("", "0", "false", "off", "no")
+    # TRITON_INTERPRET=1, as api.choose_backend and codegen read it (other spellings run the torch ops: same tables)
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _kernel_tables(plan: IntervalPlan, tensors: dict[str, Tensor], grid, device: torch.device) -> tuple[Tensor, ...]:
