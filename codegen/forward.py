@@ -22,8 +22,9 @@ from . import autotune
 from .autotune import MIN_BLOCK, LaunchConfig, next_power_of_2
 from .cache import cache_key, load_generated
 from .forward_source import bounds_text, forward_source
-from .launch import launch_first_fitting, launch_kernel
+from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .ops import float_index_exact
+from .plans import PlanCache, layout, live_buffers, options_key
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -48,10 +49,10 @@ def _fit(block: int, sparse: int, name: str, overridden: bool) -> int:
     return block
 
 
-def choose_config(q: torch.Tensor, block_size: tuple[int, int], kernel_options: dict | None,
+def choose_config(dtype: torch.dtype, head_dim: int, block_size: tuple[int, int], kernel_options: dict | None,
                   base: LaunchConfig | None = None, sparse: bool = False, score_mod: bool = False) -> LaunchConfig:
     options = kernel_options or {}
-    base = base or default_config(q.dtype, max(q.shape[-1], MIN_BLOCK), sparse, score_mod)
+    base = base or default_config(dtype, max(head_dim, MIN_BLOCK), sparse, score_mod)
     block_m = _fit(options.get("BLOCK_M", base.block_m), block_size[0], "BLOCK_M", "BLOCK_M" in options)
     block_n = _fit(options.get("BLOCK_N", base.block_n), block_size[1], "BLOCK_N", "BLOCK_N" in options)
     return LaunchConfig(block_m, block_n, options.get("num_warps", base.num_warps),
@@ -126,24 +127,15 @@ def check_block_mask(block_mask: Any, q: torch.Tensor, k: torch.Tensor) -> None:
                          f"B={q.shape[0]}, Hq={q.shape[1]} with {needed_rows} q blocks")
 
 
-def captured_tensors(mod: Mod | None, device: torch.device) -> list[Any]:
-    """Each captured tensor's pointer and strides, in the order of ops.buffer_params."""
-    if mod is None:
-        return []
-    values = mod.tensors()
-    args: list[Any] = []
-    for spec in mod.buffers:
-        t = values[spec.name]
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(spec.shape):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"captured tensor {spec.name!r} changed shape since the mod was compiled: "
-                             f"{got} != {tuple(spec.shape)} (recompile the mod)")
+def check_buffers(buffers: list[tuple[str, torch.Tensor]], device: torch.device) -> None:
+    for name, t in buffers:
         if t.device != device:
-            raise ValueError(f"captured tensor {spec.name!r} is on {t.device}, the inputs on {device}")
-        if t.dtype == torch.bool:
-            t = t.view(torch.uint8)  # loaded as bytes and compared with 0
-        args += [t, *t.stride()]
-    return args
+            raise ValueError(f"captured tensor {name.split(':', 1)[1]!r} is on {t.device}, the inputs on {device}")
+
+
+def slot_args(name: str, t: torch.Tensor) -> list[Any]:
+    """A per-call tensor's arguments: its slot, then its strides (fixed: a plan's key holds the layout)."""
+    return [Slot(name), *t.stride()]
 
 
 # ---------------------------------------------------------------- entry point
@@ -154,6 +146,9 @@ def _strides(t: torch.Tensor | None, ndim: int) -> list[int]:
     if t is None:
         return [0] * ndim
     return [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())]
+
+
+_PLANS = PlanCache()
 
 
 def flex_forward(
@@ -170,73 +165,126 @@ def flex_forward(
     """Run the generated forward kernel: (out [B, Hq, Lq, Dv] in the input dtype, lse [B, Hq, Lq] float32).
 
     lse is always computed (natural log; -inf on fully masked rows); `return_lse`
-    is accepted for symmetry with the API, which drops it.
+    is accepted for symmetry with the API, which drops it.  A repeated call (same layouts, mods, block
+    mask, scale and options) reuses its plan (codegen/plans.py): no checks or configs are redone.
     """
     del return_lse
-    q, k, v = query, key, value
-    check_inputs(q, k, v, enable_gqa)
-    block_mask = block_mask if block_mask is not None else dense_block_mask(q, k)
-    check_block_mask(block_mask, q, k)
-    scale = scale if scale is not None else q.shape[-1] ** -0.5
-    mask_mod = block_mask.mask_mod
-    if not isinstance(mask_mod, Mod) or (score_mod is not None and not isinstance(score_mod, Mod)):
-        raise BackendError("the Triton kernel needs compiled mods (flexcomp.score_mod / flexcomp.mask_mod)")
-    bounds = getattr(block_mask, "bounds", None)
-    B, Hq, Lq, D = q.shape
-    Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    sparse_q, sparse_kv = block_size(block_mask)
-    config = choose_config(q, (sparse_q, sparse_kv), kernel_options, sparse=is_sparse(block_mask, bounds),
-                           score_mod=score_mod is not None)
-    module, key = _module_and_key(score_mod, mask_mod, bounds)
+    mask_mod = block_mask.mask_mod if block_mask is not None else NOOP_MASK
+    buffers = live_buffers(score_mod, "score:") + live_buffers(mask_mod, "mask:")
+    try:
+        plan_key = (layout(query), layout(key), layout(value), *(layout(t) for _, t in buffers), id(score_mod),
+                    id(block_mask), scale, enable_gqa, options_key(kernel_options))
+    except TypeError:  # unhashable kernel_options: no plan kept
+        plan_key = None
+    plan = _PLANS.get(plan_key, block_mask) if plan_key is not None else None
+    if plan is None:
+        plan = ForwardPlan(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, buffers)
+        if plan_key is not None:
+            _PLANS.put(plan_key, block_mask, plan)
+    return plan.run({"q": query, "k": key, "v": value, **dict(buffers)})
 
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    out = torch.empty((B, Hq, Lq, Dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    has_full, tables = index_tables(block_mask, bounds is not None)
-    kernel = module.flex_forward_kernel
-    launch = functools.partial(
-        lambda *args, grid, **kwargs: launch_kernel(kernel, grid, *args, **kwargs),
-        q, *q.stride(),
-        k, *k.stride(),
-        v, *v.stride(),
-        out, *out.stride(),
-        lse, *lse.stride(),
-        *tables,
-        *captured_tensors(score_mod, q.device),
-        *captured_tensors(mask_mod, q.device),
-        float(scale), Lq, Lkv, Hq, Hq // Hkv,
-        HAS_SCORE_MOD=score_mod is not None, USE_BOUNDS=bounds is not None, HAS_FULL=has_full,
-        SPARSE_Q=sparse_q, SPARSE_KV=sparse_kv,
-        BLOCK_D=max(next_power_of_2(D), MIN_BLOCK), BLOCK_DV=max(next_power_of_2(Dv), MIN_BLOCK), D=D, DV=Dv,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=q.dtype == torch.bfloat16 and interpreted,
-        EVEN_KV=Lkv % sparse_kv == 0,  # every kv tile in bounds (a table walk visits whole sparse blocks)
-        FAST_TANH=score_mod is not None and q.dtype in FAST_TANH_DTYPES and not interpreted,
-        FLOAT_INDEX=float_index(score_mod, B, Hq, Lq + sparse_q, Lkv + sparse_kv),
-        FOLD_SCALE=fold_scale(score_mod, float(scale), kernel_options),
-    )  # fmt: skip
 
-    tma_ok = None  # whether K/V may go through tensor descriptors: checked once, when a config asks
+class ForwardPlan:
+    """Everything a forward call launches, for one key of codegen/plans.py: checked and decided once."""
 
-    def run(config: LaunchConfig) -> None:
-        nonlocal tma_ok
-        if config.use_tma and tma_ok is None:
-            tma_ok = tma_possible(k, v) and not interpreted
-        launch(grid=(-(-Lq // config.block_m), B * Hq), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-               TILES_PER_BLOCK=sparse_kv // config.block_n, EVEN_Q=Lq % config.block_m == 0,
-               USE_TMA=bool(config.use_tma and tma_ok), num_warps=config.num_warps, num_stages=config.num_stages)
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Mod | None, block_mask: Any,
+                 scale: float | None, enable_gqa: bool, kernel_options: dict | None,
+                 buffers: list[tuple[str, torch.Tensor]]):
+        check_inputs(q, k, v, enable_gqa)
+        check_buffers(buffers, q.device)
+        block_mask = block_mask if block_mask is not None else dense_block_mask(q, k)
+        check_block_mask(block_mask, q, k)
+        scale = scale if scale is not None else q.shape[-1] ** -0.5
+        mask_mod = block_mask.mask_mod
+        if not isinstance(mask_mod, Mod) or (score_mod is not None and not isinstance(score_mod, Mod)):
+            raise BackendError("the Triton kernel needs compiled mods (flexcomp.score_mod / flexcomp.mask_mod)")
+        self.score_mod = score_mod  # kept alive: the plan's key holds its id
+        bounds = getattr(block_mask, "bounds", None)
+        B, Hq, Lq, D = q.shape
+        Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        self.out_shape, self.lse_shape, self.dtype, self.device = (B, Hq, Lq, Dv), (B, Hq, Lq), q.dtype, q.device
+        self.sparse = sparse_q, sparse_kv = block_size(block_mask)
+        self.config = choose_config(q.dtype, D, self.sparse, kernel_options, sparse=is_sparse(block_mask, bounds),
+                                    score_mod=score_mod is not None)
+        module, self.key = _module_and_key(score_mod, mask_mod, bounds)
+        self.kernel = module.flex_forward_kernel
+        self.interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        has_full, tables = index_tables(block_mask, bounds is not None)
+        self.args = [
+            *slot_args("q", q), *slot_args("k", k), *slot_args("v", v),
+            Slot("out"), *_contiguous_strides(self.out_shape), Slot("lse"), *_contiguous_strides(self.lse_shape),
+            *tables, *(x for name, t in buffers for x in slot_args(name, t)),
+            float(scale), Lq, Lkv, Hq, Hq // Hkv,
+        ]  # fmt: skip
+        self.constexprs = {
+            "HAS_SCORE_MOD": score_mod is not None, "USE_BOUNDS": bounds is not None, "HAS_FULL": has_full,
+            "SPARSE_Q": sparse_q, "SPARSE_KV": sparse_kv,
+            "BLOCK_D": max(next_power_of_2(D), MIN_BLOCK), "BLOCK_DV": max(next_power_of_2(Dv), MIN_BLOCK),
+            "D": D, "DV": Dv,
+            "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+            "UPCAST_DOT": q.dtype == torch.bfloat16 and self.interpreted,
+            "EVEN_KV": Lkv % sparse_kv == 0,  # every kv tile in bounds (a table walk visits whole sparse blocks)
+            "FAST_TANH": score_mod is not None and q.dtype in FAST_TANH_DTYPES and not self.interpreted,
+            "FLOAT_INDEX": float_index(score_mod, B, Hq, Lq + sparse_q, Lkv + sparse_kv),
+            "FOLD_SCALE": fold_scale(score_mod, float(scale), kernel_options),
+        }  # fmt: skip
+        self.tma_layout = tma_layout_ok(k, v) and not self.interpreted
+        self.kernel_options, self.dims = kernel_options, (D, Dv, Lq, Lkv, Hq // Hkv)
+        self.launches: dict[LaunchConfig, PreparedLaunch] = {}
+        self.fitted: LaunchConfig | None = None  # the config that ran, once one has
 
-    if autotune.wanted(kernel_options):
-        bits = 32 if q.dtype == torch.float32 else 16
-        with_tma = "USE_TMA" not in (kernel_options or {}) and tma_possible(k, v) and not interpreted
-        configs = [choose_config(q, (sparse_q, sparse_kv), kernel_options, c)
-                   for c in autotune.candidates(bits, max(D, Dv), (sparse_q, sparse_kv), tma=with_tma)]
-        tune_key = (f"{key} {q.dtype} D={D} Dv={Dv} Lq~{next_power_of_2(Lq)} "
-                    f"Lkv~{next_power_of_2(Lkv)} gqa={Hq // Hkv} tma={with_tma} {_device_name(q.device)}")
-        config = autotune.tuned_config(tune_key, list(dict.fromkeys(configs)) or [config], run,
-                                       on_gpu=q.device.type == "cuda" and not interpreted)
-    launch_first_fitting(fallbacks(config), run, f"no launch configuration fits this GPU for {D=}, {Dv=}, {q.dtype}")
-    return out, lse
+    def run(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors["out"] = out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        tensors["lse"] = lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        if self.fitted is not None:
+            if self.fitted.use_tma and self.tma_layout:
+                _install_allocator()  # per call: Triton keeps the allocator per thread
+            self.launches[self.fitted](tensors)
+            return out, lse
+        config = self.config
+        if autotune.wanted(self.kernel_options):
+            config = self._tuned(tensors)
+        self.fitted = launch_first_fitting(fallbacks(config), lambda c: self._launch(c)(tensors),
+                                           f"no launch configuration fits this GPU for D={self.dims[0]}, "
+                                           f"Dv={self.dims[1]}, {self.dtype}")
+        return out, lse
+
+    def _launch(self, config: LaunchConfig) -> PreparedLaunch:
+        """The launch at `config`'s tiles (made once per config)."""
+        launch = self.launches.get(config)
+        if launch is None:
+            Lq = self.out_shape[2]
+            launch = self.launches[config] = PreparedLaunch(
+                self.kernel, (-(-Lq // config.block_m), self.out_shape[0] * self.out_shape[1]), self.args,
+                dict(self.constexprs, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                     TILES_PER_BLOCK=self.sparse[1] // config.block_n, EVEN_Q=Lq % config.block_m == 0,
+                     USE_TMA=config.use_tma and self._tma_possible(), num_warps=config.num_warps,
+                     num_stages=config.num_stages))
+        return launch
+
+    def _tma_possible(self) -> bool:
+        """Whether K/V may go through tensor descriptors (installing the scratch allocator they need)."""
+        return self.tma_layout and _install_allocator()
+
+    def _tuned(self, tensors: dict[str, torch.Tensor]) -> LaunchConfig:
+        D, Dv, Lq, Lkv, group = self.dims
+        bits = 32 if self.dtype == torch.float32 else 16
+        with_tma = "USE_TMA" not in (self.kernel_options or {}) and self._tma_possible()
+        configs = [choose_config(self.dtype, D, self.sparse, self.kernel_options, c)
+                   for c in autotune.candidates(bits, max(D, Dv), self.sparse, tma=with_tma)]
+        tune_key = (f"{self.key} {self.dtype} D={D} Dv={Dv} Lq~{next_power_of_2(Lq)} "
+                    f"Lkv~{next_power_of_2(Lkv)} gqa={group} tma={with_tma} {_device_name(self.device)}")
+        return autotune.tuned_config(tune_key, list(dict.fromkeys(configs)) or [self.config],
+                                     lambda c: self._launch(c)(tensors),
+                                     on_gpu=self.device.type == "cuda" and not self.interpreted)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 SPARSE_BELOW = 0.25  # visited fraction of kv blocks under which smaller tiles win (measured: NOTES_forward.md)
@@ -313,15 +361,18 @@ def tma_possible(k: torch.Tensor, v: torch.Tensor) -> bool:
     3-10% slower than the cp.async pointer loads on plain causal, faster on ALiBi D=64
     (benchmarks/NOTES_forward.md).  Descriptors made on the device need a scratch allocator: torch's is
     installed unless the program set its own."""
-    if k.device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(k.device)[0] < 9:
+    return tma_layout_ok(k, v) and _install_allocator()
+
+
+def tma_layout_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """`tma_possible` without installing the allocator."""
+    if k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
         return False
     for t in (k, v):
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
             return False
-    return _install_allocator()
+    return True
 
 
 def _install_allocator() -> bool:

@@ -6,15 +6,20 @@ Triton's `kernel[grid](...)` re-derives, on every call, how each of the ~50 argu
 kernel.  `launch_kernel` keys its own memo on exactly what Triton specializes on (constexprs and compile options by
 value; tensors by dtype and 16-byte alignment; integers by ==1, %16 == 0 and 32-bit range), takes Triton's path
 on a miss, and on a hit calls the compiled kernel directly (`CompiledKernel[grid](*all parameters)`).
+
+A `PreparedLaunch` goes one step further for the call plans of codegen/plans.py: every argument is fixed once
+except the per-call tensors (`Slot`s), so a repeated call fills a few list entries and calls the compiled kernel,
+with no specialization work at all (the plan's key guarantees the specialization is the same).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 import torch
+from triton.compiler.compiler import CompiledKernel
 from triton.runtime.errors import OutOfResources
 
 from flexcomp.errors import BackendError
@@ -55,9 +60,7 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> A
         return kernel[grid](*args, **kwargs)
     if not hasattr(kernel, "params"):  # not a JITFunction (a wrapper that records launches)
         return kernel[grid](*args, **kwargs)
-    params, names = _PARAMS.get(kernel) or _PARAMS.setdefault(kernel, _parameters(kernel))
-    values = [args[i] if i < len(args) else kwargs.get(name, default) for i, (name, _, default) in enumerate(params)]
-    options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in names))  # num_warps, num_stages, ...
+    params, values, options = _bind(kernel, args, kwargs)
     signature = tuple(v if constexpr else _specialization(v) for v, (_, constexpr, _) in zip(values, params))
     if _UNKNOWN in signature:
         return kernel[grid](*args, **kwargs)
@@ -69,6 +72,14 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> A
     compiled[tuple(grid) + (1,) * (3 - len(grid))](*values)
     FAST_LAUNCHES[0] += 1
     return compiled
+
+
+def _bind(kernel, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, list[Any], tuple]:
+    """(the kernel's parameters, every parameter's value in order, the compile options such as num_warps)."""
+    params, names = _PARAMS.get(kernel) or _PARAMS.setdefault(kernel, _parameters(kernel))
+    values = [args[i] if i < len(args) else kwargs.get(name, default) for i, (name, _, default) in enumerate(params)]
+    options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in names))  # num_warps, num_stages, ...
+    return params, values, options
 
 
 def _parameters(kernel) -> tuple[tuple[tuple[str, bool, Any], ...], frozenset[str]]:
@@ -87,3 +98,46 @@ def _specialization(value: Any) -> Any:
     if isinstance(value, float):
         return float
     return _UNKNOWN
+
+
+class Slot(NamedTuple):
+    """A per-call argument of a PreparedLaunch: the tensor of this name in each call's `tensors`."""
+
+    name: str
+
+
+class PreparedLaunch:
+    """`kernel[grid](*args, **kwargs)` with every argument fixed except the `Slot`s, which each call fills.
+
+    The first call launches through `launch_kernel`; later calls (on a GPU, with the fast launch on) call Triton's
+    compiled kernel with the argument list bound once.  Sound only while the slots' tensors specialize as the
+    first call's did: same dtypes and 16-byte alignment, which the owner's cache key guarantees (plans.layout)."""
+
+    def __init__(self, kernel, grid: tuple[int, ...], args: list[Any], kwargs: dict[str, Any]):
+        self.kernel, self.grid = kernel, tuple(grid) + (1,) * (3 - len(grid))
+        self.args, self.kwargs = list(args), {**kwargs, **KERNEL_OPTIONS}
+        self.slots = [(i, a.name) for i, a in enumerate(self.args) if isinstance(a, Slot)]
+        self.values: list[Any] | None = None  # every parameter, in order, for the compiled kernel
+        self.runner: Callable[..., Any] | None = None
+
+    def __call__(self, tensors: Mapping[str, Any]) -> Any:
+        """Launch with the slots filled from `tensors`; returns the compiled kernel on the first launch."""
+        if self.runner is not None:
+            values = self.values.copy()
+            for i, name in self.slots:
+                values[i] = tensors[name]
+            FAST_LAUNCHES[0] += 1
+            return self.runner(*values)
+        args = self.args.copy()
+        for i, name in self.slots:
+            args[i] = tensors[name]
+        compiled = launch_kernel(self.kernel, self.grid, *args, **self.kwargs)
+        if _direct_launch_possible(self.kernel) and isinstance(compiled, CompiledKernel):
+            _, values, _ = _bind(self.kernel, tuple(self.args), self.kwargs)
+            self.values, self.runner = values, compiled[self.grid]
+        return compiled
+
+
+def _direct_launch_possible(kernel) -> bool:
+    return (FAST_LAUNCH and hasattr(kernel, "params") and torch.cuda.is_available()
+            and os.environ.get("TRITON_INTERPRET") != "1")

@@ -124,14 +124,19 @@ def validate_inputs(query: Any, key: Any, value: Any, enable_gqa: bool) -> None:
         raise ValueError(f"q, k, v devices differ: {query.device=} {key.device=} {value.device=}")
     (_, q_heads, _, q_head_dim), (kv_batch, kv_heads, kv_len, k_head_dim) = query.shape, key.shape
     v_batch, v_heads, v_len, _ = value.shape
-    _require(kv_batch == v_batch, f"key batch {kv_batch=} != value batch {v_batch=}")
-    _require(kv_heads == v_heads, f"key heads {kv_heads=} != value heads {v_heads=}")
-    _require(kv_len == v_len, f"key length {kv_len=} != value length {v_len=}")
-    _require(q_head_dim == k_head_dim, f"{q_head_dim=} != {k_head_dim=}")
+    if kv_batch != v_batch:
+        raise ValueError(f"key batch {kv_batch=} != value batch {v_batch=}")
+    if kv_heads != v_heads:
+        raise ValueError(f"key heads {kv_heads=} != value heads {v_heads=}")
+    if kv_len != v_len:
+        raise ValueError(f"key length {kv_len=} != value length {v_len=}")
+    if q_head_dim != k_head_dim:
+        raise ValueError(f"{q_head_dim=} != {k_head_dim=}")
     if enable_gqa:
-        _require(kv_heads > 0 and q_heads % kv_heads == 0, f"{q_heads=} is not a multiple of {kv_heads=}")
-    else:
-        _require(q_heads == kv_heads, f"{q_heads=} != {kv_heads=}; pass enable_gqa=True for grouped-query attention")
+        if not (kv_heads > 0 and q_heads % kv_heads == 0):
+            raise ValueError(f"{q_heads=} is not a multiple of {kv_heads=}")
+    elif q_heads != kv_heads:
+        raise ValueError(f"{q_heads=} != {kv_heads=}; pass enable_gqa=True for grouped-query attention")
 
 
 def broadcast_batch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
@@ -207,19 +212,19 @@ def validate_block_mask(block_mask: Any, query: torch.Tensor, key: torch.Tensor)
     """The block mask must be made for these lengths, this batch and these heads (or broadcast), on this device."""
     q_len, kv_len = query.shape[2], key.shape[2]
     block_mask_q_len, block_mask_kv_len = block_mask.seq_lengths
-    _require(q_len == block_mask_q_len, f"{q_len=} != {block_mask_q_len=}; build the block mask for these lengths")
-    _require(kv_len == block_mask_kv_len, f"{kv_len=} != {block_mask_kv_len=}; build the block mask for these lengths")
+    if q_len != block_mask_q_len:
+        raise ValueError(f"{q_len=} != {block_mask_q_len=}; build the block mask for these lengths")
+    if kv_len != block_mask_kv_len:
+        raise ValueError(f"{kv_len=} != {block_mask_kv_len=}; build the block mask for these lengths")
     q_batch, q_heads = query.shape[:2]
     block_mask_batch, block_mask_heads = block_mask.kv_num_blocks.shape[:2]
-    _require(block_mask_batch in (1, q_batch), f"{block_mask_batch=} is neither 1 nor {q_batch=}")
-    _require(block_mask_heads in (1, q_heads), f"{block_mask_heads=} is neither 1 nor {q_heads=}")
+    if block_mask_batch not in (1, q_batch):
+        raise ValueError(f"{block_mask_batch=} is neither 1 nor {q_batch=}")
+    if block_mask_heads not in (1, q_heads):
+        raise ValueError(f"{block_mask_heads=} is neither 1 nor {q_heads=}")
     block_mask_device = block_mask.kv_num_blocks.device
-    _require(block_mask_device == query.device, f"{block_mask_device=} != {query.device=}")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+    if block_mask_device != query.device:
+        raise ValueError(f"{block_mask_device=} != {query.device=}")
 
 
 def with_compiled_mask_mod(block_mask: Any, compile_plain: bool) -> Any:

@@ -62,9 +62,9 @@ def test_use_tma_option_reaches_the_config():
     from flexcomp.codegen.forward import choose_config
 
     q = torch.randn(1, 1, 256, 64, dtype=torch.bfloat16)
-    assert choose_config(q, (128, 128), {"USE_TMA": True}).use_tma
-    assert not choose_config(q, (128, 128), None).use_tma
-    assert choose_config(q, (128, 128), {"USE_TMA": True}, autotune.LaunchConfig(64, 64, 4, 3)).use_tma
+    assert choose_config(q.dtype, q.shape[-1], (128, 128), {"USE_TMA": True}).use_tma
+    assert not choose_config(q.dtype, q.shape[-1], (128, 128), None).use_tma
+    assert choose_config(q.dtype, q.shape[-1], (128, 128), {"USE_TMA": True}, autotune.LaunchConfig(64, 64, 4, 3)).use_tma
 
 
 def test_default_config_for_score_mods_at_small_head_dims():
