@@ -25,6 +25,7 @@ import time
 
 import torch
 from flexcomp.codegen import backward as bwd
+from flexcomp.codegen.plans import clear_plans
 from torch.nn.attention import flex_attention as torch_flex_module
 
 import flexcomp as fc
@@ -257,6 +258,8 @@ def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separa
                 key = (16, 64 if D <= 64 else 128)
                 saved = bwd.BACKWARD_CONFIGS[key]
                 bwd.BACKWARD_CONFIGS[key] = bwd.BackwardConfig(*config)
+                bwd._chosen_config.cache_clear()  # the memoized choice and the call plans hold the old entry
+                clear_plans()
                 label = f"{scheme:8s} {config!s:32s}"
                 try:
                     for t in (q, k, v):

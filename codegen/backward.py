@@ -27,7 +27,6 @@ import functools
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +39,9 @@ from flexcomp.tiles import block_size
 from .autotune import next_power_of_2
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
-from .launch import launch_first_fitting, launch_kernel
+from .forward import _contiguous_strides, check_buffers, slot_args
+from .launch import PreparedLaunch, Slot, launch_first_fitting
+from .plans import PlanCache, layout, live_buffers, options_key
 
 
 @dataclass(frozen=True)
@@ -211,19 +212,6 @@ def fallbacks(config: BackwardConfig) -> tuple[BackwardConfig, ...]:
     return tuple(configs)
 
 
-def _strides(t: torch.Tensor) -> list[int]:
-    return list(t.stride())
-
-
-def _buffer_args(mod: Mod | None, tensors: dict[str, torch.Tensor], device) -> list[Any]:
-    args = []
-    for spec in mod.buffers if mod is not None else ():
-        t = tensors[spec.name]
-        t = t.to(device) if t.device != device else t
-        args += [t, *_strides(t)]
-    return args
-
-
 def _deterministic_partials(grads: dict[str, torch.Tensor], programs: int) -> dict[str, torch.Tensor]:
     """Zeroed [programs, *shape] float32 buffers, one slice per dQ program; raises when they would be too large.
 
@@ -241,21 +229,9 @@ def _deterministic_partials(grads: dict[str, torch.Tensor], programs: int) -> di
                    f"flexcomp.codegen.backward.DETERMINISTIC_PARTIALS_LIMIT_BYTES.")
         if not torch.is_deterministic_algorithms_warn_only_enabled():
             raise BackendError(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=5)
         return {}
     return {name: torch.zeros((programs, *g.shape), dtype=torch.float32, device=g.device) for name, g in grads.items()}
-
-
-def _grad_args(grad_specs, grads: dict[str, torch.Tensor], partials: dict[str, torch.Tensor]) -> list[Any]:
-    """Each gradient's buffer, its strides and its slice stride: the partials' when deterministic, else 0."""
-    args = []
-    for spec in grad_specs:
-        if partials:
-            p = partials[spec.name]
-            args += [p, *_strides(p)[1:], p.stride(0)]
-        else:
-            args += [grads[spec.name], *_strides(grads[spec.name]), 0]
-    return args
 
 
 def _compiled_mask_mod(block_mask: Any) -> Mod | None:
@@ -265,13 +241,21 @@ def _compiled_mask_mod(block_mask: Any) -> Mod | None:
     return mask_mod
 
 
-def _with_live_tensors(captured: dict[str, torch.Tensor] | None, mods: tuple[Mod | None, ...]) -> dict[str, Any]:
-    """`captured`, completed with the mods' current tensors for the buffers it does not name."""
-    captured = dict(captured or {})
-    for mod in mods:
-        if mod is not None and any(spec.name not in captured for spec in mod.buffers):
-            captured = {**mod.tensors(), **captured}
-    return captured
+def _score_buffers(score_mod: Mod | None, captured: dict[str, torch.Tensor] | None) -> list[tuple[str, Any]]:
+    """(slot name, tensor) of the score_mod's captured tensors: those given (the autograd Function's saved inputs),
+    else their current values."""
+    if score_mod is None or not score_mod.buffers:
+        return []
+    if captured is None or any(spec.name not in captured for spec in score_mod.buffers):
+        captured = {**score_mod.tensors(), **(captured or {})}
+    out = []
+    for spec in score_mod.buffers:
+        t = captured[spec.name]
+        out.append((f"score:{spec.name}", t.view(torch.uint8) if t.dtype == torch.bool else t))
+    return out
+
+
+_PLANS = PlanCache()
 
 
 def flex_backward(
@@ -292,98 +276,180 @@ def flex_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(dq, dk, dv, {buffer name: gradient}) of flex attention; gradients in their tensors' dtypes.
 
-    `captured` maps the score_mod's and mask_mod's buffer names to their tensors (default:
-    the mods' current values); `grad_buffers` names the score_mod's float buffers to differentiate.
+    `captured` maps the score_mod's buffer names to their tensors (default: the mod's current values; the
+    mask_mod's are always its current ones); `grad_buffers` names the score_mod's float buffers to
+    differentiate.  A repeated call reuses its plan (codegen/plans.py), as the forward does.
     """
-    B, Hq, Lq, D = query.shape
-    Hkv, Lkv, Dv = key.shape[1], key.shape[2], value.shape[3]
-    group = Hq // Hkv if enable_gqa else 1
-    if Hq != Hkv * group:
-        raise ValueError(f"{Hq=} != {Hkv=} * {group=}; pass enable_gqa=True for grouped-query attention")
-    if query.dtype == torch.float64:
-        raise TypeError("the Triton backward does not support float64; use backend='reference'")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     mask_mod = _compiled_mask_mod(block_mask)
-    captured = _with_live_tensors(captured, (score_mod, mask_mod))
-    device = query.device
-    sparse = block_size(block_mask) if block_mask is not None else (DEFAULT_SPARSE_BLOCK, DEFAULT_SPARSE_BLOCK)
-    config = choose_config(kernel_options, sparse, query.dtype, max(D, Dv))
-    atomic = atomic_dq(kernel_options)
-    if block_mask is None:  # the synthesized tables' tile: as small as the kernels' tiles, so no tile is wasted
-        sparse = (max(config.BLOCK_M1, config.BLOCK_M2), max(config.BLOCK_N1, config.BLOCK_N2))
-    module = backward_module(score_mod, mask_mod, frozenset(grad_buffers))
-
-    lse = lse.to(torch.float32).contiguous()
-    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)
-    dlse = grad_lse.to(torch.float32) if grad_lse is not None else None
-    _launch(module.flex_bwd_delta, (_cdiv(Lq, DELTA_BLOCK_M), B * Hq),
-            out, *_strides(out), grad_out, *_strides(grad_out),
-            dlse if dlse is not None else delta, *(_strides(dlse) if dlse is not None else [0, 0, 0]), lse, delta, lse2,
-            Lq, Hq, HAS_DLSE=dlse is not None, BLOCK_M=DELTA_BLOCK_M, BLOCK_DV=max(16, next_power_of_2(Dv)),
-            DV=Dv, EVEN_Q=Lq % DELTA_BLOCK_M == 0, num_warps=4)
-    dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-    grads = {name: torch.zeros(captured[name].shape, dtype=torch.float32, device=device) for name in grad_buffers}
-    mod_args = _buffer_args(score_mod, captured, device) + _buffer_args(mask_mod, captured, device)
-    grad_specs = [s for s in (score_mod.buffers if score_mod else ()) if s.name in grad_buffers]
-    deterministic = bool(grads) and torch.are_deterministic_algorithms_enabled()
-    qkvdo = [query, *_strides(query), key, *_strides(key), value, *_strides(value), grad_out, *_strides(grad_out)]
-    q_tables = _tables(block_mask, True, Lq, Lkv, sparse, device)
-    kv_tables = _tables(block_mask, False, Lq, Lkv, sparse, device) if not atomic else None
-    # the atomic scheme's float32 dQ sums, zeroed per launch attempt (the argument is unused otherwise)
-    dq_sums = torch.empty((B, Hq, Lq, D), dtype=torch.float32, device=device) if atomic else None
-
-    # tanh on the MUFU unit for 16-bit inputs, as the forward does (never under the interpreter: no inline asm)
-    fast_tanh = query.dtype in (torch.float16, torch.bfloat16) and query.device.type == "cuda"
-    shapes = {"D": D, "DV": Dv, "BLOCK_D": max(16, next_power_of_2(D)),
-              "BLOCK_DV": max(16, next_power_of_2(Dv)), "GQA_GROUP": group, "SPARSE_Q": sparse[0],
-              "SPARSE_KV": sparse[1], "DOT_PRECISION": "ieee" if query.dtype == torch.float32 else "tf32",
-              "FAST_TANH": fast_tanh}
-    dkdv = _bound(module.flex_bwd_dkdv, [*qkvdo, lse2, delta, delta if dq_sums is None else dq_sums,
-                                         dk, *_strides(dk), dv, *_strides(dv), *_table_args(*q_tables), *mod_args],
-                  [scale, Lq, Lkv, Hq, Hkv], ATOMIC_DQ=atomic, EVEN_Q=Lq % sparse[0] == 0, **shapes)
-    dq_kernel = None if atomic else _bound(module.flex_bwd_dq, [*qkvdo, lse2, delta, dq, *_strides(dq),
-                                                                *_table_args(*kv_tables), *mod_args],
-                                           [scale, Lq, Lkv, Hq], EVEN_KV=Lkv % sparse[1] == 0, **shapes)
-    gradients = functools.partial(_launch_gradients, dkdv=dkdv, dq=dq_kernel, dims=(B, Hq, Hkv, Lq, Lkv),
-                                  grads=grads, grad_specs=grad_specs, deterministic=deterministic, dq_sums=dq_sums)
-    LAST_KERNELS["config"] = launch_first_fitting(
-        fallbacks(config), gradients, f"no backward launch configuration fits this GPU for {D=}, {Dv=}, {query.dtype}")
-    if dq_sums is not None:
-        torch.mul(dq_sums, scale, out=dq)  # scale and cast in one pass
-    return dq, dk, dv, {name: g.to(captured[name].dtype) for name, g in grads.items()}
+    tensors = {"q": query, "k": key, "v": value, "out": out, "lse": lse.to(torch.float32).contiguous(),
+               "do": grad_out, **dict(_score_buffers(score_mod, captured)), **dict(live_buffers(mask_mod, "mask:"))}
+    if grad_lse is not None:
+        tensors["dlse"] = grad_lse.to(torch.float32)
+    grad_buffers = frozenset(grad_buffers)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        plan_key = (tuple((name, layout(t)) for name, t in tensors.items()), id(score_mod), id(block_mask), scale,
+                    enable_gqa, options_key(kernel_options), grad_buffers, deterministic,
+                    deterministic and torch.is_deterministic_algorithms_warn_only_enabled())
+    except TypeError:  # unhashable kernel_options: no plan kept
+        plan_key = None
+    plan = _PLANS.get(plan_key, block_mask) if plan_key is not None else None
+    if plan is None:
+        plan = BackwardPlan(tensors, score_mod, mask_mod, block_mask, scale, enable_gqa, kernel_options, grad_buffers)
+        if plan_key is not None:
+            _PLANS.put(plan_key, block_mask, plan)
+    return plan.run(tensors)
 
 
-def _bound(kernel, head: list[Any], tail: list[Any], **constants: Any) -> Callable[..., None]:
-    """`kernel` with its leading and trailing arguments bound: called with the middle ones, a grid and tiles."""
-    return lambda *middle, grid, **tiles: _launch(kernel, grid, *head, *middle, *tail, **constants, **tiles)
+class BackwardPlan:
+    """Everything a backward call launches, for one key of codegen/plans.py: checked and decided once.
 
+    The launches are prepared at the first run, from its tensors (an output's strides are those torch gives it)."""
 
-def _launch_gradients(attempt: BackwardConfig, dkdv: Callable[..., None], dq: Callable[..., None] | None,
-                      dims: tuple[int, ...], grads: dict[str, torch.Tensor], grad_specs: list[Any],
-                      deterministic: bool, dq_sums: torch.Tensor | None) -> None:
-    """The dK/dV and (unless `dq_sums` takes dQ's atomic adds) dQ kernels at `attempt`'s tiles, and the captured
-    tensors' gradients; every sum from zero: a retry after running out of resources must not add twice.
+    def __init__(self, tensors: dict[str, torch.Tensor], score_mod: Mod | None, mask_mod: Mod | None,
+                 block_mask: Any, scale: float | None, enable_gqa: bool, kernel_options: dict[str, Any] | None,
+                 grad_buffers: frozenset[str]):
+        query, key, value = tensors["q"], tensors["k"], tensors["v"]
+        B, Hq, Lq, D = query.shape
+        Hkv, Lkv, Dv = key.shape[1], key.shape[2], value.shape[3]
+        group = Hq // Hkv if enable_gqa else 1
+        if Hq != Hkv * group:
+            raise ValueError(f"{Hq=} != {Hkv=} * {group=}; pass enable_gqa=True for grouped-query attention")
+        if query.dtype == torch.float64:
+            raise TypeError("the Triton backward does not support float64; use backend='reference'")
+        check_buffers([(n, t) for n, t in tensors.items() if ":" in n], query.device)
+        self.mods = (score_mod, mask_mod)  # kept alive: the plan's key holds the score_mod's id
+        self.scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        self.dims, self.group = (B, Hq, Hkv, Lq, Lkv, D, Dv), group
+        self.dtype, self.device = query.dtype, query.device
+        sparse = block_size(block_mask) if block_mask is not None else (DEFAULT_SPARSE_BLOCK, DEFAULT_SPARSE_BLOCK)
+        self.config = choose_config(kernel_options, sparse, query.dtype, max(D, Dv))
+        self.atomic = atomic_dq(kernel_options)
+        if block_mask is None:  # the synthesized tables' tile: as small as the kernels' tiles, so no tile is wasted
+            sparse = (max(self.config.BLOCK_M1, self.config.BLOCK_M2), max(self.config.BLOCK_N1, self.config.BLOCK_N2))
+        self.sparse = sparse
+        self.module = backward_module(score_mod, mask_mod, grad_buffers)
+        self.q_tables = _tables(block_mask, True, Lq, Lkv, sparse, query.device)
+        self.kv_tables = _tables(block_mask, False, Lq, Lkv, sparse, query.device) if not self.atomic else None
+        specs = score_mod.buffers if score_mod is not None else ()
+        self.grad_specs = [s for s in specs if s.name in grad_buffers]
+        self.grad_dtypes = {s.name: tensors[f"score:{s.name}"].dtype for s in self.grad_specs}
+        self.deterministic = bool(self.grad_specs) and torch.are_deterministic_algorithms_enabled()
+        self.launches: dict[tuple[str, BackwardConfig | None], PreparedLaunch] = {}
+        self.fitted: BackwardConfig | None = None  # the config that ran, once one has
 
-    Bounds checks go where a length is not a multiple of the tile: here each program's own tile (kv rows of
-    the dK/dV kernel, q rows of the dQ kernel); the tiles the table walks visit were decided in flex_backward
-    (a whole sparse block is walked, so there the length must be a multiple of the sparse block)."""
-    B, Hq, Hkv, Lq, Lkv = dims
-    for g in (*grads.values(), *([dq_sums] if dq_sums is not None else [])):
-        g.zero_()
-    dkdv(*_grad_args(grad_specs, grads, {}), grid=(_cdiv(Lkv, attempt.BLOCK_N1), B * Hkv),
-         BLOCK_M=attempt.BLOCK_M1, BLOCK_N=attempt.BLOCK_N1, EVEN_KV=Lkv % attempt.BLOCK_N1 == 0,
-         num_warps=attempt.warps_dkdv,
-         num_stages=attempt.stages_dkdv)
-    if dq is None:
-        return
-    dq_grid = (_cdiv(Lq, attempt.BLOCK_M2), B * Hq)
-    partials = _deterministic_partials(grads, dq_grid[0] * dq_grid[1]) if deterministic else {}
-    dq(*_grad_args(grad_specs, grads, partials), grid=dq_grid, BLOCK_M=attempt.BLOCK_M2, BLOCK_N=attempt.BLOCK_N2,
-       EVEN_Q=Lq % attempt.BLOCK_M2 == 0, num_warps=attempt.warps_dq, num_stages=attempt.stages_dq,
-       DETERMINISTIC=bool(partials))
-    for name, p in partials.items():
-        torch.sum(p, 0, out=grads[name])  # a fixed-order reduction over the programs' slices
+    def run(self, tensors: dict[str, torch.Tensor]):
+        B, Hq, _, Lq, _, D, Dv = self.dims
+        lse = tensors["lse"]
+        tensors["delta"], tensors["lse2"] = torch.empty_like(lse), torch.empty_like(lse)
+        self._launch("delta", None, tensors)(tensors)
+        dq, dk, dv = tensors["dq"], tensors["dk"], tensors["dv"] = (
+            torch.empty_like(tensors["q"]), torch.empty_like(tensors["k"]), torch.empty_like(tensors["v"]))
+        grads = {s.name: torch.zeros(s.shape, dtype=torch.float32, device=self.device) for s in self.grad_specs}
+        tensors.update({f"grad:{name}": g for name, g in grads.items()})
+        if self.atomic:  # dK/dV's float32 dQ sums
+            tensors["dq_sums"] = torch.zeros((B, Hq, Lq, D), dtype=torch.float32, device=self.device)
+        if self.fitted is not None:
+            self._gradients(self.fitted, tensors)
+        else:
+            self.fitted = LAST_KERNELS["config"] = launch_first_fitting(
+                fallbacks(self.config), lambda config: self._first_gradients(config, tensors),
+                f"no backward launch configuration fits this GPU for {D=}, {Dv=}, {self.dtype}")
+        if self.atomic:
+            torch.mul(tensors["dq_sums"], self.scale, out=dq)  # scale and cast in one pass
+        return dq, dk, dv, {name: g.to(self.grad_dtypes[name]) for name, g in grads.items()}
 
+    def _first_gradients(self, config: BackwardConfig, tensors: dict[str, torch.Tensor]) -> None:
+        """`_gradients` while fitting a config: every sum from zero (a retry after running out of resources must
+        not add twice), and each compiled kernel remembered for tuning scripts."""
+        for name, t in tensors.items():
+            if name.startswith("grad:") or name == "dq_sums":
+                t.zero_()
+        self._gradients(config, tensors, record=True)
 
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    LAST_KERNELS[getattr(kernel, "fn", kernel).__name__] = launch_kernel(kernel, grid, *args, **kwargs)
+    def _gradients(self, config: BackwardConfig, tensors: dict[str, torch.Tensor], record: bool = False) -> None:
+        """The dK/dV and (unless dK/dV adds dQ with atomics) dQ kernels at `config`'s tiles, and the captured
+        tensors' gradients."""
+        compiled = self._launch("dkdv", config, tensors)(tensors)
+        if record:
+            LAST_KERNELS["flex_bwd_dkdv"] = compiled
+        if self.atomic:
+            return
+        grads = {spec.name: tensors[f"grad:{spec.name}"] for spec in self.grad_specs}
+        programs = _cdiv(self.dims[3], config.BLOCK_M2) * self.dims[0] * self.dims[1]
+        partials = _deterministic_partials(grads, programs) if self.deterministic else {}
+        tensors.update({f"partial:{name}": p for name, p in partials.items()})
+        compiled = self._launch("dq" if not partials else "dq partials", config, tensors)(tensors)
+        if record:
+            LAST_KERNELS["flex_bwd_dq"] = compiled
+        for name, p in partials.items():
+            torch.sum(p, 0, out=tensors[f"grad:{name}"])  # a fixed-order reduction over the programs' slices
+
+    def _launch(self, kind: str, config: BackwardConfig | None, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
+        """The prepared launch of `kind` ("delta", "dkdv", "dq", "dq partials") at `config`, made once."""
+        launch = self.launches.get((kind, config))
+        if launch is None:
+            make = {"delta": self._delta_launch, "dkdv": self._dkdv_launch, "dq": self._dq_launch,
+                    "dq partials": functools.partial(self._dq_launch, partials=True)}[kind]
+            launch = self.launches[(kind, config)] = make(config, tensors)
+        return launch
+
+    def _delta_launch(self, config: None, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
+        B, Hq, _, Lq, _, _, Dv = self.dims
+        has_dlse = "dlse" in tensors
+        dlse = slot_args("dlse", tensors["dlse"]) if has_dlse else [Slot("delta"), 0, 0, 0]
+        return PreparedLaunch(
+            self.module.flex_bwd_delta, (_cdiv(Lq, DELTA_BLOCK_M), B * Hq),
+            [*slot_args("out", tensors["out"]), *slot_args("do", tensors["do"]), *dlse, Slot("lse"), Slot("delta"),
+             Slot("lse2"), Lq, Hq],
+            {"HAS_DLSE": has_dlse, "BLOCK_M": DELTA_BLOCK_M, "BLOCK_DV": max(16, next_power_of_2(Dv)), "DV": Dv,
+             "EVEN_Q": Lq % DELTA_BLOCK_M == 0, "num_warps": 4})
+
+    def _inputs_and_constants(self, tensors: dict[str, torch.Tensor]) -> tuple[list[Any], list[Any], dict[str, Any]]:
+        """(q, k, v, dO with their strides; the captured tensors with theirs; the constexprs both kernels share)."""
+        _, _, _, _, _, D, Dv = self.dims
+        qkvdo = [x for name in ("q", "k", "v", "do") for x in slot_args(name, tensors[name])]
+        mod_args = [x for name, t in tensors.items() if name.startswith(("score:", "mask:")) for x in slot_args(name, t)]
+        constants = {"D": D, "DV": Dv, "BLOCK_D": max(16, next_power_of_2(D)), "BLOCK_DV": max(16, next_power_of_2(Dv)),
+                     "GQA_GROUP": self.group, "SPARSE_Q": self.sparse[0], "SPARSE_KV": self.sparse[1],
+                     "DOT_PRECISION": "ieee" if self.dtype == torch.float32 else "tf32",
+                     # tanh on the MUFU unit for 16-bit inputs, as the forward (never under the interpreter: no asm)
+                     "FAST_TANH": self.dtype in (torch.float16, torch.bfloat16) and self.device.type == "cuda"}
+        return qkvdo, mod_args, constants
+
+    def _dkdv_launch(self, config: BackwardConfig, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
+        B, Hq, Hkv, Lq, Lkv, _, _ = self.dims
+        qkvdo, mod_args, constants = self._inputs_and_constants(tensors)
+        return PreparedLaunch(
+            self.module.flex_bwd_dkdv, (_cdiv(Lkv, config.BLOCK_N1), B * Hkv),
+            [*qkvdo, Slot("lse2"), Slot("delta"), Slot("dq_sums" if self.atomic else "delta"),
+             *slot_args("dk", tensors["dk"]), *slot_args("dv", tensors["dv"]), *_table_args(*self.q_tables),
+             *mod_args, *self._grad_args(None), self.scale, Lq, Lkv, Hq, Hkv],
+            {**constants, "ATOMIC_DQ": self.atomic, "EVEN_Q": Lq % self.sparse[0] == 0, "BLOCK_M": config.BLOCK_M1,
+             "BLOCK_N": config.BLOCK_N1, "EVEN_KV": Lkv % config.BLOCK_N1 == 0, "num_warps": config.warps_dkdv,
+             "num_stages": config.stages_dkdv})
+
+    def _dq_launch(self, config: BackwardConfig, tensors: dict[str, torch.Tensor],
+                   partials: bool = False) -> PreparedLaunch:
+        B, Hq, _, Lq, Lkv, _, _ = self.dims
+        qkvdo, mod_args, constants = self._inputs_and_constants(tensors)
+        grid = (_cdiv(Lq, config.BLOCK_M2), B * Hq)
+        return PreparedLaunch(
+            self.module.flex_bwd_dq, grid,
+            [*qkvdo, Slot("lse2"), Slot("delta"), *slot_args("dq", tensors["dq"]), *_table_args(*self.kv_tables),
+             *mod_args, *self._grad_args(grid[0] * grid[1] if partials else None), self.scale, Lq, Lkv, Hq],
+            {**constants, "EVEN_KV": Lkv % self.sparse[1] == 0, "BLOCK_M": config.BLOCK_M2, "BLOCK_N": config.BLOCK_N2,
+             "EVEN_Q": Lq % config.BLOCK_M2 == 0, "num_warps": config.warps_dq, "num_stages": config.stages_dq,
+             "DETERMINISTIC": partials})
+
+    def _grad_args(self, programs: int | None) -> list[Any]:
+        """Each gradient's buffer, its strides and its slice stride: the [programs, *shape] partials' when
+        `programs` is given (deterministic mode), else the gradient's own and 0."""
+        args = []
+        for spec in self.grad_specs:
+            if programs is not None:
+                strides = _contiguous_strides((programs, *spec.shape))
+                args += [Slot(f"partial:{spec.name}"), *strides[1:], strides[0]]
+            else:
+                args += [Slot(f"grad:{spec.name}"), *_contiguous_strides(tuple(spec.shape)), 0]
+        return args

@@ -54,6 +54,15 @@ def live_buffers(mod: Any, prefix: str) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+_CACHES: weakref.WeakSet[PlanCache] = weakref.WeakSet()
+
+
+def clear_plans() -> None:
+    """Forget every plan (for scripts that change a config table between calls, such as the tuning scripts)."""
+    for cache in list(_CACHES):
+        cache.clear()
+
+
 class PlanCache:
     """Plans by key, the least recently used dropped past `size`.
 
@@ -63,6 +72,7 @@ class PlanCache:
     def __init__(self, size: int = 64):
         self.size = size
         self._plans: OrderedDict[Hashable, tuple[weakref.ref | None, Any]] = OrderedDict()
+        _CACHES.add(self)
 
     def get(self, key: Hashable, anchor: Any) -> Any:
         entry = self._plans.get(key)

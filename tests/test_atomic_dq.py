@@ -19,6 +19,7 @@ from test_kernel_backward import (
     causal_mask,
     compare,
     even_lengths_case,
+    recorded_launches,
     relative_bias_case,
 )
 
@@ -31,15 +32,7 @@ ATOMIC = {**SMALL_TILES, "BACKWARD_DQ": "atomic"}
 @pytest.fixture
 def launches(monkeypatch) -> list[tuple[str, dict]]:
     """(kernel name, its constexpr keyword arguments) of every backward launch."""
-    calls = []
-    launch = backward._launch
-
-    def recording(kernel, grid, *args, **kwargs):
-        calls.append((kernel.fn.__name__, kwargs))
-        return launch(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(backward, "_launch", recording)
-    return calls
+    return recorded_launches(monkeypatch)
 
 
 def assert_atomic_ran(launches) -> None:

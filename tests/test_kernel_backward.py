@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 from flexcomp.codegen import backward, forward
+from flexcomp.codegen import launch as launch_module
 from flexcomp.codegen.backward import kernel_source_backward
 from flexcomp.codegen.launch import launch_first_fitting
 from naive import naive_attention
@@ -262,14 +263,16 @@ EVEN_CASES = {
 
 
 def recorded_launches(monkeypatch) -> list[tuple[str, dict]]:
-    """(kernel name, its keyword arguments) of every backward launch from now on."""
-    calls, launch = [], backward._launch
+    """(kernel name, its keyword arguments) of every backward launch from now on (under the interpreter every
+    launch, a plan's repeated ones too, goes through launch_kernel)."""
+    calls, launch = [], launch_module.launch_kernel
 
     def recording(kernel, grid, *args, **kwargs):
-        calls.append((kernel.fn.__name__, kwargs))
+        if kernel.fn.__name__.startswith("flex_bwd"):
+            calls.append((kernel.fn.__name__, kwargs))
         return launch(kernel, grid, *args, **kwargs)
 
-    monkeypatch.setattr(backward, "_launch", recording)
+    monkeypatch.setattr(launch_module, "launch_kernel", recording)
     return calls
 
 
