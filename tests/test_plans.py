@@ -144,3 +144,31 @@ def test_layout_tells_alignment_and_strides_apart(randn):
     base = randn(2, 17)
     assert layout(base[:, :16]) != layout(base[:, 1:])
     assert layout(base[:, :16]) != layout(base[:, :16].contiguous())
+
+
+def test_score_and_mask_mods_may_capture_tensors_of_the_same_name(randn):
+    def biased(table):
+        @fc.score_mod
+        def bias(score, b, h, q_idx, kv_idx):
+            return score + table[kv_idx]
+        return bias
+
+    def documents(table):
+        @fc.mask_mod
+        def same_document(b, h, q_idx, kv_idx):
+            return table[q_idx] == table[kv_idx]
+        return same_document
+
+    weights = randn(32, requires_grad=True)
+    ids = torch.tensor([0] * 12 + [1] * 20, dtype=torch.int32)
+    block_mask = fc.create_block_mask(documents(ids), 1, 1, 32, 32, BLOCK_SIZE=16)
+    q, k, v = (randn(1, 1, 32, 16, requires_grad=True) for _ in range(3))
+    dout = randn(1, 1, 32, 16)
+    out = fc.flex_attention(q, k, v, score_mod=biased(weights), block_mask=block_mask, backend="triton",
+                            kernel_options={"BLOCK_M": 16, "BLOCK_N": 16})
+    grads = torch.autograd.grad(out, (q, k, v, weights), dout)
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v, weights)]
+    ref, _ = naive_attention(*inputs[:3], mask_fn=lambda b, h, i, j: ids[i] == ids[j],
+                             score_fn=lambda s, b, h, i, j: s + inputs[3][j])
+    for got, want in zip(grads, torch.autograd.grad(ref, inputs, dout.double())):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
