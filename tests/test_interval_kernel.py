@@ -179,7 +179,7 @@ def test_the_build_is_one_launch_and_allocations(rest: str, monkeypatch) -> None
     with Ops() as ops:
         kernel_path(mask, tensors, grid)
     assert ops.names == ["empty.memory_format"] + ["as_strided.default"] * 5, ops.names
-    assert launches.grids == [(32,), (32,)]
+    assert launches.grids == [(32, 1, 1), (32, 1, 1)]
 
 
 def test_large_query_blocks_take_the_torch_ops(monkeypatch, rng) -> None:

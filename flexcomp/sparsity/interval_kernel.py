@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flexcomp.codegen.launch import launch_kernel
+from flexcomp.codegen.launch import PreparedLaunch, Slot
 
 Tensor = torch.Tensor
 CHECK = 256  # neighbour pairs of g compared per step (and entries per step of the all-PARTIAL rewrite)
@@ -49,8 +49,9 @@ def launch(f: Tensor, g: Tensor, lo: Tensor | None, hi: Tensor | None, grid, dev
     # one allocation (on a GPU host each costs ~10 us); the five outputs are views at 16-byte aligned offsets
     buffer = torch.empty(plan.buffer_size, dtype=torch.int32, device=device)
     num, idx, full_num, full_idx, unsorted = (buffer.as_strided(*view) for view in plan.views)
-    launch_kernel(interval_tables_kernel, plan.programs, f, g, f if lo is None else lo, f if hi is None else hi,
-                  num, idx, full_num, full_idx, unsorted, _scratch(device), *plan.ints, **plan.constexprs)
+    lo, hi = f if lo is None else lo, f if hi is None else hi
+    plan.prepared(f, g, lo, hi)({"f": f, "g": g, "lo": lo, "hi": hi, "num": num, "idx": idx, "full_num": full_num,
+                                 "full_idx": full_idx, "unsorted": unsorted, "sync": _scratch(device)})
     return num, idx, full_num, full_idx, unsorted
 
 
@@ -71,6 +72,18 @@ class _LaunchPlan:
         self.ints = (grid.q_len, kv_len, grid.q_block, grid.kv_block, nkv, kv_len.bit_length(), check_span)
         self.constexprs = {"HAS_LO": has_lo, "HAS_HI": has_hi, "ROWS": rows,
                            "COLS": max(16, min(256, 8192 // rows)), "CHECK": CHECK}  # a [ROWS, COLS] compare <= 8192
+        self._prepared: dict[tuple, PreparedLaunch] = {}
+
+    def prepared(self, *inputs: Tensor) -> PreparedLaunch:
+        """The launch for inputs (f, g, lo, hi) of these dtypes and alignments (the outputs' are fixed): prepared
+        once, then a repeated build only fills in the tensors (codegen.launch.PreparedLaunch)."""
+        key = tuple((t.dtype, t.device, t.data_ptr() % 16 == 0) for t in inputs)
+        launch = self._prepared.get(key)
+        if launch is None:
+            names = ("f", "g", "lo", "hi", "num", "idx", "full_num", "full_idx", "unsorted", "sync")
+            launch = self._prepared[key] = PreparedLaunch(interval_tables_kernel, self.programs,
+                                                          [*map(Slot, names), *self.ints], self.constexprs)
+        return launch
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
