@@ -134,10 +134,37 @@ class PreparedLaunch:
         compiled = launch_kernel(self.kernel, self.grid, *args, **self.kwargs)
         if _direct_launch_possible(self.kernel) and isinstance(compiled, CompiledKernel):
             _, values, _ = _bind(self.kernel, tuple(self.args), self.kwargs)
-            self.values, self.runner = values, compiled[self.grid]
+            self.values, self.runner = values, _runner(compiled, self.grid)
         return compiled
+
+
+def _runner(compiled: CompiledKernel, grid: tuple[int, int, int]) -> Callable[..., Any]:
+    """`compiled[grid]`, or where no launch hook is set (profilers set one) and the compiled kernel has the fields
+    its own runner uses, a leaner call of its launcher: Triton's runner looks up the current device, stream and
+    hooks through several layers on every launch (~13 us per launch on the slower GPU hosts; benchmarks/
+    NOTES_backward.md).  A hook set after a plan's first launch is not called for that plan's launches."""
+    from triton import knobs
+
+    compiled._init_handles()
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    fields = ("run", "function", "packed_metadata")
+    if any(_set(hook) for hook in hooks) or not all(hasattr(compiled, f) for f in fields):
+        return compiled[grid]
+    launcher, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+    device = torch.cuda.current_device()  # where _init_handles loaded the kernel
+    stream_of = torch._C._cuda_getCurrentRawStream  # what Triton's driver.get_current_stream is for CUDA
+
+    def run(*values: Any) -> None:
+        launcher(*grid, stream_of(device), function, metadata, None, None, None, *values)
+
+    return run
 
 
 def _direct_launch_possible(kernel) -> bool:
     return (FAST_LAUNCH and hasattr(kernel, "params") and torch.cuda.is_available()
             and os.environ.get("TRITON_INTERPRET") != "1")
+
+
+def _set(hook: Any) -> bool:
+    """Whether a launch hook is set: not None (Triton 3.6), and not an empty HookChain (later versions)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
