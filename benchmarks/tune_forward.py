@@ -4,7 +4,7 @@
         --configs 128x128w8s3 128x64w8s3 nofold tma 128x64w8s3+tma
 
 Each column is a kernel_options override: a config BLOCK_M x BLOCK_N, warps, stages (`128x64w8s3`),
-switches (`tma`: K/V through tensor descriptors; `noskip`: SKIP_EMPTY off; `nofold`: FOLD_SCALE off, the softmax scale as a
+switches (`tma`: K/V through tensor descriptors; `nofold`: FOLD_SCALE off, the softmax scale as a
 separate multiply), or both joined by `+`.  The default column always runs.  Before timing, every
 column is compiled in parallel worker processes (B=1 inputs of the same specialization), so the
 sweep's time goes to measuring.  Each variant's default output is checked against torch's
@@ -29,8 +29,7 @@ import bench_attention as ba
 
 import flexcomp as fc
 
-SWITCHES = {"tma": {"USE_TMA": True}, "nofold": {"FOLD_SCALE": False}, "fold": {"FOLD_SCALE": True},
-            "noskip": {"SKIP_EMPTY": False}}
+SWITCHES = {"tma": {"USE_TMA": True}, "nofold": {"FOLD_SCALE": False}, "fold": {"FOLD_SCALE": True}}
 
 
 def parse_config(text: str) -> dict:

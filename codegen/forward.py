@@ -229,7 +229,6 @@ class ForwardPlan:
             "FOLD_SCALE": fold_scale(score_mod, float(scale), kernel_options),
         }  # fmt: skip
         self.tma_layout = tma_layout_ok(k, v) and not self.interpreted
-        self.skip_empty = bounds is None and bool((kernel_options or {}).get("SKIP_EMPTY", True))
         self.kernel_options, self.dims = kernel_options, (D, Dv, Lq, Lkv, Hq // Hkv)
         self.launches: dict[LaunchConfig, PreparedLaunch] = {}
         self.fitted: LaunchConfig | None = None  # the config that ran, once one has
@@ -259,7 +258,6 @@ class ForwardPlan:
                 self.kernel, (-(-Lq // config.block_m), self.out_shape[0] * self.out_shape[1]), self.args,
                 dict(self.constexprs, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                      TILES_PER_BLOCK=self.sparse[1] // config.block_n, EVEN_Q=Lq % config.block_m == 0,
-                     SKIP_EMPTY=self.skip_empty and (config.block_m < self.sparse[0] or config.block_n < self.sparse[1]),
                      USE_TMA=config.use_tma and self._tma_possible(), num_warps=config.num_warps,
                      num_stages=config.num_stages))
         return launch

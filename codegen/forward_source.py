@@ -182,39 +182,28 @@ def dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def load_kv_tile(start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc, KV_LEN,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr,
-                 DV: tl.constexpr, CHECK_KV: tl.constexpr, USE_TMA: tl.constexpr):
-    \"\"\"K^T and V of the kv tile at start_n (at the loop's top level, where Triton pipelines loads).\"\"\"
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_in = offs_n < KV_LEN
-    if USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
-        kt = tl.trans(k_desc.load([start_n, 0]))
-        v = v_desc.load([start_n, 0])
-    else:
-        kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                       kv_in[None, :], offs_d[:, None] < D, CHECK_KV, BLOCK_D != D)
-        v = load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                      kv_in[:, None], offs_dv[None, :] < DV, CHECK_KV, BLOCK_DV != DV)
-    return kt, v
-
-
-@triton.jit
 def attend_tile(
-    acc, l_i, m_i, q, start_n, keep, kt, v,
+    acc, l_i, m_i, q, start_n,
+    K, stride_kn, stride_kd, k_desc,
+    V, stride_vn, stride_vd, v_desc,
     b, h, q_idx, sm_scale, qk_scale, KV_LEN,
-    {SCORE_HOISTED}{SCORE_BUFFERS}
+    {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
     IS_FULL: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
 ):
-    \"\"\"One kv tile of the online softmax; `keep` is the tile's mask (unused for FULL tiles, IS_FULL).\"\"\"
+    \"\"\"One kv tile of the online softmax. FULL tiles (IS_FULL) never evaluate the mask.\"\"\"
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_in = offs_n < KV_LEN
+    if USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
+        kt = tl.trans(k_desc.load([start_n, 0]))
+    else:
+        kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                       kv_in[None, :], offs_d[:, None] < D, CHECK_KV, BLOCK_D != D)
     qk = dot(q, kt, DOT_PRECISION, UPCAST_DOT)
     kv_idx = offs_n[None, :]
     if HAS_SCORE_MOD:  # score_mod(q.k * scale) * log2(e), the scalings folded into the mod (codegen/base2.py)
@@ -235,6 +224,7 @@ def attend_tile(
     else:
         score = qk * qk_scale
     if not IS_FULL:
+        keep = mask_mod(b, h, q_idx, kv_idx, {MASK_HOISTED}{MASK_BUFFERS})
         score = tl.where(keep, score, float("-inf"))
     if CHECK_KV:
         score = tl.where(kv_in[None, :], score, float("-inf"))
@@ -253,6 +243,11 @@ def attend_tile(
     else:
         p = tl.math.exp2(score - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if USE_TMA:
+        v = v_desc.load([start_n, 0])
+    else:
+        v = load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                      kv_in[:, None], offs_dv[None, :] < DV, CHECK_KV, BLOCK_DV != DV)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
     return acc, l_i, m_new
 
@@ -282,7 +277,7 @@ def attend_tiles(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
 ):
     \"\"\"Online softmax over kv tiles (attend_tile per tile).\"\"\"
     q_idx = offs_m[:, None]
@@ -295,27 +290,13 @@ def attend_tiles(
     for i in range(0, n_tiles):
         start_n = tile_start(i, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
                              USE_BOUNDS, SPARSE_KV, BLOCK_N)
-        kt, v = load_kv_tile(start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc, KV_LEN,
-                             BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, CHECK_KV, USE_TMA)
-        if IS_FULL:
-            keep = 0  # unused
-        else:
-            keep = mask_mod(b, h, q_idx, (start_n + tl.arange(0, BLOCK_N))[None, :], {MASK_HOISTED}{MASK_BUFFERS})
-        if SKIP_EMPTY and not IS_FULL:  # a tile smaller than its PARTIAL block can be empty: skip its dots
-            if tl.max(tl.broadcast_to(keep, (BLOCK_M, BLOCK_N)).to(tl.int32)) > 0:
-                acc, l_i, m_i = attend_tile(
-                    acc, l_i, m_i, q, start_n, keep, kt, v, b, h, q_idx, sm_scale, qk_scale, KV_LEN,
-                    {SCORE_HOISTED}{SCORE_BUFFERS}
-                    IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
-                    CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE,
-                )
-        else:
-            acc, l_i, m_i = attend_tile(
-                acc, l_i, m_i, q, start_n, keep, kt, v, b, h, q_idx, sm_scale, qk_scale, KV_LEN,
-                {SCORE_HOISTED}{SCORE_BUFFERS}
-                IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
-                CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE,
-            )
+        acc, l_i, m_i = attend_tile(
+            acc, l_i, m_i, q, start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc,
+            b, h, q_idx, sm_scale, qk_scale, KV_LEN,
+            {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
+            IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
+            CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE,
+        )
     return acc, l_i, m_i
 
 
@@ -339,7 +320,6 @@ def flex_forward_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     EVEN_Q: tl.constexpr = False, EVEN_KV: tl.constexpr = False, FAST_TANH: tl.constexpr = False,
     USE_TMA: tl.constexpr = False, FLOAT_INDEX: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False,
-    SKIP_EMPTY: tl.constexpr = False,
 ):
     # q tiles in reverse: under a causal-like mask the last ones are the longest, so they start first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -405,7 +385,7 @@ def flex_forward_kernel(
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-        FOLD_SCALE, SKIP_EMPTY,
+        FOLD_SCALE,
     )
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
@@ -415,7 +395,7 @@ def flex_forward_kernel(
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-        FOLD_SCALE, SKIP_EMPTY,
+        FOLD_SCALE,
     )
 
     # a fully masked row has l = 0: output 0 and lse -inf, never 0/0

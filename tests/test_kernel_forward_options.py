@@ -108,16 +108,3 @@ def test_fold_scale_through_the_api(randn, naive_attention, mask, score):
     out, lse = fc.flex_attention(q, k, v, score_mod=score, block_mask=block_mask, return_lse=True,
                                  kernel_options={**SMALL, "fwd_FOLD_SCALE": False})
     check(out, lse, *naive_attention(q, k, v, score.fn if score else None, mask.fn))
-
-
-@pytest.mark.parametrize("score", [None, softcap], ids=["no score_mod", "softcap"])
-def test_skip_empty_tiles_against_float64_and_not_skipping(randn, naive_attention, score):
-    """16-wide kernel tiles in 32-wide PARTIAL blocks of a document mask: some tiles are empty and skipped."""
-    q, k, v = randn(2, 2, 75, 16), randn(2, 2, 75, 16), randn(2, 2, 75, 16)
-    score_fn = (lambda s, b, h, i, j: 3.0 * torch.tanh(s / 3.0)) if score else None
-    expected = naive_attention(q, k, v, score_fn=score_fn,
-                               mask_fn=lambda b, h, i, j: (DOC_IDS[i] == DOC_IDS[j]) & (i >= j))
-    skipped = run(q, k, v, document_causal, score)
-    check(*skipped, *expected)
-    for got, plain in zip(skipped, run(q, k, v, document_causal, score, SKIP_EMPTY=False)):
-        torch.testing.assert_close(got, plain, atol=1e-6, rtol=1e-6)
