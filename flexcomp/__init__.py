@@ -52,5 +52,6 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = globals()[name] = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return value  # kept as a global: later reads do not come here (a block mask is often built every step)
     raise AttributeError(f"module 'flexcomp' has no attribute {name!r}")
