@@ -288,8 +288,9 @@ def flex_backward(
     grad_buffers = frozenset(grad_buffers)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        plan_key = (tuple((name, layout(t)) for name, t in tensors.items()), id(score_mod), id(block_mask), scale,
-                    enable_gqa, options_key(kernel_options), grad_buffers, deterministic,
+        plan_key = (tuple((name, layout(t)) for name, t in tensors.items()), id(score_mod), id(block_mask),
+                    id(mask_mod), getattr(block_mask, "version", 0), scale, enable_gqa, options_key(kernel_options),
+                    grad_buffers, deterministic,
                     deterministic and torch.is_deterministic_algorithms_warn_only_enabled())
     except TypeError:  # unhashable kernel_options: no plan kept
         plan_key = None
@@ -318,7 +319,7 @@ class BackwardPlan:
         if query.dtype == torch.float64:
             raise TypeError("the Triton backward does not support float64; use backend='reference'")
         check_buffers([(n, t) for n, t in tensors.items() if ":" in n], query.device)
-        self.mods = (score_mod, mask_mod)  # kept alive: the plan's key holds the score_mod's id
+        self.mods = (score_mod, mask_mod)  # kept alive: the plan's key holds their ids
         self.scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
         self.dims, self.group = (B, Hq, Hkv, Lq, Lkv, D, Dv), group
         self.dtype, self.device = query.dtype, query.device

@@ -173,7 +173,8 @@ def flex_forward(
     buffers = live_buffers(score_mod, "score:") + live_buffers(mask_mod, "mask:")
     try:
         plan_key = (layout(query), layout(key), layout(value), *(layout(t) for _, t in buffers), id(score_mod),
-                    id(block_mask), scale, enable_gqa, options_key(kernel_options))
+                    id(block_mask), id(mask_mod), getattr(block_mask, "version", 0), scale, enable_gqa,
+                    options_key(kernel_options))
     except TypeError:  # unhashable kernel_options: no plan kept
         plan_key = None
     plan = _PLANS.get(plan_key, block_mask) if plan_key is not None else None
@@ -198,7 +199,7 @@ class ForwardPlan:
         mask_mod = block_mask.mask_mod
         if not isinstance(mask_mod, Mod) or (score_mod is not None and not isinstance(score_mod, Mod)):
             raise BackendError("the Triton kernel needs compiled mods (flexcomp.score_mod / flexcomp.mask_mod)")
-        self.score_mod = score_mod  # kept alive: the plan's key holds its id
+        self.mods = (score_mod, mask_mod)  # kept alive: the plan's key holds their ids
         bounds = getattr(block_mask, "bounds", None)
         B, Hq, Lq, D = q.shape
         Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]

@@ -9,8 +9,9 @@ the GPU finishes a step before the host has issued the next (benchmarks/profile_
 
 What a key holds: each tensor's `layout` (dtype, device, shape, strides, 16-byte alignment: all a kernel
 specializes on), the mods by identity (a plan keeps them alive, so their ids stay theirs), the block mask by
-identity (held weakly: its plan goes when it goes), and the scalars and options.  A block mask is read-only once
-used, as torch's are: a plan keeps the tables it first read.
+identity (held weakly: its plan goes when it goes) with its mask_mod and, for flexcomp's BlockMask, its `version`
+(bumped when a table is replaced), and the scalars and options.  A torch BlockMask whose tables are replaced in
+place after use is served the tables its plan first read: build a new one instead (torch's own are immutable).
 """
 
 from __future__ import annotations

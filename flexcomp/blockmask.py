@@ -74,6 +74,7 @@ class BlockMask:
         self.decided_by = decided_by
         self._tables = dict(tables)
         self._lazy = dict(lazy or {})
+        self.version = 0  # bumped when a table is replaced
 
     def _get(self, name: str) -> Tensor | None:
         if name not in self._tables and name in self._lazy:
@@ -83,6 +84,8 @@ class BlockMask:
     def _set(self, name: str, value: Tensor | None) -> None:
         self._lazy.pop(name, None)
         self._tables[name] = value
+        self.version += 1  # call plans (codegen/plans.py) key on it: a replaced table is not served stale
+        self.bounds = None  # the closed form described the tables it came with: the kernel now walks the tables
 
     @property
     def decided_by(self) -> dict[str, int]:

@@ -172,3 +172,32 @@ def test_score_and_mask_mods_may_capture_tensors_of_the_same_name(randn):
                              score_fn=lambda s, b, h, i, j: s + inputs[3][j])
     for got, want in zip(grads, torch.autograd.grad(ref, inputs, dout.double())):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_replaced_table_or_mask_mod_is_not_served_stale(randn):
+    q, k, v = randn(1, 1, 32, 16), randn(1, 1, 32, 16), randn(1, 1, 32, 16)
+    block_mask = fc.create_block_mask(fc.mask_mod(causal), 1, 1, 32, 32, BLOCK_SIZE=16)
+    run(q, k, v, block_mask=block_mask)
+    block_mask.mask_mod = fc.mask_mod(lambda b, h, q_idx, kv_idx: q_idx - kv_idx <= 3)  # FULL tiles stay FULL
+    out, lse = run(q, k, v, block_mask=block_mask)
+    reference = naive_attention(q, k, v, dense_mask=_torch_semantics(block_mask, lambda i, j: i - j <= 3))
+    assert_close_to_reference(out, lse, *reference)
+    block_mask.full_kv_num_blocks = torch.zeros_like(block_mask.full_kv_num_blocks)  # no FULL tiles left
+    out, lse = run(q, k, v, block_mask=block_mask)
+    reference = naive_attention(q, k, v, dense_mask=_torch_semantics(block_mask, lambda i, j: i - j <= 3))
+    assert_close_to_reference(out, lse, *reference)
+    assert len(forward._PLANS) == 3
+
+
+def _torch_semantics(block_mask, mask_fn):
+    """The dense mask torch's flex attention computes: mask_fn inside PARTIAL tiles, everything in FULL ones."""
+    q_len, kv_len = block_mask.seq_lengths
+    bq, bkv = block_mask.BLOCK_SIZE
+    i, j = torch.arange(q_len)[:, None], torch.arange(kv_len)[None, :]
+    tiles = torch.zeros(q_len // bq, kv_len // bkv, dtype=torch.int8)
+    for table, count, value in ((block_mask.kv_indices, block_mask.kv_num_blocks, 1),
+                                (block_mask.full_kv_indices, block_mask.full_kv_num_blocks, 2)):
+        for row in range(tiles.shape[0]):
+            tiles[row, table[0, 0, row, :count[0, 0, row]].long()] = value
+    cls = tiles.repeat_interleave(bq, 0).repeat_interleave(bkv, 1)
+    return ((cls == 2) | ((cls == 1) & mask_fn(i, j)))[None, None]
