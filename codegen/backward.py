@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import math
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +38,9 @@ from flexcomp.tiles import block_size
 from .autotune import next_power_of_2
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
-from .forward import _contiguous_strides, check_buffers, slot_args
+from .forward import check_buffers, slot_args
 from .launch import PreparedLaunch, Slot, launch_first_fitting
-from .plans import PlanCache, layout, live_buffers, options_key
+from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key
 
 
 @dataclass(frozen=True)
@@ -106,35 +105,21 @@ def _all_full_tables(rows: int, cols: int, device: torch.device):
     return empty_num, idx, num, idx
 
 
-_TABLES: OrderedDict[tuple, tuple[tuple, tuple]] = OrderedDict()  # see _tables
-TABLES_MEMO_SIZE = 64
-
-
 def _tables(block_mask: Any, q_major: bool, q_len: int, kv_len: int, sparse: tuple[int, int], device):
     """(num, idx, full_num, full_idx) as contiguous int32; missing FULL tables become empty ones.
 
-    Remembered per block mask and its table objects (a training loop passes the same block mask every step: the
-    conversions are host time, ~8 tensor calls per step)."""
+    Made once per call plan (codegen/plans.py), which keeps them as long as its block mask lives."""
     if block_mask is None:
         n_q, n_kv = math.ceil(q_len / sparse[0]), math.ceil(kv_len / sparse[1])
         return _all_full_tables(n_kv if q_major else n_q, n_q if q_major else n_kv, device)
     prefix = "q" if q_major else "kv"
     num, idx = getattr(block_mask, f"{prefix}_num_blocks"), getattr(block_mask, f"{prefix}_indices")
     full_num, full_idx = getattr(block_mask, f"full_{prefix}_num_blocks"), getattr(block_mask, f"full_{prefix}_indices")
-    key, sources = (id(block_mask), q_major, device), (block_mask, num, idx, full_num, full_idx)
-    hit = _TABLES.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], sources)):
-        _TABLES.move_to_end(key)
-        return hit[1]
     if num is None:
         raise ValueError(f"the block mask has no {prefix}_num_blocks table; the backward pass needs it")
     if full_num is None:
         full_num, full_idx = torch.zeros_like(num), idx[..., :1]
-    tables = tuple(t.to(device=device, dtype=torch.int32).contiguous() for t in (num, idx, full_num, full_idx))
-    _TABLES[key] = (sources, tables)  # the sources, kept alive, keep their ids from being reused
-    if len(_TABLES) > TABLES_MEMO_SIZE:
-        _TABLES.popitem(last=False)
-    return tables
+    return tuple(t.to(device=device, dtype=torch.int32).contiguous() for t in (num, idx, full_num, full_idx))
 
 
 def _table_args(num: torch.Tensor, idx: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor) -> list[Any]:
@@ -449,8 +434,8 @@ class BackwardPlan:
         args = []
         for spec in self.grad_specs:
             if programs is not None:
-                strides = _contiguous_strides((programs, *spec.shape))
+                strides = contiguous_strides((programs, *spec.shape))
                 args += [Slot(f"partial:{spec.name}"), *strides[1:], strides[0]]
             else:
-                args += [Slot(f"grad:{spec.name}"), *_contiguous_strides(tuple(spec.shape)), 0]
+                args += [Slot(f"grad:{spec.name}"), *contiguous_strides(tuple(spec.shape)), 0]
         return args

@@ -24,7 +24,7 @@ from .cache import cache_key, load_generated
 from .forward_source import bounds_text, forward_source
 from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .ops import float_index_exact
-from .plans import PlanCache, layout, live_buffers, options_key
+from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -213,7 +213,7 @@ class ForwardPlan:
         has_full, tables = index_tables(block_mask, bounds is not None)
         self.args = [
             *slot_args("q", q), *slot_args("k", k), *slot_args("v", v),
-            Slot("out"), *_contiguous_strides(self.out_shape), Slot("lse"), *_contiguous_strides(self.lse_shape),
+            Slot("out"), *contiguous_strides(self.out_shape), Slot("lse"), *contiguous_strides(self.lse_shape),
             *tables, *(x for name, t in buffers for x in slot_args(name, t)),
             float(scale), Lq, Lkv, Hq, Hq // Hkv,
         ]  # fmt: skip
@@ -278,14 +278,6 @@ class ForwardPlan:
         return autotune.tuned_config(tune_key, list(dict.fromkeys(configs)) or [self.config],
                                      lambda c: self._launch(c)(tensors),
                                      on_gpu=self.device.type == "cuda" and not self.interpreted)
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
 
 
 SPARSE_BELOW = 0.25  # visited fraction of kv blocks under which smaller tiles win (measured: NOTES_forward.md)

@@ -31,6 +31,15 @@ def layout(t: torch.Tensor) -> tuple:
     return t.dtype, t.device, t.shape, t.stride(), t.data_ptr() % 16 == 0
 
 
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides torch gives a new contiguous tensor of `shape` (what a plan binds for the outputs it allocates)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 def options_key(kernel_options: Mapping[str, Any] | None) -> Hashable:
     """kernel_options as part of a key (a TypeError for unhashable values: such calls are not planned)."""
     if not kernel_options:

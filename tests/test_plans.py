@@ -7,6 +7,7 @@ call's tensors (or its captured tensors, or another block mask's tables) fails.
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -79,13 +80,16 @@ def test_a_rebound_captured_tensor_is_read_at_every_call(randn):
 
 
 def test_a_plan_goes_with_its_block_mask(randn):
-    q, k, v = randn(1, 1, 32, 16), randn(1, 1, 32, 16), randn(1, 1, 32, 16)
+    """Nothing keeps a used block mask (or its tables) alive: its forward and backward plans go when it goes."""
+    q, k, v = (randn(1, 1, 32, 16, requires_grad=True) for _ in range(3))
     block_mask = fc.create_block_mask(fc.mask_mod(causal), 1, 1, 32, 32, BLOCK_SIZE=16)
-    run(q, k, v, block_mask=block_mask)
-    assert len(forward._PLANS) == 1
-    del block_mask
+    out, lse = run(q, k, v, block_mask=block_mask)
+    out.sum().backward()
+    assert len(forward._PLANS) == 1 and len(backward._PLANS) == 1
+    alive = weakref.ref(block_mask)
+    del block_mask, out, lse  # the autograd graph holds the block mask until its outputs go
     gc.collect()
-    assert len(forward._PLANS) == 0
+    assert alive() is None and len(forward._PLANS) == 0 and len(backward._PLANS) == 0
 
 
 def test_another_block_mask_of_the_same_shape_gets_its_own_plan(randn):

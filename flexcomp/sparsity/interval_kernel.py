@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from flexcomp.codegen.launch import PreparedLaunch, Slot
+from flexcomp.codegen.plans import contiguous_strides
 
 Tensor = torch.Tensor
 CHECK = 256  # neighbour pairs of g compared per step (and entries per step of the all-PARTIAL rewrite)
@@ -66,7 +67,7 @@ class _LaunchPlan:
         sizes = [math.prod(shape) for shape in shapes]
         aligned = [-(-n // 4) * 4 for n in sizes]  # every output starts 16-byte aligned, as Triton specializes it
         offsets = [sum(aligned[:i]) for i in range(len(sizes))]
-        self.views = [(shape, _contiguous_strides(shape), offset) for shape, offset in zip(shapes, offsets)]
+        self.views = [(shape, contiguous_strides(shape), offset) for shape, offset in zip(shapes, offsets)]
         self.buffer_size = sum(aligned)
         check_span = -(-(kv_len - 1) // nq)  # neighbour pairs of g per program
         self.ints = (grid.q_len, kv_len, grid.q_block, grid.kv_block, nkv, kv_len.bit_length(), check_span)
@@ -84,10 +85,6 @@ class _LaunchPlan:
             launch = self._prepared[key] = PreparedLaunch(interval_tables_kernel, self.programs,
                                                           [*map(Slot, names), *self.ints], self.constexprs)
         return launch
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
 
 
 @functools.lru_cache(maxsize=64)
