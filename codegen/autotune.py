@@ -31,7 +31,7 @@ class LaunchConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    use_tma: bool = False  # K and V through Hopper tensor descriptors (forward.tma_possible decides if it can)
+    use_tma: bool = False  # K and V through Hopper tensor descriptors (forward.tma_layout_ok decides if it can)
 
 
 # (bits per element, head dim up to) -> the default config, measured on an H100 (bf16, L=8192;
@@ -60,7 +60,7 @@ BLOCKS_M = (64, 128)
 BLOCKS_N = (32, 64, 128)
 WARPS = (4, 8)
 STAGES = (2, 3, 4)
-TMA = (False, True)  # tried only where forward.tma_possible holds (sm_90+, aligned K/V): mixed on the H100
+TMA = (False, True)  # tried only where forward.tma_layout_ok holds (sm_90+, aligned K/V): mixed on the H100
 
 
 def next_power_of_2(n: int) -> int:

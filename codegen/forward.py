@@ -347,18 +347,13 @@ def fold_scale(score_mod: Mod | None, scale: float, kernel_options: dict | None)
     return bool(wanted) and score_mod is None and math.isfinite(scale) and scale > 0
 
 
-def tma_possible(k: torch.Tensor, v: torch.Tensor) -> bool:
+def tma_layout_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether K and V can go through Hopper's tensor copy engine: sm_90+, unit last stride, 16-byte aligned
     rows and bases.  A config asks for it (LaunchConfig.use_tma): off by default, on with
     `kernel_options={"USE_TMA": True}` (torch's key) or where autotuning picks it; on the H100 it measured
     3-10% slower than the cp.async pointer loads on plain causal, faster on ALiBi D=64
-    (benchmarks/NOTES_forward.md).  Descriptors made on the device need a scratch allocator: torch's is
-    installed unless the program set its own."""
-    return tma_layout_ok(k, v) and _install_allocator()
-
-
-def tma_layout_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """`tma_possible` without installing the allocator."""
+    (benchmarks/NOTES_forward.md).  Descriptors made on the device also need a scratch allocator
+    (`_install_allocator`, called by ForwardPlan when a launch uses them)."""
     if k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
         return False
     for t in (k, v):

@@ -56,9 +56,7 @@ _UNKNOWN = object()  # an argument of a kind _specialization does not know: that
 def launch_kernel(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
     """kernel[grid](*args, **kwargs, **KERNEL_OPTIONS), returning the compiled kernel (see the module docstring)."""
     kwargs.update(KERNEL_OPTIONS)
-    if not FAST_LAUNCH or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        return kernel[grid](*args, **kwargs)
-    if not hasattr(kernel, "params"):  # not a JITFunction (a wrapper that records launches)
+    if not _direct_launch_possible(kernel):
         return kernel[grid](*args, **kwargs)
     params, values, options = _bind(kernel, args, kwargs)
     signature = tuple(v if constexpr else _specialization(v) for v, (_, constexpr, _) in zip(values, params))
@@ -69,7 +67,7 @@ def launch_kernel(kernel, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> A
     if compiled is None:
         compiled = _COMPILED[key] = kernel[grid](*args, **kwargs)
         return compiled
-    compiled[tuple(grid) + (1,) * (3 - len(grid))](*values)
+    compiled[_grid3(grid)](*values)
     FAST_LAUNCHES[0] += 1
     return compiled
 
@@ -114,7 +112,7 @@ class PreparedLaunch:
     first call's did: same dtypes and 16-byte alignment, which the owner's cache key guarantees (plans.layout)."""
 
     def __init__(self, kernel, grid: tuple[int, ...], args: list[Any], kwargs: dict[str, Any]):
-        self.kernel, self.grid = kernel, tuple(grid) + (1,) * (3 - len(grid))
+        self.kernel, self.grid = kernel, _grid3(grid)
         self.args, self.kwargs = list(args), {**kwargs, **KERNEL_OPTIONS}
         self.slots = [(i, a.name) for i, a in enumerate(self.args) if isinstance(a, Slot)]
         self.values: list[Any] | None = None  # every parameter, in order, for the compiled kernel
@@ -161,8 +159,14 @@ def _runner(compiled: CompiledKernel, grid: tuple[int, int, int]) -> Callable[..
 
 
 def _direct_launch_possible(kernel) -> bool:
+    """Whether the compiled kernel may be called directly: the fast launch on, a GPU, no interpreter, and a
+    JITFunction (not a wrapper that records launches)."""
     return (FAST_LAUNCH and hasattr(kernel, "params") and torch.cuda.is_available()
             and os.environ.get("TRITON_INTERPRET") != "1")
+
+
+def _grid3(grid: tuple[int, ...]) -> tuple[int, int, int]:
+    return tuple(grid) + (1,) * (3 - len(grid))
 
 
 def _set(hook: Any) -> bool:
