@@ -78,12 +78,13 @@ class _LaunchPlan:
     def prepared(self, *inputs: Tensor) -> PreparedLaunch:
         """The launch for inputs (f, g, lo, hi) of these dtypes and alignments (the outputs' are fixed): prepared
         once, then a repeated build only fills in the tensors (codegen.launch.PreparedLaunch)."""
-        key = tuple((t.dtype, t.device, t.data_ptr() % 16 == 0) for t in inputs)
+        kernel = interval_tables_kernel  # read at each build: the module's kernel may be replaced (tests record it)
+        key = (kernel, *((t.dtype, t.device, t.data_ptr() % 16 == 0) for t in inputs))
         launch = self._prepared.get(key)
         if launch is None:
             names = ("f", "g", "lo", "hi", "num", "idx", "full_num", "full_idx", "unsorted", "sync")
-            launch = self._prepared[key] = PreparedLaunch(interval_tables_kernel, self.programs,
-                                                          [*map(Slot, names), *self.ints], self.constexprs)
+            launch = self._prepared[key] = PreparedLaunch(kernel, self.programs, [*map(Slot, names), *self.ints],
+                                                          self.constexprs)
         return launch
 
 
