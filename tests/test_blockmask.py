@@ -358,15 +358,15 @@ def test_device_counts_equal_host_ranges(name: str) -> None:
         assert torch.equal(full[0, 0], (f1 - f0).int()), (name, q_len, kv_len, bq, bk)
 
 
-class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    """The aten ops run while active."""
+class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops run while active, by name."""
 
     def __init__(self):
         super().__init__()
-        self.ops: list[str] = []
+        self.names: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.__name__)
+        self.names.append(func.__name__)
         return func(*args, **(kwargs or {}))
 
 
@@ -375,11 +375,11 @@ def test_lazy_closed_form_build_is_a_handful_of_ops(name: str, most: int) -> Non
     """The lazy path issues only aranges / fulls / elementwise ops: no copy, no sync (item, nonzero), no sort."""
     mod = mod_of(std.causal() if name == "causal" else std.sliding_window(1024))
     create_block_mask(mod, None, None, 32768, 32768, "cpu")  # derives and caches the symbolic counts
-    with OpLog() as log:
+    with Ops() as log:
         bm = create_block_mask(mod, None, None, 32768, 32768, "cpu")
-    device_ops = [op for op in log.ops if not op.startswith(("view", "_unsafe_view"))]
+    device_ops = [op for op in log.names if not op.startswith(("view", "_unsafe_view"))]
     assert len(device_ops) <= most and set(device_ops) <= {"arange.start_step", "full.default", "clamp_.default",
-                                                           "sub.Tensor"}, log.ops
+                                                           "sub.Tensor"}, log.names
     assert bm._lazy.keys() >= {"kv_indices", "full_kv_indices", "q_indices"}
     expected = brute_classes(mod, 1, 1, 2048, 2048, 128) if name == "causal" else None
     if expected is not None:  # the same call at a size brute force affords

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_blockmask import brute_classes, create_block_mask, mod_of
+from test_blockmask import Ops, brute_classes, create_block_mask, mod_of
 
 from flexcomp.ir import DType, Op, load
 from flexcomp.sparsity import equality
@@ -114,16 +114,6 @@ def test_masks_outside_the_fragment_have_no_plan() -> None:
     assert equality.interval_plan(node(Op.OR, std.causal(), eq)) is None
     plan = equality.interval_plan(node(Op.AND, std.sliding_window(8), eq))
     assert plan is not None and plan.same and plan.lo is not None and plan.hi is not None
-
-
-class Ops(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def test_sync_free_build_reads_nothing_on_the_host() -> None:

@@ -11,8 +11,8 @@ import functools
 
 import pytest
 import torch
-from test_blockmask import brute_classes, mod_of
-from test_equality import DOC_KV, DOC_Q, RESTS, Ops
+from test_blockmask import Ops, brute_classes, mod_of
+from test_equality import DOC_KV, DOC_Q, RESTS
 
 import flexcomp as fc
 from flexcomp import blockmask
