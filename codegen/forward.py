@@ -16,7 +16,7 @@ import triton
 from flexcomp.errors import BackendError
 from flexcomp.ir import arg, const
 from flexcomp.mods import Mod
-from flexcomp.tiles import ClosedFormBounds, block_size
+from flexcomp.tiles import ClosedFormBounds, block_size, table_device, table_dims
 
 from . import autotune
 from .autotune import MIN_BLOCK, LaunchConfig, next_power_of_2
@@ -120,10 +120,10 @@ def check_block_mask(block_mask: Any, q: torch.Tensor, k: torch.Tensor) -> None:
     if (q_len, kv_len) != (block_mask_q_len, block_mask_kv_len):
         raise ValueError(f"block mask built for other lengths: {q_len=}, {kv_len=} but "
                          f"{block_mask_q_len=}, {block_mask_kv_len=}")
-    nb, nh, rows = block_mask.kv_num_blocks.shape
-    needed_rows = -(-q_len // block_mask.BLOCK_SIZE[0])
+    nb, nh, rows = dims = table_dims(block_mask)
+    needed_rows = -(-q_len // block_size(block_mask)[0])
     if nb not in (1, q.shape[0]) or nh not in (1, q.shape[1]) or rows < needed_rows:
-        raise ValueError(f"block mask tables of shape {tuple(block_mask.kv_num_blocks.shape)} do not fit "
+        raise ValueError(f"block mask tables of shape {dims} do not fit "
                          f"B={q.shape[0]}, Hq={q.shape[1]} with {needed_rows} q blocks")
 
 
@@ -426,7 +426,7 @@ def index_tables(block_mask: Any, use_bounds: bool) -> tuple[bool, list[Any]]:
     """(has FULL tables, the four tables' pointers and strides).  With bounds no table is read,
     so none is touched either: flexcomp's BlockMask builds them lazily, and causal's is O(L^2 / block^2)."""
     if use_bounds:
-        stand_in = block_mask.kv_num_blocks
+        stand_in = _stand_in(table_device(block_mask))
         return False, [stand_in, 0, 0, 0, stand_in, 0, 0, 0, 0] * 2
     num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
     full_num, full_idx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
@@ -436,6 +436,12 @@ def index_tables(block_mask: Any, use_bounds: bool) -> tuple[bool, list[Any]]:
     tables = [num, *_strides(num, 3), idx, *_strides(idx, 4), full_num, *_strides(full_num, 3),
               full_idx, *_strides(full_idx, 4)]
     return has_full, tables
+
+
+@functools.cache
+def _stand_in(device: torch.device) -> torch.Tensor:
+    """A pointer for the table arguments of a kernel that reads none (closed-form bounds)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def kernel_source(score_mod: Mod | None, mask_mod: Mod | None, **specialization: Any) -> str:

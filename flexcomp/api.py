@@ -13,6 +13,7 @@ import torch
 from .errors import BackendError
 from .ir import free_args, to_text
 from .mods import Mod, specialized_mod
+from .tiles import table_device, table_dims
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -151,7 +152,7 @@ def broadcast_batch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if block_mask is None and not has_mask_mod:
         raise ValueError(f"Expect query and key/value to have the same batch size, or non-none block_mask, "
                          f"but got block_mask=None, {Bq=}, and {Bkv=}.")
-    B_block_mask = block_mask.kv_num_blocks.shape[0] if block_mask is not None else Bq
+    B_block_mask = table_dims(block_mask)[0] if block_mask is not None else Bq
     if B_block_mask != Bq:
         raise ValueError(f"Expect query and key/value to have the same batch size, or block_mask and query to have "
                          f"the same batch size, but got {Bq=}, {Bkv=}, {B_block_mask=}.")
@@ -217,12 +218,12 @@ def validate_block_mask(block_mask: Any, query: torch.Tensor, key: torch.Tensor)
     if kv_len != block_mask_kv_len:
         raise ValueError(f"{kv_len=} != {block_mask_kv_len=}; build the block mask for these lengths")
     q_batch, q_heads = query.shape[:2]
-    block_mask_batch, block_mask_heads = block_mask.kv_num_blocks.shape[:2]
+    block_mask_batch, block_mask_heads, _ = table_dims(block_mask)
     if block_mask_batch not in (1, q_batch):
         raise ValueError(f"{block_mask_batch=} is neither 1 nor {q_batch=}")
     if block_mask_heads not in (1, q_heads):
         raise ValueError(f"{block_mask_heads=} is neither 1 nor {q_heads=}")
-    block_mask_device = block_mask.kv_num_blocks.device
+    block_mask_device = table_device(block_mask)
     if block_mask_device != query.device:
         raise ValueError(f"{block_mask_device=} != {query.device=}")
 

@@ -20,10 +20,11 @@ q_num_blocks / q_indices / full_q_num_blocks / full_q_indices.  B and H are 1 wh
 not read b / h.  W is the largest count in any row (torch pads to nkv; consumers read only the
 first num_blocks entries of a row, so both layouts are valid).
 
-Lazy: with closed-form bounds, kv_indices, full_kv_indices and all q-major tables are materialized on
-first access (causal's full table is inherently O(nq * nkv)); otherwise the q-major tables are.  The
-counts of closed-form bounds are built on the device from their cached symbolic form (sparsity.counts):
-causal is an arange and a full, no copy, no sync.
+Lazy: with closed-form bounds every table is materialized on first access, and the build issues no device
+op: the forward kernel computes its loop ranges from the bounds and reads no table (`table_dims` and
+`device` answer the shape checks), so a forward-only user never pays for them.  The counts, when read, are
+built on the device from their cached symbolic form (sparsity.counts: causal is an arange and a full, no
+copy, no sync); causal's full index table is inherently O(nq * nkv).  Otherwise the q-major tables are lazy.
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ class BlockMask:
     def __init__(self, seq_lengths: tuple[int, int], BLOCK_SIZE: int | tuple[int, int], mask_mod: Any,
                  tables: dict[str, Tensor | None], lazy: dict[str, Callable[[], Tensor]] | None = None,
                  bounds: ClosedFormBounds | None = None,
-                 decided_by: dict[str, int] | Callable[[], dict[str, int]] | None = None):
+                 decided_by: dict[str, int] | Callable[[], dict[str, int]] | None = None,
+                 table_dims: tuple[int, int, int] | None = None, device: torch.device | None = None):
         self.seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        self._dims, self._device = table_dims, device  # what a lazy kv_num_blocks will be, without building it
         self.BLOCK_SIZE = block_pair(BLOCK_SIZE)
         self.mask_mod = mask_mod
         self.bounds = bounds
@@ -162,8 +165,22 @@ class BlockMask:
         return (-(-self.seq_lengths[0] // self.BLOCK_SIZE[0]), -(-self.seq_lengths[1] // self.BLOCK_SIZE[1]))
 
     @property
+    def table_dims(self) -> tuple[int, int, int]:
+        """kv_num_blocks' shape (B|1, H|1, q blocks), read without building a lazy table."""
+        if self._dims is None or self._tables.get("kv_num_blocks") is not None:
+            return tuple(self.kv_num_blocks.shape)
+        return self._dims
+
+    @property
+    def device(self) -> torch.device:
+        """The tables' device, read without building a lazy table."""
+        if self._device is None or self._tables.get("kv_num_blocks") is not None:
+            return self.kv_num_blocks.device
+        return self._device
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.kv_num_blocks.shape[:-1]) + self.seq_lengths
+        return self.table_dims[:2] + self.seq_lengths
 
     def tile_classes(self) -> Tensor:
         """uint8 TileClass map [B|1, H|1, nq, nkv] (O(tiles): for inspection and tests)."""
@@ -308,10 +325,11 @@ def _from_bounds(mod: Mod, bounds: ClosedFormBounds, grid: Grid, device: torch.d
     # [nq] kv-block ranges on the host: partial [a, f0) + [f1, c), full [f0, f1); only for the index tables
     ranges = lambda: bounds_rows(bounds, grid, mod.tensors())
     values = device_counts.symbolic_counts(bounds, grid.q_len, grid.kv_len, grid.q_block, grid.kv_block)
-    counts = None if values is None else device_counts.build(values, grid.num_q_blocks, device)
-    tables, lazy = rows_from_ranges(ranges, grid, device, counts)
-    counts = {"closed form": grid.num_q_blocks * grid.num_kv_blocks}
-    return BlockMask((grid.q_len, grid.kv_len), (grid.q_block, grid.kv_block), mod, tables, lazy, bounds, counts)
+    counts = None if values is None else lambda: device_counts.build(values, grid.num_q_blocks, device)
+    lazy = rows_from_ranges(ranges, grid, device, counts)
+    decided = {"closed form": grid.num_q_blocks * grid.num_kv_blocks}
+    return BlockMask((grid.q_len, grid.kv_len), (grid.q_block, grid.kv_block), mod, {}, lazy, bounds, decided,
+                     table_dims=(1, 1, grid.num_q_blocks), device=device)
 
 
 def _from_analysis(mod: Mod, grid: Grid, device: torch.device, exact: bool,

@@ -51,6 +51,18 @@ def block_size(block_mask: Any) -> tuple[int, int]:
     return block_pair(block_mask.BLOCK_SIZE)
 
 
+def table_dims(block_mask: Any) -> tuple[int, int, int]:
+    """(B|1, H|1, q blocks) of a block mask's kv tables; flexcomp's answers without building a lazy table."""
+    dims = getattr(block_mask, "table_dims", None)
+    return tuple(dims) if dims is not None else tuple(block_mask.kv_num_blocks.shape[:3])
+
+
+def table_device(block_mask: Any) -> Any:
+    """The device of a block mask's tables; flexcomp's answers without building a lazy table."""
+    device = getattr(block_mask, "device", None)
+    return device if device is not None else block_mask.kv_num_blocks.device
+
+
 def block_pair(size: int | tuple[int, int]) -> tuple[int, int]:
     """(q, kv) from one int for both axes or a (q, kv) pair."""
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))

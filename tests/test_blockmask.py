@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn.attention import flex_attention as torch_flex
 
+import flexcomp
 from flexcomp.blockmask import BlockMask, create_block_mask, create_mask
 from flexcomp.evaluate import evaluate
 from flexcomp.ir import Op
@@ -235,8 +236,8 @@ def test_chunked_range_tables_equal_one_shot_and_brute_force(monkeypatch, monoto
     built = {}
     for chunk in (1, 7, cols + 1, 1 << 40):  # one row per band ... the whole table in one band
         monkeypatch.setattr(tables_module, "CHUNK_ELEMENTS", chunk)
-        eager, lazy = rows_from_ranges(ranges, grid, torch.device("cpu"))
-        built[chunk] = {**eager, **{name: make() for name, make in lazy.items()}}
+        lazy = rows_from_ranges(ranges, grid, torch.device("cpu"))
+        built[chunk] = {name: make() for name, make in lazy.items()}
     one_shot = built[1 << 40]
     for chunk, got in built.items():
         assert all(torch.equal(got[name], one_shot[name]) for name in TABLES), chunk
@@ -372,18 +373,38 @@ class Ops(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("name, most", [("causal", 2), ("sliding_window", 5)])
 def test_lazy_closed_form_build_is_a_handful_of_ops(name: str, most: int) -> None:
-    """The lazy path issues only aranges / fulls / elementwise ops: no copy, no sync (item, nonzero), no sort."""
+    """The build issues no op at all; the counts, when read, only aranges / fulls / elementwise ops: no copy, no
+    sync (item, nonzero), no sort."""
     mod = mod_of(std.causal() if name == "causal" else std.sliding_window(1024))
     create_block_mask(mod, None, None, 32768, 32768, "cpu")  # derives and caches the symbolic counts
     with Ops() as log:
         bm = create_block_mask(mod, None, None, 32768, 32768, "cpu")
+        assert bm.table_dims == (1, 1, 256) and bm.shape == (1, 1, 32768, 32768) and bm.device.type == "cpu"
+    assert log.names == []
+    with Ops() as log:
+        counts = bm.kv_num_blocks, bm.full_kv_num_blocks
     device_ops = [op for op in log.names if not op.startswith(("view", "_unsafe_view"))]
     assert len(device_ops) <= most and set(device_ops) <= {"arange.start_step", "full.default", "clamp_.default",
                                                            "sub.Tensor"}, log.names
+    assert bm.table_dims == tuple(counts[0].shape) == tuple(counts[1].shape)
     assert bm._lazy.keys() >= {"kv_indices", "full_kv_indices", "q_indices"}
     expected = brute_classes(mod, 1, 1, 2048, 2048, 128) if name == "causal" else None
     if expected is not None:  # the same call at a size brute force affords
         assert torch.equal(create_block_mask(mod, None, None, 2048, 2048, "cpu").tile_classes(), expected)
+
+
+def test_a_forward_with_closed_form_bounds_reads_no_table() -> None:
+    """The kernel loops from the bounds: a forward-only user never pays for a causal mask's tables."""
+    torch.manual_seed(0)
+    mod = mod_of(std.causal())
+    bm = create_block_mask(mod, None, None, 200, 200, "cpu")
+    q, k, v = (torch.randn(1, 2, 200, 16) for _ in range(3))
+    out = flexcomp.flex_attention(q, k, v, block_mask=bm, backend="triton")
+    assert set(bm._tables) == set(), "a table was built"
+    dense = torch.ones(200, 200, dtype=torch.bool).tril()
+    expected = torch.softmax((q.double() @ k.double().transpose(-1, -2) / 4).masked_fill(~dense, float("-inf")),
+                             -1) @ v.double()
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
 
 
 def test_counts_fall_back_to_the_host_outside_the_fragment(monkeypatch) -> None:

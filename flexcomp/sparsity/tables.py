@@ -161,20 +161,23 @@ def transpose_ranges(ranges: tuple[Tensor, Tensor, Tensor, Tensor], num_cols: in
 
 
 def rows_from_ranges(ranges: tuple[Tensor, ...] | Callable[[], tuple[Tensor, ...]], grid, device: torch.device,
-                     counts: tuple[Tensor, Tensor] | None = None,
-                     ) -> tuple[dict[str, Tensor], dict[str, Callable[[], Tensor]]]:
-    """Eager counts, lazy index tables, from per-row ranges (partial = [a, f0) + [f1, c), full = [f0, f1)).
+                     counts: Callable[[], tuple[Tensor, Tensor]] | None = None,
+                     ) -> dict[str, Callable[[], Tensor]]:
+    """Lazy tables from per-row ranges (partial = [a, f0) + [f1, c), full = [f0, f1)): nothing is built until read.
 
-    `ranges` may be a function, called (once, on the host) only when an index table is first read;
-    `counts` (kv_num_blocks, full_kv_num_blocks), when given, are used as they are (e.g. built on the
-    device by `counts.build`: then nothing is copied to the device until an index table is read)."""
+    `ranges` may be a function, called (once, on the host) only when a table needs it; `counts`, when
+    given, makes (kv_num_blocks, full_kv_num_blocks) without the ranges (e.g. on the device by
+    `counts.build`: then nothing is copied to the device until an index table is read)."""
     ranges_now = ranges if callable(ranges) else (lambda: ranges)
     get_ranges = _once(ranges_now)
     view = lambda t: t.to(torch.int32).view(1, 1, -1).to(device)
-    if counts is None:
+
+    def counts_from_ranges() -> tuple[Tensor, Tensor]:
         a, f0, f1, c = get_ranges()
-        counts = (view((f0 - a) + (c - f1)), view(f1 - f0))
-    tables = {"kv_num_blocks": counts[0], "full_kv_num_blocks": counts[1]}
+        return view((f0 - a) + (c - f1)), view(f1 - f0)
+
+    get_counts = _once(counts or counts_from_ranges)
+    tables = {"kv_num_blocks": lambda: get_counts()[0], "full_kv_num_blocks": lambda: get_counts()[1]}
     partial_indices = lambda: _range_indices(*get_ranges(), full=False).to(device)
     full_indices = lambda: _range_indices(*get_ranges(), full=True).to(device)
 
@@ -183,7 +186,7 @@ def rows_from_ranges(ranges: tuple[Tensor, ...] | Callable[[], tuple[Tensor, ...
 
     def generic_transpose(full: bool) -> tuple[Tensor, Tensor]:  # ranges that are not monotone: from listed entries
         if full not in transposed:
-            num = tables["full_kv_num_blocks" if full else "kv_num_blocks"]
+            num = tables["full_kv_num_blocks" if full else "kv_num_blocks"]()
             transposed[full] = transpose_ordered(num, full_indices() if full else partial_indices(), grid.num_kv_blocks)
         return transposed[full]
 
@@ -198,10 +201,10 @@ def rows_from_ranges(ranges: tuple[Tensor, ...] | Callable[[], tuple[Tensor, ...
             return generic_transpose(full)[1]
         return _range_indices(*by_col(), full=full).to(device)
 
-    lazy = {"kv_indices": partial_indices, "full_kv_indices": full_indices,
+    lazy = {**tables, "kv_indices": partial_indices, "full_kv_indices": full_indices,
             "q_num_blocks": lambda: q_counts(False), "q_indices": lambda: q_indices(False),
             "full_q_num_blocks": lambda: q_counts(True), "full_q_indices": lambda: q_indices(True)}
-    return tables, lazy
+    return lazy
 
 
 def _once(fn: Callable[[], object]) -> Callable[[], object]:
