@@ -160,7 +160,8 @@ def bench(fn, backward: bool, grads=None) -> float:
     return do_bench(fwd_bwd, warmup=50, rep=200, return_mode="median", grad_to_none=None)
 
 
-def run_variant(v: Variant, B: int, H: int, L: int, D: int, backward: bool, dtype) -> Row:
+def run_variant(v: Variant, B: int, H: int, L: int, D: int, backward: bool, dtype,
+                kernel_options: dict | None = None) -> Row:
     global DOC_IDS, SLOPES
     device = "cuda"
     gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{v.name} {D}".encode()))  # same inputs every run
@@ -183,7 +184,8 @@ def run_variant(v: Variant, B: int, H: int, L: int, D: int, backward: bool, dtyp
     f_score = fc.score_mod(v.score_mod) if v.score_mod else None
 
     impls = {
-        "flexcomp": lambda: fc.flex_attention(q, k, val, score_mod=f_score, block_mask=f_mask, enable_gqa=gqa),
+        "flexcomp": lambda: fc.flex_attention(q, k, val, score_mod=f_score, block_mask=f_mask, enable_gqa=gqa,
+                                              kernel_options=kernel_options),
         "torch flex": lambda: torch_flex(q, k, val, score_mod=v.score_mod, block_mask=t_mask, enable_gqa=gqa),
     }
     if v.sdpa_causal is not None:
@@ -257,6 +259,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", nargs="*", help="variant names to run")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--kernel-options", help='flexcomp\'s kernel_options as JSON, e.g. \'{"REFINE_TILES": false}\'')
     parser.add_argument("--max-err", type=float, default=2e-2, help="fail when flexcomp differs more than this")
     parser.add_argument("--warm-cache", action="store_true",
                         help="keep flexcomp's and Triton's disk caches (default: fresh ones, so first calls are cold)")
@@ -277,7 +280,8 @@ def main() -> int:
     for D in args.head_dims:
         for v in variants:
             t0 = time.time()
-            row = run_variant(v, args.batch, args.heads, args.length, D, args.backward, torch.bfloat16)
+            row = run_variant(v, args.batch, args.heads, args.length, D, args.backward, torch.bfloat16,
+                              json.loads(args.kernel_options) if args.kernel_options else None)
             rows.append(row)
             print(f"  {v.name:28s} D={D:3d} err={row.max_rel_err:.1e}"
                   + f" first call: flexcomp {row.first_call_s['flexcomp']:.1f}s, torch {row.first_call_s['torch flex']:.1f}s"

@@ -29,7 +29,8 @@ import bench_attention as ba
 
 import flexcomp as fc
 
-SWITCHES = {"tma": {"USE_TMA": True}, "nofold": {"FOLD_SCALE": False}, "fold": {"FOLD_SCALE": True}}
+SWITCHES = {"tma": {"USE_TMA": True}, "nofold": {"FOLD_SCALE": False}, "fold": {"FOLD_SCALE": True},
+            "norefine": {"REFINE_TILES": False}}
 
 
 def parse_config(text: str) -> dict:

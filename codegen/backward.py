@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from flexcomp.blockmask import refine_block_mask
 from flexcomp.errors import BackendError
 from flexcomp.mods import Mod
 from flexcomp.tiles import block_size
@@ -38,7 +39,7 @@ from flexcomp.tiles import block_size
 from .autotune import next_power_of_2
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
-from .forward import check_buffers, slot_args
+from .forward import check_buffers, refine_wanted, slot_args
 from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key
 
@@ -315,8 +316,19 @@ class BackwardPlan:
             sparse = (max(self.config.BLOCK_M1, self.config.BLOCK_M2), max(self.config.BLOCK_N1, self.config.BLOCK_N2))
         self.sparse = sparse
         self.module = backward_module(score_mod, mask_mod, grad_buffers)
-        self.q_tables = _tables(block_mask, True, Lq, Lkv, sparse, query.device)
-        self.kv_tables = _tables(block_mask, False, Lq, Lkv, sparse, query.device) if not self.atomic else None
+        # the tables each kernel walks, by their tiles: the block mask's, and where the config's tiles are smaller,
+        # the same mask at those tiles (flexcomp.blockmask.refine_block_mask), dK/dV's q-major and dQ's kv-major
+        self.q_tables = {sparse: _tables(block_mask, True, Lq, Lkv, sparse, query.device)}
+        self.kv_tables = {sparse: _tables(block_mask, False, Lq, Lkv, sparse, query.device)} if not self.atomic else {}
+        if block_mask is not None and refine_wanted(kernel_options):
+            config, refined = self.config, {}
+            wanted = [((config.BLOCK_M1, config.BLOCK_N1), self.q_tables)]
+            wanted += [((config.BLOCK_M2, config.BLOCK_N2), self.kv_tables)] if not self.atomic else []
+            for tiles, by_tiles in wanted:
+                if tiles not in refined:
+                    refined[tiles] = refine_block_mask(block_mask, tiles, B, Hq)
+                if refined[tiles] is not None:
+                    by_tiles[tiles] = _tables(refined[tiles], by_tiles is self.q_tables, Lq, Lkv, tiles, query.device)
         specs = score_mod.buffers if score_mod is not None else ()
         self.grad_specs = [s for s in specs if s.name in grad_buffers]
         self.grad_dtypes = {s.name: tensors[f"score:{s.name}"].dtype for s in self.grad_specs}
@@ -397,7 +409,7 @@ class BackwardPlan:
         qkvdo = [x for name in ("q", "k", "v", "do") for x in slot_args(name, tensors[name])]
         mod_args = [x for name, t in tensors.items() if name.startswith(("score:", "mask:")) for x in slot_args(name, t)]
         constants = {"D": D, "DV": Dv, "BLOCK_D": max(16, next_power_of_2(D)), "BLOCK_DV": max(16, next_power_of_2(Dv)),
-                     "GQA_GROUP": self.group, "SPARSE_Q": self.sparse[0], "SPARSE_KV": self.sparse[1],
+                     "GQA_GROUP": self.group,
                      "DOT_PRECISION": "ieee" if self.dtype == torch.float32 else "tf32",
                      # tanh on the MUFU unit for 16-bit inputs, as the forward (never under the interpreter: no asm)
                      "FAST_TANH": self.dtype in (torch.float16, torch.bfloat16) and self.device.type == "cuda"}
@@ -406,12 +418,14 @@ class BackwardPlan:
     def _dkdv_launch(self, config: BackwardConfig, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
         B, Hq, Hkv, Lq, Lkv, _, _ = self.dims
         qkvdo, mod_args, constants = self._inputs_and_constants(tensors)
+        sparse = self._sparse(self.q_tables, (config.BLOCK_M1, config.BLOCK_N1))
         return PreparedLaunch(
             self.module.flex_bwd_dkdv, (_cdiv(Lkv, config.BLOCK_N1), B * Hkv),
             [*qkvdo, Slot("lse2"), Slot("delta"), Slot("dq_sums" if self.atomic else "delta"),
-             *slot_args("dk", tensors["dk"]), *slot_args("dv", tensors["dv"]), *_table_args(*self.q_tables),
+             *slot_args("dk", tensors["dk"]), *slot_args("dv", tensors["dv"]), *_table_args(*self.q_tables[sparse]),
              *mod_args, *self._grad_args(None), self.scale, Lq, Lkv, Hq, Hkv],
-            {**constants, "ATOMIC_DQ": self.atomic, "EVEN_Q": Lq % self.sparse[0] == 0, "BLOCK_M": config.BLOCK_M1,
+            {**constants, "SPARSE_Q": sparse[0], "SPARSE_KV": sparse[1], "ATOMIC_DQ": self.atomic,
+             "EVEN_Q": Lq % sparse[0] == 0, "BLOCK_M": config.BLOCK_M1,
              "BLOCK_N": config.BLOCK_N1, "EVEN_KV": Lkv % config.BLOCK_N1 == 0, "num_warps": config.warps_dkdv,
              "num_stages": config.stages_dkdv})
 
@@ -420,13 +434,19 @@ class BackwardPlan:
         B, Hq, _, Lq, Lkv, _, _ = self.dims
         qkvdo, mod_args, constants = self._inputs_and_constants(tensors)
         grid = (_cdiv(Lq, config.BLOCK_M2), B * Hq)
+        sparse = self._sparse(self.kv_tables, (config.BLOCK_M2, config.BLOCK_N2))
         return PreparedLaunch(
             self.module.flex_bwd_dq, grid,
-            [*qkvdo, Slot("lse2"), Slot("delta"), *slot_args("dq", tensors["dq"]), *_table_args(*self.kv_tables),
+            [*qkvdo, Slot("lse2"), Slot("delta"), *slot_args("dq", tensors["dq"]), *_table_args(*self.kv_tables[sparse]),
              *mod_args, *self._grad_args(grid[0] * grid[1] if partials else None), self.scale, Lq, Lkv, Hq],
-            {**constants, "EVEN_KV": Lkv % self.sparse[1] == 0, "BLOCK_M": config.BLOCK_M2, "BLOCK_N": config.BLOCK_N2,
+            {**constants, "SPARSE_Q": sparse[0], "SPARSE_KV": sparse[1], "EVEN_KV": Lkv % sparse[1] == 0,
+             "BLOCK_M": config.BLOCK_M2, "BLOCK_N": config.BLOCK_N2,
              "EVEN_Q": Lq % config.BLOCK_M2 == 0, "num_warps": config.warps_dq, "num_stages": config.stages_dq,
              "DETERMINISTIC": partials})
+
+    def _sparse(self, by_tiles: dict[tuple[int, int], tuple], tiles: tuple[int, int]) -> tuple[int, int]:
+        """The tile of the tables a kernel at `tiles` walks: the block mask refined to them, or the block mask's."""
+        return tiles if tiles in by_tiles else self.sparse
 
     def _grad_args(self, programs: int | None) -> list[Any]:
         """Each gradient's buffer, its strides and its slice stride: the [programs, *shape] partials' when

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import triton
 
+from flexcomp.blockmask import refine_block_mask
 from flexcomp.errors import BackendError
 from flexcomp.ir import arg, const
 from flexcomp.mods import Mod
@@ -210,21 +211,25 @@ class ForwardPlan:
         module, self.key = _module_and_key(score_mod, mask_mod, bounds)
         self.kernel = module.flex_forward_kernel
         self.interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        has_full, tables = index_tables(block_mask, bounds is not None)
-        self.args = [
+        # the tables each launch walks, by their tiles: the block mask's, and where the config's kernel tiles are
+        # smaller, the same mask at those tiles (empty sub-tiles out of the loops: flexcomp.blockmask.refine_block_mask)
+        self.tables = {self.sparse: index_tables(block_mask, bounds is not None)}
+        tiles = (self.config.block_m, self.config.block_n)
+        refined = None if bounds is not None or not refine_wanted(kernel_options) else \
+            refine_block_mask(block_mask, tiles, B, Hq)
+        if refined is not None:
+            self.tables[tiles] = index_tables(refined, False)
+        self.inputs = [
             *slot_args("q", q), *slot_args("k", k), *slot_args("v", v),
             Slot("out"), *contiguous_strides(self.out_shape), Slot("lse"), *contiguous_strides(self.lse_shape),
-            *tables, *(x for name, t in buffers for x in slot_args(name, t)),
-            float(scale), Lq, Lkv, Hq, Hq // Hkv,
         ]  # fmt: skip
+        self.scalars = [*(x for name, t in buffers for x in slot_args(name, t)), float(scale), Lq, Lkv, Hq, Hq // Hkv]
         self.constexprs = {
-            "HAS_SCORE_MOD": score_mod is not None, "USE_BOUNDS": bounds is not None, "HAS_FULL": has_full,
-            "SPARSE_Q": sparse_q, "SPARSE_KV": sparse_kv,
+            "HAS_SCORE_MOD": score_mod is not None, "USE_BOUNDS": bounds is not None,
             "BLOCK_D": max(next_power_of_2(D), MIN_BLOCK), "BLOCK_DV": max(next_power_of_2(Dv), MIN_BLOCK),
             "D": D, "DV": Dv,
             "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
             "UPCAST_DOT": q.dtype == torch.bfloat16 and self.interpreted,
-            "EVEN_KV": Lkv % sparse_kv == 0,  # every kv tile in bounds (a table walk visits whole sparse blocks)
             "FAST_TANH": score_mod is not None and q.dtype in FAST_TANH_DTYPES and not self.interpreted,
             "FLOAT_INDEX": float_index(score_mod, B, Hq, Lq + sparse_q, Lkv + sparse_kv),
             "FOLD_SCALE": fold_scale(score_mod, float(scale), kernel_options),
@@ -254,11 +259,17 @@ class ForwardPlan:
         """The launch at `config`'s tiles (made once per config)."""
         launch = self.launches.get(config)
         if launch is None:
-            Lq = self.out_shape[2]
+            Lq, Lkv = self.out_shape[2], self.dims[3]
+            tiles = (config.block_m, config.block_n)
+            sparse = tiles if tiles in self.tables else self.sparse
+            has_full, tables = self.tables[sparse]
             launch = self.launches[config] = PreparedLaunch(
-                self.kernel, (-(-Lq // config.block_m), self.out_shape[0] * self.out_shape[1]), self.args,
-                dict(self.constexprs, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                     TILES_PER_BLOCK=self.sparse[1] // config.block_n, EVEN_Q=Lq % config.block_m == 0,
+                self.kernel, (-(-Lq // config.block_m), self.out_shape[0] * self.out_shape[1]),
+                [*self.inputs, *tables, *self.scalars],
+                dict(self.constexprs, HAS_FULL=has_full, SPARSE_Q=sparse[0], SPARSE_KV=sparse[1],
+                     BLOCK_M=config.block_m, BLOCK_N=config.block_n, TILES_PER_BLOCK=sparse[1] // config.block_n,
+                     EVEN_Q=Lq % config.block_m == 0,
+                     EVEN_KV=Lkv % sparse[1] == 0,  # every kv tile in bounds (a table walk visits whole sparse blocks)
                      USE_TMA=config.use_tma and self._tma_possible(), num_warps=config.num_warps,
                      num_stages=config.num_stages))
         return launch
@@ -324,6 +335,12 @@ def _visited_fraction(block_mask: Any, bounds: ClosedFormBounds | None) -> float
         visited = visited + block_mask.full_kv_num_blocks.sum()
     rows = block_mask.kv_num_blocks.shape[0] * block_mask.kv_num_blocks.shape[1] * n_q
     return float(visited) / max(rows * n_kv, 1)
+
+
+def refine_wanted(kernel_options: dict | None) -> bool:
+    """Whether table walks use the block mask refined to the kernel's tiles (`REFINE_TILES`, default on; off for
+    A/B timing)."""
+    return bool((kernel_options or {}).get("REFINE_TILES", True))
 
 
 def float_index(score_mod: Mod | None, batch: int, heads: int, q_bound: int, kv_bound: int) -> bool:

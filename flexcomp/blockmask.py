@@ -43,6 +43,7 @@ from .sparsity import counts as device_counts
 from .sparsity.equality import candidate_ranges, interval_tables, ranges_to_tiles
 from .sparsity.tables import (
     bounds_rows,
+    classes_to_ordered,
     ordered_to_classes,
     rows_from_ranges,
     rows_to_ordered,
@@ -50,7 +51,7 @@ from .sparsity.tables import (
     transpose_ordered,
 )
 from .sparsity.tiles import Grid, analyze_rows, analyze_tiles, evaluate_tiles
-from .tiles import ClosedFormBounds, TileClass, block_pair
+from .tiles import ClosedFormBounds, TileClass, block_pair, block_size, table_dims
 
 Tensor = torch.Tensor
 DEFAULT_BLOCK = 128
@@ -304,14 +305,20 @@ def create_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, K
         raise ValueError(f"sequence lengths must be positive, got {Q_LEN=} {KV_LEN=}")
     mod = specialized_mod(mask_mod, "mask")
     device = torch.device(device) if device is not None else _default_device()
-    q_block, kv_block = _block_sizes(BLOCK_SIZE)
+    return _build(mod, B, H, Q_LEN, KV_LEN, device, _block_sizes(BLOCK_SIZE), evaluate=True if exact else None)
+
+
+def _build(mod: Mod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device: torch.device,
+           block: tuple[int, int], evaluate: bool | None) -> BlockMask:
+    """create_block_mask's work; `evaluate`: the exact fallback always (True), never (False) or by itself (None)."""
+    q_block, kv_block = block
     used = _free_args(mod.ir)
     grid = Grid(B=(B or 1) if "b" in used else 1, H=(H or 1) if "h" in used else 1, q_len=Q_LEN, kv_len=KV_LEN,
                 q_block=q_block, kv_block=kv_block)
     bounds = closed_form_bounds(mod)
     if bounds is not None and not ({"b", "h"} & used):
         return _from_bounds(mod, bounds, grid, device)
-    return _from_analysis(mod, grid, device, exact, bounds)
+    return _from_analysis(mod, grid, device, evaluate, bounds)
 
 
 @functools.lru_cache(maxsize=256)
@@ -332,7 +339,7 @@ def _from_bounds(mod: Mod, bounds: ClosedFormBounds, grid: Grid, device: torch.d
                      table_dims=(1, 1, grid.num_q_blocks), device=device)
 
 
-def _from_analysis(mod: Mod, grid: Grid, device: torch.device, exact: bool,
+def _from_analysis(mod: Mod, grid: Grid, device: torch.device, evaluate: bool | None,
                    bounds: ClosedFormBounds | None) -> BlockMask:
     """Exact per-row intervals of a document-style mask on the device, or dense bands of q blocks through the
     analysis, or only the candidate tiles of a document-style mask."""
@@ -343,13 +350,13 @@ def _from_analysis(mod: Mod, grid: Grid, device: torch.device, exact: bool,
         return _finish(mod, grid, tables, bounds, _interval_report(grid.num_q_blocks * grid.num_kv_blocks, unsorted))
     ranges = candidate_ranges(mod.ir, tensors, grid)
     if ranges is not None:
-        return _from_candidates(mod, grid, device, exact, bounds, ranges)
+        return _from_candidates(mod, grid, device, evaluate, bounds, ranges)
     nq, nkv = grid.num_q_blocks, grid.num_kv_blocks
     band = max(1, ANALYSIS_TILES // max(1, grid.B * grid.H * nkv))
     bands = [(q0, min(nq, q0 + band)) for q0 in range(0, nq, band)]
     classes = [analyze_rows(mod.ir, tensors, grid, q0, q1) for q0, q1 in bands]
     undecided = sum(int((c == TileClass.PARTIAL).sum().item()) for c in classes)
-    evaluate, counts = _decide_fallback(mod, grid, exact, undecided, skipped=0)
+    evaluate, counts = _decide_fallback(mod, grid, evaluate, undecided, skipped=0)
     partial_rows, full_rows = [], []
     for (q0, _), cls in zip(bands, classes):
         if evaluate and undecided:
@@ -362,7 +369,7 @@ def _from_analysis(mod: Mod, grid: Grid, device: torch.device, exact: bool,
     return _finish(mod, grid, tables, bounds, counts)
 
 
-def _from_candidates(mod: Mod, grid: Grid, device: torch.device, exact: bool, bounds: ClosedFormBounds | None,
+def _from_candidates(mod: Mod, grid: Grid, device: torch.device, evaluate: bool | None, bounds: ClosedFormBounds | None,
                      ranges: tuple[Tensor, Tensor]) -> BlockMask:
     """`f(q) == g(kv) & ...` with g monotone: tiles outside each row's kv range are EMPTY (sparsity.equality)."""
     tensors = mod.tensors()
@@ -370,7 +377,7 @@ def _from_candidates(mod: Mod, grid: Grid, device: torch.device, exact: bool, bo
     cls = analyze_tiles(mod.ir, tensors, grid, rows, cols)  # [B, H, T]
     skipped = grid.B * grid.H * (grid.num_q_blocks * grid.num_kv_blocks - rows.numel())
     undecided = int((cls == TileClass.PARTIAL).sum().item())
-    evaluate, counts = _decide_fallback(mod, grid, exact, undecided, skipped)
+    evaluate, counts = _decide_fallback(mod, grid, evaluate, undecided, skipped)
     if evaluate and undecided:
         b, h, t = (cls == TileClass.PARTIAL).nonzero(as_tuple=True)
         tiles = torch.stack([b, h, rows[t], cols[t]], 1)
@@ -392,10 +399,12 @@ def _interval_report(tiles: int, unsorted: Tensor | None) -> dict[str, int] | Ca
     return lambda: {UNSORTED_IDS if bool(unsorted) else "equality intervals": tiles}
 
 
-def _decide_fallback(mod: Mod, grid: Grid, exact: bool, undecided: int, skipped: int) -> tuple[bool, dict[str, int]]:
-    """Whether the undecided tiles are evaluated, and the decided_by counts that follow."""
+def _decide_fallback(mod: Mod, grid: Grid, evaluate: bool | None, undecided: int,
+                     skipped: int) -> tuple[bool, dict[str, int]]:
+    """Whether the undecided tiles are evaluated (None: when too many are), and the decided_by counts that follow."""
     total = grid.B * grid.H * grid.num_q_blocks * grid.num_kv_blocks
-    evaluate = exact or undecided > AUTO_EXACT_FRACTION * total
+    if evaluate is None:
+        evaluate = undecided > AUTO_EXACT_FRACTION * total
     how = "summary" if mod.buffers else "analysis"
     counts = {"equality ranges": skipped, how: total - skipped - undecided,
               "evaluation" if evaluate else "undecided (PARTIAL, not evaluated)": undecided}
@@ -408,6 +417,39 @@ def _finish(mod: Mod, grid: Grid, tables: tuple[Tensor, ...], bounds: ClosedForm
                                     seq_lengths=(grid.q_len, grid.kv_len))
     mask.bounds, mask.decided_by = bounds, counts  # counts: a dict, or a function read on first use
     return mask
+
+
+REFINE_MAX_TILES = 1 << 24  # tiles of the finer grid (B x H x rows x cols) past which no block mask is refined
+
+
+def refine_block_mask(block_mask: Any, tiles: tuple[int, int], batch: int, heads: int) -> BlockMask | None:
+    """`block_mask` at a kernel's smaller (q, kv) tiles, with the same meaning, or None where that does not apply.
+
+    A FULL block's sub-tiles stay FULL and an unlisted block's stay unlisted; a PARTIAL block's are classified
+    from its mask_mod by the analysis alone (never evaluated): EMPTY ones leave the kernel's loops, FULL ones
+    skip the mask, the rest stay PARTIAL.  This is torch's meaning (the mask applies in PARTIAL blocks only)
+    whoever built the tables.  None when the tiles do not divide the blocks, the mask_mod is not a Mod, or the
+    finer grid has over REFINE_MAX_TILES tiles (`batch` / `heads`: the call's, for a mask that reads b / h)."""
+    block = block_size(block_mask)
+    mod = block_mask.mask_mod
+    if block == tiles or block[0] % tiles[0] or block[1] % tiles[1] or not isinstance(mod, Mod):
+        return None
+    q_len, kv_len = block_mask.seq_lengths
+    used = _free_args(mod.ir)
+    B, H = (batch if "b" in used else 1), (heads if "h" in used else 1)
+    nb, nh, _ = table_dims(block_mask)
+    fine = -(-q_len // tiles[0]), -(-kv_len // tiles[1])
+    if max(nb, B) * max(nh, H) * fine[0] * fine[1] > REFINE_MAX_TILES:
+        return None
+    coarse = ordered_to_classes(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+                                block_mask.full_kv_indices, -(-kv_len // block[1]))[..., :-(-q_len // block[0]), :]
+    inherited = (coarse.repeat_interleave(block[0] // tiles[0], -2)
+                 .repeat_interleave(block[1] // tiles[1], -1)[..., :fine[0], :fine[1]])
+    device = inherited.device
+    own = _build(mod, B, H, q_len, kv_len, device, tiles, evaluate=False).tile_classes()
+    classes = torch.where(inherited == TileClass.PARTIAL, own, inherited)
+    return BlockMask.from_kv_blocks(*classes_to_ordered(classes), BLOCK_SIZE=tiles, mask_mod=mod,
+                                    seq_lengths=(q_len, kv_len))
 
 
 def create_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device: Any = None) -> Tensor:

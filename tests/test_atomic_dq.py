@@ -173,6 +173,6 @@ def test_source_has_both_scatters_and_the_dq_atomic():
 @pytest.mark.parametrize("name", list(EVEN_CASES))
 def test_atomic_adds_unmasked_only_where_lengths_are_tile_multiples(randn, launches, name):
     bias, case, flags = even_lengths_case(randn, name)
-    compare(randn, **case, tables=(bias,), options=ATOMIC)
+    compare(randn, **{**case, "options": {**case["options"], **ATOMIC}}, tables=(bias,))
     assert_atomic_ran(launches)
     assert_flags(launches, flags)

@@ -66,6 +66,17 @@ def rows_to_ordered(partial: list[Tensor], full: list[Tensor], device: torch.dev
     return tuple(out)
 
 
+def classes_to_ordered(classes: Tensor) -> tuple[Tensor, ...]:
+    """uint8 TileClass map [..., R, N] -> kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices at torch's
+    dense width N, without a host sync (a stable sort puts each row's listed tiles first, ascending)."""
+    out = []
+    for cls in (TileClass.PARTIAL, TileClass.FULL):
+        listed = classes == cls
+        order = torch.sort(listed.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+        out += [listed.sum(-1, dtype=torch.int32), order.to(torch.int32)]
+    return tuple(out)
+
+
 def ordered_to_classes(num: Tensor, idx: Tensor, full_num: Tensor | None, full_idx: Tensor | None,
                        num_cols: int) -> Tensor:
     """uint8 TileClass map [..., rows, num_cols] from ordered tables (FULL wins where both list a tile)."""
