@@ -290,6 +290,13 @@ def _block_sizes(BLOCK_SIZE: int | tuple[int, int]) -> tuple[int, int]:
     raise ValueError(f"BLOCK_SIZE must be a positive int or a (Q, KV) pair, got {BLOCK_SIZE=}")
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """"cuda" as the device its tensors land on ("cuda:0"): a lazy BlockMask reports its device before any exists."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -304,7 +311,7 @@ def create_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, K
     if Q_LEN < 1 or KV_LEN < 1:
         raise ValueError(f"sequence lengths must be positive, got {Q_LEN=} {KV_LEN=}")
     mod = specialized_mod(mask_mod, "mask")
-    device = torch.device(device) if device is not None else _default_device()
+    device = _indexed(torch.device(device) if device is not None else _default_device())
     return _build(mod, B, H, Q_LEN, KV_LEN, device, _block_sizes(BLOCK_SIZE), evaluate=True if exact else None)
 
 
