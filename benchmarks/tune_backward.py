@@ -24,6 +24,7 @@ import sys
 import time
 
 import torch
+import torch._functorch.config as functorch_config
 from flexcomp.codegen import backward as bwd
 from flexcomp.codegen.plans import clear_plans
 from torch.nn.attention import flex_attention as torch_flex_module
@@ -32,7 +33,7 @@ import flexcomp as fc
 
 # torch's compiled backward may donate its saved buffers, which forbids the retain_graph=True this script times
 # the backward with (a RuntimeError when torch's backward runs twice on one graph)
-torch._functorch.config.donated_buffer = False
+functorch_config.donated_buffer = False
 torch_flex = torch.compile(torch_flex_module.flex_attention, dynamic=False)
 RESULTS: list[dict] = []
 
