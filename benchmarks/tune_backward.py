@@ -257,8 +257,10 @@ def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separa
                             "kernels": times})
             for scheme, config in ((s, c) for s in schemes for c in timed_configs(D, configs, defaults, s)):
                 key = (16, 64 if D <= 64 else 128)
-                saved = bwd.BACKWARD_CONFIGS[key]
-                bwd.BACKWARD_CONFIGS[key] = bwd.BackwardConfig(*config)
+                tables = (bwd.BACKWARD_CONFIGS, bwd.SPARSE_BACKWARD_CONFIGS)  # the config timed for every mask
+                saved = [table.get(key) for table in tables]
+                for table in tables:
+                    table[key] = bwd.BackwardConfig(*config)
                 bwd._chosen_config.cache_clear()  # the memoized choice and the call plans hold the old entry
                 clear_plans()
                 label = f"{scheme:8s} {config!s:32s}"
@@ -284,7 +286,11 @@ def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separa
                     print(f"D={D} {variant:8s} {label} FAILED {type(exc).__name__}: {str(exc)[:300]}",
                           flush=True)
                 finally:
-                    bwd.BACKWARD_CONFIGS[key] = saved
+                    for table, entry in zip(tables, saved):
+                        if entry is None:
+                            table.pop(key)
+                        else:
+                            table[key] = entry
                     torch.cuda.empty_cache()
     summary(schemes)
 

@@ -39,7 +39,7 @@ from flexcomp.tiles import block_size
 from .autotune import next_power_of_2
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
-from .forward import check_buffers, refine_wanted, slot_args
+from .forward import check_buffers, is_sparse, refine_wanted, slot_args
 from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key
 
@@ -65,8 +65,13 @@ BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
     (32, 128): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
     (32, 256): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
     (16, 64): BackwardConfig(64, 64, 64, 64, 4, 2, 4, 3),
-    (16, 128): BackwardConfig(64, 128, 128, 64, 8, 3, 8, 2),
+    (16, 128): BackwardConfig(64, 128, 128, 128, 8, 3, 8, 2),
     (16, 256): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
+}
+# where sparse masks (forward.is_sparse) differ: dQ's 64-wide kv tiles walk the block mask refined to them (empty
+# sub-tiles skipped), where the 128-wide ones dense masks run faster would walk whole blocks
+SPARSE_BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
+    (16, 128): BackwardConfig(64, 128, 128, 64, 8, 3, 8, 2),
 }
 DEFAULT_SPARSE_BLOCK = 128  # tile size of the synthesized all-FULL tables when there is no block mask
 MIN_BLOCK = 16
@@ -133,9 +138,11 @@ def _table_args(num: torch.Tensor, idx: torch.Tensor, full_num: torch.Tensor, fu
 # ---------------------------------------------------------------- launch
 
 
-def default_config(dtype: torch.dtype, head_dim: int) -> BackwardConfig:
+def default_config(dtype: torch.dtype, head_dim: int, sparse_mask: bool = False) -> BackwardConfig:
     bits = 32 if dtype == torch.float32 else 16
     bucket = next(d for d in (64, 128, 256) if max(next_power_of_2(head_dim), MIN_BLOCK) <= d)
+    if sparse_mask and (bits, bucket) in SPARSE_BACKWARD_CONFIGS:
+        return SPARSE_BACKWARD_CONFIGS[(bits, bucket)]
     return BACKWARD_CONFIGS[(bits, bucket)]
 
 
@@ -151,18 +158,19 @@ def _fit(size: int, limit: int) -> int:
 
 
 def choose_config(kernel_options: dict[str, Any] | None, sparse: tuple[int, int], dtype: torch.dtype,
-                  head_dim: int) -> BackwardConfig:
+                  head_dim: int, sparse_mask: bool = False) -> BackwardConfig:
     options = kernel_options or {}
     try:
-        return _chosen_config(tuple(sorted(options.items())), sparse, dtype, head_dim)
+        return _chosen_config(tuple(sorted(options.items())), sparse, dtype, head_dim, sparse_mask)
     except TypeError:  # an unhashable option value: decide without the memo
-        return _chosen_config.__wrapped__(tuple(sorted(options.items())), sparse, dtype, head_dim)
+        return _chosen_config.__wrapped__(tuple(sorted(options.items())), sparse, dtype, head_dim, sparse_mask)
 
 
 @functools.lru_cache(maxsize=256)  # on every backward call's path
-def _chosen_config(option_items: tuple, sparse: tuple[int, int], dtype: torch.dtype, head_dim: int) -> BackwardConfig:
+def _chosen_config(option_items: tuple, sparse: tuple[int, int], dtype: torch.dtype, head_dim: int,
+                   sparse_mask: bool) -> BackwardConfig:
     options = dict(option_items)
-    base = default_config(dtype, head_dim)
+    base = default_config(dtype, head_dim, sparse_mask)
     blocks = {}
     for name in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
         limit = sparse[0] if name.startswith("BLOCK_M") else sparse[1]
@@ -310,7 +318,8 @@ class BackwardPlan:
         self.dims, self.group = (B, Hq, Hkv, Lq, Lkv, D, Dv), group
         self.dtype, self.device = query.dtype, query.device
         sparse = block_size(block_mask) if block_mask is not None else (DEFAULT_SPARSE_BLOCK, DEFAULT_SPARSE_BLOCK)
-        self.config = choose_config(kernel_options, sparse, query.dtype, max(D, Dv))
+        sparse_mask = block_mask is not None and is_sparse(block_mask, getattr(block_mask, "bounds", None))
+        self.config = choose_config(kernel_options, sparse, query.dtype, max(D, Dv), sparse_mask)
         self.atomic = atomic_dq(kernel_options)
         if block_mask is None:  # the synthesized tables' tile: as small as the kernels' tiles, so no tile is wasted
             sparse = (max(self.config.BLOCK_M1, self.config.BLOCK_M2), max(self.config.BLOCK_N1, self.config.BLOCK_N2))
