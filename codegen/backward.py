@@ -39,7 +39,7 @@ from flexcomp.tiles import block_size
 from .autotune import next_power_of_2
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
-from .forward import check_buffers, is_sparse, refine_wanted, slot_args
+from .forward import check_buffers, is_sparse, refine_wanted, slot_args, walked_tiles
 from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key
 
@@ -427,7 +427,7 @@ class BackwardPlan:
     def _dkdv_launch(self, config: BackwardConfig, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
         B, Hq, Hkv, Lq, Lkv, _, _ = self.dims
         qkvdo, mod_args, constants = self._inputs_and_constants(tensors)
-        sparse = self._sparse(self.q_tables, (config.BLOCK_M1, config.BLOCK_N1))
+        sparse = walked_tiles(self.q_tables, (config.BLOCK_M1, config.BLOCK_N1), self.sparse)
         return PreparedLaunch(
             self.module.flex_bwd_dkdv, (_cdiv(Lkv, config.BLOCK_N1), B * Hkv),
             [*qkvdo, Slot("lse2"), Slot("delta"), Slot("dq_sums" if self.atomic else "delta"),
@@ -443,7 +443,7 @@ class BackwardPlan:
         B, Hq, _, Lq, Lkv, _, _ = self.dims
         qkvdo, mod_args, constants = self._inputs_and_constants(tensors)
         grid = (_cdiv(Lq, config.BLOCK_M2), B * Hq)
-        sparse = self._sparse(self.kv_tables, (config.BLOCK_M2, config.BLOCK_N2))
+        sparse = walked_tiles(self.kv_tables, (config.BLOCK_M2, config.BLOCK_N2), self.sparse)
         return PreparedLaunch(
             self.module.flex_bwd_dq, grid,
             [*qkvdo, Slot("lse2"), Slot("delta"), *slot_args("dq", tensors["dq"]), *_table_args(*self.kv_tables[sparse]),
@@ -452,10 +452,6 @@ class BackwardPlan:
              "BLOCK_M": config.BLOCK_M2, "BLOCK_N": config.BLOCK_N2,
              "EVEN_Q": Lq % config.BLOCK_M2 == 0, "num_warps": config.warps_dq, "num_stages": config.stages_dq,
              "DETERMINISTIC": partials})
-
-    def _sparse(self, by_tiles: dict[tuple[int, int], tuple], tiles: tuple[int, int]) -> tuple[int, int]:
-        """The tile of the tables a kernel at `tiles` walks: the block mask refined to them, or the block mask's."""
-        return tiles if tiles in by_tiles else self.sparse
 
     def _grad_args(self, programs: int | None) -> list[Any]:
         """Each gradient's buffer, its strides and its slice stride: the [programs, *shape] partials' when

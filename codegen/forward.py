@@ -260,8 +260,7 @@ class ForwardPlan:
         launch = self.launches.get(config)
         if launch is None:
             Lq, Lkv = self.out_shape[2], self.dims[3]
-            tiles = (config.block_m, config.block_n)
-            sparse = tiles if tiles in self.tables else self.sparse
+            sparse = walked_tiles(self.tables, (config.block_m, config.block_n), self.sparse)
             has_full, tables = self.tables[sparse]
             launch = self.launches[config] = PreparedLaunch(
                 self.kernel, (-(-Lq // config.block_m), self.out_shape[0] * self.out_shape[1]),
@@ -341,6 +340,12 @@ def refine_wanted(kernel_options: dict | None) -> bool:
     """Whether table walks use the block mask refined to the kernel's tiles (`REFINE_TILES`, default on; off for
     A/B timing)."""
     return bool((kernel_options or {}).get("REFINE_TILES", True))
+
+
+def walked_tiles(by_tiles: dict[tuple[int, int], Any], tiles: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
+    """The tile of the tables a kernel at `tiles` walks: the block mask refined to them if a plan made that, else
+    the block mask's own `block`."""
+    return tiles if tiles in by_tiles else block
 
 
 def float_index(score_mod: Mod | None, batch: int, heads: int, q_bound: int, kv_bound: int) -> bool:
