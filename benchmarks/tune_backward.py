@@ -2,7 +2,7 @@
 
     python benchmarks/tune_backward.py diagnose     # the D=192 dK error, under controlled variations
     python benchmarks/tune_backward.py sweep --head-dims 64 128 [--variants causal none softcap document]
-        [--dq-schemes separate atomic] [--defaults]
+        [--dq-schemes separate atomic] [--defaults] [--option-sets '{"pf": {"PREFETCH_INDEX": true}, ...}']
     python benchmarks/tune_backward.py all
 
 `sweep` times flexcomp's backward alone (out.backward with the graph kept) per config of
@@ -10,7 +10,8 @@
 registers and spills, beside torch's compiled flex_attention backward on the same inputs.
 `--dq-schemes` times each config under each dQ scheme (kernel_options BACKWARD_DQ; the atomic scheme runs
 no dQ kernel, so configs differing only in their dQ tiles are timed once); `--defaults` times only the
-config BACKWARD_CONFIGS holds for the head dim.  A summary table per (D, variant) closes the sweep.
+config BACKWARD_CONFIGS holds for the head dim; `--option-sets` times each under each named set of extra
+kernel_options too (an A/B in one process).  A summary table per (D, variant) closes the sweep.
 Results go to stdout and to $OUT/tune_backward.json when OUT is set.
 """
 
@@ -224,9 +225,12 @@ def timed_configs(D: int, configs, defaults: bool, scheme: str) -> list[tuple]:
     return list(first_per_dkdv.values())
 
 
-def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separate",), defaults=False) -> None:
+def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separate",), defaults=False,
+          option_sets=None) -> None:
     global DOC_IDS
     from triton.testing import do_bench
+
+    option_sets = option_sets or {"": {}}
 
     print(f"\n## backward sweep B={B} H={H} L={L} bf16 (backward only; TFLOP/s = 2.5 x forward flops); "
           f"dQ schemes {schemes}")
@@ -255,7 +259,9 @@ def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separa
             print(f"D={D} {variant:8s} torch flex   {ms:7.3f} ms {flops / ms / 1e9:5.0f} TFLOP/s", flush=True)
             RESULTS.append({"kind": "sweep", "D": D, "variant": variant, "impl": "torch flex", "ms": ms,
                             "kernels": times})
-            for scheme, config in ((s, c) for s in schemes for c in timed_configs(D, configs, defaults, s)):
+            for scheme, config, (set_name, extra) in ((s, c, o) for s in schemes
+                                                      for c in timed_configs(D, configs, defaults, s)
+                                                      for o in option_sets.items()):
                 key = (16, 64 if D <= 64 else 128)
                 tables = (bwd.BACKWARD_CONFIGS, bwd.SPARSE_BACKWARD_CONFIGS)  # the config timed for every mask
                 saved = [table.get(key) for table in tables]
@@ -263,13 +269,13 @@ def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separa
                     table[key] = bwd.BackwardConfig(*config)
                 bwd._chosen_config.cache_clear()  # the memoized choice and the call plans hold the old entry
                 clear_plans()
-                label = f"{scheme:8s} {config!s:32s}"
+                label = f"{scheme + (':' + set_name if set_name else ''):8s} {config!s:32s}"
                 try:
                     for t in (q, k, v):
                         t.grad = None
                     bwd.LAST_KERNELS.clear()  # the atomic scheme launches no dQ kernel: report no stale one
                     out = fc.flex_attention(q, k, v, score_mod=f_score, block_mask=f_mask,
-                                            kernel_options={"BACKWARD_DQ": scheme})
+                                            kernel_options={"BACKWARD_DQ": scheme, **extra})
                     err = max(rel(g, r) for g, r in zip(torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
                                                          ref_grads))
                     used = bwd.LAST_KERNELS.get("config")
@@ -280,7 +286,7 @@ def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separa
                           f"err={err:.1e} {short(times)} regs/spills={res}"
                           + ("" if used == bwd.BackwardConfig(*config) else f" FELL BACK to {used}"), flush=True)
                     RESULTS.append({"kind": "sweep", "D": D, "variant": variant, "impl": "flexcomp",
-                                    "scheme": scheme, "config": config, "ms": ms, "err": err, "kernels": times,
+                                    "scheme": scheme + (":" + set_name if set_name else ""), "config": config, "ms": ms, "err": err, "kernels": times,
                                     "resources": res})
                 except Exception as exc:  # noqa: BLE001 -- a config that fails is reported, the sweep goes on
                     print(f"D={D} {variant:8s} {label} FAILED {type(exc).__name__}: {str(exc)[:300]}",
@@ -292,7 +298,7 @@ def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separa
                         else:
                             table[key] = entry
                     torch.cuda.empty_cache()
-    summary(schemes)
+    summary([s + (":" + n if n else "") for s in schemes for n in option_sets])
 
 
 def summary(schemes) -> None:
@@ -322,6 +328,7 @@ def main() -> int:
     parser.add_argument("--dq-schemes", nargs="+", choices=bwd.BACKWARD_DQ_SCHEMES, default=["separate"],
                         help="time each config under each dQ scheme (kernel_options BACKWARD_DQ)")
     parser.add_argument("--defaults", action="store_true", help="time only the default config per head dim")
+    parser.add_argument("--option-sets", help="JSON {name: extra kernel_options}: each config timed under each")
     args = parser.parse_args()
     t0 = time.time()
     import triton
@@ -332,7 +339,7 @@ def main() -> int:
     if args.what in ("sweep", "all"):
         configs = [tuple(c) for c in json.loads(args.configs)] if args.configs else None
         sweep(args.head_dims, args.variants, L=args.length, configs=configs, schemes=tuple(args.dq_schemes),
-              defaults=args.defaults)
+              defaults=args.defaults, option_sets=json.loads(args.option_sets) if args.option_sets else None)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "tune_backward.json"), "w") as f:
             json.dump(RESULTS, f, indent=1, default=str)

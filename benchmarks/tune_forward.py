@@ -30,7 +30,8 @@ import bench_attention as ba
 import flexcomp as fc
 
 SWITCHES = {"tma": {"USE_TMA": True}, "nofold": {"FOLD_SCALE": False}, "fold": {"FOLD_SCALE": True},
-            "norefine": {"REFINE_TILES": False}}
+            "norefine": {"REFINE_TILES": False}, "prefetch": {"PREFETCH_INDEX": True},
+            "noprefetch": {"PREFETCH_INDEX": False}}
 
 
 def parse_config(text: str) -> dict:

@@ -39,7 +39,7 @@ from flexcomp.tiles import block_size
 from .autotune import next_power_of_2
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
-from .forward import check_buffers, is_sparse, refine_wanted, slot_args, walked_tiles
+from .forward import check_buffers, is_sparse, prefetch_index, refine_wanted, slot_args, walked_tiles
 from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key
 
@@ -64,14 +64,14 @@ BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
     (32, 64): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
     (32, 128): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
     (32, 256): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
-    (16, 64): BackwardConfig(64, 64, 64, 64, 4, 2, 4, 3),
-    (16, 128): BackwardConfig(64, 128, 128, 128, 8, 3, 8, 2),
+    (16, 64): BackwardConfig(64, 64, 64, 64, 4, 3, 4, 3),
+    (16, 128): BackwardConfig(64, 128, 128, 64, 8, 3, 8, 3),
     (16, 256): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
 }
-# where sparse masks (forward.is_sparse) differ: dQ's 64-wide kv tiles walk the block mask refined to them (empty
-# sub-tiles skipped), where the 128-wide ones dense masks run faster would walk whole blocks
+# where sparse masks (forward.is_sparse) differ: their short walks of 4-warp programs gain nothing from a third
+# stage, which needs the index prefetch (forward.prefetch_index) that costs them residency
 SPARSE_BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
-    (16, 128): BackwardConfig(64, 128, 128, 64, 8, 3, 8, 2),
+    (16, 64): BackwardConfig(64, 64, 64, 64, 4, 2, 4, 3),
 }
 DEFAULT_SPARSE_BLOCK = 128  # tile size of the synthesized all-FULL tables when there is no block mask
 MIN_BLOCK = 16
@@ -320,7 +320,9 @@ class BackwardPlan:
         sparse = block_size(block_mask) if block_mask is not None else (DEFAULT_SPARSE_BLOCK, DEFAULT_SPARSE_BLOCK)
         sparse_mask = block_mask is not None and is_sparse(block_mask, getattr(block_mask, "bounds", None))
         self.config = choose_config(kernel_options, sparse, query.dtype, max(D, Dv), sparse_mask)
+        self.sparse_mask = sparse_mask
         self.atomic = atomic_dq(kernel_options)
+        self.kernel_options = kernel_options
         if block_mask is None:  # the synthesized tables' tile: as small as the kernels' tiles, so no tile is wasted
             sparse = (max(self.config.BLOCK_M1, self.config.BLOCK_M2), max(self.config.BLOCK_N1, self.config.BLOCK_N2))
         self.sparse = sparse
@@ -435,8 +437,10 @@ class BackwardPlan:
              *mod_args, *self._grad_args(None), self.scale, Lq, Lkv, Hq, Hkv],
             {**constants, "SPARSE_Q": sparse[0], "SPARSE_KV": sparse[1], "ATOMIC_DQ": self.atomic,
              "EVEN_Q": Lq % sparse[0] == 0, "BLOCK_M": config.BLOCK_M1,
-             "BLOCK_N": config.BLOCK_N1, "EVEN_KV": Lkv % config.BLOCK_N1 == 0, "num_warps": config.warps_dkdv,
-             "num_stages": config.stages_dkdv})
+             "BLOCK_N": config.BLOCK_N1, "EVEN_KV": Lkv % config.BLOCK_N1 == 0,
+             "PREFETCH_INDEX": prefetch_index(config.stages_dkdv, config.warps_dkdv, self.sparse_mask,
+                                              self.kernel_options),
+             "num_warps": config.warps_dkdv, "num_stages": config.stages_dkdv})
 
     def _dq_launch(self, config: BackwardConfig, tensors: dict[str, torch.Tensor],
                    partials: bool = False) -> PreparedLaunch:
@@ -450,7 +454,9 @@ class BackwardPlan:
              *mod_args, *self._grad_args(grid[0] * grid[1] if partials else None), self.scale, Lq, Lkv, Hq],
             {**constants, "SPARSE_Q": sparse[0], "SPARSE_KV": sparse[1], "EVEN_KV": Lkv % sparse[1] == 0,
              "BLOCK_M": config.BLOCK_M2, "BLOCK_N": config.BLOCK_N2,
-             "EVEN_Q": Lq % config.BLOCK_M2 == 0, "num_warps": config.warps_dq, "num_stages": config.stages_dq,
+             "EVEN_Q": Lq % config.BLOCK_M2 == 0,
+             "PREFETCH_INDEX": prefetch_index(config.stages_dq, config.warps_dq, self.sparse_mask, self.kernel_options),
+             "num_warps": config.warps_dq, "num_stages": config.stages_dq,
              "DETERMINISTIC": partials})
 
     def _grad_args(self, programs: int | None) -> list[Any]:

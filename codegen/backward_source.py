@@ -321,7 +321,7 @@ def dkdv_tiles(
     IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
     SPARSE_Q: tl.constexpr, EVEN_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
     """Accumulate dK (unscaled) and dV of one kv tile over the q tiles of `n_blocks` sparse q blocks;
     under ATOMIC_DQ also add each q tile's dQ contribution (unscaled) into the float32 rows at DQ_ACC
@@ -334,8 +334,11 @@ def dkdv_tiles(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_idx = offs_n[:, None]
-    for i in range(0, n_blocks * (SPARSE_Q // BLOCK_M)):
-        offs_m = listed_tile_start(index_row, 1, i, SPARSE_Q, BLOCK_M) + tl.arange(0, BLOCK_M)
+    n_tiles = n_blocks * (SPARSE_Q // BLOCK_M)
+    ahead = listed_tile_start(index_row, 1, 0, n_tiles, SPARSE_Q, BLOCK_M)
+    for i in range(0, n_tiles):
+        start_m, ahead = walk_step(index_row, 1, i, n_tiles, ahead, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         q_in = offs_m < Q_LEN
         qt = load_tile(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
                        q_in[None, :], offs_d[:, None] < D, not EVEN_Q, BLOCK_D != D)
@@ -383,7 +386,7 @@ def flex_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, EVEN_Q: tl.constexpr = False,
+    ATOMIC_DQ: tl.constexpr, EVEN_Q: tl.constexpr = False, PREFETCH_INDEX: tl.constexpr = False,
 ):
     """dK, dV of one kv tile (and under ATOMIC_DQ dQ's parts).  EVEN_KV: KV_LEN is a multiple of BLOCK_N (this
     program's tile is in bounds); EVEN_Q: Q_LEN is a multiple of SPARSE_Q (every q tile the tables list is)."""
@@ -414,14 +417,14 @@ def flex_bwd_dkdv(
                             Q_IDX + row * table_cols, tl.load(Q_NUM + row), b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
                             {MOD_BUFFERS}{GRAD_BUFFERS}
                             False, EVEN_KV, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                            ATOMIC_DQ)
+                            ATOMIC_DQ, PREFETCH_INDEX)
         dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE2 + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D,
                             stride_qm, stride_qd, stride_dom, stride_dod,
                             FULL_Q_IDX + row * full_table_cols, tl.load(FULL_Q_NUM + row), b, h, offs_n, sm_scale,
                             Q_LEN, KV_LEN,
                             {MOD_BUFFERS}{GRAD_BUFFERS}
                             True, EVEN_KV, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                            ATOMIC_DQ)
+                            ATOMIC_DQ, PREFETCH_INDEX)
     store_tile(DK_OUT + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
                + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK_OUT.dtype.element_ty),
                kv_in[:, None], offs_d[None, :] < D, not EVEN_KV, BLOCK_D != D)
@@ -439,15 +442,18 @@ def dq_tiles(
     IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
     SPARSE_KV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
     """Accumulate dQ (unscaled) of one q tile over the kv tiles of `n_blocks` sparse kv blocks.
     EVEN_KV: KV_LEN is a multiple of SPARSE_KV, so no kv tile of a listed block reaches past it."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_idx = offs_m[:, None]
-    for i in range(0, n_blocks * (SPARSE_KV // BLOCK_N)):
-        offs_n = listed_tile_start(index_row, 1, i, SPARSE_KV, BLOCK_N) + tl.arange(0, BLOCK_N)
+    n_tiles = n_blocks * (SPARSE_KV // BLOCK_N)
+    ahead = listed_tile_start(index_row, 1, 0, n_tiles, SPARSE_KV, BLOCK_N)
+    for i in range(0, n_tiles):
+        start_n, ahead = walk_step(index_row, 1, i, n_tiles, ahead, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_in = offs_n < KV_LEN
         kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                        kv_in[None, :], offs_d[:, None] < D, not EVEN_KV, BLOCK_D != D)
@@ -480,7 +486,7 @@ def flex_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
-    DETERMINISTIC: tl.constexpr, EVEN_Q: tl.constexpr = False,
+    DETERMINISTIC: tl.constexpr, EVEN_Q: tl.constexpr = False, PREFETCH_INDEX: tl.constexpr = False,
 ):
     """dQ of one q tile; also the captured tensors' gradients: atomics into one float32 buffer each, or
     (DETERMINISTIC) plain adds into this program's slice of a [programs, numel] buffer that torch sums.
@@ -513,12 +519,12 @@ def flex_bwd_dq(
                   KV_IDX + row * table_cols, tl.load(KV_NUM + row), b, h, offs_m, sm_scale, KV_LEN,
                   {MOD_BUFFERS}{GRAD_BUFFERS}slot,
                   False, EVEN_KV, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                  DETERMINISTIC)
+                  DETERMINISTIC, PREFETCH_INDEX)
     dq = dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
                   FULL_KV_IDX + row * full_table_cols, tl.load(FULL_KV_NUM + row), b, h, offs_m, sm_scale, KV_LEN,
                   {MOD_BUFFERS}{GRAD_BUFFERS}slot,
                   True, EVEN_KV, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                  DETERMINISTIC)
+                  DETERMINISTIC, PREFETCH_INDEX)
     store_tile(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
                q_in[:, None], offs_d[None, :] < D, not EVEN_Q, BLOCK_D != D)

@@ -206,7 +206,8 @@ class ForwardPlan:
         Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
         self.out_shape, self.lse_shape, self.dtype, self.device = (B, Hq, Lq, Dv), (B, Hq, Lq), q.dtype, q.device
         self.sparse = sparse_q, sparse_kv = block_size(block_mask)
-        self.config = choose_config(q.dtype, D, self.sparse, kernel_options, sparse=is_sparse(block_mask, bounds),
+        self.sparse_mask = is_sparse(block_mask, bounds)
+        self.config = choose_config(q.dtype, D, self.sparse, kernel_options, sparse=self.sparse_mask,
                                     score_mod=score_mod is not None)
         module, self.key = _module_and_key(score_mod, mask_mod, bounds)
         self.kernel = module.flex_forward_kernel
@@ -269,8 +270,10 @@ class ForwardPlan:
                      BLOCK_M=config.block_m, BLOCK_N=config.block_n, TILES_PER_BLOCK=sparse[1] // config.block_n,
                      EVEN_Q=Lq % config.block_m == 0,
                      EVEN_KV=Lkv % sparse[1] == 0,  # every kv tile in bounds (a table walk visits whole sparse blocks)
-                     USE_TMA=config.use_tma and self._tma_possible(), num_warps=config.num_warps,
-                     num_stages=config.num_stages))
+                     USE_TMA=config.use_tma and self._tma_possible(),
+                     PREFETCH_INDEX=not self.constexprs["USE_BOUNDS"]
+                     and prefetch_index(config.num_stages, config.num_warps, self.sparse_mask, self.kernel_options),
+                     num_warps=config.num_warps, num_stages=config.num_stages))
         return launch
 
     def _tma_possible(self) -> bool:
@@ -334,6 +337,21 @@ def _visited_fraction(block_mask: Any, bounds: ClosedFormBounds | None) -> float
         visited = visited + block_mask.full_kv_num_blocks.sum()
     rows = block_mask.kv_num_blocks.shape[0] * block_mask.kv_num_blocks.shape[1] * n_q
     return float(visited) / max(rows * n_kv, 1)
+
+
+def prefetch_index(num_stages: int, num_warps: int, sparse_mask: bool, kernel_options: dict | None) -> bool:
+    """Whether a table walk reads each tile's index one step ahead of the loads it addresses (ops.walk_step).
+
+    Without it Triton 3.6 drains every copy in flight each step, so it pays where the pipeline has tiles ahead
+    (3+ stages) and nothing else hides the loads: one 8-warp program fills an SM, and a dense mask's walks are
+    long.  The 4-warp programs of a sparse mask share an SM, hide each other's loads, walk a few tiles each and
+    lose residency to its registers: the D=64 dQ kernel of a document mask ran 13% slower with it on the H100,
+    where the dense one ran 7% faster (benchmarks/NOTES_backward.md).
+    `kernel_options={"PREFETCH_INDEX": bool}` forces it either way (A/B timing)."""
+    wanted = (kernel_options or {}).get("PREFETCH_INDEX")
+    if wanted is not None:
+        return bool(wanted)
+    return num_stages >= 3 and (num_warps >= 8 or not sparse_mask)
 
 
 def refine_wanted(kernel_options: dict | None) -> bool:

@@ -253,17 +253,6 @@ def attend_tile(
 
 
 @triton.jit
-def tile_start(i, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
-               USE_BOUNDS: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_N: tl.constexpr):
-    \"\"\"The first kv index of the loop's i-th tile: two runs of consecutive tiles, or a walk of the block mask's row.\"\"\"
-    if USE_BOUNDS:
-        start_n = tl.where(i < n_first, first_lo + i * BLOCK_N, second_lo + (i - n_first) * BLOCK_N)
-    else:
-        start_n = listed_tile_start(kv_index_row, stride_kv_index, i, SPARSE_KV, BLOCK_N)
-    return start_n
-
-
-@triton.jit
 def attend_tiles(
     acc, l_i, m_i, q,
     K, stride_kn, stride_kd,
@@ -277,7 +266,7 @@ def attend_tiles(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
-    FOLD_SCALE: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
     \"\"\"Online softmax over kv tiles (attend_tile per tile).\"\"\"
     q_idx = offs_m[:, None]
@@ -287,9 +276,15 @@ def attend_tiles(
         v_desc = tl.make_tensor_descriptor(V, [KV_LEN, DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
     else:
         k_desc, v_desc = K, V  # unused
+    ahead = 0
+    if PREFETCH_INDEX:
+        ahead = listed_tile_start(kv_index_row, stride_kv_index, 0, n_tiles, SPARSE_KV, BLOCK_N)
     for i in range(0, n_tiles):
-        start_n = tile_start(i, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
-                             USE_BOUNDS, SPARSE_KV, BLOCK_N)
+        if USE_BOUNDS:
+            start_n = tl.where(i < n_first, first_lo + i * BLOCK_N, second_lo + (i - n_first) * BLOCK_N)
+        else:
+            start_n, ahead = walk_step(kv_index_row, stride_kv_index, i, n_tiles, ahead, SPARSE_KV, BLOCK_N,
+                                       PREFETCH_INDEX)
         acc, l_i, m_i = attend_tile(
             acc, l_i, m_i, q, start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc,
             b, h, q_idx, sm_scale, qk_scale, KV_LEN,
@@ -320,6 +315,7 @@ def flex_forward_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     EVEN_Q: tl.constexpr = False, EVEN_KV: tl.constexpr = False, FAST_TANH: tl.constexpr = False,
     USE_TMA: tl.constexpr = False, FLOAT_INDEX: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False,
+    PREFETCH_INDEX: tl.constexpr = False,
 ):
     # q tiles in reverse: under a causal-like mask the last ones are the longest, so they start first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -385,7 +381,7 @@ def flex_forward_kernel(
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-        FOLD_SCALE,
+        FOLD_SCALE, PREFETCH_INDEX,
     )
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
@@ -395,7 +391,7 @@ def flex_forward_kernel(
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-        FOLD_SCALE,
+        FOLD_SCALE, PREFETCH_INDEX,
     )
 
     # a fully masked row has l = 0: output 0 and lse -inf, never 0/0

@@ -229,10 +229,29 @@ def load_tile(ptrs, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.c
 
 
 @triton.jit
-def listed_tile_start(index_row, stride_index, i, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
-    # the i-th tile of the blocks a block-mask row lists: each sparse block is SPARSE // BLOCK tiles
-    block = tl.load(index_row + (i // (SPARSE // BLOCK)) * stride_index).to(tl.int32)
+def listed_tile_start(index_row, stride_index, i, n_tiles, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
+    # the first index of the i-th of n_tiles tiles (i clamped to the last; none read when n_tiles is 0) of the
+    # blocks a block-mask row lists: each sparse block is SPARSE // BLOCK tiles
+    i = tl.minimum(i, n_tiles - 1)
+    block = tl.load(index_row + (i // (SPARSE // BLOCK)) * stride_index, mask=i >= 0, other=0).to(tl.int32)
     return block * SPARSE + (i % (SPARSE // BLOCK)) * BLOCK
+
+
+@triton.jit
+def walk_step(index_row, stride_index, i, n_tiles, ahead, SPARSE: tl.constexpr, BLOCK: tl.constexpr,
+              PREFETCH_INDEX: tl.constexpr):
+    """(the i-th listed tile's start, `ahead` for the next step).
+
+    PREFETCH_INDEX: `ahead` holds the start read one step earlier, and the next one is read now.  Read in the
+    step whose loads it addresses, Triton's pipeliner (3.6) copies the index asynchronously after those loads,
+    and the loop's one wait then drains every copy in flight (cp.async.wait_group 0): the loads of the tiles
+    ahead no longer overlap the math.  Only a pipeline of 3+ stages has tiles ahead to overlap."""
+    if PREFETCH_INDEX:
+        start = ahead
+        ahead = listed_tile_start(index_row, stride_index, i + 1, n_tiles, SPARSE, BLOCK)
+    else:
+        start = listed_tile_start(index_row, stride_index, i, n_tiles, SPARSE, BLOCK)
+    return start, ahead
 '''
 
 # ---------------------------------------------------------------- captured tensors

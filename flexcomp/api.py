@@ -25,7 +25,8 @@ KERNEL_OPTIONS = (
     "BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "num_warps", "num_stages",
     "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "FORCE_USE_FLEX_ATTENTION", "USE_TMA",
     "kpack", "matrix_instr_nonkdim", "waves_per_eu", "BACKEND",
-    "FOLD_SCALE", "REFINE_TILES",  # flexcomp's switches (codegen/forward.py; REFINE_TILES the backward too), for A/B
+    "FOLD_SCALE", "REFINE_TILES", "PREFETCH_INDEX",  # flexcomp's switches (codegen/forward.py; the last two the
+    # backward too), for A/B
     "autotune", "BACKWARD_DQ",
 )  # fmt: skip
 TORCH_BACKENDS = ("AUTO", "TRITON", "FLASH", "TRITON_DECODE")

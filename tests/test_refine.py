@@ -167,14 +167,3 @@ def test_the_backward_walks_refined_tables_and_agrees_with_float64(monkeypatch, 
     refined = {(s["BLOCK_M"], s["BLOCK_N"]): (s["SPARSE_Q"], s["SPARSE_KV"]) for s in kernels[:3]}
     assert refined == {(16, 16): (16, 16), (16, 32): (16, 32), (32, 16): (32, 16)}
     assert all((s["SPARSE_Q"], s["SPARSE_KV"]) == (32, 32) for s in kernels[3:])
-
-
-def test_sparse_masks_keep_64_wide_dq_tiles_for_the_refined_tables() -> None:
-    """At D=128 (16-bit) dense masks run 128x128 dQ tiles (whole blocks: nothing to refine); sparse masks 128x64,
-    whose kv-major tables the refinement thins out."""
-    from flexcomp.codegen import backward
-
-    dense = backward.choose_config(None, (128, 128), torch.bfloat16, 128, sparse_mask=False)
-    sparse = backward.choose_config(None, (128, 128), torch.bfloat16, 128, sparse_mask=True)
-    assert (dense.BLOCK_M2, dense.BLOCK_N2) == (128, 128) and (sparse.BLOCK_M2, sparse.BLOCK_N2) == (128, 64)
-    assert (dense.BLOCK_M1, dense.BLOCK_N1) == (sparse.BLOCK_M1, sparse.BLOCK_N1) == (64, 128)
