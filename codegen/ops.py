@@ -238,6 +238,16 @@ def listed_tile_start(index_row, stride_index, i, n_tiles, SPARSE: tl.constexpr,
 
 
 @triton.jit
+def walk_ahead(index_row, stride_index, n_tiles, SPARSE: tl.constexpr, BLOCK: tl.constexpr,
+               PREFETCH_INDEX: tl.constexpr):
+    # walk_step's `ahead` before the first step: the first tile's start when reading ahead
+    ahead = 0
+    if PREFETCH_INDEX:
+        ahead = listed_tile_start(index_row, stride_index, 0, n_tiles, SPARSE, BLOCK)
+    return ahead
+
+
+@triton.jit
 def walk_step(index_row, stride_index, i, n_tiles, ahead, SPARSE: tl.constexpr, BLOCK: tl.constexpr,
               PREFETCH_INDEX: tl.constexpr):
     """(the i-th listed tile's start, `ahead` for the next step).
