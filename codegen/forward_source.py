@@ -276,7 +276,7 @@ def attend_tiles(
         v_desc = tl.make_tensor_descriptor(V, [KV_LEN, DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
     else:
         k_desc, v_desc = K, V  # unused
-    ahead = walk_ahead(kv_index_row, stride_kv_index, n_tiles, SPARSE_KV, BLOCK_N, PREFETCH_INDEX and not USE_BOUNDS)
+    ahead = walk_ahead(kv_index_row, stride_kv_index, n_tiles, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)  # (off with bounds)
     for i in range(0, n_tiles):
         if USE_BOUNDS:
             start_n = tl.where(i < n_first, first_lo + i * BLOCK_N, second_lo + (i - n_first) * BLOCK_N)
