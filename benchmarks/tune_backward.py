@@ -269,7 +269,8 @@ def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separa
                     table[key] = bwd.BackwardConfig(*config)
                 bwd._chosen_config.cache_clear()  # the memoized choice and the call plans hold the old entry
                 clear_plans()
-                label = f"{scheme + (':' + set_name if set_name else ''):8s} {config!s:32s}"
+                timed_as = scheme + (f":{set_name}" if set_name else "")  # the scheme, and the option set if named
+                label = f"{timed_as:8s} {config!s:32s}"
                 try:
                     for t in (q, k, v):
                         t.grad = None
@@ -286,7 +287,7 @@ def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separa
                           f"err={err:.1e} {short(times)} regs/spills={res}"
                           + ("" if used == bwd.BackwardConfig(*config) else f" FELL BACK to {used}"), flush=True)
                     RESULTS.append({"kind": "sweep", "D": D, "variant": variant, "impl": "flexcomp",
-                                    "scheme": scheme + (":" + set_name if set_name else ""), "config": config, "ms": ms, "err": err, "kernels": times,
+                                    "scheme": timed_as, "config": config, "ms": ms, "err": err, "kernels": times,
                                     "resources": res})
                 except Exception as exc:  # noqa: BLE001 -- a config that fails is reported, the sweep goes on
                     print(f"D={D} {variant:8s} {label} FAILED {type(exc).__name__}: {str(exc)[:300]}",
