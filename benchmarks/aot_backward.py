@@ -5,9 +5,10 @@
 No GPU needed (Triton's own backend and bundled ptxas, as benchmarks/aot_forward.py does).  Per variant and
 head dim, at the H100 configs of `BACKWARD_CONFIGS`, it compiles
 
-* the dK/dV kernel with ATOMIC_DQ off (the separate scheme) and on (the atomic-dQ scheme: the dQ tile's
-  `red.global.add.f32`, and for rel_bias the captured table's gradient scattered there too), and
-* the dQ kernel with the captured gradient's scatter atomic and DETERMINISTIC (ordered plain adds, no atomics),
+* flex_bwd's dK/dV part alone with ATOMIC_DQ off (the separate scheme) and on (the atomic-dQ scheme: the dQ
+  tile's `red.global.add.f32`, and for rel_bias the captured table's gradient scattered there too),
+* its dQ part alone with the captured gradient's scatter atomic and DETERMINISTIC (ordered plain adds, no atomics),
+* both parts in one launch (the default where their warps agree),
 
 and prints registers, stack and spill instructions (STL/LDL in the cubin's SASS), local-memory instructions in the PTX, the atomics
 (`red`/`atom`, with their vector width) and the wgmma count.  rel_bias is a learnable relative-position bias
@@ -58,8 +59,11 @@ POINTERS |= {p: "*i32" for p in ("KV_NUM", "KV_IDX", "FULL_KV_NUM", "FULL_KV_IDX
 
 def launch_ints(B: int, H: int, L: int, D: int) -> dict[str, int]:
     """The integer arguments of a contiguous [B, H, L, D] bf16 launch (ones become constants, as Triton's launcher)."""
-    ints = {"Q_LEN": L, "KV_LEN": L, "H_Q": H, "H_KV": H, "table_rows": L // 128, "table_cols": L // 128,
-            "full_table_cols": L // 128, "table_b": 0, "table_h": 0}
+    ints = {"Q_LEN": L, "KV_LEN": L, "H_Q": H, "H_KV": H, "dkdv_programs": B * H * L // 128,
+            "kv_tiles": L // 128, "q_tiles": L // 128}
+    for major in ("q", "kv"):
+        ints |= {f"{major}_table_rows": L // 128, f"{major}_table_cols": L // 128,
+                 f"{major}_full_table_cols": L // 128, f"{major}_table_b": 0, f"{major}_table_h": 0}
     for t in ("q", "k", "v", "do", "dq", "dk", "dv"):
         row = "n" if t in ("k", "v", "dk", "dv") else "m"
         ints |= {f"stride_{t}b": H * L * D, f"stride_{t}h": L * D, f"stride_{t}{row}": D, f"stride_{t}d": 1}
@@ -140,7 +144,8 @@ def report(label: str, kernel, constexprs: dict, D: int, warps: int, stages: int
                               options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True})
     ptx = compiled.asm["ptx"]
     local = ptx.count("ld.local") + ptx.count("st.local")
-    print(f"{label}: {time.time() - start:.0f}s; {sass_usage(compiled.asm['cubin'])}; ld/st.local in PTX {local}; "
+    print(f"{label}: {time.time() - start:.0f}s; {sass_usage(compiled.asm['cubin'])}; "
+          f"shared {compiled.metadata.shared // 1024} KiB; ld/st.local in PTX {local}; "
           f"wgmma {ptx.count('wgmma.mma_async')}; atomics: {atomics(ptx)}", flush=True)
     if loops:
         for block, size, ops in sass_loop_spans(compiled.asm["cubin"]):
@@ -164,24 +169,29 @@ def main() -> None:
         module = backward_module(score, mask, frozenset({"BIAS"}) if variant == "rel_bias" else frozenset())
         for D in args.head_dims:
             config = BACKWARD_CONFIGS[(16, max(64, triton.next_power_of_2(D)))]
-            shared = {"GQA_GROUP": 1, "SPARSE_Q": 128, "SPARSE_KV": 128, "BLOCK_D": triton.next_power_of_2(D),
-                      "BLOCK_DV": triton.next_power_of_2(D), "D": D, "DV": D, "DOT_PRECISION": "tf32",
-                      "EVEN_KV": not args.ragged, "EVEN_Q": not args.ragged,
-                      "FAST_TANH": variant == "softcap"}
+            shared = {"GQA_GROUP": 1, "BLOCK_D": triton.next_power_of_2(D), "BLOCK_DV": triton.next_power_of_2(D),
+                      "D": D, "DV": D, "DOT_PRECISION": "tf32", "FAST_TANH": variant == "softcap",
+                      "ATOMIC_DQ": False, "DETERMINISTIC": False}
+            for n, (m_tile, n_tile, stages) in enumerate(((config.BLOCK_M1, config.BLOCK_N1, config.stages_dkdv),
+                                                          (config.BLOCK_M2, config.BLOCK_N2, config.stages_dq)), 1):
+                shared |= {f"SPARSE_Q{n}": 128, f"SPARSE_KV{n}": 128, f"BLOCK_M{n}": m_tile, f"BLOCK_N{n}": n_tile,
+                           f"EVEN_Q{n}": not args.ragged, f"EVEN_KV{n}": not args.ragged,
+                           f"PREFETCH_INDEX{n}": stages >= 3}
+            dkdv = {**shared, "DKDV_PART": True, "DQ_PART": False}
+            dq = {**shared, "DKDV_PART": False, "DQ_PART": True}
+            dkdv_tiles = f"{config.BLOCK_M1}x{config.BLOCK_N1}, {config.warps_dkdv}w {config.stages_dkdv}s"
+            dq_tiles = f"{config.BLOCK_M2}x{config.BLOCK_N2}, {config.warps_dq}w {config.stages_dq}s"
             if not args.dq_only:
                 for atomic in (False, True):
-                    report(f"{variant} D={D} dK/dV ATOMIC_DQ={atomic} "
-                           f"({config.BLOCK_M1}x{config.BLOCK_N1}, {config.warps_dkdv}w {config.stages_dkdv}s)",
-                           module.flex_bwd_dkdv,
-                           {**shared, "BLOCK_M": config.BLOCK_M1, "BLOCK_N": config.BLOCK_N1, "ATOMIC_DQ": atomic},
-                           D, config.warps_dkdv, config.stages_dkdv, args.loops)
+                    report(f"{variant} D={D} dK/dV ATOMIC_DQ={atomic} ({dkdv_tiles})", module.flex_bwd,
+                           {**dkdv, "ATOMIC_DQ": atomic}, D, config.warps_dkdv, config.stages_dkdv, args.loops)
             for deterministic in (False, True) if variant == "rel_bias" else (False,):
-                report(f"{variant} D={D} dQ DETERMINISTIC={deterministic} "
-                       f"({config.BLOCK_M2}x{config.BLOCK_N2}, {config.warps_dq}w {config.stages_dq}s)",
-                       module.flex_bwd_dq,
-                       {**shared, "BLOCK_M": config.BLOCK_M2, "BLOCK_N": config.BLOCK_N2, "DETERMINISTIC": deterministic},
-                       D, config.warps_dq, config.stages_dq, args.loops)
-
+                report(f"{variant} D={D} dQ DETERMINISTIC={deterministic} ({dq_tiles})", module.flex_bwd,
+                       {**dq, "DETERMINISTIC": deterministic}, D, config.warps_dq, config.stages_dq, args.loops)
+            if not args.dq_only and (config.warps_dkdv, config.stages_dkdv) == (config.warps_dq, config.stages_dq):
+                report(f"{variant} D={D} dK/dV + dQ in one launch ({dkdv_tiles}; {dq_tiles})", module.flex_bwd,
+                       {**shared, "DKDV_PART": True, "DQ_PART": True}, D, config.warps_dkdv, config.stages_dkdv,
+                       args.loops)
 
 if __name__ == "__main__":
     main()

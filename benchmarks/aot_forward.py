@@ -128,7 +128,8 @@ def compile_forward(variant: str, D: int, block: tuple[int, int], warps: int, st
                   "SPARSE_Q": 128, "SPARSE_KV": 128, "TILES_PER_BLOCK": 128 // block[1], "BLOCK_M": block[0],
                   "BLOCK_N": block[1], "BLOCK_D": D, "BLOCK_DV": D, "D": D, "DV": D, "DOT_PRECISION": "tf32",
                   "UPCAST_DOT": False, "EVEN_Q": True, "EVEN_KV": True, "FAST_TANH": score is not None,
-                  "USE_TMA": False, "FLOAT_INDEX": variant == "alibi", "FOLD_SCALE": score is None}
+                  "USE_TMA": False, "FLOAT_INDEX": variant == "alibi", "FOLD_SCALE": score is None,
+                  "PREFETCH_INDEX": False}
     constexprs.update(extra)
     missing = [p for p in params if p.isupper() and p not in constexprs and inspect.signature(kernel.fn).parameters[
         p].default is not inspect.Parameter.empty]

@@ -171,7 +171,8 @@ SWEEP = {  # head dim -> configs (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps_
 
 
 def kernel_times(fn, iters=5) -> dict[str, float]:
-    """Mean ms per call of each CUDA kernel `fn` launches, by torch.profiler."""
+    """Mean ms per call of each CUDA kernel `fn` launches, by torch.profiler.  A kernel launched k > 1 times per call
+    is reported per launch in order, as name#0 .. name#k-1 (flex_bwd run as two launches: dK/dV, then dQ)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -180,17 +181,24 @@ def kernel_times(fn, iters=5) -> dict[str, float]:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    times: dict[str, float] = {}
-    for event in prof.key_averages():
+    launches: dict[str, list[float]] = {}
+    for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            times[event.key] = times.get(event.key, 0.0) + event.device_time_total / 1e3 / iters
+            launches.setdefault(event.name, []).append(event.device_time_total / 1e3)
+    times: dict[str, float] = {}
+    for name, durations in launches.items():
+        per_call = max(len(durations) // iters, 1)
+        for i, ms in enumerate(durations):
+            label = f"{name}#{i % per_call}" if per_call > 1 else name
+            times[label] = times.get(label, 0.0) + ms / iters
     return times
 
 
 def short(times: dict[str, float]) -> str:
-    keys = ("flex_bwd_dkdv", "flex_bwd_dq", "flex_bwd_delta")
-    parts = [f"{k.removeprefix('flex_bwd_')}={sum(v for n, v in times.items() if n.startswith(k)):.3f}" for k in keys]
-    other = sum(v for n, v in times.items() if not n.startswith(keys))
+    """flex_bwd's launches (one: both parts; two: dK/dV then dQ), the delta kernel, and everything else."""
+    labels = {"flex_bwd": "dkdv+dq", "flex_bwd#0": "dkdv", "flex_bwd#1": "dq", "flex_bwd_delta": "delta"}
+    parts = [f"{labels[n]}={ms:.3f}" for n, ms in times.items() if n in labels]
+    other = sum(ms for n, ms in times.items() if n not in labels)
     return " ".join(parts) + f" other={other:.3f}"
 
 

@@ -79,6 +79,9 @@ DELTA_BLOCK_M = 64
 # Deterministic mode's partial gradients ([dQ programs, numel] float32 per captured tensor) may use at most this
 DETERMINISTIC_PARTIALS_LIMIT_BYTES = 1 << 30
 BACKWARD_DQ_SCHEMES = ("separate", "atomic")
+# The dK/dV and dQ programs in one launch (flex_bwd's two parts), where their warps and stages agree: the dQ programs fill the
+# SMs the last dK/dV programs leave idle.  kernel_options={"ONE_BACKWARD_LAUNCH": False} asks for two launches.
+DEFAULT_ONE_BACKWARD_LAUNCH = True
 DEFAULT_BACKWARD_DQ = "separate"  # "atomic" once it is measured faster on the GPU (benchmarks/NOTES_backward.md)
 LAST_KERNELS: dict[str, Any] = {}  # kernel name -> the last launch's compiled kernel (n_regs, n_spills), for tuning
 
@@ -191,6 +194,18 @@ def atomic_dq(kernel_options: dict[str, Any] | None) -> bool:
     if scheme not in BACKWARD_DQ_SCHEMES:
         raise ValueError(f"kernel_options BACKWARD_DQ={scheme!r} must be one of {BACKWARD_DQ_SCHEMES}")
     return scheme == "atomic" and not torch.are_deterministic_algorithms_enabled()
+
+
+def launch_parts(config: BackwardConfig, atomic: bool, kernel_options: dict[str, Any] | None) -> tuple[str, ...]:
+    """flex_bwd's launches for `config`: the dK/dV part alone (atomic dQ), both parts in one launch, or one each.
+
+    One launch has one warp count and one pipeline depth; kernel_options' ONE_BACKWARD_LAUNCH (default
+    DEFAULT_ONE_BACKWARD_LAUNCH) can ask for two."""
+    if atomic:
+        return ("dkdv",)
+    one = (kernel_options or {}).get("ONE_BACKWARD_LAUNCH", DEFAULT_ONE_BACKWARD_LAUNCH)
+    agree = (config.warps_dkdv, config.stages_dkdv) == (config.warps_dq, config.stages_dq)
+    return ("dkdv+dq",) if one and agree else ("dkdv", "dq")
 
 
 @functools.lru_cache(maxsize=64)  # on every call's path
@@ -377,33 +392,38 @@ class BackwardPlan:
         self._gradients(config, tensors, record=True)
 
     def _gradients(self, config: BackwardConfig, tensors: dict[str, torch.Tensor], record: bool = False) -> None:
-        """The dK/dV and (unless dK/dV adds dQ with atomics) dQ kernels at `config`'s tiles, and the captured
-        tensors' gradients."""
-        compiled = self._launch("dkdv", config, tensors)(tensors)
-        if record:
-            LAST_KERNELS["flex_bwd_dkdv"] = compiled
-        if self.atomic:
-            return
-        grads = {spec.name: tensors[f"grad:{spec.name}"] for spec in self.grad_specs}
-        programs = _cdiv(self.dims[3], config.BLOCK_M2) * self.dims[0] * self.dims[1]
-        partials = _deterministic_partials(grads, programs) if self.deterministic else {}
-        tensors.update({f"partial:{name}": p for name, p in partials.items()})
-        compiled = self._launch("dq" if not partials else "dq partials", config, tensors)(tensors)
-        if record:
-            LAST_KERNELS["flex_bwd_dq"] = compiled
+        """The dK/dV and (unless dK/dV adds dQ with atomics) dQ programs at `config`'s tiles, in one launch or two
+        (`launch_parts`), and the captured tensors' gradients."""
+        partials = {}
+        if self.deterministic and not self.atomic:
+            grads = {spec.name: tensors[f"grad:{spec.name}"] for spec in self.grad_specs}
+            partials = _deterministic_partials(grads, self.dq_programs(config))
+            tensors.update({f"partial:{name}": p for name, p in partials.items()})
+        for parts in launch_parts(config, self.atomic, self.kernel_options):
+            compiled = self._launch(parts + (" partials" if partials and "dq" in parts else ""), config, tensors)(tensors)
+            if record:
+                LAST_KERNELS[f"flex_bwd:{parts}"] = compiled
         for name, p in partials.items():
             torch.sum(p, 0, out=tensors[f"grad:{name}"])  # a fixed-order reduction over the programs' slices
 
+    def dq_programs(self, config: BackwardConfig) -> int:
+        B, Hq, _, Lq, _, _, _ = self.dims
+        return _cdiv(Lq, config.BLOCK_M2) * B * Hq
+
     def _launch(self, kind: str, config: BackwardConfig | None, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
-        """The prepared launch of `kind` ("delta", "dkdv", "dq", "dq partials") at `config`, made once."""
+        """The prepared launch of `kind` ("delta", or the parts "dkdv", "dq", "dkdv+dq", with " partials" where the
+        dQ programs add captured gradients into deterministic slices) at `config`, made once."""
         launch = self.launches.get((kind, config))
         if launch is None:
-            make = {"delta": self._delta_launch, "dkdv": self._dkdv_launch, "dq": self._dq_launch,
-                    "dq partials": functools.partial(self._dq_launch, partials=True)}[kind]
-            launch = self.launches[(kind, config)] = make(config, tensors)
+            if kind == "delta":
+                launch = self._delta_launch(tensors)
+            else:
+                parts, _, partials = kind.partition(" ")
+                launch = self._gradient_launch(config, tensors, parts, bool(partials))
+            self.launches[(kind, config)] = launch
         return launch
 
-    def _delta_launch(self, config: None, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
+    def _delta_launch(self, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
         B, Hq, _, Lq, _, _, Dv = self.dims
         has_dlse = "dlse" in tensors
         dlse = slot_args("dlse", tensors["dlse"]) if has_dlse else [Slot("delta"), 0, 0, 0]
@@ -426,38 +446,40 @@ class BackwardPlan:
                      "FAST_TANH": self.dtype in (torch.float16, torch.bfloat16) and self.device.type == "cuda"}
         return qkvdo, mod_args, constants
 
-    def _dkdv_launch(self, config: BackwardConfig, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
+    def _gradient_launch(self, config: BackwardConfig, tensors: dict[str, torch.Tensor], parts: str,
+                         partials: bool) -> PreparedLaunch:
+        """flex_bwd running `parts` ("dkdv", "dq" or both, "dkdv+dq") on a 1-D grid, dK/dV programs first."""
         B, Hq, Hkv, Lq, Lkv, _, _ = self.dims
+        dkdv, dq = "dkdv" in parts, "dq" in parts
         qkvdo, mod_args, constants = self._inputs_and_constants(tensors)
-        sparse = walked_tiles(self.q_tables, (config.BLOCK_M1, config.BLOCK_N1), self.sparse)
-        return PreparedLaunch(
-            self.module.flex_bwd_dkdv, (_cdiv(Lkv, config.BLOCK_N1), B * Hkv),
-            [*qkvdo, Slot("lse2"), Slot("delta"), Slot("dq_sums" if self.atomic else "delta"),
-             *slot_args("dk", tensors["dk"]), *slot_args("dv", tensors["dv"]), *_table_args(*self.q_tables[sparse]),
-             *mod_args, *self._grad_args(None), self.scale, Lq, Lkv, Hq, Hkv],
-            {**constants, "SPARSE_Q": sparse[0], "SPARSE_KV": sparse[1], "ATOMIC_DQ": self.atomic,
-             "EVEN_Q": Lq % sparse[0] == 0, "BLOCK_M": config.BLOCK_M1,
-             "BLOCK_N": config.BLOCK_N1, "EVEN_KV": Lkv % config.BLOCK_N1 == 0,
-             "PREFETCH_INDEX": prefetch_index(config.stages_dkdv, config.warps_dkdv, self.sparse_mask,
+        kv_tiles, q_tiles = _cdiv(Lkv, config.BLOCK_N1), _cdiv(Lq, config.BLOCK_M2)
+        dkdv_programs = kv_tiles * B * Hkv if dkdv else 0
+        q_sparse = walked_tiles(self.q_tables, (config.BLOCK_M1, config.BLOCK_N1), self.sparse)
+        # the atomic scheme has no dQ programs and no kv-major tables: the q-major ones fill the unused arguments
+        kv_sparse = walked_tiles(self.kv_tables, (config.BLOCK_M2, config.BLOCK_N2), self.sparse) if dq else q_sparse
+        kv_tables = self.kv_tables[kv_sparse] if dq else self.q_tables[q_sparse]
+        part_constants = {
+            "DKDV_PART": dkdv, "SPARSE_Q1": q_sparse[0], "SPARSE_KV1": q_sparse[1], "BLOCK_M1": config.BLOCK_M1,
+            "BLOCK_N1": config.BLOCK_N1, "EVEN_Q1": Lq % q_sparse[0] == 0, "EVEN_KV1": Lkv % config.BLOCK_N1 == 0,
+            "PREFETCH_INDEX1": prefetch_index(config.stages_dkdv, config.warps_dkdv, self.sparse_mask,
                                               self.kernel_options),
-             "num_warps": config.warps_dkdv, "num_stages": config.stages_dkdv})
-
-    def _dq_launch(self, config: BackwardConfig, tensors: dict[str, torch.Tensor],
-                   partials: bool = False) -> PreparedLaunch:
-        B, Hq, _, Lq, Lkv, _, _ = self.dims
-        qkvdo, mod_args, constants = self._inputs_and_constants(tensors)
-        grid = (_cdiv(Lq, config.BLOCK_M2), B * Hq)
-        sparse = walked_tiles(self.kv_tables, (config.BLOCK_M2, config.BLOCK_N2), self.sparse)
+            "ATOMIC_DQ": self.atomic,
+            "DQ_PART": dq, "SPARSE_Q2": kv_sparse[0], "SPARSE_KV2": kv_sparse[1], "BLOCK_M2": config.BLOCK_M2,
+            "BLOCK_N2": config.BLOCK_N2, "EVEN_Q2": Lq % config.BLOCK_M2 == 0, "EVEN_KV2": Lkv % kv_sparse[1] == 0,
+            "PREFETCH_INDEX2": prefetch_index(config.stages_dq, config.warps_dq, self.sparse_mask, self.kernel_options),
+            "DETERMINISTIC": partials,
+        }
+        grid = (dkdv_programs + (self.dq_programs(config) if dq else 0),)
         return PreparedLaunch(
-            self.module.flex_bwd_dq, grid,
-            [*qkvdo, Slot("lse2"), Slot("delta"), *slot_args("dq", tensors["dq"]), *_table_args(*self.kv_tables[sparse]),
-             *mod_args, *self._grad_args(grid[0] * grid[1] if partials else None), self.scale, Lq, Lkv, Hq],
-            {**constants, "SPARSE_Q": sparse[0], "SPARSE_KV": sparse[1], "EVEN_KV": Lkv % sparse[1] == 0,
-             "BLOCK_M": config.BLOCK_M2, "BLOCK_N": config.BLOCK_N2,
-             "EVEN_Q": Lq % config.BLOCK_M2 == 0,
-             "PREFETCH_INDEX": prefetch_index(config.stages_dq, config.warps_dq, self.sparse_mask, self.kernel_options),
-             "num_warps": config.warps_dq, "num_stages": config.stages_dq,
-             "DETERMINISTIC": partials})
+            self.module.flex_bwd, grid,
+            [*qkvdo, Slot("lse2"), Slot("delta"), Slot("dq_sums" if self.atomic else "delta"),
+             *slot_args("dq", tensors["dq"]), *slot_args("dk", tensors["dk"]), *slot_args("dv", tensors["dv"]),
+             *_table_args(*self.q_tables[q_sparse]), *_table_args(*kv_tables), *mod_args,
+             *self._grad_args(self.dq_programs(config) if partials else None),
+             self.scale, Lq, Lkv, Hq, Hkv, dkdv_programs, kv_tiles, q_tiles],
+            {**constants, **part_constants,
+             "num_warps": config.warps_dkdv if dkdv else config.warps_dq,
+             "num_stages": config.stages_dkdv if dkdv else config.stages_dq})
 
     def _grad_args(self, programs: int | None) -> list[Any]:
         """Each gradient's buffer, its strides and its slice stride: the [programs, *shape] partials' when

@@ -369,29 +369,26 @@ def dkdv_tiles(
 
 
 @triton.jit
-def flex_bwd_dkdv(
+def dkdv_program(
+    pid_n, bh,
     Q, stride_qb, stride_qh, stride_qm, stride_qd,
     K, stride_kb, stride_kh, stride_kn, stride_kd,
     V, stride_vb, stride_vh, stride_vn, stride_vd,
     DO, stride_dob, stride_doh, stride_dom, stride_dod,
-    LSE2, DELTA,  # contiguous float32 [B, H_Q, Q_LEN]: lse in base 2 (flex_bwd_delta), delta
-    DQ_ACC,  # contiguous float32 [B, H_Q, Q_LEN, D], zeroed (ATOMIC_DQ; else unused)
+    LSE2, DELTA, DQ_ACC,
     DK_OUT, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     DV_OUT, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,  # contiguous int32 [TB, TH, kv blocks(, cols)]
-    table_b, table_h, table_rows, table_cols, full_table_cols,  # table_b/h: 0 where the mask broadcasts
+    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, table_b, table_h, table_rows, table_cols, full_table_cols,
     {MOD_BUFFERS}{GRAD_BUFFERS}
     sm_scale, Q_LEN, KV_LEN, H_Q, H_KV,
     GQA_GROUP: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, EVEN_Q: tl.constexpr = False, PREFETCH_INDEX: tl.constexpr = False,
+    ATOMIC_DQ: tl.constexpr, EVEN_Q: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
-    """dK, dV of one kv tile (and under ATOMIC_DQ dQ's parts).  EVEN_KV: KV_LEN is a multiple of BLOCK_N (this
-    program's tile is in bounds); EVEN_Q: Q_LEN is a multiple of SPARSE_Q (every q tile the tables list is)."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    """dK, dV of kv tile `pid_n` of kv head row `bh` (and under ATOMIC_DQ dQ's parts).  EVEN_KV: KV_LEN is a multiple
+    of BLOCK_N (this tile is in bounds); EVEN_Q: Q_LEN is a multiple of SPARSE_Q (every q tile the tables list is)."""
     b = bh // H_KV
     h_kv = bh % H_KV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -471,31 +468,27 @@ def dq_tiles(
 
 
 @triton.jit
-def flex_bwd_dq(
+def dq_program(
+    pid_m, bh, slot,
     Q, stride_qb, stride_qh, stride_qm, stride_qd,
     K, stride_kb, stride_kh, stride_kn, stride_kd,
     V, stride_vb, stride_vh, stride_vn, stride_vd,
     DO, stride_dob, stride_doh, stride_dom, stride_dod,
-    LSE2, DELTA,  # contiguous float32 [B, H_Q, Q_LEN]: lse in base 2 (flex_bwd_delta), delta
+    LSE2, DELTA,
     DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,  # contiguous int32 [TB, TH, q blocks(, cols)]
-    table_b, table_h, table_rows, table_cols, full_table_cols,
+    KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, table_b, table_h, table_rows, table_cols, full_table_cols,
     {MOD_BUFFERS}{GRAD_BUFFERS}
     sm_scale, Q_LEN, KV_LEN, H_Q,
     GQA_GROUP: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
-    DETERMINISTIC: tl.constexpr, EVEN_Q: tl.constexpr = False, PREFETCH_INDEX: tl.constexpr = False,
+    DETERMINISTIC: tl.constexpr, EVEN_Q: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
-    """dQ of one q tile; also the captured tensors' gradients: atomics into one float32 buffer each, or
-    (DETERMINISTIC) plain adds into this program's slice of a [programs, numel] buffer that torch sums.
-    EVEN_Q: Q_LEN is a multiple of BLOCK_M (this program's tile is in bounds); EVEN_KV: KV_LEN is a multiple of
+    """dQ of q tile `pid_m` of q head row `bh`; also the captured tensors' gradients: atomics into one float32 buffer
+    each, or (DETERMINISTIC) plain adds into slice `slot` of a [programs, numel] buffer that torch sums.
+    EVEN_Q: Q_LEN is a multiple of BLOCK_M (this tile is in bounds); EVEN_KV: KV_LEN is a multiple of
     SPARSE_KV (every kv tile the tables list is)."""
-    slot = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
-    # last q tiles first: under causal-like masks they have the most kv tiles, so the tail of the grid is short
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
     b = bh // H_Q
     h = bh % H_Q
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -528,4 +521,68 @@ def flex_bwd_dq(
     store_tile(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
                q_in[:, None], offs_d[None, :] < D, not EVEN_Q, BLOCK_D != D)
+
+
+@triton.jit
+def flex_bwd(
+    Q, stride_qb, stride_qh, stride_qm, stride_qd,
+    K, stride_kb, stride_kh, stride_kn, stride_kd,
+    V, stride_vb, stride_vh, stride_vn, stride_vd,
+    DO, stride_dob, stride_doh, stride_dom, stride_dod,
+    LSE2, DELTA,  # contiguous float32 [B, H_Q, Q_LEN]: lse in base 2 (flex_bwd_delta), delta
+    DQ_ACC,  # contiguous float32 [B, H_Q, Q_LEN, D], zeroed (ATOMIC_DQ; else unused)
+    DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    DK_OUT, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    DV_OUT, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    # the dK/dV programs' q-major tables and the dQ programs' kv-major ones: contiguous int32 [TB, TH, rows(, cols)],
+    # then their batch and head strides (0 where the mask broadcasts), rows and widths
+    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, q_table_b, q_table_h, q_table_rows, q_table_cols, q_full_table_cols,
+    KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, kv_table_b, kv_table_h, kv_table_rows, kv_table_cols,
+    kv_full_table_cols,
+    {MOD_BUFFERS}{GRAD_BUFFERS}
+    sm_scale, Q_LEN, KV_LEN, H_Q, H_KV,
+    dkdv_programs, kv_tiles, q_tiles,  # programs [0, dkdv_programs) do dK/dV, the rest dQ; tiles per head
+    GQA_GROUP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr,
+    DKDV_PART: tl.constexpr, SPARSE_Q1: tl.constexpr, SPARSE_KV1: tl.constexpr, BLOCK_M1: tl.constexpr,
+    BLOCK_N1: tl.constexpr, EVEN_Q1: tl.constexpr, EVEN_KV1: tl.constexpr, PREFETCH_INDEX1: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    DQ_PART: tl.constexpr, SPARSE_Q2: tl.constexpr, SPARSE_KV2: tl.constexpr, BLOCK_M2: tl.constexpr,
+    BLOCK_N2: tl.constexpr, EVEN_Q2: tl.constexpr, EVEN_KV2: tl.constexpr, PREFETCH_INDEX2: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+):
+    """The gradients' programs, on a 1-D grid: first the dK/dV programs (DKDV_PART; one per kv tile, walking the
+    q-major tables, summing over a GQA group's q heads), then the dQ programs (DQ_PART; one per q tile, heaviest
+    first, walking the kv-major tables).  One launch may hold both: the dQ programs then fill the SMs the last
+    dK/dV programs leave idle, where two launches would wait for the slowest dK/dV program.  Constexprs ending
+    in 1 configure the dK/dV part, in 2 the dQ part (BackwardConfig's names); the parts of one launch share its
+    warps and pipeline depth (Triton 3.6 does not pipeline a loop given its own depth by tl.range(num_stages=))."""
+    pid = tl.program_id(0)
+    if DKDV_PART:
+        if pid < dkdv_programs:
+            dkdv_program(pid % kv_tiles, pid // kv_tiles,
+                         Q, stride_qb, stride_qh, stride_qm, stride_qd, K, stride_kb, stride_kh, stride_kn, stride_kd,
+                         V, stride_vb, stride_vh, stride_vn, stride_vd, DO, stride_dob, stride_doh, stride_dom,
+                         stride_dod, LSE2, DELTA, DQ_ACC, DK_OUT, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                         DV_OUT, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                         Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, q_table_b, q_table_h, q_table_rows, q_table_cols,
+                         q_full_table_cols,
+                         {MOD_BUFFERS}{GRAD_BUFFERS}
+                         sm_scale, Q_LEN, KV_LEN, H_Q, H_KV,
+                         GQA_GROUP, SPARSE_Q1, SPARSE_KV1, BLOCK_M1, BLOCK_N1, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                         EVEN_KV1, FAST_TANH, ATOMIC_DQ, EVEN_Q1, PREFETCH_INDEX1)
+    if DQ_PART:
+        if pid >= dkdv_programs:
+            slot = pid - dkdv_programs
+            # last q tiles first: under causal-like masks they have the most kv tiles, so the tail of the grid is short
+            dq_program(q_tiles - 1 - slot % q_tiles, slot // q_tiles, slot.to(tl.int64),
+                       Q, stride_qb, stride_qh, stride_qm, stride_qd, K, stride_kb, stride_kh, stride_kn, stride_kd,
+                       V, stride_vb, stride_vh, stride_vn, stride_vd, DO, stride_dob, stride_doh, stride_dom,
+                       stride_dod, LSE2, DELTA, DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                       KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, kv_table_b, kv_table_h, kv_table_rows, kv_table_cols,
+                       kv_full_table_cols,
+                       {MOD_BUFFERS}{GRAD_BUFFERS}
+                       sm_scale, Q_LEN, KV_LEN, H_Q,
+                       GQA_GROUP, SPARSE_Q2, SPARSE_KV2, BLOCK_M2, BLOCK_N2, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                       EVEN_KV2, FAST_TANH, DETERMINISTIC, EVEN_Q2, PREFETCH_INDEX2)
 '''

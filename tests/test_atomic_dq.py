@@ -37,8 +37,8 @@ def launches(monkeypatch) -> list[tuple[str, dict]]:
 
 def assert_atomic_ran(launches) -> None:
     names = [name for name, _ in launches]
-    assert "flex_bwd_dq" not in names and names.count("flex_bwd_dkdv") == 1, names
-    assert all(kwargs["ATOMIC_DQ"] for name, kwargs in launches if name == "flex_bwd_dkdv")
+    assert "dq" not in names and names.count("dkdv") == 1, names
+    assert all(kwargs["ATOMIC_DQ"] for name, kwargs in launches if name == "dkdv")
 
 
 def causal_case() -> dict:
@@ -130,8 +130,8 @@ def test_deterministic_algorithms_use_the_separate_dq_kernel(randn, launches):
     finally:
         torch.use_deterministic_algorithms(previous)
     names = [name for name, _ in launches]
-    assert "flex_bwd_dq" in names
-    assert not any(kwargs["ATOMIC_DQ"] for name, kwargs in launches if name == "flex_bwd_dkdv")
+    assert "dq" in names
+    assert not any(kwargs["ATOMIC_DQ"] for name, kwargs in launches if name == "dkdv")
 
 
 def test_default_scheme_is_the_module_constant(randn, launches, monkeypatch):

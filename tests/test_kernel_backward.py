@@ -252,24 +252,36 @@ def test_no_config_that_fits_is_a_backend_error():
 # the table walks (dK/dV's q tiles, dQ's kv tiles) still check rows while each program's own tile does not;
 # 37/53: ragged everywhere.
 EVEN_CASES = {
-    "even": ((64, 64, 16, 16), {"flex_bwd_delta": {"EVEN_Q": True}, "flex_bwd_dkdv": {"EVEN_Q": True, "EVEN_KV": True},
-                                "flex_bwd_dq": {"EVEN_Q": True, "EVEN_KV": True}}),
+    "even": ((64, 64, 16, 16), {"flex_bwd_delta": {"EVEN_Q": True}, "dkdv": {"EVEN_Q": True, "EVEN_KV": True},
+                                "dq": {"EVEN_Q": True, "EVEN_KV": True}}),
     "tile_multiples_d_padded": ((48, 48, 48, 32), {"flex_bwd_delta": {"EVEN_Q": False},
-                                                   "flex_bwd_dkdv": {"EVEN_Q": False, "EVEN_KV": True},
-                                                   "flex_bwd_dq": {"EVEN_Q": True, "EVEN_KV": False}}),
-    "ragged": ((37, 53, 16, 48), {"flex_bwd_delta": {"EVEN_Q": False}, "flex_bwd_dkdv": {"EVEN_Q": False, "EVEN_KV": False},
-                                  "flex_bwd_dq": {"EVEN_Q": False, "EVEN_KV": False}}),
+                                                   "dkdv": {"EVEN_Q": False, "EVEN_KV": True},
+                                                   "dq": {"EVEN_Q": True, "EVEN_KV": False}}),
+    "ragged": ((37, 53, 16, 48), {"flex_bwd_delta": {"EVEN_Q": False}, "dkdv": {"EVEN_Q": False, "EVEN_KV": False},
+                                  "dq": {"EVEN_Q": False, "EVEN_KV": False}}),
 }
 
 
+PART_CONSTEXPRS = ("SPARSE_Q", "SPARSE_KV", "BLOCK_M", "BLOCK_N", "EVEN_Q", "EVEN_KV", "PREFETCH_INDEX")
+
+
+def program_parts(kernel: str, kwargs: dict) -> list[tuple[str, dict]]:
+    """A launch as the programs it runs: flex_bwd's dK/dV and dQ parts ("dkdv", "dq"), each with its own constexprs
+    under their plain names (EVEN_Q for EVEN_Q1 or EVEN_Q2), and any other kernel as itself."""
+    if kernel != "flex_bwd":
+        return [(kernel, kwargs)]
+    return [(part, {**kwargs, **{name: kwargs[name + suffix] for name in PART_CONSTEXPRS}})
+            for part, suffix, flag in (("dkdv", "1", "DKDV_PART"), ("dq", "2", "DQ_PART")) if kwargs[flag]]
+
+
 def recorded_launches(monkeypatch) -> list[tuple[str, dict]]:
-    """(kernel name, its keyword arguments) of every backward launch from now on (under the interpreter every
-    launch, a plan's repeated ones too, goes through launch_kernel)."""
+    """(program kind, the launch's keyword arguments) of every backward launch from now on, flex_bwd's as its parts
+    (`program_parts`); under the interpreter every launch, a plan's repeated ones too, goes through launch_kernel."""
     calls, launch = [], launch_module.launch_kernel
 
     def recording(kernel, grid, *args, **kwargs):
         if kernel.fn.__name__.startswith("flex_bwd"):
-            calls.append((kernel.fn.__name__, kwargs))
+            calls.extend(program_parts(kernel.fn.__name__, kwargs))
         return launch(kernel, grid, *args, **kwargs)
 
     monkeypatch.setattr(launch_module, "launch_kernel", recording)
@@ -298,5 +310,5 @@ def test_loads_unmasked_only_where_lengths_are_tile_multiples(randn, monkeypatch
     bias, case, flags = even_lengths_case(randn, name)
     launches = recorded_launches(monkeypatch)
     compare(randn, **case, tables=(bias,))
-    assert {"flex_bwd_dkdv", "flex_bwd_dq"} <= {kernel for kernel, _ in launches}
+    assert {"dkdv", "dq"} <= {kernel for kernel, _ in launches}
     assert_flags(launches, flags)

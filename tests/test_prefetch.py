@@ -14,6 +14,7 @@ from flexcomp.codegen import launch as launch_module
 from flexcomp.codegen.forward import prefetch_index
 from flexcomp.codegen.plans import clear_plans
 from naive import assert_close_to_reference, naive_attention
+from test_kernel_backward import program_parts
 
 import flexcomp as fc
 
@@ -47,8 +48,7 @@ def recorded_prefetch(monkeypatch) -> list[bool]:
     seen, real = [], launch_module.launch_kernel
 
     def record(kernel, grid, *args, **kwargs):
-        if "SPARSE_Q" in kwargs:
-            seen.append(kwargs.get("PREFETCH_INDEX"))
+        seen.extend(part["PREFETCH_INDEX"] for _, part in program_parts(kernel.fn.__name__, kwargs) if "SPARSE_Q" in part)
         return real(kernel, grid, *args, **kwargs)
 
     monkeypatch.setattr(launch_module, "launch_kernel", record)

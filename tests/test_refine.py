@@ -11,6 +11,7 @@ import torch
 from flexcomp.codegen import launch as launch_module
 from flexcomp.codegen.plans import clear_plans
 from naive import assert_close_to_reference, naive_attention
+from test_kernel_backward import program_parts
 
 import flexcomp as fc
 from flexcomp.blockmask import BlockMask, refine_block_mask
@@ -117,12 +118,14 @@ def test_no_refinement_where_it_cannot_apply() -> None:
 
 
 def launches(monkeypatch, names=("SPARSE_Q", "SPARSE_KV", "TILES_PER_BLOCK", "BLOCK_N")) -> list[dict]:
-    """The constexprs `names` of every launch that has `SPARSE_Q`, while the test runs."""
+    """The constexprs `names` of every launch (the backward's: of each part it runs) that has `SPARSE_Q`, while the
+    test runs."""
     seen, real = [], launch_module.launch_kernel
 
     def record(kernel, grid, *args, **kwargs):
-        if "SPARSE_Q" in kwargs:
-            seen.append({k: kwargs[k] for k in names if k in kwargs})
+        for _, part in program_parts(kernel.fn.__name__, kwargs):
+            if "SPARSE_Q" in part:
+                seen.append({k: part[k] for k in names if k in part})
         return real(kernel, grid, *args, **kwargs)
 
     monkeypatch.setattr(launch_module, "launch_kernel", record)
