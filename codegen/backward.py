@@ -79,9 +79,6 @@ DELTA_BLOCK_M = 64
 # Deterministic mode's partial gradients ([dQ programs, numel] float32 per captured tensor) may use at most this
 DETERMINISTIC_PARTIALS_LIMIT_BYTES = 1 << 30
 BACKWARD_DQ_SCHEMES = ("separate", "atomic")
-# The dK/dV and dQ programs in one launch (flex_bwd's two parts), where their warps and stages agree: the dQ programs fill the
-# SMs the last dK/dV programs leave idle.  kernel_options={"ONE_BACKWARD_LAUNCH": False} asks for two launches.
-DEFAULT_ONE_BACKWARD_LAUNCH = True
 DEFAULT_BACKWARD_DQ = "separate"  # "atomic" once it is measured faster on the GPU (benchmarks/NOTES_backward.md)
 LAST_KERNELS: dict[str, Any] = {}  # kernel name -> the last launch's compiled kernel (n_regs, n_spills), for tuning
 
@@ -199,12 +196,16 @@ def atomic_dq(kernel_options: dict[str, Any] | None) -> bool:
 def launch_parts(config: BackwardConfig, atomic: bool, kernel_options: dict[str, Any] | None) -> tuple[str, ...]:
     """flex_bwd's launches for `config`: the dK/dV part alone (atomic dQ), both parts in one launch, or one each.
 
-    One launch has one warp count and one pipeline depth; kernel_options' ONE_BACKWARD_LAUNCH (default
-    DEFAULT_ONE_BACKWARD_LAUNCH) can ask for two."""
+    One launch lets the dQ programs fill the SMs the last dK/dV programs leave idle (two launches wait for the
+    slowest dK/dV program), but it has one warp count, one pipeline depth and the larger part's registers.  So it is
+    the default where each part's program fills an SM on its own (8 warps): H100, D=128, backward alone, one launch
+    against two: no mask 13.46 / 13.64 ms, causal 7.00 / 7.12, softcap 8.39 / 8.62.  The 4-warp programs of D=64
+    share an SM, and there the dQ programs lost residency to the dK/dV part's registers (causal 4.01 / 3.88 ms).
+    kernel_options={"ONE_BACKWARD_LAUNCH": bool} forces it either way where the parts agree."""
     if atomic:
         return ("dkdv",)
-    one = (kernel_options or {}).get("ONE_BACKWARD_LAUNCH", DEFAULT_ONE_BACKWARD_LAUNCH)
     agree = (config.warps_dkdv, config.stages_dkdv) == (config.warps_dq, config.stages_dq)
+    one = (kernel_options or {}).get("ONE_BACKWARD_LAUNCH", config.warps_dkdv >= 8)
     return ("dkdv+dq",) if one and agree else ("dkdv", "dq")
 
 

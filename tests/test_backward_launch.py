@@ -12,6 +12,7 @@ import torch
 from flexcomp.codegen.backward import BackwardConfig, launch_parts
 from test_kernel_backward import SMALL_TILES, alibi_window_case, compare, recorded_launches, relative_bias_case
 
+ONE_LAUNCH = {**SMALL_TILES, "ONE_BACKWARD_LAUNCH": True}  # the small tiles' 4-warp default is two
 TWO_LAUNCHES = {**SMALL_TILES, "ONE_BACKWARD_LAUNCH": False}
 
 
@@ -33,7 +34,7 @@ def flex_bwd_launches(launches) -> list[str]:
 def test_one_launch_and_two_give_the_same_bits(rng, monkeypatch, case) -> None:
     launches = recorded_launches(monkeypatch)
     seed, grads = int(torch.randint(2**62, (), generator=rng)), {}
-    for options in (SMALL_TILES, TWO_LAUNCHES):
+    for options in (ONE_LAUNCH, TWO_LAUNCHES):
         generator = torch.Generator().manual_seed(seed)  # the same inputs for both layouts
 
         def draw(*shape, generator=generator):
@@ -41,7 +42,7 @@ def test_one_launch_and_two_give_the_same_bits(rng, monkeypatch, case) -> None:
 
         table, kwargs = case(draw)
         ours, tables = compare(draw, **kwargs, tables=(table,), options=options)
-        grads[options is SMALL_TILES] = [t.grad for t in ours] + [t.grad for t in tables]
+        grads[options is ONE_LAUNCH] = [t.grad for t in ours] + [t.grad for t in tables]
     assert flex_bwd_launches(launches) == ["dkdv+dq", "dkdv", "dq"]
     assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
 
@@ -52,7 +53,7 @@ def test_deterministic_captured_gradients_in_one_launch(randn, monkeypatch) -> N
     bias, case = relative_bias_case(randn)
     torch.use_deterministic_algorithms(True)
     try:
-        compare(randn, **case, tables=(bias,))
+        compare(randn, **case, tables=(bias,), options=ONE_LAUNCH)
     finally:
         torch.use_deterministic_algorithms(False)
     assert flex_bwd_launches(launches) == ["dkdv+dq"]
@@ -60,10 +61,12 @@ def test_deterministic_captured_gradients_in_one_launch(randn, monkeypatch) -> N
 
 
 @pytest.mark.parametrize(("config", "atomic", "options", "expected"), [
-    (BackwardConfig(64, 128, 128, 64, 8, 3, 8, 3), False, None, ("dkdv+dq",)),
+    (BackwardConfig(64, 128, 128, 64, 8, 3, 8, 3), False, None, ("dkdv+dq",)),  # 8-warp programs fill an SM each
     (BackwardConfig(64, 128, 128, 64, 8, 3, 8, 3), False, {"ONE_BACKWARD_LAUNCH": False}, ("dkdv", "dq")),
-    (BackwardConfig(64, 64, 64, 64, 4, 2, 4, 3), False, None, ("dkdv", "dq")),  # one pipeline depth per launch
-    (BackwardConfig(32, 128, 128, 64, 4, 3, 8, 3), False, None, ("dkdv", "dq")),  # one warp count per launch
+    (BackwardConfig(64, 64, 64, 64, 4, 3, 4, 3), False, None, ("dkdv", "dq")),  # 4-warp programs share an SM
+    (BackwardConfig(64, 64, 64, 64, 4, 3, 4, 3), False, {"ONE_BACKWARD_LAUNCH": True}, ("dkdv+dq",)),
+    (BackwardConfig(64, 64, 64, 64, 8, 2, 8, 3), False, None, ("dkdv", "dq")),  # one pipeline depth per launch
+    (BackwardConfig(32, 128, 128, 64, 8, 3, 4, 3), False, {"ONE_BACKWARD_LAUNCH": True}, ("dkdv", "dq")),
     (BackwardConfig(64, 128, 128, 64, 8, 3, 8, 3), True, None, ("dkdv",)),  # atomic dQ: no dQ programs
 ])  # fmt: skip
 def test_launch_parts(config, atomic, options, expected) -> None:
