@@ -228,28 +228,31 @@ def tflops(row: Row, ms: float, B: int, H: int, L: int, backward: bool) -> float
 
 
 def print_table(rows: list[Row], B: int, H: int, L: int, backward: bool) -> None:
+    """One table per head dim, each with its geometric mean speed-up over torch flex and its slowest row."""
     key = "ms_fwd_bwd" if backward else "ms"
     title = "forward+backward" if backward else "forward"
-    print(f"\n### {title}: B={B} H={H} L={L}, TFLOP/s counting unmasked work\n")
-    print("| variant | D | density | flexcomp ms | TFLOP/s | torch flex ms | TFLOP/s | vs flex | cuDNN TFLOP/s | vs cuDNN | err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    ratios = []
-    for r in rows:
-        ms = getattr(r, key)
-        ours, flex, cudnn = ms.get("flexcomp"), ms.get("torch flex"), ms.get("sdpa cudnn")
-        if ours is None:
-            continue
-        speedup = flex / ours if flex else float("nan")
-        if flex:
-            ratios.append(speedup)
-        cudnn_cols = (f"{tflops(r, cudnn, B, H, L, backward):.0f} | {cudnn / ours:.2f}x" if cudnn else "- | -")
-        err = r.grad_rel_err if backward else r.max_rel_err
-        flex_cols = f"{flex:.3f} | {tflops(r, flex, B, H, L, backward):.0f}" if flex else "- | -"
-        print(f"| {r.variant} | {r.head_dim} | {r.density:.3f} | {ours:.3f} | {tflops(r, ours, B, H, L, backward):.0f}"
-              f" | {flex_cols} | {speedup:.2f}x | {cudnn_cols} | {err:.1e} |")
-    if ratios:
-        geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
-        print(f"\ngeometric mean speed-up over torch flex ({title}): {geo:.2f}x; slowest {min(ratios):.2f}x")
+    for D in sorted({r.head_dim for r in rows}, reverse=True):
+        print(f"\n### {title}, D={D}: B={B} H={H} L={L}, TFLOP/s counting unmasked work\n")
+        print("| variant | D | density | flexcomp ms | TFLOP/s | torch flex ms | TFLOP/s | vs flex | cuDNN TFLOP/s "
+              "| vs cuDNN | err |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        ratios = []
+        for r in (r for r in rows if r.head_dim == D):
+            ms = getattr(r, key)
+            ours, flex, cudnn = ms.get("flexcomp"), ms.get("torch flex"), ms.get("sdpa cudnn")
+            if ours is None:
+                continue
+            speedup = flex / ours if flex else float("nan")
+            if flex:
+                ratios.append(speedup)
+            cudnn_cols = (f"{tflops(r, cudnn, B, H, L, backward):.0f} | {cudnn / ours:.2f}x" if cudnn else "- | -")
+            err = r.grad_rel_err if backward else r.max_rel_err
+            flex_cols = f"{flex:.3f} | {tflops(r, flex, B, H, L, backward):.0f}" if flex else "- | -"
+            print(f"| {r.variant} | {r.head_dim} | {r.density:.3f} | {ours:.3f} | "
+                  f"{tflops(r, ours, B, H, L, backward):.0f} | {flex_cols} | {speedup:.2f}x | {cudnn_cols} | {err:.1e} |")
+        if ratios:
+            geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            print(f"\ngeometric mean speed-up over torch flex ({title}, D={D}): {geo:.3f}x; slowest {min(ratios):.2f}x")
 
 
 def main() -> int:

@@ -10,11 +10,13 @@ Three generated @triton.jit helpers carry everything variant-specific:
   indices do not depend on first, so a per-head table costs one atomic per tile, not one per element.
   Under DETERMINISTIC (torch.are_deterministic_algorithms_enabled()) it instead adds, without atomics
   and in a fixed order, into the program's own slice of a [programs, numel] buffer that torch then sums;
-* the template's kernels call them: `flex_bwd_delta` (delta = rowsum(dO * O) - dlse), `flex_bwd_dkdv`
-  (one program per kv tile, walking the q-major block tables, summing over the q heads of a GQA group;
-  its tiles are [kv, q], S^T = K Q^T, so P^T and dS^T feed the dV and dK dots without a register
-  transpose, which on the H100 miscompiled for a padded 256-wide dK) and `flex_bwd_dq` (one program per
-  q tile, heaviest first, walking the kv-major tables; it also scatters the captured tensors' gradients).
+* the template's kernels call them: `flex_bwd_delta` (delta = rowsum(dO * O) - dlse) and `flex_bwd`, whose
+  1-D grid holds dK/dV programs (`dkdv_program`: one per kv tile, walking the q-major block tables, summing over
+  the q heads of a GQA group; its tiles are [kv, q], S^T = K Q^T, so P^T and dS^T feed the dV and dK dots without
+  a register transpose, which on the H100 miscompiled for a padded 256-wide dK) and then dQ programs
+  (`dq_program`: one per q tile, heaviest first, walking the kv-major tables; it also scatters the captured
+  tensors' gradients).  The constexprs DKDV_PART and DQ_PART say which parts a launch runs: both in one launch,
+  or one part per launch (codegen/backward.py `launch_parts`).
   The mods only broadcast, so they run unchanged on either orientation.
 
 Under ATOMIC_DQ (kernel_options BACKWARD_DQ="atomic") the dK/dV kernel also computes dQ's part dS K of each
