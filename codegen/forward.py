@@ -14,6 +14,7 @@ import torch
 import triton
 
 from flexcomp.blockmask import refine_block_mask
+from flexcomp.checks import validate_inputs
 from flexcomp.errors import BackendError
 from flexcomp.ir import arg, const
 from flexcomp.mods import Mod
@@ -91,28 +92,19 @@ def _module_and_key(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBoun
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"query, key, value must be 4-d [B, H, L, D]; got {q.dim()=}, {k.dim()=}, {v.dim()=}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"query, key, value dtypes differ: {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    """The rules of every backend (flexcomp.checks), then the kernel's own: one batch size (flex_attention has
+    broadcast a batch-1 key and value already), a dtype, device and head dims the kernel supports."""
+    validate_inputs(q, k, v, enable_gqa)
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"query batch {q.shape[0]} != key/value batch {k.shape[0]}: the Triton kernel takes them "
+                         "broadcast to one batch (flexcomp.flex_attention does that)")
     if q.dtype not in SUPPORTED_DTYPES:
         raise BackendError(f"the Triton kernel supports float16, bfloat16, float32; got {q.dtype=} "
                            "(use backend='reference')")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"query, key, value devices differ: {q.device=}, {k.device=}, {v.device=}")
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1); got {q.device=}")
-    (B, Hq, _, D), (Bk, Hkv, Lkv, Dk), (Bv, Hv, Lv, _) = q.shape, k.shape, v.shape
-    if not (B == Bk == Bv):
-        raise ValueError(f"batch sizes differ: {B=}, {Bk=}, {Bv=}")
-    if D != Dk:
-        raise ValueError(f"query and key head dims differ: {D=} != {Dk=}")
-    if Hkv != Hv or Lkv != Lv:
-        raise ValueError(f"key and value shapes disagree: {k.shape=}, {v.shape=}")
-    if Hq != Hkv and not (enable_gqa and Hq % Hkv == 0):
-        raise ValueError(f"query heads {Hq=} and kv heads {Hkv=} need enable_gqa=True and Hq % Hkv == 0")
-    if max(D, v.shape[-1]) > MAX_HEAD_DIM:
-        raise BackendError(f"head dims up to {MAX_HEAD_DIM} are supported; got {D=}, Dv={v.shape[-1]}")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise BackendError(f"head dims up to {MAX_HEAD_DIM} are supported; got D={q.shape[-1]}, Dv={v.shape[-1]}")
 
 
 def check_block_mask(block_mask: Any, q: torch.Tensor, k: torch.Tensor) -> None:

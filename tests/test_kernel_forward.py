@@ -334,8 +334,10 @@ def test_bad_inputs_are_named(randn):
         run(q, k, v, block_mask=bm)
     with pytest.raises(ValueError, match="BLOCK_M=48"):
         run(q, k, v, block_mask=block_mask_for(causal, 1, 1, 32, 32), options={"BLOCK_M": 48})
-    with pytest.raises(ValueError, match="Hq=2.*Hkv=1"):
+    with pytest.raises(ValueError, match="q_heads=2 != kv_heads=1; pass enable_gqa=True"):
         run(randn(1, 2, 32, 16), k, v)
+    with pytest.raises(ValueError, match="query batch 1 != key/value batch 2"):  # flex_attention broadcasts; the kernel does not
+        run(q, randn(2, 1, 32, 16), randn(2, 1, 32, 16))
 
 
 def test_float_semantics_of_scale(randn, naive_attention):
