@@ -9,30 +9,30 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flexcomp.codegen import launch as launch_module
 from flexcomp.codegen.backward import BackwardConfig, launch_parts
-from test_kernel_backward import SMALL_TILES, alibi_window_case, compare, recorded_launches, relative_bias_case
+from test_kernel_backward import SMALL_TILES, alibi_window_case, compare, program_parts, relative_bias_case
 
 ONE_LAUNCH = {**SMALL_TILES, "ONE_BACKWARD_LAUNCH": True}  # the small tiles' 4-warp default is two
 TWO_LAUNCHES = {**SMALL_TILES, "ONE_BACKWARD_LAUNCH": False}
 
 
-def flex_bwd_launches(launches) -> list[str]:
-    """The parts each flex_bwd launch ran, one string per launch ("dkdv+dq", or "dkdv" then "dq")."""
-    names = [(name, kwargs) for name, kwargs in launches if name in ("dkdv", "dq")]
-    out, i = [], 0
-    while i < len(names):  # program_parts lists a launch of both parts as two consecutive entries of one kwargs
-        if i + 1 < len(names) and names[i][1]["DKDV_PART"] and names[i][1]["DQ_PART"]:
-            out.append("dkdv+dq")
-            i += 2
-        else:
-            out.append(names[i][0])
-            i += 1
-    return out
+def recorded_backward_launches(monkeypatch) -> list[tuple[str, dict]]:
+    """("dkdv+dq", "dkdv" or "dq": the parts a flex_bwd launch runs; its keyword arguments) of each launch from now on."""
+    seen, real = [], launch_module.launch_kernel
+
+    def record(kernel, grid, *args, **kwargs):
+        if kernel.fn.__name__ == "flex_bwd":
+            seen.append(("+".join(part for part, _ in program_parts("flex_bwd", kwargs)), kwargs))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(launch_module, "launch_kernel", record)
+    return seen
 
 
 @pytest.mark.parametrize("case", [relative_bias_case, alibi_window_case])
 def test_one_launch_and_two_give_the_same_bits(rng, monkeypatch, case) -> None:
-    launches = recorded_launches(monkeypatch)
+    launches = recorded_backward_launches(monkeypatch)
     seed, grads = int(torch.randint(2**62, (), generator=rng)), {}
     for options in (ONE_LAUNCH, TWO_LAUNCHES):
         generator = torch.Generator().manual_seed(seed)  # the same inputs for both layouts
@@ -43,21 +43,21 @@ def test_one_launch_and_two_give_the_same_bits(rng, monkeypatch, case) -> None:
         table, kwargs = case(draw)
         ours, tables = compare(draw, **kwargs, tables=(table,), options=options)
         grads[options is ONE_LAUNCH] = [t.grad for t in ours] + [t.grad for t in tables]
-    assert flex_bwd_launches(launches) == ["dkdv+dq", "dkdv", "dq"]
+    assert [parts for parts, _ in launches] == ["dkdv+dq", "dkdv", "dq"]
     assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
 
 
 def test_deterministic_captured_gradients_in_one_launch(randn, monkeypatch) -> None:
     """The dQ programs' slices of the deterministic partial sums are numbered from the first dQ program."""
-    launches = recorded_launches(monkeypatch)
+    launches = recorded_backward_launches(monkeypatch)
     bias, case = relative_bias_case(randn)
     torch.use_deterministic_algorithms(True)
     try:
         compare(randn, **case, tables=(bias,), options=ONE_LAUNCH)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert flex_bwd_launches(launches) == ["dkdv+dq"]
-    assert all(kwargs["DETERMINISTIC"] for name, kwargs in launches if name == "dq")
+    assert [parts for parts, _ in launches] == ["dkdv+dq"]
+    assert launches[0][1]["DETERMINISTIC"]
 
 
 @pytest.mark.parametrize(("config", "atomic", "options", "expected"), [
