@@ -360,7 +360,7 @@ class BackwardPlan:
         self.grad_specs = [s for s in specs if s.name in grad_buffers]
         self.grad_dtypes = {s.name: tensors[f"score:{s.name}"].dtype for s in self.grad_specs}
         self.deterministic = bool(self.grad_specs) and torch.are_deterministic_algorithms_enabled()
-        self.launches: dict[tuple[str, BackwardConfig | None], PreparedLaunch] = {}
+        self.launches: dict[tuple[str, bool, BackwardConfig | None], PreparedLaunch] = {}
         self.fitted: BackwardConfig | None = None  # the config that ran, once one has
 
     def run(self, tensors: dict[str, torch.Tensor]):
@@ -401,7 +401,7 @@ class BackwardPlan:
             partials = _deterministic_partials(grads, self.dq_programs(config))
             tensors.update({f"partial:{name}": p for name, p in partials.items()})
         for parts in launch_parts(config, self.atomic, self.kernel_options):
-            compiled = self._launch(parts + (" partials" if partials and "dq" in parts else ""), config, tensors)(tensors)
+            compiled = self._launch(parts, config, tensors, partials=bool(partials) and "dq" in parts)(tensors)
             if record:
                 LAST_KERNELS[f"flex_bwd:{parts}"] = compiled
         for name, p in partials.items():
@@ -411,17 +411,18 @@ class BackwardPlan:
         B, Hq, _, Lq, _, _, _ = self.dims
         return _cdiv(Lq, config.BLOCK_M2) * B * Hq
 
-    def _launch(self, kind: str, config: BackwardConfig | None, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
-        """The prepared launch of `kind` ("delta", or the parts "dkdv", "dq", "dkdv+dq", with " partials" where the
-        dQ programs add captured gradients into deterministic slices) at `config`, made once."""
-        launch = self.launches.get((kind, config))
+    def _launch(self, kind: str, config: BackwardConfig | None, tensors: dict[str, torch.Tensor],
+                partials: bool = False) -> PreparedLaunch:
+        """The prepared launch of `kind` ("delta", or the parts "dkdv", "dq", "dkdv+dq") at `config`, made once;
+        `partials`: the dQ programs add captured gradients into deterministic slices."""
+        key = (kind, partials, config)
+        launch = self.launches.get(key)
         if launch is None:
             if kind == "delta":
                 launch = self._delta_launch(tensors)
             else:
-                parts, _, partials = kind.partition(" ")
-                launch = self._gradient_launch(config, tensors, parts, bool(partials))
-            self.launches[(kind, config)] = launch
+                launch = self._gradient_launch(config, tensors, kind, partials)
+            self.launches[key] = launch
         return launch
 
     def _delta_launch(self, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
