@@ -171,7 +171,7 @@ def main() -> None:
             config = BACKWARD_CONFIGS[(16, max(64, triton.next_power_of_2(D)))]
             shared = {"GQA_GROUP": 1, "BLOCK_D": triton.next_power_of_2(D), "BLOCK_DV": triton.next_power_of_2(D),
                       "D": D, "DV": D, "DOT_PRECISION": "tf32", "FAST_TANH": variant == "softcap",
-                      "ATOMIC_DQ": False, "DETERMINISTIC": False}
+                      "ATOMIC_DQ": False, "DETERMINISTIC": False, "ROW_ALIGN": 8}
             for n, (m_tile, n_tile, stages) in enumerate(((config.BLOCK_M1, config.BLOCK_N1, config.stages_dkdv),
                                                           (config.BLOCK_M2, config.BLOCK_N2, config.stages_dq)), 1):
                 shared |= {f"SPARSE_Q{n}": 128, f"SPARSE_KV{n}": 128, f"BLOCK_M{n}": m_tile, f"BLOCK_N{n}": n_tile,

@@ -127,7 +127,7 @@ def compile_forward(variant: str, D: int, block: tuple[int, int], warps: int, st
     constexprs = {"HAS_SCORE_MOD": score is not None, "USE_BOUNDS": bounds is not None, "HAS_FULL": bounds is None,
                   "SPARSE_Q": 128, "SPARSE_KV": 128, "TILES_PER_BLOCK": 128 // block[1], "BLOCK_M": block[0],
                   "BLOCK_N": block[1], "BLOCK_D": D, "BLOCK_DV": D, "D": D, "DV": D, "DOT_PRECISION": "tf32",
-                  "UPCAST_DOT": False, "EVEN_Q": True, "EVEN_KV": True, "FAST_TANH": score is not None,
+                  "EVEN_Q": True, "EVEN_KV": True, "FAST_TANH": score is not None,
                   "USE_TMA": False, "FLOAT_INDEX": variant == "alibi", "FOLD_SCALE": score is None,
                   "PREFETCH_INDEX": False}
     constexprs.update(extra)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,8 @@ from .backward_source import backward_source
 from .cache import cache_key, load_generated
 from .forward import check_buffers, is_sparse, prefetch_index, refine_wanted, slot_args, walked_tiles
 from .launch import PreparedLaunch, Slot, launch_first_fitting
-from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key
+from .ops import dot_precision
+from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key, row_alignment
 
 
 @dataclass(frozen=True)
@@ -443,7 +445,7 @@ class BackwardPlan:
         mod_args = [x for name, t in tensors.items() if name.startswith(("score:", "mask:")) for x in slot_args(name, t)]
         constants = {"D": D, "DV": Dv, "BLOCK_D": max(16, next_power_of_2(D)), "BLOCK_DV": max(16, next_power_of_2(Dv)),
                      "GQA_GROUP": self.group,
-                     "DOT_PRECISION": "ieee" if self.dtype == torch.float32 else "tf32",
+                     "DOT_PRECISION": dot_precision(self.dtype, os.environ.get("TRITON_INTERPRET") == "1"),
                      # tanh on the MUFU unit for 16-bit inputs, as the forward (never under the interpreter: no asm)
                      "FAST_TANH": self.dtype in (torch.float16, torch.bfloat16) and self.device.type == "cuda"}
         return qkvdo, mod_args, constants
@@ -454,6 +456,8 @@ class BackwardPlan:
         B, Hq, Hkv, Lq, Lkv, _, _ = self.dims
         dkdv, dq = "dkdv" in parts, "dq" in parts
         qkvdo, mod_args, constants = self._inputs_and_constants(tensors)
+        constants["ROW_ALIGN"] = row_alignment(*((tensors[name].element_size(), tensors[name].stride())
+                                                 for name in ("q", "k", "v", "do", "dq", "dk", "dv")))
         kv_tiles, q_tiles = _cdiv(Lkv, config.BLOCK_N1), _cdiv(Lq, config.BLOCK_M2)
         dkdv_programs = kv_tiles * B * Hkv if dkdv else 0
         q_sparse = walked_tiles(self.q_tables, (config.BLOCK_M1, config.BLOCK_N1), self.sparse)

@@ -304,7 +304,7 @@ def probabilities(a, b_op, lse2, b, h, q_idx, kv_idx, sm_scale, KV_LEN,
 
     q_idx, kv_idx and lse2 = lse * log2(e) come broadcastable along the tile's axes; the mods only broadcast.
     """
-    qk = tl.dot(a, b_op, input_precision=DOT_PRECISION)
+    qk = mma(a, b_op, None, DOT_PRECISION)
     if FAST_TANH:
         modded, dmod = modded_scores_fast(qk, sm_scale, b, h, q_idx, kv_idx, KV_LEN, {MOD_BUFFERS}IS_FULL, EVEN_KV)
     else:
@@ -350,14 +350,14 @@ def dkdv_tiles(
         delta = load_rows(DELTA + offs_m, q_in, 0.0, not EVEN_Q)
         p, score, dmod = probabilities(k, qt, lse2[None, :], b, h, offs_m[None, :], kv_idx, sm_scale, KV_LEN,
                                        {MOD_BUFFERS}IS_FULL, EVEN_KV, FAST_TANH, DOT_PRECISION)
-        dv = tl.dot(p.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dv = mma(p.to(do.dtype), do, dv, DOT_PRECISION)
+        dp = mma(v, tl.trans(do), None, DOT_PRECISION)
         ds = p * (dp - delta[None, :])
         {DSCORE}
         dscore_lp = dscore.to(qt.dtype)
-        dk = tl.dot(dscore_lp, tl.trans(qt), dk, input_precision=DOT_PRECISION)
+        dk = mma(dscore_lp, tl.trans(qt), dk, DOT_PRECISION)
         if ATOMIC_DQ:  # dQ[q tile] += dS K, as dQ^T = K^T dS^T (k is in shared memory: its transpose is a view)
-            dq_t = tl.dot(tl.trans(k), dscore_lp, input_precision=DOT_PRECISION)
+            dq_t = mma(tl.trans(k), dscore_lp, None, DOT_PRECISION)
             dq_ptrs = DQ_ACC + offs_m[None, :] * D + offs_d[:, None]
             if EVEN_Q and BLOCK_D == D:
                 tl.atomic_add(dq_ptrs, dq_t, sem="relaxed")
@@ -461,10 +461,10 @@ def dq_tiles(
         kv_idx = offs_n[None, :]
         p, score, dmod = probabilities(q, kt, lse2[:, None], b, h, q_idx, kv_idx, sm_scale, KV_LEN,
                                        {MOD_BUFFERS}IS_FULL, EVEN_KV, FAST_TANH, DOT_PRECISION)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        dp = mma(do, vt, None, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         {DSCORE}
-        dq = tl.dot(dscore.to(q.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+        dq = mma(dscore.to(q.dtype), tl.trans(kt), dq, DOT_PRECISION)
         {SCATTER}
     return dq
 
@@ -551,7 +551,7 @@ def flex_bwd(
     ATOMIC_DQ: tl.constexpr,
     DQ_PART: tl.constexpr, SPARSE_Q2: tl.constexpr, SPARSE_KV2: tl.constexpr, BLOCK_M2: tl.constexpr,
     BLOCK_N2: tl.constexpr, EVEN_Q2: tl.constexpr, EVEN_KV2: tl.constexpr, PREFETCH_INDEX2: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """The gradients' programs, on a 1-D grid: first the dK/dV programs (DKDV_PART; one per kv tile, walking the
     q-major tables, summing over a GQA group's q heads), then the dQ programs (DQ_PART; one per q tile, heaviest
@@ -559,6 +559,13 @@ def flex_bwd(
     dK/dV programs leave idle, where two launches would wait for the slowest dK/dV program.  Constexprs ending
     in 1 configure the dK/dV part, in 2 the dQ part (BackwardConfig's names); the parts of one launch share its
     warps and pipeline depth (Triton 3.6 does not pipeline a loop given its own depth by tl.range(num_stages=))."""
+    stride_qb, stride_qh, stride_qm = aligned(stride_qb, ROW_ALIGN), aligned(stride_qh, ROW_ALIGN), aligned(stride_qm, ROW_ALIGN)
+    stride_kb, stride_kh, stride_kn = aligned(stride_kb, ROW_ALIGN), aligned(stride_kh, ROW_ALIGN), aligned(stride_kn, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vn = aligned(stride_vb, ROW_ALIGN), aligned(stride_vh, ROW_ALIGN), aligned(stride_vn, ROW_ALIGN)
+    stride_dob, stride_doh, stride_dom = aligned(stride_dob, ROW_ALIGN), aligned(stride_doh, ROW_ALIGN), aligned(stride_dom, ROW_ALIGN)
+    stride_dqb, stride_dqh, stride_dqm = aligned(stride_dqb, ROW_ALIGN), aligned(stride_dqh, ROW_ALIGN), aligned(stride_dqm, ROW_ALIGN)
+    stride_dkb, stride_dkh, stride_dkn = aligned(stride_dkb, ROW_ALIGN), aligned(stride_dkh, ROW_ALIGN), aligned(stride_dkn, ROW_ALIGN)
+    stride_dvb, stride_dvh, stride_dvn = aligned(stride_dvb, ROW_ALIGN), aligned(stride_dvh, ROW_ALIGN), aligned(stride_dvn, ROW_ALIGN)
     pid = tl.program_id(0)
     if DKDV_PART:
         if pid < dkdv_programs:

@@ -25,8 +25,8 @@ from .autotune import MIN_BLOCK, LaunchConfig, next_power_of_2
 from .cache import cache_key, load_generated
 from .forward_source import bounds_text, forward_source
 from .launch import PreparedLaunch, Slot, launch_first_fitting
-from .ops import float_index_exact
-from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key
+from .ops import dot_precision, float_index_exact
+from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key, row_alignment
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -221,11 +221,12 @@ class ForwardPlan:
             "HAS_SCORE_MOD": score_mod is not None, "USE_BOUNDS": bounds is not None,
             "BLOCK_D": max(next_power_of_2(D), MIN_BLOCK), "BLOCK_DV": max(next_power_of_2(Dv), MIN_BLOCK),
             "D": D, "DV": Dv,
-            "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-            "UPCAST_DOT": q.dtype == torch.bfloat16 and self.interpreted,
+            "DOT_PRECISION": dot_precision(q.dtype, self.interpreted),
             "FAST_TANH": score_mod is not None and q.dtype in FAST_TANH_DTYPES and not self.interpreted,
             "FLOAT_INDEX": float_index(score_mod, B, Hq, Lq + sparse_q, Lkv + sparse_kv),
             "FOLD_SCALE": fold_scale(score_mod, float(scale), kernel_options),
+            "ROW_ALIGN": row_alignment(*((t.element_size(), t.stride()) for t in (q, k, v)),
+                                       (q.element_size(), contiguous_strides(self.out_shape))),
         }  # fmt: skip
         self.tma_layout = tma_layout_ok(k, v) and not self.interpreted
         self.kernel_options, self.dims = kernel_options, (D, Dv, Lq, Lkv, Hq // Hkv)

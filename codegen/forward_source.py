@@ -172,16 +172,6 @@ def bounds_text(bounds: ClosedFormBounds | None) -> str:
 # The template.  {NAME} holes take the generated argument lists above.
 FORWARD_TEMPLATE = '''
 @triton.jit
-def dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    # UPCAST_DOT is set only under Triton's interpreter, whose bfloat16 tl.dot multiplies raw bit patterns
-    if UPCAST_DOT:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=DOT_PRECISION)
-    return c
-
-
-@triton.jit
 def attend_tile(
     acc, l_i, m_i, q, start_n,
     K, stride_kn, stride_kd, k_desc,
@@ -190,7 +180,7 @@ def attend_tile(
     {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
     IS_FULL: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
 ):
@@ -204,7 +194,7 @@ def attend_tile(
     else:
         kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                        kv_in[None, :], offs_d[:, None] < D, CHECK_KV, BLOCK_D != D)
-    qk = dot(q, kt, DOT_PRECISION, UPCAST_DOT)
+    qk = mma(q, kt, None, DOT_PRECISION)
     kv_idx = offs_n[None, :]
     if HAS_SCORE_MOD:  # score_mod(q.k * scale) * log2(e), the scalings folded into the mod (codegen/base2.py)
         if FLOAT_INDEX:  # int->float casts of kv_idx expressions done in float: exact, the host checked the range
@@ -248,7 +238,7 @@ def attend_tile(
     else:
         v = load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                       kv_in[:, None], offs_dv[None, :] < DV, CHECK_KV, BLOCK_DV != DV)
-    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+    acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -264,7 +254,7 @@ def attend_tiles(
     IS_FULL: tl.constexpr, USE_BOUNDS: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
     SPARSE_KV: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
     FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
@@ -287,7 +277,7 @@ def attend_tiles(
             acc, l_i, m_i, q, start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc,
             b, h, q_idx, sm_scale, qk_scale, KV_LEN,
             {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-            IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT,
+            IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
             CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE,
         )
     return acc, l_i, m_i
@@ -310,11 +300,15 @@ def flex_forward_kernel(
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     EVEN_Q: tl.constexpr = False, EVEN_KV: tl.constexpr = False, FAST_TANH: tl.constexpr = False,
     USE_TMA: tl.constexpr = False, FLOAT_INDEX: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False,
-    PREFETCH_INDEX: tl.constexpr = False,
+    PREFETCH_INDEX: tl.constexpr = False, ROW_ALIGN: tl.constexpr = 1,
 ):
+    stride_qb, stride_qh, stride_qm = aligned(stride_qb, ROW_ALIGN), aligned(stride_qh, ROW_ALIGN), aligned(stride_qm, ROW_ALIGN)
+    stride_kb, stride_kh, stride_kn = aligned(stride_kb, ROW_ALIGN), aligned(stride_kh, ROW_ALIGN), aligned(stride_kn, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vn = aligned(stride_vb, ROW_ALIGN), aligned(stride_vh, ROW_ALIGN), aligned(stride_vn, ROW_ALIGN)
+    stride_ob, stride_oh, stride_om = aligned(stride_ob, ROW_ALIGN), aligned(stride_oh, ROW_ALIGN), aligned(stride_om, ROW_ALIGN)
     # q tiles in reverse: under a causal-like mask the last ones are the longest, so they start first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -378,7 +372,7 @@ def flex_forward_kernel(
         partial_row, stride_in,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
         FOLD_SCALE, PREFETCH_INDEX,
     )
     acc, l_i, m_i = attend_tiles(
@@ -388,7 +382,7 @@ def flex_forward_kernel(
         full_row, stride_fin,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, UPCAST_DOT, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
         FOLD_SCALE, PREFETCH_INDEX,
     )
 

@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from flexcomp.errors import BackendError
 from flexcomp.ir import BufferSpec, DType, Node, Op, free_args, map_nodes, promote, toposort
@@ -206,8 +207,39 @@ def wrap_index(i, size):
     return tl.minimum(tl.maximum(i, 0), size - 1)
 '''
 
+def dot_precision(dtype: Any, interpreted: bool) -> str:
+    """The kernels' DOT_PRECISION for a torch dtype: exact float32 products for float32 inputs, tensor cores for
+    16-bit ones ("upcast" under the interpreter, see `mma`)."""
+    name = str(dtype).removeprefix("torch.")
+    if name == "float32":
+        return "ieee"
+    return "upcast" if interpreted and name == "bfloat16" else "tf32"
+
+
 # Helpers of both kernel templates (forward and backward), ahead of the templates in every generated file.
 KERNEL_HELPERS = '''
+@triton.jit
+def aligned(stride, ROW_ALIGN: tl.constexpr):
+    # the host found the stride a multiple of ROW_ALIGN elements (codegen/plans.py row_alignment): said so, 16-bit
+    # rows of 24 or 40 elements load as 16-byte vectors instead of element by element.  (stride // A) * A states it
+    # where tl.multiple_of cannot: an argument has no defining op to carry the attribute; a shift and a multiply,
+    # once per program
+    if ROW_ALIGN > 1:
+        stride = (stride // ROW_ALIGN) * ROW_ALIGN
+    return stride
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    # a @ b (+ acc).  "upcast" is set only under Triton's interpreter, whose bfloat16 tl.dot multiplies raw bit
+    # patterns: there the tiles are multiplied in float32
+    if DOT_PRECISION == "upcast":
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        c = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return c
+
+
 @triton.jit
 def tanh_approx(x):
     # one MUFU op (max rel. error ~2^-11): used for 16-bit inputs on CUDA only (FAST_TANH); the interpreter cannot run asm

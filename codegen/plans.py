@@ -31,6 +31,26 @@ def layout(t: torch.Tensor) -> tuple:
     return t.dtype, t.device, t.shape, t.stride(), t.data_ptr() % 16 == 0
 
 
+def row_alignment(*layouts: tuple[int, tuple[int, ...]]) -> int:
+    """ROW_ALIGN: the largest power of two, up to 16 bytes' worth of elements, that divides every batch, head and
+    row stride of the given (element size, strides) pairs; 1 unless every last stride is 1.
+
+    Triton specializes an integer argument only on divisibility by 16, so a row stride of 40 or 24 elements (a
+    16-bit head dim of 40 or 24: 16-byte rows) reads as unaligned and its tiles load element by element.  The
+    kernels hint the strides with tl.multiple_of(stride, ROW_ALIGN) instead: 16-byte vector loads (cp.async).  That
+    element-wise path is also where Triton 3.6 on sm_90 computed wrong outputs (D=40, Dv=24: relative error 1.3)
+    and faulted (D=72, Dv=24): issue 16; benchmarks/NOTES_forward.md."""
+    align = 16
+    for size, strides in layouts:
+        if strides[-1] != 1:
+            return 1
+        align = min(align, 16 // size)
+        for s in strides[:-1]:
+            while align > 1 and s % align:
+                align //= 2
+    return align
+
+
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The strides torch gives a new contiguous tensor of `shape` (what a plan binds for the outputs it allocates)."""
     strides, step = [], 1

@@ -1,7 +1,7 @@
 """Generated backward kernels (Triton interpreter via conftest, tiny shapes) against float64 torch autograd of naive attention.
 
-bfloat16 is not tested here: the Triton 3.9 interpreter's bf16 tl.dot returns garbage on CPU
-(forward and backward alike); float16 stands in for the 16-bit path.
+The Triton interpreter's bfloat16 tl.dot multiplies raw bit patterns on CPU: the kernels' `mma` helper
+multiplies in float32 there (DOT_PRECISION "upcast"), so bfloat16 runs here too, with 16-bit loads and stores.
 
 Every case differentiates one loss, sum(out * dO) (+ sum(lse * dlse) where lse is used), through
 flexcomp.autograd.triton_flex_attention and through tests/naive.py, and compares the gradients of
@@ -26,7 +26,8 @@ import flexcomp as fc
 from flexcomp.autograd import triton_flex_attention
 
 SMALL_TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}
-TOL = {torch.float32: {"atol": 2e-4, "rtol": 2e-4}, torch.float16: {"atol": 3e-2, "rtol": 3e-2}}
+TOL = {torch.float32: {"atol": 2e-4, "rtol": 2e-4}, torch.float16: {"atol": 3e-2, "rtol": 3e-2},
+       torch.bfloat16: {"atol": 1e-1, "rtol": 1e-1}}
 
 
 def block_mask_for(mask: fc.Mod, B: int, H: int, q_len: int, kv_len: int, block: int):
@@ -142,6 +143,19 @@ def test_fully_masked_rows_give_zero_gradients(randn):
 def test_half_precision_with_causal_lse(randn):
     compare(randn, shapes=((2, 1), (32, 32), (16, 32)), mask=causal_mask(), mask_fn=lambda b, h, i, j: i >= j,
             enable_gqa=True, use_lse=True, dtype=torch.float16, block=32, options={**SMALL_TILES, "BLOCK_N1": 32})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_odd_head_dims_with_a_score_mod(randn, dtype):
+    """Issue 16's shape class: D and Dv both padded to the next power of two (40 -> 64, 24 -> 32), GQA."""
+    slopes = torch.rand(4)
+
+    @fc.score_mod
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    compare(randn, shapes=((4, 2), (37, 51), (40, 24)), score_mod=alibi,
+            score_fn=lambda s, b, h, i, j: s + slopes[h] * (j - i), enable_gqa=True, use_lse=True, dtype=dtype)
 
 
 def test_source_names_the_derivatives():
