@@ -242,6 +242,29 @@ def test_head_dims_48_dv_80_gqa_non_contiguous(randn, naive_attention):
     check(out, lse, *naive_attention(q, k, v, alibi.fn, causal.fn, enable_gqa=True))
 
 
+def test_row_alignment_is_the_strides_common_power_of_two():
+    from flexcomp.codegen.plans import row_alignment
+
+    assert row_alignment((2, (8000, 40, 1)), (2, (7992, 24, 1))) == 8  # 16-bit D=40, Dv=24: 16-byte rows
+    assert row_alignment((2, (4096, 64, 1)), (4, (2048, 32, 1))) == 4  # float32: 4 elements make 16 bytes
+    assert row_alignment((2, (7200, 36, 1))) == 4  # 72-byte rows: 8-byte vectors
+    assert row_alignment((2, (8200, 41, 1))) == 1  # an odd stride: element by element
+    assert row_alignment((2, (4096, 1, 64))) == 1  # the head dim is not the unit stride
+
+
+@pytest.mark.parametrize("pad", [0, 1, 4], ids=["aligned", "odd stride", "8-byte rows"])
+def test_issue_16_head_dims_40_24_with_stride_hints(randn, naive_attention, pad):
+    """D=40, Dv=24 in fp16 (GPU: wrong output before ROW_ALIGN) as contiguous tensors and as views of wider rows."""
+    def view(*shape):
+        return randn(*shape[:-1], shape[-1] + pad)[..., :shape[-1]].to(torch.float16)
+
+    q, k, v = view(1, 4, 37, 40), view(1, 2, 51, 40), view(1, 2, 51, 24)
+    bm = block_mask_for(causal, 1, 1, 37, 51)
+    out, lse = run(q, k, v, alibi, bm, gqa=True)
+    check(out, lse, *naive_attention(q.double(), k.double(), v.double(), alibi.fn, causal.fn, enable_gqa=True),
+          atol=2e-3)
+
+
 @pytest.mark.parametrize("with_bounds", [False, True], ids=["tables", "bounds"])
 def test_fully_masked_rows_give_zero_and_minus_inf(randn, naive_attention, with_bounds):
     q, k, v = randn(1, 1, 40, 16), randn(1, 1, 40, 16), randn(1, 1, 40, 16)
