@@ -40,7 +40,7 @@ from flexcomp.tiles import block_size
 from .autotune import next_power_of_2
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
-from .forward import check_buffers, is_sparse, prefetch_index, refine_wanted, slot_args, walked_tiles
+from .forward import MIN_STAGES, check_buffers, is_sparse, prefetch_index, refine_wanted, slot_args, walked_tiles
 from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .ops import dot_precision
 from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key, row_alignment
@@ -182,7 +182,8 @@ def _chosen_config(option_items: tuple, sparse: tuple[int, int], dtype: torch.dt
                              f"block mask's block size {limit=}")
         blocks[name] = size
     warps = {k: options["num_warps"] for k in ("warps_dkdv", "warps_dq") if "num_warps" in options}
-    stages = {k: options["num_stages"] for k in ("stages_dkdv", "stages_dq") if "num_stages" in options}
+    stages = {k: max(options["num_stages"], MIN_STAGES) for k in ("stages_dkdv", "stages_dq")
+              if "num_stages" in options}
     return dataclasses.replace(base, **blocks, **warps, **stages)
 
 
@@ -213,8 +214,9 @@ def launch_parts(config: BackwardConfig, atomic: bool, kernel_options: dict[str,
 
 @functools.lru_cache(maxsize=64)  # on every call's path
 def fallbacks(config: BackwardConfig) -> tuple[BackwardConfig, ...]:
-    """The chosen config, then one stage, then halved tiles: a mod that gathers from tables can need more shared memory."""
-    configs = [config, dataclasses.replace(config, stages_dkdv=1, stages_dq=1)]
+    """The chosen config, then MIN_STAGES stages (codegen/forward.py says why no fewer), then halved tiles: a mod
+    that gathers from tables can need more shared memory."""
+    configs = [config, dataclasses.replace(config, stages_dkdv=MIN_STAGES, stages_dq=MIN_STAGES)]
     while max(configs[-1].BLOCK_N1, configs[-1].BLOCK_M2) > MIN_BLOCK:
         c = configs[-1]
         configs.append(dataclasses.replace(c, BLOCK_M1=max(c.BLOCK_M1 // 2, MIN_BLOCK),

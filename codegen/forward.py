@@ -30,6 +30,11 @@ from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+# Loops run with at least two pipeline stages: with one, Triton 3.6 on sm_90 stores each K and V tile to shared
+# memory from registers, and there it computed wrong outputs (D=40, Dv=24: relative error 1.3) and faulted
+# (benchmarks/gpu_sweep.py, issue 16).  kernel_options num_stages=1 is read as 2, as a hint torch's kernels may also
+# adjust.
+MIN_STAGES = 2
 FAST_TANH_DTYPES = (torch.float16, torch.bfloat16)  # fp32 inputs keep the precise tanh
 
 
@@ -57,8 +62,9 @@ def choose_config(dtype: torch.dtype, head_dim: int, block_size: tuple[int, int]
     base = base or default_config(dtype, max(head_dim, MIN_BLOCK), sparse, score_mod)
     block_m = _fit(options.get("BLOCK_M", base.block_m), block_size[0], "BLOCK_M", "BLOCK_M" in options)
     block_n = _fit(options.get("BLOCK_N", base.block_n), block_size[1], "BLOCK_N", "BLOCK_N" in options)
-    return LaunchConfig(block_m, block_n, options.get("num_warps", base.num_warps),
-                        options.get("num_stages", base.num_stages), bool(options.get("USE_TMA", base.use_tma)))
+    stages = max(options.get("num_stages", base.num_stages), MIN_STAGES)
+    return LaunchConfig(block_m, block_n, options.get("num_warps", base.num_warps), stages,
+                        bool(options.get("USE_TMA", base.use_tma)))
 
 
 # ---------------------------------------------------------------- source and kernel
@@ -420,8 +426,9 @@ def _device_name(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=64)  # on every call's path
 def fallbacks(config: LaunchConfig) -> tuple[LaunchConfig, ...]:
-    """The chosen config, then smaller ones: a mod that gathers from tables can need more shared memory."""
-    smaller = [dataclasses.replace(config, num_stages=1)]
+    """The chosen config, then smaller ones: a mod that gathers from tables can need more shared memory.  Never
+    fewer than MIN_STAGES stages (see there)."""
+    smaller = [dataclasses.replace(config, num_stages=MIN_STAGES)]
     while smaller[-1].block_n > MIN_BLOCK or smaller[-1].block_m > MIN_BLOCK:
         last = smaller[-1]
         if last.block_n >= last.block_m and last.block_n > MIN_BLOCK:

@@ -66,6 +66,9 @@ def triton_flex_attention(
     by default their current values.  Gradients reach every one that requires grad.
     """
     del return_lse  # lse is always returned (and differentiable); the caller drops it
+    if not vector_rows(query, key, value):
+        return _with_padded_rows(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
+                                 *captured_tensors)
     if score_mod is not None and not captured_tensors:
         values = score_mod.tensors()
         captured_tensors = tuple(values[spec.name] for spec in score_mod.buffers)
@@ -76,3 +79,35 @@ def triton_flex_attention(
         return flex_forward(query, key, value, score_mod, block_mask, scale, enable_gqa, True, kernel_options)
     return FlexAttentionFunction.apply(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
                                        *captured_tensors)
+
+
+ROW_BYTES = 16  # head dims of 16-bit inputs are padded to rows of a multiple of this many bytes
+
+
+def vector_rows(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can read each row of these tensors with vector loads: always for 4-byte elements; for
+    16-bit ones, when every tensor starts 16-byte aligned and its strides keep rows at least 4-byte aligned.
+
+    Otherwise Triton loads 16-bit tiles element by element into registers and stores them to shared memory, the
+    path on which Triton 3.6 on sm_90 computed wrong outputs and faulted (issue 16, benchmarks/gpu_sweep.py)."""
+    from .codegen.plans import row_alignment
+
+    if tensors[0].element_size() != 2:
+        return True
+    if any(t.data_ptr() % 16 for t in tensors):
+        return False
+    return row_alignment(*((t.element_size(), t.stride()) for t in tensors)) >= 2
+
+
+def _with_padded_rows(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, *captured):
+    """triton_flex_attention on copies of q, k, v whose head dims are zero-padded to 16-byte rows (q.k and P V are
+    unchanged by zero columns; the output's extra columns are cut off).  Autograd takes the gradients through the
+    padding.  One copy of each input per call: only for layouts `vector_rows` refuses."""
+    def padded(t: torch.Tensor) -> torch.Tensor:  # a fresh allocation: 16-byte aligned, whatever t's offset
+        width = -(-t.shape[-1] * t.element_size() // ROW_BYTES) * ROW_BYTES // t.element_size()
+        return torch.cat([t, t.new_zeros(*t.shape[:-1], width - t.shape[-1])], dim=-1)
+
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    out, lse = triton_flex_attention(padded(query), padded(key), padded(value), score_mod, block_mask, scale,
+                                     enable_gqa, True, kernel_options, *captured)
+    return out[..., :value.shape[-1]].contiguous(), lse

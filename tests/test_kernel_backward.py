@@ -326,3 +326,35 @@ def test_loads_unmasked_only_where_lengths_are_tile_multiples(randn, monkeypatch
     compare(randn, **case, tables=(bias,))
     assert {"dkdv", "dq"} <= {kernel for kernel, _ in launches}
     assert_flags(launches, flags)
+
+
+@pytest.mark.parametrize("offset,pad", [(1, 0), (0, 1)], ids=["pointer off 16 bytes", "odd row stride"])
+def test_16_bit_rows_without_vector_loads_are_padded(randn, offset, pad):
+    """Issue 16: 16-bit tiles that cannot load as vectors took Triton's element-wise path (wrong on sm_90); such
+    inputs run on zero-padded copies instead, with gradients through the padding."""
+    from flexcomp.autograd import vector_rows
+
+    def view(*shape):
+        flat = randn(shape[0] * shape[1] * shape[2] * (shape[3] + pad) + offset).to(torch.float16)
+        return flat[offset:].view(*shape[:-1], shape[-1] + pad)[..., :shape[-1]].requires_grad_()
+
+    q, k, v = view(1, 4, 37, 40), view(1, 2, 51, 40), view(1, 2, 51, 24)
+    assert not vector_rows(q, k, v)
+    slopes = torch.rand(4, requires_grad=True)
+
+    @fc.score_mod
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    out, lse = triton_flex_attention(q, k, v, alibi, None, None, True, True, SMALL_TILES)
+    assert out.shape == (1, 4, 37, 24) and out.is_contiguous()
+    dout = randn(1, 4, 37, 24)
+    grads = torch.autograd.grad((out.float() * dout).sum(), (q, k, v, slopes))
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, slopes)]
+    ref_out, ref_lse = naive_attention(*ref[:3], score_fn=lambda s, b, h, i, j: s + ref[3][h] * (j - i),
+                                       enable_gqa=True)
+    ref_grads = torch.autograd.grad((ref_out * dout.double()).sum(), ref)
+    torch.testing.assert_close(out.double(), ref_out, **TOL[torch.float16])
+    torch.testing.assert_close(lse.double(), ref_lse, **TOL[torch.float16])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, **TOL[torch.float16])
