@@ -111,7 +111,8 @@ def _sample(block: int) -> Tensor:
 def _classes(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, tiles: Tensor, device: torch.device | str,
              q_offsets: Tensor, kv_offsets: Tensor) -> Tensor:
     """uint8 [T]: the class of the listed tiles' elements at (q_offsets x kv_offsets) within each tile, evaluated
-    EVAL_ELEMENTS at a time; an element past Q_LEN or KV_LEN does not count (the evaluation reads a clamped index)."""
+    EVAL_ELEMENTS at a time.  An index past Q_LEN or KV_LEN is clamped to the last one, whose row or column lies in
+    the same (last) tile: a repeat, which changes neither "some true" nor "some false", so no validity mask."""
     from ..evaluate import evaluate
 
     out = torch.empty(tiles.shape[0], dtype=torch.uint8)
@@ -119,15 +120,13 @@ def _classes(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, tiles: T
     per_batch = max(1, EVAL_ELEMENTS // (q_offsets.numel() * kv_offsets.numel()))
     for start in range(0, tiles.shape[0], per_batch):
         t = tiles[start:start + per_batch].to(device)
-        q = (t[:, 2:3] + q0) * grid.q_block + q_offsets  # [T, rows]
-        kv = t[:, 3:4] * grid.kv_block + kv_offsets  # [T, cols]
-        valid = (q < grid.q_len)[:, :, None] & (kv < grid.kv_len)[:, None, :]
+        q = ((t[:, 2:3] + q0) * grid.q_block + q_offsets).clamp_(max=grid.q_len - 1)  # [T, rows]
+        kv = (t[:, 3:4] * grid.kv_block + kv_offsets).clamp_(max=grid.kv_len - 1)  # [T, cols]
         env = {"b": t[:, 0].view(-1, 1, 1).int(), "h": t[:, 1].view(-1, 1, 1).int(),
-               "q_idx": q.clamp(max=grid.q_len - 1)[:, :, None].int(),
-               "kv_idx": kv.clamp(max=grid.kv_len - 1)[:, None, :].int()}
-        mask = evaluate(ir, env, tensors).expand(valid.shape)
-        true, total = (mask & valid).flatten(1).sum(1), valid.flatten(1).sum(1)
-        cls = torch.where(true == 0, int(TileClass.EMPTY), torch.where(true == total, int(TileClass.FULL),
-                                                                         int(TileClass.PARTIAL)))
+               "q_idx": q[:, :, None].int(), "kv_idx": kv[:, None, :].int()}
+        mask = evaluate(ir, env, tensors).expand(t.shape[0], q.shape[1], kv.shape[1]).reshape(t.shape[0], -1)
+        some_true, all_true = mask.any(1), mask.all(1)
+        cls = torch.where(all_true, int(TileClass.FULL), torch.where(some_true, int(TileClass.PARTIAL),
+                                                                       int(TileClass.EMPTY)))
         out[start:start + t.shape[0]] = cls.to(torch.uint8).cpu()
     return out
