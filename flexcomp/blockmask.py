@@ -12,7 +12,9 @@
 3. otherwise interval/relational analysis of the IR, a band of q blocks at a time, with
    captured tensors summarized per block (`flexcomp.sparsity`);
 4. tiles the analysis leaves PARTIAL are evaluated exactly on the device, in bounded-memory
-   batches, when `exact=True` or when more than `AUTO_EXACT_FRACTION` of all tiles are undecided.
+   batches (sparsity.tiles.evaluate_tiles: the work is that of the undecided tiles alone), unless
+   `exact=False`.  So by default every table is exact: an EMPTY tile is never listed and a FULL tile
+   is always FULL, as in torch's create_block_mask.
 
 Layout is torch's: kv_num_blocks [B, H, nq] int32 and kv_indices [B, H, nq, W] int32 (PARTIAL
 tiles, ascending), full_kv_num_blocks / full_kv_indices (FULL tiles), and the q-major transposes
@@ -55,7 +57,6 @@ from .tiles import ClosedFormBounds, TileClass, block_pair, block_size, table_di
 
 Tensor = torch.Tensor
 DEFAULT_BLOCK = 128
-AUTO_EXACT_FRACTION = 0.25  # undecided share of all tiles above which the exact fallback runs by itself
 ANALYSIS_TILES = 1 << 20  # tiles analyzed per band of q blocks: bounds the analysis' memory
 
 _TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
@@ -302,22 +303,23 @@ def _default_device() -> torch.device:
 
 
 def create_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device: Any = None,
-                      BLOCK_SIZE: int | tuple[int, int] = DEFAULT_BLOCK, *, exact: bool = False) -> BlockMask:
+                      BLOCK_SIZE: int | tuple[int, int] = DEFAULT_BLOCK, *, exact: bool = True) -> BlockMask:
     """torch's create_block_mask, from the mask's IR: O(tiles) time and memory (see the module docstring).
 
     B / H of None, or a mask that does not read b / h, give batch / head dims of size 1 (broadcast).
-    `exact=True` evaluates every tile the analysis cannot decide (bounded memory, on `device`).
+    The tiles the analysis cannot decide are evaluated element by element (bounded memory, on `device`), so the
+    tables are exact; `exact=False` leaves them PARTIAL instead (sound, cheaper to build, more tiles visited).
     """
     if Q_LEN < 1 or KV_LEN < 1:
         raise ValueError(f"sequence lengths must be positive, got {Q_LEN=} {KV_LEN=}")
     mod = specialized_mod(mask_mod, "mask")
     device = _indexed(torch.device(device) if device is not None else _default_device())
-    return _build(mod, B, H, Q_LEN, KV_LEN, device, _block_sizes(BLOCK_SIZE), evaluate=True if exact else None)
+    return _build(mod, B, H, Q_LEN, KV_LEN, device, _block_sizes(BLOCK_SIZE), evaluate=exact)
 
 
 def _build(mod: Mod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device: torch.device,
-           block: tuple[int, int], evaluate: bool | None) -> BlockMask:
-    """create_block_mask's work; `evaluate`: the exact fallback always (True), never (False) or by itself (None)."""
+           block: tuple[int, int], evaluate: bool) -> BlockMask:
+    """create_block_mask's work; `evaluate`: whether the tiles the analysis leaves undecided are evaluated."""
     q_block, kv_block = block
     used = _free_args(mod.ir)
     grid = Grid(B=(B or 1) if "b" in used else 1, H=(H or 1) if "h" in used else 1, q_len=Q_LEN, kv_len=KV_LEN,
@@ -346,7 +348,7 @@ def _from_bounds(mod: Mod, bounds: ClosedFormBounds, grid: Grid, device: torch.d
                      table_dims=(1, 1, grid.num_q_blocks), device=device)
 
 
-def _from_analysis(mod: Mod, grid: Grid, device: torch.device, evaluate: bool | None,
+def _from_analysis(mod: Mod, grid: Grid, device: torch.device, evaluate: bool,
                    bounds: ClosedFormBounds | None) -> BlockMask:
     """Exact per-row intervals of a document-style mask on the device, or dense bands of q blocks through the
     analysis, or only the candidate tiles of a document-style mask."""
@@ -363,7 +365,7 @@ def _from_analysis(mod: Mod, grid: Grid, device: torch.device, evaluate: bool | 
     bands = [(q0, min(nq, q0 + band)) for q0 in range(0, nq, band)]
     classes = [analyze_rows(mod.ir, tensors, grid, q0, q1) for q0, q1 in bands]
     undecided = sum(int((c == TileClass.PARTIAL).sum().item()) for c in classes)
-    evaluate, counts = _decide_fallback(mod, grid, evaluate, undecided, skipped=0)
+    counts = _report(mod, grid, evaluate, undecided, skipped=0)
     partial_rows, full_rows = [], []
     for (q0, _), cls in zip(bands, classes):
         if evaluate and undecided:
@@ -376,7 +378,7 @@ def _from_analysis(mod: Mod, grid: Grid, device: torch.device, evaluate: bool | 
     return _finish(mod, grid, tables, bounds, counts)
 
 
-def _from_candidates(mod: Mod, grid: Grid, device: torch.device, evaluate: bool | None, bounds: ClosedFormBounds | None,
+def _from_candidates(mod: Mod, grid: Grid, device: torch.device, evaluate: bool, bounds: ClosedFormBounds | None,
                      ranges: tuple[Tensor, Tensor]) -> BlockMask:
     """`f(q) == g(kv) & ...` with g monotone: tiles outside each row's kv range are EMPTY (sparsity.equality)."""
     tensors = mod.tensors()
@@ -384,7 +386,7 @@ def _from_candidates(mod: Mod, grid: Grid, device: torch.device, evaluate: bool 
     cls = analyze_tiles(mod.ir, tensors, grid, rows, cols)  # [B, H, T]
     skipped = grid.B * grid.H * (grid.num_q_blocks * grid.num_kv_blocks - rows.numel())
     undecided = int((cls == TileClass.PARTIAL).sum().item())
-    evaluate, counts = _decide_fallback(mod, grid, evaluate, undecided, skipped)
+    counts = _report(mod, grid, evaluate, undecided, skipped)
     if evaluate and undecided:
         b, h, t = (cls == TileClass.PARTIAL).nonzero(as_tuple=True)
         tiles = torch.stack([b, h, rows[t], cols[t]], 1)
@@ -406,16 +408,13 @@ def _interval_report(tiles: int, unsorted: Tensor | None) -> dict[str, int] | Ca
     return lambda: {UNSORTED_IDS if bool(unsorted) else "equality intervals": tiles}
 
 
-def _decide_fallback(mod: Mod, grid: Grid, evaluate: bool | None, undecided: int,
-                     skipped: int) -> tuple[bool, dict[str, int]]:
-    """Whether the undecided tiles are evaluated (None: when too many are), and the decided_by counts that follow."""
+def _report(mod: Mod, grid: Grid, evaluate: bool, undecided: int, skipped: int) -> dict[str, int]:
+    """decided_by: the tiles each method decided (`skipped`: by the equality ranges; `undecided`: left to evaluation)."""
     total = grid.B * grid.H * grid.num_q_blocks * grid.num_kv_blocks
-    if evaluate is None:
-        evaluate = undecided > AUTO_EXACT_FRACTION * total
     how = "summary" if mod.buffers else "analysis"
     counts = {"equality ranges": skipped, how: total - skipped - undecided,
               "evaluation" if evaluate else "undecided (PARTIAL, not evaluated)": undecided}
-    return evaluate, {k: v for k, v in counts.items() if v or k == how}
+    return {k: v for k, v in counts.items() if v or k == how}
 
 
 def _finish(mod: Mod, grid: Grid, tables: tuple[Tensor, ...], bounds: ClosedFormBounds | None,
