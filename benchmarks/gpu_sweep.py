@@ -308,10 +308,11 @@ def main() -> int:
     parser.add_argument("--random", type=int, default=300, help="random cases after the head-dim pairs")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--replay", help="one case's JSON, as a failure prints it")
+    parser.add_argument("--replay", help="one case's JSON as a failure prints it (or a JSON list of cases)")
     args = parser.parse_args()
-    if args.replay:
-        cases = [json.loads(args.replay)]
+    if args.replay:  # one case's JSON, or a list of them
+        cases = json.loads(args.replay)
+        cases = cases if isinstance(cases, list) else [cases]
     else:
         print(f"gpu_sweep: seed {args.seed}", flush=True)
         cases = {"pairs": head_dim_pairs, "issue": lambda: ISSUE_CASES, "sanitizer": sanitizer_cases, "configs": config_cases,
