@@ -223,8 +223,11 @@ def run_case(case: dict) -> tuple[bool, str]:
         problems.append("lse finiteness differs")
     if finite.any():
         errs["lse"] = rel_err(lse[finite], ref_lse[finite])
-    if out.isnan().any():
-        problems.append("NaN in out")
+    if out.isnan().any():  # say where: which (b, h, row)s, and whether the reference masks those rows entirely
+        nan_rows = out.isnan().any(-1)
+        empty = (~finite & nan_rows).sum().item()
+        problems.append(f"NaN in out: {nan_rows.sum().item()} rows ({empty} of them fully masked), "
+                        f"first at (b, h, row) {nan_rows.nonzero()[0].tolist()}")
     if backward:
         ref_leaves = [t for t in (q64, k64, v64, SLOPES, BIAS) if t.requires_grad]
         ref_grads = torch.autograd.grad((ref_out * dout.double()).sum(), ref_leaves, allow_unused=True)
