@@ -166,10 +166,11 @@ def poison_free_memory() -> None:
 
 
 def rel_err(a, b) -> float:
-    """||a - b|| / ||b||, with ||b|| floored at an RMS of 1e-3: a gradient that is 0 in exact arithmetic (one
-    key per row: dS = P (dP - delta) = 0) is judged by its absolute rounding, not divided by 1e-17."""
+    """||a - b|| / ||b||, with ||b|| floored at an RMS of 1e-2: a gradient that is 0 in exact arithmetic (one
+    key per row: dS = P (dP - delta) = 0) is judged by its absolute rounding (float32's, ~1e-6 of terms of size
+    ~1), not divided by 1e-17."""
     a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-3 * b.numel() ** 0.5)).item()
+    return ((a - b).norm() / b.norm().clamp_min(1e-2 * b.numel() ** 0.5)).item()
 
 
 def run_case(case: dict) -> tuple[bool, str]:

@@ -86,7 +86,9 @@ ROW_BYTES = 16  # head dims of 16-bit inputs are padded to rows of a multiple of
 
 def vector_rows(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can read each row of these tensors with vector loads: always for 4-byte elements; for
-    16-bit ones, when every tensor starts 16-byte aligned and its strides keep rows at least 4-byte aligned.
+    16-bit ones, when every tensor starts 16-byte aligned, its strides keep rows at least 4-byte aligned and its
+    head dim is even (an odd one masks its tiles' last column, which splits even aligned rows into elements:
+    D=33 on rows of 34 computed wrong outputs on the H200).
 
     Otherwise Triton loads 16-bit tiles element by element into registers and stores them to shared memory, the
     path on which Triton 3.6 on sm_90 computed wrong outputs and faulted (issue 16, benchmarks/gpu_sweep.py)."""
@@ -94,7 +96,7 @@ def vector_rows(*tensors: torch.Tensor) -> bool:
 
     if tensors[0].element_size() != 2:
         return True
-    if any(t.data_ptr() % 16 for t in tensors):
+    if any(t.data_ptr() % 16 or t.shape[-1] % 2 for t in tensors):
         return False
     return row_alignment(*((t.element_size(), t.stride()) for t in tensors)) >= 2
 
