@@ -1,4 +1,4 @@
-"""Compile the document-mask table kernel (flexcomp/sparsity/interval_kernel.py) for Hopper (sm_90) on any machine.
+"""Compile the document-mask table kernel (codegen/interval_kernel.py) for Hopper (sm_90) on any machine.
 
     python benchmarks/aot_interval_kernel.py
 
@@ -19,10 +19,9 @@ os.environ["TRITON_INTERPRET"] = "0"  # the compiled kernel, not the interpreter
 
 import triton
 from aot_forward import ptxas_report
+from flexcomp.codegen import interval_kernel
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-from flexcomp.sparsity import interval_kernel
 
 
 def compile_variant(has_bounds: bool, ids: str, rows: int):

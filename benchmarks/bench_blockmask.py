@@ -22,7 +22,7 @@ forward kernel reads no table of a closed-form mask; the ops listed must be none
 the counts take when something first reads them (`sparsity.counts.build`: the aten ops that make kv_num_blocks /
 full_kv_num_blocks, listed: a backward does, once per block mask).  Its
 document rows time `sparsity.equality.interval_tables` as the GPU runs it (sync-free dense tables: on CUDA one launch
-of sparsity.interval_kernel, its aten ops and launches listed, and its time again with the launch stubbed out); on a
+of codegen.interval_kernel, its aten ops and launches listed, and its time again with the launch stubbed out); on a
 CPU, create_block_mask takes the banded path instead (one host read) and interval_tables the torch ops.  On CUDA the
 document rows also check the kernel's tables against the torch ops' and an unsorted id vector's handling.
 (device="meta" is no proxy for the Python part: meta ops run Python shape functions, and the sliding window's
@@ -282,7 +282,7 @@ def run_breakdown(meter: Meter, L: int = 32768) -> list[dict]:
 
 
 class LaunchLog:
-    """While active, the launches of the document kernel (sparsity.interval_kernel) are logged into `ops`, or, with
+    """While active, the launches of the document kernel (codegen.interval_kernel) are logged into `ops`, or, with
     `stub`, replaced by nothing (what is left is the path's Python and allocations)."""
 
     def __init__(self, ops: list[str] | None = None, stub: bool = False):
@@ -294,21 +294,21 @@ class LaunchLog:
         return (lambda *args, **kwargs: None) if self.stub else self.kernel[grid]
 
     def __enter__(self):
-        from flexcomp.sparsity import interval_kernel
+        from flexcomp.codegen import interval_kernel
 
         self.kernel = interval_kernel.interval_tables_kernel
         interval_kernel.interval_tables_kernel = self
         return self
 
     def __exit__(self, *exc):
-        from flexcomp.sparsity import interval_kernel
+        from flexcomp.codegen import interval_kernel
 
         interval_kernel.interval_tables_kernel = self.kernel
 
 
 def run_document_breakdown(meter: Meter, L: int) -> list[dict]:
     """The document build's device work: `equality.interval_tables` as the GPU runs it (sync_free: dense tables, no
-    host read; on CUDA one launch of sparsity.interval_kernel), on this device; its aten ops and launches listed
+    host read; on CUDA one launch of codegen.interval_kernel), on this device; its aten ops and launches listed
     (views and the CPU-side wrapping of Python scalars excluded), and its time with the launch stubbed out (the
     path's Python and allocations).  On CUDA the kernel's tables are also checked against the torch ops' (element
     for element), and an unsorted id vector against its contract (every tile PARTIAL, decided_by says so)."""

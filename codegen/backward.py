@@ -40,7 +40,7 @@ from flexcomp.tiles import block_size
 from .autotune import next_power_of_2
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
-from .forward import MIN_STAGES, check_buffers, is_sparse, prefetch_index, refine_wanted, slot_args, walked_tiles
+from .host import MIN_STAGES, check_buffers, is_sparse, prefetch_index, refine_wanted, slot_args, walked_tiles
 from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .ops import dot_precision
 from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key, row_alignment
@@ -70,8 +70,8 @@ BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
     (16, 128): BackwardConfig(64, 128, 128, 64, 8, 3, 8, 3),
     (16, 256): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
 }
-# where sparse masks (forward.is_sparse) differ: their short walks of 4-warp programs gain nothing from a third
-# stage, which needs the index prefetch (forward.prefetch_index) that costs them residency
+# where sparse masks (host.is_sparse) differ: their short walks of 4-warp programs gain nothing from a third
+# stage, which needs the index prefetch (host.prefetch_index) that costs them residency
 SPARSE_BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
     (16, 64): BackwardConfig(64, 64, 64, 64, 4, 2, 4, 3),
 }

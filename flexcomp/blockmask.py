@@ -353,7 +353,7 @@ def _from_analysis(mod: Mod, grid: Grid, device: torch.device, evaluate: bool,
     """Exact per-row intervals of a document-style mask on the device, or dense bands of q blocks through the
     analysis, or only the candidate tiles of a document-style mask."""
     tensors = mod.tensors()
-    tables = interval_tables(mod.ir, tensors, grid, device, sync_free=device.type != "cpu")
+    tables = interval_tables(mod.ir, tensors, grid, device, sync_free=device.type != "cpu", kernel=_table_kernel)
     if tables is not None:
         *tables, unsorted = tables
         return _finish(mod, grid, tables, bounds, _interval_report(grid.num_q_blocks * grid.num_kv_blocks, unsorted))
@@ -376,6 +376,13 @@ def _from_analysis(mod: Mod, grid: Grid, device: torch.device, evaluate: bool,
         full_rows.append(cls == TileClass.FULL)
     tables = rows_to_ordered(partial_rows, full_rows, device)
     return _finish(mod, grid, tables, bounds, counts)
+
+
+def _table_kernel(*args: Any) -> tuple[Tensor, ...]:
+    """codegen.interval_kernel.launch (Triton, imported when a GPU build first needs it)."""
+    from .codegen import interval_kernel
+
+    return interval_kernel.launch(*args)
 
 
 def _from_candidates(mod: Mod, grid: Grid, device: torch.device, evaluate: bool, bounds: ClosedFormBounds | None,

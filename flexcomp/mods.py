@@ -12,12 +12,13 @@ from typing import Any
 import torch
 
 from .errors import ModKindError, SignatureError, SourceLoc
+from .frontend.values import ModBase
 from .ir import BufferSpec, DType, Node, Op, structural_key
 from .ir import const as ir_const
 
 
 @dataclass(eq=False)
-class Mod:
+class Mod(ModBase):
     """A score_mod or mask_mod, parsed and lowered to IR.
 
     `ir` is the optimized IR and `raw_ir` the IR as parsed.  `buffers` describes

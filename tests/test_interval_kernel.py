@@ -1,4 +1,4 @@
-"""The one-launch document-mask tables (sparsity.interval_kernel, under Triton's interpreter) against the torch path
+"""The one-launch document-mask tables (codegen.interval_kernel, under Triton's interpreter) against the torch path
 (tables.spans_to_tables on equality.row_intervals: element for element, all four tables) and per-element brute force."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import functools
 
 import pytest
 import torch
+from flexcomp.codegen import interval_kernel
 from test_blockmask import Ops, brute_classes, mod_of
 from test_equality import DOC_KV, DOC_Q, RESTS
 
@@ -18,7 +19,7 @@ import flexcomp as fc
 from flexcomp import blockmask
 from flexcomp.blockmask import create_block_mask
 from flexcomp.ir import Op
-from flexcomp.sparsity import equality, interval_kernel
+from flexcomp.sparsity import equality
 from flexcomp.sparsity import standard as std
 from flexcomp.sparsity.standard import node
 from flexcomp.sparsity.tables import interval_spans, ordered_to_classes, spans_to_tables
@@ -47,7 +48,7 @@ def torch_path(mask, tensors, grid: Grid) -> tuple[torch.Tensor, ...]:
 
 
 def kernel_path(mask, tensors, grid: Grid) -> tuple[torch.Tensor, ...]:
-    return equality.interval_tables(mask, tensors, grid, CPU, sync_free=True)
+    return equality.interval_tables(mask, tensors, grid, CPU, sync_free=True, kernel=interval_kernel.launch)
 
 
 def with_rest(rest: str, eq=None):
@@ -112,7 +113,8 @@ def shuffled_document(b, h, q_idx, kv_idx):
 
 def gpu_path(monkeypatch) -> None:
     """create_block_mask as on a GPU: the sync-free interval tables (here: the kernel under the interpreter)."""
-    forced = functools.partial(lambda build, *args, sync_free: build(*args, sync_free=True), equality.interval_tables)
+    forced = functools.partial(lambda build, *args, sync_free, kernel: build(*args, sync_free=True, kernel=kernel),
+                               equality.interval_tables)
     monkeypatch.setattr(blockmask, "interval_tables", forced)
 
 

@@ -15,7 +15,7 @@ from ..errors import SignatureError, SourceLoc, UndefinedNameError, UnsupportedC
 from ..ir import BufferSpec, DType, Node, Op, const, map_nodes
 from .builders import int_const
 from .calls import MODULES, PY_BUILTINS, TORCH_DTYPES, known_callable
-from .values import Builtin, Captured, ModRef, Module, PyFunction, TorchDType, Value
+from .values import Builtin, Captured, ModBase, ModRef, Module, PyFunction, TorchDType, Value
 
 
 @dataclass
@@ -95,9 +95,7 @@ def capture(name: str, value: Any, read: Callable[[], Any], buffers: BufferTable
     key = known_callable(value)
     if key is not None:
         return Builtin(key)
-    from ..mods import Mod  # mods imports the front end
-
-    if isinstance(value, Mod):
+    if isinstance(value, ModBase):
         return ModRef(value)
     if isinstance(value, types.FunctionType):
         return PyFunction(value)

@@ -34,6 +34,11 @@ class PyFunction:
     fn: Callable
 
 
+class ModBase:
+    """What the front end knows of a compiled mod: mods.Mod subclasses it, so that a captured mod is recognized
+    without the front end importing mods (mods imports the front end; the layering test checks the rule)."""
+
+
 @dataclass(frozen=True)
 class ModRef:
     mod: Any

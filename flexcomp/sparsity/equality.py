@@ -16,7 +16,7 @@ Exact and on the device (`interval_tables`): when every other conjunct is one kv
 q_idx and kv_idx, each row's true set is the interval [searchsorted_left(g, f(q)), searchsorted_right(g, f(q)))
 cut by [lo(q), hi(q)), and `tables.spans_to_tables` turns the rows' intervals into exact tables.  Up to
 `DENSE_TILES` tiles and with `sync_free` (the GPU) the tables come in torch's dense width nkv from one Triton
-launch (sparsity.interval_kernel: the searches, the spans and the tables, element for element those of the torch
+launch (codegen.interval_kernel: the searches, the spans and the tables, element for element those of the torch
 ops, which remain for a CPU outside Triton's interpreter) and five allocations, with no host sync: f and g are the
 captured int32 / int64 table itself where they read it by the index, the row bounds are cached.  An unsorted g is
 then found in the same launch and makes every tile PARTIAL (the kernel evaluates the mask everywhere: right, not
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy as sp
@@ -177,8 +178,11 @@ def row_intervals(plan: IntervalPlan, tensors: dict[str, Tensor], grid, device: 
 
 
 def interval_tables(ir: Node, tensors: dict[str, Tensor], grid, device: torch.device, sync_free: bool,
-                    ) -> tuple[Tensor, ...] | None:
+                    kernel: Callable | None = None) -> tuple[Tensor, ...] | None:
     """kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, unsorted; or None (see the module docstring).
+
+    `kernel` launches the one-launch tables (codegen.interval_kernel.launch, passed in by the caller so that
+    sparsity imports neither Triton nor codegen); None: the torch ops build the same tables.
 
     `unsorted` is None where the host knows g is sorted (the banded path), else a device tensor read by no one
     here: nonzero where g turned out unsorted and every tile was made PARTIAL (the tables are then right, not
@@ -187,8 +191,8 @@ def interval_tables(ir: Node, tensors: dict[str, Tensor], grid, device: torch.de
     if plan is None:
         return None
     dense = sync_free and grid.num_q_blocks * grid.num_kv_blocks <= DENSE_TILES
-    if dense and _kernel_runs(device, grid):
-        return _kernel_tables(plan, tensors, grid, device)
+    if dense and kernel is not None and _kernel_runs(device, grid):
+        return _kernel_tables(plan, tensors, grid, device, kernel)
     tensors = {k: v.detach().to(device) for k, v in tensors.items()}
     lo, hi, unsorted = row_intervals(plan, tensors, grid, device)
     spans = interval_spans(lo, hi, grid)
@@ -213,25 +217,24 @@ _KERNEL_DTYPES = (torch.int32, torch.int64)  # captured tables the kernel reads 
 
 
 def _kernel_runs(device: torch.device, grid) -> bool:
-    """The kernel (sparsity.interval_kernel) runs on CUDA devices, and on CPU tensors under Triton's interpreter."""
+    """The kernel (codegen.interval_kernel) runs on CUDA devices, and on CPU tensors under Triton's interpreter."""
     if grid.q_block > KERNEL_ROWS:
         return False
     # TRITON_INTERPRET=1, as api.choose_backend and codegen read it (other spellings run the torch ops: same tables)
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _kernel_tables(plan: IntervalPlan, tensors: dict[str, Tensor], grid, device: torch.device) -> tuple[Tensor, ...]:
+def _kernel_tables(plan: IntervalPlan, tensors: dict[str, Tensor], grid, device: torch.device, kernel: Callable,
+                   ) -> tuple[Tensor, ...]:
     """`interval_tables`' dense sync-free tables from one launch (f, g, the row bounds: no op where they are a
     captured int32 / int64 table on the device and cached bounds); `unsorted` is an int32 [1] device flag."""
-    from . import interval_kernel  # Triton, imported when a GPU build first needs it
-
     g = _kernel_positions(plan.g, "kv_idx", grid.kv_len, tensors, device)
     f = g if plan.same and grid.q_len <= grid.kv_len else _kernel_positions(plan.f, "q_idx", grid.q_len, tensors,
                                                                             device)
     rows = grid.num_q_blocks * grid.q_block
     lo = None if plan.lo is None else _row_bound(plan.lo, grid.q_len, grid.kv_len, rows, device)
     hi = None if plan.hi is None else _row_bound(plan.hi, grid.q_len, grid.kv_len, rows, device)
-    return interval_kernel.launch(f, g, lo, hi, grid, device)
+    return kernel(f, g, lo, hi, grid, device)
 
 
 def _kernel_positions(node: Node, name: str, length: int, tensors: dict[str, Tensor], device: torch.device,

@@ -2,7 +2,7 @@
 
 Index tables are [..., rows, W] with W the largest count of any row (at least 1); entries past a
 row's count are 0 and must not be read.  The exception, `spans_to_tables` without a band (document masks on the
-GPU, where sparsity.interval_kernel builds the same tables in one launch), uses torch's own width nkv so that no
+GPU, where codegen.interval_kernel builds the same tables in one launch), uses torch's own width nkv so that no
 host read is needed: O(tiles), and its unread entries are in range.
 """
 

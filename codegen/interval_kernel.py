@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flexcomp.codegen.launch import PreparedLaunch, Slot
-from flexcomp.codegen.plans import contiguous_strides
+from .launch import PreparedLaunch, Slot
+from .plans import contiguous_strides
 
 Tensor = torch.Tensor
 CHECK = 256  # neighbour pairs of g compared per step (and entries per step of the all-PARTIAL rewrite)
