@@ -29,7 +29,8 @@ from collections import Counter
 import torch
 import triton
 from aot_forward import disassemble, signature
-from flexcomp.codegen.backward import BACKWARD_CONFIGS, backward_module
+from flexcomp.codegen.autotune import BACKWARD_CONFIGS
+from flexcomp.codegen.backward import backward_module
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 

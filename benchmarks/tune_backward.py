@@ -6,7 +6,7 @@
     python benchmarks/tune_backward.py all
 
 `sweep` times flexcomp's backward alone (out.backward with the graph kept) per config of
-`flexcomp.codegen.backward.BACKWARD_CONFIGS`, with each kernel's time from torch.profiler, its
+`flexcomp.codegen.autotune.BACKWARD_CONFIGS`, with each kernel's time from torch.profiler, its
 registers and spills, beside torch's compiled flex_attention backward on the same inputs.
 `--dq-schemes` times each config under each dQ scheme (kernel_options BACKWARD_DQ; the atomic scheme runs
 no dQ kernel, so configs differing only in their dQ tiles are timed once); `--defaults` times only the
@@ -26,6 +26,7 @@ import time
 
 import torch
 import torch._functorch.config as functorch_config
+from flexcomp.codegen import autotune
 from flexcomp.codegen import backward as bwd
 from flexcomp.codegen.plans import clear_plans
 from torch.nn.attention import flex_attention as torch_flex_module
@@ -271,7 +272,7 @@ def sweep(head_dims, variants, B=4, H=16, L=8192, configs=None, schemes=("separa
                                                       for c in timed_configs(D, configs, defaults, s)
                                                       for o in option_sets.items()):
                 key = (16, 64 if D <= 64 else 128)
-                tables = (bwd.BACKWARD_CONFIGS, bwd.SPARSE_BACKWARD_CONFIGS)  # the config timed for every mask
+                tables = (autotune.BACKWARD_CONFIGS, autotune.SPARSE_BACKWARD_CONFIGS)  # the config timed, every mask
                 saved = [table.get(key) for table in tables]
                 for table in tables:
                     table[key] = bwd.BackwardConfig(*config)

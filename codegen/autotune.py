@@ -1,4 +1,5 @@
-"""Forward launch configs: a measured default table, and opt-in autotuning remembered on disk.
+"""Launch config spaces of every kernel (forward and backward) as data: measured default tables, the block
+fitting both directions share, and the forward's opt-in autotuning remembered on disk.
 
 The default (`default_config`) costs nothing: a table measured on an H100
 (benchmarks/NOTES_forward.md).  Autotuning, asked for with
@@ -55,6 +56,37 @@ SCORE_MOD_DEFAULTS: dict[tuple[int, int], LaunchConfig] = {
     (16, 64): LaunchConfig(128, 64, 4, 3),
 }
 
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tiles of the dK/dV kernel (M1 q rows per step, N1 kv rows per program) and of the dQ kernel (M2, N2)."""
+
+    BLOCK_M1: int
+    BLOCK_N1: int
+    BLOCK_M2: int
+    BLOCK_N2: int
+    warps_dkdv: int
+    stages_dkdv: int
+    warps_dq: int
+    stages_dq: int
+
+
+# (bits per element, head dim up to) -> config; see benchmarks/NOTES_backward.md for the measurements.
+# kernel_options (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages) override any entry.
+BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
+    (32, 64): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
+    (32, 128): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
+    (32, 256): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
+    (16, 64): BackwardConfig(64, 64, 64, 64, 4, 3, 4, 3),
+    (16, 128): BackwardConfig(64, 128, 128, 64, 8, 3, 8, 3),
+    (16, 256): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
+}
+# where sparse masks (codegen/host.py is_sparse) differ: their short walks of 4-warp programs gain nothing from a third
+# stage, which needs the index prefetch (host.prefetch_index) that costs them residency
+SPARSE_BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
+    (16, 64): BackwardConfig(64, 64, 64, 64, 4, 2, 4, 3),
+}
+
 # What autotuning tries: every combination, less what `keep` rejects.
 BLOCKS_M = (64, 128)
 BLOCKS_N = (32, 64, 128)
@@ -76,6 +108,18 @@ def default_config(bits: int, head_dim: int, sparse: bool = False, score_mod: bo
     if sparse:
         return SPARSE_DEFAULTS.get(key, DEFAULTS[key])
     return SCORE_MOD_DEFAULTS.get(key, DEFAULTS[key]) if score_mod else DEFAULTS[key]
+
+
+def default_backward_config(bits: int, head_dim: int, sparse_mask: bool = False) -> BackwardConfig:
+    key = (bits, head_dim_bucket(head_dim))
+    return SPARSE_BACKWARD_CONFIGS.get(key, BACKWARD_CONFIGS[key]) if sparse_mask else BACKWARD_CONFIGS[key]
+
+
+def fit_block(size: int, limit: int) -> int:
+    """The largest power of two <= size (down to MIN_BLOCK) that divides the block mask's block size `limit`."""
+    while size > MIN_BLOCK and limit % size:
+        size //= 2
+    return size
 
 
 def keep(c: LaunchConfig, bits: int, head_dim: int, sparse: tuple[int, int]) -> bool:

@@ -6,7 +6,7 @@ the gradients of the score_mod's captured float tensors named in `grad_buffers`.
 The kernels recompute P from q, k and lse (no O(L^2) state); a small kernel first
 computes delta = rowsum(dO * O) minus dlse (d lse_i / d s_ij = P_ij folds into it) and the
 lse in base 2, once per row.
-Block sizes, warps and stages per kernel are data (`BACKWARD_CONFIGS`), measured on an H100.
+Block sizes, warps and stages per kernel are data (`autotune.BACKWARD_CONFIGS`), measured on an H100.
 
 dQ has two schemes, chosen by kernel_options["BACKWARD_DQ"] (default `DEFAULT_BACKWARD_DQ`):
 "separate" runs a dQ kernel that recomputes S and dP per q tile (7 matmuls per tile pair; each program
@@ -27,7 +27,6 @@ import functools
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +36,8 @@ from flexcomp.errors import BackendError
 from flexcomp.mods import Mod
 from flexcomp.tiles import block_size
 
-from .autotune import next_power_of_2
+from . import autotune
+from .autotune import MIN_BLOCK, BackwardConfig, fit_block, next_power_of_2
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
 from .host import MIN_STAGES, check_buffers, is_sparse, prefetch_index, refine_wanted, slot_args, walked_tiles
@@ -45,38 +45,7 @@ from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .ops import dot_precision
 from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key, row_alignment
 
-
-@dataclass(frozen=True)
-class BackwardConfig:
-    """Tiles of the dK/dV kernel (M1 q rows per step, N1 kv rows per program) and of the dQ kernel (M2, N2)."""
-
-    BLOCK_M1: int
-    BLOCK_N1: int
-    BLOCK_M2: int
-    BLOCK_N2: int
-    warps_dkdv: int
-    stages_dkdv: int
-    warps_dq: int
-    stages_dq: int
-
-
-# (bits per element, head dim up to) -> config; see benchmarks/NOTES_backward.md for the measurements.
-# kernel_options (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages) override any entry.
-BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
-    (32, 64): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
-    (32, 128): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
-    (32, 256): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
-    (16, 64): BackwardConfig(64, 64, 64, 64, 4, 3, 4, 3),
-    (16, 128): BackwardConfig(64, 128, 128, 64, 8, 3, 8, 3),
-    (16, 256): BackwardConfig(32, 64, 64, 32, 4, 3, 4, 3),
-}
-# where sparse masks (host.is_sparse) differ: their short walks of 4-warp programs gain nothing from a third
-# stage, which needs the index prefetch (host.prefetch_index) that costs them residency
-SPARSE_BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
-    (16, 64): BackwardConfig(64, 64, 64, 64, 4, 2, 4, 3),
-}
 DEFAULT_SPARSE_BLOCK = 128  # tile size of the synthesized all-FULL tables when there is no block mask
-MIN_BLOCK = 16
 DELTA_BLOCK_M = 64
 # Deterministic mode's partial gradients ([dQ programs, numel] float32 per captured tensor) may use at most this
 DETERMINISTIC_PARTIALS_LIMIT_BYTES = 1 << 30
@@ -141,22 +110,11 @@ def _table_args(num: torch.Tensor, idx: torch.Tensor, full_num: torch.Tensor, fu
 
 
 def default_config(dtype: torch.dtype, head_dim: int, sparse_mask: bool = False) -> BackwardConfig:
-    bits = 32 if dtype == torch.float32 else 16
-    bucket = next(d for d in (64, 128, 256) if max(next_power_of_2(head_dim), MIN_BLOCK) <= d)
-    if sparse_mask and (bits, bucket) in SPARSE_BACKWARD_CONFIGS:
-        return SPARSE_BACKWARD_CONFIGS[(bits, bucket)]
-    return BACKWARD_CONFIGS[(bits, bucket)]
+    return autotune.default_backward_config(32 if dtype == torch.float32 else 16, head_dim, sparse_mask)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # (triton.cdiv is a constexpr function: ~10 us a call on the host)
-
-
-def _fit(size: int, limit: int) -> int:
-    """The largest power of two <= size that divides the block mask's block size."""
-    while size > MIN_BLOCK and limit % size:
-        size //= 2
-    return size
 
 
 def choose_config(kernel_options: dict[str, Any] | None, sparse: tuple[int, int], dtype: torch.dtype,
@@ -176,7 +134,7 @@ def _chosen_config(option_items: tuple, sparse: tuple[int, int], dtype: torch.dt
     blocks = {}
     for name in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
         limit = sparse[0] if name.startswith("BLOCK_M") else sparse[1]
-        size = int(options[name]) if name in options else _fit(getattr(base, name), limit)
+        size = int(options[name]) if name in options else fit_block(getattr(base, name), limit)
         if size < MIN_BLOCK or size & (size - 1) or limit % size:
             raise ValueError(f"kernel_options {name}={size} must be a power of two >= {MIN_BLOCK} that divides the "
                              f"block mask's block size {limit=}")

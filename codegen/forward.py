@@ -54,8 +54,7 @@ def _fit(block: int, sparse: int, name: str, overridden: bool) -> int:
             raise ValueError(f"kernel_options {name}={block} must be a power of two >= {MIN_BLOCK} "
                              f"dividing the block mask's block size {sparse}")
         return block
-    while block > MIN_BLOCK and sparse % block:
-        block //= 2
+    block = autotune.fit_block(block, sparse)
     if sparse % block:
         raise BackendError(f"block mask block size {sparse} is not a multiple of {MIN_BLOCK}")
     return block
