@@ -32,7 +32,7 @@ from flexcomp.grad import load_grads, score_grad
 from flexcomp.ir import MASK_MOD_ARGS, SCORE_MOD_ARGS, BufferSpec, Node, Op, arg, free_args, to_text
 from flexcomp.mods import Mod
 
-from .base2 import base2_form, raw_score_form
+from .kernel_passes import shape
 from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, identifier, render_block
 
 SCORE_PREFIX, MASK_PREFIX, GRAD_PREFIX = "sb", "mb", "gb"
@@ -74,10 +74,11 @@ def render_modded_scores(score_mod: Mod | None, mask_mod: Mod | None) -> str:
     multiply per element beyond the mod's own) and together, so they share subexpressions (a softcap's tanh is
     computed once).  Where the derivative is the constant 1 (no score_mod, ALiBi, additive biases) it is not rendered."""
     score_ir = score_mod.ir if score_mod is not None else arg("score")
-    dmod = score_grad(score_ir)
+    dmod = shape(score_ir, ("derivative",), "score_mod")
     names = {**_mod_names("score"), arg("score"): "qk", arg("sm_scale"): "sm_scale"}  # the ARG score is the raw q.k
     score_buffers, mask_buffers = _buffers(score_mod), _buffers(mask_mod)
-    roots = [base2_form(score_ir)] if _is_one(dmod) else [base2_form(score_ir), raw_score_form(dmod)]
+    modded = shape(score_ir, ("base2",), "score_mod")
+    roots = [modded] if _is_one(dmod) else [modded, shape(dmod, ("raw_score",), "d score_mod")]
     lines, (modded, *dmod_text) = _render(roots, names, SCORE_PREFIX, score_buffers)
     lines.append(f"    modded = {modded}")
     lines += ["    if not EVEN_KV:  # the last kv tile reaches past KV_LEN",

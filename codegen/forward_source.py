@@ -20,8 +20,8 @@ from flexcomp.ir import arg, to_expr, to_text
 from flexcomp.mods import Mod
 from flexcomp.tiles import ClosedFormBounds
 
-from .base2 import base2_form
-from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, cast_f32, float_index_form, hoistable, render_block
+from .kernel_passes import shape
+from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, cast_f32, hoistable, render_block
 
 LOOP_ARGS = frozenset({"score", "kv_idx"})  # what changes from one kv tile to the next
 MOD_ARG_NAMES = {"score": "score", "b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", "sm_scale": "sm_scale"}
@@ -56,9 +56,8 @@ def render_mod(mod: Mod | None, kind: str) -> ModCode:
     buffers = tuple(mod.buffers)
     params = buffer_params(f"{prefix}b", buffers)
     bp = f"{prefix}b"
-    ir, float_ir = mod.ir, float_index_form(mod.ir)[0]
-    if kind == "score":
-        ir, float_ir = base2_form(ir), base2_form(float_ir)
+    base2 = ("base2",) if kind == "score" else ()
+    ir, float_ir = shape(mod.ir, base2, mod.name), shape(mod.ir, ("float_index", *base2), mod.name)
     roots = [ir]
     if kind == "score" and float_ir != ir:
         roots.append(float_ir)  # both forms' loop invariants are hoisted; the kernel uses one set
