@@ -45,6 +45,7 @@ class Mod:
     relower: Callable[[], Mod] | None = field(default=None, repr=False)  # rebuilds the Mod from live values
     guards: tuple[Guard, ...] = field(default=(), repr=False)  # the captured non-tensor values compiled in
     variants: dict[Hashable, Mod] = field(default_factory=dict, repr=False)  # shared by all variants
+    latest: Mod | None = field(default=None, repr=False)  # the variant the last call got, tried first
 
     @functools.cached_property
     def key(self) -> str:
@@ -68,11 +69,14 @@ class Mod:
         guard-value tuple, so alternating values compile once each).  On every call's path: a few reads."""
         if self._fits_live_values():
             return self
+        if self.latest is not None and self.latest._fits_live_values():  # a rebinding kept: no key built
+            return self.latest
         key = (self._live_specs(self._live_values()), live_key(self.guards))
         variant = self.variants.get(key)
         if variant is None or not variant._fits_live_values():  # a hit is re-checked: its own guards may differ
             variant = self._relowered()
             self._remember(key, variant)
+        self.latest = variant
         return variant
 
     def _fits_live_values(self) -> bool:
