@@ -4,7 +4,19 @@
 
 Prints microseconds per call of `specialized()` for mods capturing nothing, one int, four ints (one read in a
 helper), a tensor, and an and_masks of two guarded parts; then the same after a rebinding (the cached variant
-is found: the slow path's dict lookup), to compare with the guard-free baseline.  No GPU needed.
+is found: `Mod.latest`), to compare with the guard-free baseline.  No GPU needed.
+
+Measured on the shared 2-core CPU box (noisy; 50000 calls), before guards (main at c354800, which ignored a
+rebound scalar) and after:
+
+    mod                  before: unchanged  rebound    after: unchanged  rebound
+    no capture                       0.19     0.19                0.31     0.30
+    one int                          0.27     0.15                0.60     1.50
+    four ints (helper)               0.16     0.35                1.55     3.35
+    one tensor                       7.3      5.0                 3.6      2.7
+    and_masks of both                0.17     0.20                1.66     2.73
+
+About 0.3 us per guarded name per mod per call; a flex_attention call checks its score_mod and mask_mod.
 """
 
 from __future__ import annotations
