@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import numbers
 import os
+import weakref
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -201,17 +202,40 @@ def validate_block_mask(block_mask: Any, query: torch.Tensor, key: torch.Tensor)
 
 
 def with_compiled_mask_mod(block_mask: Any, compile_plain: bool) -> Any:
-    """The block mask with its mask_mod specialized for the live captured tensors, and a plain function (e.g. in
-    torch's own BlockMask) compiled when `compile_plain`; a shallow copy when anything changed."""
+    """The block mask with its mask_mod specialized for the live captured values, and a plain function (e.g. in
+    torch's own BlockMask) compiled when `compile_plain`; a shallow copy when anything changed (one per block mask
+    and compiled mod, so that repeated calls find their plans).
+
+    A mask_mod re-specialized since the block mask was built (a captured value rebound) gets torch's meaning: the
+    tables stay as they were built, and the mask_mod as it is now applies in their PARTIAL tiles.  The closed-form
+    `bounds` described the old mask, so the copy drops them and the kernel walks the tables instead."""
     mask_mod = block_mask.mask_mod
     if mask_mod is None or not (compile_plain or isinstance(mask_mod, Mod)):
         return block_mask
     compiled = specialized_mod(mask_mod, "mask")
     if compiled is mask_mod:
         return block_mask
-    block_mask = copy.copy(block_mask)
-    block_mask.mask_mod = compiled
-    return block_mask
+    try:
+        remembered = _RESPECIALIZED.get(block_mask)
+    except TypeError:  # not weak-referenceable: a copy per call
+        return respecialized_copy(block_mask, compiled)
+    stale = remembered is None or remembered.mask_mod is not compiled or \
+        getattr(remembered, "version", 0) != getattr(block_mask, "version", 0)  # a table replaced since
+    if stale:
+        remembered = _RESPECIALIZED[block_mask] = respecialized_copy(block_mask, compiled)
+    return remembered
+
+
+_RESPECIALIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block mask -> its latest re-specialized copy
+
+
+def respecialized_copy(block_mask: Any, mask_mod: Mod) -> Any:
+    """A shallow copy of `block_mask` (its tables shared) with `mask_mod`, and without closed-form bounds."""
+    respecialized = copy.copy(block_mask)
+    respecialized.mask_mod = mask_mod
+    if getattr(respecialized, "bounds", None) is not None:
+        respecialized.bounds = None
+    return respecialized
 
 
 def choose_backend(backend: str, query: torch.Tensor) -> str:

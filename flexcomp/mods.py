@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import operator
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +13,7 @@ import torch
 
 from .errors import ModKindError, SignatureError, SourceLoc
 from .frontend.values import ModBase
+from .guards import Guard, GuardTable, all_hold, compiled_key, describe_changes, live_key
 from .ir import BufferSpec, DType, Node, Op, structural_key
 from .ir import const as ir_const
 
@@ -25,11 +26,13 @@ class Mod(ModBase):
     the captured tensors (name, dtype, shape); `resolvers` fetch their current
     values, so a tensor updated in place (or a global rebound to a tensor of the
     same shape and dtype) is seen at every call.  The IR and kernels specialize on
-    the buffers' dtypes and shapes: when a global or closure cell is rebound to a
-    tensor of another shape or dtype, `specialized()` re-lowers the function for
-    the live tensors (as torch's flex_attention recompiles).  `fn` is the user's
-    function; calling the Mod calls it, so a Mod can also be passed to torch's own
-    flex_attention.
+    the buffers' dtypes and shapes, and on the captured ints, floats, bools and
+    other non-tensor values, baked in as constants; `guards` records where each
+    was read (flexcomp/guards.py).  When a global or closure cell is rebound to a
+    tensor of another shape or dtype, or to another value, `specialized()`
+    re-lowers the function for the live values (as torch's flex_attention
+    recompiles).  `fn` is the user's function; calling the Mod calls it, so a Mod
+    can also be passed to torch's own flex_attention.
     """
 
     kind: str  # "score" or "mask"
@@ -41,7 +44,9 @@ class Mod(ModBase):
     fn: Callable | None = None
     loc: SourceLoc | None = None
     relower: Callable[[], Mod] | None = field(default=None, repr=False)  # rebuilds the Mod from live values
-    variants: dict[tuple[BufferSpec, ...], Mod] = field(default_factory=dict, repr=False)  # shared by all variants
+    guards: tuple[Guard, ...] = field(default=(), repr=False)  # the captured non-tensor values compiled in
+    variants: dict[Hashable, Mod] = field(default_factory=dict, repr=False)  # shared by all variants
+    latest: Mod | None = field(default=None, repr=False)  # the variant the last call got, tried first
 
     @functools.cached_property
     def key(self) -> str:
@@ -60,23 +65,43 @@ class Mod(ModBase):
         return values
 
     def specialized(self) -> Mod:
-        """This Mod if its captured tensors still have the compiled dtypes and shapes, else the function
-        re-lowered for the live ones (cached per dtype/shape tuple, so alternating shapes compile once each)."""
-        if not self.buffers:
+        """This Mod if the values it captured still fit what it was compiled for (tensors: dtype and shape; other
+        values: type and value), else the function re-lowered for the live ones (cached per buffer-spec and
+        guard-value tuple, so alternating values compile once each).  On every call's path: a few reads."""
+        if self._fits_live_values():
             return self
-        live = self._live_specs(self._live_values())
-        if live == self.buffers:
-            return self
-        self.variants.setdefault(self.buffers, self)
-        if live not in self.variants:
-            if self.relower is None:
-                self.tensors()  # raises: nothing to re-lower from
-            if len(self.variants) >= MAX_VARIANTS:
-                del self.variants[next(iter(self.variants))]  # the oldest
-            variant = self.relower()
-            variant.variants = self.variants
-            self.variants[live] = self.variants.setdefault(variant.buffers, variant)
-        return self.variants[live]
+        if self.latest is not None and self.latest._fits_live_values():  # a rebinding kept: no key built
+            return self.latest
+        key = (self._live_specs(self._live_values()), live_key(self.guards))
+        variant = self.variants.get(key)
+        if variant is None or not variant._fits_live_values():  # a hit is re-checked: its own guards may differ
+            variant = self._relowered()
+            self._remember(key, variant)
+        self.latest = variant
+        return variant
+
+    def _fits_live_values(self) -> bool:
+        if not all_hold(self.guards):
+            return False
+        return not self.buffers or self._live_specs(self._live_values()) == self.buffers
+
+    def _relowered(self) -> Mod:
+        if self.relower is not None:
+            return self.relower()
+        self.tensors()  # raises if a tensor changed: nothing to re-lower from
+        raise SignatureError(f"a value captured by {self.kind}_mod {self.name!r} changed after it was compiled "
+                             f"({describe_changes(self.guards)}) and it cannot be re-lowered", self.loc)
+
+    def _own_key(self) -> tuple[Hashable, ...]:
+        return self.buffers, compiled_key(self.guards)
+
+    def _remember(self, key: Hashable, variant: Mod) -> None:
+        self.variants.setdefault(self._own_key(), self)
+        while len(self.variants) >= MAX_VARIANTS:
+            del self.variants[next(iter(self.variants))]  # the oldest
+        variant.variants = self.variants
+        self.variants[variant._own_key()] = variant
+        self.variants[key] = variant
 
     def _live_values(self) -> dict[str, Any]:
         return {spec.name: self.resolvers[spec.name]() for spec in self.buffers}
@@ -133,7 +158,7 @@ def _compile(fn: Callable, kind: str) -> Mod:
     lowered = lower_function(fn, kind)
     name = mod_name(fn, kind)
     return Mod(kind, name, optimize(lowered.raw_ir, name), lowered.raw_ir, lowered.buffers, lowered.resolvers, fn,
-               lowered.loc, relower=functools.partial(_compile, fn, kind))
+               lowered.loc, relower=functools.partial(_compile, fn, kind), guards=lowered.guards)
 
 
 def mod_name(fn: Callable, kind: str) -> str:
@@ -189,15 +214,17 @@ def _combine(op: Op, name: str, mods: tuple) -> Mod:
     from .compiler import optimize
     from .frontend import BufferTable
 
-    table = BufferTable()
+    table, guards = BufferTable(), GuardTable()
     parts = [specialized_mod(m, "mask") for m in mods]
     raw = ir_const(op == Op.AND)
     for m in parts:
+        guards.merge(m.guards)  # a part's captured value rebound re-lowers the composite (its relower re-specializes)
         body = table.merge(m.buffers, m.resolvers, m.raw_ir)
         raw = body if raw.op == Op.CONST else Node(op, DType.BOOL, (raw, body))
     full_name = f"{name}({', '.join(m.name for m in parts)})"
     return Mod("mask", full_name, optimize(raw, full_name), raw, tuple(table.specs.values()), dict(table.resolvers),
-               _combined_fn(op, parts), relower=functools.partial(_combine, op, name, tuple(parts)))
+               _combined_fn(op, parts), relower=functools.partial(_combine, op, name, tuple(parts)),
+               guards=guards.freeze())
 
 
 def _combined_fn(op: Op, parts: list[Mod]) -> Callable:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FlexcompError, FlexcompTypeError, SignatureError, SourceLoc, UnsupportedConstructError
+from ..guards import Guard
 from ..ir import MASK_MOD_ARGS, SCORE_MOD_ARGS, BufferSpec, DType, Node, arg
 from .builders import cast
 from .expressions import Context
@@ -34,6 +35,7 @@ class Lowered:
     buffers: tuple[BufferSpec, ...]
     resolvers: dict[str, Callable[[], Any]]
     loc: SourceLoc | None
+    guards: tuple[Guard, ...] = ()  # the captured non-tensor values compiled in
 
 
 def lower_function(fn: Callable, kind: str) -> Lowered:
@@ -66,7 +68,8 @@ def lower_mod(lowering: FunctionLowering, kind: str, partial: functools.partial 
     lowering.check_return = check_score_return if kind == "score" else check_mask_return
     root = lowering.lower_body(env)
     buffers = lowering.ctx.buffers
-    return Lowered(root, tuple(buffers.specs.values()), dict(buffers.resolvers), lowering.def_loc)
+    return Lowered(root, tuple(buffers.specs.values()), dict(buffers.resolvers), lowering.def_loc,
+                   lowering.ctx.guards.freeze())
 
 
 def bind_partial(lowering: FunctionLowering, partial: functools.partial) -> dict[str, Any]:

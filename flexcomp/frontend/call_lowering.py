@@ -103,7 +103,8 @@ class CallLowering:
                 raise FlexcompTypeError(f"argument {name!r} of {mod.name!r} must be an int, got a float",
                                         self.src.loc(tree, loc))
             mapping[arg(name)] = cast(node, want, loc)
-        mod = mod.specialized()  # the called mod's captured tensors as they are now
+        mod = mod.specialized()  # the called mod's captured values as they are now
+        self.ctx.guards.merge(mod.guards)  # and re-read at every call of this one
         body = self.ctx.buffers.merge(mod.buffers, mod.resolvers, mod.raw_ir)
         return substitute(body, mapping)
 

@@ -9,6 +9,7 @@ from typing import Any
 from lark import Token, Tree
 
 from ..errors import FlexcompTypeError, SourceLoc, UnsupportedConstructError
+from ..guards import GuardTable
 from ..ir import DType, Node, Op, const, load
 from .builders import BINOPS, binary, int_const, logical, logical_not, to_bool, unary, where
 from .call_lowering import CallLowering
@@ -37,6 +38,7 @@ class Context:
     """State shared by a mod and the helpers inlined into it."""
 
     buffers: BufferTable = field(default_factory=BufferTable)
+    guards: GuardTable = field(default_factory=GuardTable)  # the captured values compiled in (flexcomp/guards.py)
     stack: list[Any] = field(default_factory=list)  # code objects being lowered, to refuse recursion
 
 
@@ -64,7 +66,7 @@ class ExpressionLowering(CallLowering):
         name = str(tree.children[0])
         if name in env:
             return env[name]
-        return resolve_free(self.fn, name, self.ctx.buffers, self.src.loc(tree))
+        return resolve_free(self.fn, name, self.ctx.buffers, self.src.loc(tree), self.ctx.guards)
 
     def expr_int_lit(self, tree: Tree, env: dict[str, Value]) -> Node:
         return int_const(int(str(tree.children[0]), 0), self.src.loc(tree), "integer literal")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import SignatureError, SourceLoc, UndefinedNameError, UnsupportedConstructError
+from ..guards import GuardTable, Scope
 from ..ir import BufferSpec, DType, Node, Op, const, map_nodes
 from .builders import int_const
 from .calls import MODULES, PY_BUILTINS, TORCH_DTYPES, known_callable
@@ -52,8 +53,11 @@ def tensor_spec(name: str, tensor: torch.Tensor, loc: SourceLoc | None) -> Buffe
     return BufferSpec(name, dtype, tuple(tensor.shape))
 
 
-def resolve_free(fn: Callable, name: str, buffers: BufferTable, loc: SourceLoc) -> Value:
-    """A name not bound locally: closure cell, then globals, then the allowed builtins."""
+def resolve_free(fn: Callable, name: str, buffers: BufferTable, loc: SourceLoc, guards: GuardTable) -> Value:
+    """A name not bound locally: closure cell, then globals, then the allowed builtins.
+
+    A non-tensor value is compiled in as it is now, so `guards` records where it was read (see flexcomp/guards.py);
+    tensors are read live through `buffers`."""
     code = fn.__code__
     if name in code.co_freevars:
         cell = fn.__closure__[code.co_freevars.index(name)]
@@ -61,9 +65,12 @@ def resolve_free(fn: Callable, name: str, buffers: BufferTable, loc: SourceLoc) 
             value = cell.cell_contents
         except ValueError:
             raise UndefinedNameError(f"free variable {name!r} is not bound yet", loc) from None
+        guard_unless_live(guards, name, cell, value)
         return capture(name, value, lambda: cell.cell_contents, buffers, loc)
     if name in fn.__globals__:
-        return capture(name, fn.__globals__[name], lambda: fn.__globals__[name], buffers, loc)
+        value = fn.__globals__[name]
+        guard_unless_live(guards, name, fn.__globals__, value)
+        return capture(name, value, lambda: fn.__globals__[name], buffers, loc)
     if name in PY_BUILTINS:
         return Builtin(PY_BUILTINS[name])
     if hasattr(builtins, name):
@@ -71,6 +78,13 @@ def resolve_free(fn: Callable, name: str, buffers: BufferTable, loc: SourceLoc) 
                                         f"supported builtins: {', '.join(PY_BUILTINS)}")
     raise UndefinedNameError(f"name {name!r} is not defined", loc,
                              "a mod may use its parameters, its locals, and names bound in its closure or module")
+
+
+def guard_unless_live(guards: GuardTable, name: str, scope: Scope, value: Any) -> None:
+    """Guard `name` unless its value is read at every call anyway (a tensor) or is a module (torch, math: never
+    rebound in practice, and a guard would cost every call a read)."""
+    if not isinstance(value, (torch.Tensor, types.ModuleType)):
+        guards.add(name, scope, value)
 
 
 def capture(name: str, value: Any, read: Callable[[], Any], buffers: BufferTable, loc: SourceLoc | None) -> Value:
