@@ -26,7 +26,7 @@ UNSUPPORTED_RULES = {
     "comprehension_expr": "comprehensions and generator expressions", "list_display": "list displays",
     "dict_display": "dict and set displays", "walrus": "the walrus operator `:=`", "ellipsis": "`...`",
     "imag_lit": "complex numbers", "await_expr": "`await`", "starred": "`*args`/`**kwargs` in calls",
-    "tuple": "tuples", "slice": "slices", "param_default": "default parameter values", "param_kwargs": "`**kwargs`",
+    "slice": "slices", "param_default": "default parameter values", "param_kwargs": "`**kwargs`",
 }  # fmt: skip
 
 UNARY_OPS = {"-": Op.NEG, "~": Op.NOT}  # `not` and unary `+` are handled apart
@@ -94,6 +94,8 @@ class ExpressionLowering(CallLowering):
         # both sides are computed, as in a vectorized kernel: a if c else b -> WHERE(c, a, b)
         body, test, orelse = tree.children
         cond = self.condition(test, env)
+        if cond.op == Op.CONST:  # known at compile time (`x if bias is not None else y`): only one side exists
+            return self.expr(body if cond.arg else orelse, env)
         return where(cond, self.node(body, env), self.node(orelse, env), self.src.loc(tree))
 
     def expr_boolop(self, tree: Tree, env: dict[str, Value]) -> Node:
@@ -111,16 +113,29 @@ class ExpressionLowering(CallLowering):
 
     def expr_compare(self, tree: Tree, env: dict[str, Value]) -> Node:
         items = tree.children
-        operands = [self.node(t, env) for t in items[0::2]]
+        operands = [self.expr(t, env) for t in items[0::2]]
         result = None
         for i, op_tree in enumerate(items[1::2]):
             symbol = " ".join(str(t) for t in op_tree.children)
-            if symbol not in BINOPS:
-                self.refuse(f"`{symbol}` comparisons", op_tree)
             loc = self.src.loc(op_tree)
-            pair = binary(BINOPS[symbol], operands[i], operands[i + 1], loc)
+            if symbol in ("is", "is not"):
+                pair = self.identity_test(symbol, operands[i], operands[i + 1], op_tree)
+            elif symbol not in BINOPS:
+                self.refuse(f"`{symbol}` comparisons", op_tree)
+            else:
+                a, b = self.as_node(operands[i], items[2 * i]), self.as_node(operands[i + 1], items[2 * i + 2])
+                pair = binary(BINOPS[symbol], a, b, loc)
             result = pair if result is None else logical(Op.AND, result, pair, loc)  # a < b < c -> a<b & b<c
         return result
+
+    def identity_test(self, symbol: str, a: Value, b: Value, op_tree: Tree) -> Node:
+        # x is None -> a constant: a captured name is specialized, so whether it is None is known
+        if NONE not in (a, b):
+            self.refuse("`is` comparisons other than `x is None` / `x is not None`", op_tree)
+        return const((a is b) == (symbol == "is"), DType.BOOL, self.src.loc(op_tree))
+
+    def expr_tuple(self, tree: Tree, env: dict[str, Value]) -> tuple:
+        return tuple(self.expr(c, env) for c in tree.children if c is not None)
 
     def expr_binop(self, tree: Tree, env: dict[str, Value]) -> Node:
         left, op, right = tree.children
@@ -142,25 +157,46 @@ class ExpressionLowering(CallLowering):
         loc = self.src.loc(tree)
         if isinstance(base, Module):
             return module_attribute(base.name, name, loc)
-        if isinstance(base, Captured) and not base.spec.shape:  # a 0-d tensor is a value
+        if isinstance(base, Captured) and name in ("shape", "ndim"):  # constants once specialized
+            shape = tuple(int_const(n, loc) for n in base.shape)
+            return shape if name == "shape" else int_const(len(shape), loc)
+        if isinstance(base, Captured) and name in ("size", "dim"):
+            return Method(base, name)
+        if isinstance(base, Captured) and not base.shape:  # a 0-d tensor is a value
             base = self.as_node(base, base_tree)
+        if isinstance(base, Node) and name == "device":  # only ever passed on as `device=`, which is ignored
+            return Text("<device>")
         if isinstance(base, Node) and name in METHODS:
             return Method(base, name)
         raise UnsupportedConstructError(f"attribute `.{name}` of {describe(base)} is not supported", loc, ALLOWED)
 
-    def expr_subscript(self, tree: Tree, env: dict[str, Value]) -> Node:
+    def expr_subscript(self, tree: Tree, env: dict[str, Value]) -> Value:
         base_tree, subscripts = tree.children
         base = self.expr(base_tree, env)
         loc = self.src.loc(tree)
+        items = [item for item in subscripts.children if item is not None]
+        if isinstance(base, tuple):
+            return self.tuple_item(base, items, env, loc)
         if not isinstance(base, Captured):
-            raise UnsupportedConstructError(f"subscript of {describe(base)}: only captured tensors can be indexed",
-                                            loc, ALLOWED)
-        indices = [self.index(base, item, env) for item in subscripts.children if item is not None]
+            raise UnsupportedConstructError(f"subscript of {describe(base)}: only captured tensors and tuples can "
+                                            "be indexed", loc, ALLOWED)
+        indices = base.indices + tuple(self.index(base, item, env) for item in items)
         ndim = len(base.spec.shape)
-        if len(indices) != ndim:
+        if len(indices) > ndim:
             raise FlexcompTypeError(f"captured tensor {base.spec.name!r} has {ndim} dims (shape {base.spec.shape}) "
                                     f"but is indexed with {len(indices)} indices", loc)
-        return load(base.spec.name, base.spec.ir_dtype, tuple(indices), loc)
+        if len(indices) < ndim:  # bias[b][h][q]: one load once every dim has its index
+            return Captured(base.spec, indices)
+        return load(base.spec.name, base.spec.ir_dtype, indices, loc)
+
+    def tuple_item(self, bundle: tuple, items: list[Tree], env: dict[str, Value], loc: SourceLoc) -> Value:
+        index = self.node(items[0], env) if len(items) == 1 and items[0].data != "slice" else None
+        if index is None or index.op != Op.CONST or index.dtype != DType.I32:
+            raise UnsupportedConstructError("a tuple can be indexed only by one constant int", loc,
+                                            "tuples exist at compile time; index captured tensors for runtime data")
+        if not -len(bundle) <= index.arg < len(bundle):
+            raise FlexcompTypeError(f"tuple index {index.arg} out of range for a tuple of {len(bundle)}", loc)
+        return bundle[index.arg]
 
     def index(self, base: Captured, item: Tree, env: dict[str, Value]) -> Node:
         if item.data == "slice":
@@ -180,10 +216,17 @@ class ExpressionLowering(CallLowering):
         if isinstance(value, Captured):
             if not value.spec.shape:
                 return load(value.spec.name, value.spec.ir_dtype, (), loc)
+            missing = len(value.shape)
             raise FlexcompTypeError(f"captured tensor {value.spec.name!r} has shape {value.spec.shape}: index it "
-                                    f"with {len(value.spec.shape)} indices, e.g. {value.spec.name}[h, q_idx]", loc)
+                                    f"with {missing} more {'index' if missing == 1 else 'indices'} to use it as a "
+                                    f"value, e.g. {value.spec.name}[h, q_idx]", loc,
+                                    "its .shape, .size() and .ndim are constants; `is None` tests a captured None")
         if value is NONE:
-            raise UnsupportedConstructError("`None` not supported in a mod (only as a clamp bound)", loc, ALLOWED)
+            raise UnsupportedConstructError("`None` not supported in a mod (only as a clamp bound or in "
+                                            "`x is None`)", loc, ALLOWED)
+        if isinstance(value, tuple):
+            raise FlexcompTypeError("a tuple cannot be used as a value", loc,
+                                    "unpack it (`a, b = pair`) or index it with a constant (`pair[0]`)")
         if isinstance(value, Text):
             raise UnsupportedConstructError("string literals (only float(\"inf\") and float(\"-inf\"))", loc, ALLOWED)
         raise FlexcompTypeError(f"{describe(value)} cannot be used as a value", loc, ALLOWED)

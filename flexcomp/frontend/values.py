@@ -41,9 +41,15 @@ class ModRef:
 
 @dataclass(frozen=True)
 class Captured:
-    """A captured tensor before indexing."""
+    """A captured tensor before (full) indexing; `bias[b][h]` keeps the leading indices until the last one."""
 
     spec: BufferSpec
+    indices: tuple[Node, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dims not indexed yet."""
+        return self.spec.shape[len(self.indices):]
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,14 @@ class Method:
     name: str
 
 
-NONE = Text("<None>")  # only meaningful as clamp's missing bound
+@dataclass(frozen=True)
+class RangeValue:
+    """`range(...)` with constant bounds: what an unrolled `for` loop iterates over."""
+
+    items: tuple[Node, ...]
+
+
+NONE = Text("<None>")  # clamp's missing bound, or a captured None (tested with `is None`)
 
 Value = Any  # Node | Module | Builtin | PyFunction | ModRef | Captured | TorchDType | Text | Method | tuple
 
@@ -76,6 +89,7 @@ DESCRIPTIONS: dict[type, Callable[[Any], str]] = {
     TorchDType: lambda v: f"dtype `{v.name}`",
     Method: lambda v: f"method `.{v.name}`",
     tuple: lambda v: "a tuple",
+    RangeValue: lambda v: "a range",
     Node: lambda v: f"a {v.dtype.value} value",
 }
 
