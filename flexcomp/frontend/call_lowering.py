@@ -10,7 +10,7 @@ from lark import Tree
 
 from ..errors import FlexcompTypeError, SignatureError, SourceLoc, UnsupportedConstructError
 from ..ir import ARG_DTYPES, MASK_MOD_ARGS, SCORE_MOD_ARGS, DType, Node, Op, arg, const, substitute
-from .builders import binary, cast, int_const
+from .builders import binary, cast, constant, int_const
 from .calls import BUILTINS, CAST_KEYS, METHODS, STRUCTURAL_KEYS
 from .source import read_function
 from .values import (
@@ -131,7 +131,7 @@ class CallLowering:
         return int_const(shape[dim], loc)
 
     def constant_ints(self, args: list[Argument], what: str, loc: SourceLoc) -> list[int]:
-        nodes = [self.as_node(v, t) for v, t in args]
+        nodes = [constant(self.as_node(v, t)) or self.as_node(v, t) for v, t in args]
         if not all(n.op == Op.CONST and n.dtype == DType.I32 for n in nodes):
             raise UnsupportedConstructError(f"`{what}` needs int arguments known when the mod is compiled (captured "
                                             "ints, literals, shapes), not values computed from b, h, q_idx or kv_idx",

@@ -10,7 +10,7 @@ from lark import Token, Tree
 
 from ..errors import FlexcompTypeError, SourceLoc, UnsupportedConstructError
 from ..ir import DType, Node, Op, const, load
-from .builders import BINOPS, binary, int_const, logical, logical_not, to_bool, unary, where
+from .builders import BINOPS, binary, constant, int_const, logical, logical_not, to_bool, unary, where
 from .call_lowering import CallLowering
 from .calls import METHODS, MODULE_CONSTANTS, NAMESPACE_FUNCS, TORCH_DTYPES
 from .locations import Source
@@ -142,8 +142,6 @@ class ExpressionLowering(CallLowering):
         return self.arith(str(op), self.node(left, env), self.node(right, env), op)
 
     def arith(self, symbol: str, a: Node, b: Node, op_token: Token) -> Node:
-        if symbol in ("<<", ">>"):
-            self.refuse("shift operators `<<`/`>>`", op_token)
         if symbol == "@":
             self.refuse("matrix multiplication `@`", op_token)
         return binary(BINOPS[symbol], a, b, self.src.loc(op_token))
@@ -190,7 +188,7 @@ class ExpressionLowering(CallLowering):
         return load(base.spec.name, base.spec.ir_dtype, indices, loc)
 
     def tuple_item(self, bundle: tuple, items: list[Tree], env: dict[str, Value], loc: SourceLoc) -> Value:
-        index = self.node(items[0], env) if len(items) == 1 and items[0].data != "slice" else None
+        index = constant(self.node(items[0], env)) if len(items) == 1 and items[0].data != "slice" else None
         if index is None or index.op != Op.CONST or index.dtype != DType.I32:
             raise UnsupportedConstructError("a tuple can be indexed only by one constant int", loc,
                                             "tuples exist at compile time; index captured tensors for runtime data")
