@@ -28,7 +28,7 @@ HUGE = 2**40
 
 
 def e_for(b, h, q, kv):
-    for i in range(3):
+    for i in range(q):  # a data-dependent trip count (a constant one is unrolled)
         q = q + i
     return q > kv
 
@@ -181,7 +181,7 @@ def e_print(b, h, q, kv):
 
 
 def e_shift(b, h, q, kv):
-    return (q << 1) > kv
+    return (q << 1.5) > kv
 
 
 def e_in(b, h, q, kv):
@@ -194,7 +194,7 @@ def e_slice(b, h, q, kv):
 
 CASES = [
     # fn, kind, error type, words in the message, text under the caret
-    (e_for, "mask", UnsupportedConstructError, "`for` loops", "for i in range(3):"),
+    (e_for, "mask", UnsupportedConstructError, "known when the mod is compiled", "range(q)"),
     (e_while, "mask", UnsupportedConstructError, "`while` loops", "while q > 0:"),
     (e_lambda, "mask", UnsupportedConstructError, "`lambda`", "lambda x: x"),
     (e_comprehension, "mask", UnsupportedConstructError, "comprehension", "[i for i in range(3)]"),
@@ -228,7 +228,7 @@ CASES = [
     (e_yield, "mask", FlexcompSyntaxError, "this statement is not part of the flexcomp language", "yield"),
     (e_star_expr, "mask", FlexcompSyntaxError, "star-expression", "*"),
     (e_print, "mask", UnsupportedConstructError, "builtin `print`", "print"),
-    (e_shift, "mask", UnsupportedConstructError, "shift operators", "<<"),
+    (e_shift, "mask", FlexcompTypeError, "needs ints, got a float", "<<"),
     (e_in, "mask", UnsupportedConstructError, "`in` comparisons", "in"),
     (e_slice, "mask", UnsupportedConstructError, "slices", "1:2"),
 ]

@@ -158,8 +158,9 @@ def attend(backend: str, randn, score_fn=None, mask_fn=None):
     q, k, v = (randn(B, H, L, D, dtype=dtype, requires_grad=True) for _ in range(3))
     block_mask = fc.create_block_mask(mask_fn, B, H, L, L, "cpu", 16) if mask_fn is not None else None
     options = {"BLOCK_M": 16, "BLOCK_N": 16} if backend == "triton" else None
-    out, lse = fc.flex_attention(q, k, v, score_mod=score_fn, block_mask=block_mask, return_lse=True,
-                                 backend=backend, kernel_options=options)
+    out, lse = fc.flex_attention(
+        q, k, v, score_mod=score_fn, block_mask=block_mask, return_lse=True, backend=backend, kernel_options=options
+    )
     score_dense = (lambda s, b, h, qi, ki: elementwise(score_fn, s, b, h, qi, ki)) if score_fn else None
     mask_dense = (lambda b, h, qi, ki: elementwise(mask_fn, b, h, qi, ki)) if mask_fn else None
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -213,8 +214,13 @@ def test_shifts_follow_python_on_int32() -> None:
 
     for v in values.tolist():
         for c in counts.tolist():
-            env = {"score": torch.tensor(0.0), "b": torch.tensor(0), "h": torch.tensor(0),
-                   "q_idx": torch.tensor(v, dtype=torch.int32), "kv_idx": torch.tensor(c, dtype=torch.int32)}
+            env = {
+                "score": torch.tensor(0.0),
+                "b": torch.tensor(0),
+                "h": torch.tensor(0),
+                "q_idx": torch.tensor(v, dtype=torch.int32),
+                "kv_idx": torch.tensor(c, dtype=torch.int32),
+            }
             got = float(evaluate(ir, env))
             assert got == float((v >> c) + (c << 2)), (v, c)
 

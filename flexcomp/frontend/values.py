@@ -13,8 +13,9 @@ from typing import Any
 from ..ir import BufferSpec, DType, Node
 
 ALLOWED = (
-    "Allowed in a mod: parameters, locals, int/float/bool literals, + - * / // % ** and comparisons, & | ^ ~, "
-    "and/or/not, if/elif/else, `x if c else y`, torch/math functions, captured ints, floats and tensors, "
+    "Allowed in a mod: parameters, locals, int/float/bool literals, + - * / // % ** and comparisons, & | ^ ~ << >>, "
+    "and/or/not, if/elif/else, `x if c else y`, tuples, `for` over range(constant), torch/math functions, "
+    "captured ints, floats, tensors and tuples, "
     "and calls to other mods and plain helper functions (see docs/language.md)."
 )
 
