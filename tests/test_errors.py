@@ -206,7 +206,7 @@ CASES = [
     (e_star_args, "mask", UnsupportedConstructError, "`*args`", "*args"),
     (e_kwonly, "mask", UnsupportedConstructError, "keyword-only", "*"),
     (e_default, "mask", UnsupportedConstructError, "default parameter values", "kv=0"),
-    (e_list_capture, "mask", SignatureError, "'A_LIST' is a builtins.list", "A_LIST"),
+    (e_list_capture, "mask", FlexcompTypeError, "a tuple cannot be used as a value", "A_LIST"),  # a list is one
     (e_dict_capture, "mask", SignatureError, "'A_DICT' is a builtins.dict", "A_DICT"),
     (e_str_capture, "mask", SignatureError, "'A_STR' is a builtins.str", "A_STR"),
     (e_numpy_capture, "mask", SignatureError, "'AN_ARRAY' is a numpy.ndarray", "AN_ARRAY"),
@@ -214,7 +214,7 @@ CASES = [
     (e_float_index, "mask", FlexcompTypeError, "index into 'FTABLE' must be an int", "q / 2"),
     (e_index_count, "mask", FlexcompTypeError, "has 2 dims", "TABLE[q % 4]"),
     (e_unindexed, "mask", FlexcompTypeError, "index it with 2 indices", "TABLE"),
-    (e_subscript_non_tensor, "mask", UnsupportedConstructError, "only captured tensors can be indexed", "q[0]"),
+    (e_subscript_non_tensor, "mask", UnsupportedConstructError, "only captured tensors and tuples can be indexed", "q[0]"),
     (e_unknown_attr, "mask", UnsupportedConstructError, "attribute `.shape`", "q.shape"),
     (e_unknown_torch, "mask", UnsupportedConstructError, "`torch.nn` is not supported", "torch.nn"),
     (e_mask_returns_int, "mask", FlexcompTypeError, "mask_mod must return a bool", "return q - kv"),

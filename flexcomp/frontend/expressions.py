@@ -215,9 +215,9 @@ class ExpressionLowering(CallLowering):
             if not value.spec.shape:
                 return load(value.spec.name, value.spec.ir_dtype, (), loc)
             missing = len(value.shape)
-            raise FlexcompTypeError(f"captured tensor {value.spec.name!r} has shape {value.spec.shape}: index it "
-                                    f"with {missing} more {'index' if missing == 1 else 'indices'} to use it as a "
-                                    f"value, e.g. {value.spec.name}[h, q_idx]", loc,
+            raise FlexcompTypeError(f"captured tensor {value.spec.name!r} has {len(value.spec.shape)} dims (shape "
+                                    f"{value.spec.shape}): index it with {missing}{' more' if value.indices else ''} "
+                                    f"{'index' if missing == 1 else 'indices'} to use it as a value", loc,
                                     "its .shape, .size() and .ndim are constants; `is None` tests a captured None")
         if value is NONE:
             raise UnsupportedConstructError("`None` not supported in a mod (only as a clamp bound or in "
