@@ -97,3 +97,11 @@ def constant(node: Node) -> Node | None:
     if not sources or None in sources:
         return None
     return fold(node.replace(src=sources))
+
+
+def add_all(items: tuple[Node, ...], loc: Any) -> Node:
+    """items[0] + items[1] + ... (torch's sum of a bool or int row is an int)."""
+    total = items[0] if items[0].dtype != DType.BOOL else cast(items[0], DType.I32, loc)
+    for x in items[1:]:
+        total = binary(Op.ADD, total, x, loc)
+    return total

@@ -10,7 +10,7 @@ from lark import Tree
 
 from ..errors import FlexcompTypeError, SignatureError, SourceLoc, UnsupportedConstructError
 from ..ir import ARG_DTYPES, MASK_MOD_ARGS, SCORE_MOD_ARGS, DType, Node, Op, arg, const, substitute
-from .builders import binary, cast, constant, int_const
+from .builders import add_all, binary, cast, constant, int_const
 from .calls import BUILTINS, CAST_KEYS, METHODS, STRUCTURAL_KEYS
 from .source import read_function
 from .values import (
@@ -110,6 +110,8 @@ class CallLowering:
         """Calls answered at compile time: range/len, a captured tensor's size/dim, and scalar constructors."""
         if key in ("new_ones", "new_zeros", "new_full"):
             return self.new_scalar(key, receiver, args, kwargs, loc)
+        if key in ("sum", "dot"):
+            return self.row_reduction(key, receiver, args, kwargs, loc)
         if kwargs:
             raise UnsupportedConstructError(f"keyword arguments to `{key}` are not supported", loc, ALLOWED)
         values = [v for v, _ in args]
@@ -129,6 +131,22 @@ class CallLowering:
         if not -len(shape) <= dim < len(shape):
             raise FlexcompTypeError(f"size({dim}) of a tensor with {len(shape)} dims", loc)
         return int_const(shape[dim], loc)
+
+    def row_reduction(self, key: str, receiver: Any, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
+        # row.sum() -> r0 + r1 + ...; torch.dot(a, b) -> (a * b).sum()
+        rows = ([(receiver, None)] if receiver is not None else []) + args
+        dims = [v for k, (v, _) in kwargs.items() if k == "dim"]
+        if key == "sum" and len(rows) == 2:  # row.sum(-1), torch.sum(row, -1)
+            dims, rows = dims + [rows[1][0]], rows[:1]
+        if set(kwargs) - {"dim"} or len(rows) != (2 if key == "dot" else 1) or not all(self.is_row(v) for v, _ in rows):
+            raise SignatureError(f"`{key}` takes {'two rows' if key == 'dot' else 'one row (and dim=-1 or 0)'} of "
+                                 "a captured tensor indexed down to its last dim", loc)
+        if dims and constant(self.as_node(dims[0], None)).arg not in (0, -1):
+            raise SignatureError(f"`{key}` of a row: dim must be 0 or -1", loc)
+        items = [self.as_row(v, t).items for v, t in rows]
+        if key == "dot":
+            items = [tuple(binary(Op.MUL, x, y, loc) for x, y in zip(*items))]
+        return add_all(items[0], loc)
 
     def constant_ints(self, args: list[Argument], what: str, loc: SourceLoc) -> list[int]:
         nodes = [constant(self.as_node(v, t)) or self.as_node(v, t) for v, t in args]

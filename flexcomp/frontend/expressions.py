@@ -15,7 +15,7 @@ from .call_lowering import CallLowering
 from .calls import METHODS, MODULE_CONSTANTS, NAMESPACE_FUNCS, TORCH_DTYPES
 from .locations import Source
 from .names import BufferTable, resolve_free
-from .values import ALLOWED, NONE, Builtin, Captured, Method, Module, Text, TorchDType, Value, describe
+from .values import ALLOWED, NONE, Builtin, Captured, Method, Module, Row, Text, TorchDType, Value, describe
 
 # lark rule -> how the construct is named when refused
 UNSUPPORTED_RULES = {
@@ -29,7 +29,8 @@ UNSUPPORTED_RULES = {
     "slice": "slices", "param_default": "default parameter values", "param_kwargs": "`**kwargs`",
 }  # fmt: skip
 
-UNARY_OPS = {"-": Op.NEG, "~": Op.NOT}  # `not` and unary `+` are handled apart
+UNARY_OPS = {"-": Op.NEG, "~": Op.NOT}
+MAX_ROW = 64  # elements of a captured row used as a vector (each one a load)  # `not` and unary `+` are handled apart
 
 
 @dataclass
@@ -137,9 +138,32 @@ class ExpressionLowering(CallLowering):
     def expr_tuple(self, tree: Tree, env: dict[str, Value]) -> tuple:
         return tuple(self.expr(c, env) for c in tree.children if c is not None)
 
-    def expr_binop(self, tree: Tree, env: dict[str, Value]) -> Node:
+    def expr_binop(self, tree: Tree, env: dict[str, Value]) -> Value:
         left, op, right = tree.children
-        return self.arith(str(op), self.node(left, env), self.node(right, env), op)
+        a, b = self.expr(left, env), self.expr(right, env)
+        if self.is_row(a) or self.is_row(b):  # elementwise over a small captured row
+            rows = [self.as_row(v, t) if self.is_row(v) else None for v, t in ((a, left), (b, right))]
+            n = len(next(r for r in rows if r is not None).items)
+            items = [r.items if r is not None else (self.as_node(v, t),) * n
+                     for r, v, t in zip(rows, (a, b), (left, right))]
+            if any(len(i) != n for i in items):
+                raise FlexcompTypeError(f"rows of different lengths ({n} and {len(items[1])})", self.src.loc(tree))
+            return Row(tuple(self.arith(str(op), x, y, op) for x, y in zip(*items)))
+        return self.arith(str(op), self.as_node(a, left), self.as_node(b, right), op)
+
+    def is_row(self, value: Value) -> bool:
+        return isinstance(value, Row) or isinstance(value, Captured) and len(value.shape) == 1
+
+    def as_row(self, value: Value, tree: Tree) -> Row:
+        if isinstance(value, Row):
+            return value
+        (n,) = value.shape
+        if n > MAX_ROW:
+            raise UnsupportedConstructError(f"a row of {n} values of {value.spec.name!r}: rows are unrolled, at "
+                                            f"most {MAX_ROW} elements", self.src.loc(tree))
+        loc = self.src.loc(tree)
+        return Row(tuple(load(value.spec.name, value.spec.ir_dtype, value.indices + (int_const(i, loc),), loc)
+                         for i in range(n)))
 
     def arith(self, symbol: str, a: Node, b: Node, op_token: Token) -> Node:
         if symbol == "@":
@@ -160,6 +184,8 @@ class ExpressionLowering(CallLowering):
             return shape if name == "shape" else int_const(len(shape), loc)
         if isinstance(base, Captured) and name in ("size", "dim"):
             return Method(base, name)
+        if self.is_row(base) and name in ("sum", "dot"):
+            return Method(self.as_row(base, base_tree), name)
         if isinstance(base, Captured) and not base.shape:  # a 0-d tensor is a value
             base = self.as_node(base, base_tree)
         if isinstance(base, Node) and name == "device":  # only ever passed on as `device=`, which is ignored
@@ -222,6 +248,9 @@ class ExpressionLowering(CallLowering):
         if value is NONE:
             raise UnsupportedConstructError("`None` not supported in a mod (only as a clamp bound or in "
                                             "`x is None`)", loc, ALLOWED)
+        if isinstance(value, Row):
+            raise FlexcompTypeError(f"a row of {len(value.items)} values cannot be used as one value", loc,
+                                    "reduce it (`.sum()`, `torch.dot(a, b)`) or index its last dim")
         if isinstance(value, tuple):
             raise FlexcompTypeError("a tuple cannot be used as a value", loc,
                                     "unpack it (`a, b = pair`) or index it with a constant (`pair[0]`)")

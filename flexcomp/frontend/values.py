@@ -77,6 +77,14 @@ class RangeValue:
     items: tuple[Node, ...]
 
 
+@dataclass(frozen=True)
+class Row:
+    """A small 1-D vector known element by element (`a[q_idx]` of a [L, 3] table): arithmetic is elementwise
+    and `.sum()` adds the elements, so `((a[q_idx] - a[kv_idx]) ** 2).sum()` unrolls to scalar IR."""
+
+    items: tuple[Node, ...]
+
+
 NONE = Text("<None>")  # clamp's missing bound, or a captured None (tested with `is None`)
 
 Value = Any  # Node | Module | Builtin | PyFunction | ModRef | Captured | TorchDType | Text | Method | tuple
@@ -91,6 +99,7 @@ DESCRIPTIONS: dict[type, Callable[[Any], str]] = {
     Method: lambda v: f"method `.{v.name}`",
     tuple: lambda v: "a tuple",
     RangeValue: lambda v: "a range",
+    Row: lambda v: f"a row of {len(v.items)} values",
     Node: lambda v: f"a {v.dtype.value} value",
 }
 
