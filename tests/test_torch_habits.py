@@ -266,3 +266,11 @@ def test_a_row_must_be_reduced() -> None:
 
     with pytest.raises(fc.FlexcompError, match="a row of 3 values"):
         _ = fc.score_mod(unreduced).ir
+
+
+def test_the_interval_analysis_sees_through_shifts() -> None:
+    """Without evaluating the mask (exact=False), the shift rules alone decide every block-causal tile."""
+    ours = fc.create_block_mask(block_causal, None, None, 128, 128, "cpu", 16, exact=False)
+    assert set(ours.decided_by) == {"analysis"}, ours.explain()
+    grid = [torch.arange(n).view([-1 if d == i else 1 for d in range(4)]) for i, n in enumerate((1, 1, 128, 128))]
+    assert torch.equal(ours.tile_classes(), dense_classes(elementwise(block_causal, *grid), (16, 16)))
