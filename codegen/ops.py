@@ -164,6 +164,10 @@ OP_RULES: dict[Op, Rule] = {
     Op.AND: _infix("&"),
     Op.OR: _infix("|"),
     Op.XOR: _infix("^"),
+    # counts clamp to 0..31 (a left shift by 32 or more gives 0), as flexcomp/evaluate.py defines them
+    Op.SHL: lambda n, a: f"tl.where({a[1].as_(DType.I32)} >= 32, 0, {a[0].as_(DType.I32)} << "
+    f"tl.minimum(tl.maximum({a[1].as_(DType.I32)}, 0), 31))",
+    Op.SHR: lambda n, a: f"({a[0].as_(DType.I32)} >> tl.minimum(tl.maximum({a[1].as_(DType.I32)}, 0), 31))",
     Op.WHERE: _where,
 }
 

@@ -35,6 +35,17 @@ def _true_div(a: Tensor, b: Tensor) -> Tensor:
     return torch.true_divide(a, b)
 
 
+def _shift_left(a: Tensor, count: Tensor) -> Tensor:
+    # int32 wrap-around computed in int64; a count of 32 or more shifts every bit out
+    wide = (a.long() << count.clamp(0, 31).long()) & 0xFFFFFFFF
+    wrapped = torch.where(wide >= 2**31, wide - 2**32, wide).to(a.dtype)
+    return torch.where(count >= 32, torch.zeros_like(wrapped), wrapped)
+
+
+def _shift_right(a: Tensor, count: Tensor) -> Tensor:
+    return torch.bitwise_right_shift(a, count.clamp(0, 31).to(a.dtype))  # arithmetic, as Python's >>
+
+
 # op -> torch function of the evaluated sources
 OP_TABLE: dict[Op, Callable[..., Tensor]] = {
     Op.NEG: torch.neg,
@@ -69,6 +80,8 @@ OP_TABLE: dict[Op, Callable[..., Tensor]] = {
     Op.AND: torch.bitwise_and,
     Op.OR: torch.bitwise_or,
     Op.XOR: torch.bitwise_xor,
+    Op.SHL: _shift_left,
+    Op.SHR: _shift_right,
     Op.WHERE: torch.where,
 }
 

@@ -71,6 +71,8 @@ class Op(enum.Enum):
     AND = "and"  # logical on bool, bitwise on i32
     OR = "or"
     XOR = "xor"
+    SHL = "shl"  # int32 a << b: wraps; a count of 32 or more gives 0, a negative count shifts by 0
+    SHR = "shr"  # int32 a >> b: arithmetic (Python's floor(a / 2**b)); counts clamp to 0..31
     # ternary
     WHERE = "where"  # src: (cond, if_true, if_false)
 
@@ -81,6 +83,7 @@ UNARY_FLOAT_OPS = frozenset(
 ARITHMETIC_OPS = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.FLOORDIV, Op.MOD, Op.POW, Op.MIN, Op.MAX})
 COMPARISON_OPS = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
 LOGICAL_OPS = frozenset({Op.AND, Op.OR, Op.XOR})
+SHIFT_OPS = frozenset({Op.SHL, Op.SHR})
 COMMUTATIVE_OPS = frozenset({Op.ADD, Op.MUL, Op.MIN, Op.MAX, Op.EQ, Op.NE, Op.AND, Op.OR, Op.XOR})
 
 # The mods' parameters, by canonical name (users may name them as they like),
@@ -178,6 +181,8 @@ def result_dtype(op: Op, src_dtypes: tuple[DType, ...]) -> DType:
         return DType.F32
     if op == Op.WHERE:
         return promote(*src_dtypes[1:])
+    if op in SHIFT_OPS:
+        return DType.I32
     if op in LOGICAL_OPS or op == Op.NOT:
         return promote(*src_dtypes)  # bool stays bool; an int operand makes it bitwise i32
     if op in ARITHMETIC_OPS or op in (Op.NEG, Op.ABS, Op.FLOOR):
@@ -277,7 +282,7 @@ def to_expr(root: Node) -> str:
     """A one-line infix rendering, for short expressions such as loop bounds."""
     infix = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.FLOORDIV: "//", Op.MOD: "%",
              Op.POW: "**", Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==", Op.NE: "!=",
-             Op.AND: "&", Op.OR: "|", Op.XOR: "^"}  # fmt: skip
+             Op.AND: "&", Op.OR: "|", Op.XOR: "^", Op.SHL: "<<", Op.SHR: ">>"}  # fmt: skip
     text: dict[Node, str] = {}
     for node in toposort(root):
         s = [text[x] for x in node.src]

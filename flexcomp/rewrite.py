@@ -114,6 +114,11 @@ def _cast(node: Node) -> Any:
     return float(x)
 
 
+def _shift_left(a: int, count: int) -> int:
+    wide = (a << min(max(count, 0), 31)) & 0xFFFFFFFF if count < 32 else 0  # int32 wrap-around, as the kernels
+    return wide - 2**32 if wide >= 2**31 else wide
+
+
 # Python/torch semantics of each op on Python scalars.  Errors (x/0, log(0), overflow) mean "do not fold":
 # the runtime computes the IEEE result.
 FOLD = {
@@ -124,6 +129,7 @@ FOLD = {
     Op.FLOORDIV: _floordiv, Op.MOD: operator.mod, Op.POW: operator.pow, Op.MIN: min, Op.MAX: max,
     Op.LT: operator.lt, Op.LE: operator.le, Op.GT: operator.gt, Op.GE: operator.ge, Op.EQ: operator.eq,
     Op.NE: operator.ne, Op.AND: operator.and_, Op.OR: operator.or_, Op.XOR: operator.xor,
+    Op.SHL: _shift_left, Op.SHR: lambda a, count: a >> min(max(count, 0), 31),
 }  # fmt: skip
 
 

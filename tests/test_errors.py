@@ -28,7 +28,7 @@ HUGE = 2**40
 
 
 def e_for(b, h, q, kv):
-    for i in range(3):
+    for i in range(q):  # a data-dependent trip count (a constant one is unrolled)
         q = q + i
     return q > kv
 
@@ -181,7 +181,7 @@ def e_print(b, h, q, kv):
 
 
 def e_shift(b, h, q, kv):
-    return (q << 1) > kv
+    return (q << 1.5) > kv
 
 
 def e_in(b, h, q, kv):
@@ -194,7 +194,7 @@ def e_slice(b, h, q, kv):
 
 CASES = [
     # fn, kind, error type, words in the message, text under the caret
-    (e_for, "mask", UnsupportedConstructError, "`for` loops", "for i in range(3):"),
+    (e_for, "mask", UnsupportedConstructError, "known when the mod is compiled", "range(q)"),
     (e_while, "mask", UnsupportedConstructError, "`while` loops", "while q > 0:"),
     (e_lambda, "mask", UnsupportedConstructError, "`lambda`", "lambda x: x"),
     (e_comprehension, "mask", UnsupportedConstructError, "comprehension", "[i for i in range(3)]"),
@@ -206,7 +206,7 @@ CASES = [
     (e_star_args, "mask", UnsupportedConstructError, "`*args`", "*args"),
     (e_kwonly, "mask", UnsupportedConstructError, "keyword-only", "*"),
     (e_default, "mask", UnsupportedConstructError, "default parameter values", "kv=0"),
-    (e_list_capture, "mask", SignatureError, "'A_LIST' is a builtins.list", "A_LIST"),
+    (e_list_capture, "mask", FlexcompTypeError, "a tuple cannot be used as a value", "A_LIST"),  # a list is one
     (e_dict_capture, "mask", SignatureError, "'A_DICT' is a builtins.dict", "A_DICT"),
     (e_str_capture, "mask", SignatureError, "'A_STR' is a builtins.str", "A_STR"),
     (e_numpy_capture, "mask", SignatureError, "'AN_ARRAY' is a numpy.ndarray", "AN_ARRAY"),
@@ -214,7 +214,7 @@ CASES = [
     (e_float_index, "mask", FlexcompTypeError, "index into 'FTABLE' must be an int", "q / 2"),
     (e_index_count, "mask", FlexcompTypeError, "has 2 dims", "TABLE[q % 4]"),
     (e_unindexed, "mask", FlexcompTypeError, "index it with 2 indices", "TABLE"),
-    (e_subscript_non_tensor, "mask", UnsupportedConstructError, "only captured tensors can be indexed", "q[0]"),
+    (e_subscript_non_tensor, "mask", UnsupportedConstructError, "only captured tensors and tuples can be indexed", "q[0]"),
     (e_unknown_attr, "mask", UnsupportedConstructError, "attribute `.shape`", "q.shape"),
     (e_unknown_torch, "mask", UnsupportedConstructError, "`torch.nn` is not supported", "torch.nn"),
     (e_mask_returns_int, "mask", FlexcompTypeError, "mask_mod must return a bool", "return q - kv"),
@@ -228,7 +228,7 @@ CASES = [
     (e_yield, "mask", FlexcompSyntaxError, "this statement is not part of the flexcomp language", "yield"),
     (e_star_expr, "mask", FlexcompSyntaxError, "star-expression", "*"),
     (e_print, "mask", UnsupportedConstructError, "builtin `print`", "print"),
-    (e_shift, "mask", UnsupportedConstructError, "shift operators", "<<"),
+    (e_shift, "mask", FlexcompTypeError, "needs ints, got a float", "<<"),
     (e_in, "mask", UnsupportedConstructError, "`in` comparisons", "in"),
     (e_slice, "mask", UnsupportedConstructError, "slices", "1:2"),
 ]

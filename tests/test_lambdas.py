@@ -155,10 +155,10 @@ def test_error_in_a_lambda_points_at_line_and_column():
 def test_error_on_a_later_line_of_a_multi_line_lambda():
     fn = (lambda b, h, q, kv:
           (q >= kv)
-          & (q << 1 > kv))
-    with pytest.raises(UnsupportedConstructError, match="shift operators") as info:
+          & (q @ 1 > kv))
+    with pytest.raises(UnsupportedConstructError, match="matrix multiplication") as info:
         fm.mask_mod(fn)
-    assert (info.value.loc.line, info.value.loc.column) == position_of("<<", fn)
+    assert (info.value.loc.line, info.value.loc.column) == position_of("@", fn)
 
 
 def test_second_lambda_on_a_line_reports_its_own_error():

@@ -14,6 +14,7 @@ from ..ir import (
     INT32_MAX,
     INT32_MIN,
     LOGICAL_OPS,
+    SHIFT_OPS,
     DType,
     Node,
     Op,
@@ -21,10 +22,11 @@ from ..ir import (
     promote,
     result_dtype,
 )
+from ..rewrite import fold
 
 OP_SYMBOL = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.FLOORDIV: "//", Op.MOD: "%", Op.POW: "**",
              Op.AND: "&", Op.OR: "|", Op.XOR: "^", Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">=", Op.EQ: "==",
-             Op.NE: "!="}  # fmt: skip
+             Op.NE: "!=", Op.SHL: "<<", Op.SHR: ">>"}  # fmt: skip
 BINOPS = {v: k for k, v in OP_SYMBOL.items()}
 
 
@@ -55,6 +57,10 @@ def binary(op: Op, a: Node, b: Node, loc: Any) -> Node:
                                     "compare first, e.g. `(x > 0) & (y > 0)`")
         common = promote(a.dtype, b.dtype)
         a, b = cast(a, common, loc), cast(b, common, loc)
+    elif op in SHIFT_OPS:  # ints only; a bool counts as 0/1
+        if DType.F32 in (a.dtype, b.dtype):
+            raise FlexcompTypeError(f"`{OP_SYMBOL[op]}` needs ints, got a float", loc, "use int(...) first")
+        a, b = cast(a, DType.I32, loc), cast(b, DType.I32, loc)
     elif op in ARITHMETIC_OPS or op in COMPARISON_OPS:
         common = promote(a.dtype, b.dtype)
         if common == DType.BOOL and op in ARITHMETIC_OPS:  # True + True is 2, as in torch
@@ -81,3 +87,21 @@ def int_const(value: int, loc: Any, what: str = "integer") -> Node:
     if not INT32_MIN <= value <= INT32_MAX:
         raise FlexcompTypeError(f"{what} {value} does not fit in int32", loc, "indices and int constants are int32")
     return const(int(value), DType.I32, loc)
+
+
+def constant(node: Node) -> Node | None:
+    """`node` folded to a CONST when it is computed from constants only (`-1`, `N - 1`), else None."""
+    if node.op == Op.CONST:
+        return node
+    sources = tuple(constant(s) for s in node.src)
+    if not sources or None in sources:
+        return None
+    return fold(node.replace(src=sources))
+
+
+def add_all(items: tuple[Node, ...], loc: Any) -> Node:
+    """items[0] + items[1] + ... (torch's sum of a bool or int row is an int)."""
+    total = items[0] if items[0].dtype != DType.BOOL else cast(items[0], DType.I32, loc)
+    for x in items[1:]:
+        total = binary(Op.ADD, total, x, loc)
+    return total

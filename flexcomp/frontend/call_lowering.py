@@ -10,10 +10,23 @@ from lark import Tree
 
 from ..errors import FlexcompTypeError, SignatureError, SourceLoc, UnsupportedConstructError
 from ..ir import ARG_DTYPES, MASK_MOD_ARGS, SCORE_MOD_ARGS, DType, Node, Op, arg, const, substitute
-from .builders import binary, cast
-from .calls import BUILTINS, CAST_KEYS, METHODS
+from .builders import add_all, binary, cast, constant, int_const
+from .calls import BUILTINS, CAST_KEYS, METHODS, STRUCTURAL_KEYS
 from .source import read_function
-from .values import ALLOWED, NONE, Builtin, Method, ModRef, PyFunction, Text, TorchDType, Value, describe
+from .values import (
+    ALLOWED,
+    NONE,
+    Builtin,
+    Captured,
+    Method,
+    ModRef,
+    PyFunction,
+    RangeValue,
+    Text,
+    TorchDType,
+    Value,
+    describe,
+)
 
 Argument = tuple[Value, Any]  # a lowered argument and its tree (for error positions)
 
@@ -54,6 +67,8 @@ class CallLowering:
             return float_of_text(args[0][0].value, loc)  # float("-inf")
         if key == "clamp":
             return self.clamp(args, kwargs, loc)
+        if key in STRUCTURAL_KEYS:
+            return self.call_structural(key, None, args, kwargs, loc)
         if kwargs:
             raise UnsupportedConstructError(f"keyword arguments to `{key}` are not supported", loc, ALLOWED)
         rule = BUILTINS[key]
@@ -81,6 +96,8 @@ class CallLowering:
 
     def call_method(self, method: Method, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
         key = METHODS[method.name]
+        if key in STRUCTURAL_KEYS:
+            return self.call_structural(key, method.receiver, args, kwargs, loc)
         if key != "to":  # x.exp() -> exp(x)
             return self.call_builtin(key, [(method.receiver, None)] + args, kwargs, loc)
         targets = [v for v, _ in args] + [v for k, (v, _) in kwargs.items() if k == "dtype"]
@@ -88,6 +105,72 @@ class CallLowering:
             raise UnsupportedConstructError(f"`.{method.name}(...)` needs exactly one torch dtype argument", loc,
                                             "e.g. `x.to(torch.float32)`")
         return cast(method.receiver, targets[0].dtype, loc)
+
+    def call_structural(self, key: str, receiver: Any, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Value:
+        """Calls answered at compile time: range/len, a captured tensor's size/dim, and scalar constructors."""
+        if key in ("new_ones", "new_zeros", "new_full"):
+            return self.new_scalar(key, receiver, args, kwargs, loc)
+        if key in ("sum", "dot"):
+            return self.row_reduction(key, receiver, args, kwargs, loc)
+        if kwargs:
+            raise UnsupportedConstructError(f"keyword arguments to `{key}` are not supported", loc, ALLOWED)
+        values = [v for v, _ in args]
+        if key == "range":
+            return RangeValue(tuple(int_const(i, loc) for i in range(*self.constant_ints(args, "range", loc))))
+        if key == "len":
+            if len(values) != 1 or not isinstance(values[0], (tuple, Captured)):
+                raise SignatureError("`len` takes one tuple or captured tensor", loc)
+            sized = values[0]
+            return int_const(len(sized) if isinstance(sized, tuple) else sized.shape[0], loc)
+        shape = receiver.shape if isinstance(receiver, Captured) else ()  # a scalar value has shape ()
+        if key == "dim":
+            return int_const(len(shape), loc)
+        if not values:  # x.size() -> the shape
+            return tuple(int_const(n, loc) for n in shape)
+        (dim,) = self.constant_ints(args, "size", loc)
+        if not -len(shape) <= dim < len(shape):
+            raise FlexcompTypeError(f"size({dim}) of a tensor with {len(shape)} dims", loc)
+        return int_const(shape[dim], loc)
+
+    def row_reduction(self, key: str, receiver: Any, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
+        # row.sum() -> r0 + r1 + ...; torch.dot(a, b) -> (a * b).sum()
+        rows = ([(receiver, None)] if receiver is not None else []) + args
+        dims = [v for k, (v, _) in kwargs.items() if k == "dim"]
+        if key == "sum" and len(rows) == 2:  # row.sum(-1), torch.sum(row, -1)
+            dims, rows = dims + [rows[1][0]], rows[:1]
+        if set(kwargs) - {"dim"} or len(rows) != (2 if key == "dot" else 1) or not all(self.is_row(v) for v, _ in rows):
+            raise SignatureError(f"`{key}` takes {'two rows' if key == 'dot' else 'one row (and dim=-1 or 0)'} of "
+                                 "a captured tensor indexed down to its last dim", loc)
+        if dims and constant(self.as_node(dims[0], None)).arg not in (0, -1):
+            raise SignatureError(f"`{key}` of a row: dim must be 0 or -1", loc)
+        items = [self.as_row(v, t).items for v, t in rows]
+        if key == "dot":
+            items = [tuple(binary(Op.MUL, x, y, loc) for x, y in zip(*items))]
+        return add_all(items[0], loc)
+
+    def constant_ints(self, args: list[Argument], what: str, loc: SourceLoc) -> list[int]:
+        nodes = [constant(self.as_node(v, t)) or self.as_node(v, t) for v, t in args]
+        if not all(n.op == Op.CONST and n.dtype == DType.I32 for n in nodes):
+            raise UnsupportedConstructError(f"`{what}` needs int arguments known when the mod is compiled (captured "
+                                            "ints, literals, shapes), not values computed from b, h, q_idx or kv_idx",
+                                            loc, "unroll to a constant bound and mask out the extra iterations: "
+                                            "`for i in range(MAX): acc += torch.where(i < n, term, 0)`")
+        return [n.arg for n in nodes]
+
+    def new_scalar(self, key: str, receiver: Any, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
+        # b.new_ones((), dtype=torch.bool) -> a bool constant True; the receiver only lends its dtype
+        names = ["size", "fill_value"] if key == "new_full" else ["size"]
+        bound = dict(zip(names, args)) | kwargs
+        if len(args) > len(names) or set(bound) - {*names, "dtype", "device"} or set(names) - set(bound):
+            raise SignatureError(f"`.{key}` takes ({', '.join(names)}, dtype=...)", loc)
+        if bound["size"][0] != ():
+            raise UnsupportedConstructError(f"`.{key}` of a non-scalar size: a mod computes one value", loc,
+                                            f"use `.{key}(())` for a scalar")
+        dtype = bound["dtype"][0].dtype if "dtype" in bound else self.as_node(receiver, None).dtype
+        if key == "new_full":
+            return cast(self.as_node(*bound["fill_value"]), dtype, loc)
+        one = key == "new_ones"
+        return const({DType.BOOL: one, DType.I32: int(one), DType.F32: float(one)}[dtype], dtype, loc)
 
     def call_mod(self, mod: Any, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
         """Another mod's raw IR with its canonical arguments replaced by this call's."""

@@ -26,15 +26,19 @@ UNARY_FLOAT = {"exp": Op.EXP, "exp2": Op.EXP2, "log": Op.LOG, "log2": Op.LOG2, "
 TORCH_FUNCS = {**{n: n for n in UNARY_FLOAT}, "abs": "abs", "floor": "floor", "where": "where", "minimum": "min2",
                "maximum": "max2", "clamp": "clamp", "clip": "clamp", "neg": "neg", "negative": "neg",
                "logical_and": "logical_and", "logical_or": "logical_or", "logical_not": "logical_not",
-               "pow": "pow", "remainder": "mod", "floor_divide": "floordiv"}  # fmt: skip
+               "pow": "pow", "remainder": "mod", "floor_divide": "floordiv", "sum": "sum", "dot": "dot"}  # fmt: skip
 MATH_FUNCS = {"exp": "exp", "log": "log", "log2": "log2", "sqrt": "sqrt", "tanh": "tanh", "sin": "sin", "cos": "cos",
               "floor": "floor", "fabs": "abs"}  # fmt: skip
-PY_BUILTINS = {"abs": "abs", "min": "min", "max": "max", "int": "int", "float": "float", "bool": "bool", "pow": "pow"}
+PY_BUILTINS = {"abs": "abs", "min": "min", "max": "max", "int": "int", "float": "float", "bool": "bool", "pow": "pow",
+               "range": "range", "len": "len"}  # fmt: skip
+# compile-time structure, not arithmetic: lowered by CallLowering.call_structural
+STRUCTURAL_KEYS = frozenset({"range", "len", "size", "dim", "new_ones", "new_zeros", "new_full", "sum", "dot"})
 METHODS = {**{n: n for n in UNARY_FLOAT}, "abs": "abs", "floor": "floor", "neg": "neg", "clamp": "clamp",
            "clip": "clamp", "float": "float", "double": "float", "half": "float", "bfloat16": "float", "int": "int",
            "long": "int", "bool": "bool", "to": "to", "type": "to", "minimum": "min2", "maximum": "max2",
            "pow": "pow", "logical_not": "logical_not", "logical_and": "logical_and", "logical_or": "logical_or",
-           "sqrt": "sqrt", "remainder": "mod"}  # fmt: skip
+           "sqrt": "sqrt", "remainder": "mod", "size": "size", "dim": "dim", "new_ones": "new_ones",
+           "new_zeros": "new_zeros", "new_full": "new_full", "sum": "sum", "dot": "dot"}  # fmt: skip
 
 # Every float dtype computes in f32 and every int dtype in i32 (the kernels' arithmetic).
 TORCH_DTYPES = {"float32": DType.F32, "float": DType.F32, "float64": DType.F32, "double": DType.F32,

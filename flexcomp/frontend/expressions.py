@@ -11,12 +11,12 @@ from lark import Token, Tree
 from ..errors import FlexcompTypeError, SourceLoc, UnsupportedConstructError
 from ..guards import GuardTable
 from ..ir import DType, Node, Op, const, load
-from .builders import BINOPS, binary, int_const, logical, logical_not, to_bool, unary, where
+from .builders import BINOPS, binary, constant, int_const, logical, logical_not, to_bool, unary, where
 from .call_lowering import CallLowering
 from .calls import METHODS, MODULE_CONSTANTS, NAMESPACE_FUNCS, TORCH_DTYPES
 from .locations import Source
 from .names import BufferTable, resolve_free
-from .values import ALLOWED, NONE, Builtin, Captured, Method, Module, Text, TorchDType, Value, describe
+from .values import ALLOWED, NONE, Builtin, Captured, Method, Module, Row, Text, TorchDType, Value, describe
 
 # lark rule -> how the construct is named when refused
 UNSUPPORTED_RULES = {
@@ -27,10 +27,11 @@ UNSUPPORTED_RULES = {
     "comprehension_expr": "comprehensions and generator expressions", "list_display": "list displays",
     "dict_display": "dict and set displays", "walrus": "the walrus operator `:=`", "ellipsis": "`...`",
     "imag_lit": "complex numbers", "await_expr": "`await`", "starred": "`*args`/`**kwargs` in calls",
-    "tuple": "tuples", "slice": "slices", "param_default": "default parameter values", "param_kwargs": "`**kwargs`",
+    "slice": "slices", "param_default": "default parameter values", "param_kwargs": "`**kwargs`",
 }  # fmt: skip
 
-UNARY_OPS = {"-": Op.NEG, "~": Op.NOT}  # `not` and unary `+` are handled apart
+UNARY_OPS = {"-": Op.NEG, "~": Op.NOT}
+MAX_ROW = 64  # elements of a captured row used as a vector (each one a load)  # `not` and unary `+` are handled apart
 
 
 @dataclass
@@ -96,6 +97,8 @@ class ExpressionLowering(CallLowering):
         # both sides are computed, as in a vectorized kernel: a if c else b -> WHERE(c, a, b)
         body, test, orelse = tree.children
         cond = self.condition(test, env)
+        if cond.op == Op.CONST:  # known at compile time (`x if bias is not None else y`): only one side exists
+            return self.expr(body if cond.arg else orelse, env)
         return where(cond, self.node(body, env), self.node(orelse, env), self.src.loc(tree))
 
     def expr_boolop(self, tree: Tree, env: dict[str, Value]) -> Node:
@@ -113,24 +116,58 @@ class ExpressionLowering(CallLowering):
 
     def expr_compare(self, tree: Tree, env: dict[str, Value]) -> Node:
         items = tree.children
-        operands = [self.node(t, env) for t in items[0::2]]
+        operands = [self.expr(t, env) for t in items[0::2]]
         result = None
         for i, op_tree in enumerate(items[1::2]):
             symbol = " ".join(str(t) for t in op_tree.children)
-            if symbol not in BINOPS:
-                self.refuse(f"`{symbol}` comparisons", op_tree)
             loc = self.src.loc(op_tree)
-            pair = binary(BINOPS[symbol], operands[i], operands[i + 1], loc)
+            if symbol in ("is", "is not"):
+                pair = self.identity_test(symbol, operands[i], operands[i + 1], op_tree)
+            elif symbol not in BINOPS:
+                self.refuse(f"`{symbol}` comparisons", op_tree)
+            else:
+                a, b = self.as_node(operands[i], items[2 * i]), self.as_node(operands[i + 1], items[2 * i + 2])
+                pair = binary(BINOPS[symbol], a, b, loc)
             result = pair if result is None else logical(Op.AND, result, pair, loc)  # a < b < c -> a<b & b<c
         return result
 
-    def expr_binop(self, tree: Tree, env: dict[str, Value]) -> Node:
+    def identity_test(self, symbol: str, a: Value, b: Value, op_tree: Tree) -> Node:
+        # x is None -> a constant: a captured name is specialized, so whether it is None is known
+        if NONE not in (a, b):
+            self.refuse("`is` comparisons other than `x is None` / `x is not None`", op_tree)
+        return const((a is b) == (symbol == "is"), DType.BOOL, self.src.loc(op_tree))
+
+    def expr_tuple(self, tree: Tree, env: dict[str, Value]) -> tuple:
+        return tuple(self.expr(c, env) for c in tree.children if c is not None)
+
+    def expr_binop(self, tree: Tree, env: dict[str, Value]) -> Value:
         left, op, right = tree.children
-        return self.arith(str(op), self.node(left, env), self.node(right, env), op)
+        a, b = self.expr(left, env), self.expr(right, env)
+        if self.is_row(a) or self.is_row(b):  # elementwise over a small captured row
+            rows = [self.as_row(v, t) if self.is_row(v) else None for v, t in ((a, left), (b, right))]
+            n = len(next(r for r in rows if r is not None).items)
+            items = [r.items if r is not None else (self.as_node(v, t),) * n
+                     for r, v, t in zip(rows, (a, b), (left, right))]
+            if any(len(i) != n for i in items):
+                raise FlexcompTypeError(f"rows of different lengths ({n} and {len(items[1])})", self.src.loc(tree))
+            return Row(tuple(self.arith(str(op), x, y, op) for x, y in zip(*items)))
+        return self.arith(str(op), self.as_node(a, left), self.as_node(b, right), op)
+
+    def is_row(self, value: Value) -> bool:
+        return isinstance(value, Row) or isinstance(value, Captured) and len(value.shape) == 1
+
+    def as_row(self, value: Value, tree: Tree) -> Row:
+        if isinstance(value, Row):
+            return value
+        (n,) = value.shape
+        if n > MAX_ROW:
+            raise UnsupportedConstructError(f"a row of {n} values of {value.spec.name!r}: rows are unrolled, at "
+                                            f"most {MAX_ROW} elements", self.src.loc(tree))
+        loc = self.src.loc(tree)
+        return Row(tuple(load(value.spec.name, value.spec.ir_dtype, value.indices + (int_const(i, loc),), loc)
+                         for i in range(n)))
 
     def arith(self, symbol: str, a: Node, b: Node, op_token: Token) -> Node:
-        if symbol in ("<<", ">>"):
-            self.refuse("shift operators `<<`/`>>`", op_token)
         if symbol == "@":
             self.refuse("matrix multiplication `@`", op_token)
         return binary(BINOPS[symbol], a, b, self.src.loc(op_token))
@@ -144,25 +181,48 @@ class ExpressionLowering(CallLowering):
         loc = self.src.loc(tree)
         if isinstance(base, Module):
             return module_attribute(base.name, name, loc)
-        if isinstance(base, Captured) and not base.spec.shape:  # a 0-d tensor is a value
+        if isinstance(base, Captured) and name in ("shape", "ndim"):  # constants once specialized
+            shape = tuple(int_const(n, loc) for n in base.shape)
+            return shape if name == "shape" else int_const(len(shape), loc)
+        if isinstance(base, Captured) and name in ("size", "dim"):
+            return Method(base, name)
+        if self.is_row(base) and name in ("sum", "dot"):
+            return Method(self.as_row(base, base_tree), name)
+        if isinstance(base, Captured) and not base.shape:  # a 0-d tensor is a value
             base = self.as_node(base, base_tree)
+        if isinstance(base, Node) and name == "device":  # only ever passed on as `device=`, which is ignored
+            return Text("<device>")
         if isinstance(base, Node) and name in METHODS:
             return Method(base, name)
         raise UnsupportedConstructError(f"attribute `.{name}` of {describe(base)} is not supported", loc, ALLOWED)
 
-    def expr_subscript(self, tree: Tree, env: dict[str, Value]) -> Node:
+    def expr_subscript(self, tree: Tree, env: dict[str, Value]) -> Value:
         base_tree, subscripts = tree.children
         base = self.expr(base_tree, env)
         loc = self.src.loc(tree)
+        items = [item for item in subscripts.children if item is not None]
+        if isinstance(base, tuple):
+            return self.tuple_item(base, items, env, loc)
         if not isinstance(base, Captured):
-            raise UnsupportedConstructError(f"subscript of {describe(base)}: only captured tensors can be indexed",
-                                            loc, ALLOWED)
-        indices = [self.index(base, item, env) for item in subscripts.children if item is not None]
+            raise UnsupportedConstructError(f"subscript of {describe(base)}: only captured tensors and tuples can "
+                                            "be indexed", loc, ALLOWED)
+        indices = base.indices + tuple(self.index(base, item, env) for item in items)
         ndim = len(base.spec.shape)
-        if len(indices) != ndim:
+        if len(indices) > ndim:
             raise FlexcompTypeError(f"captured tensor {base.spec.name!r} has {ndim} dims (shape {base.spec.shape}) "
                                     f"but is indexed with {len(indices)} indices", loc)
-        return load(base.spec.name, base.spec.ir_dtype, tuple(indices), loc)
+        if len(indices) < ndim:  # bias[b][h][q]: one load once every dim has its index
+            return Captured(base.spec, indices)
+        return load(base.spec.name, base.spec.ir_dtype, indices, loc)
+
+    def tuple_item(self, bundle: tuple, items: list[Tree], env: dict[str, Value], loc: SourceLoc) -> Value:
+        index = constant(self.node(items[0], env)) if len(items) == 1 and items[0].data != "slice" else None
+        if index is None or index.op != Op.CONST or index.dtype != DType.I32:
+            raise UnsupportedConstructError("a tuple can be indexed only by one constant int", loc,
+                                            "tuples exist at compile time; index captured tensors for runtime data")
+        if not -len(bundle) <= index.arg < len(bundle):
+            raise FlexcompTypeError(f"tuple index {index.arg} out of range for a tuple of {len(bundle)}", loc)
+        return bundle[index.arg]
 
     def index(self, base: Captured, item: Tree, env: dict[str, Value]) -> Node:
         if item.data == "slice":
@@ -182,10 +242,20 @@ class ExpressionLowering(CallLowering):
         if isinstance(value, Captured):
             if not value.spec.shape:
                 return load(value.spec.name, value.spec.ir_dtype, (), loc)
-            raise FlexcompTypeError(f"captured tensor {value.spec.name!r} has shape {value.spec.shape}: index it "
-                                    f"with {len(value.spec.shape)} indices, e.g. {value.spec.name}[h, q_idx]", loc)
+            missing = len(value.shape)
+            raise FlexcompTypeError(f"captured tensor {value.spec.name!r} has {len(value.spec.shape)} dims (shape "
+                                    f"{value.spec.shape}): index it with {missing}{' more' if value.indices else ''} "
+                                    f"{'index' if missing == 1 else 'indices'} to use it as a value", loc,
+                                    "its .shape, .size() and .ndim are constants; `is None` tests a captured None")
         if value is NONE:
-            raise UnsupportedConstructError("`None` not supported in a mod (only as a clamp bound)", loc, ALLOWED)
+            raise UnsupportedConstructError("`None` not supported in a mod (only as a clamp bound or in "
+                                            "`x is None`)", loc, ALLOWED)
+        if isinstance(value, Row):
+            raise FlexcompTypeError(f"a row of {len(value.items)} values cannot be used as one value", loc,
+                                    "reduce it (`.sum()`, `torch.dot(a, b)`) or index its last dim")
+        if isinstance(value, tuple):
+            raise FlexcompTypeError("a tuple cannot be used as a value", loc,
+                                    "unpack it (`a, b = pair`) or index it with a constant (`pair[0]`)")
         if isinstance(value, Text):
             raise UnsupportedConstructError("string literals (only float(\"inf\") and float(\"-inf\"))", loc, ALLOWED)
         raise FlexcompTypeError(f"{describe(value)} cannot be used as a value", loc, ALLOWED)

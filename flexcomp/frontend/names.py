@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import functools
 import numbers
 import types
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from ..guards import GuardTable, Scope
 from ..ir import BufferSpec, DType, Node, Op, const, map_nodes
 from .builders import int_const
 from .calls import MODULES, PY_BUILTINS, TORCH_DTYPES, known_callable
-from .values import Builtin, Captured, ModBase, ModRef, Module, PyFunction, TorchDType, Value
+from .values import NONE, Builtin, Captured, ModBase, ModRef, Module, PyFunction, TorchDType, Value
 
 
 @dataclass
@@ -93,6 +94,8 @@ def capture(name: str, value: Any, read: Callable[[], Any], buffers: BufferTable
     `read` re-reads a tensor's binding at call time: `Mod.specialized` compares the live tensor's dtype and
     shape with the compiled ones and re-lowers the function when they differ.
     """
+    if value is None:
+        return NONE  # only `x is None` / `x is not None` can use it
     if isinstance(value, bool):
         return const(value, DType.BOOL, loc)
     if isinstance(value, numbers.Integral):
@@ -102,6 +105,9 @@ def capture(name: str, value: Any, read: Callable[[], Any], buffers: BufferTable
     if isinstance(value, torch.Tensor):
         spec = tensor_spec(name, value, loc)
         return Captured(BufferSpec(buffers.add(spec, read), spec.dtype, spec.shape))
+    if isinstance(value, (tuple, list)):  # a compile-time bundle; a tensor in it re-reads its slot
+        return tuple(capture(f"{name}_{i}", v, functools.partial(lambda i: read()[i], i), buffers, loc)
+                     for i, v in enumerate(value))
     if isinstance(value, torch.dtype):
         return TorchDType(TORCH_DTYPES.get(str(value).removeprefix("torch."), DType.F32), str(value))
     if isinstance(value, types.ModuleType) and value in MODULES.values():
@@ -114,4 +120,5 @@ def capture(name: str, value: Any, read: Callable[[], Any], buffers: BufferTable
     if isinstance(value, types.FunctionType):
         return PyFunction(value)
     raise SignatureError(f"{name!r} is a {type(value).__module__}.{type(value).__qualname__}: a mod can capture "
-                         "only ints, floats, bools, torch tensors, torch/math, other mods and plain functions", loc)
+                         "only ints, floats, bools, None, torch tensors, tuples/lists of those, torch/math, "
+                         "other mods and plain functions", loc)

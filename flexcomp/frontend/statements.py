@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from lark import Tree
 
-from ..errors import FlexcompTypeError
-from ..ir import Node
+from ..errors import FlexcompTypeError, UnsupportedConstructError
+from ..ir import Node, Op
 from .builders import BINOPS, where
 from .expressions import UNSUPPORTED_RULES, ExpressionLowering
-from .values import Value
+from .values import RangeValue, Value, describe
 
 # lark rule -> FunctionLowering method
 SIMPLE_STATEMENTS = {"assign": "assign", "augassign": "augassign", "annassign": "annassign",
@@ -46,9 +46,10 @@ class FunctionLowering(ExpressionLowering):
                                     "end with one")
         return result
 
-    def returned(self, value: Tree, stmt: Tree, env: dict[str, Value]) -> Node:
-        node = self.node(value, env)
-        return self.check_return(node, self.src.loc(stmt)) if self.check_return else node
+    def returned(self, value: Tree, stmt: Tree, env: dict[str, Value]) -> Value:
+        if self.check_return is None:  # a helper may return a tuple (`return idx // W, idx % W`)
+            return self.expr(value, env)
+        return self.check_return(self.node(value, env), self.src.loc(stmt))
 
     def block(self, stmts: list[Tree], env: dict[str, Value]) -> Node | None:
         """The value returned by `stmts` (None if control falls off the end)."""
@@ -62,6 +63,8 @@ class FunctionLowering(ExpressionLowering):
                 if any(s.data == "return_stmt" for s in stmt.iter_subtrees()):
                     return self.if_returning(if_branches(stmt), stmts[i + 1:], env)
                 self.if_assigning(if_branches(stmt), env)
+            elif kind == "for_stmt":
+                self.unrolled_loop(stmt, env)
             elif kind in SIMPLE_STATEMENTS:
                 getattr(self, SIMPLE_STATEMENTS[kind])(stmt, env)
             elif kind != "pass_stmt":
@@ -75,11 +78,15 @@ class FunctionLowering(ExpressionLowering):
             return self.block((statements(orelse) if orelse is not None else []) + rest, dict(env))
         (test, body), later = branches[0], branches[1:]
         cond = self.condition(test, env)
+        if cond.op == Op.CONST:  # `if bias is None:` is known at compile time: the other path is never lowered
+            if cond.arg:
+                return self.block(statements(body) + rest, dict(env))
+            return self.if_returning((later, orelse), rest, env)
         if_true = self.block(statements(body) + rest, dict(env))
         if_false = self.if_returning((later, orelse), rest, env)
         if if_true is None or if_false is None:
             return None
-        return where(cond, if_true, if_false, self.src.loc(test))
+        return self.select(cond, if_true, if_false, test)
 
     def if_assigning(self, parts: Branches, env: dict[str, Value]) -> None:
         # No branch returns: run each on a copy of the locals, then select every local that differs.
@@ -90,18 +97,58 @@ class FunctionLowering(ExpressionLowering):
             return
         (test, body), later = branches[0], branches[1:]
         cond = self.condition(test, env)
+        if cond.op == Op.CONST:
+            if cond.arg:
+                self.block(statements(body), env)
+            else:
+                self.if_assigning((later, orelse), env)
+            return
         env_true, env_false = dict(env), dict(env)
         self.block(statements(body), env_true)
         self.if_assigning((later, orelse), env_false)
-        loc = self.src.loc(test)
         for name in set(env_true) | set(env_false):
             a, b = env_true.get(name), env_false.get(name)
             if a is None or b is None:
                 env.pop(name, None)  # bound on one path only: using it later is an error
-            elif a is b or a == b:
-                env[name] = a
             else:
-                env[name] = where(cond, self.as_node(a, test), self.as_node(b, test), loc)
+                env[name] = self.select(cond, a, b, test)
+
+    def select(self, cond: Node, a: Value, b: Value, test: Tree) -> Value:
+        """`a if cond else b` for values: nodes become a WHERE, tuples are selected item by item."""
+        if a is b or a == b:
+            return a
+        if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
+            return tuple(self.select(cond, x, y, test) for x, y in zip(a, b))
+        return where(cond, self.as_node(a, test), self.as_node(b, test), self.src.loc(test))
+
+    # ------------------------------------------------ loops
+
+    def unrolled_loop(self, stmt: Tree, env: dict[str, Value]) -> None:
+        """`for i in range(4):` / `for m in captured_tuple:` runs the body once per item, at compile time."""
+        _for, target, iterable, body, orelse = stmt.children
+        if orelse is not None:
+            self.refuse("`for ... else`", stmt)
+        for s in body.iter_subtrees():
+            if s.data in ("return_stmt", "loop_control"):
+                self.refuse("`return`/`break`/`continue` inside an unrolled `for` loop", s)
+        names = [str(n) for n in target.children]
+        for item in self.loop_items(iterable, env):
+            if len(names) == 1:
+                env[names[0]] = item
+            else:
+                self.bind(Tree("tuple", [Tree("name", [n]) for n in target.children]), item, env)
+            self.block(statements(body), env)
+
+    def loop_items(self, iterable: Tree, env: dict[str, Value]) -> tuple:
+        value = self.expr_or_tuple(iterable, env)
+        if isinstance(value, tuple):
+            return value
+        if isinstance(value, RangeValue):
+            return value.items
+        raise UnsupportedConstructError(f"a `for` loop over {describe(value)}: the number of iterations must be "
+                                        "known when the mod is compiled", self.src.loc(iterable),
+                                        "loop over range(constant) or a captured tuple/list, or write the bound as "
+                                        "a mask (e.g. `torch.where(i < n, term, 0)` inside `for i in range(MAX)`)")
 
     # ------------------------------------------------ simple statements
 

@@ -13,8 +13,9 @@ from typing import Any
 from ..ir import BufferSpec, DType, Node
 
 ALLOWED = (
-    "Allowed in a mod: parameters, locals, int/float/bool literals, + - * / // % ** and comparisons, & | ^ ~, "
-    "and/or/not, if/elif/else, `x if c else y`, torch/math functions, captured ints, floats and tensors, "
+    "Allowed in a mod: parameters, locals, int/float/bool literals, + - * / // % ** and comparisons, & | ^ ~ << >>, "
+    "and/or/not, if/elif/else, `x if c else y`, tuples, `for` over range(constant), torch/math functions, "
+    "captured ints, floats, tensors and tuples, "
     "and calls to other mods and plain helper functions (see docs/language.md)."
 )
 
@@ -46,9 +47,15 @@ class ModRef:
 
 @dataclass(frozen=True)
 class Captured:
-    """A captured tensor before indexing."""
+    """A captured tensor before (full) indexing; `bias[b][h]` keeps the leading indices until the last one."""
 
     spec: BufferSpec
+    indices: tuple[Node, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dims not indexed yet."""
+        return self.spec.shape[len(self.indices):]
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,22 @@ class Method:
     name: str
 
 
-NONE = Text("<None>")  # only meaningful as clamp's missing bound
+@dataclass(frozen=True)
+class RangeValue:
+    """`range(...)` with constant bounds: what an unrolled `for` loop iterates over."""
+
+    items: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Row:
+    """A small 1-D vector known element by element (`a[q_idx]` of a [L, 3] table): arithmetic is elementwise
+    and `.sum()` adds the elements, so `((a[q_idx] - a[kv_idx]) ** 2).sum()` unrolls to scalar IR."""
+
+    items: tuple[Node, ...]
+
+
+NONE = Text("<None>")  # clamp's missing bound, or a captured None (tested with `is None`)
 
 Value = Any  # Node | Module | Builtin | PyFunction | ModRef | Captured | TorchDType | Text | Method | tuple
 
@@ -81,6 +103,8 @@ DESCRIPTIONS: dict[type, Callable[[Any], str]] = {
     TorchDType: lambda v: f"dtype `{v.name}`",
     Method: lambda v: f"method `.{v.name}`",
     tuple: lambda v: "a tuple",
+    RangeValue: lambda v: "a range",
+    Row: lambda v: f"a row of {len(v.items)} values",
     Node: lambda v: f"a {v.dtype.value} value",
 }
 

@@ -115,6 +115,17 @@ def _bitwise(op: Op, a: Ival, b: Ival) -> Ival:
     return torch.where(nonneg, lo, INT32_MIN), torch.where(nonneg, hi, INT32_MAX)
 
 
+def _shift(op: Op, a: Ival, count: Ival) -> Ival:
+    # x << s and x >> s are monotone in x and in s (direction by x's sign): the corners bound them
+    counts = (count[0].clamp(0, 31), count[1].clamp(0, 31))
+    shift = torch.bitwise_left_shift if op == Op.SHL else torch.bitwise_right_shift
+    lo, hi = _corners(shift, a, counts)
+    if op == Op.SHL:  # counts of 32 or more give 0 (leaving int32 is the caller's clamp_int)
+        shifted_out = count[1] >= 32
+        lo, hi = torch.where(shifted_out, lo.clamp(max=0), lo), torch.where(shifted_out, hi.clamp(min=0), hi)
+    return lo, hi
+
+
 MONOTONE_FLOAT = {Op.EXP: torch.exp, Op.EXP2: torch.exp2, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid,
                   Op.FLOOR: torch.floor}  # fmt: skip
 NONNEG_DOMAIN = {Op.LOG: torch.log, Op.LOG2: torch.log2, Op.SQRT: torch.sqrt}
@@ -188,6 +199,8 @@ class Analyzer:
             Op.AND: lambda a, b: _bitwise(Op.AND, a, b),
             Op.OR: lambda a, b: _bitwise(Op.OR, a, b),
             Op.XOR: lambda a, b: _bitwise(Op.XOR, a, b),
+            Op.SHL: lambda a, b: _shift(Op.SHL, a, b),
+            Op.SHR: lambda a, b: _shift(Op.SHR, a, b),
         }
         if op in table:
             return table[op](*vals)
