@@ -25,6 +25,7 @@ Tensor = torch.Tensor
 Ival = tuple[Tensor, Tensor]
 Truth = tuple[Tensor, Tensor]  # (can_be_true, can_be_false)
 F32_REL, F32_ABS = 2.0**-20, 1e-30
+F32_MAX = torch.finfo(torch.float32).max
 
 
 def _t(x: float | bool, dtype: torch.dtype) -> Tensor:
@@ -32,10 +33,11 @@ def _t(x: float | bool, dtype: torch.dtype) -> Tensor:
 
 
 def widen(lo: Tensor, hi: Tensor) -> Ival:
-    """Account for float32 rounding of the evaluator: a few ulps outward (infinities and NaN stay)."""
+    """Account for float32 rounding of the evaluator: a few ulps outward (infinities and NaN stay), and a bound
+    past float32's range is infinite (exp(100) is finite in float64 but overflows in float32)."""
     lo = torch.where(torch.isfinite(lo), lo - lo.abs() * F32_REL - F32_ABS, lo)
     hi = torch.where(torch.isfinite(hi), hi + hi.abs() * F32_REL + F32_ABS, hi)
-    return lo, hi
+    return torch.where(lo < -F32_MAX, -math.inf, lo), torch.where(hi > F32_MAX, math.inf, hi)
 
 
 def clamp_int(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
