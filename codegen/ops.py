@@ -144,7 +144,12 @@ OP_RULES: dict[Op, Rule] = {
     Op.SIGMOID: _float_call("tl.sigmoid"),
     Op.SIN: _float_call("tl.sin"),
     Op.COS: _float_call("tl.cos"),
+    Op.TAN: _float_call("tan_f32"),
+    Op.ERF: _float_call("tl.erf"),
+    Op.LOG1P: _float_call("log1p_f32"),
+    Op.EXPM1: _float_call("expm1_f32"),
     Op.FLOOR: lambda n, a: f"tl.floor({a[0].as_(n.dtype)})" if n.dtype == DType.F32 else a[0].as_(n.dtype),  # int: floor(x) = x
+    Op.ROUND: lambda n, a: f"round_half_even({a[0].as_(n.dtype)})" if n.dtype == DType.F32 else a[0].as_(n.dtype),
     Op.CAST: _cast,
     Op.ADD: _infix("+"),
     Op.SUB: _infix("-"),
@@ -202,6 +207,47 @@ def mod_by_positive(a, b):
 def tanh_f32(x):
     # 2 sigmoid(2x) - 1: saturates to +-1 without overflow for large |x|
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def tan_f32(x):
+    # no tl.tan in every Triton we support (3.6 and newer); libdevice's does not run under the interpreter
+    return tl.sin(x) / tl.cos(x)
+
+
+@triton.jit
+def log1p_f32(x):
+    # log(1 + x) loses x's low bits when |x| is small: there 2 atanh(z), z = x / (2 + x), as a series
+    # (|z| <= 1/7: relative error below 1e-8)
+    z = x / (2.0 + x)
+    z2 = z * z
+    series = 2.0 * z * (1.0 + z2 * (1.0 / 3.0 + z2 * (1.0 / 5.0 + z2 * (1.0 / 7.0 + z2 * (1.0 / 9.0)))))
+    return tl.where(tl.abs(x) < 0.25, series, tl.log(1.0 + x))
+
+
+@triton.jit
+def expm1_f32(x):
+    # exp(x) - 1 cancels when |x| is small: there the Taylor series to x^9 (relative error below 1e-8)
+    s = 1.0 + x * (1.0 / 9.0)
+    s = 1.0 + x * (1.0 / 8.0) * s
+    s = 1.0 + x * (1.0 / 7.0) * s
+    s = 1.0 + x * (1.0 / 6.0) * s
+    s = 1.0 + x * (1.0 / 5.0) * s
+    s = 1.0 + x * (1.0 / 4.0) * s
+    s = 1.0 + x * (1.0 / 3.0) * s
+    s = 1.0 + x * 0.5 * s
+    return tl.where(tl.abs(x) < 0.5, x * s, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def round_half_even(x):
+    # torch.round: to the nearest integer, a half to the even one.  x - floor(x) is exact in float32, so the
+    # comparisons with 0.5 are too (unlike floor(x + 0.5), which rounds 0.49999997 up)
+    down = tl.floor(x)
+    frac = x - down
+    odd = (down * 0.5 - tl.floor(down * 0.5)) != 0.0
+    up = (frac > 0.5) | ((frac == 0.5) & odd)
+    return tl.where(up, down + 1.0, down)
 
 
 @triton.jit

@@ -30,6 +30,10 @@ def _floor(a: Tensor) -> Tensor:
     return torch.floor(a) if a.is_floating_point() else a
 
 
+def _round(a: Tensor) -> Tensor:
+    return torch.round(a) if a.is_floating_point() else a  # halves to even; an int is already whole
+
+
 def _true_div(a: Tensor, b: Tensor) -> Tensor:
     # int / int is float division, as in Python and torch
     return torch.true_divide(a, b)
@@ -61,7 +65,12 @@ OP_TABLE: dict[Op, Callable[..., Tensor]] = {
     Op.SIGMOID: torch.sigmoid,
     Op.SIN: torch.sin,
     Op.COS: torch.cos,
+    Op.TAN: torch.tan,
+    Op.ERF: torch.erf,
+    Op.LOG1P: torch.log1p,
+    Op.EXPM1: torch.expm1,
     Op.FLOOR: _floor,
+    Op.ROUND: _round,
     Op.ADD: torch.add,
     Op.SUB: torch.sub,
     Op.MUL: torch.mul,

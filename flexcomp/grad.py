@@ -131,6 +131,7 @@ def fn(op: Op, *src: Node) -> Node:
 
 Rule = Callable[[Node, Node], tuple[Adjoint, ...]]
 LN2 = math.log(2.0)
+TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
 def _min_max_share(first: Node, second: Node, g: Node, wins: Op) -> Node:
@@ -167,7 +168,12 @@ VJP_RULES: dict[Op, Rule] = {
     Op.SIGMOID: lambda y, g: (mul(g, mul(y, sub(num(1.0), y))),),  # d s(x) = s(x)(1 - s(x))
     Op.SIN: lambda y, g: (mul(g, fn(Op.COS, y.src[0])),),  # d sin x = cos x
     Op.COS: lambda y, g: (neg(mul(g, fn(Op.SIN, y.src[0]))),),  # d cos x = -sin x
+    Op.TAN: lambda y, g: (mul(g, add(num(1.0), mul(y, y))),),  # d tan x = 1 + tan(x)^2
+    Op.ERF: lambda y, g: (mul(g, mul(num(TWO_OVER_SQRT_PI), fn(Op.EXP, neg(mul(y.src[0], y.src[0]))))),),  # 2/sqrt(pi) e^-x^2
+    Op.LOG1P: lambda y, g: (div(g, add(num(1.0), y.src[0])),),  # d log(1 + x) = 1/(1 + x)
+    Op.EXPM1: lambda y, g: (mul(g, add(y, num(1.0))),),  # d (e^x - 1) = e^x = expm1(x) + 1
     Op.FLOOR: lambda y, g: (None,),  # d floor(x) = 0 (piecewise constant)
+    Op.ROUND: lambda y, g: (None,),  # d round(x) = 0 (piecewise constant)
     Op.CAST: lambda y, g: (g,),  # d f32(x) = 1 for a float x; int casts carry no adjoint
     Op.ADD: lambda y, g: (g, g),  # d (a + b) = (1, 1)
     Op.SUB: lambda y, g: (g, neg(g)),  # d (a - b) = (1, -1)

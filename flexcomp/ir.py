@@ -50,7 +50,12 @@ class Op(enum.Enum):
     SIGMOID = "sigmoid"
     SIN = "sin"
     COS = "cos"
+    TAN = "tan"
+    ERF = "erf"
+    LOG1P = "log1p"  # log(1 + x), accurate for small x
+    EXPM1 = "expm1"  # exp(x) - 1, accurate for small x
     FLOOR = "floor"
+    ROUND = "round"  # to the nearest integer, halves to even (torch.round, Python's round)
     CAST = "cast"  # to the node's dtype
     # binary
     ADD = "add"
@@ -78,7 +83,8 @@ class Op(enum.Enum):
 
 
 UNARY_FLOAT_OPS = frozenset(
-    {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SIN, Op.COS}
+    {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SIN, Op.COS, Op.TAN, Op.ERF,
+     Op.LOG1P, Op.EXPM1}
 )
 ARITHMETIC_OPS = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.FLOORDIV, Op.MOD, Op.POW, Op.MIN, Op.MAX})
 COMPARISON_OPS = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
@@ -185,8 +191,8 @@ def result_dtype(op: Op, src_dtypes: tuple[DType, ...]) -> DType:
         return DType.I32
     if op in LOGICAL_OPS or op == Op.NOT:
         return promote(*src_dtypes)  # bool stays bool; an int operand makes it bitwise i32
-    if op in ARITHMETIC_OPS or op in (Op.NEG, Op.ABS, Op.FLOOR):
-        # torch: bool arithmetic promotes to int64 (our i32); floor keeps ints as ints
+    if op in ARITHMETIC_OPS or op in (Op.NEG, Op.ABS, Op.FLOOR, Op.ROUND):
+        # torch: bool arithmetic promotes to int64 (our i32); floor and round keep ints as ints
         return DType.I32 if promote(*src_dtypes) == DType.BOOL else promote(*src_dtypes)
     raise ValueError(f"no typing rule for {op}")
 

@@ -198,12 +198,34 @@ def reference_attention_aux(
         else:
             chunks.append(_attend_rows(plan, rows, k, v, q0, ck))
     out, lse, max_scores = (torch.cat(parts, dim=2) if len(parts) > 1 else parts[0] for parts in zip(*chunks))
+    if needs_grad and not out.requires_grad:  # every tile EMPTY: nothing read q, k or v
+        learnable = [t for t in (query, key, value, *_mod_tensors(score_mod)) if t.requires_grad]
+        out, lse = _ZeroGradient.apply(out, lse, *learnable)
     return out.to(query.dtype), lse, max_scores.detach()  # lse in float32 (float64 for float64), as torch
 
 
+class _ZeroGradient(torch.autograd.Function):
+    """(out, lse) unchanged, as functions of `inputs` whose gradients are zero.
+
+    A call whose block mask is entirely EMPTY computes its output from no input, yet torch's flex_attention
+    returns outputs that require grad, and `.backward()` gives zero gradients: so does this."""
+
+    @staticmethod
+    def forward(ctx, out, lse, *inputs):
+        ctx.inputs = [(t.shape, t.dtype, t.device) for t in inputs]
+        return out.clone(), lse.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return None, None, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.inputs)
+
+
+def _mod_tensors(score_mod: Any) -> list[torch.Tensor]:
+    return list(score_mod.tensors().values()) if hasattr(score_mod, "tensors") else []
+
+
 def _mods_need_grad(score_mod: Any) -> bool:
-    tensors = score_mod.tensors() if hasattr(score_mod, "tensors") else {}
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
+    return torch.is_grad_enabled() and any(t.requires_grad for t in _mod_tensors(score_mod))
 
 
 def _chunk_sizes(bh: int, Lq: int, Lkv: int, budget: int, whole_rows: bool) -> tuple[int, int]:

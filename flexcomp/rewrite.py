@@ -99,6 +99,10 @@ def _floor(x: float) -> float | int:
     return x if isinstance(x, int) else float(math.floor(x)) if math.isfinite(x) else x
 
 
+def _round(x: float) -> float | int:
+    return x if isinstance(x, int) else float(round(x)) if math.isfinite(x) else x  # round() halves to even
+
+
 def _floordiv(a: Any, b: Any) -> Any:
     if isinstance(a, float) or isinstance(b, float):
         return float(math.floor(a / b))  # torch's float //: floor of the true quotient
@@ -124,7 +128,8 @@ def _shift_left(a: int, count: int) -> int:
 FOLD = {
     Op.NEG: operator.neg, Op.ABS: abs, Op.EXP: math.exp, Op.EXP2: lambda x: 2.0**x, Op.LOG: math.log,
     Op.LOG2: math.log2, Op.SQRT: math.sqrt, Op.RSQRT: lambda x: 1 / math.sqrt(x), Op.TANH: math.tanh,
-    Op.SIGMOID: _sigmoid, Op.SIN: math.sin, Op.COS: math.cos, Op.FLOOR: _floor,
+    Op.SIGMOID: _sigmoid, Op.SIN: math.sin, Op.COS: math.cos, Op.TAN: math.tan, Op.ERF: math.erf,
+    Op.LOG1P: math.log1p, Op.EXPM1: math.expm1, Op.FLOOR: _floor, Op.ROUND: _round,
     Op.ADD: operator.add, Op.SUB: operator.sub, Op.MUL: operator.mul, Op.DIV: operator.truediv,
     Op.FLOORDIV: _floordiv, Op.MOD: operator.mod, Op.POW: operator.pow, Op.MIN: min, Op.MAX: max,
     Op.LT: operator.lt, Op.LE: operator.le, Op.GT: operator.gt, Op.GE: operator.ge, Op.EQ: operator.eq,

@@ -123,7 +123,7 @@ def e_unknown_attr(b, h, q, kv):
 
 
 def e_unknown_torch(b, h, q, kv):
-    return torch.nn.functional.relu(q) > kv
+    return torch.nn.functional.softmax(q) > kv
 
 
 def e_mask_returns_int(b, h, q, kv):
@@ -216,7 +216,7 @@ CASES = [
     (e_unindexed, "mask", FlexcompTypeError, "index it with 2 indices", "TABLE"),
     (e_subscript_non_tensor, "mask", UnsupportedConstructError, "only captured tensors and tuples can be indexed", "q[0]"),
     (e_unknown_attr, "mask", UnsupportedConstructError, "attribute `.shape`", "q.shape"),
-    (e_unknown_torch, "mask", UnsupportedConstructError, "`torch.nn` is not supported", "torch.nn"),
+    (e_unknown_torch, "mask", UnsupportedConstructError, "`torch.nn.functional.softmax` is not supported", "torch.nn.functional.softmax"),
     (e_mask_returns_int, "mask", FlexcompTypeError, "mask_mod must return a bool", "return q - kv"),
     (s_score_returns_bool, "score", FlexcompTypeError, "score_mod must return a number", "return score > 0"),
     (e_arity, "mask", SignatureError, "takes 4 parameters", "def e_arity(b, h, q):"),

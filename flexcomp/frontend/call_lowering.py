@@ -10,6 +10,7 @@ from lark import Tree
 
 from ..errors import FlexcompTypeError, SignatureError, SourceLoc, UnsupportedConstructError
 from ..ir import ARG_DTYPES, MASK_MOD_ARGS, SCORE_MOD_ARGS, DType, Node, Op, arg, const, substitute
+from .activations import FUNCTIONS, call_function
 from .builders import add_all, binary, cast, constant, int_const
 from .calls import BUILTINS, CAST_KEYS, METHODS, STRUCTURAL_KEYS
 from .source import read_function
@@ -69,6 +70,8 @@ class CallLowering:
             return self.clamp(args, kwargs, loc)
         if key in STRUCTURAL_KEYS:
             return self.call_structural(key, None, args, kwargs, loc)
+        if key in FUNCTIONS:  # torch's keyword parameters and defaults: F.gelu(x, approximate="tanh")
+            return self.call_activation(key, args, kwargs, loc)
         if kwargs:
             raise UnsupportedConstructError(f"keyword arguments to `{key}` are not supported", loc, ALLOWED)
         rule = BUILTINS[key]
@@ -93,6 +96,13 @@ class CallLowering:
         if "max" in nodes:
             result = binary(Op.MIN, result, nodes["max"], loc)
         return result
+
+    def call_activation(self, key: str, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
+        x = args[0] if args else kwargs.pop("input", None)
+        if x is None:
+            raise SignatureError(f"`{key}` needs an input", loc)
+        options = {k: v for k, (v, _) in kwargs.items()}
+        return call_function(key, self.as_node(*x), [v for v, _ in args[1:]], options, loc)
 
     def call_method(self, method: Method, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
         key = METHODS[method.name]

@@ -20,17 +20,26 @@ from ..ir import DType, Node, Op
 from .builders import binary, cast, logical, logical_not, unary, where
 
 UNARY_FLOAT = {"exp": Op.EXP, "exp2": Op.EXP2, "log": Op.LOG, "log2": Op.LOG2, "sqrt": Op.SQRT, "rsqrt": Op.RSQRT,
-               "tanh": Op.TANH, "sigmoid": Op.SIGMOID, "sin": Op.SIN, "cos": Op.COS}  # fmt: skip
+               "tanh": Op.TANH, "sigmoid": Op.SIGMOID, "sin": Op.SIN, "cos": Op.COS, "tan": Op.TAN, "erf": Op.ERF,
+               "log1p": Op.LOG1P, "expm1": Op.EXPM1}  # fmt: skip
+# torch's functions with keyword parameters (flexcomp/frontend/activations.py), by the same name everywhere
+ACTIVATIONS = {n: n for n in ("relu", "sign", "round", "erfc")}
 
 # spelling -> BUILTINS key, per namespace
 TORCH_FUNCS = {**{n: n for n in UNARY_FLOAT}, "abs": "abs", "floor": "floor", "where": "where", "minimum": "min2",
                "maximum": "max2", "clamp": "clamp", "clip": "clamp", "neg": "neg", "negative": "neg",
                "logical_and": "logical_and", "logical_or": "logical_or", "logical_not": "logical_not",
-               "pow": "pow", "remainder": "mod", "floor_divide": "floordiv", "sum": "sum", "dot": "dot"}  # fmt: skip
+               "pow": "pow", "remainder": "mod", "floor_divide": "floordiv", "sum": "sum", "dot": "dot",
+               **ACTIVATIONS, "sgn": "sign"}  # fmt: skip
+FUNCTIONAL_FUNCS = {n: n for n in ("relu", "relu6", "hardtanh", "leaky_relu", "silu", "gelu", "softplus", "sigmoid",
+                                   "tanh")}  # torch.nn.functional  # fmt: skip
+SPECIAL_FUNCS = {**{n: n for n in ("erf", "erfc", "expm1", "exp2", "log1p", "round", "ndtr")},
+                 "expit": "sigmoid"}  # torch.special  # fmt: skip
 MATH_FUNCS = {"exp": "exp", "log": "log", "log2": "log2", "sqrt": "sqrt", "tanh": "tanh", "sin": "sin", "cos": "cos",
-              "floor": "floor", "fabs": "abs"}  # fmt: skip
+              "floor": "floor", "fabs": "abs", "tan": "tan", "erf": "erf", "erfc": "erfc", "log1p": "log1p",
+              "expm1": "expm1"}  # fmt: skip
 PY_BUILTINS = {"abs": "abs", "min": "min", "max": "max", "int": "int", "float": "float", "bool": "bool", "pow": "pow",
-               "range": "range", "len": "len"}  # fmt: skip
+               "round": "round", "range": "range", "len": "len"}  # fmt: skip
 # compile-time structure, not arithmetic: lowered by CallLowering.call_structural
 STRUCTURAL_KEYS = frozenset({"range", "len", "size", "dim", "new_ones", "new_zeros", "new_full", "sum", "dot"})
 METHODS = {**{n: n for n in UNARY_FLOAT}, "abs": "abs", "floor": "floor", "neg": "neg", "clamp": "clamp",
@@ -38,7 +47,10 @@ METHODS = {**{n: n for n in UNARY_FLOAT}, "abs": "abs", "floor": "floor", "neg":
            "long": "int", "bool": "bool", "to": "to", "type": "to", "minimum": "min2", "maximum": "max2",
            "pow": "pow", "logical_not": "logical_not", "logical_and": "logical_and", "logical_or": "logical_or",
            "sqrt": "sqrt", "remainder": "mod", "size": "size", "dim": "dim", "new_ones": "new_ones",
-           "new_zeros": "new_zeros", "new_full": "new_full", "sum": "sum", "dot": "dot"}  # fmt: skip
+           "new_zeros": "new_zeros", "new_full": "new_full", "sum": "sum", "dot": "dot", **ACTIVATIONS,
+           "sgn": "sign"}  # fmt: skip
+# `torch.Tensor.tanh(x)` -> tanh(x): every method but `.to`/`.type`, which take a dtype
+TENSOR_METHODS = {name: key for name, key in METHODS.items() if key != "to"}
 
 # Every float dtype computes in f32 and every int dtype in i32 (the kernels' arithmetic).
 TORCH_DTYPES = {"float32": DType.F32, "float": DType.F32, "float64": DType.F32, "double": DType.F32,
@@ -48,13 +60,20 @@ TORCH_DTYPES = {"float32": DType.F32, "float": DType.F32, "float64": DType.F32, 
 CAST_KEYS = {DType.F32: "float", DType.I32: "int", DType.BOOL: "bool"}  # torch.float32(x) -> float(x)
 MODULE_CONSTANTS = {"torch": {"inf": math.inf, "pi": math.pi, "e": math.e, "nan": math.nan},
                     "math": {"inf": math.inf, "pi": math.pi, "e": math.e, "tau": math.tau, "nan": math.nan}}  # fmt: skip
-MODULES = {"torch": torch, "math": math}
-NAMESPACE_FUNCS = {"torch": TORCH_FUNCS, "math": MATH_FUNCS}
+MODULES = {"torch": torch, "math": math, "torch.nn": torch.nn, "torch.nn.functional": torch.nn.functional,
+           "torch.special": torch.special}  # fmt: skip
+NAMESPACES = {**MODULES, "torch.Tensor": torch.Tensor}
+NAMESPACE_FUNCS = {"torch": TORCH_FUNCS, "math": MATH_FUNCS, "torch.nn": {}, "torch.nn.functional": FUNCTIONAL_FUNCS,
+                   "torch.special": SPECIAL_FUNCS, "torch.Tensor": TENSOR_METHODS}  # fmt: skip
+SUBMODULES = {("torch", "nn"): "torch.nn", ("torch.nn", "functional"): "torch.nn.functional",
+              ("torch", "special"): "torch.special", ("torch", "Tensor"): "torch.Tensor"}  # their dotted names
 
 
 def known_callable(value: Any) -> str | None:
-    """The BUILTINS key of a torch/math/builtin function object (however it was imported)."""
-    for module, table in ((torch, TORCH_FUNCS), (math, MATH_FUNCS), (builtins, PY_BUILTINS)):
+    """The BUILTINS key of a torch/math/builtin function object (however it was imported), or of an unbound
+    tensor method (`torch.Tensor.tanh`)."""
+    tables = [(NAMESPACES[name], table) for name, table in NAMESPACE_FUNCS.items()]
+    for module, table in (*tables, (builtins, PY_BUILTINS)):
         for name, key in table.items():
             if getattr(module, name, None) is value:
                 return key

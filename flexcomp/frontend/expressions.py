@@ -13,7 +13,7 @@ from ..guards import GuardTable
 from ..ir import DType, Node, Op, const, load
 from .builders import BINOPS, binary, constant, int_const, logical, logical_not, to_bool, unary, where
 from .call_lowering import CallLowering
-from .calls import METHODS, MODULE_CONSTANTS, NAMESPACE_FUNCS, TORCH_DTYPES
+from .calls import METHODS, MODULE_CONSTANTS, NAMESPACE_FUNCS, SUBMODULES, TORCH_DTYPES
 from .locations import Source
 from .names import BufferTable, resolve_free
 from .values import ALLOWED, NONE, Builtin, Captured, Method, Module, Row, Text, TorchDType, Value, describe
@@ -267,8 +267,10 @@ class ExpressionLowering(CallLowering):
 
 def module_attribute(module: str, name: str, loc: SourceLoc) -> Value:
     """`torch.<name>` / `math.<name>`: a constant, a function of the call table, or a dtype."""
-    if name in MODULE_CONSTANTS[module]:
+    if name in MODULE_CONSTANTS.get(module, {}):
         return const(MODULE_CONSTANTS[module][name], DType.F32, loc)
+    if (module, name) in SUBMODULES:  # torch.nn.functional, torch.special
+        return Module(SUBMODULES[module, name])
     funcs = NAMESPACE_FUNCS[module]
     if name in funcs:
         return Builtin(funcs[name])

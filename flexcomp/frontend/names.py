@@ -119,6 +119,20 @@ def capture(name: str, value: Any, read: Callable[[], Any], buffers: BufferTable
         return ModRef(value)
     if isinstance(value, types.FunctionType):
         return PyFunction(value)
+    refuse_autograd_function(name, value, loc)
     raise SignatureError(f"{name!r} is a {type(value).__module__}.{type(value).__qualname__}: a mod can capture "
                          "only ints, floats, bools, None, torch tensors, tuples/lists of those, torch/math, "
                          "other mods and plain functions", loc)
+
+
+def refuse_autograd_function(name: str, value: Any, loc: SourceLoc | None) -> None:
+    """A torch.autograd.Function (or its `.apply`) in a mod: say why it cannot be used, and what to write."""
+    owner = getattr(value, "__self__", value)  # `Cube.apply` is bound to the class
+    if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):
+        raise UnsupportedConstructError(
+            f"{name!r} is the torch.autograd.Function {owner.__name__!r}: a mod cannot call "
+            f"{owner.__name__}.apply, because flexcomp compiles the mod's Python source and derives its gradient "
+            "from the ops it uses", loc,
+            f"write {owner.__name__}.forward's computation inline in the mod (torch ops only); its backward is "
+            "derived automatically",
+        )

@@ -12,6 +12,7 @@ Ints: an interval leaving int32 is replaced by all of int32 (the evaluator wraps
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,7 @@ Tensor = torch.Tensor
 Ival = tuple[Tensor, Tensor]
 Truth = tuple[Tensor, Tensor]  # (can_be_true, can_be_false)
 F32_REL, F32_ABS = 2.0**-20, 1e-30
+F32_MAX = torch.finfo(torch.float32).max
 
 
 def _t(x: float | bool, dtype: torch.dtype) -> Tensor:
@@ -31,10 +33,11 @@ def _t(x: float | bool, dtype: torch.dtype) -> Tensor:
 
 
 def widen(lo: Tensor, hi: Tensor) -> Ival:
-    """Account for float32 rounding of the evaluator: a few ulps outward (infinities and NaN stay)."""
+    """Account for float32 rounding of the evaluator: a few ulps outward (infinities and NaN stay), and a bound
+    past float32's range is infinite (exp(100) is finite in float64 but overflows in float32)."""
     lo = torch.where(torch.isfinite(lo), lo - lo.abs() * F32_REL - F32_ABS, lo)
     hi = torch.where(torch.isfinite(hi), hi + hi.abs() * F32_REL + F32_ABS, hi)
-    return lo, hi
+    return torch.where(lo < -F32_MAX, -math.inf, lo), torch.where(hi > F32_MAX, math.inf, hi)
 
 
 def clamp_int(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -127,8 +130,21 @@ def _shift(op: Op, a: Ival, count: Ival) -> Ival:
 
 
 MONOTONE_FLOAT = {Op.EXP: torch.exp, Op.EXP2: torch.exp2, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid,
-                  Op.FLOOR: torch.floor}  # fmt: skip
-NONNEG_DOMAIN = {Op.LOG: torch.log, Op.LOG2: torch.log2, Op.SQRT: torch.sqrt}
+                  Op.FLOOR: torch.floor, Op.ERF: torch.erf, Op.EXPM1: torch.expm1, Op.ROUND: torch.round}  # fmt: skip
+# increasing on [lowest, inf), NaN below: op -> (lowest, function)
+DOMAIN_FROM = {Op.LOG: (0.0, torch.log), Op.LOG2: (0.0, torch.log2), Op.SQRT: (0.0, torch.sqrt),
+               Op.LOG1P: (-1.0, torch.log1p)}  # fmt: skip
+
+
+def _tan(a: Ival) -> Ival:
+    # increasing within each branch (k pi - pi/2, k pi + pi/2): exact there; an interval that spans a pole
+    # reaches every value; tan(+-inf) is NaN
+    branch = lambda x: torch.floor((x + math.pi / 2) / math.pi)
+    lo, hi = torch.tan(a[0]), torch.tan(a[1])
+    one_branch = (branch(a[0]) == branch(a[1])) & (lo <= hi)
+    finite = torch.isfinite(a[0]) & torch.isfinite(a[1])
+    lo, hi = widen(torch.where(one_branch, lo, -math.inf), torch.where(one_branch, hi, math.inf))
+    return torch.where(finite, lo, math.nan), torch.where(finite, hi, math.nan)
 
 
 class Analyzer:
@@ -192,6 +208,7 @@ class Analyzer:
             Op.NOT: lambda a: (-a[1] - 1, -a[0] - 1),  # ~x = -x - 1
             Op.ABS: _int_abs,
             Op.FLOOR: lambda a: a,
+            Op.ROUND: lambda a: a,
             Op.FLOORDIV: _int_floordiv,
             Op.MOD: _int_mod,
             Op.MIN: lambda a, b: (torch.minimum(a[0], b[0]), torch.minimum(a[1], b[1])),
@@ -242,10 +259,13 @@ class Analyzer:
             return lo, torch.maximum(a[0].abs(), a[1].abs())
         if op in MONOTONE_FLOAT:
             return widen(MONOTONE_FLOAT[op](a[0]), MONOTONE_FLOAT[op](a[1]))
-        if op in NONNEG_DOMAIN:
-            bad = ~(a[0] >= 0)
-            return widen(torch.where(bad, float("nan"), NONNEG_DOMAIN[op](a[0].clamp(min=0))),
-                         torch.where(bad, float("nan"), NONNEG_DOMAIN[op](a[1].clamp(min=0))))
+        if op in DOMAIN_FROM:
+            lowest, f = DOMAIN_FROM[op]
+            bad = ~(a[0] >= lowest)
+            return widen(torch.where(bad, float("nan"), f(a[0].clamp(min=lowest))),
+                         torch.where(bad, float("nan"), f(a[1].clamp(min=lowest))))
+        if op == Op.TAN:
+            return _tan(a)
         if op == Op.RSQRT:
             bad = ~(a[0] > 0)
             return widen(torch.where(bad, float("nan"), torch.rsqrt(a[1].clamp(min=1e-300))),
