@@ -21,9 +21,11 @@ from ..errors import FlexcompError, FlexcompTypeError, SignatureError, SourceLoc
 from ..ir import MASK_MOD_ARGS, SCORE_MOD_ARGS, BufferSpec, DType, Node, arg
 from .builders import cast
 from .expressions import Context
+from .locations import SourceUnavailable
 from .names import BufferTable, capture
 from .source import read_function
 from .statements import FunctionLowering
+from .tracer import FreeRead, partial_bindings, trace_mod
 
 __all__ = ["BufferTable", "Lowered", "lower_function"]
 
@@ -34,6 +36,7 @@ class Lowered:
     buffers: tuple[BufferSpec, ...]
     resolvers: dict[str, Callable[[], Any]]
     loc: SourceLoc | None
+    traced_reads: tuple[FreeRead, ...] = ()  # a traced mod's free names: its scalars are baked in, guard them
 
 
 def lower_function(fn: Callable, kind: str) -> Lowered:
@@ -44,7 +47,10 @@ def lower_function(fn: Callable, kind: str) -> Lowered:
     if not isinstance(fn, types.FunctionType):
         raise SignatureError(f"a {kind}_mod must be a plain Python function, a lambda or a functools.partial of "
                              f"one, got {type(fn).__name__}")
-    src, tree = read_function(fn)
+    try:
+        src, tree = read_function(fn)
+    except SourceUnavailable:
+        return lower_traced(fn, kind, partial)
     lowering = FunctionLowering(Context(stack=[fn.__code__]), fn, src, tree)
     try:
         return lower_mod(lowering, kind, partial)
@@ -69,25 +75,18 @@ def lower_mod(lowering: FunctionLowering, kind: str, partial: functools.partial 
     return Lowered(root, tuple(buffers.specs.values()), dict(buffers.resolvers), lowering.def_loc)
 
 
-def bind_partial(lowering: FunctionLowering, partial: functools.partial) -> dict[str, Any]:
-    """The partial's bound arguments as captured values, by parameter name.
+def lower_traced(fn: types.FunctionType, kind: str, partial: functools.partial | None) -> Lowered:
+    """A mod without readable source (a REPL, `python -c`, `exec`), traced on stand-ins (tracer.py)."""
+    traced = trace_mod(fn, partial, kind, SCORE_MOD_ARGS if kind == "score" else MASK_MOD_ARGS)
+    check_return = check_score_return if kind == "score" else check_mask_return
+    root = check_return(traced.root, traced.loc)
+    return Lowered(root, traced.buffers, traced.resolvers, traced.loc, traced.reads)
 
-    Calling the partial passes the mod's arguments positionally after the bound leading ones, so every
-    keyword-bound parameter must come after the parameters left free.
-    """
-    params, loc = lowering.params(), lowering.def_loc
-    leading = dict(zip(params, partial.args))
-    unknown = set(partial.keywords) - set(params[len(leading):])
-    if len(partial.args) > len(params) or unknown:
-        raise SignatureError(f"functools.partial of {lowering.src.fn_name!r} binds {len(partial.args)} leading "
-                             f"arguments and keywords {sorted(partial.keywords)}, but it takes ({', '.join(params)})",
-                             loc)
-    free = [p for p in params[len(leading):] if p not in partial.keywords]
-    if params[len(leading):len(leading) + len(free)] != free:
-        raise SignatureError(f"functools.partial of {lowering.src.fn_name!r} binds {sorted(partial.keywords)} by "
-                             f"keyword before the free parameters {free}: the mod's arguments would land on them",
-                             loc, "bind the leading parameters positionally, or reorder the parameters")
-    values = leading | dict(partial.keywords)
+
+def bind_partial(lowering: FunctionLowering, partial: functools.partial) -> dict[str, Any]:
+    """The partial's bound arguments as captured values, by parameter name."""
+    loc = lowering.def_loc
+    values = partial_bindings(lowering.params(), lowering.src.fn_name, partial, loc)
     return {name: capture(name, value, functools.partial(values.get, name), lowering.ctx.buffers, loc)
             for name, value in values.items()}
 

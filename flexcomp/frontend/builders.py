@@ -69,6 +69,13 @@ def where(c: Node, a: Node, b: Node, loc: Any) -> Node:
     return Node(Op.WHERE, common, (to_bool(c, loc), a, b), None, loc)
 
 
+def clamp(x: Node, lo: Node | None, hi: Node | None, loc: Any) -> Node:
+    # clamp(x, lo, hi) -> MIN(MAX(x, lo), hi); a missing bound is left out
+    if lo is not None:
+        x = binary(Op.MAX, x, lo, loc)
+    return x if hi is None else binary(Op.MIN, x, hi, loc)
+
+
 def logical(op: Op, a: Node, b: Node, loc: Any) -> Node:
     return Node(op, DType.BOOL, (to_bool(a, loc), to_bool(b, loc)), None, loc)
 

@@ -9,8 +9,8 @@ from typing import Any
 from lark import Tree
 
 from ..errors import FlexcompTypeError, SignatureError, SourceLoc, UnsupportedConstructError
-from ..ir import ARG_DTYPES, MASK_MOD_ARGS, SCORE_MOD_ARGS, DType, Node, Op, arg, const, substitute
-from .builders import binary, cast
+from ..ir import ARG_DTYPES, MASK_MOD_ARGS, SCORE_MOD_ARGS, DType, Node, arg, const, substitute
+from .builders import cast, clamp
 from .calls import BUILTINS, CAST_KEYS, METHODS
 from .source import read_function
 from .values import ALLOWED, NONE, Builtin, Method, ModRef, PyFunction, Text, TorchDType, Value, describe
@@ -63,7 +63,6 @@ class CallLowering:
         return rule.build([self.as_node(v, t) for v, t in args], loc)
 
     def clamp(self, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
-        # clamp(x, lo, hi) -> MIN(MAX(x, lo), hi); a None bound is left out
         names = ["input", "min", "max"]
         if len(args) > 3 or set(kwargs) - set(names):
             raise SignatureError(f"clamp takes (input, min=None, max=None), got {len(args)} positional arguments "
@@ -72,12 +71,7 @@ class CallLowering:
         if "input" not in bound:
             raise SignatureError("clamp needs an input", loc)
         nodes = {k: self.as_node(v, t) for k, (v, t) in bound.items() if v is not NONE}
-        result = nodes["input"]
-        if "min" in nodes:
-            result = binary(Op.MAX, result, nodes["min"], loc)
-        if "max" in nodes:
-            result = binary(Op.MIN, result, nodes["max"], loc)
-        return result
+        return clamp(nodes["input"], nodes.get("min"), nodes.get("max"), loc)
 
     def call_method(self, method: Method, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
         key = METHODS[method.name]

@@ -1,0 +1,446 @@
+"""Tracing a mod whose source cannot be read (a plain REPL, `python -c`, `exec`): the same IR, built by running it.
+
+The function is called once with stand-ins (`Traced`) for its parameters.  Every Python operator, torch function
+and tensor method applied to a stand-in builds its node through the parser's own builders and call table
+(builders.py, calls.py), and a captured tensor indexed by stand-ins (`BIAS[h, q_idx]`, seen through
+`__torch_function__`) becomes a LOAD in the same buffer table, so the IR, the sparsity analysis and the kernels
+are those of the parsed source.  Captured Python scalars are read while tracing, as the parser reads them.
+
+What Python itself decides while the function runs (`if`, `and`/`or`/`not`, `bool()`, `int()`, a loop bound) cannot
+be recorded: each is refused with a FlexcompError that says what to write instead, at the user's line.
+"""
+
+from __future__ import annotations
+
+import functools
+import linecache
+import numbers
+import os
+import sys
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import (
+    FlexcompError,
+    FlexcompTypeError,
+    SignatureError,
+    SourceLoc,
+    UndefinedNameError,
+    UnsupportedConstructError,
+)
+from ..ir import COMPARISON_OPS, BufferSpec, DType, Node, Op, arg, const, load
+from .builders import OP_SYMBOL, binary, cast, clamp, int_const, unary
+from .calls import BUILTINS, METHODS, TORCH_DTYPES, known_callable
+from .lambdas import refuse_signature
+from .names import BufferTable, tensor_spec
+
+TRACED_ALLOWED = (
+    "A mod whose source cannot be read is traced: it may use + - * / // % ** and comparisons, & | ^ ~, abs(), "
+    "torch functions and tensor methods (torch.where for a choice), captured ints, floats and tensors indexed by "
+    "its arguments (see docs/language.md, 'Mods without a source file')."
+)
+
+# Python dunder or torch.Tensor method name -> binary op: `__add__`, `Tensor.add` -> ADD; `__truediv__`, `.div` -> DIV
+BINARY_NAMES = {op.value: op for op in OP_SYMBOL} | {"truediv": Op.DIV}
+UNARY_DUNDERS = {"neg": Op.NEG, "invert": Op.NOT, "abs": Op.ABS, "floor": Op.FLOOR}  # -x, ~x, abs(x), math.floor(x)
+
+# What Python asks of a value to decide something itself -> (what the user wrote, what to write instead)
+TRUTH = (
+    ("a Python `if`, `and`/`or`/`not`, `x if c else y`, a chained comparison, `min()`/`max()` or `bool()` on a traced "
+    "value"),
+    ("write the choice as data: torch.where(cond, a, b) for if/else, & | ~ for and/or/not, (a < b) & (b < c) for a "
+    "chain, torch.minimum/torch.maximum for min/max"),
+)
+INTEGER = (
+    "`int()`, `range()`, a loop bound or a Python list index from a traced value",
+    ("cast with x.int() or x.long(); index captured tensors directly (TABLE[q_idx]); loop bounds must not depend on "
+    "the mod's arguments"),
+)
+REFUSED = {
+    "bool": TRUTH, "int": INTEGER, "index": INTEGER,
+    "float": ("`float()` or a `math.` function of a traced value",
+              "use x.float() and the torch functions (torch.exp, torch.sqrt, ...)"),
+    "iter": ("iterating over a traced value", "a traced value is one number per (b, h, q_idx, kv_idx)"),
+    "len": ("`len()` of a traced value", "a traced value is one number per (b, h, q_idx, kv_idx)"),
+    "round": ("`round()` of a traced value", "use torch.floor(x + 0.5)"),
+    "trunc": ("`math.trunc()` of a traced value", "use x.int() (truncates toward zero)"),
+    "ceil": ("`math.ceil()` of a traced value", "use -torch.floor(-x)"),
+}  # fmt: skip
+
+# Frames in these directories are not the user's: a location is the first frame outside them.
+FRAMEWORK_DIRS = tuple(os.path.dirname(p) + os.sep for p in (os.path.dirname(__file__), torch.__file__))
+
+
+@dataclass(frozen=True)
+class FreeRead:
+    """A global, closure variable or functools.partial argument a traced mod may read, as it was when traced."""
+
+    name: str
+    where: str  # "global", "closure" or "partial"
+    value: Any
+    read: Callable[[], Any]  # the binding's current value
+
+
+@dataclass(frozen=True)
+class TracedMod:
+    root: Node  # what the function returned, not yet checked against its kind
+    buffers: tuple[BufferSpec, ...]
+    resolvers: dict[str, Callable[[], Any]]
+    loc: SourceLoc
+    reads: tuple[FreeRead, ...]  # every free name it may read (scalars are baked into the IR: guard these)
+
+
+def trace_mod(fn: types.FunctionType, partial: functools.partial | None, kind: str,
+              canonical: tuple[str, ...]) -> TracedMod:
+    """Run `fn` (or `partial`, which wraps it) on stand-ins for the `canonical` arguments; its result's IR."""
+    code = fn.__code__
+    def_loc = code_loc(code, code.co_firstlineno)
+    refuse_signature(fn, def_loc, TRACED_ALLOWED)
+    params = list(code.co_varnames[:code.co_argcount])
+    bound = partial_bindings(params, fn.__name__, partial, def_loc) if partial is not None else {}
+    if len(params) - len(bound) != len(canonical):
+        bound_text = f" ({len(bound)} bound by functools.partial)" if bound else ""
+        raise SignatureError(f"a {kind}_mod takes {len(canonical)} parameters ({', '.join(canonical)}), "
+                             f"{fn.__name__!r} takes {len(params) - len(bound)}{bound_text}", def_loc)
+    reads = [FreeRead(name, "partial", value, functools.partial(bound.get, name)) for name, value in bound.items()]
+    reads += free_reads(fn, set())
+    trace = Trace(fn.__name__, def_loc, {id(r.value): r for r in reversed(reads) if isinstance(r.value, torch.Tensor)})
+    result = trace.run(partial or fn, [Traced(arg(name, def_loc), trace) for name in canonical])
+    root = trace.node(result, def_loc, "its return value")
+    table = trace.buffers
+    return TracedMod(root, tuple(table.specs.values()), dict(table.resolvers), def_loc, tuple(reads))
+
+
+def partial_bindings(params: list[str], fn_name: str, partial: functools.partial, loc: SourceLoc) -> dict[str, Any]:
+    """The values a functools.partial binds, by parameter name.
+
+    Calling the partial passes the mod's arguments positionally after the bound leading ones, so every
+    keyword-bound parameter must come after the parameters left free.
+    """
+    leading = dict(zip(params, partial.args))
+    unknown = set(partial.keywords) - set(params[len(leading):])
+    if len(partial.args) > len(params) or unknown:
+        raise SignatureError(f"functools.partial of {fn_name!r} binds {len(partial.args)} leading arguments and "
+                             f"keywords {sorted(partial.keywords)}, but it takes ({', '.join(params)})", loc)
+    free = [p for p in params[len(leading):] if p not in partial.keywords]
+    if params[len(leading):len(leading) + len(free)] != free:
+        raise SignatureError(f"functools.partial of {fn_name!r} binds {sorted(partial.keywords)} by keyword before "
+                             f"the free parameters {free}: the mod's arguments would land on them", loc,
+                             "bind the leading parameters positionally, or reorder the parameters")
+    return leading | dict(partial.keywords)
+
+
+# ---------------------------------------------------------------- the names a function reads
+
+
+def free_reads(fn: types.FunctionType, seen: set[int]) -> list[FreeRead]:
+    """Every closure variable and global `fn` may read, then those of the functions and mods they hold."""
+    if id(fn) in seen:
+        return []
+    seen.add(id(fn))
+    code, scope = fn.__code__, fn.__globals__
+    reads = [FreeRead(name, "closure", cell.cell_contents, functools.partial(getattr, cell, "cell_contents"))
+             for name, cell in zip(code.co_freevars, fn.__closure__ or ()) if cell_is_bound(cell)]
+    reads += [FreeRead(name, "global", scope[name], functools.partial(scope.__getitem__, name))
+              for name in global_names(code) if name in scope]
+    for read in list(reads):
+        for inner in held_functions(read.value, seen):
+            reads += free_reads(inner, seen)
+    return reads
+
+
+def cell_is_bound(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 (an unbound cell raises)
+    except ValueError:
+        return False
+    return True
+
+
+def global_names(code: types.CodeType) -> Iterator[str]:
+    """The names `code` (and the code nested in it) looks up outside its locals: globals, and attribute names."""
+    yield from code.co_names
+    for nested in code.co_consts:
+        if isinstance(nested, types.CodeType):
+            yield from global_names(nested)
+
+
+def held_functions(value: Any, seen: set[int]) -> Iterator[types.FunctionType]:
+    """The Python functions a captured value would run when called: itself, a partial's, a Mod's, a tuple's."""
+    if isinstance(value, types.FunctionType):
+        yield value
+    elif id(value) in seen:
+        return
+    elif isinstance(value, functools.partial):
+        seen.add(id(value))
+        for inner in (value.func, *value.args, *value.keywords.values()):
+            yield from held_functions(inner, seen)
+    elif isinstance(value, (tuple, list)):
+        seen.add(id(value))
+        for inner in value:
+            yield from held_functions(inner, seen)
+    elif hasattr(value, "raw_ir"):  # a flexcomp Mod (duck-typed: the front end does not import mods.py)
+        seen.add(id(value))
+        yield from held_functions(getattr(value, "fn", None), seen)
+
+
+# ---------------------------------------------------------------- locations
+
+
+def code_loc(code: types.CodeType, line: int, lasti: int | None = None) -> SourceLoc:
+    """A line of `code` (and, from its instruction positions, the columns of instruction `lasti`)."""
+    text = linecache.getline(code.co_filename, line).rstrip("\r\n")
+    column, end = 1, None
+    positions = list(code.co_positions()) if lasti is not None and hasattr(code, "co_positions") else []
+    if 0 <= (lasti or 0) // 2 < len(positions):
+        first, last, start_col, end_col = positions[lasti // 2]
+        if first == line and start_col is not None:
+            column = char_column(text, start_col)
+            if last == line and end_col is not None:
+                end = char_column(text, end_col)
+    return SourceLoc(code.co_filename, line, column, text, code.co_name, end)
+
+
+def char_column(text: str, byte_offset: int) -> int:
+    """1-based character column of a 0-based UTF-8 byte offset (instruction positions count bytes)."""
+    return len(text.encode()[:byte_offset].decode(errors="ignore")) + 1 if text else byte_offset + 1
+
+
+def user_frame_loc(frame: types.FrameType | None, fallback: SourceLoc) -> SourceLoc:
+    while frame is not None and frame.f_code.co_filename.startswith(FRAMEWORK_DIRS):
+        frame = frame.f_back
+    return fallback if frame is None else code_loc(frame.f_code, frame.f_lineno, frame.f_lasti)
+
+
+def traceback_loc(tb: types.TracebackType | None, fallback: SourceLoc) -> SourceLoc:
+    """The innermost user frame of a traceback: where the user's code raised."""
+    found = fallback
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(FRAMEWORK_DIRS):
+            found = code_loc(tb.tb_frame.f_code, tb.tb_lineno, tb.tb_lasti)
+        tb = tb.tb_next
+    return found
+
+
+# ---------------------------------------------------------------- the trace
+
+
+class Trace:
+    """One function being traced: the stand-ins' shared state (captured tensors, buffer table, locations)."""
+
+    def __init__(self, fn_name: str, def_loc: SourceLoc, tensors: dict[int, FreeRead]):
+        self.fn_name, self.def_loc, self.tensors = fn_name, def_loc, tensors
+        self.buffers = BufferTable()
+
+    def run(self, fn: Callable, standins: list[Traced]) -> Any:
+        try:
+            return fn(*standins)
+        except FlexcompError:
+            raise
+        except RecursionError:
+            raise UnsupportedConstructError(f"{self.fn_name!r} is nested too deeply to trace", self.def_loc) from None
+        except NameError as e:
+            raise UndefinedNameError(f"{e} (tracing {self.fn_name!r})", traceback_loc(e.__traceback__, self.def_loc),
+                                     "a mod may use its parameters, its locals, and names bound in its closure or "
+                                     "module") from None
+        except Exception as e:  # noqa: BLE001 (the user's code failed on a stand-in: say where, not in the tracer)
+            raise UnsupportedConstructError(f"tracing {self.fn_name!r} failed: {type(e).__name__}: {e}",
+                                            traceback_loc(e.__traceback__, self.def_loc), TRACED_ALLOWED) from None
+
+    def loc(self) -> SourceLoc:
+        """The user's line being traced now."""
+        return user_frame_loc(sys._getframe(1), self.def_loc)
+
+    def traced(self, node: Node) -> Traced:
+        return Traced(node, self)
+
+    def node(self, value: Any, loc: SourceLoc, what: str = "a value") -> Node:
+        """A value met while tracing, as an IR node: a stand-in, a Python scalar (a constant) or a 0-d tensor."""
+        if isinstance(value, Traced):
+            return value.node
+        if isinstance(value, bool):
+            return const(value, DType.BOOL, loc)
+        if isinstance(value, numbers.Integral):
+            return int_const(int(value), loc)
+        if isinstance(value, numbers.Real):
+            return const(float(value), DType.F32, loc)
+        if isinstance(value, torch.Tensor):
+            return self.load(value, (), loc)
+        raise FlexcompTypeError(f"{type(value).__name__} {value!r} cannot be {what} in mod {self.fn_name!r}", loc,
+                                TRACED_ALLOWED)
+
+    def refuse(self, what: str, hint: str) -> None:
+        raise UnsupportedConstructError(f"{what} is not supported in {self.fn_name!r}: its source cannot be read, "
+                                        "so it is traced, and tracing runs it once on stand-ins for its arguments",
+                                        self.loc(), hint)
+
+    # ------------------------------------------------ operations
+
+    def binary(self, op: Op, a: Any, b: Any) -> Traced:
+        loc = self.loc()
+        return self.traced(binary(op, self.node(a, loc), self.node(b, loc), loc))
+
+    def unary(self, op: Op, x: Traced) -> Traced:
+        loc = self.loc()
+        return self.traced(unary(op, x.node, loc))
+
+    def builtin(self, key: str, spelled: str, args: tuple, kwargs: dict) -> Traced:
+        """A call-table function (calls.BUILTINS) applied to traced arguments."""
+        loc = self.loc()
+        if key == "clamp":
+            return self.clamp(args, kwargs, loc)
+        if kwargs:
+            raise UnsupportedConstructError(f"keyword arguments to `{spelled}` are not supported", loc, TRACED_ALLOWED)
+        rule = BUILTINS[key]
+        if not rule.fewest <= len(args) <= rule.most:
+            want = f"{rule.fewest}" if rule.fewest == rule.most else f"at least {rule.fewest}"
+            raise SignatureError(f"`{spelled}` takes {want} arguments here, got {len(args)}", loc)
+        return self.traced(rule.build([self.node(a, loc) for a in args], loc))
+
+    def clamp(self, args: tuple, kwargs: dict, loc: SourceLoc) -> Traced:
+        names = ["input", "min", "max"]
+        if len(args) > 3 or set(kwargs) - set(names):
+            raise SignatureError(f"clamp takes (input, min=None, max=None), got {len(args)} positional arguments "
+                                 f"and keywords {sorted(kwargs)}", loc)
+        bound = {k: self.node(v, loc) for k, v in (dict(zip(names, args)) | kwargs).items() if v is not None}
+        if "input" not in bound:
+            raise SignatureError("clamp needs an input", loc)
+        return self.traced(clamp(bound["input"], bound.get("min"), bound.get("max"), loc))
+
+    def method(self, receiver: Any, name: str, *args: Any, **kwargs: Any) -> Traced:
+        """`x.name(...)` through the call table's METHODS: x.exp() -> exp(x), x.to(torch.float32) -> CAST."""
+        key = METHODS[name]
+        if key != "to":
+            return self.builtin(key, f".{name}", (receiver, *args), kwargs)
+        loc = self.loc()
+        targets = [*args, *(v for k, v in kwargs.items() if k == "dtype")]
+        if len(targets) != 1 or not isinstance(targets[0], torch.dtype):
+            raise UnsupportedConstructError(f"`.{name}(...)` needs exactly one torch dtype argument", loc,
+                                            "e.g. `x.to(torch.float32)`")
+        dtype = TORCH_DTYPES.get(str(targets[0]).removeprefix("torch."), DType.F32)
+        return self.traced(cast(self.node(receiver, loc), dtype, loc))
+
+    def torch_call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """A torch function or tensor method that met a stand-in (`Traced.__torch_function__`)."""
+        name = getattr(func, "__name__", "")
+        if name == "__getitem__":
+            return self.index(*args)
+        key = known_callable(func)
+        if key is not None:
+            return self.builtin(key, f"torch.{name}", args, kwargs)
+        if getattr(torch.Tensor, name, None) is func:  # a method of a captured tensor: SCALE * x, SCALE.maximum(x)
+            if name.strip("_") in BINARY_NAMES and len(args) == 2 and not kwargs:
+                return self.binary(BINARY_NAMES[name.strip("_")], *args)
+            if name in METHODS:
+                return self.method(args[0], name, *args[1:], **kwargs)
+        spelled = f"torch.Tensor.{name}" if hasattr(torch.Tensor, name) else f"torch.{name}"
+        raise UnsupportedConstructError(f"`{spelled}` is not supported in a mod (tracing {self.fn_name!r})",
+                                        self.loc(), TRACED_ALLOWED)
+
+    # ------------------------------------------------ captured tensors
+
+    def index(self, tensor: torch.Tensor, index: Any) -> Traced:
+        """`TABLE[h, q_idx]` with traced indices -> LOAD."""
+        loc = self.loc()
+        spec = self.buffer(tensor, loc)
+        items = index if isinstance(index, tuple) else (index,)
+        indices = tuple(self.index_node(spec, item, loc) for item in items)
+        return self.traced(self.load(tensor, indices, loc, spec))
+
+    def index_node(self, spec: BufferSpec, item: Any, loc: SourceLoc) -> Node:
+        if item is None or item is Ellipsis or isinstance(item, (slice, torch.Tensor, list)):
+            raise UnsupportedConstructError(f"indexing captured tensor {spec.name!r} with {type(item).__name__} "
+                                            "is not supported", loc, "index with one int per dim: TABLE[h, q_idx]")
+        node = self.node(item, loc, "an index")
+        if node.dtype != DType.I32:
+            raise FlexcompTypeError(f"index into {spec.name!r} must be an int, got {node.dtype.value}", loc,
+                                    "use x.int() or // to make an integer index")
+        return node
+
+    def load(self, tensor: torch.Tensor, indices: tuple[Node, ...], loc: SourceLoc,
+             spec: BufferSpec | None = None) -> Node:
+        spec = spec or self.buffer(tensor, loc)
+        if len(indices) != len(spec.shape):
+            hint = f"index it with {len(spec.shape)} indices, e.g. {spec.name}[h, q_idx]" if spec.shape else None
+            raise FlexcompTypeError(f"captured tensor {spec.name!r} has {len(spec.shape)} dims (shape {spec.shape}) "
+                                    f"but is indexed with {len(indices)} indices", loc, hint)
+        return load(spec.name, spec.ir_dtype, indices, loc)
+
+    def buffer(self, tensor: torch.Tensor, loc: SourceLoc) -> BufferSpec:
+        """The buffer of a captured tensor, found by identity among the names the function reads."""
+        read = self.tensors.get(id(tensor))
+        if read is None or read.value is not tensor:
+            raise UnsupportedConstructError(f"{self.fn_name!r} uses a tensor (shape {tuple(tensor.shape)}) that is "
+                                            "not one of its globals, closure variables or functools.partial arguments",
+                                            loc, "a traced mod reads captured tensors by name: bind the tensor to a "
+                                            "global or a closure variable")
+        spec = tensor_spec(read.name, tensor, loc)
+        return BufferSpec(self.buffers.add(spec, read.read), spec.dtype, spec.shape)
+
+
+# ---------------------------------------------------------------- the stand-in
+
+
+class Traced:
+    """A symbolic value of a traced mod: a mod argument, or anything computed from one.  Holds its IR node."""
+
+    __slots__ = ("node", "trace")
+
+    def __init__(self, node: Node, trace: Trace):
+        self.node, self.trace = node, trace
+
+    __hash__ = object.__hash__  # `==` builds a node, so hash by identity (as torch.Tensor does)
+
+    def __repr__(self) -> str:
+        return f"<traced {self.node.dtype.value} value in {self.trace.fn_name!r}>"
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        trace = next(a.trace for a in flatten(args, kwargs or {}) if isinstance(a, Traced))
+        return trace.torch_call(func, args, kwargs or {})
+
+    def __pos__(self) -> Traced:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name in METHODS:
+            return functools.partial(self.trace.method, self, name)
+        raise UnsupportedConstructError(f"attribute `.{name}` of a traced {self.node.dtype.value} value is not "
+                                        f"supported (tracing {self.trace.fn_name!r})", self.trace.loc(),
+                                        TRACED_ALLOWED)
+
+
+def flatten(args: tuple, kwargs: dict) -> Iterator[Any]:
+    for a in (*args, *kwargs.values()):
+        yield from (a if isinstance(a, (tuple, list)) else (a,))
+
+
+def binary_dunder(op: Op, reflected: bool) -> Callable[[Traced, Any], Traced]:
+    if reflected:  # 2 - x -> x.__rsub__(2) -> SUB(2, x)
+        return lambda self, other: self.trace.binary(op, other, self)
+    return lambda self, other: self.trace.binary(op, self, other)
+
+
+def unary_dunder(op: Op) -> Callable[[Traced], Traced]:
+    return lambda self: self.trace.unary(op, self)
+
+
+def refused_dunder(what: str, hint: str) -> Callable[..., Any]:
+    return lambda self, *args: self.trace.refuse(what, hint)
+
+
+# The operator protocol, generated from the tables above: __add__/__radd__ ... __lt__, __neg__ ..., __bool__ ...
+for _name, _op in BINARY_NAMES.items():
+    setattr(Traced, f"__{_name}__", binary_dunder(_op, reflected=False))
+    if _op not in COMPARISON_OPS:  # Python reflects a comparison by flipping it: 2 < x -> x.__gt__(2)
+        setattr(Traced, f"__r{_name}__", binary_dunder(_op, reflected=True))
+for _name, _op in UNARY_DUNDERS.items():
+    setattr(Traced, f"__{_name}__", unary_dunder(_op))
+for _name, (_what, _hint) in REFUSED.items():
+    setattr(Traced, f"__{_name}__", refused_dunder(_what, _hint))
