@@ -32,7 +32,7 @@ from ..errors import (
     UndefinedNameError,
     UnsupportedConstructError,
 )
-from ..ir import COMPARISON_OPS, BufferSpec, DType, Node, Op, arg, const, load
+from ..ir import COMPARISON_OPS, BufferSpec, DType, Node, Op, arg, const, load, toposort
 from .builders import OP_SYMBOL, binary, cast, clamp, int_const, unary
 from .calls import BUILTINS, METHODS, TORCH_DTYPES, known_callable
 from .lambdas import refuse_signature
@@ -332,12 +332,13 @@ class Trace:
         key = known_callable(func)
         if key is not None:
             return self.builtin(key, f"torch.{name}", args, kwargs)
-        if getattr(torch.Tensor, name, None) is func:  # a method of a captured tensor: SCALE * x, SCALE.maximum(x)
+        is_method = getattr(torch.Tensor, name, None) is func
+        if is_method:  # a method of a captured tensor: SCALE * x, SCALE.maximum(x)
             if name.strip("_") in BINARY_NAMES and len(args) == 2 and not kwargs:
                 return self.binary(BINARY_NAMES[name.strip("_")], *args)
             if name in METHODS:
                 return self.method(args[0], name, *args[1:], **kwargs)
-        spelled = f"torch.Tensor.{name}" if hasattr(torch.Tensor, name) else f"torch.{name}"
+        spelled = f"torch.Tensor.{name}" if is_method else f"torch.{name}"
         raise UnsupportedConstructError(f"`{spelled}` is not supported in a mod (tracing {self.fn_name!r})",
                                         self.loc(), TRACED_ALLOWED)
 
@@ -346,10 +347,24 @@ class Trace:
     def index(self, tensor: torch.Tensor, index: Any) -> Traced:
         """`TABLE[h, q_idx]` with traced indices -> LOAD."""
         loc = self.loc()
+        known = set(self.buffers.specs)
         spec = self.buffer(tensor, loc)
         items = index if isinstance(index, tuple) else (index,)
         indices = tuple(self.index_node(spec, item, loc) for item in items)
+        if spec.name not in known:
+            self.register_before_its_indices(spec.name, indices)
         return self.traced(self.load(tensor, indices, loc, spec))
+
+    def register_before_its_indices(self, name: str, indices: tuple[Node, ...]) -> None:
+        """Buffers in the parser's order: it meets `T` of `T[U[i]]` before `U`, Python calls U's __getitem__ first."""
+        inner = {n.arg for i in indices for n in toposort(i) if n.op == Op.LOAD}
+        order = list(self.buffers.specs)
+        first_inner = next((k for k, other in enumerate(order) if other in inner), None)
+        if first_inner is None:
+            return
+        order.insert(first_inner, order.pop(order.index(name)))
+        self.buffers.specs = {k: self.buffers.specs[k] for k in order}
+        self.buffers.resolvers = {k: self.buffers.resolvers[k] for k in order}
 
     def index_node(self, spec: BufferSpec, item: Any, loc: SourceLoc) -> Node:
         if item is None or item is Ellipsis or isinstance(item, (slice, torch.Tensor, list)):
@@ -375,9 +390,11 @@ class Trace:
         read = self.tensors.get(id(tensor))
         if read is None or read.value is not tensor:
             raise UnsupportedConstructError(f"{self.fn_name!r} uses a tensor (shape {tuple(tensor.shape)}) that is "
-                                            "not one of its globals, closure variables or functools.partial arguments",
-                                            loc, "a traced mod reads captured tensors by name: bind the tensor to a "
-                                            "global or a closure variable")
+                                            "not one of its globals, closure variables or functools.partial arguments: a tensor made "
+                                            "inside a traced mod, or computed from captured tensors alone, is computed "
+                                            "once while tracing", loc, "a traced mod reads captured tensors by name: "
+                                            "bind the tensor to a global or a closure variable, and compute with it "
+                                            "inside the mod only together with the mod's arguments")
         spec = tensor_spec(read.name, tensor, loc)
         return BufferSpec(self.buffers.add(spec, read.read), spec.dtype, spec.shape)
 
