@@ -94,6 +94,10 @@ class Mod:
         return tuple(tensor_spec(spec.name, values[spec.name], self.loc) for spec in self.buffers)
 
     def __call__(self, *args: Any) -> Any:
+        from .frontend.tracer import Traced, inline_traced_mod
+
+        if any(isinstance(a, Traced) for a in args):  # called by a mod being traced: inline this mod's IR
+            return inline_traced_mod(self, args)
         if self.fn is not None:
             return self.fn(*args)
         from .reference import evaluate_mod

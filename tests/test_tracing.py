@@ -326,3 +326,39 @@ def test_signature_and_python_errors_point_at_the_line():
     assert info.value.loc.line == 2
     with pytest.raises(FlexcompTypeError, match="a mask_mod must return a bool, this returns i32"):
         fm.mask_mod(exec_mod("def m(b, h, q, kv):\n    return q - kv\n"))
+
+
+# ---------------------------------------------------------------- mixing parsed and traced code
+
+
+@fc.mask_mod
+def banded(b, h, q_idx, kv_idx):
+    if q_idx < kv_idx:  # a Python `if`: fine in a parsed mod, and a traced mod calling it inlines its IR
+        return False
+    return q_idx - kv_idx < 6
+
+
+def calls_banded(b, h, q_idx, kv_idx):
+    return banded(b, h, q_idx, kv_idx) | (kv_idx == 0)
+
+
+def test_a_traced_mod_calling_a_parsed_mod_inlines_its_ir():
+    traced = fm.mask_mod(exec_mod("def calls_banded(b, h, q_idx, kv_idx):\n"
+                                  "    return banded(b, h, q_idx, kv_idx) | (kv_idx == 0)\n", banded=banded))
+    assert traced.raw_ir == fm.mask_mod(calls_banded).raw_ir
+    assert traced.loc.file == "<typed at a REPL>"
+
+
+SOURCELESS_REL = exec_mod("def rel(q, k, scale=2):\n    return (q - k) * scale\n")
+
+
+def uses_sourceless_helper(b, h, q_idx, kv_idx):
+    return SOURCELESS_REL(q_idx, kv_idx, scale=3) < 5
+
+
+def helper_written_out(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx) * 3 < 5
+
+
+def test_a_parsed_mod_calling_a_helper_without_source_traces_the_helper():
+    assert fm.mask_mod(uses_sourceless_helper).raw_ir == fm.mask_mod(helper_written_out).raw_ir

@@ -7,19 +7,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import FlexcompTypeError
+from ..errors import FlexcompTypeError, SignatureError
 from ..ir import (
+    ARG_DTYPES,
     ARITHMETIC_OPS,
     COMPARISON_OPS,
     INT32_MAX,
     INT32_MIN,
     LOGICAL_OPS,
+    MASK_MOD_ARGS,
+    SCORE_MOD_ARGS,
     DType,
     Node,
     Op,
+    arg,
     const,
     promote,
     result_dtype,
+    substitute,
 )
 
 OP_SYMBOL = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/", Op.FLOORDIV: "//", Op.MOD: "%", Op.POW: "**",
@@ -88,3 +93,21 @@ def int_const(value: int, loc: Any, what: str = "integer") -> Node:
     if not INT32_MIN <= value <= INT32_MAX:
         raise FlexcompTypeError(f"{what} {value} does not fit in int32", loc, "indices and int constants are int32")
     return const(int(value), DType.I32, loc)
+
+
+def inline_mod(mod: Any, args: list[Node], buffers: Any, loc: Any, arg_locs: list[Any] | None = None) -> Node:
+    """A call to another mod: its raw IR (its captured tensors merged into `buffers`, a BufferTable) with its
+    canonical arguments replaced by `args`."""
+    names = SCORE_MOD_ARGS if mod.kind == "score" else MASK_MOD_ARGS
+    if len(args) != len(names):
+        raise SignatureError(f"{mod.kind}_mod {mod.name!r} takes {len(names)} positional arguments "
+                             f"({', '.join(names)}), got {len(args)}", loc)
+    mapping = {}
+    for i, (name, node) in enumerate(zip(names, args)):
+        want = ARG_DTYPES[name]
+        if want == DType.I32 and node.dtype == DType.F32:
+            raise FlexcompTypeError(f"argument {name!r} of {mod.name!r} must be an int, got a float",
+                                    arg_locs[i] if arg_locs else loc)
+        mapping[arg(name)] = cast(node, want, loc)
+    mod = mod.specialized()  # the called mod's captured tensors as they are now
+    return substitute(buffers.merge(mod.buffers, mod.resolvers, mod.raw_ir), mapping)

@@ -9,10 +9,12 @@ from typing import Any
 from lark import Tree
 
 from ..errors import FlexcompTypeError, SignatureError, SourceLoc, UnsupportedConstructError
-from ..ir import ARG_DTYPES, MASK_MOD_ARGS, SCORE_MOD_ARGS, DType, Node, arg, const, substitute
-from .builders import cast, clamp
+from ..ir import DType, Node, const
+from .builders import cast, clamp, inline_mod
 from .calls import BUILTINS, CAST_KEYS, METHODS
+from .locations import SourceUnavailable
 from .source import read_function
+from .tracer import trace_call
 from .values import ALLOWED, NONE, Builtin, Method, ModRef, PyFunction, Text, TorchDType, Value, describe
 
 Argument = tuple[Value, Any]  # a lowered argument and its tree (for error positions)
@@ -85,21 +87,10 @@ class CallLowering:
 
     def call_mod(self, mod: Any, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
         """Another mod's raw IR with its canonical arguments replaced by this call's."""
-        names = SCORE_MOD_ARGS if mod.kind == "score" else MASK_MOD_ARGS
-        if kwargs or len(args) != len(names):
-            raise SignatureError(f"{mod.kind}_mod {mod.name!r} takes {len(names)} positional arguments "
-                                 f"({', '.join(names)}), got {len(args)}" + (" and keywords" if kwargs else ""), loc)
-        mapping = {}
-        for name, (value, tree) in zip(names, args):
-            node = self.as_node(value, tree)
-            want = ARG_DTYPES[name]
-            if want == DType.I32 and node.dtype == DType.F32:
-                raise FlexcompTypeError(f"argument {name!r} of {mod.name!r} must be an int, got a float",
-                                        self.src.loc(tree, loc))
-            mapping[arg(name)] = cast(node, want, loc)
-        mod = mod.specialized()  # the called mod's captured tensors as they are now
-        body = self.ctx.buffers.merge(mod.buffers, mod.resolvers, mod.raw_ir)
-        return substitute(body, mapping)
+        if kwargs:
+            raise SignatureError(f"{mod.kind}_mod {mod.name!r} takes positional arguments only, got keywords", loc)
+        nodes = [self.as_node(value, tree) for value, tree in args]
+        return inline_mod(mod, nodes, self.ctx.buffers, loc, [self.src.loc(tree, loc) for _, tree in args])
 
     def call_function(self, fn: Callable, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
         """A plain helper (def or lambda), inlined: its body lowered with the arguments bound."""
@@ -108,7 +99,11 @@ class CallLowering:
             chain = " -> ".join(c.co_name for c in self.ctx.stack) + f" -> {code.co_name}"
             raise UnsupportedConstructError(f"recursive call to {fn.__name__!r} ({chain})", loc,
                                             "mods are inlined, so recursion is not supported")
-        helper = type(self)(self.ctx, fn, *read_function(fn))
+        try:
+            helper = type(self)(self.ctx, fn, *read_function(fn))
+        except SourceUnavailable:  # a helper typed at a REPL: traced with this call's arguments
+            nodes = [self.as_node(v, t) for v, t in args]
+            return trace_call(fn, nodes, {k: self.as_node(v, t) for k, (v, t) in kwargs.items()}, self.ctx.buffers)
         params = helper.params()
         bound = dict(zip(params, (v for v, _ in args)))
         for k, (v, _) in kwargs.items():

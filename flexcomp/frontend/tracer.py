@@ -33,7 +33,7 @@ from ..errors import (
     UnsupportedConstructError,
 )
 from ..ir import COMPARISON_OPS, BufferSpec, DType, Node, Op, arg, const, load, toposort
-from .builders import OP_SYMBOL, binary, cast, clamp, int_const, unary
+from .builders import OP_SYMBOL, binary, cast, clamp, inline_mod, int_const, unary
 from .calls import BUILTINS, METHODS, TORCH_DTYPES, known_callable
 from .lambdas import refuse_signature
 from .names import BufferTable, tensor_spec
@@ -108,11 +108,27 @@ def trace_mod(fn: types.FunctionType, partial: functools.partial | None, kind: s
                              f"{fn.__name__!r} takes {len(params) - len(bound)}{bound_text}", def_loc)
     reads = [FreeRead(name, "partial", value, functools.partial(bound.get, name)) for name, value in bound.items()]
     reads += free_reads(fn, set())
-    trace = Trace(fn.__name__, def_loc, {id(r.value): r for r in reversed(reads) if isinstance(r.value, torch.Tensor)})
+    trace = Trace(fn.__name__, def_loc, reads, BufferTable())
     result = trace.run(partial or fn, [Traced(arg(name, def_loc), trace) for name in canonical])
     root = trace.node(result, def_loc, "its return value")
     table = trace.buffers
     return TracedMod(root, tuple(table.specs.values()), dict(table.resolvers), def_loc, tuple(reads))
+
+
+def trace_call(fn: types.FunctionType, args: list[Node], kwargs: dict[str, Node], buffers: BufferTable) -> Node:
+    """A helper without readable source called by a parsed mod: traced on its arguments' nodes, inlined."""
+    code = fn.__code__
+    trace = Trace(fn.__name__, code_loc(code, code.co_firstlineno), free_reads(fn, set()), buffers)
+    keywords = {name: trace.traced(node) for name, node in kwargs.items()}
+    result = trace.run(functools.partial(fn, **keywords), [trace.traced(node) for node in args])
+    return trace.node(result, trace.def_loc, "its return value")
+
+
+def inline_traced_mod(mod: Any, args: tuple) -> Traced:
+    """A Mod called on stand-ins (`Mod.__call__`): its parsed IR inlined, as the parser inlines a call to a mod."""
+    trace = next(a.trace for a in args if isinstance(a, Traced))
+    loc = trace.loc()
+    return trace.traced(inline_mod(mod, [trace.node(a, loc) for a in args], trace.buffers, loc))
 
 
 def partial_bindings(params: list[str], fn_name: str, partial: functools.partial, loc: SourceLoc) -> dict[str, Any]:
@@ -232,9 +248,10 @@ def traceback_loc(tb: types.TracebackType | None, fallback: SourceLoc) -> Source
 class Trace:
     """One function being traced: the stand-ins' shared state (captured tensors, buffer table, locations)."""
 
-    def __init__(self, fn_name: str, def_loc: SourceLoc, tensors: dict[int, FreeRead]):
-        self.fn_name, self.def_loc, self.tensors = fn_name, def_loc, tensors
-        self.buffers = BufferTable()
+    def __init__(self, fn_name: str, def_loc: SourceLoc, reads: list[FreeRead], buffers: BufferTable):
+        self.fn_name, self.def_loc, self.buffers = fn_name, def_loc, buffers
+        # captured tensors by identity; the first name wins (the function's own before its helpers')
+        self.tensors = {id(r.value): r for r in reversed(reads) if isinstance(r.value, torch.Tensor)}
 
     def run(self, fn: Callable, standins: list[Traced]) -> Any:
         try:
