@@ -6,7 +6,8 @@ grammar in grammar/mods.lark, with positions mapped back to the file (locations.
 `Node`s through typed builders (builders.py) and the call table (calls.py).  Free names resolve through the
 closure and globals (names.py); values.py holds what exists only while compiling (modules, functions,
 unindexed tensors).  Every node gets the `SourceLoc` of the code it came from, and every refusal is a
-`FlexcompError` that points at the user's line.
+`FlexcompError` that points at the user's line.  A function whose source `inspect` cannot read (a plain REPL,
+`python -c`, `exec`) is traced instead (tracer.py): run once on stand-ins that build the same nodes.
 """
 
 from __future__ import annotations
