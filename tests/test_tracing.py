@@ -298,6 +298,13 @@ def test_unsupported_torch_function_and_attribute():
     assert info.value.loc.line == 2
 
 
+def test_chained_indexing_is_one_load():
+    table = torch.randn(4, 8)
+    chained = fm.score_mod(exec_mod("def s(score, b, h, q, kv):\n    return score + TABLE[h][kv % 8]\n", TABLE=table))
+    joined = fm.score_mod(exec_mod("def s(score, b, h, q, kv):\n    return score + TABLE[h, kv % 8]\n", TABLE=table))
+    assert chained.raw_ir == joined.raw_ir and chained.buffers == joined.buffers
+
+
 def test_captured_tensor_errors():
     table = torch.randn(4, 8)
     with pytest.raises(FlexcompTypeError, match=r"'TABLE' has 2 dims \(shape \(4, 8\)\) but is indexed with 1"):

@@ -186,19 +186,16 @@ def global_names(code: types.CodeType) -> Iterator[str]:
 
 
 def held_functions(value: Any, seen: set[int]) -> Iterator[types.FunctionType]:
-    """The Python functions a captured value would run when called: itself, a partial's, a Mod's, a tuple's."""
+    """The Python functions a captured value would run when called: itself, a partial's, a Mod's."""
     if isinstance(value, types.FunctionType):
         yield value
     elif id(value) in seen:
         return
-    elif isinstance(value, functools.partial):
+    elif isinstance(value, functools.partial):  # and_masks/or_masks hold their parts as a partial's tuple
         seen.add(id(value))
         for inner in (value.func, *value.args, *value.keywords.values()):
-            yield from held_functions(inner, seen)
-    elif isinstance(value, (tuple, list)):
-        seen.add(id(value))
-        for inner in value:
-            yield from held_functions(inner, seen)
+            for item in inner if isinstance(inner, tuple) else (inner,):
+                yield from held_functions(item, seen)
     elif hasattr(value, "raw_ir"):  # a flexcomp Mod (duck-typed: the front end does not import mods.py)
         seen.add(id(value))
         yield from held_functions(getattr(value, "fn", None), seen)
@@ -287,6 +284,8 @@ class Trace:
             return const(float(value), DType.F32, loc)
         if isinstance(value, torch.Tensor):
             return self.load(value, (), loc)
+        if isinstance(value, PartlyIndexed):
+            return self.load(value.tensor, value.indices, loc)  # raises: too few indices
         raise FlexcompTypeError(f"{type(value).__name__} {value!r} cannot be {what} in mod {self.fn_name!r}", loc,
                                 TRACED_ALLOWED)
 
@@ -361,15 +360,17 @@ class Trace:
 
     # ------------------------------------------------ captured tensors
 
-    def index(self, tensor: torch.Tensor, index: Any) -> Traced:
-        """`TABLE[h, q_idx]` with traced indices -> LOAD."""
+    def index(self, tensor: torch.Tensor, index: Any, leading: tuple[Node, ...] = ()) -> Traced | PartlyIndexed:
+        """`TABLE[h, q_idx]` (or `TABLE[h][q_idx]`) with traced indices -> LOAD."""
         loc = self.loc()
         known = set(self.buffers.specs)
         spec = self.buffer(tensor, loc)
         items = index if isinstance(index, tuple) else (index,)
-        indices = tuple(self.index_node(spec, item, loc) for item in items)
+        indices = leading + tuple(self.index_node(spec, item, loc) for item in items)
         if spec.name not in known:
             self.register_before_its_indices(spec.name, indices)
+        if len(indices) < len(spec.shape):
+            return PartlyIndexed(self, tensor, indices)
         return self.traced(self.load(tensor, indices, loc, spec))
 
     def register_before_its_indices(self, name: str, indices: tuple[Node, ...]) -> None:
@@ -448,6 +449,18 @@ class Traced:
         raise UnsupportedConstructError(f"attribute `.{name}` of a traced {self.node.dtype.value} value is not "
                                         f"supported (tracing {self.trace.fn_name!r})", self.trace.loc(),
                                         TRACED_ALLOWED)
+
+
+class PartlyIndexed:
+    """A captured tensor indexed with fewer indices than it has dims (`TABLE[h]` of `TABLE[h][q_idx]`)."""
+
+    __slots__ = ("indices", "tensor", "trace")
+
+    def __init__(self, trace: Trace, tensor: torch.Tensor, indices: tuple[Node, ...]):
+        self.trace, self.tensor, self.indices = trace, tensor, indices
+
+    def __getitem__(self, index: Any) -> Traced | PartlyIndexed:
+        return self.trace.index(self.tensor, index, self.indices)
 
 
 def flatten(args: tuple, kwargs: dict) -> Iterator[Any]:
