@@ -252,6 +252,30 @@ def test_python_dash_c_def_and_lambda():
     assert 'File "<string>", line 13' in run.stdout and "torch.where(cond, a, b)" in run.stdout, run.stdout
 
 
+REPL_SESSION = """
+import torch, flexcomp as fc
+BIAS = torch.randn(2, 40, dtype=torch.float64)
+def window(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx).abs() <= 5
+
+bm = fc.create_block_mask(window, 1, 2, 40, 40, device="cpu", BLOCK_SIZE=16)
+q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64) for _ in range(3))
+out = fc.flex_attention(q, k, v, score_mod=lambda s, b, h, q_idx, kv_idx: s * BIAS[h, q_idx], block_mask=bm)
+i = torch.arange(40)
+s = (q @ k.transpose(-1, -2) / 8 ** 0.5) * BIAS[None, :, :, None]
+s = s.masked_fill((i[:, None] - i[None, :]).abs() > 5, float("-inf"))
+print("max_err", (out - s.softmax(-1) @ v).abs().max().item(), bm.mask_mod.loc.file)
+"""
+
+
+def test_plain_repl_def_and_lambda():
+    run = subprocess.run([sys.executable, "-i"], input=REPL_SESSION, check=False, capture_output=True, text=True,
+                         timeout=120)  # `-i` with a piped stdin: the interactive loop, statement by statement
+    assert "Traceback" not in run.stderr, run.stderr
+    max_err, file = run.stdout.split("max_err ")[1].split()[:2]
+    assert float(max_err) < 1e-5 and file == "<stdin>", run.stdout
+
+
 # ---------------------------------------------------------------- what tracing cannot see is refused
 
 
