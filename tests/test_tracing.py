@@ -66,6 +66,10 @@ def prefix_lm(b, h, q_idx, kv_idx):
     return (kv_idx <= PREFIX[b]) | (q_idx >= kv_idx)
 
 
+def constants_first(b, h, q_idx, kv_idx):
+    return (2 <= kv_idx) & (W > q_idx - kv_idx) & (q_idx >= kv_idx)  # Python runs `2 <= kv` as `kv >= 2`
+
+
 def rel(q, k):
     return q - k
 
@@ -115,7 +119,7 @@ def windowed(b, h, q_idx, kv_idx, window):
 window5 = functools.partial(windowed, window=5)
 """
 
-MASKS = ["causal", "sliding", "document", "prefix_lm", "dilated", "causal_even", "window5"]
+MASKS = ["causal", "sliding", "document", "prefix_lm", "constants_first", "dilated", "causal_even", "window5"]
 SCORES = ["alibi", "softcap", "t5", "mixed", "methods", "masked_score"]
 FOLDED = {"masked_score"}  # Python folds `-math.inf` while tracing; the parser's NEG(inf) folds in `optimize`
 

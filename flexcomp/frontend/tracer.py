@@ -12,6 +12,7 @@ be recorded: each is refused with a FlexcompError that says what to write instea
 
 from __future__ import annotations
 
+import dis
 import functools
 import linecache
 import numbers
@@ -46,6 +47,7 @@ TRACED_ALLOWED = (
 
 # Python dunder or torch.Tensor method name -> binary op: `__add__`, `Tensor.add` -> ADD; `__truediv__`, `.div` -> DIV
 BINARY_NAMES = {op.value: op for op in OP_SYMBOL} | {"truediv": Op.DIV}
+MIRRORED = {Op.LT: Op.GT, Op.GT: Op.LT, Op.LE: Op.GE, Op.GE: Op.LE}  # 3 < x runs x.__gt__(3): x > 3 -> 3 < x
 UNARY_DUNDERS = {"neg": Op.NEG, "invert": Op.NOT, "abs": Op.ABS, "floor": Op.FLOOR}  # -x, ~x, abs(x), math.floor(x)
 
 # What Python asks of a value to decide something itself -> (what the user wrote, what to write instead)
@@ -223,10 +225,25 @@ def char_column(text: str, byte_offset: int) -> int:
     return len(text.encode()[:byte_offset].decode(errors="ignore")) + 1 if text else byte_offset + 1
 
 
-def user_frame_loc(frame: types.FrameType | None, fallback: SourceLoc) -> SourceLoc:
+def user_frame(frame: types.FrameType | None) -> types.FrameType | None:
+    """The innermost frame of the user's code: the first outside flexcomp and torch."""
     while frame is not None and frame.f_code.co_filename.startswith(FRAMEWORK_DIRS):
         frame = frame.f_back
+    return frame
+
+
+def user_frame_loc(frame: types.FrameType | None, fallback: SourceLoc) -> SourceLoc:
+    frame = user_frame(frame)
     return fallback if frame is None else code_loc(frame.f_code, frame.f_lineno, frame.f_lasti)
+
+
+def comparison_written(frame: types.FrameType | None) -> str | None:
+    """The comparison operator the user's frame is executing (`<` for `3 < x`, which Python runs as x.__gt__(3))."""
+    frame = user_frame(frame)
+    if frame is None:
+        return None
+    instruction = next((i for i in dis.get_instructions(frame.f_code) if i.offset == frame.f_lasti), None)
+    return instruction.argval if instruction is not None and instruction.opname == "COMPARE_OP" else None
 
 
 def traceback_loc(tb: types.TracebackType | None, fallback: SourceLoc) -> SourceLoc:
@@ -299,6 +316,13 @@ class Trace:
     def binary(self, op: Op, a: Any, b: Any) -> Traced:
         loc = self.loc()
         return self.traced(binary(op, self.node(a, loc), self.node(b, loc), loc))
+
+    def compare(self, op: Op, x: Traced, other: Any) -> Traced:
+        """`x < other`, or `other > x` when that is what the user wrote (Python mirrors it onto x's method)."""
+        mirrored = MIRRORED.get(op)
+        if mirrored is not None and comparison_written(sys._getframe(1)) == OP_SYMBOL[mirrored]:
+            return self.binary(mirrored, other, x)
+        return self.binary(op, x, other)
 
     def unary(self, op: Op, x: Traced) -> Traced:
         loc = self.loc()
@@ -471,6 +495,8 @@ def flatten(args: tuple, kwargs: dict) -> Iterator[Any]:
 def binary_dunder(op: Op, reflected: bool) -> Callable[[Traced, Any], Traced]:
     if reflected:  # 2 - x -> x.__rsub__(2) -> SUB(2, x)
         return lambda self, other: self.trace.binary(op, other, self)
+    if op in COMPARISON_OPS:
+        return lambda self, other: self.trace.compare(op, self, other)
     return lambda self, other: self.trace.binary(op, self, other)
 
 
