@@ -11,7 +11,7 @@ from lark import Tree
 from ..errors import FlexcompTypeError, SignatureError, SourceLoc, UnsupportedConstructError
 from ..ir import DType, Node, const
 from .builders import cast, clamp, inline_mod
-from .calls import BUILTINS, CAST_KEYS, METHODS
+from .calls import CAST_KEYS, METHODS, apply_rule, bind_clamp
 from .locations import SourceUnavailable
 from .source import read_function
 from .tracer import trace_call
@@ -58,20 +58,10 @@ class CallLowering:
             return self.clamp(args, kwargs, loc)
         if kwargs:
             raise UnsupportedConstructError(f"keyword arguments to `{key}` are not supported", loc, ALLOWED)
-        rule = BUILTINS[key]
-        if not rule.fewest <= len(args) <= rule.most:
-            want = f"{rule.fewest}" if rule.fewest == rule.most else f"at least {rule.fewest}"
-            raise SignatureError(f"`{key}` takes {want} arguments here, got {len(args)}", loc)
-        return rule.build([self.as_node(v, t) for v, t in args], loc)
+        return apply_rule(key, key, [self.as_node(v, t) for v, t in args], loc)
 
     def clamp(self, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
-        names = ["input", "min", "max"]
-        if len(args) > 3 or set(kwargs) - set(names):
-            raise SignatureError(f"clamp takes (input, min=None, max=None), got {len(args)} positional arguments "
-                                 f"and keywords {sorted(kwargs)}", loc)
-        bound = dict(zip(names, args)) | kwargs
-        if "input" not in bound:
-            raise SignatureError("clamp needs an input", loc)
+        bound = bind_clamp(args, kwargs, loc)
         nodes = {k: self.as_node(v, t) for k, (v, t) in bound.items() if v is not NONE}
         return clamp(nodes["input"], nodes.get("min"), nodes.get("max"), loc)
 

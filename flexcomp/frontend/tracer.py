@@ -35,7 +35,7 @@ from ..errors import (
 )
 from ..ir import COMPARISON_OPS, BufferSpec, DType, Node, Op, arg, const, load, toposort
 from .builders import OP_SYMBOL, binary, cast, clamp, inline_mod, int_const, unary
-from .calls import BUILTINS, METHODS, TORCH_DTYPES, known_callable
+from .calls import METHODS, TORCH_DTYPES, apply_rule, bind_clamp, known_callable
 from .lambdas import refuse_signature
 from .names import BufferTable, tensor_spec
 
@@ -243,7 +243,9 @@ def comparison_written(frame: types.FrameType | None) -> str | None:
     if frame is None:
         return None
     instruction = next((i for i in dis.get_instructions(frame.f_code) if i.offset == frame.f_lasti), None)
-    return instruction.argval if instruction is not None and instruction.opname == "COMPARE_OP" else None
+    if instruction is None or instruction.opname != "COMPARE_OP":
+        return None
+    return str(instruction.argval).removeprefix("bool(").removesuffix(")")  # 3.13 spells a test `bool(<)`
 
 
 def traceback_loc(tb: types.TracebackType | None, fallback: SourceLoc) -> SourceLoc:
@@ -335,20 +337,10 @@ class Trace:
             return self.clamp(args, kwargs, loc)
         if kwargs:
             raise UnsupportedConstructError(f"keyword arguments to `{spelled}` are not supported", loc, TRACED_ALLOWED)
-        rule = BUILTINS[key]
-        if not rule.fewest <= len(args) <= rule.most:
-            want = f"{rule.fewest}" if rule.fewest == rule.most else f"at least {rule.fewest}"
-            raise SignatureError(f"`{spelled}` takes {want} arguments here, got {len(args)}", loc)
-        return self.traced(rule.build([self.node(a, loc) for a in args], loc))
+        return self.traced(apply_rule(key, spelled, [self.node(a, loc) for a in args], loc))
 
     def clamp(self, args: tuple, kwargs: dict, loc: SourceLoc) -> Traced:
-        names = ["input", "min", "max"]
-        if len(args) > 3 or set(kwargs) - set(names):
-            raise SignatureError(f"clamp takes (input, min=None, max=None), got {len(args)} positional arguments "
-                                 f"and keywords {sorted(kwargs)}", loc)
-        bound = {k: self.node(v, loc) for k, v in (dict(zip(names, args)) | kwargs).items() if v is not None}
-        if "input" not in bound:
-            raise SignatureError("clamp needs an input", loc)
+        bound = {k: self.node(v, loc) for k, v in bind_clamp(list(args), kwargs, loc).items() if v is not None}
         return self.traced(clamp(bound["input"], bound.get("min"), bound.get("max"), loc))
 
     def method(self, receiver: Any, name: str, *args: Any, **kwargs: Any) -> Traced:
