@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .errors import ModKindError, SignatureError, SourceLoc
+from .frontend.tracer import Traced, inline_traced_mod
 from .ir import BufferSpec, DType, Node, Op, structural_key
 from .ir import const as ir_const
 
@@ -94,8 +95,6 @@ class Mod:
         return tuple(tensor_spec(spec.name, values[spec.name], self.loc) for spec in self.buffers)
 
     def __call__(self, *args: Any) -> Any:
-        from .frontend.tracer import Traced, inline_traced_mod
-
         if any(isinstance(a, Traced) for a in args):  # called by a mod being traced: inline this mod's IR
             return inline_traced_mod(self, args)
         if self.fn is not None:
