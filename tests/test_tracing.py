@@ -211,6 +211,17 @@ def test_triton_interpreter_matches_float64(score, mask, traced, randn, naive_at
     assert_close_to_reference(out, lse, want, want_lse)
 
 
+def test_gradients_reach_a_traced_mods_captured_tensor(randn, naive_attention):
+    bias = randn(2, 32, requires_grad=True)
+    fn = exec_mod("def biased(score, b, h, q, kv):\n    return score + BIAS[h, kv] * (q >= kv)\n", BIAS=bias)
+    q, k, v = (randn(1, 2, 32, 8) for _ in range(3))
+    fc.flex_attention(q, k, v, score_mod=fn, backend="reference").square().sum().backward()
+    got, bias.grad = bias.grad, None
+    assert got.abs().sum() > 0
+    naive_attention(q, k, v, fn)[0].square().sum().backward()
+    torch.testing.assert_close(got.double(), bias.grad.double(), atol=1e-5, rtol=1e-5)
+
+
 def test_a_rebound_tensor_of_another_shape_is_traced_again(traced, randn):
     namespace = exec_traced()
     mod = fm.score_mod(namespace["alibi"])
