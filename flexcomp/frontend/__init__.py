@@ -7,7 +7,8 @@ grammar in grammar/mods.lark, with positions mapped back to the file (locations.
 closure and globals (names.py); values.py holds what exists only while compiling (modules, functions,
 unindexed tensors).  Every node gets the `SourceLoc` of the code it came from, and every refusal is a
 `FlexcompError` that points at the user's line.  A function whose source `inspect` cannot read (a plain REPL,
-`python -c`, `exec`) is traced instead (tracer.py): run once on stand-ins that build the same nodes.
+`python -c`, `exec`) is traced instead (tracer.py, with frames.py and free_names.py): run once on stand-ins that
+build the same nodes.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from ..errors import FlexcompError, FlexcompTypeError, SignatureError, SourceLoc
 from ..ir import MASK_MOD_ARGS, SCORE_MOD_ARGS, BufferSpec, DType, Node, arg
 from .builders import cast
 from .expressions import Context
+from .free_names import FreeRead, partial_bindings
 from .locations import SourceUnavailable
 from .names import BufferTable, capture
 from .source import read_function
 from .statements import FunctionLowering
-from .tracer import FreeRead, partial_bindings, trace_mod
+from .tracer import trace_mod
 
 __all__ = ["BufferTable", "Lowered", "lower_function"]
 

@@ -12,11 +12,8 @@ be recorded: each is refused with a FlexcompError that says what to write instea
 
 from __future__ import annotations
 
-import dis
 import functools
-import linecache
 import numbers
-import os
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -36,6 +33,8 @@ from ..errors import (
 from ..ir import COMPARISON_OPS, BufferSpec, DType, Node, Op, arg, const, load, toposort
 from .builders import OP_SYMBOL, binary, cast, clamp, inline_mod, int_const, unary
 from .calls import METHODS, TORCH_DTYPES, apply_rule, bind_clamp, known_callable
+from .frames import code_loc, comparison_written, traceback_loc, user_frame_loc
+from .free_names import FreeRead, free_reads, partial_bindings
 from .lambdas import refuse_signature
 from .names import BufferTable, tensor_spec
 
@@ -72,20 +71,6 @@ REFUSED = {
     "trunc": ("`math.trunc()` of a traced value", "use x.int() (truncates toward zero)"),
     "ceil": ("`math.ceil()` of a traced value", "use -torch.floor(-x)"),
 }  # fmt: skip
-
-# Frames in these directories are not the user's: a location is the first frame outside them.
-FRAMEWORK_DIRS = tuple(os.path.dirname(p) + os.sep for p in (os.path.dirname(__file__), torch.__file__))
-
-
-@dataclass(frozen=True)
-class FreeRead:
-    """A global, closure variable or functools.partial argument a traced mod may read, as it was when traced."""
-
-    name: str
-    where: str  # "global", "closure" or "partial"
-    value: Any
-    read: Callable[[], Any]  # the binding's current value
-
 
 @dataclass(frozen=True)
 class TracedMod:
@@ -131,131 +116,6 @@ def inline_traced_mod(mod: Any, args: tuple) -> Traced:
     trace = next(a.trace for a in args if isinstance(a, Traced))
     loc = trace.loc()
     return trace.traced(inline_mod(mod, [trace.node(a, loc) for a in args], trace.buffers, loc))
-
-
-def partial_bindings(params: list[str], fn_name: str, partial: functools.partial, loc: SourceLoc) -> dict[str, Any]:
-    """The values a functools.partial binds, by parameter name.
-
-    Calling the partial passes the mod's arguments positionally after the bound leading ones, so every
-    keyword-bound parameter must come after the parameters left free.
-    """
-    leading = dict(zip(params, partial.args))
-    unknown = set(partial.keywords) - set(params[len(leading):])
-    if len(partial.args) > len(params) or unknown:
-        raise SignatureError(f"functools.partial of {fn_name!r} binds {len(partial.args)} leading arguments and "
-                             f"keywords {sorted(partial.keywords)}, but it takes ({', '.join(params)})", loc)
-    free = [p for p in params[len(leading):] if p not in partial.keywords]
-    if params[len(leading):len(leading) + len(free)] != free:
-        raise SignatureError(f"functools.partial of {fn_name!r} binds {sorted(partial.keywords)} by keyword before "
-                             f"the free parameters {free}: the mod's arguments would land on them", loc,
-                             "bind the leading parameters positionally, or reorder the parameters")
-    return leading | dict(partial.keywords)
-
-
-# ---------------------------------------------------------------- the names a function reads
-
-
-def free_reads(fn: types.FunctionType, seen: set[int]) -> list[FreeRead]:
-    """Every closure variable and global `fn` may read, then those of the functions and mods they hold."""
-    if id(fn) in seen:
-        return []
-    seen.add(id(fn))
-    code, scope = fn.__code__, fn.__globals__
-    reads = [FreeRead(name, "closure", cell.cell_contents, functools.partial(getattr, cell, "cell_contents"))
-             for name, cell in zip(code.co_freevars, fn.__closure__ or ()) if cell_is_bound(cell)]
-    reads += [FreeRead(name, "global", scope[name], functools.partial(scope.__getitem__, name))
-              for name in global_names(code) if name in scope]
-    for read in list(reads):
-        for inner in held_functions(read.value, seen):
-            reads += free_reads(inner, seen)
-    return reads
-
-
-def cell_is_bound(cell: types.CellType) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018 (an unbound cell raises)
-    except ValueError:
-        return False
-    return True
-
-
-def global_names(code: types.CodeType) -> Iterator[str]:
-    """The names `code` (and the code nested in it) looks up outside its locals: globals, and attribute names."""
-    yield from code.co_names
-    for nested in code.co_consts:
-        if isinstance(nested, types.CodeType):
-            yield from global_names(nested)
-
-
-def held_functions(value: Any, seen: set[int]) -> Iterator[types.FunctionType]:
-    """The Python functions a captured value would run when called: itself, a partial's, a Mod's."""
-    if isinstance(value, types.FunctionType):
-        yield value
-    elif id(value) in seen:
-        return
-    elif isinstance(value, functools.partial):  # and_masks/or_masks hold their parts as a partial's tuple
-        seen.add(id(value))
-        for inner in (value.func, *value.args, *value.keywords.values()):
-            for item in inner if isinstance(inner, tuple) else (inner,):
-                yield from held_functions(item, seen)
-    elif hasattr(value, "raw_ir"):  # a flexcomp Mod (duck-typed: the front end does not import mods.py)
-        seen.add(id(value))
-        yield from held_functions(getattr(value, "fn", None), seen)
-
-
-# ---------------------------------------------------------------- locations
-
-
-def code_loc(code: types.CodeType, line: int, lasti: int | None = None) -> SourceLoc:
-    """A line of `code` (and, from its instruction positions, the columns of instruction `lasti`)."""
-    text = linecache.getline(code.co_filename, line).rstrip("\r\n")
-    column, end = 1, None
-    positions = list(code.co_positions()) if lasti is not None and hasattr(code, "co_positions") else []
-    if 0 <= (lasti or 0) // 2 < len(positions):
-        first, last, start_col, end_col = positions[lasti // 2]
-        if first == line and start_col is not None:
-            column = char_column(text, start_col)
-            if last == line and end_col is not None:
-                end = char_column(text, end_col)
-    return SourceLoc(code.co_filename, line, column, text, code.co_name, end)
-
-
-def char_column(text: str, byte_offset: int) -> int:
-    """1-based character column of a 0-based UTF-8 byte offset (instruction positions count bytes)."""
-    return len(text.encode()[:byte_offset].decode(errors="ignore")) + 1 if text else byte_offset + 1
-
-
-def user_frame(frame: types.FrameType | None) -> types.FrameType | None:
-    """The innermost frame of the user's code: the first outside flexcomp and torch."""
-    while frame is not None and frame.f_code.co_filename.startswith(FRAMEWORK_DIRS):
-        frame = frame.f_back
-    return frame
-
-
-def user_frame_loc(frame: types.FrameType | None, fallback: SourceLoc) -> SourceLoc:
-    frame = user_frame(frame)
-    return fallback if frame is None else code_loc(frame.f_code, frame.f_lineno, frame.f_lasti)
-
-
-def comparison_written(frame: types.FrameType | None) -> str | None:
-    """The comparison operator the user's frame is executing (`<` for `3 < x`, which Python runs as x.__gt__(3))."""
-    frame = user_frame(frame)
-    if frame is None:
-        return None
-    instruction = next((i for i in dis.get_instructions(frame.f_code) if i.offset == frame.f_lasti), None)
-    if instruction is None or instruction.opname != "COMPARE_OP":
-        return None
-    return str(instruction.argval).removeprefix("bool(").removesuffix(")")  # 3.13 spells a test `bool(<)`
-
-
-def traceback_loc(tb: types.TracebackType | None, fallback: SourceLoc) -> SourceLoc:
-    """The innermost user frame of a traceback: where the user's code raised."""
-    found = fallback
-    while tb is not None:
-        if not tb.tb_frame.f_code.co_filename.startswith(FRAMEWORK_DIRS):
-            found = code_loc(tb.tb_frame.f_code, tb.tb_lineno, tb.tb_lasti)
-        tb = tb.tb_next
-    return found
 
 
 # ---------------------------------------------------------------- the trace
