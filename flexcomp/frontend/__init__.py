@@ -23,9 +23,10 @@ from ..errors import FlexcompError, FlexcompTypeError, SignatureError, SourceLoc
 from ..ir import MASK_MOD_ARGS, SCORE_MOD_ARGS, BufferSpec, DType, Node, arg
 from .builders import cast
 from .expressions import Context
-from .free_names import FreeRead, partial_bindings
+from .free_names import FreeRead
 from .locations import SourceUnavailable
 from .names import BufferTable, capture
+from .signature import check_param_count, partial_bindings
 from .source import read_function
 from .statements import FunctionLowering
 from .tracer import trace_mod
@@ -67,10 +68,7 @@ def lower_mod(lowering: FunctionLowering, kind: str, partial: functools.partial 
     canonical = SCORE_MOD_ARGS if kind == "score" else MASK_MOD_ARGS
     env = bind_partial(lowering, partial) if partial is not None else {}
     params = [p for p in lowering.params() if p not in env]
-    if len(params) != len(canonical):
-        bound = f" ({len(env)} bound by functools.partial)" if env else ""
-        raise SignatureError(f"a {kind}_mod takes {len(canonical)} parameters ({', '.join(canonical)}), "
-                             f"{lowering.src.fn_name!r} takes {len(params)}{bound}", lowering.def_loc)
+    check_param_count(kind, canonical, lowering.src.fn_name, len(params), len(env), lowering.def_loc)
     env |= {p: arg(c, lowering.def_loc) for p, c in zip(params, canonical)}
     lowering.check_return = check_score_return if kind == "score" else check_mask_return
     root = lowering.lower_body(env)

@@ -9,8 +9,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import SignatureError, SourceLoc
-
 
 @dataclass(frozen=True)
 class FreeRead:
@@ -20,25 +18,6 @@ class FreeRead:
     where: str  # "global", "closure" or "partial"
     value: Any
     read: Callable[[], Any]  # the binding's current value
-
-
-def partial_bindings(params: list[str], fn_name: str, partial: functools.partial, loc: SourceLoc) -> dict[str, Any]:
-    """The values a functools.partial binds, by parameter name.
-
-    Calling the partial passes the mod's arguments positionally after the bound leading ones, so every
-    keyword-bound parameter must come after the parameters left free.
-    """
-    leading = dict(zip(params, partial.args))
-    unknown = set(partial.keywords) - set(params[len(leading):])
-    if len(partial.args) > len(params) or unknown:
-        raise SignatureError(f"functools.partial of {fn_name!r} binds {len(partial.args)} leading arguments and "
-                             f"keywords {sorted(partial.keywords)}, but it takes ({', '.join(params)})", loc)
-    free = [p for p in params[len(leading):] if p not in partial.keywords]
-    if params[len(leading):len(leading) + len(free)] != free:
-        raise SignatureError(f"functools.partial of {fn_name!r} binds {sorted(partial.keywords)} by keyword before "
-                             f"the free parameters {free}: the mod's arguments would land on them", loc,
-                             "bind the leading parameters positionally, or reorder the parameters")
-    return leading | dict(partial.keywords)
 
 
 def free_reads(fn: types.FunctionType, seen: set[int]) -> list[FreeRead]:

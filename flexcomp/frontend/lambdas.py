@@ -13,9 +13,9 @@ import re
 import tokenize
 from collections.abc import Callable
 
-from ..errors import SignatureError, SourceLoc, UnsupportedConstructError
+from ..errors import SignatureError, SourceLoc
 from .locations import Source, SourceUnavailable
-from .values import ALLOWED
+from .signature import refuse_signature
 
 LAMBDA_KEYWORD = re.compile(r"\blambda\b")
 Position = tuple[int, int]  # (0-based line in the file, 0-based character column)
@@ -121,15 +121,3 @@ def ends_expression(tok: tokenize.TokenInfo, depth: int) -> bool:
         return True
     closes_outer = tok.type == tokenize.OP and OPENING.get(tok.string) == -1
     return depth == 0 and (closes_outer or tok.string in (",", ";", "for"))
-
-
-def refuse_signature(fn: Callable, loc: SourceLoc, hint: str = ALLOWED) -> None:
-    """A mod (a lambda here, or a traced function) is called positionally with exactly its parameters."""
-    code = fn.__code__
-    varargs = code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
-    if varargs or code.co_kwonlyargcount or code.co_posonlyargcount or fn.__defaults__:
-        raise UnsupportedConstructError(f"{'a lambda mod' if fn.__name__ == '<lambda>' else 'a mod'} takes plain "
-                                        "parameters: no defaults, `*args`, `**kwargs`, `/` or keyword-only parameters",
-                                        loc, hint)
-
-

@@ -25,7 +25,6 @@ import torch
 from ..errors import (
     FlexcompError,
     FlexcompTypeError,
-    SignatureError,
     SourceLoc,
     UndefinedNameError,
     UnsupportedConstructError,
@@ -34,9 +33,9 @@ from ..ir import COMPARISON_OPS, BufferSpec, DType, Node, Op, arg, const, load, 
 from .builders import OP_SYMBOL, binary, cast, clamp, inline_mod, int_const, unary
 from .calls import METHODS, TORCH_DTYPES, apply_rule, bind_clamp, known_callable
 from .frames import code_loc, comparison_written, traceback_loc, user_frame_loc
-from .free_names import FreeRead, free_reads, partial_bindings
-from .lambdas import refuse_signature
+from .free_names import FreeRead, free_reads
 from .names import BufferTable, tensor_spec
+from .signature import check_param_count, partial_bindings, refuse_signature
 
 TRACED_ALLOWED = (
     "A mod whose source cannot be read is traced: it may use + - * / // % ** and comparisons, & | ^ ~, abs(), "
@@ -72,6 +71,7 @@ REFUSED = {
     "ceil": ("`math.ceil()` of a traced value", "use -torch.floor(-x)"),
 }  # fmt: skip
 
+
 @dataclass(frozen=True)
 class TracedMod:
     root: Node  # what the function returned, not yet checked against its kind
@@ -89,10 +89,7 @@ def trace_mod(fn: types.FunctionType, partial: functools.partial | None, kind: s
     refuse_signature(fn, def_loc, TRACED_ALLOWED)
     params = list(code.co_varnames[:code.co_argcount])
     bound = partial_bindings(params, fn.__name__, partial, def_loc) if partial is not None else {}
-    if len(params) - len(bound) != len(canonical):
-        bound_text = f" ({len(bound)} bound by functools.partial)" if bound else ""
-        raise SignatureError(f"a {kind}_mod takes {len(canonical)} parameters ({', '.join(canonical)}), "
-                             f"{fn.__name__!r} takes {len(params) - len(bound)}{bound_text}", def_loc)
+    check_param_count(kind, canonical, fn.__name__, len(params) - len(bound), len(bound), def_loc)
     reads = [FreeRead(name, "partial", value, functools.partial(bound.get, name)) for name, value in bound.items()]
     reads += free_reads(fn, set())
     trace = Trace(fn.__name__, def_loc, reads, BufferTable())
