@@ -222,6 +222,16 @@ def test_gradients_reach_a_traced_mods_captured_tensor(randn, naive_attention):
     torch.testing.assert_close(got.double(), bias.grad.double(), atol=1e-5, rtol=1e-5)
 
 
+def test_a_tensor_bound_by_functools_partial_is_a_buffer(randn, rng):
+    table = randn(4)
+    fn = exec_mod("def s(score, b, h, q, kv, table):\n    return score + table[h]\n")
+    mod = fm.score_mod(functools.partial(fn, table=table))
+    assert [(s.name, s.shape) for s in mod.buffers] == [("table", (4,))] and mod.tensors()["table"] is table
+    h = torch.randint(0, 4, (50,), dtype=torch.int32, generator=rng)
+    score = torch.randn(50, generator=rng)
+    assert torch.equal(evaluate(mod.ir, {"score": score, "h": h}, mod.tensors()), score + table[h])
+
+
 def test_a_rebound_tensor_of_another_shape_is_traced_again(traced, randn):
     namespace = exec_traced()
     mod = fm.score_mod(namespace["alibi"])

@@ -8,7 +8,7 @@ closure and globals (names.py); values.py holds what exists only while compiling
 unindexed tensors).  Every node gets the `SourceLoc` of the code it came from, and every refusal is a
 `FlexcompError` that points at the user's line.  A function whose source `inspect` cannot read (a plain REPL,
 `python -c`, `exec`) is traced instead (tracer.py, with frames.py and free_names.py): run once on stand-ins that
-build the same nodes.
+build the same nodes.  signature.py checks the parameters for both.
 """
 
 from __future__ import annotations
