@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .errors import ModKindError, SignatureError, SourceLoc
+from .frontend.tracer import Traced, inline_traced_mod
 from .frontend.values import ModBase
 from .guards import Guard, GuardTable, all_hold, compiled_key, describe_changes, live_key
 from .ir import BufferSpec, DType, Node, Op, structural_key
@@ -120,6 +121,8 @@ class Mod(ModBase):
         return tuple(tensor_spec(spec.name, values[spec.name], self.loc) for spec in self.buffers)
 
     def __call__(self, *args: Any) -> Any:
+        if any(isinstance(a, Traced) for a in args):  # called by a mod being traced: inline this mod's IR
+            return inline_traced_mod(self, args)
         if self.fn is not None:
             return self.fn(*args)
         from .reference import evaluate_mod

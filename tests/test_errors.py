@@ -267,13 +267,6 @@ def test_error_names_construct_and_points_at_it(case):
     assert "Traceback" not in text and "lark" not in text.lower()
 
 
-def test_lambda_without_source_is_refused_clearly():
-    made_by_eval = eval("lambda b, h, q, kv: q >= kv")  # as at a plain REPL: no file to read the lambda from
-    with pytest.raises(SignatureError, match="has no source file") as info:
-        fm.mask_mod(made_by_eval)
-    assert "'<string>'" in info.value.message
-
-
 def test_as_mod_kind_mismatch():
     mod = fm.mask_mod(e_arity_ok)
     with pytest.raises(ModKindError, match=r"expected a score_mod, got mask_mod 'e_arity_ok' \(fn_or_mod.kind='mask' "

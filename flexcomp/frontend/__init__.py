@@ -6,7 +6,9 @@ grammar in grammar/mods.lark, with positions mapped back to the file (locations.
 `Node`s through typed builders (builders.py) and the call table (calls.py).  Free names resolve through the
 closure and globals (names.py); values.py holds what exists only while compiling (modules, functions,
 unindexed tensors).  Every node gets the `SourceLoc` of the code it came from, and every refusal is a
-`FlexcompError` that points at the user's line.
+`FlexcompError` that points at the user's line.  A function whose source `inspect` cannot read (a plain REPL,
+`python -c`, `exec`) is traced instead (tracer.py, with frames.py and free_names.py): run once on stand-ins that
+build the same nodes.  signature.py checks the parameters for both.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from ..guards import Guard
 from ..ir import MASK_MOD_ARGS, SCORE_MOD_ARGS, BufferSpec, DType, Node, arg
 from .builders import cast
 from .expressions import Context
+from .locations import SourceUnavailable
 from .names import BufferTable, capture
+from .signature import check_param_count, partial_bindings
 from .source import read_function
 from .statements import FunctionLowering
+from .tracer import trace_mod
 
 __all__ = ["BufferTable", "Lowered", "lower_function"]
 
@@ -46,7 +51,10 @@ def lower_function(fn: Callable, kind: str) -> Lowered:
     if not isinstance(fn, types.FunctionType):
         raise SignatureError(f"a {kind}_mod must be a plain Python function, a lambda or a functools.partial of "
                              f"one, got {type(fn).__name__}")
-    src, tree = read_function(fn)
+    try:
+        src, tree = read_function(fn)
+    except SourceUnavailable:
+        return lower_traced(fn, kind, partial)
     lowering = FunctionLowering(Context(stack=[fn.__code__]), fn, src, tree)
     try:
         return lower_mod(lowering, kind, partial)
@@ -60,10 +68,7 @@ def lower_mod(lowering: FunctionLowering, kind: str, partial: functools.partial 
     canonical = SCORE_MOD_ARGS if kind == "score" else MASK_MOD_ARGS
     env = bind_partial(lowering, partial) if partial is not None else {}
     params = [p for p in lowering.params() if p not in env]
-    if len(params) != len(canonical):
-        bound = f" ({len(env)} bound by functools.partial)" if env else ""
-        raise SignatureError(f"a {kind}_mod takes {len(canonical)} parameters ({', '.join(canonical)}), "
-                             f"{lowering.src.fn_name!r} takes {len(params)}{bound}", lowering.def_loc)
+    check_param_count(kind, canonical, lowering.src.fn_name, len(params), len(env), lowering.def_loc)
     env |= {p: arg(c, lowering.def_loc) for p, c in zip(params, canonical)}
     lowering.check_return = check_score_return if kind == "score" else check_mask_return
     root = lowering.lower_body(env)
@@ -72,25 +77,18 @@ def lower_mod(lowering: FunctionLowering, kind: str, partial: functools.partial 
                    lowering.ctx.guards.freeze())
 
 
-def bind_partial(lowering: FunctionLowering, partial: functools.partial) -> dict[str, Any]:
-    """The partial's bound arguments as captured values, by parameter name.
+def lower_traced(fn: types.FunctionType, kind: str, partial: functools.partial | None) -> Lowered:
+    """A mod without readable source (a REPL, `python -c`, `exec`), traced on stand-ins (tracer.py)."""
+    traced = trace_mod(fn, partial, kind, SCORE_MOD_ARGS if kind == "score" else MASK_MOD_ARGS)
+    check_return = check_score_return if kind == "score" else check_mask_return
+    root = check_return(traced.root, traced.loc)
+    return Lowered(root, traced.buffers, traced.resolvers, traced.loc, traced.guards)
 
-    Calling the partial passes the mod's arguments positionally after the bound leading ones, so every
-    keyword-bound parameter must come after the parameters left free.
-    """
-    params, loc = lowering.params(), lowering.def_loc
-    leading = dict(zip(params, partial.args))
-    unknown = set(partial.keywords) - set(params[len(leading):])
-    if len(partial.args) > len(params) or unknown:
-        raise SignatureError(f"functools.partial of {lowering.src.fn_name!r} binds {len(partial.args)} leading "
-                             f"arguments and keywords {sorted(partial.keywords)}, but it takes ({', '.join(params)})",
-                             loc)
-    free = [p for p in params[len(leading):] if p not in partial.keywords]
-    if params[len(leading):len(leading) + len(free)] != free:
-        raise SignatureError(f"functools.partial of {lowering.src.fn_name!r} binds {sorted(partial.keywords)} by "
-                             f"keyword before the free parameters {free}: the mod's arguments would land on them",
-                             loc, "bind the leading parameters positionally, or reorder the parameters")
-    values = leading | dict(partial.keywords)
+
+def bind_partial(lowering: FunctionLowering, partial: functools.partial) -> dict[str, Any]:
+    """The partial's bound arguments as captured values, by parameter name."""
+    loc = lowering.def_loc
+    values = partial_bindings(lowering.params(), lowering.src.fn_name, partial, loc)
     return {name: capture(name, value, functools.partial(values.get, name), lowering.ctx.buffers, loc)
             for name, value in values.items()}
 

@@ -7,20 +7,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import FlexcompTypeError
+from ..errors import FlexcompTypeError, SignatureError
 from ..ir import (
+    ARG_DTYPES,
     ARITHMETIC_OPS,
     COMPARISON_OPS,
     INT32_MAX,
     INT32_MIN,
     LOGICAL_OPS,
+    MASK_MOD_ARGS,
+    SCORE_MOD_ARGS,
     SHIFT_OPS,
     DType,
     Node,
     Op,
+    arg,
     const,
     promote,
     result_dtype,
+    substitute,
 )
 from ..rewrite import fold
 
@@ -75,6 +80,13 @@ def where(c: Node, a: Node, b: Node, loc: Any) -> Node:
     return Node(Op.WHERE, common, (to_bool(c, loc), a, b), None, loc)
 
 
+def clamp(x: Node, lo: Node | None, hi: Node | None, loc: Any) -> Node:
+    # clamp(x, lo, hi) -> MIN(MAX(x, lo), hi); a missing bound is left out
+    if lo is not None:
+        x = binary(Op.MAX, x, lo, loc)
+    return x if hi is None else binary(Op.MIN, x, hi, loc)
+
+
 def logical(op: Op, a: Node, b: Node, loc: Any) -> Node:
     return Node(op, DType.BOOL, (to_bool(a, loc), to_bool(b, loc)), None, loc)
 
@@ -105,3 +117,24 @@ def add_all(items: tuple[Node, ...], loc: Any) -> Node:
     for x in items[1:]:
         total = binary(Op.ADD, total, x, loc)
     return total
+
+
+def inline_mod(mod: Any, args: list[Node], buffers: Any, guards: Any, loc: Any,
+               arg_locs: list[Any] | None = None) -> Node:
+    """A call to another mod: its raw IR (its captured tensors merged into `buffers`, a BufferTable, and its
+    guards into `guards`, a GuardTable) with its canonical arguments replaced by `args`."""
+    names = SCORE_MOD_ARGS if mod.kind == "score" else MASK_MOD_ARGS
+    if len(args) != len(names):
+        raise SignatureError(f"{mod.kind}_mod {mod.name!r} takes {len(names)} positional arguments "
+                             f"({', '.join(names)}), got {len(args)}", loc)
+    mapping = {}
+    for i, (name, node) in enumerate(zip(names, args)):
+        want = ARG_DTYPES[name]
+        if want == DType.I32 and node.dtype == DType.F32:
+            raise FlexcompTypeError(f"argument {name!r} of {mod.name!r} must be an int, got a float",
+                                    arg_locs[i] if arg_locs else loc)
+        mapping[arg(name)] = cast(node, want, loc)
+    mod = mod.specialized()  # the called mod's captured values as they are now
+    if guards is not None:
+        guards.merge(mod.guards)  # and re-read at every call of the caller
+    return substitute(buffers.merge(mod.buffers, mod.resolvers, mod.raw_ir), mapping)

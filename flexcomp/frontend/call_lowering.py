@@ -9,11 +9,13 @@ from typing import Any
 from lark import Tree
 
 from ..errors import FlexcompTypeError, SignatureError, SourceLoc, UnsupportedConstructError
-from ..ir import ARG_DTYPES, MASK_MOD_ARGS, SCORE_MOD_ARGS, DType, Node, Op, arg, const, substitute
+from ..ir import DType, Node, Op, const
 from .activations import FUNCTIONS, call_function
-from .builders import add_all, binary, cast, constant, int_const
-from .calls import BUILTINS, CAST_KEYS, METHODS, STRUCTURAL_KEYS
+from .builders import add_all, binary, cast, clamp, constant, inline_mod, int_const
+from .calls import CAST_KEYS, METHODS, STRUCTURAL_KEYS, apply_rule, bind_clamp
+from .locations import SourceUnavailable
 from .source import read_function
+from .tracer import trace_call
 from .values import (
     ALLOWED,
     NONE,
@@ -74,28 +76,12 @@ class CallLowering:
             return self.call_activation(key, args, kwargs, loc)
         if kwargs:
             raise UnsupportedConstructError(f"keyword arguments to `{key}` are not supported", loc, ALLOWED)
-        rule = BUILTINS[key]
-        if not rule.fewest <= len(args) <= rule.most:
-            want = f"{rule.fewest}" if rule.fewest == rule.most else f"at least {rule.fewest}"
-            raise SignatureError(f"`{key}` takes {want} arguments here, got {len(args)}", loc)
-        return rule.build([self.as_node(v, t) for v, t in args], loc)
+        return apply_rule(key, key, [self.as_node(v, t) for v, t in args], loc)
 
     def clamp(self, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
-        # clamp(x, lo, hi) -> MIN(MAX(x, lo), hi); a None bound is left out
-        names = ["input", "min", "max"]
-        if len(args) > 3 or set(kwargs) - set(names):
-            raise SignatureError(f"clamp takes (input, min=None, max=None), got {len(args)} positional arguments "
-                                 f"and keywords {sorted(kwargs)}", loc)
-        bound = dict(zip(names, args)) | kwargs
-        if "input" not in bound:
-            raise SignatureError("clamp needs an input", loc)
+        bound = bind_clamp(args, kwargs, loc)
         nodes = {k: self.as_node(v, t) for k, (v, t) in bound.items() if v is not NONE}
-        result = nodes["input"]
-        if "min" in nodes:
-            result = binary(Op.MAX, result, nodes["min"], loc)
-        if "max" in nodes:
-            result = binary(Op.MIN, result, nodes["max"], loc)
-        return result
+        return clamp(nodes["input"], nodes.get("min"), nodes.get("max"), loc)
 
     def call_activation(self, key: str, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
         x = args[0] if args else kwargs.pop("input", None)
@@ -184,22 +170,11 @@ class CallLowering:
 
     def call_mod(self, mod: Any, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
         """Another mod's raw IR with its canonical arguments replaced by this call's."""
-        names = SCORE_MOD_ARGS if mod.kind == "score" else MASK_MOD_ARGS
-        if kwargs or len(args) != len(names):
-            raise SignatureError(f"{mod.kind}_mod {mod.name!r} takes {len(names)} positional arguments "
-                                 f"({', '.join(names)}), got {len(args)}" + (" and keywords" if kwargs else ""), loc)
-        mapping = {}
-        for name, (value, tree) in zip(names, args):
-            node = self.as_node(value, tree)
-            want = ARG_DTYPES[name]
-            if want == DType.I32 and node.dtype == DType.F32:
-                raise FlexcompTypeError(f"argument {name!r} of {mod.name!r} must be an int, got a float",
-                                        self.src.loc(tree, loc))
-            mapping[arg(name)] = cast(node, want, loc)
-        mod = mod.specialized()  # the called mod's captured values as they are now
-        self.ctx.guards.merge(mod.guards)  # and re-read at every call of this one
-        body = self.ctx.buffers.merge(mod.buffers, mod.resolvers, mod.raw_ir)
-        return substitute(body, mapping)
+        if kwargs:
+            raise SignatureError(f"{mod.kind}_mod {mod.name!r} takes positional arguments only, got keywords", loc)
+        nodes = [self.as_node(value, tree) for value, tree in args]
+        return inline_mod(mod, nodes, self.ctx.buffers, self.ctx.guards, loc,
+                          [self.src.loc(tree, loc) for _, tree in args])
 
     def call_function(self, fn: Callable, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
         """A plain helper (def or lambda), inlined: its body lowered with the arguments bound."""
@@ -208,7 +183,12 @@ class CallLowering:
             chain = " -> ".join(c.co_name for c in self.ctx.stack) + f" -> {code.co_name}"
             raise UnsupportedConstructError(f"recursive call to {fn.__name__!r} ({chain})", loc,
                                             "mods are inlined, so recursion is not supported")
-        helper = type(self)(self.ctx, fn, *read_function(fn))
+        try:
+            helper = type(self)(self.ctx, fn, *read_function(fn))
+        except SourceUnavailable:  # a helper typed at a REPL: traced with this call's arguments
+            nodes = [self.as_node(v, t) for v, t in args]
+            return trace_call(fn, nodes, {k: self.as_node(v, t) for k, (v, t) in kwargs.items()},
+                              self.ctx.buffers, self.ctx.guards)
         params = helper.params()
         bound = dict(zip(params, (v for v, _ in args)))
         for k, (v, _) in kwargs.items():

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import SourceLoc
+from ..errors import SignatureError, SourceLoc
 from ..ir import DType, Node, Op
 from .builders import binary, cast, logical, logical_not, unary, where
 
@@ -118,3 +118,26 @@ BUILTINS: dict[str, Rule] = {
     "logical_or": Rule(2, 2, lambda xs, loc: logical(Op.OR, xs[0], xs[1], loc)),
     "pow": binary_rule(Op.POW), "mod": binary_rule(Op.MOD), "floordiv": binary_rule(Op.FLOORDIV),
 }  # fmt: skip
+
+
+def apply_rule(key: str, spelled: str, args: list[Node], loc: SourceLoc) -> Node:
+    """BUILTINS[key] applied to `args` (a call written `spelled`), after checking how many there are."""
+    rule = BUILTINS[key]
+    if not rule.fewest <= len(args) <= rule.most:
+        want = f"{rule.fewest}" if rule.fewest == rule.most else f"at least {rule.fewest}"
+        raise SignatureError(f"`{spelled}` takes {want} arguments here, got {len(args)}", loc)
+    return rule.build(args, loc)
+
+
+CLAMP_PARAMS = ("input", "min", "max")
+
+
+def bind_clamp(args: list, kwargs: dict, loc: SourceLoc) -> dict[str, Any]:
+    """clamp's arguments by name, as torch binds them: (input, min=None, max=None)."""
+    if len(args) > len(CLAMP_PARAMS) or set(kwargs) - set(CLAMP_PARAMS):
+        raise SignatureError(f"clamp takes (input, min=None, max=None), got {len(args)} positional arguments "
+                             f"and keywords {sorted(kwargs)}", loc)
+    bound = dict(zip(CLAMP_PARAMS, args)) | kwargs
+    if "input" not in bound:
+        raise SignatureError("clamp needs an input", loc)
+    return bound

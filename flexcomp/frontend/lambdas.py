@@ -13,9 +13,9 @@ import re
 import tokenize
 from collections.abc import Callable
 
-from ..errors import SignatureError, SourceLoc, UnsupportedConstructError
-from .locations import Source
-from .values import ALLOWED
+from ..errors import SignatureError, SourceLoc
+from .locations import Source, SourceUnavailable
+from .signature import refuse_signature
 
 LAMBDA_KEYWORD = re.compile(r"\blambda\b")
 Position = tuple[int, int]  # (0-based line in the file, 0-based character column)
@@ -27,12 +27,11 @@ def read_lambda(fn: Callable) -> Source:
         file_lines, _ = inspect.findsource(fn)
         file = inspect.getsourcefile(fn) or code.co_filename
     except (OSError, TypeError) as e:
-        raise SignatureError(f"cannot read the source of the lambda from {code.co_filename!r} ({e}): a lambda typed "
-                             "at a plain REPL or built by exec() has no source file to parse; define it in a file "
-                             "(or a notebook cell), or write the mod as a `def`") from None
+        raise SourceUnavailable(f"cannot read the source of the lambda from {code.co_filename!r} ({e}): a lambda "
+                                "typed at a plain REPL or built by exec() has no source file to parse") from None
     lines = [line.rstrip("\r\n") for line in file_lines]
     (line, col), end = lambda_span(fn, lines)
-    refuse_lambda_signature(fn, SourceLoc(file, line + 1, col + 1, lines[line], "<lambda>"))
+    refuse_signature(fn, SourceLoc(file, line + 1, col + 1, lines[line], "<lambda>"))
     chunk = lines[line:end[0] + 1]
     chunk[-1] = chunk[-1][:end[1]]
     chunk[0] = chunk[0][col:]
@@ -122,13 +121,3 @@ def ends_expression(tok: tokenize.TokenInfo, depth: int) -> bool:
         return True
     closes_outer = tok.type == tokenize.OP and OPENING.get(tok.string) == -1
     return depth == 0 and (closes_outer or tok.string in (",", ";", "for"))
-
-
-def refuse_lambda_signature(fn: Callable, loc: SourceLoc) -> None:
-    code = fn.__code__
-    varargs = code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
-    if varargs or code.co_kwonlyargcount or code.co_posonlyargcount or fn.__defaults__:
-        raise UnsupportedConstructError("a lambda mod takes plain parameters: no defaults, `*args`, `**kwargs`, "
-                                        "`/` or keyword-only parameters", loc, ALLOWED)
-
-

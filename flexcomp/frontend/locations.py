@@ -6,7 +6,11 @@ from dataclasses import dataclass
 
 from lark import Token, Tree
 
-from ..errors import SourceLoc
+from ..errors import SignatureError, SourceLoc
+
+
+class SourceUnavailable(SignatureError):
+    """`inspect` cannot read a function's source (a plain REPL, `python -c`, `exec`): the mod is traced instead."""
 
 
 @dataclass

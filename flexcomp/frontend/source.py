@@ -10,10 +10,10 @@ from lark import Tree
 from lark.exceptions import LarkError, UnexpectedInput
 from lark.indenter import DedentError
 
-from ..errors import FlexcompSyntaxError, SignatureError, SourceLoc, UnsupportedConstructError
+from ..errors import FlexcompSyntaxError, SourceLoc, UnsupportedConstructError
 from ..grammar import mod_parser
 from .lambdas import read_lambda
-from .locations import Source
+from .locations import Source, SourceUnavailable
 from .values import ALLOWED
 
 
@@ -35,7 +35,7 @@ def read_def(fn: Callable) -> Source:
         lines, first = inspect.getsourcelines(fn)
         file = inspect.getsourcefile(fn) or fn.__code__.co_filename
     except (OSError, TypeError) as e:
-        raise SignatureError(f"cannot read the source of {name!r} ({e}); define mods with `def` in a file") from None
+        raise SourceUnavailable(f"cannot read the source of {name!r} from {fn.__code__.co_filename!r} ({e})") from None
     start = next((i for i, line in enumerate(lines) if DEF_LINE.match(line)), None)
     if start is None:
         raise UnsupportedConstructError(f"cannot compile {name!r}: a mod must be a `def` or a `lambda`",
