@@ -241,14 +241,34 @@ def test_a_rebound_tensor_of_another_shape_is_traced_again(traced, randn):
     assert variant.buffers[0].shape == (6,) and variant.loc.file == "<no source>"
 
 
-def test_traced_mods_record_the_names_they_read(traced):
-    reads = {(r.name, r.where): r.value for r in lower_function(traced["sliding"], "mask").traced_reads}
-    assert reads[("window", "closure")] == traced["W"]
-    reads = {(r.name, r.where): r for r in lower_function(traced["t5"], "score").traced_reads}
-    assert reads[("OFFSET", "global")].value == traced["L"] - 1
-    assert reads[("BIAS", "global")].read() is traced["BIAS"]
-    reads = {(r.name, r.where): r.value for r in lower_function(traced["window5"], "mask").traced_reads}
-    assert reads[("window", "partial")] == 5
+def test_traced_mods_guard_the_scalars_they_read(traced):
+    guards = {(g.name, g.where()): g.value for g in lower_function(traced["sliding"], "mask").guards}
+    assert guards[("window", "closure variable")] == traced["W"]
+    guards = {(g.name, g.where()): g for g in lower_function(traced["t5"], "score").guards}
+    assert guards[("OFFSET", "global")].value == traced["L"] - 1
+    assert ("BIAS", "global") not in guards  # tensors are read live, not guarded
+    guards = {g.name for g in lower_function(traced["window5"], "mask").guards}
+    assert "window" not in guards  # a partial's bound value cannot be rebound
+
+
+def test_traced_activations_take_torchs_keywords(rng):
+    traced = fm.score_mod(exec_mod("def s(score, b, h, q, kv):\n"
+                                   "    return torch.nn.functional.gelu(score, approximate='tanh') + torch.sign(score)\n"))
+    score = torch.randn(100, generator=rng)
+    want = torch.nn.functional.gelu(score, approximate="tanh") + torch.sign(score)
+    torch.testing.assert_close(evaluate(traced.ir, {"score": score}, {}), want)
+
+
+def test_a_rebound_scalar_of_a_traced_mod_is_seen_at_the_next_call(rng):
+    namespace = {"torch": torch, "W": 4}
+    exec(compile("def m(b, h, q, kv):\n    return (q >= kv) & (q - kv < W)\n", "<repl>", "exec"), namespace)  # noqa: S102
+    mod = fm.mask_mod(namespace["m"])
+    q = torch.randint(0, 64, (200,), dtype=torch.int32, generator=rng)
+    kv = torch.randint(0, 64, (200,), dtype=torch.int32, generator=rng)
+    for window in (4, 17):
+        namespace["W"] = window
+        live = mod.specialized()
+        assert torch.equal(evaluate(live.ir, {"q_idx": q, "kv_idx": kv}, live.tensors()), (q >= kv) & (q - kv < window))
 
 
 PYTHON_C = """
@@ -340,8 +360,8 @@ def test_what_tracing_cannot_see_says_what_to_write(case, text, line, words, hin
 
 
 def test_unsupported_torch_function_and_attribute():
-    with pytest.raises(UnsupportedConstructError, match=r"`torch.sign` is not supported in a mod \(tracing 's'\)"):
-        fm.score_mod(exec_mod("def s(score, b, h, q, kv):\n    return torch.sign(score)\n"))
+    with pytest.raises(UnsupportedConstructError, match=r"`torch.lgamma` is not supported in a mod \(tracing 's'\)"):
+        fm.score_mod(exec_mod("def s(score, b, h, q, kv):\n    return torch.lgamma(score)\n"))
     with pytest.raises(UnsupportedConstructError, match=r"attribute `.shape` of a traced f32 value") as info:
         fm.score_mod(exec_mod("def s(score, b, h, q, kv):\n    return score * score.shape[0]\n"))
     assert info.value.loc.line == 2

@@ -25,12 +25,14 @@ import torch
 from ..errors import (
     FlexcompError,
     FlexcompTypeError,
+    SignatureError,
     SourceLoc,
     UndefinedNameError,
     UnsupportedConstructError,
 )
 from ..guards import Guard, GuardTable
 from ..ir import COMPARISON_OPS, BufferSpec, DType, Node, Op, arg, const, load, toposort
+from .activations import FUNCTIONS, call_function
 from .builders import OP_SYMBOL, binary, cast, clamp, inline_mod, int_const, unary
 from .calls import METHODS, TORCH_DTYPES, apply_rule, bind_clamp, known_callable
 from .frames import code_loc, comparison_written, traceback_loc, user_frame_loc
@@ -198,9 +200,20 @@ class Trace:
         loc = self.loc()
         if key == "clamp":
             return self.clamp(args, kwargs, loc)
+        if key in FUNCTIONS:  # torch's keyword parameters and defaults: F.gelu(x, approximate="tanh")
+            return self.function(key, args, kwargs, loc)
         if kwargs:
             raise UnsupportedConstructError(f"keyword arguments to `{spelled}` are not supported", loc, TRACED_ALLOWED)
         return self.traced(apply_rule(key, spelled, [self.node(a, loc) for a in args], loc))
+
+    def function(self, key: str, args: tuple, kwargs: dict, loc: SourceLoc) -> Traced:
+        kwargs = dict(kwargs)
+        x = args[0] if args else kwargs.pop("input", None)
+        if x is None:
+            raise SignatureError(f"`{key}` needs an input", loc)
+        options = {k: v.node if isinstance(v, Traced) else v for k, v in kwargs.items()}
+        rest = [a.node if isinstance(a, Traced) else a for a in args[1:]]
+        return self.traced(call_function(key, self.node(x, loc), rest, options, loc))
 
     def clamp(self, args: tuple, kwargs: dict, loc: SourceLoc) -> Traced:
         bound = {k: self.node(v, loc) for k, v in bind_clamp(list(args), kwargs, loc).items() if v is not None}
