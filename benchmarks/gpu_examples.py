@@ -38,9 +38,9 @@ def build_example(name: str, device: str) -> dict:
 
 def check_example(name: str, device: str, backend: str = "auto") -> float:
     """Max abs error of `name` on `device` against the dense float64 oracle of examples/_run.py; raises on mismatch."""
+    spec = build_example(name, device)  # also puts examples/ on sys.path
     from _run import check_against_dense
 
-    spec = build_example(name, device)
     q_len = spec.get("check_q_len") or min(spec["q_len"], 128)
     kv_len = spec.get("check_kv_len") or min(spec.get("kv_len") or spec["q_len"], 128)
     kwargs = {key: spec[key] for key in SPEC_KEYS if key in spec}
