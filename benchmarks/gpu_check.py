@@ -15,9 +15,9 @@ import sys
 import time
 
 import torch
+from gpu_examples import example_names, run_all
 
 import flexcomp as fc
-from gpu_examples import example_names, run_all
 
 DEVICE = "cuda"
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 5e-4}
