@@ -4,7 +4,8 @@
 
 Covers what the interpreter tests cannot reach: real tile sizes and num_warps,
 bf16 tensor-core dots, odd lengths, GQA, head dims 16..256 (non-powers of two),
-Dv != D, fp16/bf16/fp32, fully masked rows and learnable captured tensors.
+Dv != D, fp16/bf16/fp32, fully masked rows and learnable captured tensors; then every
+example of the gallery on CUDA (benchmarks/gpu_examples.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import time
 
 import torch
+from gpu_examples import example_names, run_all
 
 import flexcomp as fc
 
@@ -177,7 +179,10 @@ def main() -> int:
             ok, detail = False, f"{type(exc).__name__}: {str(exc)[:300]}"
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {name:28s} {shape!s:34s} {dtype!s:15s} {detail}", flush=True)
-    print(f"{len(runs) + 1 - failures}/{len(runs) + 1} GPU checks passed in {time.time() - t0:.0f}s")
+    example_failures = run_all(DEVICE)  # the gallery on CUDA (issue 24: captured tensors on the wrong device)
+    failures += example_failures
+    total = len(runs) + 1 + len(example_names())
+    print(f"{total - failures}/{total} GPU checks passed in {time.time() - t0:.0f}s")
     return 1 if failures else 0
 
 

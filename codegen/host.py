@@ -24,7 +24,11 @@ MIN_STAGES = 2
 def check_buffers(buffers: list[tuple[str, torch.Tensor]], device: torch.device) -> None:
     for name, t in buffers:
         if t.device != device:
-            raise ValueError(f"captured tensor {name.split(':', 1)[1]!r} is on {t.device}, the inputs on {device}")
+            raise ValueError(
+                f"captured tensor {name.split(':', 1)[1]!r} is on {t.device}, the inputs on {device}: create it on "
+                f"the inputs' device (torch.tensor(..., device=q.device)), or move it once with `.to(q.device)` before "
+                f"the mod is defined and capture the moved tensor; flexcomp does not copy it on every call"
+            )
 
 
 def slot_args(name: str, t: torch.Tensor) -> list[Any]:

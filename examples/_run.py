@@ -3,7 +3,8 @@
 `run_example(score_mod=..., mask_mod=..., q_len=..., ...)` prints the parsed and
 optimized IR, the tile classes of the block mask at (q_len, kv_len), the
 generated kernel source when codegen is there, then runs flexcomp at a small
-size on whatever device exists and compares with a dense float64 attention that
+size on whatever device exists (an example's captured tensors are built there
+by its `example(device)`) and compares with a dense float64 attention that
 calls the user's Python functions directly (never flexcomp's own evaluator).
 Exits 1 on a mismatch.  Flags: --triton (the Triton backend; under the
 interpreter when there is no GPU), --q-len/--kv-len (tile-analysis size), --quiet.
@@ -34,27 +35,30 @@ def _user_fn(mod: Any) -> Callable:
     return fn if fn is not None else mod
 
 
-def _index_grid(batch: int, heads: int, q_len: int, kv_len: int) -> tuple[torch.Tensor, ...]:
+def _index_grid(batch: int, heads: int, q_len: int, kv_len: int, device) -> tuple[torch.Tensor, ...]:
     def ramp(n: int, dim: int) -> torch.Tensor:
         shape = [1, 1, 1, 1]
         shape[dim] = n
-        return torch.arange(n, dtype=INDEX_DTYPE).view(shape)
+        return torch.arange(n, dtype=INDEX_DTYPE, device=device).view(shape)
 
     return ramp(batch, 0), ramp(heads, 1), ramp(q_len, 2), ramp(kv_len, 3)
 
 
-def _call_elementwise(fn: Callable, shape: tuple[int, ...], score: torch.Tensor | None) -> torch.Tensor:
+def _call_elementwise(fn: Callable, shape: tuple[int, ...], score: torch.Tensor | None, device) -> torch.Tensor:
     """Call `fn` once per element with 0-d tensors: Python `if`, `and`, `min` on tensors just work."""
     out = []
     for b, h, q, kv in torch.cartesian_prod(*(torch.arange(n) for n in shape)).tolist():
-        idx = [torch.tensor(i, dtype=INDEX_DTYPE) for i in (b, h, q, kv)]
+        idx = [torch.tensor(i, dtype=INDEX_DTYPE, device=device) for i in (b, h, q, kv)]
         args = idx if score is None else [score[b, h, q, kv], *idx]
         out.append(torch.as_tensor(fn(*args)))
     return torch.stack(out).view(shape)
 
 
-def evaluate_user_fn(mod: Any, batch: int, heads: int, q_len: int, kv_len: int, score: torch.Tensor | None = None):
-    """The user's function on the full [B, H, Q, KV] index grid (a float64 score when given).
+def evaluate_user_fn(
+    mod: Any, batch: int, heads: int, q_len: int, kv_len: int, score: torch.Tensor | None = None, device="cpu"
+):
+    """The user's function on the full [B, H, Q, KV] index grid on `device`, where its captured tensors live
+    (a float64 score when given).
 
     Vectorized first (one call on broadcast index tensors); if the function uses
     data-dependent Python control flow, which cannot run on a whole tensor, it is
@@ -62,17 +66,17 @@ def evaluate_user_fn(mod: Any, batch: int, heads: int, q_len: int, kv_len: int, 
     """
     fn = _user_fn(mod)
     shape = (batch, heads, q_len, kv_len)
-    grid = _index_grid(*shape)
+    grid = _index_grid(*shape, device)
     try:
         value = torch.as_tensor(fn(*grid) if score is None else fn(score, *grid))
         return value.expand(shape).clone()
     except (RuntimeError, TypeError, IndexError):
-        return _call_elementwise(fn, shape, score)
+        return _call_elementwise(fn, shape, score, device)
 
 
 def dense_attention(q, k, v, score_mod=None, mask_mod=None, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 attention with full [B, H, Q, KV] matrices: (output, lse).  GQA by repeating kv heads."""
-    q, k, v = (t.detach().double().cpu() for t in (q, k, v))
+    q, k, v = (t.detach().double() for t in (q, k, v))  # float64 on the inputs' (and captured tensors') device
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     k = k.repeat_interleave(heads // k.shape[1], dim=1)
@@ -80,14 +84,14 @@ def dense_attention(q, k, v, score_mod=None, mask_mod=None, scale=None) -> tuple
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     scores = q @ k.transpose(-1, -2) * scale
     if score_mod is not None:
-        scores = evaluate_user_fn(score_mod, batch, heads, q_len, kv_len, score=scores).double()
+        scores = evaluate_user_fn(score_mod, batch, heads, q_len, kv_len, score=scores, device=q.device).double()
     if mask_mod is not None:
-        keep = evaluate_user_fn(mask_mod, batch, heads, q_len, kv_len).bool()
+        keep = evaluate_user_fn(mask_mod, batch, heads, q_len, kv_len, device=q.device).bool()
         scores = scores.masked_fill(~keep, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     weights = torch.exp(scores - finite_lse[..., None])  # a fully masked row: all zeros, no NaN
-    return weights @ v, lse
+    return (weights @ v).cpu(), lse.cpu()
 
 
 def brute_force_tiles(mask_mod, batch: int, heads: int, q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
@@ -125,7 +129,8 @@ def show_tiles(mask_mod, batch: int, heads: int, q_len: int, kv_len: int, block_
     from flexcomp.ir import to_expr
 
     _section(f"tiles of {mask_mod.name} at B={batch} H={heads} Q={q_len} KV={kv_len} BLOCK_SIZE={block_size}")
-    block_mask = fc.create_block_mask(mask_mod, batch, heads, q_len, kv_len, device="cpu", BLOCK_SIZE=block_size)
+    block_mask = fc.create_block_mask(mask_mod, batch, heads, q_len, kv_len, device=default_device(),
+                                      BLOCK_SIZE=block_size)
     counts = torch.bincount(torch.as_tensor(block_mask.tile_classes()).flatten().long(), minlength=3).tolist()
     print(f"EMPTY {counts[0]}  PARTIAL {counts[1]}  FULL {counts[2]}  sparsity {block_mask.sparsity():.1f}%")
     bounds = getattr(block_mask, "bounds", None)
@@ -154,7 +159,7 @@ def check_against_dense(
     """Run flexcomp on random inputs and return the max abs error against `dense_attention`; raises on mismatch."""
     import flexcomp as fc
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen).to(device) for n in (q_len, kv_len, kv_len))
     masking = {}
@@ -188,11 +193,24 @@ def _have_block_masks() -> bool:
     return importlib.util.find_spec("flexcomp.blockmask") is not None
 
 
-def run_example(
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_example(example: Callable[[str], dict] | None = None, **spec: Any) -> None:
+    """Compile, show and check one variant; the `if __name__ == "__main__"` of every example.
+
+    `run_example(example)`: an example with captured tensors passes its `example(device)` builder, called here
+    with the device the check runs on (a captured tensor must live on the inputs' device); one without passes
+    its spec as keywords, `run_example(**EXAMPLE)`.
+    """
+    _run_spec(**(example(default_device()) if example is not None else spec))
+
+
+def _run_spec(
     score_mod=None, mask_mod=None, *, q_len=1024, kv_len=None, batch=1, heads=2, head_dim=16,
     block_size=128, check_q_len=None, check_kv_len=None,
 ) -> None:
-    """Compile, show and check one variant; the `if __name__ == "__main__"` of every example."""
     args = _parse_args(q_len, kv_len or q_len)
     if args.triton and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton compiles anything

@@ -18,16 +18,22 @@ WINDOW = 64
 RETRIEVAL_HEAD = torch.tensor([True, False, False, True])
 
 
-@fc.mask_mod
-def retrieval_head(b, h, q_idx, kv_idx):
-    return RETRIEVAL_HEAD[h]
+def example(device="cpu") -> dict:
+    """The mask with RETRIEVAL_HEAD on `device`: captured tensors live where q, k, v live (moved once)."""
+    is_retrieval = RETRIEVAL_HEAD.to(device)
+
+    @fc.mask_mod
+    def retrieval_head(b, h, q_idx, kv_idx):
+        return is_retrieval[h]
+
+    duo = fc.and_masks(causal, fc.or_masks(retrieval_head, attention_sink(SINKS), sliding_window(WINDOW)))
+    return {"mask_mod": duo, "q_len": 2048, "heads": HEADS, "check_q_len": 192}
 
 
-duo = fc.and_masks(causal, fc.or_masks(retrieval_head, attention_sink(SINKS), sliding_window(WINDOW)))
-
-EXAMPLE = {"mask_mod": duo, "q_len": 2048, "heads": HEADS, "check_q_len": 192}
+EXAMPLE = example()  # on the CPU
+duo = EXAMPLE["mask_mod"]
 
 if __name__ == "__main__":
     from _run import run_example
 
-    run_example(**EXAMPLE)
+    run_example(example)

@@ -16,17 +16,24 @@ LAST_IMAGE = (torch.searchsorted(IMAGE_POSITIONS, torch.arange(TEXT_LEN), right=
 N_VISUAL = len(IMAGE_POSITIONS) * TOKENS_PER_IMAGE
 
 
-@fc.mask_mod
-def most_recent_image(b, h, q_idx, kv_idx):
-    return kv_idx // TOKENS_PER_IMAGE == LAST_IMAGE[q_idx]
+def example(device="cpu") -> dict:
+    """The mask with LAST_IMAGE on `device`: captured tensors live where q, k, v live (moved once)."""
+    last_image = LAST_IMAGE.to(device)
+
+    @fc.mask_mod
+    def most_recent_image(b, h, q_idx, kv_idx):
+        return kv_idx // TOKENS_PER_IMAGE == last_image[q_idx]
+
+    return {
+        "mask_mod": most_recent_image, "q_len": TEXT_LEN, "kv_len": N_VISUAL, "heads": 2, "block_size": 64,
+        "check_q_len": 256, "check_kv_len": N_VISUAL,
+    }
 
 
-EXAMPLE = {
-    "mask_mod": most_recent_image, "q_len": TEXT_LEN, "kv_len": N_VISUAL, "heads": 2, "block_size": 64,
-    "check_q_len": 256, "check_kv_len": N_VISUAL,
-}
+EXAMPLE = example()  # on the CPU
+most_recent_image = EXAMPLE["mask_mod"]
 
 if __name__ == "__main__":
     from _run import run_example
 
-    run_example(**EXAMPLE)
+    run_example(example)

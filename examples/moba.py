@@ -31,16 +31,22 @@ def moba_gate(heads: int, n_blocks: int, top_k: int, seed: int = 0) -> torch.Ten
 GATE = moba_gate(HEADS, SEQ_LEN // BLOCK, TOP_K)
 
 
-@fc.mask_mod
-def gate_selected(b, h, q_idx, kv_idx):
-    return GATE[h, q_idx // BLOCK, kv_idx // BLOCK]
+def example(device="cpu") -> dict:
+    """The mask with GATE on `device`: captured tensors live where q, k, v live (moved once)."""
+    gate = GATE.to(device)
+
+    @fc.mask_mod
+    def gate_selected(b, h, q_idx, kv_idx):
+        return gate[h, q_idx // BLOCK, kv_idx // BLOCK]
+
+    moba = fc.and_masks(causal, gate_selected)
+    return {"mask_mod": moba, "q_len": SEQ_LEN, "heads": HEADS, "block_size": 64, "check_q_len": 256}
 
 
-moba = fc.and_masks(causal, gate_selected)
-
-EXAMPLE = {"mask_mod": moba, "q_len": SEQ_LEN, "heads": HEADS, "block_size": 64, "check_q_len": 256}
+EXAMPLE = example()  # on the CPU
+moba = EXAMPLE["mask_mod"]
 
 if __name__ == "__main__":
     from _run import run_example
 
-    run_example(**EXAMPLE)
+    run_example(example)

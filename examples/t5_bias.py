@@ -35,14 +35,22 @@ BUCKET = t5_buckets(-torch.arange(-OFFSET, MAX_LEN), NUM_BUCKETS, MAX_DISTANCE).
 BIAS = torch.nn.Parameter(torch.randn(HEADS, NUM_BUCKETS, generator=torch.Generator().manual_seed(5)))
 
 
-@fc.score_mod
-def t5_relative_bias(score, b, h, q_idx, kv_idx):
-    return score + BIAS[h, BUCKET[q_idx - kv_idx + OFFSET]]
+def example(device="cpu") -> dict:
+    """The bias with BUCKET and BIAS on `device` (moved once; on the CPU `.to` returns BIAS itself, so its .grad
+    fills; on another device gradients flow back through the copy to BIAS)."""
+    bucket, bias = BUCKET.to(device), BIAS.to(device)
+
+    @fc.score_mod
+    def t5_relative_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, bucket[q_idx - kv_idx + OFFSET]]
+
+    return {"score_mod": t5_relative_bias, "q_len": MAX_LEN, "heads": HEADS, "check_q_len": 96}
 
 
-EXAMPLE = {"score_mod": t5_relative_bias, "q_len": MAX_LEN, "heads": HEADS, "check_q_len": 96}
+EXAMPLE = example()  # on the CPU
+t5_relative_bias = EXAMPLE["score_mod"]
 
 if __name__ == "__main__":
     from _run import run_example
 
-    run_example(**EXAMPLE)
+    run_example(example)

@@ -234,3 +234,27 @@ def test_example_script_runs(name):
                             check=False, capture_output=True, text=True, timeout=300, cwd=EXAMPLES_DIR)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "optimized IR" in result.stdout and "ok   backend=auto" in result.stdout
+
+
+# ---------------------------------------------------------------- devices (issue 24)
+
+
+@pytest.mark.parametrize("name", EXAMPLE_NAMES)
+def test_example_captured_tensors_follow_the_device(name):
+    """Built for the meta device, every captured tensor of every example is on meta: none is left on the CPU,
+    which on a GPU would stop the call with 'captured tensor ... is on cpu'."""
+    module = load_example(name)
+    spec = module.example("meta") if hasattr(module, "example") else module.EXAMPLE
+    tensors = {f"{mod.name}.{key}": t for mod in (spec.get("score_mod"), spec.get("mask_mod")) if mod is not None
+               for key, t in mod.tensors().items()}
+    if not hasattr(module, "example"):
+        assert not tensors, f"{name} captures {sorted(tensors)}: give it an example(device) builder"
+    assert all(t.device.type == "meta" for t in tensors.values()), {k: t.device for k, t in tensors.items()}
+
+
+def test_gpu_examples_runs_on_cpu(capsys):
+    sys.path.insert(0, str(EXAMPLES_DIR.parent / "benchmarks"))
+    gpu_examples = importlib.import_module("gpu_examples")
+    assert gpu_examples.example_names() == EXAMPLE_NAMES
+    assert gpu_examples.run_all("cpu", ["document_mask", "t5_bias"]) == 0
+    assert capsys.readouterr().out.count("ok   example") == 2
