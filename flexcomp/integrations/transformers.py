@@ -54,11 +54,15 @@ class Settings:
 
     def over(self, base: Settings) -> Settings:
         """These settings, with `base`'s where these are None."""
-        return Settings(*(mine if mine is not None else theirs
-                          for mine, theirs in zip(dataclasses.astuple(self), dataclasses.astuple(base))))
+        return Settings(
+            *(
+                mine if mine is not None else theirs
+                for mine, theirs in zip(dataclasses.astuple(self), dataclasses.astuple(base))
+            )
+        )
 
 
-_ACTIVE: contextvars.ContextVar[Settings] = contextvars.ContextVar("flexcomp_transformers", default=Settings())
+_ACTIVE = contextvars.ContextVar("flexcomp_transformers", default=Settings())  # noqa: B039 (frozen)
 
 
 def _settings(score_mod: Any, mask_mod: Any, backend: str | None, kernel_options: dict | None) -> Settings:
@@ -67,8 +71,9 @@ def _settings(score_mod: Any, mask_mod: Any, backend: str | None, kernel_options
 
 
 @contextlib.contextmanager
-def use_mods(score_mod: Any = None, mask_mod: Any = None, *, backend: str | None = None,
-             kernel_options: dict | None = None) -> Iterator[None]:
+def use_mods(
+    score_mod: Any = None, mask_mod: Any = None, *, backend: str | None = None, kernel_options: dict | None = None
+) -> Iterator[None]:
     """Inside the block, every model running a flexcomp attn_implementation uses these mods (and backend).
 
     The mods see positions in the sequence; `mask_mod` replaces the model's causal / sliding-window pattern (padding
@@ -81,8 +86,14 @@ def use_mods(score_mod: Any = None, mask_mod: Any = None, *, backend: str | None
         _ACTIVE.reset(token)
 
 
-def register(name: str = NAME, *, score_mod: Any = None, mask_mod: Any = None, backend: str = "auto",
-             kernel_options: dict | None = None) -> str:
+def register(
+    name: str = NAME,
+    *,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    backend: str = "auto",
+    kernel_options: dict | None = None,
+) -> str:
     """Register `name` as an attn_implementation running flexcomp with these mods; returns `name`.
 
     Importing this module registers "flexcomp" (no mods of yours, backend "auto").  Another name with your mods puts
@@ -196,8 +207,9 @@ def translate(mask_function: Callable) -> Mod:
         raise UnsupportedConstructError(
             f"transformers built this layer's mask from {name!r}, which flexcomp does not translate",
             hint="flexcomp translates transformers.masking_utils' own mask functions (causal, sliding window, "
-                 "chunked, blockwise, packed, and_masks/or_masks of those); put yours in with "
-                 "flexcomp.integrations.transformers.use_mods(mask_mod=...), or use attn_implementation='sdpa'")
+            "chunked, blockwise, packed, and_masks/or_masks of those); put yours in with "
+            "flexcomp.integrations.transformers.use_mods(mask_mod=...), or use attn_implementation='sdpa'",
+        )
     return as_mod(rule(inspect.getclosurevars(mask_function).nonlocals), "mask")
 
 
@@ -236,8 +248,9 @@ def _kept_run(start: torch.Tensor, end: torch.Tensor) -> Callable:
 
 def _offsets(q_offset: Any, kv_offset: Any, device: Any) -> torch.Tensor:
     """[q_offset, kv_offset] as an int32 tensor: captured, not baked in, so each decode step reuses the kernel."""
-    return torch.stack([torch.as_tensor(o).reshape(()).to(device=device, dtype=torch.int32)
-                        for o in (q_offset, kv_offset)])
+    return torch.stack(
+        [torch.as_tensor(o).reshape(()).to(device=device, dtype=torch.int32) for o in (q_offset, kv_offset)]
+    )
 
 
 def at_positions(mask: Any, offsets: torch.Tensor) -> Mod:
@@ -309,9 +322,19 @@ class ModelMask:
         return self._score_mods[softcap]
 
 
-def model_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: Any = 0,
-               mask_function: Callable | None = None, attention_mask: torch.Tensor | None = None,
-               device: Any = "cpu", *, settings: Settings = Settings(), **unused: Any) -> ModelMask:
+def model_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: Any = 0,
+    mask_function: Callable | None = None,
+    attention_mask: torch.Tensor | None = None,
+    device: Any = "cpu",
+    *,
+    settings: Settings = Settings(),
+    **unused: Any,
+) -> ModelMask:
     """transformers' mask hook (AttentionMaskInterface): the block mask of one mask kind, once per forward."""
     settings = _ACTIVE.get().over(settings)
     pattern = settings.mask_mod or (translate(mask_function) if mask_function else as_mod(_causal, "mask"))
@@ -326,40 +349,65 @@ def _as_int(offset: Any) -> int:
     return int(offset)  # a StaticCache's offsets are tensors
 
 
-def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attention_mask: Any, scaling: float | None = None, dropout: float = 0.0, softcap: float | None = None,
-              *, settings: Settings = Settings(), **kwargs: Any) -> tuple[torch.Tensor, None]:
+def attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    *,
+    settings: Settings = Settings(),
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention function (AttentionInterface): [B, H, L, D] in, [B, L, H, D] out, no weights."""
     if dropout:
-        raise BackendError(f"flexcomp has no attention dropout ({dropout=})",
-                           hint="call model.eval(), or set the config's attention_dropout to 0")
+        raise BackendError(
+            f"flexcomp has no attention dropout ({dropout=})",
+            hint="call model.eval(), or set the config's attention_dropout to 0",
+        )
     for name in ("s_aux", "position_bias"):
         if kwargs.get(name) is not None:
-            raise BackendError(f"this model passes {name!r} to attention, which the flexcomp integration does not "
-                               "apply", hint="use attn_implementation='sdpa' or 'eager' for this model")
+            raise BackendError(
+                f"this model passes {name!r} to attention, which the flexcomp integration does not apply",
+                hint="use attn_implementation='sdpa' or 'eager' for this model",
+            )
     settings = _ACTIVE.get().over(settings)
     if not isinstance(attention_mask, ModelMask):
         attention_mask = _mask_without_hook(module, query, key, attention_mask, settings)
-    out = fc.flex_attention(query, key, value, score_mod=attention_mask.score_mod(softcap),
-                            block_mask=attention_mask.block_mask, scale=scaling,
-                            enable_gqa=query.shape[1] != key.shape[1], kernel_options=settings.kernel_options,
-                            backend=settings.backend or "auto")
+    out = fc.flex_attention(
+        query,
+        key,
+        value,
+        score_mod=attention_mask.score_mod(softcap),
+        block_mask=attention_mask.block_mask,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+        kernel_options=settings.kernel_options,
+        backend=settings.backend or "auto",
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
-def _mask_without_hook(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any,
-                       settings: Settings) -> ModelMask:
+def _mask_without_hook(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any, settings: Settings
+) -> ModelMask:
     """No mask from the hook (a module called on its own): causal when the module is, queries at the end."""
     if attention_mask is not None:
-        raise BackendError(f"flexcomp got a prepared {type(attention_mask).__name__} attention mask, which it "
-                           "cannot translate", hint="pass the 2-D padding mask (1 = keep) and let the model build "
-                           "its masks, or put your mask in with use_mods(mask_mod=...)")
+        raise BackendError(
+            f"flexcomp got a prepared {type(attention_mask).__name__} attention mask, which it cannot translate",
+            hint="pass the 2-D padding mask (1 = keep) and let the model build "
+            "its masks, or put your mask in with use_mods(mask_mod=...)",
+        )
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
     q_length, kv_length = query.shape[2], key.shape[2]
     pattern = causal_mask_function if getattr(module, "is_causal", True) else bidirectional_mask_function
-    return model_mask(query.shape[0], q_length, kv_length, kv_length - q_length, 0, pattern, None, query.device,
-                      settings=settings)
+    return model_mask(
+        query.shape[0], q_length, kv_length, kv_length - q_length, 0, pattern, None, query.device, settings=settings
+    )
 
 
 register()
