@@ -54,12 +54,8 @@ class Settings:
 
     def over(self, base: Settings) -> Settings:
         """These settings, with `base`'s where these are None."""
-        return Settings(
-            *(
-                mine if mine is not None else theirs
-                for mine, theirs in zip(dataclasses.astuple(self), dataclasses.astuple(base))
-            )
-        )
+        mine, theirs = (tuple(getattr(s, f.name) for f in dataclasses.fields(s)) for s in (self, base))
+        return Settings(*(m if m is not None else t for m, t in zip(mine, theirs)))
 
 
 _ACTIVE = contextvars.ContextVar("flexcomp_transformers", default=Settings())  # noqa: B039 (frozen)
