@@ -19,6 +19,7 @@ TINY = {
     "num_key_value_heads": 2,
     "vocab_size": 128,
     "initializer_range": 0.2,
+    "tie_word_embeddings": False,
 }  # wide logits: greedy tokens are far from ties
 PROMPT = 12
 # name -> (config class, its extra settings, the transformers implementation to compare with)
