@@ -138,6 +138,14 @@ def _chunked(chunk: int, left_padding: torch.Tensor) -> Callable:
     return chunked
 
 
+@functools.cache
+def _chunks(chunk: int) -> Callable:
+    def chunks(b, h, q_idx, kv_idx):
+        return kv_idx // chunk == q_idx // chunk
+
+    return chunks
+
+
 def _same_block(block_ids: torch.Tensor) -> Callable:
     ids = block_ids.to(torch.int32)
 
@@ -172,27 +180,37 @@ def _remapped(mask: Mod, position_ids: torch.Tensor) -> Mod:
     return fc.mask_mod(remapped)
 
 
+# transformers.masking_utils factory, arguments making an instance (None: the function itself) -> its flexcomp mask
+# from the closure's captured values.  A factory this transformers lacks is skipped.
+_IDS = torch.zeros(1, 1)
+_RULES = (
+    ("causal_mask_function", None, lambda v: _causal),  # kv <= q
+    ("bidirectional_mask_function", None, lambda v: fc.noop_mask),  # everywhere
+    ("sliding_window_overlay", (1,), lambda v: _sliding_window(v["sliding_window"])),  # kv > q - w
+    ("sliding_window_bidirectional_overlay", (1,), lambda v: _symmetric_window(v["sliding_window"])),  # |q - kv| <= w
+    ("chunked_overlay", (1, _IDS), lambda v: _chunked(v["chunk_size"], v["left_padding"])),  # same chunk
+    ("_legacy_chunked_overlay", (1,), lambda v: _chunks(v["chunk_size"])),  # same chunk, no padding (4.x)
+    ("blockwise_overlay", (_IDS,), lambda v: _same_block(v["block_sequence_ids"])),  # same non-text block
+    ("packed_sequence_mask_function", (_IDS,), lambda v: _same_sequence(v["packed_sequence_mask"])),  # same sequence
+    ("padding_mask_function", (_IDS,), lambda v: _kept_positions(v["padding_mask"])),  # padding[b, kv]
+    ("and_masks", (_causal,), lambda v: fc.and_masks(*map(translate, v["mask_functions"]))),  # all of
+    ("or_masks", (_causal,), lambda v: fc.or_masks(*map(translate, v["mask_functions"]))),  # any of
+    ("remap_positions_for_packed_sequence", (_causal, _IDS),
+     lambda v: _remapped(translate(v["mask_function"]), v["position_ids"])),  # mask at positions in each sequence
+)  # fmt: skip
+
+
 @functools.cache
 def _rules() -> dict[Any, Callable[[dict[str, Any]], Any]]:
-    """transformers' mask closure (by code object) -> its flexcomp mask, from the closure's captured values."""
-    from transformers import masking_utils as mu
+    """The rule table by code object, which every closure a factory returns shares."""
+    from transformers import masking_utils
 
-    causal, ids = mu.causal_mask_function, torch.zeros(1, 1)
-    rules = {
-        mu.causal_mask_function: lambda v: _causal,  # kv <= q
-        mu.bidirectional_mask_function: lambda v: fc.noop_mask,  # everywhere
-        mu.sliding_window_overlay(1): lambda v: _sliding_window(v["sliding_window"]),  # kv > q - w
-        mu.sliding_window_bidirectional_overlay(1): lambda v: _symmetric_window(v["sliding_window"]),  # |q-kv| <= w
-        mu.chunked_overlay(1, ids): lambda v: _chunked(v["chunk_size"], v["left_padding"]),  # same chunk
-        mu.blockwise_overlay(ids): lambda v: _same_block(v["block_sequence_ids"]),  # same non-text block
-        mu.packed_sequence_mask_function(ids): lambda v: _same_sequence(v["packed_sequence_mask"]),  # same sequence
-        mu.padding_mask_function(ids): lambda v: _kept_positions(v["padding_mask"]),  # padding[b, kv]
-        mu.and_masks(causal): lambda v: fc.and_masks(*map(translate, v["mask_functions"])),  # all of
-        mu.or_masks(causal): lambda v: fc.or_masks(*map(translate, v["mask_functions"])),  # any of
-        mu.remap_positions_for_packed_sequence(causal, ids): lambda v: _remapped(translate(v["mask_function"]),
-                                                                                 v["position_ids"]),
-    }  # fmt: skip
-    return {fn.__code__: rule for fn, rule in rules.items()}
+    rules = {}
+    for name, args, rule in _RULES:
+        factory = getattr(masking_utils, name, None)
+        if factory is not None:
+            rules[(factory if args is None else factory(*args)).__code__] = rule
+    return rules
 
 
 def translate(mask_function: Callable) -> Mod:
@@ -320,18 +338,24 @@ class ModelMask:
 
 def model_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int = 0,
     q_offset: Any = 0,
     kv_offset: Any = 0,
     mask_function: Callable | None = None,
     attention_mask: torch.Tensor | None = None,
     device: Any = "cpu",
     *,
+    cache_position: torch.Tensor | None = None,
     settings: Settings = Settings(),
     **unused: Any,
 ) -> ModelMask:
-    """transformers' mask hook (AttentionMaskInterface): the block mask of one mask kind, once per forward."""
+    """transformers' mask hook (AttentionMaskInterface): the block mask of one mask kind, once per forward.
+
+    transformers 4.x passes the queries' positions (`cache_position`, consecutive) for their length and offset.
+    """
+    if cache_position is not None:
+        q_length, q_offset, device = cache_position.shape[0], cache_position[0], cache_position.device
     settings = _ACTIVE.get().over(settings)
     pattern = settings.mask_mod or (translate(mask_function) if mask_function else as_mod(_causal, "mask"))
     padding = padding_mod(attention_mask, kv_length + _as_int(kv_offset))
