@@ -17,11 +17,12 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 
-# flexcomp must be installed editable from THIS checkout (CI clones afresh elsewhere), with its extras.
+# flexcomp must be installed editable from THIS checkout (CI clones afresh elsewhere), with its extras (hf:
+# transformers, for tests/test_transformers.py).
 installed_here() {
   (cd / && REPO="$REPO" "$PY" - <<'PY'
 import os, flexcomp, flexcomp.codegen, flexcomp.grammar
-import lark, sympy, triton, pytest, hypothesis, xdist, matplotlib  # noqa: F401
+import lark, sympy, triton, pytest, hypothesis, xdist, matplotlib, transformers  # noqa: F401
 repo = os.path.realpath(os.environ["REPO"])
 for module, folder in ((flexcomp, "flexcomp"), (flexcomp.codegen, "codegen"), (flexcomp.grammar, "grammar")):
     assert os.path.realpath(module.__file__).startswith(os.path.join(repo, folder)), module.__file__
@@ -29,6 +30,6 @@ PY
   ) >/dev/null 2>&1
 }
 if ! installed_here; then
-  pip_install -e "$REPO[test,viz]"
+  pip_install -e "$REPO[test,viz,hf]"
   installed_here || { echo "scripts/setup.sh: flexcomp still does not import from $REPO" >&2; exit 1; }
 fi
