@@ -46,7 +46,7 @@ def test_show_picks_captured_buffers(capsys):
     assert main(["show", str(EXAMPLES / "moba.py"), "--json", "--no-kernel"]) == 0
     report = json.loads(capsys.readouterr().out)
     buffers = {b["name"]: b for m in report["mods"] for b in m["buffers"]}
-    assert buffers["GATE"]["dtype"] == "bool" and buffers["GATE"]["shape"] == [2, 16, 16]
+    assert buffers["gate"]["dtype"] == "bool" and buffers["gate"]["shape"] == [2, 16, 16]
 
 
 def test_viz_writes_a_png(tmp_path):

@@ -33,6 +33,12 @@ from typing import Any
 
 import torch
 
+try:
+    import transformers  # noqa: F401 (checked here, so a missing install is one clear error)
+except ImportError:
+    raise ImportError("flexcomp.integrations.transformers needs Hugging Face transformers: "
+                      "pip install 'flexcomp[hf]' (or pip install transformers)") from None
+
 import flexcomp as fc
 from flexcomp.errors import BackendError, UnsupportedConstructError
 from flexcomp.mods import Mod, as_mod
