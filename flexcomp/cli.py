@@ -2,7 +2,7 @@
 
 show: the parsed and optimized IR of each mod, how the block mask's tiles were
 classified at a shape (counts, closed-form bounds), and the generated kernel.
-viz: a PNG of the dense mask at a small size beside the tile map at the given size.
+viz: a PNG of the whole mask (pooled into at most 512x512 pixels) beside the tile map, both at the given size.
 
 Mods are found at module level in FILE: NAME (or NAME1,NAME2) picks them; without
 NAME, the file's `EXAMPLE` dict (as in examples/) or else the last score_mod and

@@ -15,8 +15,29 @@ import torch
 SESSION_SEED = int(os.environ.get("FLEXCOMP_TEST_SEED", random.randrange(2**31)))
 
 
+SEED_LINE = "flexcomp test seed: FLEXCOMP_TEST_SEED={}"
+
+
 def pytest_report_header(config):
-    return f"flexcomp test seed: FLEXCOMP_TEST_SEED={SESSION_SEED}"
+    return SEED_LINE.format(SESSION_SEED)
+
+
+def pytest_configure(config):
+    """On an xdist worker, the controller's seed: every worker draws from the seed that is printed."""
+    global SESSION_SEED
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "flexcomp_test_seed" in workerinput:
+        SESSION_SEED = workerinput["flexcomp_test_seed"]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):  # xdist's hook (on the controller, once per worker it starts)
+    node.workerinput["flexcomp_test_seed"] = SESSION_SEED
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The seed again at the end, where `-q` still shows it: a red run can be replayed."""
+    terminalreporter.write_line(SEED_LINE.format(SESSION_SEED))
 
 
 @pytest.fixture
