@@ -24,7 +24,7 @@ def run_probe(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[str,
     out = tmp_path / "seeds"
     out.mkdir()
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, str(tmp_path)],
-                            capture_output=True, text=True, cwd=tmp_path,
+                            capture_output=True, text=True, cwd=tmp_path, check=False,
                             env={**os.environ, "SEED_PROBE_DIR": str(out), **(env or {})}, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout, [int((out / str(i)).read_text()) for i in range(4)]
