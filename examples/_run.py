@@ -50,7 +50,7 @@ def _call_elementwise(fn: Callable, shape: tuple[int, ...], score: torch.Tensor 
     for b, h, q, kv in torch.cartesian_prod(*(torch.arange(n) for n in shape)).tolist():
         idx = [torch.tensor(i, dtype=INDEX_DTYPE, device=device) for i in (b, h, q, kv)]
         args = idx if score is None else [score[b, h, q, kv], *idx]
-        out.append(torch.as_tensor(fn(*args)))
+        out.append(torch.as_tensor(fn(*args), device=device))  # a Python `True` lands where the tensors are
     return torch.stack(out).view(shape)
 
 
@@ -68,7 +68,7 @@ def evaluate_user_fn(
     shape = (batch, heads, q_len, kv_len)
     grid = _index_grid(*shape, device)
     try:
-        value = torch.as_tensor(fn(*grid) if score is None else fn(score, *grid))
+        value = torch.as_tensor(fn(*grid) if score is None else fn(score, *grid), device=device)
         return value.expand(shape).clone()
     except (RuntimeError, TypeError, IndexError):
         return _call_elementwise(fn, shape, score, device)

@@ -258,3 +258,12 @@ def test_gpu_examples_runs_on_cpu(capsys):
     assert gpu_examples.example_names() == EXAMPLE_NAMES
     assert gpu_examples.run_all("cpu", ["document_mask", "t5_bias"]) == 0
     assert capsys.readouterr().out.count("ok   example") == 2
+
+
+def test_the_dense_oracle_keeps_a_constant_mask_on_the_device():
+    """noop's mask is a Python `True`: the oracle puts it where the inputs are (it failed on CUDA, not on CPU)."""
+    sys.path.insert(0, str(EXAMPLES_DIR))
+    from _run import evaluate_user_fn
+
+    keep = evaluate_user_fn(fc.noop_mask, 1, 2, 3, 5, device="meta")
+    assert keep.device.type == "meta" and keep.shape == (1, 2, 3, 5)
