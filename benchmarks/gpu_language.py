@@ -11,10 +11,12 @@ float32 and bfloat16 at their tables' L=48.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import types
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 # the test modules turn the interpreter on when imported: decide first (only `cpu` as argument wants it)
@@ -106,25 +108,38 @@ def cases():
                lambda s, b, h, q, kv, f=score: habits.elementwise(f, s, b, h, q, kv), dense_causal, habits)
 
 
-def main(device: str = "cuda") -> int:
-    """`device` "cpu" runs the same under Triton's interpreter (a smoke test of this script)."""
+def runs() -> list[tuple[int, str, torch.dtype]]:
+    """(case index, name, dtype) of every run: a math function amplifies bfloat16's rounding of the scores (tan near
+    its poles), so those run in float32, which shows whether the helpers exist and agree."""
+    return [(i, case[0], dtype) for i, case in enumerate(cases())
+            for dtype in ((torch.float32,) if case[0].startswith("math") else (torch.float32, torch.bfloat16))]
+
+
+def run_one(index: int, dtype: torch.dtype, device: str) -> tuple[bool, str]:
+    name, score_mod, mask_mod, score_dense, mask_dense, module = list(cases())[index]
+    L = habits.L if module is habits else 250  # the habits' tables are sized for L=48; 250 has a partial tile
+    try:
+        return True, check(name, score_mod, mask_mod, score_dense, mask_dense, module, dtype, L, device)
+    except Exception as exc:  # noqa: BLE001 (a crash is a failed case, reported with the rest)
+        return False, f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def main(device: str = "cuda", workers: int = 12) -> int:
+    """`device` "cpu" runs the same under Triton's interpreter (a smoke test of this script).  Each case compiles
+    its own kernels (seconds each on a GPU): `workers` processes compile them side by side."""
     if device != "cpu" and not torch.cuda.is_available():
         print("gpu_language: no CUDA device")
         return 1
-    failures = total = 0
-    for name, score_mod, mask_mod, score_dense, mask_dense, module in cases():
-        # the habits' tables are sized for L=48; the math cases run on 250 (a partial last tile)
-        L = habits.L if module is habits else 250
-        # a math function amplifies bfloat16's rounding of the scores (tan near its poles): float32 shows the helpers
-        for dtype in (torch.float32,) if name.startswith("math") else (torch.float32, torch.bfloat16):
-            total += 1
-            try:
-                detail, ok = check(name, score_mod, mask_mod, score_dense, mask_dense, module, dtype, L, device), True
-            except Exception as exc:  # noqa: BLE001 (a crash is a failed case, reported with the rest)
-                detail, ok = f"{type(exc).__name__}: {str(exc)[:300]}", False
-            failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {name:34s} {str(dtype)[6:]:9s} {detail}", flush=True)
-    print(f"gpu_language: {total - failures} of {total} passed")
+    todo = runs()
+    if device == "cpu":
+        results = [run_one(i, dtype, device) for i, _, dtype in todo]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(run_one, *zip(*[(i, dtype, device) for i, _, dtype in todo])))
+    for (_, name, dtype), (ok, detail) in zip(todo, results):
+        print(f"{'ok  ' if ok else 'FAIL'} {name:34s} {str(dtype)[6:]:9s} {detail}", flush=True)
+    failures = sum(not ok for ok, _ in results)
+    print(f"gpu_language: {len(todo) - failures} of {len(todo)} passed")
     return 1 if failures else 0
 
 
