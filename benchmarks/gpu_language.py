@@ -51,7 +51,7 @@ def tensors_to(module: types.ModuleType, device: str) -> None:
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     finite = want.isfinite()
     scale = want[finite].pow(2).mean().sqrt().clamp_min(1e-2)
-    return float((got.double().cpu()[finite] - want[finite]).abs().max() / scale)
+    return float((got.detach().double().cpu()[finite] - want[finite]).abs().max() / scale)
 
 
 def check(name: str, score_mod, mask_mod, score_dense, mask_dense, module, dtype, L: int, device: str,
