@@ -12,7 +12,7 @@ import os
 
 
 def test_{i}(rng):
-    with open(os.path.join(os.environ["SEED_PROBE_DIR"], "{i}"), "w") as f:
+    with open(os.path.join(os.path.dirname(__file__), "seeds", "{i}"), "w") as f:
         f.write(str(rng.initial_seed()))
 '''
 
@@ -25,7 +25,7 @@ def run_probe(tmp_path: Path, *args: str, env: dict | None = None) -> tuple[str,
     out.mkdir()
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, str(tmp_path)],
                             capture_output=True, text=True, cwd=tmp_path, check=False,
-                            env={**os.environ, "SEED_PROBE_DIR": str(out), **(env or {})}, timeout=300)
+                            env={**os.environ, **(env or {})}, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout, [int((out / str(i)).read_text()) for i in range(4)]
 
