@@ -27,8 +27,10 @@ class PagedAttention:
 
     def __init__(self, n_pages: int, page_size: int, max_batch_size: int, device: Any = "cuda") -> None:
         if n_pages <= 0 or page_size <= 0 or max_batch_size <= 0:
-            raise ValueError(f"n_pages, page_size and max_batch_size must be positive, got {n_pages=}, "
-                             f"{page_size=}, {max_batch_size=}")
+            raise ValueError(
+                f"n_pages, page_size and max_batch_size must be positive, got {n_pages=}, "
+                f"{page_size=}, {max_batch_size=}"
+            )
         self.n_pages, self.page_size = n_pages, page_size
         # page_table[request, logical page] -> physical page; physical_to_logical[request, physical page] -> logical
         self.page_table = torch.full((max_batch_size, n_pages), UNASSIGNED, dtype=torch.int64, device=device)
@@ -63,8 +65,9 @@ class PagedAttention:
         self.page_table[row] = UNASSIGNED
         self.capacity[row] = 0
 
-    def assign(self, batch_idx: Tensor, input_pos: Tensor, k_val: Tensor, v_val: Tensor, k_cache: Tensor,
-               v_cache: Tensor) -> None:
+    def assign(
+        self, batch_idx: Tensor, input_pos: Tensor, k_val: Tensor, v_val: Tensor, k_cache: Tensor, v_cache: Tensor
+    ) -> None:
         """Write k_val/v_val [B, H, S, D] of requests batch_idx [B] at logical positions input_pos [B, S]."""
         if k_val.requires_grad or v_val.requires_grad:
             raise RuntimeError("val must not require gradient")
@@ -78,8 +81,9 @@ class PagedAttention:
         k_cache[:, :, address, :] = k_val.transpose(0, 1).reshape(1, H, B * S, -1)
         v_cache[:, :, address, :] = v_val.transpose(0, 1).reshape(1, H, B * S, -1)
 
-    def convert_logical_block_mask(self, block_mask: Any, batch_idx: Tensor | None = None,
-                                   kv_len: Tensor | None = None) -> Any:
+    def convert_logical_block_mask(
+        self, block_mask: Any, batch_idx: Tensor | None = None, kv_len: Tensor | None = None
+    ) -> Any:
         """The block mask over the physical cache: same tiles, kv_indices pointing at the pages that hold them.
 
         The logical mask's kv block must equal page_size or divide it (a page is then several whole tiles);
@@ -89,8 +93,10 @@ class PagedAttention:
 
         kv_block = block_mask.BLOCK_SIZE[1]
         if self.page_size % kv_block:
-            raise ValueError(f"page_size ({self.page_size}) must be a multiple of the block mask's KV block size "
-                             f"({kv_block}): build the logical block mask with BLOCK_SIZE=(q_block, {self.page_size})")
+            raise ValueError(
+                f"page_size ({self.page_size}) must be a multiple of the block mask's KV block size "
+                f"({kv_block}): build the logical block mask with BLOCK_SIZE=(q_block, {self.page_size})"
+            )
         B = block_mask.kv_indices.shape[0]
         rows = torch.arange(B, device=self.page_table.device) if batch_idx is None else batch_idx.long()
         tiles_per_page = self.page_size // kv_block
@@ -103,20 +109,24 @@ class PagedAttention:
             pages = torch.gather(page_table, 1, (logical // tiles_per_page).clamp(max=self.n_pages - 1))
             physical = (pages.clamp(min=0) * tiles_per_page + logical % tiles_per_page).view(indices.shape)
             # width n_pages * tiles_per_page: the physical indices can exceed the logical mask's width
-            wide = torch.zeros((*indices.shape[:-1], self.n_pages * tiles_per_page), dtype=torch.int32,
-                               device=indices.device)
+            wide = torch.zeros(
+                (*indices.shape[:-1], self.n_pages * tiles_per_page), dtype=torch.int32, device=indices.device
+            )
             wide[..., : indices.shape[-1]] = physical.to(torch.int32)
             return wide
 
         full_num = block_mask.full_kv_num_blocks
         return BlockMask.from_kv_blocks(
-            block_mask.kv_num_blocks.clone(), to_physical(block_mask.kv_indices),
-            None if full_num is None else full_num.clone(), to_physical(block_mask.full_kv_indices),
-            BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=self.get_mask_mod(block_mask.mask_mod, kv_len, batch_idx),
-            seq_lengths=(block_mask.seq_lengths[0], self.n_pages * self.page_size))
+            block_mask.kv_num_blocks.clone(),
+            to_physical(block_mask.kv_indices),
+            None if full_num is None else full_num.clone(),
+            to_physical(block_mask.full_kv_indices),
+            BLOCK_SIZE=block_mask.BLOCK_SIZE,
+            mask_mod=self.get_mask_mod(block_mask.mask_mod, kv_len, batch_idx),
+            seq_lengths=(block_mask.seq_lengths[0], self.n_pages * self.page_size),
+        )
 
-    def get_mask_mod(self, mask_mod: Any = None, kv_len: Tensor | None = None,
-                     batch_idx: Tensor | None = None) -> Any:
+    def get_mask_mod(self, mask_mod: Any = None, kv_len: Tensor | None = None, batch_idx: Tensor | None = None) -> Any:
         """`mask_mod` on logical kv positions, as a mask_mod on physical ones (unassigned positions masked)."""
         logical_index = self._logical_index(kv_len, batch_idx)
         user = mask_mod
@@ -129,8 +139,9 @@ class PagedAttention:
 
         return paged_mask
 
-    def get_score_mod(self, score_mod: Any = None, kv_len: Tensor | None = None,
-                      batch_idx: Tensor | None = None) -> Any:
+    def get_score_mod(
+        self, score_mod: Any = None, kv_len: Tensor | None = None, batch_idx: Tensor | None = None
+    ) -> Any:
         """`score_mod` on logical kv positions, as a score_mod on physical ones (unassigned positions -inf)."""
         logical_index = self._logical_index(kv_len, batch_idx)
         user = score_mod
@@ -160,22 +171,27 @@ class PagedAttention:
         return logical_index
 
 
-def _check_assign_shapes(batch_idx: Tensor, input_pos: Tensor, k_val: Tensor, v_val: Tensor, k_cache: Tensor,
-                         v_cache: Tensor) -> None:
+def _check_assign_shapes(
+    batch_idx: Tensor, input_pos: Tensor, k_val: Tensor, v_val: Tensor, k_cache: Tensor, v_cache: Tensor
+) -> None:
     B, H, S, _ = k_val.shape
-    checks = [(batch_idx.shape[0] == B, f"val batch {B} != batch_idx length {batch_idx.shape[0]}"),
-              (k_cache.shape[1] == H, f"val heads {H} != cache heads {k_cache.shape[1]}"),
-              (input_pos.shape[-1] == S, f"val length {S} != input_pos length {input_pos.shape[-1]}"),
-              (k_val.shape[3] == k_cache.shape[3], "k_val and k_cache head dims differ"),
-              (v_val.shape[3] == v_cache.shape[3], "v_val and v_cache head dims differ")]
+    checks = [
+        (batch_idx.shape[0] == B, f"val batch {B} != batch_idx length {batch_idx.shape[0]}"),
+        (k_cache.shape[1] == H, f"val heads {H} != cache heads {k_cache.shape[1]}"),
+        (input_pos.shape[-1] == S, f"val length {S} != input_pos length {input_pos.shape[-1]}"),
+        (k_val.shape[3] == k_cache.shape[3], "k_val and k_cache head dims differ"),
+        (v_val.shape[3] == v_cache.shape[3], "v_val and v_cache head dims differ"),
+    ]
     for ok, problem in checks:
         if not ok:
             raise RuntimeError(f"assign: {problem}")
 
 
 _TORCH_PAGED_MODULE = "torch.nn.attention.experimental._paged_attention"
-_TORCH_PAGED_MODS = {"PagedAttention.get_mask_mod.<locals>.new_mask_mod": "mask",
-                     "PagedAttention.get_score_mod.<locals>.new_score_mod": "score"}
+_TORCH_PAGED_MODS = {
+    "PagedAttention.get_mask_mod.<locals>.new_mask_mod": "mask",
+    "PagedAttention.get_score_mod.<locals>.new_score_mod": "score",
+}
 
 
 def from_torch_paged(fn: Any) -> Any:

@@ -53,8 +53,9 @@ class Scene:
         """reserve then assign request i's tokens [start, stop) (in two halves: assign appends)."""
         self.paged.reserve(torch.tensor(i), torch.tensor(stop))
         pos = torch.arange(start, stop).view(1, -1)
-        self.paged.assign(torch.tensor([i]), pos, self.k[i][:, :, start:stop], self.v[i][:, :, start:stop],
-                          self.k_cache, self.v_cache)
+        self.paged.assign(
+            torch.tensor([i]), pos, self.k[i][:, :, start:stop], self.v[i][:, :, start:stop], self.k_cache, self.v_cache
+        )
 
     def max_len(self):
         return -(-max(self.lengths) // self.page_size) * self.page_size
@@ -72,15 +73,24 @@ def _run_and_check(scene, q, mask_fn, score_fn, backend, kv_block, fc_create, at
     logical = fc_create(mask_fn, B, None, S, scene.max_len(), device="cpu", BLOCK_SIZE=(16, kv_block))
     converted = scene.paged.convert_logical_block_mask(logical, kv_len=kv_len)
     score_mod = None if score_fn is None else scene.paged.get_score_mod(score_fn, kv_len)
-    out, lse = fc.flex_attention(q, scene.k_cache, scene.v_cache, block_mask=converted, score_mod=score_mod,
-                                 enable_gqa=True, return_lse=True, backend=backend)
+    out, lse = fc.flex_attention(
+        q,
+        scene.k_cache,
+        scene.v_cache,
+        block_mask=converted,
+        score_mod=score_mod,
+        enable_gqa=True,
+        return_lse=True,
+        backend=backend,
+    )
     lengths = kv_len
 
     def ref_mask(b, h, qi, ki):
         return mask_fn(b, h, qi, ki) & (ki < lengths[b])
 
-    ref_out, ref_lse = naive_attention(q, scene.padded(scene.k), scene.padded(scene.v), score_fn=score_fn,
-                                       mask_fn=ref_mask, enable_gqa=True)
+    ref_out, ref_lse = naive_attention(
+        q, scene.padded(scene.k), scene.padded(scene.v), score_fn=score_fn, mask_fn=ref_mask, enable_gqa=True
+    )
     assert_close_to_reference(out.float(), lse, ref_out, ref_lse, atol=atol)
 
 
@@ -89,8 +99,9 @@ def _run_and_check(scene, q, mask_fn, score_fn, backend, kv_block, fc_create, at
 def test_prefill_chunk_over_shuffled_pages(randn, rng, backend, page_size, kv_block):
     """A chunk of S new tokens per request attends to its cached prefix and itself (causal), pages shuffled."""
     lengths, S = [37, 20, 53], 8
-    scene = Scene(fc.PagedAttention, randn, rng, lengths, page_size, n_pages=12 if page_size == 16 else 6,
-                  dtype=torch.float32)
+    scene = Scene(
+        fc.PagedAttention, randn, rng, lengths, page_size, n_pages=12 if page_size == 16 else 6, dtype=torch.float32
+    )
     offsets = torch.tensor([n - S for n in lengths])
     q = randn(len(lengths), H, S, D)
     _run_and_check(scene, q, _causal_from(offsets), None, backend, kv_block, fc.create_block_mask, 2e-5)
@@ -122,7 +133,8 @@ def test_erase_and_reserve_again_reuses_pages(randn, rng):
     _run_and_check(scene, q, _causal_from(offsets), None, "reference", 16, fc.create_block_mask, 2e-5)
 
 
-def test_torch_paged_attention_objects(randn, rng):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_paged_attention_objects(randn, rng, backend):
     """torch's own PagedAttention: its converted block mask and mods run through flexcomp unchanged."""
     from torch.nn.attention.experimental._paged_attention import PagedAttention
     from torch.nn.attention.flex_attention import create_block_mask
@@ -132,13 +144,12 @@ def test_torch_paged_attention_objects(randn, rng):
     offsets = torch.tensor([n - S for n in lengths])
     bias = randn(H, scene.max_len())
     q = randn(2, H, S, D)
-    _run_and_check(scene, q, _causal_from(offsets), _bias_from(bias), "reference", 16, create_block_mask, 2e-5)
+    _run_and_check(scene, q, _causal_from(offsets), _bias_from(bias), backend, 16, create_block_mask, 2e-5)
 
 
 def test_tile_larger_than_page_is_refused(randn, rng):
     scene = Scene(fc.PagedAttention, randn, rng, [20], 8, n_pages=4, dtype=torch.float32)
-    logical = fc.create_block_mask(_causal_from(torch.tensor([0])), 1, None, 16, 32,
-                                   device="cpu", BLOCK_SIZE=16)
+    logical = fc.create_block_mask(_causal_from(torch.tensor([0])), 1, None, 16, 32, device="cpu", BLOCK_SIZE=16)
     with pytest.raises(ValueError, match="page_size"):
         scene.paged.convert_logical_block_mask(logical)
 
