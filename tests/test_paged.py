@@ -158,3 +158,13 @@ def test_reserve_past_the_free_pages_is_refused():
     paged = fc.PagedAttention(2, 16, 1, device="cpu")
     with pytest.raises(AssertionError, match="empty pages"):
         paged.reserve(torch.tensor(0), torch.tensor(40))
+
+
+def test_paged_generation_example_matches_full_recomputation():
+    """examples/paged_generation.py: continuous batching on the paged cache, every decoded token checked."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    assert importlib.import_module("paged_generation").generate("cpu") == 16
