@@ -99,28 +99,38 @@ class PagedAttention:
             )
         B = block_mask.kv_indices.shape[0]
         rows = torch.arange(B, device=self.page_table.device) if batch_idx is None else batch_idx.long()
+        if B == 1 and len(rows) > 1:  # a mask broadcast over the batch: each request has its own pages
+            block_mask, B = _expand_batch(block_mask, len(rows)), len(rows)
+        if kv_len is not None and block_mask.full_kv_num_blocks is not None:
+            # a FULL tile skips the mask: one reaching past kv_len[b] must run the paged mask's length check
+            block_mask = _full_as_partial(block_mask)
         tiles_per_page = self.page_size // kv_block
         page_table = self.page_table[rows]
 
-        def to_physical(indices: Tensor | None) -> Tensor | None:
+        def to_physical(num: Tensor | None, indices: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+            """Logical tiles -> physical ones; a tile in an unassigned page is dropped (it holds no tokens)."""
             if indices is None:
-                return None
+                return None, None
             logical = indices.long().reshape(B, -1)
             pages = torch.gather(page_table, 1, (logical // tiles_per_page).clamp(max=self.n_pages - 1))
             physical = (pages.clamp(min=0) * tiles_per_page + logical % tiles_per_page).view(indices.shape)
+            listed = torch.arange(indices.shape[-1], device=indices.device) < num[..., None]
+            keep = listed & (pages.view(indices.shape) != UNASSIGNED)
+            order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept tiles first, in order
             # width n_pages * tiles_per_page: the physical indices can exceed the logical mask's width
             wide = torch.zeros(
                 (*indices.shape[:-1], self.n_pages * tiles_per_page), dtype=torch.int32, device=indices.device
             )
-            wide[..., : indices.shape[-1]] = physical.to(torch.int32)
-            return wide
+            wide[..., : indices.shape[-1]] = torch.gather(physical, -1, order).to(torch.int32)
+            return keep.sum(-1).to(torch.int32), wide
 
-        full_num = block_mask.full_kv_num_blocks
+        kv_num, kv_indices = to_physical(block_mask.kv_num_blocks, block_mask.kv_indices)
+        full_num, full_indices = to_physical(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
         return BlockMask.from_kv_blocks(
-            block_mask.kv_num_blocks.clone(),
-            to_physical(block_mask.kv_indices),
-            None if full_num is None else full_num.clone(),
-            to_physical(block_mask.full_kv_indices),
+            kv_num,
+            kv_indices,
+            full_num,
+            full_indices,
             BLOCK_SIZE=block_mask.BLOCK_SIZE,
             mask_mod=self.get_mask_mod(block_mask.mask_mod, kv_len, batch_idx),
             seq_lengths=(block_mask.seq_lengths[0], self.n_pages * self.page_size),
@@ -169,6 +179,49 @@ class PagedAttention:
             return logical_kv_idx, valid
 
         return logical_index
+
+
+def _expand_batch(block_mask: Any, batch: int) -> Any:
+    """The batch-1 block mask repeated over `batch` requests (same tiles; the pages then differ per request)."""
+    from .blockmask import BlockMask
+
+    def grow(table: Tensor | None) -> Tensor | None:
+        return None if table is None else table.expand(batch, *table.shape[1:]).contiguous()
+
+    return BlockMask.from_kv_blocks(
+        grow(block_mask.kv_num_blocks),
+        grow(block_mask.kv_indices),
+        grow(block_mask.full_kv_num_blocks),
+        grow(block_mask.full_kv_indices),
+        BLOCK_SIZE=block_mask.BLOCK_SIZE,
+        mask_mod=block_mask.mask_mod,
+        seq_lengths=block_mask.seq_lengths,
+    )
+
+
+def _full_as_partial(block_mask: Any) -> Any:
+    """The same block mask with its FULL tiles listed as PARTIAL (the mask then runs on every visited tile)."""
+    from .blockmask import BlockMask
+
+    def valid(num: Tensor, indices: Tensor) -> Tensor:
+        return torch.arange(indices.shape[-1], device=indices.device) < num[..., None]
+
+    indices = torch.cat([block_mask.kv_indices, block_mask.full_kv_indices], dim=-1)
+    keep = torch.cat(
+        [
+            valid(block_mask.kv_num_blocks, block_mask.kv_indices),
+            valid(block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+        ],
+        dim=-1,
+    )
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # listed tiles first, in order
+    return BlockMask.from_kv_blocks(
+        block_mask.kv_num_blocks + block_mask.full_kv_num_blocks,
+        torch.gather(indices, -1, order).contiguous(),
+        BLOCK_SIZE=block_mask.BLOCK_SIZE,
+        mask_mod=block_mask.mask_mod,
+        seq_lengths=block_mask.seq_lengths,
+    )
 
 
 def _check_assign_shapes(

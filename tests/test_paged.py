@@ -168,3 +168,40 @@ def test_paged_generation_example_matches_full_recomputation():
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
     assert importlib.import_module("paged_generation").generate("cpu") == 16
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_batch_broadcast_mask_with_batch_idx_rows(randn, rng, backend):
+    """A mask that does not read b (block mask batch 1) converted for page-table rows given out of order."""
+    lengths = [30, 12, 41]
+    scene = Scene(fc.PagedAttention, randn, rng, lengths, 16, n_pages=9, dtype=torch.float32)
+    rows = torch.tensor([2, 0])
+    kv_len = torch.tensor(lengths)[rows]
+    logical = fc.create_block_mask(fc.noop_mask, 1, None, 3, scene.max_len(), device="cpu", BLOCK_SIZE=16)
+    converted = scene.paged.convert_logical_block_mask(logical, batch_idx=rows, kv_len=kv_len)
+    q = randn(2, H, 3, D)
+    out, lse = fc.flex_attention(
+        q, scene.k_cache, scene.v_cache, block_mask=converted, enable_gqa=True, return_lse=True, backend=backend
+    )
+    k, v = scene.padded(scene.k)[rows], scene.padded(scene.v)[rows]
+    ref_out, ref_lse = naive_attention(q, k, v, mask_fn=lambda b, h, qi, ki: ki < kv_len[b], enable_gqa=True)
+    assert_close_to_reference(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_tiles_of_unassigned_pages_are_dropped(randn, rng, backend):
+    """No kv_len: a FULL logical tile whose page was never reserved holds no tokens and is left out."""
+    lengths = [32, 16]
+    scene = Scene(fc.PagedAttention, randn, rng, lengths, 16, n_pages=5, dtype=torch.float32)
+    logical = fc.create_block_mask(fc.noop_mask, 1, None, 2, 48, device="cpu", BLOCK_SIZE=16)
+    converted = scene.paged.convert_logical_block_mask(logical, batch_idx=torch.arange(2))
+    assert converted.full_kv_num_blocks.view(-1).tolist() == [2, 1]
+    q = randn(2, H, 2, D)
+    out, lse = fc.flex_attention(
+        q, scene.k_cache, scene.v_cache, block_mask=converted, enable_gqa=True, return_lse=True, backend=backend
+    )
+    k, v = torch.zeros(2, HKV, 48, D), torch.zeros(2, HKV, 48, D)
+    k[:, :, :32], v[:, :, :32] = scene.padded(scene.k), scene.padded(scene.v)
+    kv_len = torch.tensor(lengths)
+    ref_out, ref_lse = naive_attention(q, k, v, mask_fn=lambda b, h, qi, ki: ki < kv_len[b], enable_gqa=True)
+    assert_close_to_reference(out, lse, ref_out, ref_lse)
