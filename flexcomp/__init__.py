@@ -21,7 +21,8 @@ from .mods import Mod, and_masks, as_mod, mask_mod, noop_mask, or_masks, score_m
 __version__ = "0.1.0"
 
 # Block masks load on first use: they pull in the sparsity analysis (sympy), which `import flexcomp` need not pay for.
-_LAZY = {"create_block_mask": "blockmask", "create_mask": "blockmask", "BlockMask": "blockmask"}
+_LAZY = {"create_block_mask": "blockmask", "create_mask": "blockmask", "BlockMask": "blockmask",
+         "PagedAttention": "paging"}
 
 __all__ = [
     "BackendError",
@@ -32,6 +33,7 @@ __all__ = [
     "FlexcompTypeError",
     "Mod",
     "ModKindError",
+    "PagedAttention",
     "SignatureError",
     "SourceLoc",
     "UndefinedNameError",

@@ -17,6 +17,7 @@ from .frontend.values import ModBase
 from .guards import Guard, GuardTable, all_hold, compiled_key, describe_changes, live_key
 from .ir import BufferSpec, DType, Node, Op, structural_key
 from .ir import const as ir_const
+from .paging import from_torch_paged
 
 
 @dataclass(eq=False)
@@ -203,7 +204,7 @@ def as_mod(fn_or_mod: Mod | Callable | None, kind: str) -> Mod | None:
     except TypeError:  # not weak-referenceable: compile every time
         cached = {}
     if kind not in cached:
-        cached[kind] = _compile(fn_or_mod, kind)
+        cached[kind] = _compile(from_torch_paged(fn_or_mod), kind)
     return cached[kind]
 
 

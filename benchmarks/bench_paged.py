@@ -1,0 +1,96 @@
+"""Paged decode beside contiguous decode: one query token per request, same inputs, same process (issue 19).
+
+    python benchmarks/bench_paged.py            # the issue's shapes, bf16, D=128, Hq=32, Hkv=8 (GPU)
+    python benchmarks/bench_paged.py --quick    # tiny shapes on CPU (reference backend): a smoke test
+
+Contiguous: K/V [B, Hkv, Lkv, D]. Paged: one cache [1, Hkv, n_pages * page_size, D] whose pages are handed out
+shuffled, read through `PagedAttention.convert_logical_block_mask` (no gather).  Both outputs are checked against
+each other before timing; times are CUDA-event medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+import flexcomp as fc
+
+SHAPES = [(8, 16384), (8, 32768), (1, 131072), (64, 4096)]  # (batch, kv length)
+QUICK_SHAPES = [(2, 64), (1, 128)]
+PAGE_SIZES = (128, 16)
+
+
+def paged_copy(k, v, page_size, device):
+    """The same K/V in a paged cache, pages shuffled; returns (paged, k_cache, v_cache)."""
+    B, H, L, D = k.shape
+    n_pages = B * L // page_size
+    paged = fc.PagedAttention(n_pages, page_size, B, device=device)
+    paged.empty_pages = random.Random(0).sample(range(n_pages), n_pages)
+    k_cache = torch.empty(1, H, n_pages * page_size, D, dtype=k.dtype, device=device)
+    v_cache = torch.empty_like(k_cache)
+    positions = torch.arange(L, device=device).view(1, -1)
+    for b in range(B):
+        paged.reserve(torch.tensor(b), torch.tensor(L))
+        paged.assign(torch.tensor([b], device=device), positions, k[b : b + 1], v[b : b + 1], k_cache, v_cache)
+    return paged, k_cache, v_cache
+
+
+def timed(fn, device, repeats):
+    """Median milliseconds of fn() (CUDA events on a GPU, wall clock on the CPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(times)
+
+
+def bench_one(B, L, page_size, args, device, dtype):
+    Hq, Hkv, D = args.heads, args.kv_heads, args.head_dim
+    q = torch.randn(B, Hq, 1, D, dtype=dtype, device=device)
+    k, v = (torch.randn(B, Hkv, L, D, dtype=dtype, device=device) for _ in range(2))
+    logical = fc.create_block_mask(fc.noop_mask, B, None, 1, L, device=device, BLOCK_SIZE=(128, page_size))
+    paged, k_cache, v_cache = paged_copy(k, v, page_size, device)
+    converted = paged.convert_logical_block_mask(logical, batch_idx=torch.arange(B, device=device))
+
+    def contiguous():
+        return fc.flex_attention(q, k, v, block_mask=logical, enable_gqa=True)
+
+    def paged_run():
+        return fc.flex_attention(q, k_cache, v_cache, block_mask=converted, enable_gqa=True)
+
+    torch.testing.assert_close(paged_run().float(), contiguous().float(), atol=2e-2, rtol=2e-2)
+    return timed(contiguous, device, args.repeats), timed(paged_run, device, args.repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test")
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    shapes, dtype = (QUICK_SHAPES, torch.float32) if args.quick else (SHAPES, torch.bfloat16)
+    args.heads, args.kv_heads, args.head_dim = (4, 2, 16) if args.quick else (32, 8, 128)
+    args.repeats = 3 if args.quick else args.repeats
+    print(f"{'B':>3} {'Lkv':>7} {'page':>5} {'contiguous ms':>14} {'paged ms':>9} {'paged/contig':>12}")
+    for B, L in shapes:
+        for page_size in PAGE_SIZES if not args.quick else (16, 32):
+            contig_ms, paged_ms = bench_one(B, L, page_size, args, device, dtype)
+            print(f"{B:>3} {L:>7} {page_size:>5} {contig_ms:>14.3f} {paged_ms:>9.3f} {paged_ms / contig_ms:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
