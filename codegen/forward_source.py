@@ -22,6 +22,7 @@ from flexcomp.tiles import ClosedFormBounds
 
 from .kernel_passes import shape
 from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, cast_f32, hoistable, render_block
+from .params import FORWARD
 
 LOOP_ARGS = frozenset({"score", "kv_idx"})  # what changes from one kv tile to the next
 MOD_ARG_NAMES = {"score": "score", "b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", "sm_scale": "sm_scale"}
@@ -135,6 +136,7 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
         "MASK_BUFFERS": _args(mask.buffers),
         "SCORE_HOISTED_LHS": _lhs(score.hoisted),
         "MASK_HOISTED_LHS": _lhs(mask.hoisted),
+        "FORWARD_PARAMS": FORWARD.render(score.buffers + mask.buffers),  # the declaration in codegen/params.py
     }
     kernel = FORWARD_TEMPLATE
     for key, value in fill.items():
@@ -284,25 +286,7 @@ def attend_tiles(
 
 @triton.jit
 def flex_forward_kernel(
-    Q, stride_qb, stride_qh, stride_qm, stride_qd,
-    K, stride_kb, stride_kh, stride_kn, stride_kd,
-    V, stride_vb, stride_vh, stride_vn, stride_vd,
-    Out, stride_ob, stride_oh, stride_om, stride_od,
-    Lse, stride_lb, stride_lh, stride_lm,
-    KV_NUM, stride_nb, stride_nh, stride_nm,
-    KV_IDX, stride_ib, stride_ih, stride_im, stride_in,
-    FULL_NUM, stride_fnb, stride_fnh, stride_fnm,
-    FULL_IDX, stride_fib, stride_fih, stride_fim, stride_fin,
-    {SCORE_BUFFERS}{MASK_BUFFERS}
-    sm_scale, Q_LEN, KV_LEN, H_Q, GQA_GROUP,
-    HAS_SCORE_MOD: tl.constexpr, USE_BOUNDS: tl.constexpr, HAS_FULL: tl.constexpr,
-    SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    EVEN_Q: tl.constexpr = False, EVEN_KV: tl.constexpr = False, FAST_TANH: tl.constexpr = False,
-    USE_TMA: tl.constexpr = False, FLOAT_INDEX: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False,
-    PREFETCH_INDEX: tl.constexpr = False, ROW_ALIGN: tl.constexpr = 1,
+{FORWARD_PARAMS}
 ):
     stride_qb, stride_qh, stride_qm = aligned(stride_qb, ROW_ALIGN), aligned(stride_qh, ROW_ALIGN), aligned(stride_qm, ROW_ALIGN)
     stride_kb, stride_kh, stride_kn = aligned(stride_kb, ROW_ALIGN), aligned(stride_kh, ROW_ALIGN), aligned(stride_kn, ROW_ALIGN)
