@@ -36,7 +36,7 @@ from .host import (
 )
 from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .ops import dot_precision, float_index_exact
-from .params import FORWARD, FORWARD_K, FORWARD_LSE, FORWARD_OUT, FORWARD_Q, FORWARD_V, TABLE_NAMES, bind_tensor
+from .params import FORWARD, FORWARD_LSE, FORWARD_OUT, K_TENSOR, Q_TENSOR, TABLE_NAMES, V_TENSOR, bind_tensor
 from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key, row_alignment
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -214,8 +214,8 @@ class ForwardPlan:
             self.tables[tiles] = index_tables(refined, False)
         out_strides = contiguous_strides(self.out_shape)
         self.values = {  # by name, as codegen/params.py FORWARD declares them; the tables come per launch
-            **bind_tensor(FORWARD_Q, Slot("q"), q.stride()), **bind_tensor(FORWARD_K, Slot("k"), k.stride()),
-            **bind_tensor(FORWARD_V, Slot("v"), v.stride()), **bind_tensor(FORWARD_OUT, Slot("out"), out_strides),
+            **bind_tensor(Q_TENSOR, Slot("q"), q.stride()), **bind_tensor(K_TENSOR, Slot("k"), k.stride()),
+            **bind_tensor(V_TENSOR, Slot("v"), v.stride()), **bind_tensor(FORWARD_OUT, Slot("out"), out_strides),
             **bind_tensor(FORWARD_LSE, Slot("lse"), contiguous_strides(self.lse_shape)),
             "mod_buffers": [x for name, t in buffers for x in slot_args(name, t)],
             "sm_scale": float(scale), "Q_LEN": Lq, "KV_LEN": Lkv, "H_Q": Hq, "GQA_GROUP": Hq // Hkv,

@@ -136,7 +136,7 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
         "MASK_BUFFERS": _args(mask.buffers),
         "SCORE_HOISTED_LHS": _lhs(score.hoisted),
         "MASK_HOISTED_LHS": _lhs(mask.hoisted),
-        "FORWARD_PARAMS": FORWARD.render(score.buffers + mask.buffers),  # the declaration in codegen/params.py
+        "FORWARD_PARAMS": FORWARD.render({"mod_buffers": score.buffers + mask.buffers}),  # the declaration in codegen/params.py
     }
     kernel = FORWARD_TEMPLATE
     for key, value in fill.items():

@@ -8,6 +8,7 @@ so the two sides cannot drift apart by position.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,15 +69,17 @@ class Signature:
     def params(self) -> tuple[Param, ...]:
         return tuple(p for g in self.groups for p in g)
 
-    def names(self, buffers: list[str]) -> list[str]:
-        """The kernel's parameter names in order, with `buffers` (the generated mod buffer names) spliced in."""
-        return [n for p in self.params for n in (buffers if p.kind == "buffers" else [p.name])]
+    def names(self, buffers: Mapping[str, list[str]]) -> list[str]:
+        """The kernel's parameter names in order, each "buffers" run replaced by its generated names in `buffers`."""
+        return [n for p in self.params for n in (buffers[p.name] if p.kind == "buffers" else [p.name])]
 
-    def render(self, buffers: list[str], indent: str = "    ") -> str:
+    def render(self, buffers: Mapping[str, list[str]], indent: str = "    ") -> str:
         """The parameter text of the kernel's `def` (one group a line, a trailing comma on each)."""
+        if set(buffers) != {p.name for p in self.params if p.kind == "buffers"}:
+            raise TypeError(f"buffer runs {sorted(buffers)} do not match the declaration")
         lines = []
         for group in self.groups:
-            texts = [n for p in group for n in (buffers if p.kind == "buffers" else [p.text()])]
+            texts = [n for p in group for n in (buffers[p.name] if p.kind == "buffers" else [p.text()])]
             if texts:
                 lines.append(indent + ", ".join(texts) + ",")
         return "\n".join(lines)
@@ -105,14 +108,16 @@ def bind_tensor(group: Group, pointer: Any, strides: tuple[int, ...] | list[Any]
     return dict(zip((p.name for p in group), (pointer, *strides), strict=True))
 
 
-FORWARD_Q = tensor("Q", "stride_qb", "stride_qh", "stride_qm", "stride_qd")
-FORWARD_K = tensor("K", "stride_kb", "stride_kh", "stride_kn", "stride_kd")
-FORWARD_V = tensor("V", "stride_vb", "stride_vh", "stride_vn", "stride_vd")
+# What both directions read, under the same names: q, k, v with their [B, H, L, D] strides.
+Q_TENSOR = tensor("Q", "stride_qb", "stride_qh", "stride_qm", "stride_qd")
+K_TENSOR = tensor("K", "stride_kb", "stride_kh", "stride_kn", "stride_kd")
+V_TENSOR = tensor("V", "stride_vb", "stride_vh", "stride_vn", "stride_vd")
+
 FORWARD_OUT = tensor("Out", "stride_ob", "stride_oh", "stride_om", "stride_od")
 FORWARD_LSE = tensor("Lse", "stride_lb", "stride_lh", "stride_lm")
 
 FORWARD = Signature((
-    FORWARD_Q, FORWARD_K, FORWARD_V, FORWARD_OUT, FORWARD_LSE,
+    Q_TENSOR, K_TENSOR, V_TENSOR, FORWARD_OUT, FORWARD_LSE,
     *KV_TABLES,
     MOD_BUFFERS,
     (Param("sm_scale", "float"), *scalars("Q_LEN", "KV_LEN", "H_Q", "GQA_GROUP")),
@@ -124,4 +129,41 @@ FORWARD = Signature((
     constexprs("EVEN_Q", "EVEN_KV", "FAST_TANH", default=False),
     constexprs("USE_TMA", "FLOAT_INDEX", "FOLD_SCALE", default=False),
     (*constexprs("PREFETCH_INDEX", default=False), *constexprs("ROW_ALIGN", default=1)),
+))  # fmt: skip
+
+
+def backward_tables(major: str) -> Group:
+    """The backward's walk tables of one direction (`major` "q": the dK/dV programs', "kv": the dQ programs'):
+    contiguous int32 [TB, TH, rows(, cols)], then their batch and head strides (0 where the mask broadcasts),
+    rows and widths."""
+    upper = major.upper()
+    pointers = (f"{upper}_NUM", f"{upper}_IDX", f"FULL_{upper}_NUM", f"FULL_{upper}_IDX")
+    sizes = (f"{major}_table_b", f"{major}_table_h", f"{major}_table_rows", f"{major}_table_cols",
+             f"{major}_full_table_cols")  # fmt: skip
+    return (*(Param(n, "pointer") for n in pointers), *scalars(*sizes))
+
+
+BACKWARD_DO = tensor("DO", "stride_dob", "stride_doh", "stride_dom", "stride_dod")
+BACKWARD_DQ = tensor("DQ", "stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd")
+BACKWARD_DK = tensor("DK_OUT", "stride_dkb", "stride_dkh", "stride_dkn", "stride_dkd")
+BACKWARD_DV = tensor("DV_OUT", "stride_dvb", "stride_dvh", "stride_dvn", "stride_dvd")
+Q_MAJOR_TABLES, KV_MAJOR_TABLES = backward_tables("q"), backward_tables("kv")
+
+BACKWARD = Signature((
+    Q_TENSOR, K_TENSOR, V_TENSOR, BACKWARD_DO,
+    scalars("LSE2", "DELTA", kind="pointer"),  # contiguous float32 [B, H_Q, Q_LEN]: lse in base 2, delta
+    scalars("DQ_ACC", kind="pointer"),  # contiguous float32 [B, H_Q, Q_LEN, D], zeroed (ATOMIC_DQ; else unused)
+    BACKWARD_DQ, BACKWARD_DK, BACKWARD_DV,
+    Q_MAJOR_TABLES, KV_MAJOR_TABLES,
+    (*MOD_BUFFERS, Param("grad_buffers", "buffers")),  # captured tensors, then their gradients' (each + slice stride)
+    (Param("sm_scale", "float"), *scalars("Q_LEN", "KV_LEN", "H_Q", "H_KV")),
+    scalars("dkdv_programs", "kv_tiles", "q_tiles"),  # programs [0, dkdv_programs) do dK/dV, the rest dQ
+    constexprs("GQA_GROUP", "BLOCK_D", "BLOCK_DV", "D", "DV"),
+    constexprs("DOT_PRECISION", "FAST_TANH"),
+    constexprs("DKDV_PART", "SPARSE_Q1", "SPARSE_KV1", "BLOCK_M1"),  # 1: the dK/dV part (BackwardConfig's names)
+    constexprs("BLOCK_N1", "EVEN_Q1", "EVEN_KV1", "PREFETCH_INDEX1"),
+    constexprs("ATOMIC_DQ"),
+    constexprs("DQ_PART", "SPARSE_Q2", "SPARSE_KV2", "BLOCK_M2"),  # 2: the dQ part
+    constexprs("BLOCK_N2", "EVEN_Q2", "EVEN_KV2", "PREFETCH_INDEX2"),
+    constexprs("DETERMINISTIC", "ROW_ALIGN"),
 ))  # fmt: skip
