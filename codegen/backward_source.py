@@ -403,10 +403,10 @@ def dkdv_program(
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_in = offs_n < KV_LEN
     b64 = b.to(tl.int64)
-    k = load_tile(K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kn
-                  + offs_d[None, :] * stride_kd, kv_in[:, None], offs_d[None, :] < D, not EVEN_KV, BLOCK_D != D)
-    v = load_tile(V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vn
-                  + offs_dv[None, :] * stride_vd, kv_in[:, None], offs_dv[None, :] < DV, not EVEN_KV, BLOCK_DV != DV)
+    k = load_kv_tile(K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh, pid_n * BLOCK_N, stride_kn, stride_kd,
+                     KV_LEN, BLOCK_N, BLOCK_D, D, False, not EVEN_KV)
+    v = load_kv_tile(V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh, pid_n * BLOCK_N, stride_vn, stride_vd,
+                     KV_LEN, BLOCK_N, BLOCK_DV, DV, False, not EVEN_KV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     sparse_n = (pid_n * BLOCK_N) // SPARSE_KV
@@ -450,19 +450,14 @@ def dq_tiles(
 ):
     """Accumulate dQ (unscaled) of one q tile over the kv tiles of `n_blocks` sparse kv blocks.
     EVEN_KV: KV_LEN is a multiple of SPARSE_KV, so no kv tile of a listed block reaches past it."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     q_idx = offs_m[:, None]
     n_tiles = n_blocks * (SPARSE_KV // BLOCK_N)
     ahead = walk_ahead(index_row, 1, n_tiles, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
     for i in range(0, n_tiles):
         start_n, ahead = walk_step(index_row, 1, i, n_tiles, ahead, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_in = offs_n < KV_LEN
-        kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                       kv_in[None, :], offs_d[:, None] < D, not EVEN_KV, BLOCK_D != D)
-        vt = load_tile(V + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                       kv_in[None, :], offs_dv[:, None] < DV, not EVEN_KV, BLOCK_DV != DV)
+        kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, not EVEN_KV)
+        vt = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, True, not EVEN_KV)
         kv_idx = offs_n[None, :]
         p, score, dmod = probabilities(q, kt, lse2[:, None], b, h, q_idx, kv_idx, sm_scale, KV_LEN,
                                        {MOD_BUFFERS}IS_FULL, EVEN_KV, FAST_TANH, DOT_PRECISION)

@@ -186,15 +186,12 @@ def attend_tile(
     FOLD_SCALE: tl.constexpr,
 ):
     \"\"\"One kv tile of the online softmax. FULL tiles (IS_FULL) never evaluate the mask.\"\"\"
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_in = offs_n < KV_LEN
     if USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
         kt = tl.trans(k_desc.load([start_n, 0]))
     else:
-        kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                       kv_in[None, :], offs_d[:, None] < D, CHECK_KV, BLOCK_D != D)
+        kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, CHECK_KV)
     qk = mma(q, kt, None, DOT_PRECISION)
     kv_idx = offs_n[None, :]
     if HAS_SCORE_MOD:  # score_mod(q.k * scale) * log2(e), the scalings folded into the mod (codegen/base2.py)
@@ -237,8 +234,7 @@ def attend_tile(
     if USE_TMA:
         v = v_desc.load([start_n, 0])
     else:
-        v = load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                      kv_in[:, None], offs_dv[None, :] < DV, CHECK_KV, BLOCK_DV != DV)
+        v = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, False, CHECK_KV)
     acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
     return acc, l_i, m_new
 

@@ -311,6 +311,24 @@ def load_tile(ptrs, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.c
 
 
 @triton.jit
+def load_kv_tile(head, start_n, stride_n, stride_d, KV_LEN, BLOCK_N: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                 COLS: tl.constexpr, TRANSPOSED: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    # kv rows [start_n, start_n + BLOCK_N) x head-dim columns of one head's K or V (`head` points at its row 0),
+    # zero past KV_LEN and COLS: the one place a kernel addresses K/V (a page table would change only this).
+    # TRANSPOSED gives [BLOCK_COLS, BLOCK_N], the operand of q @ k^T, loaded in that layout (not a tl.trans).
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_COLS)
+    kv_in = offs_n < KV_LEN
+    if TRANSPOSED:
+        x = load_tile(head + offs_n[None, :] * stride_n + offs_c[:, None] * stride_d,
+                      kv_in[None, :], offs_c[:, None] < COLS, CHECK_ROWS, BLOCK_COLS != COLS)
+    else:
+        x = load_tile(head + offs_n[:, None] * stride_n + offs_c[None, :] * stride_d,
+                      kv_in[:, None], offs_c[None, :] < COLS, CHECK_ROWS, BLOCK_COLS != COLS)
+    return x
+
+
+@triton.jit
 def listed_tile_start(index_row, stride_index, i, n_tiles, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
     # the first index of the i-th of n_tiles tiles (i clamped to the last; none read when n_tiles is 0) of the
     # blocks a block-mask row lists: each sparse block is SPARSE // BLOCK tiles
