@@ -313,21 +313,8 @@ def flex_forward_kernel(
     if USE_BOUNDS:
         q_hi = tl.minimum(q_lo + BLOCK_M, Q_LEN) - 1
         kv_lo, kv_hi, full_lo, full_hi = kv_bounds(b, h, q_lo, q_hi, Q_LEN, KV_LEN, {MASK_BUFFERS})
-        n_kv_tiles = tl.cdiv(KV_LEN, BLOCK_N)
-        # partial range rounded outward, full range rounded inward (a full range that reaches
-        # KV_LEN keeps the ragged last tile: it is bounds-checked like every tile)
-        part_lo = tl.minimum(tl.maximum(kv_lo, 0), KV_LEN) // BLOCK_N * BLOCK_N
-        part_hi = tl.maximum(tl.cdiv(tl.minimum(tl.maximum(kv_hi, 0), KV_LEN), BLOCK_N) * BLOCK_N, part_lo)
-        full_lo = tl.maximum(tl.cdiv(tl.minimum(tl.maximum(full_lo, 0), KV_LEN), BLOCK_N) * BLOCK_N, part_lo)
-        full_hi = tl.minimum(tl.maximum(full_hi, 0), KV_LEN)
-        full_hi = tl.where(full_hi >= KV_LEN, n_kv_tiles * BLOCK_N, full_hi // BLOCK_N * BLOCK_N)
-        full_hi = tl.minimum(full_hi, part_hi)
-        no_full = full_hi <= full_lo
-        full_lo = tl.where(no_full, part_hi, full_lo)
-        full_hi = tl.where(no_full, part_hi, full_hi)
-        n_left = (full_lo - part_lo) // BLOCK_N
-        n_partial = n_left + (part_hi - full_hi) // BLOCK_N
-        n_full = (full_hi - full_lo) // BLOCK_N
+        part_lo, n_left, full_hi, n_partial, full_lo, n_full = closed_form_tiles(kv_lo, kv_hi, full_lo, full_hi,
+                                                                                 KV_LEN, BLOCK_N)
         partial_row = KV_IDX
         full_row = KV_IDX
     else:
