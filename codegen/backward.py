@@ -43,6 +43,20 @@ from .cache import cache_key, load_generated
 from .host import MIN_STAGES, check_buffers, is_sparse, prefetch_index, refine_wanted, slot_args, walked_tiles
 from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .ops import dot_precision
+from .params import (
+    BACKWARD,
+    BACKWARD_DK,
+    BACKWARD_DO,
+    BACKWARD_DQ,
+    BACKWARD_DV,
+    K_TENSOR,
+    KV_MAJOR_TABLES,
+    Q_MAJOR_TABLES,
+    Q_TENSOR,
+    V_TENSOR,
+    Group,
+    bind_tensor,
+)
 from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key, row_alignment
 
 DEFAULT_SPARSE_BLOCK = 128  # tile size of the synthesized all-FULL tables when there is no block mask
@@ -99,11 +113,19 @@ def _tables(block_mask: Any, q_major: bool, q_len: int, kv_len: int, sparse: tup
     return tuple(t.to(device=device, dtype=torch.int32).contiguous() for t in (num, idx, full_num, full_idx))
 
 
-def _table_args(num: torch.Tensor, idx: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor) -> list[Any]:
-    """The four tables, then their batch and head strides (0 where broadcast), rows and widths."""
+def _table_args(group: Group, num: torch.Tensor, idx: torch.Tensor, full_num: torch.Tensor,
+                full_idx: torch.Tensor) -> dict[str, Any]:
+    """`group`'s names (params.backward_tables) -> the four tables, then their batch and head strides (0 where
+    broadcast), rows and widths."""
     tb, th, rows = num.shape
-    return [num, idx, full_num, full_idx, th if tb > 1 else 0, 1 if th > 1 else 0, rows, idx.shape[-1],
-            full_idx.shape[-1]]
+    values = (num, idx, full_num, full_idx, th if tb > 1 else 0, 1 if th > 1 else 0, rows, idx.shape[-1],
+              full_idx.shape[-1])
+    return dict(zip((p.name for p in group), values, strict=True))
+
+
+def _bind_slot(group: Group, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """`group`'s names -> the per-call tensor `name` (a slot) and its strides."""
+    return bind_tensor(group, Slot(name), tensors[name].stride())
 
 
 # ---------------------------------------------------------------- launch
@@ -398,10 +420,12 @@ class BackwardPlan:
             {"HAS_DLSE": has_dlse, "BLOCK_M": DELTA_BLOCK_M, "BLOCK_DV": max(16, next_power_of_2(Dv)), "DV": Dv,
              "EVEN_Q": Lq % DELTA_BLOCK_M == 0, "num_warps": 4})
 
-    def _inputs_and_constants(self, tensors: dict[str, torch.Tensor]) -> tuple[list[Any], list[Any], dict[str, Any]]:
-        """(q, k, v, dO with their strides; the captured tensors with theirs; the constexprs both kernels share)."""
+    def _inputs_and_constants(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
+        """(q, k, v, dO with their strides, by name; the captured tensors with theirs; the constexprs both kernels
+        share)."""
         _, _, _, _, _, D, Dv = self.dims
-        qkvdo = [x for name in ("q", "k", "v", "do") for x in slot_args(name, tensors[name])]
+        groups = ((Q_TENSOR, "q"), (K_TENSOR, "k"), (V_TENSOR, "v"), (BACKWARD_DO, "do"))
+        qkvdo = {n: x for group, name in groups for n, x in _bind_slot(group, name, tensors).items()}
         mod_args = [x for name, t in tensors.items() if name.startswith(("score:", "mask:")) for x in slot_args(name, t)]
         constants = {"D": D, "DV": Dv, "BLOCK_D": max(16, next_power_of_2(D)), "BLOCK_DV": max(16, next_power_of_2(Dv)),
                      "GQA_GROUP": self.group,
@@ -421,7 +445,7 @@ class BackwardPlan:
         kv_tiles, q_tiles = _cdiv(Lkv, config.BLOCK_N1), _cdiv(Lq, config.BLOCK_M2)
         dkdv_programs = kv_tiles * B * Hkv if dkdv else 0
         q_sparse = walked_tiles(self.q_tables, (config.BLOCK_M1, config.BLOCK_N1), self.sparse)
-        # the atomic scheme has no dQ programs and no kv-major tables: the q-major ones fill the unused arguments
+        # the atomic scheme has no dQ programs and no kv-major tables: KV_MAJOR_TABLES, never read, get the q-major ones
         kv_sparse = walked_tiles(self.kv_tables, (config.BLOCK_M2, config.BLOCK_N2), self.sparse) if dq else q_sparse
         kv_tables = self.kv_tables[kv_sparse] if dq else self.q_tables[q_sparse]
         part_constants = {
@@ -436,16 +460,19 @@ class BackwardPlan:
             "DETERMINISTIC": partials,
         }
         grid = (dkdv_programs + (self.dq_programs(config) if dq else 0),)
-        return PreparedLaunch(
-            self.module.flex_bwd, grid,
-            [*qkvdo, Slot("lse2"), Slot("delta"), Slot("dq_sums" if self.atomic else "delta"),
-             *slot_args("dq", tensors["dq"]), *slot_args("dk", tensors["dk"]), *slot_args("dv", tensors["dv"]),
-             *_table_args(*self.q_tables[q_sparse]), *_table_args(*kv_tables), *mod_args,
-             *self._grad_args(self.dq_programs(config) if partials else None),
-             self.scale, Lq, Lkv, Hq, Hkv, dkdv_programs, kv_tiles, q_tiles],
-            {**constants, **part_constants,
-             "num_warps": config.warps_dkdv if dkdv else config.warps_dq,
-             "num_stages": config.stages_dkdv if dkdv else config.stages_dq})
+        args, kwargs = BACKWARD.bind({
+            **qkvdo, "LSE2": Slot("lse2"), "DELTA": Slot("delta"), "DQ_ACC": Slot("dq_sums" if self.atomic else "delta"),
+            **_bind_slot(BACKWARD_DQ, "dq", tensors), **_bind_slot(BACKWARD_DK, "dk", tensors),
+            **_bind_slot(BACKWARD_DV, "dv", tensors),
+            **_table_args(Q_MAJOR_TABLES, *self.q_tables[q_sparse]), **_table_args(KV_MAJOR_TABLES, *kv_tables),
+            "mod_buffers": mod_args, "grad_buffers": self._grad_args(self.dq_programs(config) if partials else None),
+            "sm_scale": self.scale, "Q_LEN": Lq, "KV_LEN": Lkv, "H_Q": Hq, "H_KV": Hkv,
+            "dkdv_programs": dkdv_programs, "kv_tiles": kv_tiles, "q_tiles": q_tiles,
+            **constants, **part_constants,
+        })  # fmt: skip
+        return PreparedLaunch(self.module.flex_bwd, grid, args, dict(
+            kwargs, num_warps=config.warps_dkdv if dkdv else config.warps_dq,
+            num_stages=config.stages_dkdv if dkdv else config.stages_dq))
 
     def _grad_args(self, programs: int | None) -> list[Any]:
         """Each gradient's buffer, its strides and its slice stride: the [programs, *shape] partials' when

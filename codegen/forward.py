@@ -36,6 +36,7 @@ from .host import (
 )
 from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .ops import dot_precision, float_index_exact
+from .params import FORWARD, FORWARD_LSE, FORWARD_OUT, K_TENSOR, Q_TENSOR, TABLE_NAMES, V_TENSOR, bind_tensor
 from .plans import PlanCache, contiguous_strides, layout, live_buffers, options_key, row_alignment
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -211,11 +212,14 @@ class ForwardPlan:
             refine_block_mask(block_mask, tiles, B, Hq)
         if refined is not None:
             self.tables[tiles] = index_tables(refined, False)
-        self.inputs = [
-            *slot_args("q", q), *slot_args("k", k), *slot_args("v", v),
-            Slot("out"), *contiguous_strides(self.out_shape), Slot("lse"), *contiguous_strides(self.lse_shape),
-        ]  # fmt: skip
-        self.scalars = [*(x for name, t in buffers for x in slot_args(name, t)), float(scale), Lq, Lkv, Hq, Hq // Hkv]
+        out_strides = contiguous_strides(self.out_shape)
+        self.values = {  # by name, as codegen/params.py FORWARD declares them; the tables come per launch
+            **bind_tensor(Q_TENSOR, Slot("q"), q.stride()), **bind_tensor(K_TENSOR, Slot("k"), k.stride()),
+            **bind_tensor(V_TENSOR, Slot("v"), v.stride()), **bind_tensor(FORWARD_OUT, Slot("out"), out_strides),
+            **bind_tensor(FORWARD_LSE, Slot("lse"), contiguous_strides(self.lse_shape)),
+            "mod_buffers": [x for name, t in buffers for x in slot_args(name, t)],
+            "sm_scale": float(scale), "Q_LEN": Lq, "KV_LEN": Lkv, "H_Q": Hq, "GQA_GROUP": Hq // Hkv,
+        }  # fmt: skip
         self.constexprs = {
             "HAS_SCORE_MOD": score_mod is not None, "USE_BOUNDS": bounds is not None,
             "BLOCK_D": max(next_power_of_2(D), MIN_BLOCK), "BLOCK_DV": max(next_power_of_2(Dv), MIN_BLOCK),
@@ -225,7 +229,7 @@ class ForwardPlan:
             "FLOAT_INDEX": float_index(score_mod, B, Hq, Lq + sparse_q, Lkv + sparse_kv),
             "FOLD_SCALE": fold_scale(score_mod, float(scale), kernel_options),
             "ROW_ALIGN": row_alignment(*((t.element_size(), t.stride()) for t in (q, k, v)),
-                                       (q.element_size(), contiguous_strides(self.out_shape))),
+                                       (q.element_size(), out_strides)),
         }  # fmt: skip
         self.tma_layout = tma_layout_ok(k, v) and not self.interpreted
         self.kernel_options, self.dims = kernel_options, (D, Dv, Lq, Lkv, Hq // Hkv)
@@ -255,17 +259,19 @@ class ForwardPlan:
             Lq, Lkv = self.out_shape[2], self.dims[3]
             sparse = walked_tiles(self.tables, (config.block_m, config.block_n), self.sparse)
             has_full, tables = self.tables[sparse]
+            args, kwargs = FORWARD.bind({
+                **self.values, **self.constexprs, **dict(zip(TABLE_NAMES, tables, strict=True)),
+                "HAS_FULL": has_full, "SPARSE_Q": sparse[0], "SPARSE_KV": sparse[1],
+                "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "TILES_PER_BLOCK": sparse[1] // config.block_n,
+                "EVEN_Q": Lq % config.block_m == 0,
+                "EVEN_KV": Lkv % sparse[1] == 0,  # every kv tile in bounds (a table walk visits whole sparse blocks)
+                "USE_TMA": config.use_tma and self._tma_possible(),
+                "PREFETCH_INDEX": not self.constexprs["USE_BOUNDS"]
+                and prefetch_index(config.num_stages, config.num_warps, self.sparse_mask, self.kernel_options),
+            })  # fmt: skip
             launch = self.launches[config] = PreparedLaunch(
-                self.kernel, (-(-Lq // config.block_m), self.out_shape[0] * self.out_shape[1]),
-                [*self.inputs, *tables, *self.scalars],
-                dict(self.constexprs, HAS_FULL=has_full, SPARSE_Q=sparse[0], SPARSE_KV=sparse[1],
-                     BLOCK_M=config.block_m, BLOCK_N=config.block_n, TILES_PER_BLOCK=sparse[1] // config.block_n,
-                     EVEN_Q=Lq % config.block_m == 0,
-                     EVEN_KV=Lkv % sparse[1] == 0,  # every kv tile in bounds (a table walk visits whole sparse blocks)
-                     USE_TMA=config.use_tma and self._tma_possible(),
-                     PREFETCH_INDEX=not self.constexprs["USE_BOUNDS"]
-                     and prefetch_index(config.num_stages, config.num_warps, self.sparse_mask, self.kernel_options),
-                     num_warps=config.num_warps, num_stages=config.num_stages))
+                self.kernel, (-(-Lq // config.block_m), self.out_shape[0] * self.out_shape[1]), args,
+                dict(kwargs, num_warps=config.num_warps, num_stages=config.num_stages))
         return launch
 
     def _tma_possible(self) -> bool:

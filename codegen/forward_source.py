@@ -22,6 +22,7 @@ from flexcomp.tiles import ClosedFormBounds
 
 from .kernel_passes import shape
 from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, cast_f32, hoistable, render_block
+from .params import FORWARD
 
 LOOP_ARGS = frozenset({"score", "kv_idx"})  # what changes from one kv tile to the next
 MOD_ARG_NAMES = {"score": "score", "b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", "sm_scale": "sm_scale"}
@@ -135,6 +136,7 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
         "MASK_BUFFERS": _args(mask.buffers),
         "SCORE_HOISTED_LHS": _lhs(score.hoisted),
         "MASK_HOISTED_LHS": _lhs(mask.hoisted),
+        "FORWARD_PARAMS": FORWARD.render({"mod_buffers": score.buffers + mask.buffers}),  # the declaration in codegen/params.py
     }
     kernel = FORWARD_TEMPLATE
     for key, value in fill.items():
@@ -184,15 +186,12 @@ def attend_tile(
     FOLD_SCALE: tl.constexpr,
 ):
     \"\"\"One kv tile of the online softmax. FULL tiles (IS_FULL) never evaluate the mask.\"\"\"
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_in = offs_n < KV_LEN
     if USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
         kt = tl.trans(k_desc.load([start_n, 0]))
     else:
-        kt = load_tile(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                       kv_in[None, :], offs_d[:, None] < D, CHECK_KV, BLOCK_D != D)
+        kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, CHECK_KV)
     qk = mma(q, kt, None, DOT_PRECISION)
     kv_idx = offs_n[None, :]
     if HAS_SCORE_MOD:  # score_mod(q.k * scale) * log2(e), the scalings folded into the mod (codegen/base2.py)
@@ -235,8 +234,7 @@ def attend_tile(
     if USE_TMA:
         v = v_desc.load([start_n, 0])
     else:
-        v = load_tile(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                      kv_in[:, None], offs_dv[None, :] < DV, CHECK_KV, BLOCK_DV != DV)
+        v = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, False, CHECK_KV)
     acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -284,25 +282,7 @@ def attend_tiles(
 
 @triton.jit
 def flex_forward_kernel(
-    Q, stride_qb, stride_qh, stride_qm, stride_qd,
-    K, stride_kb, stride_kh, stride_kn, stride_kd,
-    V, stride_vb, stride_vh, stride_vn, stride_vd,
-    Out, stride_ob, stride_oh, stride_om, stride_od,
-    Lse, stride_lb, stride_lh, stride_lm,
-    KV_NUM, stride_nb, stride_nh, stride_nm,
-    KV_IDX, stride_ib, stride_ih, stride_im, stride_in,
-    FULL_NUM, stride_fnb, stride_fnh, stride_fnm,
-    FULL_IDX, stride_fib, stride_fih, stride_fim, stride_fin,
-    {SCORE_BUFFERS}{MASK_BUFFERS}
-    sm_scale, Q_LEN, KV_LEN, H_Q, GQA_GROUP,
-    HAS_SCORE_MOD: tl.constexpr, USE_BOUNDS: tl.constexpr, HAS_FULL: tl.constexpr,
-    SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    EVEN_Q: tl.constexpr = False, EVEN_KV: tl.constexpr = False, FAST_TANH: tl.constexpr = False,
-    USE_TMA: tl.constexpr = False, FLOAT_INDEX: tl.constexpr = False, FOLD_SCALE: tl.constexpr = False,
-    PREFETCH_INDEX: tl.constexpr = False, ROW_ALIGN: tl.constexpr = 1,
+{FORWARD_PARAMS}
 ):
     stride_qb, stride_qh, stride_qm = aligned(stride_qb, ROW_ALIGN), aligned(stride_qh, ROW_ALIGN), aligned(stride_qm, ROW_ALIGN)
     stride_kb, stride_kh, stride_kn = aligned(stride_kb, ROW_ALIGN), aligned(stride_kh, ROW_ALIGN), aligned(stride_kn, ROW_ALIGN)
@@ -333,21 +313,8 @@ def flex_forward_kernel(
     if USE_BOUNDS:
         q_hi = tl.minimum(q_lo + BLOCK_M, Q_LEN) - 1
         kv_lo, kv_hi, full_lo, full_hi = kv_bounds(b, h, q_lo, q_hi, Q_LEN, KV_LEN, {MASK_BUFFERS})
-        n_kv_tiles = tl.cdiv(KV_LEN, BLOCK_N)
-        # partial range rounded outward, full range rounded inward (a full range that reaches
-        # KV_LEN keeps the ragged last tile: it is bounds-checked like every tile)
-        part_lo = tl.minimum(tl.maximum(kv_lo, 0), KV_LEN) // BLOCK_N * BLOCK_N
-        part_hi = tl.maximum(tl.cdiv(tl.minimum(tl.maximum(kv_hi, 0), KV_LEN), BLOCK_N) * BLOCK_N, part_lo)
-        full_lo = tl.maximum(tl.cdiv(tl.minimum(tl.maximum(full_lo, 0), KV_LEN), BLOCK_N) * BLOCK_N, part_lo)
-        full_hi = tl.minimum(tl.maximum(full_hi, 0), KV_LEN)
-        full_hi = tl.where(full_hi >= KV_LEN, n_kv_tiles * BLOCK_N, full_hi // BLOCK_N * BLOCK_N)
-        full_hi = tl.minimum(full_hi, part_hi)
-        no_full = full_hi <= full_lo
-        full_lo = tl.where(no_full, part_hi, full_lo)
-        full_hi = tl.where(no_full, part_hi, full_hi)
-        n_left = (full_lo - part_lo) // BLOCK_N
-        n_partial = n_left + (part_hi - full_hi) // BLOCK_N
-        n_full = (full_hi - full_lo) // BLOCK_N
+        part_lo, n_left, full_hi, n_partial, full_lo, n_full = closed_form_tiles(kv_lo, kv_hi, full_lo, full_hi,
+                                                                                 KV_LEN, BLOCK_N)
         partial_row = KV_IDX
         full_row = KV_IDX
     else:

@@ -311,6 +311,47 @@ def load_tile(ptrs, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.c
 
 
 @triton.jit
+def load_kv_tile(head, start_n, stride_n, stride_d, KV_LEN, BLOCK_N: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                 COLS: tl.constexpr, TRANSPOSED: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    # kv rows [start_n, start_n + BLOCK_N) x head-dim columns of one head's K or V (`head` points at its row 0),
+    # zero past KV_LEN and COLS: the one place a kernel addresses K/V (a page table would change only this).
+    # TRANSPOSED gives [BLOCK_COLS, BLOCK_N], the operand of q @ k^T, loaded in that layout (not a tl.trans).
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_COLS)
+    kv_in = offs_n < KV_LEN
+    if TRANSPOSED:
+        x = load_tile(head + offs_n[None, :] * stride_n + offs_c[:, None] * stride_d,
+                      kv_in[None, :], offs_c[:, None] < COLS, CHECK_ROWS, BLOCK_COLS != COLS)
+    else:
+        x = load_tile(head + offs_n[:, None] * stride_n + offs_c[None, :] * stride_d,
+                      kv_in[:, None], offs_c[None, :] < COLS, CHECK_ROWS, BLOCK_COLS != COLS)
+    return x
+
+
+@triton.jit
+def closed_form_tiles(kv_lo, kv_hi, full_lo, full_hi, KV_LEN, BLOCK_N: tl.constexpr):
+    # a program's kv tile range from closed-form bounds, as two runs of consecutive tiles: PARTIAL tiles from
+    # part_lo (n_left of them before the FULL run, n_partial in all, the rest from full_hi) and n_full FULL tiles
+    # from full_lo.  The one place that turns bounds into tiles (a split-KV kernel would cut these runs).
+    n_kv_tiles = tl.cdiv(KV_LEN, BLOCK_N)
+    # partial range rounded outward, full range rounded inward (a full range that reaches
+    # KV_LEN keeps the ragged last tile: it is bounds-checked like every tile)
+    part_lo = tl.minimum(tl.maximum(kv_lo, 0), KV_LEN) // BLOCK_N * BLOCK_N
+    part_hi = tl.maximum(tl.cdiv(tl.minimum(tl.maximum(kv_hi, 0), KV_LEN), BLOCK_N) * BLOCK_N, part_lo)
+    full_lo = tl.maximum(tl.cdiv(tl.minimum(tl.maximum(full_lo, 0), KV_LEN), BLOCK_N) * BLOCK_N, part_lo)
+    full_hi = tl.minimum(tl.maximum(full_hi, 0), KV_LEN)
+    full_hi = tl.where(full_hi >= KV_LEN, n_kv_tiles * BLOCK_N, full_hi // BLOCK_N * BLOCK_N)
+    full_hi = tl.minimum(full_hi, part_hi)
+    no_full = full_hi <= full_lo
+    full_lo = tl.where(no_full, part_hi, full_lo)
+    full_hi = tl.where(no_full, part_hi, full_hi)
+    n_left = (full_lo - part_lo) // BLOCK_N
+    n_partial = n_left + (part_hi - full_hi) // BLOCK_N
+    n_full = (full_hi - full_lo) // BLOCK_N
+    return part_lo, n_left, full_hi, n_partial, full_lo, n_full
+
+
+@triton.jit
 def listed_tile_start(index_row, stride_index, i, n_tiles, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
     # the first index of the i-th of n_tiles tiles (i clamped to the last; none read when n_tiles is 0) of the
     # blocks a block-mask row lists: each sparse block is SPARSE // BLOCK tiles

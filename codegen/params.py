@@ -1,0 +1,169 @@
+"""Entry kernels' parameters, declared once as data.
+
+A kernel's declaration is a tuple of groups (one line of the rendered signature each).  The template's parameter
+text is rendered from it (`Signature.render`) and the host's launch arguments are built from it by name
+(`Signature.bind`): the host hands a dict name -> value, and a missing or unknown name raises at plan-build time,
+so the two sides cannot drift apart by position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Kind = Literal["pointer", "stride", "int", "float", "constexpr", "buffers"]
+NO_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: Kind
+    default: Any = NO_DEFAULT  # constexprs only: the value when the host leaves it out
+
+    def text(self) -> str:
+        if self.kind != "constexpr":
+            return self.name
+        suffix = "" if self.default is NO_DEFAULT else f" = {self.default!r}"
+        return f"{self.name}: tl.constexpr{suffix}"
+
+
+Group = tuple[Param, ...]
+
+
+def tensor(pointer: str, *strides: str) -> Group:
+    """A tensor's pointer, then one stride per dim (the order the kernel indexes them)."""
+    return (Param(pointer, "pointer"), *(Param(s, "stride") for s in strides))
+
+
+def scalars(*names: str, kind: Kind = "int") -> Group:
+    return tuple(Param(n, kind) for n in names)
+
+
+def constexprs(*names: str, default: Any = NO_DEFAULT) -> Group:
+    return tuple(Param(n, "constexpr", default) for n in names)
+
+
+# The mod's captured tensors: a variable-length run of pointers and strides, named by the generated source
+# (ops.buffer_params) and bound from one list of values, in the order the mods list their buffers.
+MOD_BUFFERS: Group = (Param("mod_buffers", "buffers"),)
+
+# The block mask's four index tables (what flexcomp.blockmask / torch's BlockMask carry): a group both directions read.
+KV_TABLES: tuple[Group, ...] = (
+    tensor("KV_NUM", "stride_nb", "stride_nh", "stride_nm"),
+    tensor("KV_IDX", "stride_ib", "stride_ih", "stride_im", "stride_in"),
+    tensor("FULL_NUM", "stride_fnb", "stride_fnh", "stride_fnm"),
+    tensor("FULL_IDX", "stride_fib", "stride_fih", "stride_fim", "stride_fin"),
+)
+TABLE_NAMES = tuple(p.name for g in KV_TABLES for p in g)  # the order forward.index_tables lists their values
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One entry kernel's parameters, in order."""
+
+    groups: tuple[Group, ...]
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        return tuple(p for g in self.groups for p in g)
+
+    def names(self, buffers: Mapping[str, list[str]]) -> list[str]:
+        """The kernel's parameter names in order, each "buffers" run replaced by its generated names in `buffers`."""
+        return [n for p in self.params for n in (buffers[p.name] if p.kind == "buffers" else [p.name])]
+
+    def render(self, buffers: Mapping[str, list[str]], indent: str = "    ") -> str:
+        """The parameter text of the kernel's `def` (one group a line, a trailing comma on each)."""
+        if set(buffers) != {p.name for p in self.params if p.kind == "buffers"}:
+            raise TypeError(f"buffer runs {sorted(buffers)} do not match the declaration")
+        lines = []
+        for group in self.groups:
+            texts = [n for p in group for n in (buffers[p.name] if p.kind == "buffers" else [p.text()])]
+            if texts:
+                lines.append(indent + ", ".join(texts) + ",")
+        return "\n".join(lines)
+
+    def bind(self, values: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """(positional arguments, constexpr keywords) for a launch; every name checked against the declaration."""
+        params = {p.name: p for p in self.params}
+        unknown = sorted(set(values) - set(params))
+        missing = [p.name for p in self.params if p.name not in values and p.default is NO_DEFAULT]
+        if unknown or missing:
+            raise TypeError(f"kernel arguments do not match the declaration: missing {missing}, unknown {unknown}")
+        args: list[Any] = []
+        for p in self.params:
+            if p.kind == "buffers":
+                args.extend(values[p.name])
+            elif p.kind != "constexpr":
+                args.append(values[p.name])
+        kwargs = {p.name: values[p.name] for p in self.params if p.kind == "constexpr" and p.name in values}
+        return args, kwargs
+
+
+def bind_tensor(group: Group, pointer: Any, strides: tuple[int, ...] | list[Any]) -> dict[str, Any]:
+    """`group`'s names -> the pointer and the strides (a rank that does not match the declaration raises)."""
+    if len(strides) != len(group) - 1:
+        raise TypeError(f"{group[0].name} takes {len(group) - 1} strides, got {len(strides)}")
+    return dict(zip((p.name for p in group), (pointer, *strides), strict=True))
+
+
+# What both directions read, under the same names: q, k, v with their [B, H, L, D] strides.
+Q_TENSOR = tensor("Q", "stride_qb", "stride_qh", "stride_qm", "stride_qd")
+K_TENSOR = tensor("K", "stride_kb", "stride_kh", "stride_kn", "stride_kd")
+V_TENSOR = tensor("V", "stride_vb", "stride_vh", "stride_vn", "stride_vd")
+
+FORWARD_OUT = tensor("Out", "stride_ob", "stride_oh", "stride_om", "stride_od")
+FORWARD_LSE = tensor("Lse", "stride_lb", "stride_lh", "stride_lm")
+
+FORWARD = Signature((
+    Q_TENSOR, K_TENSOR, V_TENSOR, FORWARD_OUT, FORWARD_LSE,
+    *KV_TABLES,
+    MOD_BUFFERS,
+    (Param("sm_scale", "float"), *scalars("Q_LEN", "KV_LEN", "H_Q", "GQA_GROUP")),
+    constexprs("HAS_SCORE_MOD", "USE_BOUNDS", "HAS_FULL"),
+    constexprs("SPARSE_Q", "SPARSE_KV", "TILES_PER_BLOCK"),
+    constexprs("BLOCK_M", "BLOCK_N"),
+    constexprs("BLOCK_D", "BLOCK_DV", "D", "DV"),
+    constexprs("DOT_PRECISION"),
+    constexprs("EVEN_Q", "EVEN_KV", "FAST_TANH", default=False),
+    constexprs("USE_TMA", "FLOAT_INDEX", "FOLD_SCALE", default=False),
+    (*constexprs("PREFETCH_INDEX", default=False), *constexprs("ROW_ALIGN", default=1)),
+))  # fmt: skip
+
+
+def backward_tables(major: str) -> Group:
+    """The backward's walk tables of one direction (`major` "q": the dK/dV programs', "kv": the dQ programs'):
+    contiguous int32 [TB, TH, rows(, cols)], then their batch and head strides (0 where the mask broadcasts),
+    rows and widths."""
+    upper = major.upper()
+    pointers = (f"{upper}_NUM", f"{upper}_IDX", f"FULL_{upper}_NUM", f"FULL_{upper}_IDX")
+    sizes = (f"{major}_table_b", f"{major}_table_h", f"{major}_table_rows", f"{major}_table_cols",
+             f"{major}_full_table_cols")  # fmt: skip
+    return (*(Param(n, "pointer") for n in pointers), *scalars(*sizes))
+
+
+BACKWARD_DO = tensor("DO", "stride_dob", "stride_doh", "stride_dom", "stride_dod")
+BACKWARD_DQ = tensor("DQ", "stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd")
+BACKWARD_DK = tensor("DK_OUT", "stride_dkb", "stride_dkh", "stride_dkn", "stride_dkd")
+BACKWARD_DV = tensor("DV_OUT", "stride_dvb", "stride_dvh", "stride_dvn", "stride_dvd")
+Q_MAJOR_TABLES, KV_MAJOR_TABLES = backward_tables("q"), backward_tables("kv")
+
+BACKWARD = Signature((
+    Q_TENSOR, K_TENSOR, V_TENSOR, BACKWARD_DO,
+    scalars("LSE2", "DELTA", kind="pointer"),  # contiguous float32 [B, H_Q, Q_LEN]: lse in base 2, delta
+    scalars("DQ_ACC", kind="pointer"),  # contiguous float32 [B, H_Q, Q_LEN, D], zeroed (ATOMIC_DQ; else unused)
+    BACKWARD_DQ, BACKWARD_DK, BACKWARD_DV,
+    Q_MAJOR_TABLES, KV_MAJOR_TABLES,
+    (*MOD_BUFFERS, Param("grad_buffers", "buffers")),  # captured tensors, then their gradients' (each + slice stride)
+    (Param("sm_scale", "float"), *scalars("Q_LEN", "KV_LEN", "H_Q", "H_KV")),
+    scalars("dkdv_programs", "kv_tiles", "q_tiles"),  # programs [0, dkdv_programs) do dK/dV, the rest dQ
+    constexprs("GQA_GROUP", "BLOCK_D", "BLOCK_DV", "D", "DV"),
+    constexprs("DOT_PRECISION", "FAST_TANH"),
+    constexprs("DKDV_PART", "SPARSE_Q1", "SPARSE_KV1", "BLOCK_M1"),  # 1: the dK/dV part (BackwardConfig's names)
+    constexprs("BLOCK_N1", "EVEN_Q1", "EVEN_KV1", "PREFETCH_INDEX1"),
+    constexprs("ATOMIC_DQ"),
+    constexprs("DQ_PART", "SPARSE_Q2", "SPARSE_KV2", "BLOCK_M2"),  # 2: the dQ part
+    constexprs("BLOCK_N2", "EVEN_Q2", "EVEN_KV2", "PREFETCH_INDEX2"),
+    constexprs("DETERMINISTIC", "ROW_ALIGN"),
+))  # fmt: skip
