@@ -179,7 +179,7 @@ def check_against_naive(inputs, out, grads, score_fn=None, mask_fn=None):
         assert want.abs().max() > 0
 
 
-SCALES = {"log1p": 0.5, "tan": 0.4, "expm1": 1.0}  # inside the domain / first branch; no float32 overflow
+SCALES = {"log1p": 0.5, "tan": 0.25, "expm1": 1.0}  # inside the domain / first branch; tan's pole 6 sigma away
 # round's score is piecewise constant (no gradient to compare) and a float32 score may land on the other side of a
 # half than the float64 one: checked element by element above and as a mask below
 SMOOTH_CASES = [name for name in CASES if not name.startswith("round")]
