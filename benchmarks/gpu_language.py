@@ -131,13 +131,13 @@ def main(device: str = "cuda", workers: int = 12) -> int:
         print("gpu_language: no CUDA device")
         return 1
     todo = runs()
-    if device == "cpu":
-        results = [run_one(i, dtype, device) for i, _, dtype in todo]
-    else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(run_one, *zip(*[(i, dtype, device) for i, _, dtype in todo])))
-    for (_, name, dtype), (ok, detail) in zip(todo, results):
-        print(f"{'ok  ' if ok else 'FAIL'} {name:34s} {str(dtype)[6:]:9s} {detail}", flush=True)
+    results = []
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [(i, dtype, device) for i, _, dtype in todo]
+        done = map(run_one, *zip(*jobs)) if device == "cpu" else pool.map(run_one, *zip(*jobs))
+        for (_, name, dtype), (ok, detail) in zip(todo, done):  # printed as they arrive, in order
+            results.append((ok, detail))
+            print(f"{'ok  ' if ok else 'FAIL'} {name:34s} {str(dtype)[6:]:9s} {detail}", flush=True)
     failures = sum(not ok for ok, _ in results)
     print(f"gpu_language: {len(todo) - failures} of {len(todo)} passed")
     return 1 if failures else 0
