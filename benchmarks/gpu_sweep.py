@@ -3,6 +3,7 @@
     python benchmarks/gpu_sweep.py                      # every head-dim pair, then random cases; exits 1 on a failure
     python benchmarks/gpu_sweep.py --seed 7 --random 400 --workers 8
     python benchmarks/gpu_sweep.py --subset sanitizer   # the small set run under compute-sanitizer
+    python benchmarks/gpu_sweep.py --subset decode --random 200   # short queries: the split-KV decode kernel
     python benchmarks/gpu_sweep.py --replay '{"D": 40, ...}'   # one case, as printed by a failure
 
 A case is a head-dim pair (D, Dv), a dtype, a GQA ratio, batch/lengths (odd, Lq != Lkv), a mask (none,
@@ -120,6 +121,21 @@ def random_cases(count: int, seed: int) -> list[dict]:
     return cases
 
 
+def decode_cases(count: int, seed: int) -> list[dict]:
+    """Short queries against longer caches: the split-KV decode kernel (codegen/decode.py), its GQA packing and
+    split merge, every mask and score_mod; some with gradients (the decode forward feeding the backward)."""
+    rng = random.Random(seed + 1)
+    cases = []
+    for i in range(count):
+        cases.append({"D": rng.choice(HEAD_DIMS), "Dv": rng.choice(HEAD_DIMS), "dtype": rng.choice(DTYPES),
+                      "B": rng.choice([1, 2, 3]), "Hkv": rng.choice([1, 2]), "gqa": rng.choice(GQA_RATIOS),
+                      "Lq": rng.choice([1, 1, 2, 3, 4, 7, 16, 33, 64]), "Lkv": int(2 ** rng.uniform(4, 13.5)),
+                      "mask": rng.choice(MASKS), "score": rng.choice(SCORES), "backward": rng.random() < 0.25,
+                      "pad": rng.choice([0, 0, 0, 1, 8]), "seed": seed * 100019 + i,
+                      "options": rng.choice([None, None, {"NUM_SPLITS": rng.choice([1, 2, 8, 32])}])})
+    return cases
+
+
 def sanitizer_cases() -> list[dict]:
     """A small set under compute-sanitizer memcheck: issue 16's shapes, ragged edges, table walks, both passes."""
     base = {"B": 1, "Hkv": 2, "gqa": 4, "Lq": 200, "Lkv": 333, "backward": True, "seed": 1}
@@ -129,7 +145,10 @@ def sanitizer_cases() -> list[dict]:
             dict(base, D=72, Dv=160, dtype="bfloat16", mask="captured_prefix", score="rel_bias"),
             dict(base, D=256, Dv=256, dtype="bfloat16", mask="causal", score="softcap", Lq=129, Lkv=65),
             dict(base, D=16, Dv=16, dtype="float32", mask="empty_rows", score="none", Lq=17, Lkv=1),
-            dict(base, D=128, Dv=128, dtype="bfloat16", mask="document", score="none", Lq=1000, Lkv=1000)]
+            dict(base, D=128, Dv=128, dtype="bfloat16", mask="document", score="none", Lq=1000, Lkv=1000),
+            dict(base, D=40, Dv=24, dtype="bfloat16", mask="offset_window", score="alibi", Lq=3, Lkv=2000,
+                 options={"NUM_SPLITS": 8}),  # the decode kernel: packed rows, split workspaces, the merge
+            dict(base, D=128, Dv=128, dtype="float16", mask="empty_rows", score="none", Lq=1, Lkv=777)]
 
 
 def config_cases() -> list[dict]:
@@ -307,7 +326,7 @@ def run_all(cases: list[dict], workers: int) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subset", choices=("all", "pairs", "random", "sanitizer", "issue", "configs"),
+    parser.add_argument("--subset", choices=("all", "pairs", "random", "sanitizer", "issue", "configs", "decode"),
                         default="all")
     parser.add_argument("--random", type=int, default=300, help="random cases after the head-dim pairs")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
@@ -321,7 +340,9 @@ def main() -> int:
         print(f"gpu_sweep: seed {args.seed}", flush=True)
         cases = {"pairs": head_dim_pairs, "issue": lambda: ISSUE_CASES, "sanitizer": sanitizer_cases, "configs": config_cases,
                  "random": lambda: random_cases(args.random, args.seed),
-                 "all": lambda: ISSUE_CASES + config_cases() + head_dim_pairs() + random_cases(args.random, args.seed)}[args.subset]()
+                 "decode": lambda: decode_cases(args.random, args.seed),
+                 "all": lambda: ISSUE_CASES + config_cases() + head_dim_pairs() + random_cases(args.random, args.seed)
+                 + decode_cases(args.random // 2, args.seed)}[args.subset]()
     return run_all(cases, min(args.workers, len(cases)))
 
 

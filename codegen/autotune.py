@@ -87,6 +87,31 @@ SPARSE_BACKWARD_CONFIGS: dict[tuple[int, int], BackwardConfig] = {
     (16, 64): BackwardConfig(64, 64, 64, 64, 4, 2, 4, 3),
 }
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """The split-KV decoding kernel's kv tile and launch (its rows are the packed query rows, chosen by the host)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (bits per element, head dim up to) -> config.  Decoding is a stream through K and V: a deep pipeline of
+# moderate tiles keeps the most bytes in flight per SM (benchmarks/NOTES_decode.md).
+DECODE_CONFIGS: dict[tuple[int, int], DecodeConfig] = {
+    (32, 64): DecodeConfig(64, 4, 3),
+    (32, 128): DecodeConfig(32, 4, 3),
+    (32, 256): DecodeConfig(32, 4, 2),
+    (16, 64): DecodeConfig(128, 4, 4),
+    (16, 128): DecodeConfig(64, 4, 4),
+    (16, 256): DecodeConfig(32, 4, 3),
+}
+
+
+def default_decode_config(bits: int, head_dim: int) -> DecodeConfig:
+    return DECODE_CONFIGS[(bits, head_dim_bucket(head_dim))]
+
+
 # What autotuning tries: every combination, less what `keep` rejects.
 BLOCKS_M = (64, 128)
 BLOCKS_N = (32, 64, 128)

@@ -342,7 +342,7 @@ def dkdv_tiles(
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_idx = offs_n[:, None]
     n_tiles = n_blocks * (SPARSE_Q // BLOCK_M)
-    ahead = walk_ahead(index_row, 1, n_tiles, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
+    ahead = walk_ahead(index_row, 1, 0, n_tiles, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
     for i in range(0, n_tiles):
         start_m, ahead = walk_step(index_row, 1, i, n_tiles, ahead, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -452,7 +452,7 @@ def dq_tiles(
     EVEN_KV: KV_LEN is a multiple of SPARSE_KV, so no kv tile of a listed block reaches past it."""
     q_idx = offs_m[:, None]
     n_tiles = n_blocks * (SPARSE_KV // BLOCK_N)
-    ahead = walk_ahead(index_row, 1, n_tiles, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
+    ahead = walk_ahead(index_row, 1, 0, n_tiles, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
     for i in range(0, n_tiles):
         start_n, ahead = walk_step(index_row, 1, i, n_tiles, ahead, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
         offs_n = start_n + tl.arange(0, BLOCK_N)

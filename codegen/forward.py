@@ -16,13 +16,14 @@ import triton
 from flexcomp.blockmask import refine_block_mask
 from flexcomp.checks import validate_inputs
 from flexcomp.errors import BackendError
-from flexcomp.ir import arg, const
+from flexcomp.ir import arg, const, free_args
 from flexcomp.mods import Mod
 from flexcomp.tiles import ClosedFormBounds, block_size, table_device, table_dims
 
 from . import autotune
 from .autotune import MIN_BLOCK, LaunchConfig, next_power_of_2
 from .cache import cache_key, load_generated
+from .decode import MAX_PACKED_ROWS, DecodeLaunch, DecodeShape, decode_wanted
 from .forward_source import bounds_text, forward_source
 from .host import (
     MEMO_SIZE,
@@ -207,8 +208,10 @@ class ForwardPlan:
         # the tables each launch walks, by their tiles: the block mask's, and where the config's kernel tiles are
         # smaller, the same mask at those tiles (empty sub-tiles out of the loops: flexcomp.blockmask.refine_block_mask)
         self.tables = {self.sparse: index_tables(block_mask, bounds is not None)}
+        decode_shape = DecodeShape(B, Hq, Lq, Lkv, Hq // Hkv, sparse_q, tiles_per_head=tiles_per_head(block_mask, bounds))
+        decoding = decode_wanted(decode_shape, kernel_options)
         tiles = (self.config.block_m, self.config.block_n)
-        refined = None if bounds is not None or not refine_wanted(kernel_options) else \
+        refined = None if bounds is not None or decoding or not refine_wanted(kernel_options) else \
             refine_block_mask(block_mask, tiles, B, Hq)
         if refined is not None:
             self.tables[tiles] = index_tables(refined, False)
@@ -231,6 +234,12 @@ class ForwardPlan:
             "ROW_ALIGN": row_alignment(*((t.element_size(), t.stride()) for t in (q, k, v)),
                                        (q.element_size(), out_strides)),
         }  # fmt: skip
+        self.decode = None  # codegen/decode.py: few query rows against a long kv cache
+        if decoding:
+            self.decode = DecodeLaunch(module, decode_shape, Dv, D, q.dtype, q.device, self.values, {
+                **self.constexprs,  # its rows reach q_idx up to Lq + MAX_PACKED_ROWS (padding rows)
+                "FLOAT_INDEX": float_index(score_mod, B, Hq, Lq + MAX_PACKED_ROWS, Lkv + sparse_kv),
+            }, self.tables[self.sparse], sparse_kv, kernel_options)
         self.tma_layout = tma_layout_ok(k, v) and not self.interpreted
         self.kernel_options, self.dims = kernel_options, (D, Dv, Lq, Lkv, Hq // Hkv)
         self.launches: dict[LaunchConfig, PreparedLaunch] = {}
@@ -239,6 +248,9 @@ class ForwardPlan:
     def run(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         tensors["out"] = out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         tensors["lse"] = lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        if self.decode is not None:
+            self.decode.run(tensors)
+            return out, lse
         if self.fitted is not None:
             if self.fitted.use_tma and self.tma_layout:
                 _install_allocator()  # per call: Triton keeps the allocator per thread
@@ -289,6 +301,13 @@ class ForwardPlan:
         return autotune.tuned_config(tune_key, list(dict.fromkeys(configs)) or [self.config],
                                      lambda c: self._launch(c)(tensors),
                                      on_gpu=self.device.type == "cuda" and not self.interpreted)
+
+
+def tiles_per_head(block_mask: Any, bounds: ClosedFormBounds | None) -> bool:
+    """Whether query heads may visit different kv tiles: tables with a head dim, or closed-form bounds reading h."""
+    if bounds is not None:
+        return any("h" in free_args(getattr(bounds, f)) for f in ("kv_lo", "kv_hi", "full_lo", "full_hi"))
+    return table_dims(block_mask)[1] > 1
 
 
 def float_index(score_mod: Mod | None, batch: int, heads: int, q_bound: int, kv_bound: int) -> bool:

@@ -22,7 +22,7 @@ from flexcomp.tiles import ClosedFormBounds
 
 from .kernel_passes import shape
 from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, cast_f32, hoistable, render_block
-from .params import FORWARD
+from .params import DECODE, FORWARD, TABLE_NAMES
 
 LOOP_ARGS = frozenset({"score", "kv_idx"})  # what changes from one kv tile to the next
 MOD_ARG_NAMES = {"score": "score", "b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", "sm_scale": "sm_scale"}
@@ -136,9 +136,11 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
         "MASK_BUFFERS": _args(mask.buffers),
         "SCORE_HOISTED_LHS": _lhs(score.hoisted),
         "MASK_HOISTED_LHS": _lhs(mask.hoisted),
+        "TABLE_ARGS": _args(list(TABLE_NAMES)),
         "FORWARD_PARAMS": FORWARD.render({"mod_buffers": score.buffers + mask.buffers}),  # the declaration in codegen/params.py
+        "DECODE_PARAMS": DECODE.render({"mod_buffers": score.buffers + mask.buffers}),
     }
-    kernel = FORWARD_TEMPLATE
+    kernel = FORWARD_TEMPLATE + DECODE_TEMPLATE
     for key, value in fill.items():
         kernel = kernel.replace("{" + key + "}", value)
     parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), KERNEL_HELPERS.strip(),
@@ -244,8 +246,9 @@ def attend_tiles(
     acc, l_i, m_i, q,
     K, stride_kn, stride_kd,
     V, stride_vn, stride_vd,
-    b, h, offs_m, sm_scale, KV_LEN,
-    first_lo, n_first, second_lo, n_tiles,  # two runs of consecutive tiles when USE_BOUNDS
+    b, h, q_idx, sm_scale, KV_LEN,
+    i_lo, i_hi,  # the tiles walked: [i_lo, i_hi) of the program's list (a split-KV program walks a part of it)
+    first_lo, n_first, second_lo,  # the list when USE_BOUNDS: two runs of consecutive tiles (closed_form_tiles)
     kv_index_row, stride_kv_index,  # else the block mask's kv_indices row
     {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
     IS_FULL: tl.constexpr, USE_BOUNDS: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
@@ -256,19 +259,18 @@ def attend_tiles(
     FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
     \"\"\"Online softmax over kv tiles (attend_tile per tile).\"\"\"
-    q_idx = offs_m[:, None]
     qk_scale = sm_scale * 1.4426950408889634  # scores in base 2
     if USE_TMA:  # Hopper's bulk tensor copies for K and V (host checked 16-byte alignment, unit last stride)
         k_desc = tl.make_tensor_descriptor(K, [KV_LEN, D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(V, [KV_LEN, DV], [stride_vn, 1], [BLOCK_N, BLOCK_DV])
     else:
         k_desc, v_desc = K, V  # unused
-    ahead = walk_ahead(kv_index_row, stride_kv_index, n_tiles, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)  # (off with bounds)
-    for i in range(0, n_tiles):
+    ahead = walk_ahead(kv_index_row, stride_kv_index, i_lo, i_hi, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)  # (off with bounds)
+    for i in range(i_lo, i_hi):
         if USE_BOUNDS:
             start_n = tl.where(i < n_first, first_lo + i * BLOCK_N, second_lo + (i - n_first) * BLOCK_N)
         else:
-            start_n, ahead = walk_step(kv_index_row, stride_kv_index, i, n_tiles, ahead, SPARSE_KV, BLOCK_N,
+            start_n, ahead = walk_step(kv_index_row, stride_kv_index, i, i_hi, ahead, SPARSE_KV, BLOCK_N,
                                        PREFETCH_INDEX)
         acc, l_i, m_i = attend_tile(
             acc, l_i, m_i, q, start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc,
@@ -313,28 +315,19 @@ def flex_forward_kernel(
     if USE_BOUNDS:
         q_hi = tl.minimum(q_lo + BLOCK_M, Q_LEN) - 1
         kv_lo, kv_hi, full_lo, full_hi = kv_bounds(b, h, q_lo, q_hi, Q_LEN, KV_LEN, {MASK_BUFFERS})
-        part_lo, n_left, full_hi, n_partial, full_lo, n_full = closed_form_tiles(kv_lo, kv_hi, full_lo, full_hi,
-                                                                                 KV_LEN, BLOCK_N)
-        partial_row = KV_IDX
-        full_row = KV_IDX
     else:
-        sparse_m = q_lo // SPARSE_Q
-        part_lo, n_left, full_hi, full_lo = 0, 0, 0, 0
-        n_partial = tl.load(KV_NUM + b * stride_nb + h * stride_nh + sparse_m * stride_nm) * TILES_PER_BLOCK
-        partial_row = KV_IDX + b * stride_ib + h * stride_ih + sparse_m * stride_im
-        if HAS_FULL:
-            n_full = tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + sparse_m * stride_fnm) * TILES_PER_BLOCK
-        else:
-            n_full = 0
-        full_row = FULL_IDX + b * stride_fib + h * stride_fih + sparse_m * stride_fim
+        kv_lo, kv_hi, full_lo, full_hi = 0, 0, 0, 0
+    n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row = program_tiles(
+        kv_lo, kv_hi, full_lo, full_hi, b, h, q_lo // SPARSE_Q, {TABLE_ARGS}
+        KV_LEN, USE_BOUNDS, HAS_FULL, BLOCK_N, TILES_PER_BLOCK)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, offs_m, sm_scale, KV_LEN,
-        part_lo, n_left, full_hi, n_partial,
+        b, h, q_idx, sm_scale, KV_LEN,
+        0, n_partial, first_lo, n_first, second_lo,
         partial_row, stride_in,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
@@ -343,8 +336,8 @@ def flex_forward_kernel(
     )
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, offs_m, sm_scale, KV_LEN,
-        full_lo, n_full, full_lo, n_full,
+        b, h, q_idx, sm_scale, KV_LEN,
+        0, n_full, full_lo, n_full, full_lo,
         full_row, stride_fin,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
@@ -366,4 +359,100 @@ def flex_forward_kernel(
     else:
         tl.store(out_ptrs, out, mask=row_in[:, None] & (offs_dv[None, :] < DV))
     tl.store(Lse + b64 * stride_lb + h.to(tl.int64) * stride_lh + offs_m * stride_lm, lse, mask=row_in)
+'''
+
+
+# Decoding: a few query rows against a long kv cache (codegen/decode.py chooses it and says why).  One program per
+# (split, batch, pack of PACK query heads sharing a kv head): every query row of those heads in one tile of rows,
+# so each K/V tile is read once for all of them, and the kv list cut into N_SPLITS parts so that short-q problems
+# still fill the GPU.  Same tiles, mods and lists as the forward; only the rows and the epilogue differ.
+DECODE_TEMPLATE = '''
+
+
+@triton.jit
+def flex_decode_kernel(
+{DECODE_PARAMS}
+):
+    stride_qb, stride_qh, stride_qm = aligned(stride_qb, ROW_ALIGN), aligned(stride_qh, ROW_ALIGN), aligned(stride_qm, ROW_ALIGN)
+    stride_kb, stride_kh, stride_kn = aligned(stride_kb, ROW_ALIGN), aligned(stride_kh, ROW_ALIGN), aligned(stride_kn, ROW_ALIGN)
+    stride_vb, stride_vh, stride_vn = aligned(stride_vb, ROW_ALIGN), aligned(stride_vh, ROW_ALIGN), aligned(stride_vn, ROW_ALIGN)
+    stride_ob, stride_oh, stride_om = aligned(stride_ob, ROW_ALIGN), aligned(stride_oh, ROW_ALIGN), aligned(stride_om, ROW_ALIGN)
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = pid // (H_Q // PACK)
+    h0 = (pid % (H_Q // PACK)) * PACK  # the pack's first query head
+    # row r of the tile: query head h0 + r // Q_LEN, query row r % Q_LEN (rows past PACK * Q_LEN: padding)
+    rows = tl.arange(0, BLOCK_M)
+    head_of_row = h0 + tl.minimum(rows // Q_LEN, PACK - 1)
+    q_of_row = rows - (head_of_row - h0) * Q_LEN
+    row_in = rows < PACK * Q_LEN
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b64 = b.to(tl.int64)
+    kv_h64 = (h0 // GQA_GROUP).to(tl.int64)
+    row_off = head_of_row.to(tl.int64) * stride_qh + q_of_row * stride_qm
+    q = load_tile(Q + b64 * stride_qb + row_off[:, None] + offs_d[None, :] * stride_qd,
+                  row_in[:, None], offs_d[None, :] < D, True, BLOCK_D != D)
+    K_bh = K + b64 * stride_kb + kv_h64 * stride_kh
+    V_bh = V + b64 * stride_vb + kv_h64 * stride_vh
+
+    q_idx = q_of_row[:, None]
+    if PACK == 1:
+        h = h0
+    else:
+        h = head_of_row[:, None]
+    {SCORE_HOISTED_LHS} = score_mod_hoisted(b, h, q_idx, sm_scale, {SCORE_BUFFERS})
+    {MASK_HOISTED_LHS} = mask_mod_hoisted(b, h, q_idx, {MASK_BUFFERS})
+
+    # every row lies in q block 0 (the host checked Q_LEN <= the block mask's q block), and the packed heads share
+    # one tile list (the host packs only where the tables and bounds are the same for every head)
+    if USE_BOUNDS:
+        kv_lo, kv_hi, full_lo, full_hi = kv_bounds(b, h0, 0, Q_LEN - 1, Q_LEN, KV_LEN, {MASK_BUFFERS})
+    else:
+        kv_lo, kv_hi, full_lo, full_hi = 0, 0, 0, 0
+    n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row = program_tiles(
+        kv_lo, kv_hi, full_lo, full_hi, b, h0, 0, {TABLE_ARGS}
+        KV_LEN, USE_BOUNDS, HAS_FULL, BLOCK_N, TILES_PER_BLOCK)
+    partial_lo, partial_hi = split_tiles(n_partial, split, N_SPLITS)
+    full_i_lo, full_i_hi = split_tiles(n_full, split, N_SPLITS)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = attend_tiles(
+        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
+        b, h, q_idx, sm_scale, KV_LEN,
+        partial_lo, partial_hi, first_lo, n_first, second_lo,
+        partial_row, stride_in,
+        {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
+        False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, False, FLOAT_INDEX,
+        FOLD_SCALE, PREFETCH_INDEX,
+    )
+    acc, l_i, m_i = attend_tiles(
+        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
+        b, h, q_idx, sm_scale, KV_LEN,
+        full_i_lo, full_i_hi, full_lo, n_full, full_lo,
+        full_row, stride_fin,
+        {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
+        True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, False, FLOAT_INDEX,
+        FOLD_SCALE, PREFETCH_INDEX,
+    )
+
+    # a row with nothing unmasked in this split has l = 0: output 0 and lse -inf (the merge weighs it 0)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+    if N_SPLITS == 1:
+        out_ptrs = (Out + b64 * stride_ob + (head_of_row.to(tl.int64) * stride_oh + q_of_row * stride_om)[:, None]
+                    + offs_dv[None, :] * stride_od)
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_in[:, None] & (offs_dv[None, :] < DV))
+        tl.store(Lse + b64 * stride_lb + head_of_row.to(tl.int64) * stride_lh + q_of_row * stride_lm,
+                 lse2 * 0.6931471805599453, mask=row_in)
+    else:  # workspaces [B, H_Q, Q_LEN, N_SPLITS(, DV)], contiguous
+        part = ((b64 * H_Q + head_of_row) * Q_LEN + q_of_row) * N_SPLITS + split
+        tl.store(O_PART + part[:, None] * DV + offs_dv[None, :], out, mask=row_in[:, None] & (offs_dv[None, :] < DV))
+        tl.store(L2_PART + part, lse2, mask=row_in)
 '''

@@ -352,6 +352,43 @@ def closed_form_tiles(kv_lo, kv_hi, full_lo, full_hi, KV_LEN, BLOCK_N: tl.conste
 
 
 @triton.jit
+def program_tiles(kv_lo, kv_hi, full_lo, full_hi, b, h, sparse_m,
+                  KV_NUM, stride_nb, stride_nh, stride_nm, KV_IDX, stride_ib, stride_ih, stride_im, stride_in,
+                  FULL_NUM, stride_fnb, stride_fnh, stride_fnm, FULL_IDX, stride_fib, stride_fih, stride_fim, stride_fin,
+                  KV_LEN, USE_BOUNDS: tl.constexpr, HAS_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
+                  TILES_PER_BLOCK: tl.constexpr):
+    # The kv tiles one program visits, as two lists: PARTIAL tiles (mask applied) and FULL ones (mask skipped).
+    # Returns (n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row): with USE_BOUNDS
+    # the partial list is two runs of consecutive tiles (first_lo, n_first of them; then from second_lo) and the
+    # full list one run from full_lo, from the closed-form bounds kv_lo..full_hi; else each list is a row of the
+    # block mask's tables (row `sparse_m` of batch b, head h; the tables as codegen/params.py KV_TABLES declares
+    # them).  attend_tiles walks [i_lo, i_hi) of either list.
+    if USE_BOUNDS:
+        first_lo, n_first, second_lo, n_partial, full_lo, n_full = closed_form_tiles(kv_lo, kv_hi, full_lo, full_hi,
+                                                                                      KV_LEN, BLOCK_N)
+        partial_row = KV_IDX
+        full_row = KV_IDX
+    else:
+        first_lo, n_first, second_lo, full_lo = 0, 0, 0, 0
+        n_partial = tl.load(KV_NUM + b * stride_nb + h * stride_nh + sparse_m * stride_nm) * TILES_PER_BLOCK
+        partial_row = KV_IDX + b * stride_ib + h * stride_ih + sparse_m * stride_im
+        if HAS_FULL:
+            n_full = tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + sparse_m * stride_fnm) * TILES_PER_BLOCK
+        else:
+            n_full = 0
+        full_row = FULL_IDX + b * stride_fib + h * stride_fih + sparse_m * stride_fim
+    return n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row
+
+
+@triton.jit
+def split_tiles(n_tiles, split, N_SPLITS: tl.constexpr):
+    # [lo, hi): split `split`'s share of a list of n_tiles tiles cut into N_SPLITS near-equal consecutive parts
+    per_split = tl.cdiv(n_tiles, N_SPLITS)
+    lo = tl.minimum(split * per_split, n_tiles)
+    return lo, tl.minimum(lo + per_split, n_tiles)
+
+
+@triton.jit
 def listed_tile_start(index_row, stride_index, i, n_tiles, SPARSE: tl.constexpr, BLOCK: tl.constexpr):
     # the first index of the i-th of n_tiles tiles (i clamped to the last; none read when n_tiles is 0) of the
     # blocks a block-mask row lists: each sparse block is SPARSE // BLOCK tiles
@@ -361,12 +398,12 @@ def listed_tile_start(index_row, stride_index, i, n_tiles, SPARSE: tl.constexpr,
 
 
 @triton.jit
-def walk_ahead(index_row, stride_index, n_tiles, SPARSE: tl.constexpr, BLOCK: tl.constexpr,
+def walk_ahead(index_row, stride_index, i_lo, n_tiles, SPARSE: tl.constexpr, BLOCK: tl.constexpr,
                PREFETCH_INDEX: tl.constexpr):
-    # walk_step's `ahead` before the first step: the first tile's start when reading ahead
+    # walk_step's `ahead` before the first step (tile i_lo): that tile's start when reading ahead
     ahead = 0
     if PREFETCH_INDEX:
-        ahead = listed_tile_start(index_row, stride_index, 0, n_tiles, SPARSE, BLOCK)
+        ahead = listed_tile_start(index_row, stride_index, i_lo, n_tiles, SPARSE, BLOCK)
     return ahead
 
 

@@ -167,3 +167,23 @@ BACKWARD = Signature((
     constexprs("BLOCK_N2", "EVEN_Q2", "EVEN_KV2", "PREFETCH_INDEX2"),
     constexprs("DETERMINISTIC", "ROW_ALIGN"),
 ))  # fmt: skip
+
+
+# The split-KV decoding kernel (codegen/decode.py): the forward's inputs; out and lse when it runs unsplit, else each
+# split's normalized output and base-2 lse in float32 workspaces [B, H_Q, Q_LEN, N_SPLITS(, DV)], merged after.
+DECODE_PARTS = (scalars("O_PART", "L2_PART", kind="pointer"),)
+
+DECODE = Signature((
+    Q_TENSOR, K_TENSOR, V_TENSOR, FORWARD_OUT, FORWARD_LSE, *DECODE_PARTS,
+    *KV_TABLES,
+    MOD_BUFFERS,
+    (Param("sm_scale", "float"), *scalars("Q_LEN", "KV_LEN", "H_Q", "GQA_GROUP")),
+    constexprs("PACK", "N_SPLITS"),  # query heads packed into one program's rows (they share a kv head); kv splits
+    constexprs("HAS_SCORE_MOD", "USE_BOUNDS", "HAS_FULL"),
+    constexprs("SPARSE_KV", "TILES_PER_BLOCK"),
+    constexprs("BLOCK_M", "BLOCK_N"),
+    constexprs("BLOCK_D", "BLOCK_DV", "D", "DV"),
+    constexprs("DOT_PRECISION"),
+    constexprs("EVEN_KV", "FAST_TANH", "FLOAT_INDEX", "FOLD_SCALE", "PREFETCH_INDEX", default=False),
+    constexprs("ROW_ALIGN", default=1),
+))  # fmt: skip

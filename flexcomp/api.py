@@ -29,7 +29,7 @@ KERNEL_OPTIONS = (
     "kpack", "matrix_instr_nonkdim", "waves_per_eu", "BACKEND",
     "FOLD_SCALE", "REFINE_TILES", "PREFETCH_INDEX",  # flexcomp's switches (codegen/forward.py; the last two the
     # backward too), for A/B
-    "autotune", "BACKWARD_DQ", "ONE_BACKWARD_LAUNCH",
+    "autotune", "BACKWARD_DQ", "ONE_BACKWARD_LAUNCH", "NUM_SPLITS",
 )  # fmt: skip
 TORCH_BACKENDS = ("AUTO", "TRITON", "FLASH", "TRITON_DECODE")
 

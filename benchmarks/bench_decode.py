@@ -1,0 +1,179 @@
+"""Decoding: a few query tokens against a long KV cache, flexcomp beside torch flex (compiled) and SDPA (issue 19).
+
+    python benchmarks/bench_decode.py                 # the issue's table, then sliding windows and a score_mod
+    python benchmarks/bench_decode.py --configs       # also the decode kernel at each tile/warps/stages config
+    TRITON_INTERPRET=1 python benchmarks/bench_decode.py --quick   # tiny shapes on CPU: a smoke test
+
+bf16, D=128, Hq=32, Hkv=8, enable_gqa.  Bandwidth = the K and V bytes the call must read at least (the whole cache
+without a mask; the window's rows with a sliding window) / time.  Columns: flexcomp's decode kernel (the default
+for these lengths), flexcomp's forward kernel (kernel_options BACKEND="TRITON"), torch's flex_attention compiled,
+SDPA (given no mask or score_mod: its column is the whole cache's unmasked read, for scale).  The ratio columns are
+speedups of the decode kernel (the other's time / decode's).  Every output is checked against
+torch flex (or SDPA) before timing; times are CUDA-event medians of back-to-back calls, same inputs, same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import flexcomp as fc
+
+ISSUE_ROWS = [(8, 1, 16384), (8, 1, 32768), (1, 1, 131072), (8, 4, 16384), (8, 16, 16384), (64, 1, 4096)]
+VARIANT_ROWS = [(8, 1, 16384), (8, 4, 16384), (8, 16, 16384)]
+QUICK_ROWS = [(2, 1, 256), (1, 4, 300)]
+WINDOW = 4096
+SOFTCAP = 30.0
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def timed(fn, device: str, repeats: int, inner: int) -> float:
+    """Median milliseconds per call of `inner` back-to-back calls (CUDA events; wall clock on the CPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            stop.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(stop) / inner)
+        else:
+            began = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(times)
+
+
+def mods(variant: str, q_len: int, kv_len: int):
+    """(flexcomp score_mod, flexcomp mask_mod, torch's plain functions, kv rows read per query) of a variant."""
+    offset = kv_len - q_len  # the queries are the cache's last rows
+
+    def window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx + offset) & (q_idx + offset - kv_idx < WINDOW)
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return SOFTCAP * torch.tanh(score / SOFTCAP)
+
+    if variant == "window":
+        return None, window, (None, window), min(WINDOW + q_len - 1, kv_len)
+    if variant == "softcap":
+        return softcap, None, (softcap, None), kv_len
+    return None, None, (None, None), kv_len
+
+
+def bench_row(B: int, q_len: int, kv_len: int, variant: str, args, device: str) -> dict:
+    Hq, Hkv, D = args.heads, args.kv_heads, args.head_dim
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = torch.randn(B, Hq, q_len, D, dtype=dtype, device=device)
+    k, v = (torch.randn(B, Hkv, kv_len, D, dtype=dtype, device=device) for _ in range(2))
+    score_mod, mask_mod, (torch_score, torch_mask), rows = mods(variant, q_len, kv_len)
+    block = fc.create_block_mask(mask_mod, 1, 1, q_len, kv_len, device=device) if mask_mod else None
+    runs = {
+        "decode": lambda: fc.flex_attention(
+            q, k, v, score_mod=score_mod, block_mask=block, enable_gqa=True, backend="triton"
+        ),
+        "forward": lambda: fc.flex_attention(
+            q,
+            k,
+            v,
+            score_mod=score_mod,
+            block_mask=block,
+            enable_gqa=True,
+            backend="triton",
+            kernel_options={"BACKEND": "TRITON"},
+        ),
+    }
+    if device == "cuda":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+        torch_block = create_block_mask(torch_mask, 1, 1, q_len, kv_len, device=device) if torch_mask else None
+        runs["torch_flex"] = lambda: compiled(q, k, v, score_mod=torch_score, block_mask=torch_block, enable_gqa=True)
+        runs["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    expected = runs.get("torch_flex", runs["forward"])()
+    for name in ("decode", "forward"):
+        torch.testing.assert_close(runs[name]().float(), expected.float(), atol=2e-2, rtol=2e-2)
+    needed = 2 * B * Hkv * rows * D * q.element_size()
+    row = {"B": B, "Lq": q_len, "Lkv": kv_len, "variant": variant}
+    for name, fn in runs.items():
+        ms = timed(fn, device, args.repeats, args.inner)
+        bytes_read = 2 * k.numel() * k.element_size() if name == "sdpa" else needed  # SDPA reads it all, unmasked
+        row[name] = {"ms": ms, "TBps": bytes_read / ms / 1e9}
+    return row
+
+
+def bench_configs(args, device: str) -> list[dict]:
+    """The decode kernel at each (BLOCK_N, num_warps, num_stages) on the issue's first rows: the default table's data."""
+    rows = []
+    for B, q_len, kv_len in ISSUE_ROWS[:1] + ISSUE_ROWS[2:3] + ISSUE_ROWS[4:]:
+        q = torch.randn(B, args.heads, q_len, args.head_dim, dtype=torch.bfloat16, device=device)
+        k, v = (
+            torch.randn(B, args.kv_heads, kv_len, args.head_dim, dtype=torch.bfloat16, device=device) for _ in range(2)
+        )
+        bytes_read = 2 * k.numel() * k.element_size()
+        for block_n in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (2, 3, 4, 5):
+                    options = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+                    def run(q=q, k=k, v=v, options=options):
+                        return fc.flex_attention(q, k, v, enable_gqa=True, kernel_options=options)
+
+                    try:
+                        ms = timed(run, device, 5, args.inner)
+                    except fc.FlexcompError as e:
+                        print(f"  {options}: {str(e).splitlines()[0][:80]}")
+                        continue
+                    rows.append({"B": B, "Lq": q_len, "Lkv": kv_len, **options, "TBps": bytes_read / ms / 1e9})
+                    print(f"  B={B} Lq={q_len} Lkv={kv_len} {options}: {bytes_read / ms / 1e9:.2f} TB/s", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU under TRITON_INTERPRET=1)")
+    parser.add_argument("--configs", action="store_true", help="also sweep the decode kernel's launch configs")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--inner", type=int, default=20)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    device = "cpu" if args.quick else "cuda"
+    if args.quick:
+        args.heads, args.kv_heads, args.head_dim, args.repeats, args.inner = 4, 2, 16, 1, 1
+    if device == "cuda":
+        print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    plan = [(r, "none") for r in (QUICK_ROWS if args.quick else ISSUE_ROWS)]
+    plan += [(r, variant) for variant in ("window", "softcap") for r in (QUICK_ROWS if args.quick else VARIANT_ROWS)]
+    results = []
+    names = ("decode", "forward", "torch_flex", "sdpa")
+    print(
+        "| B | Lq | Lkv | variant | " + " | ".join(f"{n} TB/s" for n in names) + " | decode/torch_flex | decode/sdpa |"
+    )
+    print("|---" * (6 + len(names)) + "|")
+    for (B, q_len, kv_len), variant in plan:
+        row = bench_row(B, q_len, kv_len, variant, args, device)
+        results.append(row)
+        rates = [f"{row[n]['TBps']:.2f}" if n in row else "-" for n in names]
+        ratios = [f"{row[n]['ms'] / row['decode']['ms']:.2f}x" if n in row else "-" for n in ("torch_flex", "sdpa")]
+        print(f"| {B} | {q_len} | {kv_len} | {variant} | " + " | ".join(rates + ratios) + " |", flush=True)
+    if args.configs and device == "cuda":
+        results.append({"configs": bench_configs(args, device)})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Split-KV decoding (codegen/decode.py) under Triton's interpreter, against the float64 reference: GQA packing,
+split merging (including splits with nothing unmasked), block masks, score mods with captured tensors, fully
+masked rows, the dispatch between the decode and the forward kernels, and a gpt-fast-style decode loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flexcomp.codegen import decode as decode_module
+from naive import assert_close_to_reference, naive_attention
+
+import flexcomp as fc
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """How many calls took the decode kernel, and with how many splits."""
+    calls = []
+    run = decode_module.DecodeLaunch.run
+
+    def counted(self, tensors):
+        calls.append(self.splits)
+        return run(self, tensors)
+
+    monkeypatch.setattr(decode_module.DecodeLaunch, "run", counted)
+    return calls
+
+
+def _qkv(randn, B, Hq, Hkv, Lq, Lkv, D=16, Dv=None, dtype=torch.float32):
+    return (randn(B, Hq, Lq, D, dtype=dtype), randn(B, Hkv, Lkv, D, dtype=dtype),
+            randn(B, Hkv, Lkv, Dv or D, dtype=dtype))  # fmt: skip
+
+
+def _check(q, k, v, decode_calls, splits=None, mask_fn=None, score_fn=None, **kwargs):
+    options = {"BACKEND": "TRITON_DECODE"} | ({"NUM_SPLITS": splits} if splits else {})
+    out, lse = fc.flex_attention(
+        q, k, v, enable_gqa=True, return_lse=True, backend="triton", kernel_options=options, **kwargs
+    )
+    ref_out, ref_lse = naive_attention(q, k, v, score_fn=score_fn, mask_fn=mask_fn, enable_gqa=True)
+    assert_close_to_reference(out, lse, ref_out, ref_lse, atol=TOL[q.dtype])
+    assert decode_calls and decode_calls[-1] == (splits or decode_calls[-1])
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("q_len", [1, 3, 16])
+def test_dense_gqa_packing_and_splits(randn, decode_calls, group, q_len):
+    q, k, v = _qkv(randn, 2, 8, 8 // group, q_len, 203)
+    _check(q, k, v, decode_calls, splits=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_odd_head_dims(randn, decode_calls, dtype):
+    q, k, v = _qkv(randn, 1, 4, 2, 2, 150, D=40, Dv=24, dtype=dtype)
+    _check(q, k, v, decode_calls, splits=2)
+
+
+def test_window_leaves_most_splits_empty(randn, decode_calls):
+    """A sliding window at the end of the cache: most splits see no tile at all and must weigh 0 in the merge."""
+    q, k, v = _qkv(randn, 2, 4, 2, 2, 300)
+
+    def window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx + 297) & (q_idx + 297 - kv_idx < 40)
+
+    block_mask = fc.create_block_mask(window, None, None, 2, 300, device="cpu", BLOCK_SIZE=(16, 16))
+    _check(q, k, v, decode_calls, splits=8, mask_fn=window, block_mask=block_mask)
+
+
+def test_fully_masked_rows(randn, decode_calls):
+    """Rows of query 1 see nothing: output 0 and lse -inf, never NaN, whatever the split."""
+    q, k, v = _qkv(randn, 1, 4, 1, 3, 100)
+
+    def skip_row_1(b, h, q_idx, kv_idx):
+        return (q_idx != 1) & (kv_idx <= 60 + q_idx)
+
+    block_mask = fc.create_block_mask(skip_row_1, None, None, 3, 100, device="cpu", BLOCK_SIZE=(16, 16))
+    _check(q, k, v, decode_calls, splits=4, mask_fn=skip_row_1, block_mask=block_mask)
+    out = fc.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, backend="triton")
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+
+
+def test_score_mod_with_captured_tensor_across_packed_heads(randn, decode_calls):
+    """The packed rows belong to different query heads: a mod indexing by h reads each row's own head."""
+    q, k, v = _qkv(randn, 2, 8, 2, 2, 77)
+    bias = randn(8, 77)
+
+    def biased(score, b, h, q_idx, kv_idx):
+        return score + bias[h, kv_idx] * (q_idx + 1)
+
+    _check(q, k, v, decode_calls, splits=2, score_fn=biased, score_mod=biased)
+
+
+def test_mask_by_head_walks_each_heads_row(randn, decode_calls):
+    """Tables that differ by head: heads are not packed, each walks its own table row."""
+    q, k, v = _qkv(randn, 1, 8, 2, 2, 180)
+
+    def by_head(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + 20 * h + 17
+
+    block_mask = fc.create_block_mask(by_head, 1, 8, 2, 180, device="cpu", BLOCK_SIZE=(16, 16))
+    _check(q, k, v, decode_calls, splits=4, mask_fn=by_head, block_mask=block_mask)
+
+
+def test_dispatch(randn, decode_calls):
+    """Short queries take the decode kernel by default; torch's kernel_options force either kernel."""
+    q, k, v = _qkv(randn, 1, 4, 2, 4, 64)
+    ref_out, _ = naive_attention(q, k, v, enable_gqa=True)
+    for options, decoded in ((None, True), ({"BACKEND": "TRITON"}, False),
+                             ({"FORCE_USE_FLEX_ATTENTION": True}, False)):  # fmt: skip
+        before = len(decode_calls)
+        out = fc.flex_attention(q, k, v, enable_gqa=True, backend="triton", kernel_options=options)
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+        assert (len(decode_calls) > before) == decoded, options
+    long_q = randn(1, 4, decode_module.DECODE_MAX_Q + 1, 16)
+    before = len(decode_calls)
+    fc.flex_attention(long_q, k, v, enable_gqa=True, backend="triton")
+    assert len(decode_calls) == before
+    with pytest.raises(ValueError, match="TRITON_DECODE"):
+        fc.flex_attention(
+            randn(1, 4, 200, 16), k, v, enable_gqa=True, backend="triton", kernel_options={"BACKEND": "TRITON_DECODE"}
+        )
+
+
+def test_gradients_through_a_decode_forward(randn, decode_calls):
+    """The decode kernel's out and lse feed the forward kernels' backward."""
+    q, k, v = (t.requires_grad_() for t in _qkv(randn, 1, 4, 2, 3, 50))
+    out = fc.flex_attention(q, k, v, enable_gqa=True, backend="triton", kernel_options={"NUM_SPLITS": 2})
+    assert decode_calls
+    grad = randn(*out.shape)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    ref_out, _ = naive_attention(q, k, v, enable_gqa=True)
+    ref_grads = torch.autograd.grad(ref_out, (q, k, v), grad.double())
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-4, rtol=1e-4)
+
+
+def test_gpt_fast_decode_loop(randn, decode_calls):
+    """gpt-fast's loop with the import changed: a causal block mask built once for the whole cache, sliced at
+    each step's q block, its mask_mod shifted by the step's position (a captured tensor)."""
+    max_len, heads, kv_heads = 96, 4, 2
+    k_cache, v_cache = randn(1, kv_heads, max_len, 16), randn(1, kv_heads, max_len, 16)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    full = fc.create_block_mask(causal, 1, 1, max_len, max_len, device="cpu", BLOCK_SIZE=16)
+    for pos in (0, 17, 95):
+        input_pos = torch.tensor([pos])
+        offset = input_pos[0]
+
+        def shifted(b, h, q_idx, kv_idx):
+            return causal(b, h, q_idx + offset, kv_idx)  # noqa: B023 (called within its step, as in gpt-fast)
+
+        step_mask = full[:, :, input_pos // 16]
+        step_mask.mask_mod = shifted
+        step_mask.seq_lengths = (1, max_len)
+        q = randn(1, heads, 1, 16)
+        out = fc.flex_attention(q, k_cache, v_cache, block_mask=step_mask, enable_gqa=True, backend="triton")
+        ref_out, _ = naive_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1], enable_gqa=True)
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    assert len(decode_calls) == 3
