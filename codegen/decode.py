@@ -103,58 +103,36 @@ def _sm_count(device: torch.device) -> int:
 
 
 class DecodeLaunch:
-    """The decode kernel's launch for one call plan (codegen/forward.py ForwardPlan decides when).
+    """The decode kernel's launches for one call plan (codegen/forward.py ForwardPlan decides when).
 
     `values` and `constexprs` are the forward plan's, by the names both declarations share (codegen/params.py);
     the tables are the block mask's own (the decode kernel walks whole sparse blocks: no refined tables)."""
 
-    def __init__(
-        self,
-        module: Any,
-        shape: DecodeShape,
-        dv: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        values: dict[str, Any],
-        constexprs: dict[str, Any],
-        tables: tuple[bool, list[Any]],
-        sparse_kv: int,
-        kernel_options: dict | None,
-    ):
-        self.kernel, self.shape, self.dtype, self.device = module.flex_decode_kernel, shape, dtype, device
-        config = default_decode_config(32 if dtype == torch.float32 else 16, max(head_dim, dv, MIN_BLOCK))
-        options = kernel_options or {}
-        block_n = options.get("BLOCK_N", min(config.block_n, sparse_kv))
-        if block_n < MIN_BLOCK or block_n & (block_n - 1) or sparse_kv % block_n:
-            raise ValueError(
-                f"kernel_options BLOCK_N={block_n} must be a power of two >= {MIN_BLOCK} dividing the "
-                f"block mask's block size {sparse_kv}"
-            )
-        self.config = DecodeConfig(
-            block_n, options.get("num_warps", config.num_warps), max(options.get("num_stages", config.num_stages), 2)
-        )
+    def __init__(self, module: Any, shape: DecodeShape, dims: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device, values: dict[str, Any], constexprs: dict[str, Any],
+                 tables: tuple[bool, list[Any]], sparse_kv: int, kernel_options: dict | None):  # fmt: skip
+        self.kernel, self.shape, self.dv, self.device = module.flex_decode_kernel, shape, dims[1], device
+        self.config = decode_config(dtype, max(*dims, MIN_BLOCK), sparse_kv, kernel_options)
         self.pack = heads_packed(shape)
         programs = shape.batch * shape.q_heads // self.pack
-        self.splits = split_count(programs, -(-shape.kv_len // block_n), device, kernel_options)
-        self.dv = dv
+        self.splits = split_count(programs, -(-shape.kv_len // self.config.block_n), device, kernel_options)
         has_full, table_values = tables
         self.args, self.kwargs = DECODE.bind({
             **values, **constexprs, **dict(zip(TABLE_NAMES, table_values, strict=True)),
             "O_PART": Slot("o_part"), "L2_PART": Slot("l2_part"),
             "PACK": self.pack, "N_SPLITS": self.splits, "HAS_FULL": has_full,
-            "SPARSE_KV": sparse_kv, "TILES_PER_BLOCK": sparse_kv // block_n,
-            "BLOCK_M": max(next_power_of_2(self.pack * shape.q_len), MIN_BLOCK), "BLOCK_N": block_n,
+            "SPARSE_KV": sparse_kv, "TILES_PER_BLOCK": sparse_kv // self.config.block_n,
+            "BLOCK_M": max(next_power_of_2(self.pack * shape.q_len), MIN_BLOCK), "BLOCK_N": self.config.block_n,
             "EVEN_KV": shape.kv_len % sparse_kv == 0,
         })  # fmt: skip
         self.grid = (self.splits, programs)
         self.launch: PreparedLaunch | None = None
+        self.merge = merge_launch(shape, self.dv, self.splits, values) if self.splits > 1 else None
 
     def run(self, tensors: dict[str, torch.Tensor]) -> None:
         """Attend into tensors["out"] and tensors["lse"] (allocated by the caller)."""
-        B, Hq, Lq = self.shape.batch, self.shape.q_heads, self.shape.q_len
-        split = self.splits > 1
-        parts = (B, Hq, Lq, self.splits)
+        parts = (self.shape.batch, self.shape.q_heads, self.shape.q_len, self.splits)
+        split = self.merge is not None  # else the kernel writes out and lse itself
         tensors["o_part"] = torch.empty((*parts, self.dv) if split else (1,), dtype=torch.float32, device=self.device)
         tensors["l2_part"] = torch.empty(parts if split else (1,), dtype=torch.float32, device=self.device)
         if self.launch is None:
@@ -162,40 +140,40 @@ class DecodeLaunch:
         else:
             self.launch(tensors)
         if split:
-            merge(tensors["o_part"], tensors["l2_part"], tensors["out"], tensors["lse"])
+            self.merge(tensors)
 
     def _first_launch(self, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
         """Launch at the config, or with fewer stages where it does not fit (a mod gathering from tables)."""
-
-        def prepared(stages: int) -> PreparedLaunch:
-            return PreparedLaunch(
-                self.kernel, self.grid, self.args, dict(self.kwargs, num_warps=self.config.num_warps, num_stages=stages)
-            )
-
-        launches = {s: prepared(s) for s in dict.fromkeys((self.config.num_stages, 2))}
-        stages = launch_first_fitting(
-            launches, lambda s: launches[s](tensors), f"no decode launch fits this GPU at {self.config}"
-        )
+        launches = {stages: PreparedLaunch(self.kernel, self.grid, self.args,
+                                           dict(self.kwargs, num_warps=self.config.num_warps, num_stages=stages))
+                    for stages in dict.fromkeys((self.config.num_stages, 2))}  # fmt: skip
+        stages = launch_first_fitting(launches, lambda s: launches[s](tensors),
+                                      f"no decode launch fits this GPU at {self.config}")  # fmt: skip
         return launches[stages]
 
 
-def merge(o_part: torch.Tensor, l2_part: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """out, lse <- the splits' outputs weighted by their share of the row's softmax mass (exact log-sum-exp)."""
-    B, Hq, Lq, splits, Dv = o_part.shape
-    merge_splits[(B * Hq * Lq,)](
-        o_part,
-        l2_part,
-        out,
-        *out.stride(),
-        lse,
-        *lse.stride(),
-        Hq,
-        Lq,
-        N_SPLITS=splits,
-        DV=Dv,
-        BLOCK_DV=max(next_power_of_2(Dv), MIN_BLOCK),
-        num_warps=4,
+def decode_config(dtype: torch.dtype, head_dim: int, sparse_kv: int, kernel_options: dict | None) -> DecodeConfig:
+    """The default for the dtype and head dim (codegen/autotune.py DECODE_CONFIGS), less what kernel_options set."""
+    base = default_decode_config(32 if dtype == torch.float32 else 16, head_dim)
+    options = kernel_options or {}
+    block_n = options.get("BLOCK_N", min(base.block_n, sparse_kv))
+    if block_n < MIN_BLOCK or block_n & (block_n - 1) or sparse_kv % block_n:
+        raise ValueError(f"kernel_options BLOCK_N={block_n} must be a power of two >= {MIN_BLOCK} dividing the "
+                         f"block mask's block size {sparse_kv}")  # fmt: skip
+    return DecodeConfig(
+        block_n, options.get("num_warps", base.num_warps), max(options.get("num_stages", base.num_stages), 2)
     )
+
+
+def merge_launch(shape: DecodeShape, dv: int, splits: int, values: dict[str, Any]) -> PreparedLaunch:
+    """out, lse <- the splits' outputs weighted by their share of the row's softmax mass (exact log-sum-exp).
+    Prepared once: through Triton's own launch path its host time (~20 us) outlasted short decode steps."""
+    out_strides = [values[n] for n in ("stride_ob", "stride_oh", "stride_om", "stride_od")]
+    lse_strides = [values[n] for n in ("stride_lb", "stride_lh", "stride_lm")]
+    args = [Slot("o_part"), Slot("l2_part"), Slot("out"), *out_strides, Slot("lse"), *lse_strides, shape.q_heads,
+            shape.q_len]  # fmt: skip
+    constexprs = {"N_SPLITS": splits, "DV": dv, "BLOCK_DV": max(next_power_of_2(dv), MIN_BLOCK), "num_warps": 4}
+    return PreparedLaunch(merge_splits, (shape.batch * shape.q_heads * shape.q_len,), args, constexprs)
 
 
 @triton.jit

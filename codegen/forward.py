@@ -236,7 +236,7 @@ class ForwardPlan:
         }  # fmt: skip
         self.decode = None  # codegen/decode.py: few query rows against a long kv cache
         if decoding:
-            self.decode = DecodeLaunch(module, decode_shape, Dv, D, q.dtype, q.device, self.values, {
+            self.decode = DecodeLaunch(module, decode_shape, (D, Dv), q.dtype, q.device, self.values, {
                 **self.constexprs,  # its rows reach q_idx up to Lq + MAX_PACKED_ROWS (padding rows)
                 "FLOAT_INDEX": float_index(score_mod, B, Hq, Lq + MAX_PACKED_ROWS, Lkv + sparse_kv),
             }, self.tables[self.sparse], sparse_kv, kernel_options)
