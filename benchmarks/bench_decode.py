@@ -29,6 +29,7 @@ import flexcomp as fc
 
 ISSUE_ROWS = [(8, 1, 16384), (8, 1, 32768), (1, 1, 131072), (8, 4, 16384), (8, 16, 16384), (64, 1, 4096)]
 VARIANT_ROWS = [(8, 1, 16384), (8, 4, 16384), (8, 16, 16384)]
+CROSSOVER_ROWS = [(8, 32, 16384), (8, 64, 16384), (8, 128, 16384), (64, 32, 4096), (64, 128, 4096)]  # decode vs forward
 QUICK_ROWS = [(2, 1, 256), (1, 4, 300)]
 WINDOW = 4096
 SOFTCAP = 30.0
@@ -99,7 +100,8 @@ def bench_row(B: int, q_len: int, kv_len: int, variant: str, args, device: str) 
     block = fc.create_block_mask(mask_mod, 1, 1, q_len, kv_len, device=device) if mask_mod else None
     runs = {
         "decode": lambda: fc.flex_attention(
-            q, k, v, score_mod=score_mod, block_mask=block, enable_gqa=True, backend="triton"
+            q, k, v, score_mod=score_mod, block_mask=block, enable_gqa=True, backend="triton",
+            kernel_options={"BACKEND": "TRITON_DECODE"},
         ),
         "forward": lambda: fc.flex_attention(
             q,
@@ -179,6 +181,7 @@ def main() -> None:
         torch._dynamo.config.recompile_limit = 1000  # torch flex compiles once per row's shapes
     plan = [(r, "none") for r in (QUICK_ROWS if args.quick else ISSUE_ROWS)]
     plan += [(r, variant) for variant in ("window", "softcap") for r in (QUICK_ROWS if args.quick else VARIANT_ROWS)]
+    plan += [(r, "none") for r in ([] if args.quick else CROSSOVER_ROWS)]  # where the default should switch
     results = []
     names = ("decode", "decode_eager", "forward", "torch_flex", "sdpa")
     print(

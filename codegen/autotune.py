@@ -96,14 +96,15 @@ class DecodeConfig:
     num_stages: int
 
 
-# (bits per element, head dim up to) -> config.  Decoding is a stream through K and V: a deep pipeline of
-# moderate tiles keeps the most bytes in flight per SM (benchmarks/NOTES_decode.md).
+# (bits per element, head dim up to) -> config.  Decoding streams K and V: 4 warps and three stages of 64-row tiles
+# (96 KiB at D=128, bf16: two programs per SM) measured best or within 2% of it on the H200 at Lq = 1 and 16
+# (benchmarks/NOTES_decode.md).  The other entries keep those bytes per stage; they are not measured.
 DECODE_CONFIGS: dict[tuple[int, int], DecodeConfig] = {
     (32, 64): DecodeConfig(64, 4, 3),
     (32, 128): DecodeConfig(32, 4, 3),
-    (32, 256): DecodeConfig(32, 4, 2),
-    (16, 64): DecodeConfig(128, 4, 4),
-    (16, 128): DecodeConfig(64, 4, 4),
+    (32, 256): DecodeConfig(16, 4, 3),
+    (16, 64): DecodeConfig(128, 4, 3),
+    (16, 128): DecodeConfig(64, 4, 3),
     (16, 256): DecodeConfig(32, 4, 3),
 }
 
