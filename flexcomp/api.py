@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .checks import validate_inputs
+from .custom_op import traced_flex_attention
 from .errors import BackendError
 from .ir import free_args, to_text
 from .mods import Mod, specialized_mod
@@ -77,6 +78,9 @@ def flex_attention(
     `backend`: "auto" (the generated Triton kernel on CUDA, the reference elsewhere),
     "triton" (on CPU tensors it needs TRITON_INTERPRET=1) or "reference".
     """
+    if torch.compiler.is_compiling():  # one custom op in the graph (flexcomp/custom_op.py)
+        return traced_flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                                     kernel_options, return_aux, mask_mod, backend)
     validate_inputs(query, key, value, enable_gqa)
     if backend not in BACKENDS:
         raise ValueError(f"unknown {backend=}; expected one of {', '.join(BACKENDS)}")

@@ -105,11 +105,14 @@ def _with_padded_rows(query, key, value, score_mod, block_mask, scale, enable_gq
     """triton_flex_attention on copies of q, k, v whose head dims are zero-padded to 16-byte rows (q.k and P V are
     unchanged by zero columns; the output's extra columns are cut off).  Autograd takes the gradients through the
     padding.  One copy of each input per call: only for layouts `vector_rows` refuses."""
-    def padded(t: torch.Tensor) -> torch.Tensor:  # a fresh allocation: 16-byte aligned, whatever t's offset
-        width = -(-t.shape[-1] * t.element_size() // ROW_BYTES) * ROW_BYTES // t.element_size()
-        return torch.cat([t, t.new_zeros(*t.shape[:-1], width - t.shape[-1])], dim=-1)
-
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = triton_flex_attention(padded(query), padded(key), padded(value), score_mod, block_mask, scale,
+    out, lse = triton_flex_attention(pad_rows(query), pad_rows(key), pad_rows(value), score_mod, block_mask, scale,
                                      enable_gqa, True, kernel_options, *captured)
     return out[..., :value.shape[-1]].contiguous(), lse
+
+
+def pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """t with its last dim zero-padded to rows of a multiple of ROW_BYTES bytes, in a fresh (16-byte aligned)
+    allocation whatever t's offset."""
+    width = -(-t.shape[-1] * t.element_size() // ROW_BYTES) * ROW_BYTES // t.element_size()
+    return torch.cat([t, t.new_zeros(*t.shape[:-1], width - t.shape[-1])], dim=-1)

@@ -310,6 +310,16 @@ def create_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, K
     The tiles the analysis cannot decide are evaluated element by element (bounded memory, on `device`), so the
     tables are exact; `exact=False` leaves them PARTIAL instead (sound, cheaper to build, more tiles visited).
     """
+    if torch.compiler.is_compiling():  # built at trace time, a constant of the graph (flexcomp/custom_op.py)
+        from .custom_op import traced_block_mask
+
+        return traced_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, exact)
+    return eager_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, exact=exact)
+
+
+def eager_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device: Any = None,
+                     BLOCK_SIZE: int | tuple[int, int] = DEFAULT_BLOCK, *, exact: bool = True) -> BlockMask:
+    """create_block_mask, built now (also while torch.compile traces)."""
     if Q_LEN < 1 or KV_LEN < 1:
         raise ValueError(f"sequence lengths must be positive, got {Q_LEN=} {KV_LEN=}")
     mod = specialized_mod(mask_mod, "mask")

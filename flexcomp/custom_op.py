@@ -1,0 +1,379 @@
+"""flexcomp's attention as a torch custom op, so that torch.compile graphs hold it whole (fullgraph, no breaks).
+
+Under torch.compile, `flexcomp.flex_attention` (and `create_block_mask`) take the path below instead of their
+eager Python, which Dynamo cannot trace (mods parsed from source, plan caches, data-dependent table sizes):
+
+- `call_key` runs once per trace, outside the graph (`torch._dynamo.assume_constant_result`): it compiles the
+  mods, reads the block mask's description (lengths, block size, closed-form bounds, which tables it has) and
+  files all that, with scale, enable_gqa, kernel_options and the backend, under a string key.
+- The graph then holds one `torch.ops.flexcomp.flex_attention(query, key, value, tables, captured, call)`: the
+  block mask's index tables and the score_mod's captured tensors are op inputs, so Dynamo sees them as data (a
+  new block mask's tables each step, a learnable bias updated by the optimizer) and autograd reaches the
+  captured tensors.  Its fake implementation gives the output shapes, so dynamic shapes need no recompile.
+- At run time the op calls the eager `flex_attention` on the real tensors (every backend, every feature; mods
+  re-specialize on rebound scalars as in eager calls), and its backward (`torch.library.register_autograd`) runs
+  the generated backward kernels, or autograd through the reference backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import FlexcompError
+from .mods import Mod, as_mod, specialized_mod
+
+TABLE_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    """What one flex_attention call site is, besides its tensors: filed under a key by `call_key`."""
+
+    score_mod: Mod | None
+    captured: tuple[tuple[str, Any, int | None], ...]  # where each captured tensor of the score_mod lives (`paths`)
+    mask_mod: Mod | None  # a block mask's, or the call's mask_mod= (then built at every call, as eager does)
+    block_mask: Any  # the block mask object when its tables are not op inputs (closed-form bounds), else None
+    tables: tuple[str, ...]  # the TABLE_NAMES the op takes as inputs, in order
+    seq_lengths: tuple[int, int] | None
+    block_size: tuple[int, int] | None
+    scale: float | None
+    enable_gqa: bool
+    kernel_options: dict[str, Any] | None
+    backend: str
+    passed: tuple[Any, ...]  # what the call site passed (mods, the block mask's mask_mod and bounds): `same_site`
+
+
+_CALLS: dict[str, Call] = {}
+_KEYS = itertools.count()
+
+
+@torch._dynamo.assume_constant_result
+def call_key(score_mod: Any, block_mask: Any, mask_mod: Any, scale: Any, enable_gqa: bool,
+             kernel_options: Any, backend: str) -> str:  # fmt: skip
+    """File this call site's description (run by Dynamo once per trace, outside the graph) and return its key."""
+    from .api import normalize_kernel_options
+
+    score = as_mod(score_mod, "score")
+    if block_mask is not None:
+        mask = as_mod(block_mask.mask_mod, "mask") if block_mask.mask_mod is not None else None
+        bounds = getattr(block_mask, "bounds", None)
+        tables = () if bounds is not None else tuple(n for n in TABLE_NAMES if getattr(block_mask, n) is not None)
+        call = Call(score, paths(score), mask, block_mask if bounds is not None else None, tables, tuple(block_mask.seq_lengths),
+                    tuple(block_mask.BLOCK_SIZE), scale, enable_gqa, normalize_kernel_options(kernel_options),
+                    backend, site(score_mod, block_mask, mask_mod))  # fmt: skip
+    else:
+        call = Call(score, paths(score), as_mod(mask_mod, "mask"), None, (), None, None, scale, enable_gqa,
+                    normalize_kernel_options(kernel_options), backend, site(score_mod, None, mask_mod))  # fmt: skip
+    key = f"flexcomp-call-{next(_KEYS)}"
+    _CALLS[key] = call
+    return key
+
+
+def site(score_mod: Any, block_mask: Any, mask_mod: Any) -> tuple[Any, ...]:
+    """The Python objects that make a call site what it is, besides the arguments' values call_key files."""
+    if block_mask is None:
+        return (score_mod, mask_mod)
+    return (score_mod, block_mask.mask_mod, getattr(block_mask, "bounds", None), tuple(block_mask.seq_lengths),
+            tuple(block_mask.BLOCK_SIZE))  # fmt: skip
+
+
+def same_site(entry: Call, score_mod: Any, block_mask: Any, mask_mod: Any) -> bool:
+    """Whether this call passes what `entry` was filed for.  Evaluated while Dynamo traces, so the compiled graph
+    keeps guards on each of these objects (identity) and lengths (value): another mod or block mask description
+    retraces and files its own entry, where `call_key` alone (a constant to Dynamo) would not."""
+    now = site(score_mod, block_mask, mask_mod)
+    return len(now) == len(entry.passed) and all(a is b or a == b for a, b in zip(now, entry.passed))
+
+
+def traced_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Any,
+                          block_mask: Any, scale: Any, enable_gqa: bool, return_lse: bool, kernel_options: Any,
+                          return_aux: Any, mask_mod: Any, backend: str) -> Any:  # fmt: skip
+    """flex_attention as Dynamo traces it: one custom op, its tensors made explicit."""
+    if isinstance(scale, torch.Tensor):
+        raise FlexcompError("under torch.compile, pass scale as a Python number (a tensor scale would be read on "
+                            "the host at every call)")  # fmt: skip
+    if mask_mod is not None and block_mask is not None:
+        raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
+    call = call_key(score_mod, block_mask, mask_mod, scale, enable_gqa, kernel_options, backend)
+    entry = _CALLS[call]
+    if not same_site(entry, score_mod, block_mask, mask_mod):
+        raise FlexcompError("internal error: a compiled flex_attention call site changed under its key")
+    tables = [getattr(block_mask, name) for name in entry.tables]
+    captured = captured_tensors(entry)
+    out, lse = torch.ops.flexcomp.flex_attention(query, key, value, tables, captured, call)
+    if return_aux is not None:
+        from .api import AuxOutput
+
+        if return_aux.max_scores:
+            raise FlexcompError("under torch.compile, return_aux takes lse only (max_scores needs an eager call "
+                                "with backend='reference')")  # fmt: skip
+        return out, AuxOutput(lse=lse if return_aux.lse else None, max_scores=None)
+    return (out, lse) if return_lse else out
+
+
+def paths(score_mod: Mod | None) -> tuple[tuple[str, Any, int | None], ...]:
+    """Where each captured tensor of the score_mod lives, as ("global", name, item) or ("cell", index, item) of the
+    mod's function (item: the tuple element, or None), so that the traced code reads it from there and Dynamo
+    makes it a graph input that follows rebinding and in-place updates."""
+    if score_mod is None:
+        return ()
+    fn = score_mod.fn
+    cells = [c.cell_contents for c in (fn.__closure__ or ())] if fn is not None else []
+    spaces = [("global", getattr(fn, "__globals__", {}).items()), ("cell", enumerate(cells))]
+    found = []
+    for spec in score_mod.buffers:
+        tensor = score_mod.resolvers[spec.name]()
+        where = next(((kind, name, item) for kind, names in spaces for name, value in list(names)
+                      for item in _positions(value, tensor)), None)  # fmt: skip
+        if where is None:
+            raise FlexcompError(
+                f"under torch.compile, the score_mod {score_mod.name} must capture its tensor {spec.name} as a "
+                "global or a closure variable of its own function (or a tuple of them), so that the compiled graph "
+                "reads it at every call; a tensor reached through a helper function is not followed",
+                score_mod.loc,
+            )  # fmt: skip
+        found.append(where)
+    return tuple(found)
+
+
+def _positions(value: Any, tensor: torch.Tensor) -> list[int | None]:
+    if value is tensor:
+        return [None]
+    if isinstance(value, (tuple, list)):
+        return [i for i, v in enumerate(value) if v is tensor][:1]
+    return []
+
+
+def captured_tensors(entry: Call) -> list[torch.Tensor]:
+    """The score_mod's captured tensors as they are now, read where they live (traced by Dynamo)."""
+    fn = entry.score_mod.fn if entry.score_mod is not None else None
+    tensors = []
+    for kind, name, item in entry.captured:
+        value = fn.__globals__[name] if kind == "global" else fn.__closure__[name].cell_contents
+        tensors.append(value if item is None else value[item])
+    return tensors
+
+
+# ---------------------------------------------------------------- the op
+
+
+@torch.library.custom_op("flexcomp::flex_attention", mutates_args=())
+def flex_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tables: list[torch.Tensor],
+                      captured: list[torch.Tensor], call: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(out, lse) of the call filed under `call`, on these tensors."""
+    from .api import flex_attention
+
+    entry = _CALLS[call]
+    score_mod, block_mask, mask_mod = prepared(entry, tables)
+    out, lse = flex_attention(query, key, value, score_mod, block_mask, entry.scale, entry.enable_gqa, True,
+                              entry.kernel_options, mask_mod=mask_mod, backend=entry.backend)  # fmt: skip
+    return out.contiguous(), lse.contiguous().clone()  # contiguous, as the fake says; an op's outputs are no views
+
+
+@flex_attention_op.register_fake
+def _(query, key, value, tables, captured, call):
+    B, Hq, Lq, _ = query.shape
+    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return query.new_empty(B, Hq, Lq, value.shape[-1]), query.new_empty(B, Hq, Lq, dtype=lse_dtype)
+
+
+_PREPARED: OrderedDict[tuple, tuple] = OrderedDict()  # (call, tables' storage) -> (score_mod, block_mask, mask_mod)
+PREPARED_SIZE = 64
+
+
+def prepared(entry: Call, tables: list[torch.Tensor]) -> tuple[Any, Any, Any]:
+    """(score_mod, block_mask, mask_mod) for the eager entry point.  A block mask rebuilt from the op's tables is
+    kept per table storage, so that repeated calls find the eager path's plans (codegen/plans.py)."""
+    if entry.block_mask is not None:
+        return entry.score_mod, entry.block_mask, None
+    if not entry.tables:
+        return entry.score_mod, None, entry.mask_mod
+    key = (id(entry), *((t.data_ptr(), t.shape, t.stride()) for t in tables))
+    hit = _PREPARED.get(key)
+    if hit is None:
+        from .blockmask import BlockMask
+
+        named = dict(zip(entry.tables, tables, strict=True))
+        block_mask = BlockMask.from_kv_blocks(
+            named["kv_num_blocks"], named["kv_indices"], named.get("full_kv_num_blocks"),
+            named.get("full_kv_indices"), BLOCK_SIZE=entry.block_size, mask_mod=entry.mask_mod,
+            seq_lengths=entry.seq_lengths,
+        )  # fmt: skip
+        hit = _PREPARED[key] = (entry.score_mod, block_mask, None, tables)  # the tables kept: their storage stays
+        if len(_PREPARED) > PREPARED_SIZE:
+            _PREPARED.popitem(last=False)
+    _PREPARED.move_to_end(key)
+    return hit[:3]
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, tables, captured, call = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, *tables, *captured)
+    ctx.call, ctx.n_tables = call, len(tables)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse, *rest = ctx.saved_tensors
+    tables, captured = rest[: ctx.n_tables], rest[ctx.n_tables :]
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    dq, dk, dv, captured_grads = torch.ops.flexcomp.flex_attention_backward(
+        query, key, value, out, lse, grad_out, grad_lse, list(tables), list(captured), ctx.call
+    )
+    needs = ctx.needs_input_grad
+    captured_grads = [g if t.is_floating_point() and needs[4] else None for g, t in zip(captured_grads, captured)]
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, [None] * len(tables),
+            captured_grads, None)  # fmt: skip
+
+
+@torch.library.custom_op("flexcomp::flex_attention_backward", mutates_args=())
+def flex_attention_backward_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
+                               lse: torch.Tensor, grad_out: torch.Tensor, grad_lse: torch.Tensor | None,
+                               tables: list[torch.Tensor], captured: list[torch.Tensor],
+                               call: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """(dq, dk, dv, the captured tensors' gradients; zeros for those that get none) of the call under `call`."""
+    entry = _CALLS[call]
+    if _backend(entry, query) == "triton":
+        dq, dk, dv, grads = _kernel_backward(entry, tables, captured, query, key, value, out, lse, grad_out,
+                                             grad_lse)  # fmt: skip
+    else:  # autograd through the reference, in a thread of its own: an op's body runs with autograd switched off
+        with ThreadPoolExecutor(1) as pool:
+            dq, dk, dv, grads = pool.submit(_recomputed_backward, entry, tables, captured, query, key, value,
+                                            grad_out, grad_lse).result()  # fmt: skip
+    grads = [t.new_zeros(t.shape) if g is None else g.to(t.dtype).contiguous() for g, t in zip(grads, captured)]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), grads  # contiguous, as the fake says
+
+
+@flex_attention_backward_op.register_fake
+def _(query, key, value, out, lse, grad_out, grad_lse, tables, captured, call):
+    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
+            [t.new_empty(t.shape) for t in captured])  # fmt: skip
+
+
+def _backend(entry: Call, query: torch.Tensor) -> str:
+    if entry.backend != "auto":
+        return entry.backend
+    return "triton" if query.device.type == "cuda" else "reference"
+
+
+def _kernel_backward(entry, tables, captured, query, key, value, out, lse, grad_out, grad_lse):
+    """The generated backward kernels on the forward's out and lse, on q, k, v as the forward took them: batch-1
+    key/value broadcast, 16-bit rows zero-padded where the kernels cannot read them as vectors (autograd.py)."""
+    from .api import build_block_mask, with_compiled_mask_mod
+    from .autograd import pad_rows, vector_rows
+    from .codegen.backward import flex_backward
+
+    score_mod, block_mask, mask_mod = prepared(entry, list(tables))
+    score_mod = specialized_mod(score_mod, "score")
+    if block_mask is not None:
+        block_mask = with_compiled_mask_mod(block_mask, compile_plain=True)
+    elif mask_mod is not None:
+        block_mask = build_block_mask(specialized_mod(mask_mod, "mask"), query, key)
+    kv_batch = key.shape[0]
+    k, v = (t.expand(query.shape[0], -1, -1, -1) for t in (key, value))
+    q, o, do = query, out, grad_out.contiguous()
+    if not vector_rows(q, k, v):
+        q, k, v, o, do = (pad_rows(t) for t in (q, k, v, o, do))
+    specs = tuple(score_mod.buffers) if score_mod is not None else ()
+    wanted = frozenset(s.name for s, t in zip(specs, captured) if t.is_floating_point())
+    scale = entry.scale if entry.scale is not None else query.shape[-1] ** -0.5
+    dq, dk, dv, grads = flex_backward(
+        q, k, v, o, lse, do, grad_lse, score_mod, block_mask, scale, entry.enable_gqa, entry.kernel_options,
+        captured={s.name: t for s, t in zip(specs, captured)}, grad_buffers=wanted,
+    )  # fmt: skip
+    dq, dk, dv = dq[..., : query.shape[-1]], dk[..., : key.shape[-1]], dv[..., : value.shape[-1]]
+    if kv_batch != query.shape[0]:  # key/value broadcast over the batch: their gradients sum over it
+        dk, dv = dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), [grads.get(s.name) for s in specs]
+
+
+def _recomputed_backward(entry, tables, captured, query, key, value, grad_out, grad_lse):
+    """Autograd through the eager call, recomputed (the reference backend)."""
+    from .api import flex_attention
+
+    score_mod, block_mask, mask_mod = prepared(entry, list(tables))
+    live = captured_tensors(entry)  # what the mod reads now: the same tensors as `captured`
+    leaves = [t.detach().requires_grad_() if t.is_floating_point() else t for t in live]
+    with _captured_as(entry, leaves):
+        q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
+        out, lse = flex_attention(q, k, v, score_mod, block_mask, entry.scale, entry.enable_gqa, True,
+                                  entry.kernel_options, mask_mod=mask_mod, backend=entry.backend)  # fmt: skip
+        outputs, grads_in = [out], [grad_out]
+        if grad_lse is not None:
+            outputs.append(lse)
+            grads_in.append(grad_lse)
+        floats = [t for t in leaves if t.is_floating_point()]
+        grads = torch.autograd.grad(outputs, [q, k, v, *floats], grads_in, allow_unused=True)
+    by_leaf = dict(zip(map(id, floats), grads[3:]))
+    return grads[0], grads[1], grads[2], [by_leaf.get(id(t)) for t in leaves]
+
+
+class _captured_as:
+    """Within the block, the score_mod's captured tensors rebound to `tensors` where they live (so the recomputed
+    reference differentiates with respect to these leaves, not to whatever graph made the originals)."""
+
+    def __init__(self, entry: Call, tensors: list[torch.Tensor]):
+        self.entry, self.tensors, self.saved = entry, tensors, []
+
+    def __enter__(self):
+        fn = self.entry.score_mod.fn if self.entry.score_mod is not None else None
+        for (kind, name, item), tensor in zip(self.entry.captured, self.tensors):
+            space, slot = (fn.__globals__, name) if kind == "global" else (fn.__closure__[name], "cell_contents")
+            value = space[slot] if kind == "global" else space.cell_contents
+            self.saved.append((kind, space, slot, value))
+            new = tensor if item is None else type(value)(tensor if i == item else x for i, x in enumerate(value))
+            if kind == "global":
+                space[slot] = new
+            else:
+                space.cell_contents = new
+        return self
+
+    def __exit__(self, *exc):
+        for kind, space, slot, value in reversed(self.saved):
+            if kind == "global":
+                space[slot] = value
+            else:
+                space.cell_contents = value
+
+
+flex_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- block masks built inside a compiled function
+
+_BLOCK_MASKS: dict[str, Any] = {}
+
+
+@torch._dynamo.assume_constant_result
+def block_mask_key(mask_mod: Any, B: Any, H: Any, Q_LEN: int, KV_LEN: int, device: Any, BLOCK_SIZE: Any,
+                   exact: bool) -> str:  # fmt: skip
+    """Build the block mask once per trace, outside the graph, and file it under a key.
+
+    Only for masks of the indices and captured Python values: a mask reading a captured tensor (document ids) must
+    be rebuilt when the tensor changes, which a mask built at trace time would not be."""
+    from .blockmask import eager_block_mask
+
+    mod = specialized_mod(mask_mod, "mask")
+    if mod.buffers:
+        raise FlexcompError(
+            f"create_block_mask inside torch.compile: the mask {mod.name} reads captured tensors "
+            f"({', '.join(b.name for b in mod.buffers)}), whose values the compiled graph would not follow; build "
+            "the block mask outside the compiled function and pass it in", mod.loc,
+        )  # fmt: skip
+    key = f"flexcomp-block-mask-{next(_KEYS)}"
+    _BLOCK_MASKS[key] = eager_block_mask(mod, B, H, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=BLOCK_SIZE,
+                                         exact=exact)  # fmt: skip
+    return key
+
+
+def traced_block_mask(mask_mod: Any, B: Any, H: Any, Q_LEN: int, KV_LEN: int, device: Any, BLOCK_SIZE: Any,
+                      exact: bool) -> Any:  # fmt: skip
+    """create_block_mask as Dynamo traces it: built at trace time (for these lengths), a constant of the graph."""
+    return _BLOCK_MASKS[block_mask_key(mask_mod, B, H, Q_LEN, KV_LEN, str(device) if device is not None else None,
+                                       BLOCK_SIZE, exact)]  # fmt: skip
