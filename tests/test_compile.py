@@ -1,0 +1,138 @@
+"""flexcomp inside torch.compile (flexcomp/custom_op.py): fullgraph with no graph breaks, outputs and gradients equal
+to eager calls (which tests/test_reference.py and the kernel tests hold to float64), on the reference backend and
+the Triton kernels under the interpreter; guards that retrace when the call site changes; dynamic lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from naive import naive_attention
+
+import flexcomp as fc
+
+L, D = 48, 16
+BIAS = None  # a learnable [L] table the score_mod reads (rebound per test)
+SHIFT = 0  # a captured Python int
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def window(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < 8)
+
+
+def biased(score, b, h, q_idx, kv_idx):
+    return score + BIAS[kv_idx]
+
+
+def shifted(b, h, q_idx, kv_idx):
+    return q_idx + SHIFT >= kv_idx
+
+
+@pytest.fixture
+def inputs(randn):
+    global BIAS
+    BIAS = randn(L, requires_grad=True)
+    return tuple(randn(2, 2, L, D, requires_grad=True) for _ in range(3))
+
+
+def _grads(out, tensors):
+    return torch.autograd.grad(out.square().sum(), tensors)
+
+
+def _assert_same(compiled, eager, tensors):
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for got, want in zip(_grads(compiled, tensors), _grads(eager, tensors)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_block_mask_passed_in_no_graph_breaks(inputs):
+    q, k, v = inputs
+    block_mask = fc.create_block_mask(causal, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+
+    def attend(q, k, v, block_mask):
+        return fc.flex_attention(q, k, v, score_mod=biased, block_mask=block_mask) * 2
+
+    explained = torch._dynamo.explain(attend)(q, k, v, block_mask)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    _assert_same(compiled(q, k, v, block_mask), attend(q, k, v, block_mask), (q, k, v, BIAS))
+    ref, _ = naive_attention(q, k, v, score_fn=lambda s, b, h, qi, ki: s + BIAS.double()[ki], mask_fn=causal)
+    torch.testing.assert_close(compiled(q, k, v, block_mask).double(), ref * 2, atol=1e-5, rtol=1e-5)
+
+
+def test_block_mask_built_inside(inputs):
+    q, k, v = inputs
+
+    def attend(q, k, v):
+        block_mask = fc.create_block_mask(window, None, None, q.shape[2], k.shape[2], device="cpu", BLOCK_SIZE=16)
+        return fc.flex_attention(q, k, v, score_mod=biased, block_mask=block_mask)
+
+    assert torch._dynamo.explain(attend)(q, k, v).graph_break_count == 0
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    _assert_same(compiled(q, k, v), attend(q, k, v), (q, k, v, BIAS))
+
+
+def test_triton_kernels_under_inductor(inputs):
+    """The generated forward and backward kernels (interpreted), called from an inductor graph."""
+    q, k, v = inputs
+    block_mask = fc.create_block_mask(causal, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+
+    def attend(q, k, v):
+        return fc.flex_attention(q, k, v, score_mod=biased, block_mask=block_mask, backend="triton").sin()
+
+    _assert_same(torch.compile(attend, fullgraph=True)(q, k, v), attend(q, k, v), (q, k, v, BIAS))
+
+
+def test_another_block_mask_retraces(inputs):
+    """Two block masks with tables of the same shapes but different mask_mods: the graph's guards tell them apart."""
+    q, k, v = (t.detach() for t in inputs)
+    compiled = torch.compile(lambda q, k, v, bm: fc.flex_attention(q, k, v, block_mask=bm), fullgraph=True,
+                             backend="aot_eager")  # fmt: skip
+    for mask in (causal, window, causal):
+        block_mask = fc.create_block_mask(mask, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+        ref, _ = naive_attention(q, k, v, mask_fn=mask)
+        torch.testing.assert_close(compiled(q, k, v, block_mask).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rebound_scalar_is_seen(inputs):
+    global SHIFT
+    q, k, v = (t.detach() for t in inputs)
+    compiled = torch.compile(lambda q, k, v: fc.flex_attention(q, k, v, mask_mod=shifted), fullgraph=True,
+                             backend="aot_eager")  # fmt: skip
+    try:
+        for SHIFT in (0, 5):
+            ref, _ = naive_attention(q, k, v, mask_fn=shifted)
+            torch.testing.assert_close(compiled(q, k, v).double(), ref, atol=1e-5, rtol=1e-5)
+    finally:
+        SHIFT = 0
+
+
+def test_dynamic_lengths_one_graph(randn):
+    """mask_mod= builds the block mask at run time: one graph serves every length."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(lambda q, k, v: fc.flex_attention(q, k, v, mask_mod=causal), fullgraph=True,
+                             dynamic=True, backend="aot_eager")  # fmt: skip
+    for length in (24, 40, 56):
+        q, k, v = (randn(1, 2, length, D) for _ in range(3))
+        ref, _ = naive_attention(q, k, v, mask_fn=causal)
+        torch.testing.assert_close(compiled(q, k, v).double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_mask_reading_a_tensor_is_refused_inside(randn):
+    """Tables built at trace time would not follow a captured tensor: say so, and what to do instead."""
+    docs = torch.arange(L) // 10
+
+    def same_doc(b, h, q_idx, kv_idx):
+        return docs[q_idx] == docs[kv_idx]
+
+    def attend(q):
+        block_mask = fc.create_block_mask(same_doc, None, None, L, L, device="cpu")
+        return fc.flex_attention(q, q, q, block_mask=block_mask)
+
+    with pytest.raises(Exception, match="build the block mask outside the compiled function"):
+        torch.compile(attend, fullgraph=True, backend="aot_eager")(randn(1, 1, L, D))
