@@ -48,7 +48,15 @@ def doc_id(doc: Path) -> str:
 @pytest.mark.parametrize("doc", [d for d in DOCS if blocks(d, "python")], ids=doc_id)
 def test_python_blocks_run(doc, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a block that writes a file writes it here
-    monkeypatch.setattr(os, "environ", os.environ.copy())  # and a block that sets a variable sets it for itself
+    saved = os.environ.copy()  # a block that sets a variable sets it for itself (os.environ itself stays: torch's
+    try:  # inductor sets variables that its C++ side reads back through the real environment)
+        _run_blocks(doc, tmp_path)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _run_blocks(doc: Path, tmp_path: Path) -> None:
     namespace = {"__name__": f"docs_{doc.stem}"}
     for i, block in enumerate(blocks(doc, "python")):
         where = f"{doc_id(doc)}:{block.line}"
