@@ -17,6 +17,7 @@ eager Python, which Dynamo cannot trace (mods parsed from source, plan caches, d
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -54,25 +55,34 @@ _KEYS = itertools.count()
 
 
 @torch._dynamo.assume_constant_result
-def call_key(score_mod: Any, block_mask: Any, mask_mod: Any, scale: Any, enable_gqa: bool,
+def call_key(score_id: int, block_mask_id: int, mask_id: int, scale: Any, enable_gqa: bool,
              kernel_options: Any, backend: str) -> str:  # fmt: skip
-    """File this call site's description (run by Dynamo once per trace, outside the graph) and return its key."""
+    """File this call site's description (run by Dynamo once per trace, outside the graph) and return its key.
+
+    The mods and the block mask come as ids (`object_at`): Dynamo passes only constants to a function it runs
+    while tracing, and a BlockMask or a Mod object is not one to it."""
     from .api import normalize_kernel_options
 
+    score_mod, block_mask, mask_mod = object_at(score_id), object_at(block_mask_id), object_at(mask_id)
     score = as_mod(score_mod, "score")
     if block_mask is not None:
         mask = as_mod(block_mask.mask_mod, "mask") if block_mask.mask_mod is not None else None
         bounds = getattr(block_mask, "bounds", None)
         tables = () if bounds is not None else tuple(n for n in TABLE_NAMES if getattr(block_mask, n) is not None)
         call = Call(score, paths(score), mask, block_mask if bounds is not None else None, tables, tuple(block_mask.seq_lengths),
-                    tuple(block_mask.BLOCK_SIZE), scale, enable_gqa, normalize_kernel_options(kernel_options),
+                    tuple(block_mask.BLOCK_SIZE), scale, enable_gqa, normalize_kernel_options(_options(kernel_options)),
                     backend, site(score_mod, block_mask, mask_mod))  # fmt: skip
     else:
         call = Call(score, paths(score), as_mod(mask_mod, "mask"), None, (), None, None, scale, enable_gqa,
-                    normalize_kernel_options(kernel_options), backend, site(score_mod, None, mask_mod))  # fmt: skip
+                    normalize_kernel_options(_options(kernel_options)), backend, site(score_mod, None, mask_mod))  # fmt: skip
     key = f"flexcomp-call-{next(_KEYS)}"
     _CALLS[key] = call
     return key
+
+
+def object_at(object_id: int) -> Any:
+    """The object whose id this is: only for ids taken in the frame Dynamo is tracing, which keeps them alive."""
+    return None if object_id == id(None) else ctypes.cast(object_id, ctypes.py_object).value
 
 
 def site(score_mod: Any, block_mask: Any, mask_mod: Any) -> tuple[Any, ...]:
@@ -91,6 +101,10 @@ def same_site(entry: Call, score_mod: Any, block_mask: Any, mask_mod: Any) -> bo
     return len(now) == len(entry.passed) and all(a is b or a == b for a, b in zip(now, entry.passed))
 
 
+def _options(items: tuple | None) -> dict | None:
+    return dict(items) if items is not None else None
+
+
 def traced_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Any,
                           block_mask: Any, scale: Any, enable_gqa: bool, return_lse: bool, kernel_options: Any,
                           return_aux: Any, mask_mod: Any, backend: str) -> Any:  # fmt: skip
@@ -100,7 +114,8 @@ def traced_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
                             "the host at every call)")  # fmt: skip
     if mask_mod is not None and block_mask is not None:
         raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
-    call = call_key(score_mod, block_mask, mask_mod, scale, enable_gqa, kernel_options, backend)
+    options = tuple(sorted(kernel_options.items())) if kernel_options is not None else None
+    call = call_key(id(score_mod), id(block_mask), id(mask_mod), scale, enable_gqa, options, backend)
     entry = _CALLS[call]
     if not same_site(entry, score_mod, block_mask, mask_mod):
         raise FlexcompError("internal error: a compiled flex_attention call site changed under its key")
@@ -351,15 +366,16 @@ _BLOCK_MASKS: dict[str, Any] = {}
 
 
 @torch._dynamo.assume_constant_result
-def block_mask_key(mask_mod: Any, B: Any, H: Any, Q_LEN: int, KV_LEN: int, device: Any, BLOCK_SIZE: Any,
+def block_mask_key(mask_id: int, B: Any, H: Any, Q_LEN: int, KV_LEN: int, device: Any, BLOCK_SIZE: Any,
                    exact: bool) -> str:  # fmt: skip
-    """Build the block mask once per trace, outside the graph, and file it under a key.
+    """Build the block mask once per trace, outside the graph, and file it under a key (the mask_mod by id, as
+    `call_key` takes it).
 
     Only for masks of the indices and captured Python values: a mask reading a captured tensor (document ids) must
     be rebuilt when the tensor changes, which a mask built at trace time would not be."""
     from .blockmask import eager_block_mask
 
-    mod = specialized_mod(mask_mod, "mask")
+    mod = specialized_mod(object_at(mask_id), "mask")
     if mod.buffers:
         raise FlexcompError(
             f"create_block_mask inside torch.compile: the mask {mod.name} reads captured tensors "
@@ -375,5 +391,13 @@ def block_mask_key(mask_mod: Any, B: Any, H: Any, Q_LEN: int, KV_LEN: int, devic
 def traced_block_mask(mask_mod: Any, B: Any, H: Any, Q_LEN: int, KV_LEN: int, device: Any, BLOCK_SIZE: Any,
                       exact: bool) -> Any:  # fmt: skip
     """create_block_mask as Dynamo traces it: built at trace time (for these lengths), a constant of the graph."""
-    return _BLOCK_MASKS[block_mask_key(mask_mod, B, H, Q_LEN, KV_LEN, str(device) if device is not None else None,
-                                       BLOCK_SIZE, exact)]  # fmt: skip
+    key = block_mask_key(id(mask_mod), B, H, Q_LEN, KV_LEN, str(device) if device is not None else None,
+                         BLOCK_SIZE, exact)  # fmt: skip
+    if _BLOCK_MASKS[key].mask_mod is not mask_mod and not _same_function(_BLOCK_MASKS[key].mask_mod, mask_mod):
+        raise FlexcompError("internal error: a block mask built while tracing changed under its key")
+    return _BLOCK_MASKS[key]
+
+
+def _same_function(built: Any, passed: Any) -> bool:
+    """Whether the block mask filed under a key was built from `passed` (its Mod's function, or the Mod)."""
+    return getattr(built, "fn", None) is passed or built is passed

@@ -158,7 +158,7 @@ def causal(b, h, q_idx, kv_idx):
 
 def run(q, k, v, score_mod, block_mask=None):
     return flex_forward(q, k, v, score_mod, block_mask, q.shape[-1] ** -0.5, False, True,
-                        {"BLOCK_M": 16, "BLOCK_N": 16})
+                        {"BLOCK_M": 16, "BLOCK_N": 16, "BACKEND": "TRITON"})  # the forward kernel, not decoding
 
 
 @pytest.fixture(autouse=True)
