@@ -94,17 +94,19 @@ class DecodeConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    unsplit_stages: int = 0  # stages where the grid is full without splitting (0: num_stages)
 
 
 # (bits per element, head dim up to) -> config.  Decoding streams K and V: 4 warps and three stages of 64-row tiles
-# (96 KiB at D=128, bf16: two programs per SM) measured best or within 2% of it on the H200 at Lq = 1 and 16
-# (benchmarks/NOTES_decode.md).  The other entries keep those bytes per stage; they are not measured.
+# (96 KiB at D=128, bf16: two programs per SM) measured best or within 2% of it on the H200 at Lq = 1 and 16 with
+# splits; where the batch fills the GPU unsplit (B=64, 512 programs) four stages read 4.44 TB/s against three's
+# 3.98 (benchmarks/NOTES_decode.md).  The other entries keep those bytes per stage; they are not measured.
 DECODE_CONFIGS: dict[tuple[int, int], DecodeConfig] = {
     (32, 64): DecodeConfig(64, 4, 3),
     (32, 128): DecodeConfig(32, 4, 3),
     (32, 256): DecodeConfig(16, 4, 3),
-    (16, 64): DecodeConfig(128, 4, 3),
-    (16, 128): DecodeConfig(64, 4, 3),
+    (16, 64): DecodeConfig(128, 4, 3, 4),
+    (16, 128): DecodeConfig(64, 4, 3, 4),
     (16, 256): DecodeConfig(32, 4, 3),
 }
 

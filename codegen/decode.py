@@ -14,6 +14,7 @@ torch's keys, BACKEND="TRITON_DECODE" forces it, BACKEND="TRITON" or FORCE_USE_F
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,8 @@ class DecodeLaunch:
         self.pack = heads_packed(shape)
         programs = shape.batch * shape.q_heads // self.pack
         self.splits = split_count(programs, -(-shape.kv_len // self.config.block_n), device, kernel_options)
+        if self.splits == 1 and self.config.unsplit_stages and "num_stages" not in (kernel_options or {}):
+            self.config = dataclasses.replace(self.config, num_stages=self.config.unsplit_stages)
         has_full, table_values = tables
         self.args, self.kwargs = DECODE.bind({
             **values, **constexprs, **dict(zip(TABLE_NAMES, table_values, strict=True)),
@@ -160,9 +163,8 @@ def decode_config(dtype: torch.dtype, head_dim: int, sparse_kv: int, kernel_opti
     if block_n < MIN_BLOCK or block_n & (block_n - 1) or sparse_kv % block_n:
         raise ValueError(f"kernel_options BLOCK_N={block_n} must be a power of two >= {MIN_BLOCK} dividing the "
                          f"block mask's block size {sparse_kv}")  # fmt: skip
-    return DecodeConfig(
-        block_n, options.get("num_warps", base.num_warps), max(options.get("num_stages", base.num_stages), 2)
-    )
+    stages = max(options.get("num_stages", base.num_stages), 2)
+    return DecodeConfig(block_n, options.get("num_warps", base.num_warps), stages, base.unsplit_stages)
 
 
 def merge_launch(shape: DecodeShape, dv: int, splits: int, values: dict[str, Any]) -> PreparedLaunch:
