@@ -16,6 +16,7 @@ from .custom_op import traced_flex_attention
 from .errors import BackendError
 from .ir import free_args, to_text
 from .mods import Mod, specialized_mod
+from .refs import new_ref
 from .tiles import table_device, table_dims
 
 BACKENDS = ("auto", "triton", "reference")
@@ -237,6 +238,8 @@ def respecialized_copy(block_mask: Any, mask_mod: Mod) -> Any:
     """A shallow copy of `block_mask` (its tables shared) with `mask_mod`, and without closed-form bounds."""
     respecialized = copy.copy(block_mask)
     respecialized.mask_mod = mask_mod
+    if hasattr(respecialized, "ref"):  # a name of its own for torch.compile's tracer (flexcomp/refs.py)
+        respecialized.ref = new_ref(respecialized, "block-mask")
     if getattr(respecialized, "bounds", None) is not None:
         respecialized.bounds = None
     return respecialized

@@ -40,6 +40,7 @@ import torch
 
 from .ir import free_args
 from .mods import Mod, specialized_mod
+from .refs import new_ref
 from .sparsity import closed_form_bounds
 from .sparsity import counts as device_counts
 from .sparsity.equality import candidate_ranges, interval_tables, ranges_to_tiles
@@ -80,6 +81,7 @@ class BlockMask:
         self._tables = dict(tables)
         self._lazy = dict(lazy or {})
         self.version = 0  # bumped when a table is replaced
+        self.ref = new_ref(self, "block-mask")  # its name for torch.compile's tracer (flexcomp/refs.py)
 
     def _get(self, name: str) -> Tensor | None:
         if name not in self._tables and name in self._lazy:

@@ -17,7 +17,6 @@ eager Python, which Dynamo cannot trace (mods parsed from source, plan caches, d
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +25,10 @@ from typing import Any
 
 import torch
 
+from .blockmask import BlockMask
 from .errors import FlexcompError
 from .mods import Mod, as_mod, specialized_mod
+from .refs import resolve
 
 TABLE_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
 
@@ -47,7 +48,6 @@ class Call:
     enable_gqa: bool
     kernel_options: dict[str, Any] | None
     backend: str
-    passed: tuple[Any, ...]  # what the call site passed (mods, the block mask's mask_mod and bounds): `same_site`
 
 
 _CALLS: dict[str, Call] = {}
@@ -55,54 +55,56 @@ _KEYS = itertools.count()
 
 
 @torch._dynamo.assume_constant_result
-def call_key(score_id: int, block_mask_id: int, mask_id: int, scale: Any, enable_gqa: bool,
-             kernel_options: Any, backend: str) -> str:  # fmt: skip
+def call_key(score: Any, mask: Any, masking: tuple | None, scale: Any, enable_gqa: bool,
+             kernel_options: tuple | None, backend: str) -> str:  # fmt: skip
     """File this call site's description (run by Dynamo once per trace, outside the graph) and return its key.
 
-    The mods and the block mask come as ids (`object_at`): Dynamo passes only constants to a function it runs
-    while tracing, and a BlockMask or a Mod object is not one to it."""
+    Only constants come in (flexcomp/refs.py): the mods as functions or names, and for a block mask (torch's
+    too) `masking` = (its mask_mod, lengths, block size, whether it has closed-form bounds, then the tables it has
+    or, with bounds, its batch and head dims and device).  A block mask with bounds is rebuilt here from that: its
+    bounds follow from the mask and lengths alone, so block masks rebuilt at every step share one graph."""
     from .api import normalize_kernel_options
 
-    score_mod, block_mask, mask_mod = object_at(score_id), object_at(block_mask_id), object_at(mask_id)
-    score = as_mod(score_mod, "score")
-    if block_mask is not None:
-        mask = as_mod(block_mask.mask_mod, "mask") if block_mask.mask_mod is not None else None
-        bounds = getattr(block_mask, "bounds", None)
-        tables = () if bounds is not None else tuple(n for n in TABLE_NAMES if getattr(block_mask, n) is not None)
-        call = Call(score, paths(score), mask, block_mask if bounds is not None else None, tables, tuple(block_mask.seq_lengths),
-                    tuple(block_mask.BLOCK_SIZE), scale, enable_gqa, normalize_kernel_options(_options(kernel_options)),
-                    backend, site(score_mod, block_mask, mask_mod))  # fmt: skip
+    score_mod = as_mod(resolve(score), "score")
+    options = normalize_kernel_options(dict(kernel_options) if kernel_options is not None else None)
+    if masking is None:
+        call = Call(score_mod, paths(score_mod), as_mod(resolve(mask), "mask"), None, (), None, None, scale,
+                    enable_gqa, options, backend)  # fmt: skip
     else:
-        call = Call(score, paths(score), as_mod(mask_mod, "mask"), None, (), None, None, scale, enable_gqa,
-                    normalize_kernel_options(_options(kernel_options)), backend, site(score_mod, None, mask_mod))  # fmt: skip
+        mask_fn, seq_lengths, block_size, has_bounds, tables = masking
+        mask_mod = as_mod(resolve(mask_fn), "mask") if mask_fn is not None else None
+        block_mask = None
+        if has_bounds:
+            from .blockmask import eager_block_mask
+
+            batch, heads, device = tables
+            block_mask = eager_block_mask(mask_mod, batch, heads, *seq_lengths, device=device, BLOCK_SIZE=block_size)
+            tables = ()
+        call = Call(score_mod, paths(score_mod), mask_mod, block_mask, tables, seq_lengths, block_size, scale,
+                    enable_gqa, options, backend)  # fmt: skip
     key = f"flexcomp-call-{next(_KEYS)}"
     _CALLS[key] = call
     return key
 
 
-def object_at(object_id: int) -> Any:
-    """The object whose id this is: only for ids taken in the frame Dynamo is tracing, which keeps them alive."""
-    return None if object_id == id(None) else ctypes.cast(object_id, ctypes.py_object).value
+def _named(obj: Any) -> Any:
+    """What the tracer hands `call_key` for a mod or block mask: its name (flexcomp/refs.py), or the function."""
+    return obj.ref if isinstance(obj, (Mod, BlockMask)) else obj
 
 
-def site(score_mod: Any, block_mask: Any, mask_mod: Any) -> tuple[Any, ...]:
-    """The Python objects that make a call site what it is, besides the arguments' values call_key files."""
+def _masking(block_mask: Any) -> tuple | None:
+    """The block mask's description as constants (traced: the graph keeps guards on what this reads, so another
+    mask_mod, length or block size retraces and files its own call)."""
     if block_mask is None:
-        return (score_mod, mask_mod)
-    return (score_mod, block_mask.mask_mod, getattr(block_mask, "bounds", None), tuple(block_mask.seq_lengths),
-            tuple(block_mask.BLOCK_SIZE))  # fmt: skip
-
-
-def same_site(entry: Call, score_mod: Any, block_mask: Any, mask_mod: Any) -> bool:
-    """Whether this call passes what `entry` was filed for.  Evaluated while Dynamo traces, so the compiled graph
-    keeps guards on each of these objects (identity) and lengths (value): another mod or block mask description
-    retraces and files its own entry, where `call_key` alone (a constant to Dynamo) would not."""
-    now = site(score_mod, block_mask, mask_mod)
-    return len(now) == len(entry.passed) and all(a is b or a == b for a, b in zip(now, entry.passed))
-
-
-def _options(items: tuple | None) -> dict | None:
-    return dict(items) if items is not None else None
+        return None
+    has_bounds = getattr(block_mask, "bounds", None) is not None
+    if has_bounds:
+        batch, heads, _ = block_mask.table_dims
+        tables = (batch, heads, str(block_mask.device))
+    else:
+        tables = tuple(n for n in TABLE_NAMES if getattr(block_mask, n) is not None)
+    return (_named(block_mask.mask_mod), tuple(block_mask.seq_lengths), tuple(block_mask.BLOCK_SIZE), has_bounds,
+            tables)  # fmt: skip
 
 
 def traced_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Any,
@@ -115,10 +117,8 @@ def traced_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     if mask_mod is not None and block_mask is not None:
         raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
     options = tuple(sorted(kernel_options.items())) if kernel_options is not None else None
-    call = call_key(id(score_mod), id(block_mask), id(mask_mod), scale, enable_gqa, options, backend)
+    call = call_key(_named(score_mod), _named(mask_mod), _masking(block_mask), scale, enable_gqa, options, backend)
     entry = _CALLS[call]
-    if not same_site(entry, score_mod, block_mask, mask_mod):
-        raise FlexcompError("internal error: a compiled flex_attention call site changed under its key")
     tables = [getattr(block_mask, name) for name in entry.tables]
     captured = captured_tensors(entry)
     out, lse = torch.ops.flexcomp.flex_attention(query, key, value, tables, captured, call)
@@ -366,16 +366,16 @@ _BLOCK_MASKS: dict[str, Any] = {}
 
 
 @torch._dynamo.assume_constant_result
-def block_mask_key(mask_id: int, B: Any, H: Any, Q_LEN: int, KV_LEN: int, device: Any, BLOCK_SIZE: Any,
+def block_mask_key(mask: Any, B: Any, H: Any, Q_LEN: int, KV_LEN: int, device: Any, BLOCK_SIZE: Any,
                    exact: bool) -> str:  # fmt: skip
-    """Build the block mask once per trace, outside the graph, and file it under a key (the mask_mod by id, as
-    `call_key` takes it).
+    """Build the block mask once per trace, outside the graph, and file it under a key (the mask_mod as a function
+    or a name, as `call_key` takes it).
 
     Only for masks of the indices and captured Python values: a mask reading a captured tensor (document ids) must
     be rebuilt when the tensor changes, which a mask built at trace time would not be."""
     from .blockmask import eager_block_mask
 
-    mod = specialized_mod(object_at(mask_id), "mask")
+    mod = specialized_mod(resolve(mask), "mask")
     if mod.buffers:
         raise FlexcompError(
             f"create_block_mask inside torch.compile: the mask {mod.name} reads captured tensors "
@@ -391,13 +391,5 @@ def block_mask_key(mask_id: int, B: Any, H: Any, Q_LEN: int, KV_LEN: int, device
 def traced_block_mask(mask_mod: Any, B: Any, H: Any, Q_LEN: int, KV_LEN: int, device: Any, BLOCK_SIZE: Any,
                       exact: bool) -> Any:  # fmt: skip
     """create_block_mask as Dynamo traces it: built at trace time (for these lengths), a constant of the graph."""
-    key = block_mask_key(id(mask_mod), B, H, Q_LEN, KV_LEN, str(device) if device is not None else None,
-                         BLOCK_SIZE, exact)  # fmt: skip
-    if _BLOCK_MASKS[key].mask_mod is not mask_mod and not _same_function(_BLOCK_MASKS[key].mask_mod, mask_mod):
-        raise FlexcompError("internal error: a block mask built while tracing changed under its key")
-    return _BLOCK_MASKS[key]
-
-
-def _same_function(built: Any, passed: Any) -> bool:
-    """Whether the block mask filed under a key was built from `passed` (its Mod's function, or the Mod)."""
-    return getattr(built, "fn", None) is passed or built is passed
+    return _BLOCK_MASKS[block_mask_key(_named(mask_mod), B, H, Q_LEN, KV_LEN,
+                                       str(device) if device is not None else None, BLOCK_SIZE, exact)]  # fmt: skip

@@ -18,6 +18,7 @@ from .guards import Guard, GuardTable, all_hold, compiled_key, describe_changes,
 from .ir import BufferSpec, DType, Node, Op, structural_key
 from .ir import const as ir_const
 from .paging import from_torch_paged
+from .refs import new_ref
 
 
 @dataclass(eq=False)
@@ -49,6 +50,10 @@ class Mod(ModBase):
     guards: tuple[Guard, ...] = field(default=(), repr=False)  # the captured non-tensor values compiled in
     variants: dict[Hashable, Mod] = field(default_factory=dict, repr=False)  # shared by all variants
     latest: Mod | None = field(default=None, repr=False)  # the variant the last call got, tried first
+    ref: str = field(default="", repr=False)  # this Mod's name for torch.compile's tracer (flexcomp/refs.py)
+
+    def __post_init__(self) -> None:
+        self.ref = new_ref(self, f"{self.kind}-mod")
 
     @functools.cached_property
     def key(self) -> str:

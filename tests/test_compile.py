@@ -13,6 +13,11 @@ import flexcomp as fc
 L, D = 48, 16
 BIAS = None  # a learnable [L] table the score_mod reads (rebound per test)
 SHIFT = 0  # a captured Python int
+DOCS = torch.zeros(L, dtype=torch.int64)  # document ids, rebound per step
+
+
+def same_doc(b, h, q_idx, kv_idx):
+    return DOCS[q_idx] == DOCS[kv_idx]
 
 
 def causal(b, h, q_idx, kv_idx):
@@ -136,3 +141,26 @@ def test_mask_reading_a_tensor_is_refused_inside(randn):
 
     with pytest.raises(Exception, match="build the block mask outside the compiled function"):
         torch.compile(attend, fullgraph=True, backend="aot_eager")(randn(1, 1, L, D))
+
+
+def test_block_masks_rebuilt_every_step_share_one_graph(randn, rng):
+    """A document mask rebuilt each step from new ids (tables as op inputs), and a causal mask rebuilt each step
+    (closed-form bounds): new objects, one graph each, right answers.  (A new mask_mod function each step, a
+    closure over that step's ids, retraces: the graph keeps one mask_mod per trace.)"""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(lambda q, k, v, bm: fc.flex_attention(q, k, v, block_mask=bm), fullgraph=True,
+                             backend="aot_eager")  # fmt: skip
+    global DOCS
+    q, k, v = (randn(1, 2, L, D) for _ in range(3))
+    for _ in range(3):
+        DOCS = (torch.rand(L, generator=rng) < 0.1).cumsum(0)  # rebound: the mask reads it live, as eagerly
+        block_mask = fc.create_block_mask(same_doc, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+        ref, _ = naive_attention(q, k, v, mask_fn=same_doc)
+        torch.testing.assert_close(compiled(q, k, v, block_mask).double(), ref, atol=1e-5, rtol=1e-5)
+    for _ in range(2):
+        block_mask = fc.create_block_mask(causal, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+        ref, _ = naive_attention(q, k, v, mask_fn=causal)
+        torch.testing.assert_close(compiled(q, k, v, block_mask).double(), ref, atol=1e-5, rtol=1e-5)
+    # document tables of another width recompile once, with symbolic sizes (torch's automatic dynamic shapes)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
