@@ -9,8 +9,9 @@ Which (q chunk, kv chunk) pairs have anything unmasked is decided on the host by
 mask with each pair's offsets as constants (`Plan`).  A rank receives only the K/V chunks its q chunks need, by
 point-to-point sends between the ranks (torch.distributed, gloo or NCCL), and attends each needed pair with
 flexcomp's kernels, its mods shifted by the pair's offsets (0-d tensors: one kernel for every pair); the pairs'
-outputs are merged exactly by their log-sum-exp.  Empty pairs are neither sent nor computed.  In the backward the
-gradients of the received K/V chunks travel back to their owners.
+outputs are merged exactly by their log-sum-exp.  Empty pairs are neither sent nor computed.  The transfers run
+while the rank attends its own chunks' pairs; in the backward the gradients of the received K/V chunks travel back
+to their owners.
 """
 
 from __future__ import annotations
@@ -152,15 +153,21 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                             query.shape[1], min(128, _pow2_at_most(chunk_len)))  # fmt: skip
     mine = chunks_of(rank, world, load_balance)
     k_parts, v_parts = key.split(chunk_len, 2), value.split(chunk_len, 2)
-    kv = {c: (k_parts[i], v_parts[i]) for i, c in enumerate(mine)}
-    kv.update(_received(the_plan, rank, group, kv))
+    local = {c: (k_parts[i], v_parts[i]) for i, c in enumerate(mine)}
+    in_flight: list = []
+    remote = _received(the_plan, rank, group, local, in_flight)  # sends and receives start now
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+
+    def attend(q, qc, sources):
+        return [_pair(q, *sources[kc], qc, kc, the_plan, score_mod, mask_mod, scale, enable_gqa, kernel_options,
+                      backend) for kc in sorted(sources) if (qc, kc) in the_plan.needed]  # fmt: skip
+
+    q_chunks = [query[:, :, i * chunk_len : (i + 1) * chunk_len] for i in range(len(mine))]
+    parts = [attend(q, qc, local) for q, qc in zip(q_chunks, mine)]  # the local pairs overlap the transfers
+    _wait(in_flight)
     outs, lses = [], []
-    for i, qc in enumerate(mine):
-        q = query[:, :, i * chunk_len : (i + 1) * chunk_len]
-        parts = [_pair(q, *kv[kc], qc, kc, the_plan, score_mod, mask_mod, scale, enable_gqa, kernel_options, backend)
-                 for kc in sorted(kv) if (qc, kc) in the_plan.needed]  # fmt: skip
-        out, lse = _merged(parts, q, value.shape[-1])
+    for q, qc, own in zip(q_chunks, mine, parts):
+        out, lse = _merged(own + attend(q, qc, remote), q, value.shape[-1])
         outs.append(out)
         lses.append(lse)
     out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
@@ -256,15 +263,17 @@ def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, dv:
 # ---------------------------------------------------------------- communication
 
 
-def _received(the_plan: Plan, rank: int, group: Any, local: dict[int, tuple[torch.Tensor, torch.Tensor]]
-              ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """The K/V chunks this rank's pairs need from other ranks, by point-to-point sends (only the needed ones)."""
+def _received(the_plan: Plan, rank: int, group: Any, local: dict[int, tuple[torch.Tensor, torch.Tensor]],
+              in_flight: list) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """The K/V chunks this rank's pairs need from other ranks, by point-to-point sends (only the needed ones).
+    The transfers run asynchronously: their requests go to `in_flight`, to be waited for before the chunks are
+    read."""
     if the_plan.world == 1:
         return {}
     wanted = [kc for kc in the_plan.kv_chunks_for(rank) if the_plan.owner(kc) != rank]
     sends = [(kc, r) for kc in sorted(local) for r in range(the_plan.world)
              if r != rank and kc in the_plan.kv_chunks_for(r)]  # fmt: skip
-    flat = _Exchange.apply(group, rank, the_plan, tuple(sends), tuple(wanted),
+    flat = _Exchange.apply(group, rank, the_plan, tuple(sends), tuple(wanted), in_flight,
                            *(t for kc in sorted(local) for t in local[kc]))  # fmt: skip
     return {kc: (flat[2 * i], flat[2 * i + 1]) for i, kc in enumerate(wanted)}
 
@@ -278,7 +287,7 @@ class _Exchange(torch.autograd.Function):
     received chunks' gradients back to their owners and adds the returned ones to the local chunks'."""
 
     @staticmethod
-    def forward(ctx, group, rank, the_plan, sends, wanted, *local_kv):
+    def forward(ctx, group, rank, the_plan, sends, wanted, in_flight, *local_kv):
         mine = sorted(chunks_of(rank, the_plan.world, the_plan.load_balance))
         local = {kc: (local_kv[2 * i], local_kv[2 * i + 1]) for i, kc in enumerate(mine)}
         template_k, template_v = local[mine[0]]
@@ -290,7 +299,8 @@ class _Exchange(torch.autograd.Function):
         for kc, (k, v) in zip(wanted, received):
             src = _global_rank(group, the_plan.owner(kc))
             ops += [dist.P2POp(dist.irecv, k, src, group), dist.P2POp(dist.irecv, v, src, group)]
-        _run(ops)
+        if ops:
+            in_flight.extend(dist.batch_isend_irecv(ops))
         ctx.exchange = (group, rank, the_plan, sends, wanted, mine)
         return tuple(t for pair in received for t in pair)
 
@@ -314,10 +324,14 @@ class _Exchange(torch.autograd.Function):
             for j, g in enumerate((gk, gv)):
                 local_grads[kc][j] = g if local_grads[kc][j] is None else local_grads[kc][j] + g
         flat = [g for kc in mine for g in local_grads[kc]]
-        return (None, None, None, None, None, *flat)
+        return (None, None, None, None, None, None, *flat)
 
 
 def _run(ops: list) -> None:
     if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+        _wait(dist.batch_isend_irecv(ops))
+
+
+def _wait(requests: list) -> None:
+    for request in requests:
+        request.wait()
