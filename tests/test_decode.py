@@ -160,3 +160,23 @@ def test_gpt_fast_decode_loop(randn, decode_calls):
         ref_out, _ = naive_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1], enable_gqa=True)
         torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     assert len(decode_calls) == 3
+
+
+def test_packing_and_split_choices():
+    """Heads are packed while their rows fit a tile and the tiles are the same for all of them; splits fill the
+    GPU without cutting a list into pieces shorter than MIN_TILES_PER_SPLIT, in powers of two."""
+    shape = decode_module.DecodeShape(batch=8, q_heads=32, q_len=1, kv_len=16384, gqa_group=4, sparse_q=128,
+                                      tiles_per_head=False)  # fmt: skip
+    assert decode_module.heads_packed(shape) == 4
+    assert decode_module.heads_packed(decode_module.dataclasses.replace(shape, tiles_per_head=True)) == 1
+    assert decode_module.heads_packed(decode_module.dataclasses.replace(shape, q_len=48)) == 2  # 4 x 48 > 128 rows
+    assert decode_module.heads_packed(decode_module.dataclasses.replace(shape, gqa_group=6, q_len=32)) == 3
+    cpu = torch.device("cpu")
+    for programs, tiles in ((64, 256), (512, 64), (8, 4096), (2, 3)):
+        splits = decode_module.split_count(programs, tiles, cpu, None)
+        assert splits & (splits - 1) == 0 and splits >= 1
+        assert splits == 1 or tiles // splits >= decode_module.MIN_TILES_PER_SPLIT
+    assert decode_module.split_count(64, 256, cpu, {"NUM_SPLITS": 16}) == 16
+    with pytest.raises(ValueError, match="power of two"):
+        decode_module.split_count(64, 256, cpu, {"NUM_SPLITS": 3})
+    assert "q block" in decode_module.why_not_decode(decode_module.dataclasses.replace(shape, q_len=100, sparse_q=64))
