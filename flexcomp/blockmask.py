@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -315,6 +316,9 @@ def create_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, K
     if torch.compiler.is_compiling():  # built at trace time, a constant of the graph (flexcomp/custom_op.py)
         from .custom_op import traced_block_mask
 
+        # symbolic lengths (dynamic=True) made concrete: Dynamo guards each (one graph per length); a SymInt cannot
+        # reach the trace-time build, which needs constants
+        Q_LEN, KV_LEN = operator.index(Q_LEN), operator.index(KV_LEN)
         return traced_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, exact)
     return eager_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, exact=exact)
 

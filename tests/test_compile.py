@@ -128,6 +128,25 @@ def test_dynamic_lengths_one_graph(randn):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+def test_dynamic_lengths_block_mask_built_inside(randn):
+    """dynamic=True with the block mask built inside from the inputs' (symbolic) lengths: the trace-time build
+    specializes on them (one graph per length, docs/models.md) instead of failing on a SymInt."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    def attend(q, k, v):
+        block_mask = fc.create_block_mask(window, None, None, q.shape[2], k.shape[2], device="cpu", BLOCK_SIZE=16)
+        return fc.flex_attention(q, k, v, block_mask=block_mask)
+
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True, backend="aot_eager")
+    lengths = (24, 40)
+    for length in lengths:
+        q, k, v = (randn(1, 2, length, D) for _ in range(3))
+        ref, _ = naive_attention(q, k, v, mask_fn=window)
+        torch.testing.assert_close(compiled(q, k, v).double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= len(lengths)
+
+
 def test_mask_reading_a_tensor_is_refused_inside(randn):
     """Tables built at trace time would not follow a captured tensor: say so, and what to do instead."""
     docs = torch.arange(L) // 10
