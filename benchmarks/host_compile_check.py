@@ -19,8 +19,8 @@ Measured on the shared 2-core box (load 4-6, OMP_NUM_THREADS=1, 500 calls, best 
     forward+backward, block mask       2943  2374        4335  2683
     create_block_mask (causal, L=128)  12.8  12.8        15.6  12.8
 
-The eager path's only addition is the one is_compiling() per call (about 0.1 us, under 1% of even the Triton
-path's ~20 us of host work per call); the rest of the spread is the box's noise (same code, +-40% between runs).
+The eager path's only addition is the one is_compiling() per call (about 0.1 us); the rest of the spread is the
+box's noise (the same code varies by +-40% between runs).
 """
 
 from __future__ import annotations
