@@ -18,6 +18,7 @@ eager Python, which Dynamo cannot trace (mods parsed from source, plan caches, d
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,12 +100,19 @@ def _masking(block_mask: Any) -> tuple | None:
         return None
     has_bounds = getattr(block_mask, "bounds", None) is not None
     if has_bounds:
-        batch, heads, _ = block_mask.table_dims
+        batch, heads, _ = _ints(block_mask.table_dims)
         tables = (batch, heads, str(block_mask.device))
     else:
         tables = tuple(n for n in TABLE_NAMES if getattr(block_mask, n) is not None)
-    return (_named(block_mask.mask_mod), tuple(block_mask.seq_lengths), tuple(block_mask.BLOCK_SIZE), has_bounds,
+    return (_named(block_mask.mask_mod), _ints(block_mask.seq_lengths), _ints(block_mask.BLOCK_SIZE), has_bounds,
             tables)  # fmt: skip
+
+
+def _ints(values: Any) -> tuple[int, ...]:
+    """Python ints, also where Dynamo made them symbolic (dynamic=True, or a length that changed between calls):
+    operator.index specializes a SymInt with a guard, so each length gets its graph instead of failing in
+    call_key, which takes constants only."""
+    return tuple(operator.index(v) for v in values)
 
 
 def traced_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Any,

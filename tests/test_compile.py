@@ -128,22 +128,28 @@ def test_dynamic_lengths_one_graph(randn):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_dynamic_lengths_block_mask_built_inside(randn):
-    """dynamic=True with the block mask built inside from the inputs' (symbolic) lengths: the trace-time build
-    specializes on them (one graph per length, docs/models.md) instead of failing on a SymInt."""
+@pytest.mark.parametrize("made", ["inside", "passed in"])
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_dynamic_lengths_with_a_block_mask(randn, made, dynamic):
+    """Lengths that change with a block mask, built inside from the inputs' (symbolic) lengths or passed in (its
+    lengths made symbolic by dynamic=True, or by Dynamo after a change): the call site specializes on them (one
+    graph per length, docs/models.md) instead of failing on a SymInt in the trace-time functions."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
 
-    def attend(q, k, v):
-        block_mask = fc.create_block_mask(window, None, None, q.shape[2], k.shape[2], device="cpu", BLOCK_SIZE=16)
+    def attend(q, k, v, block_mask=None):
+        if block_mask is None:
+            block_mask = fc.create_block_mask(window, None, None, q.shape[2], k.shape[2], device="cpu", BLOCK_SIZE=16)
         return fc.flex_attention(q, k, v, block_mask=block_mask)
 
-    compiled = torch.compile(attend, fullgraph=True, dynamic=True, backend="aot_eager")
-    lengths = (24, 40)
+    compiled = torch.compile(attend, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    lengths = (24, 40, 56)
     for length in lengths:
         q, k, v = (randn(1, 2, length, D) for _ in range(3))
+        passed = [fc.create_block_mask(window, None, None, length, length, device="cpu", BLOCK_SIZE=16)]
         ref, _ = naive_attention(q, k, v, mask_fn=window)
-        torch.testing.assert_close(compiled(q, k, v).double(), ref, atol=1e-5, rtol=1e-5)
+        out = compiled(q, k, v, *(passed if made == "passed in" else []))
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= len(lengths)
 
 
