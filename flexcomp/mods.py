@@ -179,12 +179,20 @@ def mod_name(fn: Callable, kind: str) -> str:
 
 def score_mod(fn: Callable) -> Mod:
     """Decorator (or call on a lambda): compile `fn(score, b, h, q_idx, kv_idx)` now; errors point at the line."""
-    return _compile(fn, "score")
+    return _compile_unless_tracing(fn, "score")
 
 
 def mask_mod(fn: Callable) -> Mod:
     """Decorator (or call on a lambda): compile `fn(b, h, q_idx, kv_idx) -> bool` now; errors point at the line."""
-    return _compile(fn, "mask")
+    return _compile_unless_tracing(fn, "mask")
+
+
+def _compile_unless_tracing(fn: Callable, kind: str) -> Mod | Callable:
+    """Inside a function torch.compile traces, `fn` as it is: the entry points take plain functions and compile them
+    at trace time (flexcomp/custom_op.py), while compiling here would read source files, which Dynamo refuses."""
+    if torch.compiler.is_compiling():
+        return fn
+    return _compile(fn, kind)
 
 
 _LAZY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plain function -> {kind: Mod}

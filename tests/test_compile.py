@@ -80,6 +80,29 @@ def test_block_mask_built_inside(inputs):
     _assert_same(compiled(q, k, v), attend(q, k, v), (q, k, v, BIAS))
 
 
+def test_mods_decorated_inside(randn):
+    """@fc.score_mod / @fc.mask_mod on functions defined inside the compiled function (torch's habit): no graph
+    break, and the answer of float64 attention."""
+    q, k, v = (randn(1, 2, L, D) for _ in range(3))
+
+    def attend(q, k, v):
+        @fc.score_mod
+        def relative(score, b, h, q_idx, kv_idx):
+            return score + (kv_idx - q_idx) * 0.1
+
+        @fc.mask_mod
+        def local(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < 8)
+
+        block_mask = fc.create_block_mask(local, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+        return fc.flex_attention(q, k, v, score_mod=relative, block_mask=block_mask)
+
+    assert torch._dynamo.explain(attend)(q, k, v).graph_break_count == 0
+    out = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v)
+    ref, _ = naive_attention(q, k, v, score_fn=lambda s, b, h, qi, ki: s + (ki - qi) * 0.1, mask_fn=window)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_triton_kernels_under_inductor(inputs):
     """The generated forward and backward kernels (interpreted), called from an inductor graph."""
     q, k, v = inputs
