@@ -135,13 +135,18 @@ def _pow2_at_most(n: int) -> int:
 
 
 def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Any = None,
-                   mask_mod: Any = None, group: Any = None, scale: float | None = None, enable_gqa: bool = False,
-                   return_lse: bool = False, load_balance: bool = True, kernel_options: dict | None = None,
-                   backend: str = "auto") -> Any:  # fmt: skip
-    """flexcomp.flex_attention on this rank's shards of q, k, v (from `shard`): this rank's shard of the output
-    (and of lse with `return_lse`).  Mods see global positions.  Differentiable in q, k, v and the score_mod's
-    captured tensors (each rank gets the gradient of its own pairs: sum them over the group, as data parallelism
-    does, for a parameter every rank holds)."""
+                   block_mask: Any = None, scale: float | None = None, enable_gqa: bool = False,
+                   return_lse: bool = False, kernel_options: dict | None = None, *, mask_mod: Any = None,
+                   group: Any = None, load_balance: bool = True, backend: str = "auto") -> Any:  # fmt: skip
+    """flexcomp.flex_attention's arguments on this rank's shards of q, k, v (from `shard`): this rank's shard of
+    the output (and of lse with `return_lse`).  Mods see global positions; a `block_mask` (built for the whole
+    sequence) gives its mask_mod, whose tiles are re-derived per pair of chunks.  Differentiable in q, k, v and the
+    score_mod's captured tensors (each rank gets the gradient of its own pairs: sum them over the group, as data
+    parallelism does, for a parameter every rank holds)."""
+    if block_mask is not None:
+        if mask_mod is not None:
+            raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
+        mask_mod = block_mask.mask_mod
     rank, world = _world(group)
     per_rank = len(chunks_of(rank, world, load_balance))
     local_len = query.shape[2]
@@ -155,7 +160,7 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     k_parts, v_parts = key.split(chunk_len, 2), value.split(chunk_len, 2)
     local = {c: (k_parts[i], v_parts[i]) for i, c in enumerate(mine)}
     in_flight: list = []
-    remote = _received(the_plan, rank, group, local, in_flight)  # sends and receives start now
+    local, remote = _exchanged(the_plan, rank, group, local, in_flight)  # sends and receives start now
     scale = query.shape[-1] ** -0.5 if scale is None else scale
 
     def attend(q, qc, sources):
@@ -165,12 +170,16 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     q_chunks = [query[:, :, i * chunk_len : (i + 1) * chunk_len] for i in range(len(mine))]
     parts = [attend(q, qc, local) for q, qc in zip(q_chunks, mine)]  # the local pairs overlap the transfers
     _wait(in_flight)
-    outs, lses = [], []
+    outs, lses, computed = [], [], 0
     for q, qc, own in zip(q_chunks, mine, parts):
-        out, lse = _merged(own + attend(q, qc, remote), q, value.shape[-1])
+        pairs = own + attend(q, qc, remote)
+        computed += len(pairs)
+        out, lse = _merged(pairs, q, value.shape[-1])
         outs.append(out)
         lses.append(lse)
     out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
+    if not computed:  # every pair of this rank is empty: still part of the graph, so that its backward joins the
+        out = out + 0 * sum(t.sum() for pair in local.values() for t in pair) + 0 * query.sum()  # exchange
     return (out, lse) if return_lse else out
 
 
@@ -263,19 +272,22 @@ def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, dv:
 # ---------------------------------------------------------------- communication
 
 
-def _received(the_plan: Plan, rank: int, group: Any, local: dict[int, tuple[torch.Tensor, torch.Tensor]],
-              in_flight: list) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-    """The K/V chunks this rank's pairs need from other ranks, by point-to-point sends (only the needed ones).
-    The transfers run asynchronously: their requests go to `in_flight`, to be waited for before the chunks are
-    read."""
+def _exchanged(the_plan: Plan, rank: int, group: Any, local: dict[int, tuple[torch.Tensor, torch.Tensor]],
+               in_flight: list) -> tuple[dict, dict]:  # fmt: skip
+    """(this rank's K/V chunks, the chunks its pairs need from other ranks), both through one exchange: the
+    received ones by point-to-point sends (only the needed ones), running asynchronously (their requests go to
+    `in_flight`, to be waited for before those chunks are read).  The local chunks pass through it so that every
+    rank's backward runs the exchange's, and so joins the transfers that return other ranks' gradients."""
     if the_plan.world == 1:
-        return {}
+        return local, {}
     wanted = [kc for kc in the_plan.kv_chunks_for(rank) if the_plan.owner(kc) != rank]
     sends = [(kc, r) for kc in sorted(local) for r in range(the_plan.world)
              if r != rank and kc in the_plan.kv_chunks_for(r)]  # fmt: skip
     flat = _Exchange.apply(group, rank, the_plan, tuple(sends), tuple(wanted), in_flight,
                            *(t for kc in sorted(local) for t in local[kc]))  # fmt: skip
-    return {kc: (flat[2 * i], flat[2 * i + 1]) for i, kc in enumerate(wanted)}
+    own = {kc: (flat[2 * i], flat[2 * i + 1]) for i, kc in enumerate(sorted(local))}
+    received = flat[2 * len(own) :]
+    return own, {kc: (received[2 * i], received[2 * i + 1]) for i, kc in enumerate(wanted)}
 
 
 def _global_rank(group: Any, rank: int) -> int:
@@ -302,11 +314,12 @@ class _Exchange(torch.autograd.Function):
         if ops:
             in_flight.extend(dist.batch_isend_irecv(ops))
         ctx.exchange = (group, rank, the_plan, sends, wanted, mine)
-        return tuple(t for pair in received for t in pair)
+        return (*(t.clone() for t in local_kv), *(t for pair in received for t in pair))
 
     @staticmethod
     def backward(ctx, *grads):
         group, _, the_plan, sends, wanted, mine = ctx.exchange
+        passed, grads = grads[: 2 * len(mine)], grads[2 * len(mine) :]  # the local chunks', the received ones'
         ops, returned = [], []
         templates = ctx.templates
         for i, kc in enumerate(wanted):  # the gradients of what this rank received go back to the owners
@@ -319,7 +332,7 @@ class _Exchange(torch.autograd.Function):
             returned.append((kc, pair))
             ops += [dist.P2POp(dist.irecv, t, _global_rank(group, dst), group) for t in pair]
         _run(ops)
-        local_grads = {kc: [None, None] for kc in mine}
+        local_grads = {kc: list(passed[2 * i : 2 * i + 2]) for i, kc in enumerate(mine)}
         for kc, (gk, gv) in returned:
             for j, g in enumerate((gk, gv)):
                 local_grads[kc][j] = g if local_grads[kc][j] is None else local_grads[kc][j] + g

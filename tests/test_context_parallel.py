@@ -31,6 +31,11 @@ def document(b, h, q_idx, kv_idx):
     return DOCS[q_idx] == DOCS[kv_idx]
 
 
+def one_way(b, h, q_idx, kv_idx):  # at 2 ranks: rank 1 (chunks 1, 2) computes nothing, yet sends chunk 1 to rank 0
+    q_chunk, kv_chunk = q_idx // CHUNK, kv_idx // CHUNK
+    return ((q_chunk == kv_chunk) & (q_chunk != 1) & (q_chunk != 2)) | ((q_chunk == 3) & (kv_chunk == 1))
+
+
 def biased(score, b, h, q_idx, kv_idx):
     return score + BIAS[kv_idx] * 0.5
 
@@ -69,7 +74,8 @@ def _worker(rank, world, path):
         for mask in (causal, window, document):
             _check(world, mask)
         _check(world, causal, score=biased)
-        if world == 2:  # the generated kernels, interpreted
+        if world == 2:  # a rank that only sends, and the generated kernels, interpreted
+            _check(world, one_way)
             _check(world, window, score=biased, backend="triton", dtype=torch.float32, tol=2e-5)
         plan = cp.plan(window, L, world)
         if world > 1:  # the window leaves far chunk pairs empty: fewer pairs computed, fewer chunks sent
