@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
 
 import torch
+from bench_decode import timed  # CUDA-event medians, shared with the decode benchmark
 
 import flexcomp as fc
 
@@ -39,25 +38,6 @@ def paged_copy(k, v, page_size, device):
     return paged, k_cache, v_cache
 
 
-def timed(fn, device, repeats):
-    """Median milliseconds of fn() (CUDA events on a GPU, wall clock on the CPU)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            began = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
-
-
 def bench_one(B, L, page_size, args, device, dtype):
     Hq, Hkv, D = args.heads, args.kv_heads, args.head_dim
     q = torch.randn(B, Hq, 1, D, dtype=dtype, device=device)
@@ -73,7 +53,7 @@ def bench_one(B, L, page_size, args, device, dtype):
         return fc.flex_attention(q, k_cache, v_cache, block_mask=converted, enable_gqa=True)
 
     torch.testing.assert_close(paged_run().float(), contiguous().float(), atol=2e-2, rtol=2e-2)
-    return timed(contiguous, device, args.repeats), timed(paged_run, device, args.repeats)
+    return timed(contiguous, device, args.repeats, 1), timed(paged_run, device, args.repeats, 1)
 
 
 def main() -> None:

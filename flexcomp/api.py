@@ -21,10 +21,11 @@ from .tiles import table_device, table_dims
 
 BACKENDS = ("auto", "triton", "reference")
 
-# torch's FlexKernelOptions.  Used by flexcomp's kernels: BLOCK_M, BLOCK_N (forward tiles), BLOCK_M1, BLOCK_N1,
-# BLOCK_M2, BLOCK_N2 (backward tiles), num_warps, num_stages; the rest are accepted and have no effect (hints
-# and switches of torch's own kernels; flexcomp's are always safe on fully masked rows).  `autotune` and
-# `BACKWARD_DQ` (codegen/backward.py) are flexcomp's.
+# torch's FlexKernelOptions.  Used by flexcomp's kernels: BLOCK_M, BLOCK_N (forward and decode tiles), BLOCK_M1,
+# BLOCK_N1, BLOCK_M2, BLOCK_N2 (backward tiles), num_warps, num_stages, and BACKEND / FORCE_USE_FLEX_ATTENTION (the
+# decode kernel or not: codegen/decode.py); the rest are accepted and have no effect (hints and switches of torch's
+# own kernels; flexcomp's are always safe on fully masked rows).  `autotune`, `BACKWARD_DQ` (codegen/backward.py)
+# and `NUM_SPLITS` (the decode kernel's split count) are flexcomp's.
 KERNEL_OPTIONS = (
     "BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "num_warps", "num_stages",
     "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "FORCE_USE_FLEX_ATTENTION", "USE_TMA",
