@@ -31,9 +31,21 @@ from .mods import as_mod
 # ---------------------------------------------------------------- sharding
 
 
-def chunks_of(rank: int, world: int, load_balance: bool = True) -> tuple[int, ...]:
-    """The sequence chunks rank `rank` holds, in the order they lie in its shard."""
+Layout = tuple[tuple[int, ...], ...]  # the chunks each rank holds (`balanced_layout`)
+
+
+def chunks_of(rank: int, world: int, load_balance: bool | Layout = True) -> tuple[int, ...]:
+    """The sequence chunks rank `rank` holds, in the order they lie in its shard: `load_balance` True is torch's
+    head-tail (chunks r and 2W-1-r of 2W), False one contiguous chunk each, a Layout (`balanced_layout`) its own."""
+    if isinstance(load_balance, tuple):
+        return load_balance[rank]
     return (rank, 2 * world - 1 - rank) if load_balance else (rank,)
+
+
+def chunk_count(world: int, load_balance: bool | Layout = True) -> int:
+    if isinstance(load_balance, tuple):
+        return sum(map(len, load_balance))
+    return 2 * world if load_balance else world
 
 
 def _world(group: Any) -> tuple[int, int]:
@@ -42,10 +54,10 @@ def _world(group: Any) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def shard(x: torch.Tensor, group: Any = None, dim: int = 2, load_balance: bool = True) -> torch.Tensor:
+def shard(x: torch.Tensor, group: Any = None, dim: int = 2, load_balance: bool | Layout = True) -> torch.Tensor:
     """This rank's shard of `x` along `dim` (the sequence dim of [B, H, L, D] by default)."""
     rank, world = _world(group)
-    n_chunks = 2 * world if load_balance else world
+    n_chunks = chunk_count(world, load_balance)
     if x.shape[dim] % n_chunks:
         raise ValueError(f"sequence length {x.shape[dim]} must be a multiple of {n_chunks} chunks "
                          f"({world} ranks{', load balanced' if load_balance else ''})")  # fmt: skip
@@ -53,7 +65,7 @@ def shard(x: torch.Tensor, group: Any = None, dim: int = 2, load_balance: bool =
     return torch.cat([parts[c] for c in chunks_of(rank, world, load_balance)], dim)
 
 
-def unshard(x: torch.Tensor, group: Any = None, dim: int = 2, load_balance: bool = True) -> torch.Tensor:
+def unshard(x: torch.Tensor, group: Any = None, dim: int = 2, load_balance: bool | Layout = True) -> torch.Tensor:
     """The whole sequence from every rank's shard (an all-gather)."""
     _, world = _world(group)
     if world == 1:
@@ -76,13 +88,19 @@ class Plan:
     """Which (q chunk, kv chunk) pairs have anything unmasked, for a mask, a length and a number of ranks."""
 
     world: int
-    load_balance: bool
+    load_balance: bool | Layout
     chunk_len: int
     needed: frozenset[tuple[int, int]]
+    tiles: tuple[tuple[tuple[int, int], int], ...] = ()  # ((q chunk, kv chunk), tiles visited) of needed pairs
 
     @property
     def n_chunks(self) -> int:
-        return 2 * self.world if self.load_balance else self.world
+        return chunk_count(self.world, self.load_balance)
+
+    def work(self, rank: int) -> int:
+        """Tiles rank `rank` attends (each needed pair's visited tiles: the work, not the token count)."""
+        mine = chunks_of(rank, self.world, self.load_balance)
+        return sum(n for (qc, _), n in self.tiles if qc in mine)
 
     def owner(self, chunk: int) -> int:
         return next(r for r in range(self.world) if chunk in chunks_of(r, self.world, self.load_balance))
@@ -100,31 +118,54 @@ class Plan:
         return sent, every
 
 
-def plan(mask_mod: Any, seq_len: int, world: int, load_balance: bool = True, batch: int = 1, heads: int = 1,
+def plan(mask_mod: Any, seq_len: int, world: int, load_balance: bool | Layout = True, batch: int = 1, heads: int = 1,
          block_size: int = 128) -> Plan:  # fmt: skip
     """The pairs of chunks the mask leaves anything unmasked in, from the sparsity analysis of the mask shifted by
     each pair's offsets (conservative: a pair the analysis cannot decide counts as needed)."""
-    n_chunks = 2 * world if load_balance else world
+    n_chunks = chunk_count(world, load_balance)
     chunk_len = seq_len // n_chunks
     pairs = [(qc, kc) for qc in range(n_chunks) for kc in range(n_chunks)]
     if mask_mod is None:
-        return Plan(world, load_balance, chunk_len, frozenset(pairs))
+        tiles_each = (-(-chunk_len // block_size)) ** 2
+        return Plan(world, load_balance, chunk_len, frozenset(pairs), tuple((p, tiles_each) for p in pairs))
     mod = as_mod(mask_mod, "mask")
     used = free_args(mod.ir)
     B, H = (batch if "b" in used else None), (heads if "h" in used else None)
-    needed = frozenset(p for p in pairs
-                       if _any_unmasked(mod.fn, p[0] * chunk_len, p[1] * chunk_len, chunk_len, B, H, block_size))
-    return Plan(world, load_balance, chunk_len, needed)
+    tiles = [(p, _tiles_visited(mod.fn, p[0] * chunk_len, p[1] * chunk_len, chunk_len, B, H, block_size))
+             for p in pairs]  # fmt: skip
+    tiles = tuple((p, n) for p, n in tiles if n)
+    return Plan(world, load_balance, chunk_len, frozenset(p for p, _ in tiles), tiles)
 
 
-def _any_unmasked(mask_fn: Any, q_offset: int, kv_offset: int, chunk_len: int, B: Any, H: Any, block: int) -> bool:
+def _tiles_visited(mask_fn: Any, q_offset: int, kv_offset: int, chunk_len: int, B: Any, H: Any, block: int) -> int:
+    """Tiles of one pair of chunks the kernels would visit (0: the pair is empty), from the analysis."""
+
     def pair_mask(b, h, q_idx, kv_idx):
         return mask_fn(b, h, q_idx + q_offset, kv_idx + kv_offset)
 
     block = min(block, _pow2_at_most(chunk_len))
     bm = create_block_mask(pair_mask, B, H, chunk_len, chunk_len, device="cpu", BLOCK_SIZE=block, exact=False)
     full = bm.full_kv_num_blocks
-    return bool(bm.kv_num_blocks.sum() > 0 or (full is not None and full.sum() > 0))
+    return int(bm.kv_num_blocks.sum()) + (int(full.sum()) if full is not None else 0)
+
+
+def balanced_layout(mask_mod: Any, seq_len: int, world: int, batch: int = 1, heads: int = 1,
+                    block_size: int = 128) -> Layout:  # fmt: skip
+    """Two chunks of 2W per rank, assigned so that the ranks' work (tiles visited, from the analysis) is as even
+    as a greedy assignment, largest chunk first, makes it; head-tail where that is at least as even.  Pass it as
+    `load_balance` to `shard`, `unshard` and `flex_attention`."""
+    the_plan = plan(mask_mod, seq_len, world, True, batch, heads, block_size)
+    per_chunk = [0] * the_plan.n_chunks
+    for (qc, _), n in the_plan.tiles:
+        per_chunk[qc] += n
+    ranks: list[list[int]] = [[] for _ in range(world)]
+    for chunk in sorted(range(the_plan.n_chunks), key=lambda c: -per_chunk[c]):
+        open_ranks = [r for r in range(world) if len(ranks[r]) < 2]
+        ranks[min(open_ranks, key=lambda r: sum(per_chunk[c] for c in ranks[r]))].append(chunk)
+    greedy = tuple(tuple(sorted(r)) for r in ranks)
+    head_tail = tuple(chunks_of(r, world, True) for r in range(world))
+    heaviest = lambda layout: max(sum(per_chunk[c] for c in chunks) for chunks in layout)
+    return greedy if heaviest(greedy) < heaviest(head_tail) else head_tail
 
 
 def _pow2_at_most(n: int) -> int:
@@ -137,7 +178,7 @@ def _pow2_at_most(n: int) -> int:
 def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Any = None,
                    block_mask: Any = None, scale: float | None = None, enable_gqa: bool = False,
                    return_lse: bool = False, kernel_options: dict | None = None, *, mask_mod: Any = None,
-                   group: Any = None, load_balance: bool = True, backend: str = "auto") -> Any:  # fmt: skip
+                   group: Any = None, load_balance: bool | Layout = True, backend: str = "auto") -> Any:  # fmt: skip
     """flexcomp.flex_attention's arguments on this rank's shards of q, k, v (from `shard`): this rank's shard of
     the output (and of lse with `return_lse`).  Mods see global positions; a `block_mask` (built for the whole
     sequence) gives its mask_mod, whose tiles are re-derived per pair of chunks.  Differentiable in q, k, v and the
@@ -184,7 +225,7 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(mask_mod: Any, seq_len: int, world: int, load_balance: bool, batch: int, heads: int,
+def _cached_plan(mask_mod: Any, seq_len: int, world: int, load_balance: bool | Layout, batch: int, heads: int,
                  block: int) -> Plan:  # fmt: skip
     return plan(mask_mod, seq_len, world, load_balance, batch, heads, block)
 

@@ -36,11 +36,19 @@ def one_way(b, h, q_idx, kv_idx):  # at 2 ranks: rank 1 (chunks 1, 2) computes n
     return ((q_chunk == kv_chunk) & (q_chunk != 1) & (q_chunk != 2)) | ((q_chunk == 3) & (kv_chunk == 1))
 
 
+def ends_heavy(b, h, q_idx, kv_idx):  # the first and last chunk attend everything, the others themselves
+    q_chunk, kv_chunk, last = q_idx // CHUNK, kv_idx // CHUNK, LAST_CHUNK
+    return (q_chunk == kv_chunk) | (q_chunk == 0) | (q_chunk == last)
+
+
+LAST_CHUNK = 3
+
+
 def biased(score, b, h, q_idx, kv_idx):
     return score + BIAS[kv_idx] * 0.5
 
 
-def _check(world, mask, score=None, backend="auto", dtype=torch.float64, tol=1e-10):
+def _check(world, mask, score=None, backend="auto", dtype=torch.float64, tol=1e-10, load_balance=True):
     """One case on every rank: same global inputs (same seed), this rank's shards through context parallelism."""
     L = CHUNK * 2 * world
     g = torch.Generator().manual_seed(world * 100 + len(mask.__name__))
@@ -49,13 +57,15 @@ def _check(world, mask, score=None, backend="auto", dtype=torch.float64, tol=1e-
     leaves = (q, k, v, BIAS) if score is not None else (q, k, v)
     ref = fc.flex_attention(q, k, v, score_mod=score, mask_mod=mask, backend=backend)
     ref_grads = torch.autograd.grad((ref * dout).sum(), leaves)
-    local = [cp.shard(t.detach()).requires_grad_() for t in (q, k, v)]
-    out, lse = cp.flex_attention(*local, score_mod=score, mask_mod=mask, return_lse=True, backend=backend)
-    grads = torch.autograd.grad((out * cp.shard(dout)).sum(), local + ([BIAS] if score is not None else []))
-    torch.testing.assert_close(out, cp.shard(ref.detach()), atol=tol, rtol=tol)
-    torch.testing.assert_close(cp.unshard(out.detach()), ref.detach(), atol=tol, rtol=tol)
+    shard = lambda t: cp.shard(t, load_balance=load_balance)
+    local = [shard(t.detach()).requires_grad_() for t in (q, k, v)]
+    out, lse = cp.flex_attention(*local, score_mod=score, mask_mod=mask, return_lse=True, backend=backend,
+                                 load_balance=load_balance)  # fmt: skip
+    grads = torch.autograd.grad((out * shard(dout)).sum(), local + ([BIAS] if score is not None else []))
+    torch.testing.assert_close(out, shard(ref.detach()), atol=tol, rtol=tol)
+    torch.testing.assert_close(cp.unshard(out.detach(), load_balance=load_balance), ref.detach(), atol=tol, rtol=tol)
     for got, want in zip(grads[:3], ref_grads[:3]):
-        torch.testing.assert_close(got, cp.shard(want), atol=tol, rtol=tol)
+        torch.testing.assert_close(got, shard(want), atol=tol, rtol=tol)
     if score is not None:  # each rank has its pairs' share of the bias gradient: summed, the whole
         summed = grads[3].clone()
         dist.all_reduce(summed)
@@ -74,8 +84,11 @@ def _worker(rank, world, path):
         for mask in (causal, window, document):
             _check(world, mask)
         _check(world, causal, score=biased)
-        if world == 2:  # a rank that only sends, and the generated kernels, interpreted
+        if world == 2:  # a rank that only sends, a layout balanced by work, the generated kernels interpreted
             _check(world, one_way)
+            layout = cp.balanced_layout(ends_heavy, L, world, block_size=CHUNK)
+            assert layout != ((0, 3), (1, 2))  # head-tail would give one rank both heavy chunks
+            _check(world, ends_heavy, load_balance=layout)
             _check(world, window, score=biased, backend="triton", dtype=torch.float32, tol=2e-5)
         plan = cp.plan(window, L, world)
         if world > 1:  # the window leaves far chunk pairs empty: fewer pairs computed, fewer chunks sent
@@ -90,6 +103,22 @@ def _worker(rank, world, path):
 def test_context_parallel_matches_one_process(world):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(world, f"{tmp}/rendezvous"), nprocs=world, join=True)
+
+
+def test_balanced_layout_evens_the_work():
+    """Chunks 0 and 7 of 8 attend everything, the others themselves: head-tail puts both on rank 0 (16 of 22
+    pair-tiles); balancing by the analysis' tile counts gives every rank at most 9."""
+    global LAST_CHUNK
+    LAST_CHUNK = 7
+    try:
+        layout = cp.balanced_layout(ends_heavy, 8 * CHUNK, 4, block_size=CHUNK)
+        balanced = cp.plan(ends_heavy, 8 * CHUNK, 4, load_balance=layout, block_size=CHUNK)
+        head_tail = cp.plan(ends_heavy, 8 * CHUNK, 4, load_balance=True, block_size=CHUNK)
+    finally:
+        LAST_CHUNK = 3
+    assert sorted(c for chunks in layout for c in chunks) == list(range(8))
+    assert max(head_tail.work(r) for r in range(4)) == 16
+    assert max(balanced.work(r) for r in range(4)) == 9
 
 
 def test_shard_round_trip_and_plan_without_ranks(randn):
