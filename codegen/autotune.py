@@ -21,6 +21,8 @@ from pathlib import Path
 
 from triton.runtime.errors import OutOfResources
 
+from flexcomp.errors import BackendError
+
 from .cache import _write_atomically, cache_dir
 
 MIN_BLOCK = 16  # tl.dot's smallest tile side
@@ -147,6 +149,22 @@ def fit_block(size: int, limit: int) -> int:
     """The largest power of two <= size (down to MIN_BLOCK) that divides the block mask's block size `limit`."""
     while size > MIN_BLOCK and limit % size:
         size //= 2
+    return size
+
+
+def tile_size(options: dict, name: str, default: int, limit: int) -> int:
+    """A kernel tile side: kernel_options[name] where given (a power of two >= MIN_BLOCK dividing the block mask's
+    block size `limit`, else a ValueError naming both), else `default` fitted to `limit` (fit_block).  The one
+    check of every kernel's tile options: forward, backward and decode."""
+    if name not in options:
+        size = fit_block(default, limit)
+        if limit % size:
+            raise BackendError(f"block mask block size {limit} is not a multiple of {MIN_BLOCK}")
+        return size
+    size = int(options[name])
+    if size < MIN_BLOCK or size & (size - 1) or limit % size:
+        raise ValueError(f"kernel_options {name}={size} must be a power of two >= {MIN_BLOCK} dividing the block "
+                         f"mask's block size {limit}")  # fmt: skip
     return size
 
 

@@ -37,7 +37,7 @@ from flexcomp.mods import Mod
 from flexcomp.tiles import block_size
 
 from . import autotune
-from .autotune import MIN_BLOCK, BackwardConfig, fit_block, next_power_of_2
+from .autotune import MIN_BLOCK, BackwardConfig, next_power_of_2, tile_size
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
 from .host import MIN_STAGES, check_buffers, is_sparse, prefetch_index, refine_wanted, slot_args, walked_tiles
@@ -156,11 +156,7 @@ def _chosen_config(option_items: tuple, sparse: tuple[int, int], dtype: torch.dt
     blocks = {}
     for name in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
         limit = sparse[0] if name.startswith("BLOCK_M") else sparse[1]
-        size = int(options[name]) if name in options else fit_block(getattr(base, name), limit)
-        if size < MIN_BLOCK or size & (size - 1) or limit % size:
-            raise ValueError(f"kernel_options {name}={size} must be a power of two >= {MIN_BLOCK} that divides the "
-                             f"block mask's block size {limit=}")
-        blocks[name] = size
+        blocks[name] = tile_size(options, name, getattr(base, name), limit)
     warps = {k: options["num_warps"] for k in ("warps_dkdv", "warps_dq") if "num_warps" in options}
     stages = {k: max(options["num_stages"], MIN_STAGES) for k in ("stages_dkdv", "stages_dq")
               if "num_stages" in options}

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import MIN_BLOCK, DecodeConfig, default_decode_config, next_power_of_2
+from .autotune import MIN_BLOCK, DecodeConfig, default_decode_config, next_power_of_2, tile_size
 from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .params import DECODE, TABLE_NAMES
 
@@ -159,10 +159,7 @@ def decode_config(dtype: torch.dtype, head_dim: int, sparse_kv: int, kernel_opti
     """The default for the dtype and head dim (codegen/autotune.py DECODE_CONFIGS), less what kernel_options set."""
     base = default_decode_config(32 if dtype == torch.float32 else 16, head_dim)
     options = kernel_options or {}
-    block_n = options.get("BLOCK_N", min(base.block_n, sparse_kv))
-    if block_n < MIN_BLOCK or block_n & (block_n - 1) or sparse_kv % block_n:
-        raise ValueError(f"kernel_options BLOCK_N={block_n} must be a power of two >= {MIN_BLOCK} dividing the "
-                         f"block mask's block size {sparse_kv}")  # fmt: skip
+    block_n = tile_size(options, "BLOCK_N", base.block_n, sparse_kv)
     stages = max(options.get("num_stages", base.num_stages), 2)
     return DecodeConfig(block_n, options.get("num_warps", base.num_warps), stages, base.unsplit_stages)
 

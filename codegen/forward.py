@@ -49,25 +49,12 @@ def default_config(dtype: torch.dtype, head_dim: int, sparse: bool = False, scor
     return autotune.default_config(32 if dtype == torch.float32 else 16, head_dim, sparse, score_mod)
 
 
-def _fit(block: int, sparse: int, name: str, overridden: bool) -> int:
-    """The largest power of two <= block that divides the block mask's block size."""
-    if overridden:
-        if block < MIN_BLOCK or block & (block - 1) or sparse % block:
-            raise ValueError(f"kernel_options {name}={block} must be a power of two >= {MIN_BLOCK} "
-                             f"dividing the block mask's block size {sparse}")
-        return block
-    block = autotune.fit_block(block, sparse)
-    if sparse % block:
-        raise BackendError(f"block mask block size {sparse} is not a multiple of {MIN_BLOCK}")
-    return block
-
-
 def choose_config(dtype: torch.dtype, head_dim: int, block_size: tuple[int, int], kernel_options: dict | None,
                   base: LaunchConfig | None = None, sparse: bool = False, score_mod: bool = False) -> LaunchConfig:
     options = kernel_options or {}
     base = base or default_config(dtype, max(head_dim, MIN_BLOCK), sparse, score_mod)
-    block_m = _fit(options.get("BLOCK_M", base.block_m), block_size[0], "BLOCK_M", "BLOCK_M" in options)
-    block_n = _fit(options.get("BLOCK_N", base.block_n), block_size[1], "BLOCK_N", "BLOCK_N" in options)
+    block_m = autotune.tile_size(options, "BLOCK_M", base.block_m, block_size[0])
+    block_n = autotune.tile_size(options, "BLOCK_N", base.block_n, block_size[1])
     stages = max(options.get("num_stages", base.num_stages), MIN_STAGES)
     return LaunchConfig(block_m, block_n, options.get("num_warps", base.num_warps), stages,
                         bool(options.get("USE_TMA", base.use_tma)))
