@@ -80,6 +80,8 @@ def flex_attention(
     `backend`: "auto" (the generated Triton kernel on CUDA, the reference elsewhere),
     "triton" (on CPU tensors it needs TRITON_INTERPRET=1) or "reference".
     """
+    if mask_mod is not None and block_mask is not None:
+        raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
     if torch.compiler.is_compiling():  # one custom op in the graph (flexcomp/custom_op.py)
         return traced_flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
                                      kernel_options, return_aux, mask_mod, backend)
@@ -89,8 +91,6 @@ def flex_attention(
     scale = as_scale(scale)
     kernel_options = normalize_kernel_options(kernel_options)
     want_lse, want_max = aux_wanted(return_lse, return_aux)
-    if mask_mod is not None and block_mask is not None:
-        raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
     score_mod = specialized_mod(score_mod, "score")
     mask_mod = specialized_mod(mask_mod, "mask")
     key, value = broadcast_batch(query, key, value, block_mask, mask_mod is not None)

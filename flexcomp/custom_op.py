@@ -122,8 +122,6 @@ def traced_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     if isinstance(scale, torch.Tensor):
         raise FlexcompError("under torch.compile, pass scale as a Python number (a tensor scale would be read on "
                             "the host at every call)")  # fmt: skip
-    if mask_mod is not None and block_mask is not None:
-        raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
     options = tuple(sorted(kernel_options.items())) if kernel_options is not None else None
     call = call_key(_named(score_mod), _named(mask_mod), _masking(block_mask), scale, enable_gqa, options, backend)
     entry = _CALLS[call]
@@ -178,9 +176,21 @@ def captured_tensors(entry: Call) -> list[torch.Tensor]:
     fn = entry.score_mod.fn if entry.score_mod is not None else None
     tensors = []
     for kind, name, item in entry.captured:
-        value = fn.__globals__[name] if kind == "global" else fn.__closure__[name].cell_contents
+        value = _read(fn, kind, name)
         tensors.append(value if item is None else value[item])
     return tensors
+
+
+def _read(fn: Any, kind: str, name: Any) -> Any:
+    """The value in a place `paths` names: a global of fn, or one of its closure cells."""
+    return fn.__globals__[name] if kind == "global" else fn.__closure__[name].cell_contents
+
+
+def _write(fn: Any, kind: str, name: Any, value: Any) -> None:
+    if kind == "global":
+        fn.__globals__[name] = value
+    else:
+        fn.__closure__[name].cell_contents = value
 
 
 # ---------------------------------------------------------------- the op
@@ -220,8 +230,6 @@ def prepared(entry: Call, tables: list[torch.Tensor]) -> tuple[Any, Any, Any]:
     key = (id(entry), *((t.data_ptr(), t.shape, t.stride()) for t in tables))
     hit = _PREPARED.get(key)
     if hit is None:
-        from .blockmask import BlockMask
-
         named = dict(zip(entry.tables, tables, strict=True))
         block_mask = BlockMask.from_kv_blocks(
             named["kv_num_blocks"], named["kv_indices"], named.get("full_kv_num_blocks"),
@@ -261,8 +269,10 @@ def flex_attention_backward_op(query: torch.Tensor, key: torch.Tensor, value: to
                                tables: list[torch.Tensor], captured: list[torch.Tensor],
                                call: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """(dq, dk, dv, the captured tensors' gradients; zeros for those that get none) of the call under `call`."""
+    from .api import choose_backend
+
     entry = _CALLS[call]
-    if _backend(entry, query) == "triton":
+    if choose_backend(entry.backend, query) == "triton":
         dq, dk, dv, grads = _kernel_backward(entry, tables, captured, query, key, value, out, lse, grad_out,
                                              grad_lse)  # fmt: skip
     else:  # autograd through the reference, in a thread of its own: an op's body runs with autograd switched off
@@ -277,12 +287,6 @@ def flex_attention_backward_op(query: torch.Tensor, key: torch.Tensor, value: to
 def _(query, key, value, out, lse, grad_out, grad_lse, tables, captured, call):
     return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
             [t.new_empty(t.shape) for t in captured])  # fmt: skip
-
-
-def _backend(entry: Call, query: torch.Tensor) -> str:
-    if entry.backend != "auto":
-        return entry.backend
-    return "triton" if query.device.type == "cuda" else "reference"
 
 
 def _kernel_backward(entry, tables, captured, query, key, value, out, lse, grad_out, grad_lse):
@@ -347,22 +351,15 @@ class _captured_as:
     def __enter__(self):
         fn = self.entry.score_mod.fn if self.entry.score_mod is not None else None
         for (kind, name, item), tensor in zip(self.entry.captured, self.tensors):
-            space, slot = (fn.__globals__, name) if kind == "global" else (fn.__closure__[name], "cell_contents")
-            value = space[slot] if kind == "global" else space.cell_contents
-            self.saved.append((kind, space, slot, value))
+            value = _read(fn, kind, name)
+            self.saved.append((fn, kind, name, value))
             new = tensor if item is None else type(value)(tensor if i == item else x for i, x in enumerate(value))
-            if kind == "global":
-                space[slot] = new
-            else:
-                space.cell_contents = new
+            _write(fn, kind, name, new)
         return self
 
     def __exit__(self, *exc):
-        for kind, space, slot, value in reversed(self.saved):
-            if kind == "global":
-                space[slot] = value
-            else:
-                space.cell_contents = value
+        for fn, kind, name, value in reversed(self.saved):
+            _write(fn, kind, name, value)
 
 
 flex_attention_op.register_autograd(_backward, setup_context=_setup_context)
