@@ -128,25 +128,33 @@ def plan(mask_mod: Any, seq_len: int, world: int, load_balance: bool | Layout = 
     if mask_mod is None:
         tiles_each = (-(-chunk_len // block_size)) ** 2
         return Plan(world, load_balance, chunk_len, frozenset(pairs), tuple((p, tiles_each) for p in pairs))
-    mod = as_mod(mask_mod, "mask")
-    used = free_args(mod.ir)
-    B, H = (batch if "b" in used else None), (heads if "h" in used else None)
-    tiles = [(p, _tiles_visited(mod.fn, p[0] * chunk_len, p[1] * chunk_len, chunk_len, B, H, block_size))
+    tiles = [(p, _tiles_visited(mask_mod, p[0] * chunk_len, p[1] * chunk_len, chunk_len, batch, heads, block_size))
              for p in pairs]  # fmt: skip
     tiles = tuple((p, n) for p, n in tiles if n)
     return Plan(world, load_balance, chunk_len, frozenset(p for p, _ in tiles), tiles)
 
 
-def _tiles_visited(mask_fn: Any, q_offset: int, kv_offset: int, chunk_len: int, B: Any, H: Any, block: int) -> int:
-    """Tiles of one pair of chunks the kernels would visit (0: the pair is empty), from the analysis."""
+def _tiles_visited(mask_mod: Any, q_offset: int, kv_offset: int, chunk_len: int, batch: int, heads: int,
+                   block: int) -> int:  # fmt: skip
+    """Tiles of one pair of chunks the kernels would visit (0: the pair is empty), from the analysis alone."""
+    bm = _offset_block_mask(mask_mod, q_offset, kv_offset, chunk_len, batch, heads, "cpu", block, exact=False)
+    full = bm.full_kv_num_blocks
+    return int(bm.kv_num_blocks.sum()) + (int(full.sum()) if full is not None else 0)
+
+
+def _offset_block_mask(mask_mod: Any, q_offset: int, kv_offset: int, chunk_len: int, batch: int, heads: int,
+                       device: Any, block: int, exact: bool = True) -> BlockMask:  # fmt: skip
+    """The block mask of one pair of chunks: the mask at global positions, the offsets Python ints (constants to
+    the analysis, which so finds the pair's closed form), over batch and heads only where the mask reads b / h."""
+    mask_fn = getattr(mask_mod, "fn", mask_mod)
 
     def pair_mask(b, h, q_idx, kv_idx):
         return mask_fn(b, h, q_idx + q_offset, kv_idx + kv_offset)
 
-    block = min(block, _pow2_at_most(chunk_len))
-    bm = create_block_mask(pair_mask, B, H, chunk_len, chunk_len, device="cpu", BLOCK_SIZE=block, exact=False)
-    full = bm.full_kv_num_blocks
-    return int(bm.kv_num_blocks.sum()) + (int(full.sum()) if full is not None else 0)
+    used = free_args(as_mod(mask_mod, "mask").ir)
+    return create_block_mask(pair_mask, batch if "b" in used else None, heads if "h" in used else None, chunk_len,
+                             chunk_len, device=device, BLOCK_SIZE=min(block, _pow2_at_most(chunk_len)),
+                             exact=exact)  # fmt: skip
 
 
 def balanced_layout(mask_mod: Any, seq_len: int, world: int, batch: int = 1, heads: int = 1,
@@ -271,14 +279,7 @@ def _shifted_mods(score_mod: Any, mask_mod: Any, q_off: int, kv_off: int, device
 def _pair_tables(mask_mod: Any, q_off: int, kv_off: int, chunk_len: int, batch: int, heads: int,
                  device: torch.device) -> BlockMask:  # fmt: skip
     """The pair's block mask tables, from the analysis of the mask with the offsets as constants (exact)."""
-    mask_fn = getattr(mask_mod, "fn", mask_mod)
-
-    def pair_mask(b, h, q_idx, kv_idx):
-        return mask_fn(b, h, q_idx + q_off, kv_idx + kv_off)
-
-    used = free_args(as_mod(mask_mod, "mask").ir)
-    return create_block_mask(pair_mask, batch if "b" in used else None, heads if "h" in used else None, chunk_len,
-                             chunk_len, device=device, BLOCK_SIZE=min(128, _pow2_at_most(chunk_len)))  # fmt: skip
+    return _offset_block_mask(mask_mod, q_off, kv_off, chunk_len, batch, heads, device, 128)
 
 
 def _pair_block_mask(mask_mod, shifted_mask, q_off, kv_off, chunk_len, batch, heads, device) -> BlockMask:
@@ -293,10 +294,9 @@ def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, dv:
     """Exact merge of partial attentions by their log-sum-exp; rows masked everywhere give 0 and -inf, never NaN
     (also in the gradients)."""
     B, H, Lq, _ = q.shape
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32  # and lse's dtype, as flex_attention's
     if not parts:
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return q.new_zeros(B, H, Lq, dv), q.new_full((B, H, Lq), -math.inf, dtype=lse_dtype)
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_zeros(B, H, Lq, dv), q.new_full((B, H, Lq), -math.inf, dtype=work)
     outs = torch.stack([o.to(work) for o, _ in parts])
     lses = torch.stack([lse.to(work) for _, lse in parts])
     top = lses.max(0).values
