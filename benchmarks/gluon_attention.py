@@ -1,0 +1,221 @@
+"""The Gluon Hopper forward (codegen/gluon/attention.py, issue 22) beside cuDNN SDPA and flexcomp's Triton kernel.
+
+    python benchmarks/gluon_attention.py                  # H200: correctness, then the TFLOP/s table (< 150 s)
+    python benchmarks/gluon_attention.py --compile-only   # any machine with Triton 3.6: AOT-compile every version
+                                                          # for sm_90 and print registers, spills, shared memory
+
+On the GPU, every version is first checked against torch's SDPA math in float32 (max abs error of out and lse, at
+B=2 H=4 L=1024 and at the bench shapes), then timed with CUDA events (median) at B=4 H=16 L=8192, D=64 and 128,
+causal and not, beside cuDNN SDPA and flexcomp.flex_attention (a causal block mask), on the same inputs.
+TFLOP/s counts unmasked work: 4*B*H*L^2*D, half of it causal.  Each version runs in its own try/except, so one
+that fails to compile or run is reported in a line and the others still print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BENCH_SHAPE = (4, 16, 8192)  # B, H, L
+CHECK_SHAPE = (2, 4, 1024)
+CONFIGS = [(64, False), (64, True), (128, False), (128, True)]  # (head dim, causal)
+
+
+def gluon_module():
+    """codegen/gluon/attention.py, imported late: it imports triton.experimental.gluon, whose API is 3.6's."""
+    from flexcomp.codegen.gluon import attention
+
+    return attention
+
+
+def short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {' | '.join(line.strip() for line in text[-3:])[:300]}"
+
+
+# ---------------------------------------------------------------- compile only (no GPU)
+
+
+def ptx_summary(kernel) -> str:
+    """Registers and spills (the bundled ptxas), shared memory, and the PTX's wgmma / barrier / setmaxnreg counts."""
+    from aot_forward import ptxas_report  # benchmarks/ is the script's directory
+
+    ptx = kernel.asm["ptx"]
+    counts = {op: ptx.count(op) for op in ("wgmma.mma_async", "wgmma.wait_group", "bar.sync", "setmaxnreg")}
+    return f"{ptxas_report(ptx)}, shared {kernel.metadata.shared // 1024} KiB, " + ", ".join(
+        f"{op} {n}" for op, n in counts.items()
+    )
+
+
+def compile_only() -> int:
+    """AOT-compile every version at every config for sm_90; 1 if any failed."""
+    import triton
+
+    attention = gluon_module()
+    print(f"triton {triton.__version__}; target cuda sm_90")
+    failed = 0
+    for version in attention.KERNELS:
+        for head_dim, causal in CONFIGS:
+            name = f"{version} D={head_dim} {'causal' if causal else 'no mask'}"
+            start = time.perf_counter()
+            try:
+                kernel = attention.aot_compile(version, head_dim, causal)
+            except Exception as exc:  # noqa: BLE001 -- one version's failure is reported, the others still compile
+                print(f"{name}: FAILED {short(exc)}")
+                failed += 1
+                continue
+            print(f"{name}: {time.perf_counter() - start:.1f} s; {ptx_summary(kernel)}")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- correctness
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) in float32 by torch's SDPA math backend and logsumexp, a few heads at a time (bounded memory)."""
+    B, H, L, D = q.shape
+    out = torch.empty(B, H, L, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    keep = torch.ones(L, L, dtype=torch.bool, device=q.device).tril() if causal else None
+    heads = max(1, (1 << 29) // (L * L))  # ~2 GiB of float32 scores per chunk
+    for b in range(B):
+        for h in range(0, H, heads):
+            qf, kf, vf = (t[b, h : h + heads].float() for t in (q, k, v))
+            with sdpa_kernel(SDPBackend.MATH):
+                out[b, h : h + heads] = F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal)
+            scores = qf @ kf.transpose(-1, -2) * D**-0.5
+            if keep is not None:
+                scores = scores.masked_fill(~keep, float("-inf"))
+            lse[b, h : h + heads] = scores.logsumexp(-1)
+    return out, lse
+
+
+def inputs(B: int, H: int, L: int, D: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return tuple(torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+
+
+def check(attention, versions: list[str]) -> dict[tuple, str]:
+    """Max abs error of each version's out and lse against the float32 reference; (version, D, causal) -> failure."""
+    failures = {}
+    print("correctness (max abs error vs SDPA math in float32; bf16 inputs):")
+    for B, H, L in (CHECK_SHAPE, BENCH_SHAPE):
+        for head_dim, causal in CONFIGS:
+            q, k, v = inputs(B, H, L, head_dim)
+            ref_out, ref_lse = reference(q, k, v, causal)
+            cells = []
+            for version in versions:
+                try:
+                    out, lse = attention.attention_forward(q, k, v, causal=causal, version=version)
+                    torch.cuda.synchronize()
+                    err_out = (out.float() - ref_out).abs().max().item()
+                    err_lse = (lse - ref_lse).abs().max().item()
+                    ok = err_out < 2e-2 and err_lse < 1e-3 and math.isfinite(err_out)
+                    cells.append(f"{version}: out {err_out:.1e} lse {err_lse:.1e}{'' if ok else ' WRONG'}")
+                    if not ok:
+                        failures[(version, head_dim, causal)] = "wrong"
+                except Exception as exc:  # noqa: BLE001 -- reported; the other versions still run
+                    cells.append(f"{version}: FAILED")
+                    failures[(version, head_dim, causal)] = short(exc)
+            print(f"  B={B} H={H} L={L} D={head_dim} {'causal ' if causal else 'no mask'}: {'; '.join(cells)}")
+            del q, k, v, ref_out, ref_lse
+    for key, why in failures.items():
+        if why != "wrong":
+            print(f"  {key[0]} D={key[1]} causal={key[2]}: {why}")
+    return failures
+
+
+# ---------------------------------------------------------------- timing
+
+
+def median_ms(fn, warmup: int = 5, reps: int = 20) -> float:
+    """Median of `reps` CUDA-event timings of fn(), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def implementations(attention, versions: list[str], q, k, v, causal: bool) -> dict:
+    """name -> zero-argument callable, all on the same q, k, v."""
+    import flexcomp as fc
+
+    L = q.shape[2]
+    block_mask = fc.create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, 1, 1, L, L) if causal else None
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    impls = {
+        f"gluon {ver}": (lambda ver=ver: attention.attention_forward(q, k, v, causal=causal, version=ver))
+        for ver in versions
+    }
+    impls["cudnn"] = cudnn
+    impls["flexcomp"] = lambda: fc.flex_attention(q, k, v, block_mask=block_mask)
+    return impls
+
+
+def bench(attention, versions: list[str], failures: dict) -> None:
+    B, H, L = BENCH_SHAPE
+    names = [f"gluon {ver}" for ver in versions] + ["cudnn", "flexcomp"]
+    rows = []
+    for head_dim, causal in CONFIGS:
+        q, k, v = inputs(B, H, L, head_dim, seed=1)
+        flops = 4 * B * H * L * L * head_dim * (0.5 if causal else 1.0)
+        cells = {}
+        for name, fn in implementations(attention, versions, q, k, v, causal).items():
+            if name.startswith("gluon") and (name[6:], head_dim, causal) in failures:
+                cells[name] = "fail" if failures[(name[6:], head_dim, causal)] != "wrong" else "wrong"
+                continue
+            try:
+                cells[name] = f"{flops / median_ms(fn) / 1e9:.0f}"
+            except Exception as exc:  # noqa: BLE001 -- reported; the other implementations still run
+                print(f"  {name} D={head_dim} causal={causal}: {short(exc)}", file=sys.stderr)
+                cells[name] = "fail"
+        rows.append((f"{'causal' if causal else 'no mask'} D={head_dim}", cells))
+        del q, k, v
+    print(f"\nforward TFLOP/s, bf16, B={B} H={H} L={L} (CUDA-event medians; causal counts half the work)")
+    print("| | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for label, cells in rows:
+        print(f"| {label} | " + " | ".join(cells.get(n, "-") for n in names) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compile-only", action="store_true", help="AOT-compile every version for sm_90, no GPU")
+    parser.add_argument("--versions", nargs="*", default=None, help="versions to run (default: all)")
+    args = parser.parse_args()
+    if args.compile_only:
+        return compile_only()
+    start = time.perf_counter()
+    try:
+        attention = gluon_module()
+    except Exception as exc:  # noqa: BLE001 -- without Gluon there is nothing to run; say why
+        print(f"cannot import codegen/gluon/attention.py: {short(exc)}")
+        return 1
+    versions = args.versions or list(attention.KERNELS)
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; versions {versions}")
+    failures = check(attention, versions)
+    bench(attention, versions, failures)
+    print(f"\n{time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
