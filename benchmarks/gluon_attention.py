@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -124,7 +126,9 @@ def check(attention, versions: list[str]) -> dict[tuple, str]:
                 except Exception as exc:  # noqa: BLE001 -- reported; the other versions still run
                     cells.append(f"{version}: FAILED")
                     failures[(version, head_dim, causal)] = short(exc)
-            print(f"  B={B} H={H} L={L} D={head_dim} {'causal ' if causal else 'no mask'}: {'; '.join(cells)}")
+            print(
+                f"  B={B} H={H} L={L} D={head_dim} {'causal ' if causal else 'no mask'}: {'; '.join(cells)}", flush=True
+            )
             del q, k, v, ref_out, ref_lse
     for key, why in failures.items():
         if why != "wrong":
@@ -200,15 +204,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile-only", action="store_true", help="AOT-compile every version for sm_90, no GPU")
     parser.add_argument("--versions", nargs="*", default=None, help="versions to run (default: all)")
+    parser.add_argument("--watchdog", type=float, default=170.0, help="exit (code 124) after this many seconds")
     args = parser.parse_args()
     if args.compile_only:
         return compile_only()
+    # a kernel whose barriers never complete hangs in synchronize; end the process instead of the device budget
+    watchdog = threading.Timer(
+        args.watchdog, lambda: (print("watchdog: timed out (a kernel hung?)", flush=True), os._exit(124))
+    )
+    watchdog.daemon = True
+    watchdog.start()
     start = time.perf_counter()
     try:
         attention = gluon_module()
     except Exception as exc:  # noqa: BLE001 -- without Gluon there is nothing to run; say why
         print(f"cannot import codegen/gluon/attention.py: {short(exc)}")
         return 1
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference is float32
     versions = args.versions or list(attention.KERNELS)
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; versions {versions}")
     failures = check(attention, versions)
