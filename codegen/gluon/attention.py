@@ -3,7 +3,7 @@
 Issue 22's first step: measure what explicit scheduling buys before rendering mods into it.
 
     out, lse = attention_forward(q, k, v, causal=True)            # q, k, v: [B, H, L, D] bf16/fp16
-    out, lse = attention_forward(q, k, v, version="B")            # warp-specialized
+    out, lse = attention_forward(q, k, v, version="B")            # warp-specialized, ping-pong
 
 Version A (`_forward_a`): one partition of 8 warps (two warpgroups running the same code) on a
 128-row Q tile.  Q is TMA-loaded once; K and V tiles stream through a STAGES-deep shared-memory
@@ -11,6 +11,13 @@ ring, each slot with its own "ready" mbarrier, refilled by the same warps as soo
 that read it has retired.  S = QK^T and O += PV are async wgmmas; the loop is software-pipelined
 inside the warpgroup: S of tile j+1 is issued before the softmax of tile j, and O += P V of tile j
 runs during the softmax of tile j+1 (O is rescaled only after that wgmma retired).
+
+Version B (`_forward_b`): gl.warp_specialize into a producer warp that issues every TMA load (Q once, then
+K/V tiles into the ring, waiting on per-slot "empty" mbarriers that both consumers arrive on) and two
+consumer warpgroups of 64 rows each.  The consumers take turns on the tensor cores (two "turn" mbarriers):
+in its turn a consumer issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}, passes the turn, and runs the softmax
+of tile j while the other consumer's wgmmas run (FA3's ping-pong; inside a consumer the softmax of j
+overlaps its own P_{j-1} V_{j-1}).  setmaxnreg moves registers from the producer (24) to the consumers (240).
 
 lse is natural-log, like flexcomp's forward: the softmax runs in base 2 on scores pre-multiplied
 by scale * log2(e), so lse = (m + log2(l)) * ln(2).
@@ -38,6 +45,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+# version B's setmaxnreg budgets (see tile_config)
+CONSUMER_REGS = gl.constexpr(240)
+PRODUCER_REGS = gl.constexpr(24)
 
 
 # ---------------------------------------------------------------- device helpers
@@ -91,14 +101,25 @@ def _online_softmax(s, m_i, l_i, qk_scale, q_start, kv_start, masked):
 
 
 @gluon.jit
+def _pv_operand(p, o_layout: gl.constexpr, dtype: gl.constexpr):
+    """P as the register A operand of O += P V."""
+    return gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+
+
+@gluon.jit
+def _rescale(acc, alpha):
+    """O * alpha per row (alpha comes in the S tile's row layout)."""
+    return acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+
+
+@gluon.jit
 def _issue_pv(p, acc_tok, alpha, v_ring, tile, STAGES: gl.constexpr, OUTSTANDING: gl.constexpr):
     """Retire the previous P V (all wgmmas but the newest OUTSTANDING), rescale O by alpha, issue this
     tile's O += P V with P from registers (V landed with K: _issue_qk waited).  Returns the accumulator token."""
     o_layout: gl.constexpr = acc_tok.type.tensor_type.layout
     acc = warpgroup_mma_wait(OUTSTANDING, deps=(acc_tok,))
-    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    p_op = gl.convert_layout(p.to(v_ring.dtype), gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
-    return warpgroup_mma(p_op, v_ring.index(tile % STAGES), acc, is_async=True)
+    acc = _rescale(acc, alpha)
+    return warpgroup_mma(_pv_operand(p, o_layout, v_ring.dtype), v_ring.index(tile % STAGES), acc, is_async=True)
 
 
 @gluon.jit
@@ -210,19 +231,146 @@ def _forward_a(
     _store_out(acc, m_i, l_i, o_desc, q_smem, lse_ptr, q_row)
 
 
+# ---------------------------------------------------------------- version B: producer warp + two ping-pong consumers
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, bars, seq_len, CAUSAL: gl.constexpr):
+    """One warp: both consumers' Q tiles, then every K/V tile into the ring as slots come free."""
+    q_ready, kv_ready, kv_empty, _turn = bars
+    Q_ROWS: gl.constexpr = q_desc.block_type.shape[0]
+    STAGES: gl.constexpr = k_ring.shape[0]
+    BLOCK_N: gl.constexpr = k_ring.shape[1]
+    q_row, kv_row, _q_start, n_tiles, _first_masked = _tile_coordinates(seq_len, 2 * Q_ROWS, BLOCK_N, CAUSAL)
+    mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_ready, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [q_row + Q_ROWS, 0], q_ready, q_smem.index(1))
+    for t in range(n_tiles):
+        slot = t % STAGES
+        # a fresh barrier's "previous phase" counts as complete: the first STAGES waits pass at once
+        mbarrier.wait(kv_empty.index(slot), ((t // STAGES) & 1) ^ 1)
+        _issue_kv(
+            k_desc, v_desc, kv_row + t * BLOCK_N, kv_ready.index(slot), k_ring.index(slot), v_ring.index(slot), True
+        )
+
+
+@gluon.jit
+def _consumer(WG: gl.constexpr, q_smem, k_ring, v_ring, bars, o_desc, lse_ptr, qk_scale, seq_len, CAUSAL: gl.constexpr):
+    """One warpgroup, rows [WG * Q_ROWS, (WG + 1) * Q_ROWS) of the CTA's Q tile.  Ping-pong: a consumer issues
+    its two wgmmas (S_j = Q K_j^T, then O += P_{j-1} V_{j-1}) only in its turn and hands the turn over right
+    after, so its softmax of tile j runs while the other consumer's wgmmas use the tensor cores."""
+    q_ready, kv_ready, kv_empty, turn = bars
+    Q_ROWS: gl.constexpr = q_smem.shape[1]
+    STAGES: gl.constexpr = k_ring.shape[0]
+    BLOCK_N: gl.constexpr = k_ring.shape[1]
+    HEAD_DIM: gl.constexpr = k_ring.shape[2]
+    s_layout: gl.constexpr = _mma_layout(4, BLOCK_N)
+    o_layout: gl.constexpr = _mma_layout(4, HEAD_DIM)
+    q_row, _kv_row, q_start, n_tiles, first_masked = _tile_coordinates(seq_len, 2 * Q_ROWS, BLOCK_N, CAUSAL)
+    q_row += WG * Q_ROWS
+    q_start += WG * Q_ROWS
+    q_mine = q_smem.index(WG)
+    if WG == 1:
+        mbarrier.arrive(turn.index(0))  # consumer 0 takes the first turn
+    mbarrier.wait(q_ready, 0)
+
+    m_i = gl.full([Q_ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([Q_ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([Q_ROWS, HEAD_DIM], gl.float32, o_layout)
+    mbarrier.wait(turn.index(WG), 0)
+    s_tok = _issue_qk(q_mine, k_ring, kv_ready, 0, STAGES, s_layout)
+    mbarrier.arrive(turn.index(1 - WG))
+    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale, q_start, 0, first_masked == 0)
+    p = _pv_operand(p, o_layout, k_ring.dtype)
+    # invariant at the top of iteration j: O holds tiles < j-1 scaled to m_{j-1}; p = P_{j-1} (relative to m_{j-1})
+    for j in range(1, n_tiles):
+        mbarrier.wait(turn.index(WG), j & 1)
+        s_tok = _issue_qk(q_mine, k_ring, kv_ready, j, STAGES, s_layout)
+        acc_tok = warpgroup_mma(p, v_ring.index((j - 1) % STAGES), acc, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG))
+        s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_j retired; O += P_{j-1} V_{j-1} still running
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale, q_start, j * BLOCK_N, j >= first_masked)
+        p = _pv_operand(p, o_layout, k_ring.dtype)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+        gl.thread_barrier()  # every warp of this warpgroup retired its reads of tile j-1 before the one arrive
+        mbarrier.arrive(kv_empty.index((j - 1) % STAGES))
+        acc = _rescale(acc, alpha)
+    last = n_tiles - 1
+    acc_tok = warpgroup_mma(p, v_ring.index(last % STAGES), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+    _store_out(acc, m_i, l_i, o_desc, q_mine, lse_ptr, q_row)
+
+
+@gluon.jit
+def _forward_b(
+    q_desc,
+    k_desc,
+    v_desc,
+    o_desc,
+    lse_ptr,
+    qk_scale,
+    seq_len,
+    CAUSAL: gl.constexpr,
+    STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Warp-specialized: a producer warp (TMA) and two consumer warpgroups of Q_ROWS rows each in ping-pong,
+    registers moved from the producer to the consumers (setmaxnreg)."""
+    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    Q_ROWS: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, Q_ROWS, HEAD_DIM], q_desc.layout)
+    k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(kv_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # both consumers release a slot
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    fence_async_shared()
+    bars = (q_ready, kv_ready, kv_empty, turn)
+    gl.warp_specialize(
+        [
+            (_consumer, (0, q_smem, k_ring, v_ring, bars, o_desc, lse_ptr, qk_scale, seq_len, CAUSAL)),
+            (_consumer, (1, q_smem, k_ring, v_ring, bars, o_desc, lse_ptr, qk_scale, seq_len, CAUSAL)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, bars, seq_len, CAUSAL)),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, PRODUCER_REGS],
+    )
+
+
 # ---------------------------------------------------------------- host side
 
-KERNELS = {"A": _forward_a}
+KERNELS = {"A": _forward_a, "B": _forward_b}
 DTYPES = {torch.bfloat16: (gl.bfloat16, "bf16"), torch.float16: (gl.float16, "fp16")}
 
 
 def tile_config(version: str, head_dim: int) -> dict:
-    """BLOCK_M, BLOCK_N, STAGES, num_warps of a version at a head dim (registers: during the softmax of
-    tile j a thread holds S_j, the in-flight S_{j+1}, P_j and O, so D=128 takes the narrower kv tile)."""
+    """Tile sizes and launch options of a version at a head dim.  Q_ROWS: rows of one Q descriptor tile (a
+    consumer's); CTA_M: rows per thread block; maxnreg: the launch's register cap, which warp specialization
+    redistributes (None: ptxas decides).
+
+    A: during the softmax of tile j a thread holds S_j, the in-flight S_{j+1}, P_j and O, so D=128 takes the
+    narrower kv tile; STAGES=4 refills a slot two iterations before its tile is needed (registers allow one
+    block per SM, so shared memory, 144-160 KiB, does not limit occupancy).
+    B: 12 warps (4 + 4 + the producer's warpgroup) at 168 registers = 64512 of the SM's 65536; the producer
+    keeps 24, each consumer gets 240 (S 64, P 32, O 32-64 registers per thread at BLOCK_N=128).  Shared
+    memory at D=128: Q 32 KiB + 3 stages of K and V at 64 KiB = 224 KiB, under Hopper's 227 KiB per block."""
     assert version in KERNELS, f"{version=} is not one of {sorted(KERNELS)}"
     assert head_dim in (64, 128), f"{head_dim=} must be 64 or 128"
-    block_n = 128 if head_dim == 64 else 64
-    return {"BLOCK_M": 128, "BLOCK_N": block_n, "STAGES": 4, "num_warps": 8}
+    if version == "A":
+        block_n = 128 if head_dim == 64 else 64
+        return {"Q_ROWS": 128, "CTA_M": 128, "BLOCK_N": block_n, "STAGES": 4, "num_warps": 8, "maxnreg": None}
+    stages = 3 if head_dim == 128 else 4
+    return {"Q_ROWS": 64, "CTA_M": 128, "BLOCK_N": 128, "STAGES": stages, "num_warps": 4, "maxnreg": 168}
 
 
 def _layout(block: list[int], dtype: torch.dtype):
@@ -242,8 +390,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: dict
     assert q.dtype == k.dtype == v.dtype and q.dtype in DTYPES, f"{q.dtype=} must be bfloat16 or float16"
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous(), "q, k, v must be contiguous"
     L = q.shape[2]
-    assert L % config["BLOCK_M"] == 0 and L % config["BLOCK_N"] == 0, (
-        f"{L=} must be a multiple of BLOCK_M={config['BLOCK_M']} and BLOCK_N={config['BLOCK_N']}"
+    assert L % config["CTA_M"] == 0 and L % config["BLOCK_N"] == 0, (
+        f"{L=} must be a multiple of the q tile {config['CTA_M']} and the kv tile {config['BLOCK_N']}"
     )
 
 
@@ -263,18 +411,19 @@ def attention_forward(
     assert scale > 0, f"{scale=} must be positive (the row max is taken before scaling)"
     out = torch.empty_like(q)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    grid = (L // config["BLOCK_M"], B * H)
+    grid = (L // config["CTA_M"], B * H)
     KERNELS[version][grid](
-        _descriptor(q, config["BLOCK_M"]),
+        _descriptor(q, config["Q_ROWS"]),
         _descriptor(k, config["BLOCK_N"]),
         _descriptor(v, config["BLOCK_N"]),
-        _descriptor(out, config["BLOCK_M"]),
+        _descriptor(out, config["Q_ROWS"]),
         lse,
         scale * LOG2E,
         L,
         CAUSAL=causal,
         STAGES=config["STAGES"],
         num_warps=config["num_warps"],
+        maxnreg=config["maxnreg"],
     )
     return out, lse
 
@@ -296,7 +445,7 @@ def aot_compile(version: str, head_dim: int, causal: bool, dtype: torch.dtype = 
 
     config = tile_config(version, head_dim)
     kernel = KERNELS[version]
-    q_type = _descriptor_type(dtype, config["BLOCK_M"], head_dim)
+    q_type = _descriptor_type(dtype, config["Q_ROWS"], head_dim)
     kv_type = _descriptor_type(dtype, config["BLOCK_N"], head_dim)
     signature = {
         "q_desc": q_type,
@@ -316,4 +465,8 @@ def aot_compile(version: str, head_dim: int, causal: bool, dtype: torch.dtype = 
     if seq_len % 16 == 0:
         attrs[(names.index("seq_len"),)] = [["tt.divisibility", 16]]
     source = GluonASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config["num_warps"]})
+    return triton.compile(
+        source,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": config["num_warps"], "maxnreg": config["maxnreg"]},
+    )
