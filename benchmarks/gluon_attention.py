@@ -7,8 +7,9 @@
 On the GPU, every version is first checked against torch's SDPA math in float32 (max abs error of out and lse, at
 B=2 H=4 L=1024 and at the bench shapes), then timed with CUDA events (median) at B=4 H=16 L=8192, D=64 and 128,
 causal and not, beside cuDNN SDPA and flexcomp.flex_attention (a causal block mask), on the same inputs.
-TFLOP/s counts unmasked work: 4*B*H*L^2*D, half of it causal.  Each version runs in its own try/except, so one
-that fails to compile or run is reported in a line and the others still print.
+TFLOP/s counts unmasked work: 4*B*H*L^2*D, half of it causal.  Each run (a version, or a version with tile
+overrides: --runs A B "A:BLOCK_N=128,STAGES=3") goes in its own try/except, so one that fails to compile or run
+is reported in a line and the others still print.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 BENCH_SHAPE = (4, 16, 8192)  # B, H, L
 CHECK_SHAPE = (2, 4, 1024)
 CONFIGS = [(64, False), (64, True), (128, False), (128, True)]  # (head dim, causal)
+# what runs: a version, or a version with tile_config overrides ("A:BLOCK_N=128,STAGES=3")
+DEFAULT_RUNS = ["A", "B", "A:BLOCK_N=128,STAGES=3"]
+
+
+def parse_run(run: str) -> tuple[str, dict]:
+    """'A:BLOCK_N=128,STAGES=3' -> ('A', {'BLOCK_N': 128, 'STAGES': 3})."""
+    version, _, overrides = run.partition(":")
+    return version, {key: int(value) for key, value in (item.split("=") for item in overrides.split(",") if item)}
 
 
 def gluon_module():
@@ -56,19 +65,20 @@ def ptx_summary(kernel) -> str:
     )
 
 
-def compile_only() -> int:
-    """AOT-compile every version at every config for sm_90; 1 if any failed."""
+def compile_only(runs: list[str]) -> int:
+    """AOT-compile every run at every config for sm_90; 1 if any failed."""
     import triton
 
     attention = gluon_module()
     print(f"triton {triton.__version__}; target cuda sm_90")
     failed = 0
-    for version in attention.KERNELS:
+    for run in runs:
+        version, tiles = parse_run(run)
         for head_dim, causal in CONFIGS:
-            name = f"{version} D={head_dim} {'causal' if causal else 'no mask'}"
+            name = f"{run} D={head_dim} {'causal' if causal else 'no mask'}"
             start = time.perf_counter()
             try:
-                kernel = attention.aot_compile(version, head_dim, causal)
+                kernel = attention.aot_compile(version, head_dim, causal, tiles=tiles)
             except Exception as exc:  # noqa: BLE001 -- one version's failure is reported, the others still compile
                 print(f"{name}: FAILED {short(exc)}")
                 failed += 1
@@ -104,8 +114,13 @@ def inputs(B: int, H: int, L: int, D: int, seed: int = 0) -> tuple[torch.Tensor,
     return tuple(torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
 
 
-def check(attention, versions: list[str]) -> dict[tuple, str]:
-    """Max abs error of each version's out and lse against the float32 reference; (version, D, causal) -> failure."""
+def run_forward(attention, run: str, q, k, v, causal: bool):
+    version, tiles = parse_run(run)
+    return attention.attention_forward(q, k, v, causal=causal, version=version, tiles=tiles)
+
+
+def check(attention, runs: list[str]) -> dict[tuple, str]:
+    """Max abs error of each run's out and lse against the float32 reference; (run, D, causal) -> failure."""
     failures = {}
     print("correctness (max abs error vs SDPA math in float32; bf16 inputs):")
     for B, H, L in (CHECK_SHAPE, BENCH_SHAPE):
@@ -113,19 +128,19 @@ def check(attention, versions: list[str]) -> dict[tuple, str]:
             q, k, v = inputs(B, H, L, head_dim)
             ref_out, ref_lse = reference(q, k, v, causal)
             cells = []
-            for version in versions:
+            for run in runs:
                 try:
-                    out, lse = attention.attention_forward(q, k, v, causal=causal, version=version)
+                    out, lse = run_forward(attention, run, q, k, v, causal)
                     torch.cuda.synchronize()
                     err_out = (out.float() - ref_out).abs().max().item()
                     err_lse = (lse - ref_lse).abs().max().item()
                     ok = err_out < 2e-2 and err_lse < 1e-3 and math.isfinite(err_out)
-                    cells.append(f"{version}: out {err_out:.1e} lse {err_lse:.1e}{'' if ok else ' WRONG'}")
+                    cells.append(f"{run}: out {err_out:.1e} lse {err_lse:.1e}{'' if ok else ' WRONG'}")
                     if not ok:
-                        failures[(version, head_dim, causal)] = "wrong"
-                except Exception as exc:  # noqa: BLE001 -- reported; the other versions still run
-                    cells.append(f"{version}: FAILED")
-                    failures[(version, head_dim, causal)] = short(exc)
+                        failures[(run, head_dim, causal)] = "wrong"
+                except Exception as exc:  # noqa: BLE001 -- reported; the other runs still run
+                    cells.append(f"{run}: FAILED")
+                    failures[(run, head_dim, causal)] = short(exc)
             print(
                 f"  B={B} H={H} L={L} D={head_dim} {'causal ' if causal else 'no mask'}: {'; '.join(cells)}", flush=True
             )
@@ -154,7 +169,7 @@ def median_ms(fn, warmup: int = 5, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def implementations(attention, versions: list[str], q, k, v, causal: bool) -> dict:
+def implementations(attention, runs: list[str], q, k, v, causal: bool) -> dict:
     """name -> zero-argument callable, all on the same q, k, v."""
     import flexcomp as fc
 
@@ -165,24 +180,21 @@ def implementations(attention, versions: list[str], q, k, v, causal: bool) -> di
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    impls = {
-        f"gluon {ver}": (lambda ver=ver: attention.attention_forward(q, k, v, causal=causal, version=ver))
-        for ver in versions
-    }
+    impls = {f"gluon {run}": (lambda run=run: run_forward(attention, run, q, k, v, causal)) for run in runs}
     impls["cudnn"] = cudnn
     impls["flexcomp"] = lambda: fc.flex_attention(q, k, v, block_mask=block_mask)
     return impls
 
 
-def bench(attention, versions: list[str], failures: dict) -> None:
+def bench(attention, runs: list[str], failures: dict) -> None:
     B, H, L = BENCH_SHAPE
-    names = [f"gluon {ver}" for ver in versions] + ["cudnn", "flexcomp"]
+    names = [f"gluon {run}" for run in runs] + ["cudnn", "flexcomp"]
     rows = []
     for head_dim, causal in CONFIGS:
         q, k, v = inputs(B, H, L, head_dim, seed=1)
         flops = 4 * B * H * L * L * head_dim * (0.5 if causal else 1.0)
         cells = {}
-        for name, fn in implementations(attention, versions, q, k, v, causal).items():
+        for name, fn in implementations(attention, runs, q, k, v, causal).items():
             if name.startswith("gluon") and (name[6:], head_dim, causal) in failures:
                 cells[name] = "fail" if failures[(name[6:], head_dim, causal)] != "wrong" else "wrong"
                 continue
@@ -202,12 +214,12 @@ def bench(attention, versions: list[str], failures: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compile-only", action="store_true", help="AOT-compile every version for sm_90, no GPU")
-    parser.add_argument("--versions", nargs="*", default=None, help="versions to run (default: all)")
+    parser.add_argument("--compile-only", action="store_true", help="AOT-compile every run for sm_90, no GPU")
+    parser.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, help="versions, with tile overrides after ':'")
     parser.add_argument("--watchdog", type=float, default=170.0, help="exit (code 124) after this many seconds")
     args = parser.parse_args()
     if args.compile_only:
-        return compile_only()
+        return compile_only(args.runs)
     # a kernel whose barriers never complete hangs in synchronize; end the process instead of the device budget
     watchdog = threading.Timer(
         args.watchdog, lambda: (print("watchdog: timed out (a kernel hung?)", flush=True), os._exit(124))
@@ -221,10 +233,9 @@ def main() -> int:
         print(f"cannot import codegen/gluon/attention.py: {short(exc)}")
         return 1
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference is float32
-    versions = args.versions or list(attention.KERNELS)
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; versions {versions}")
-    failures = check(attention, versions)
-    bench(attention, versions, failures)
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; runs {args.runs}")
+    failures = check(attention, args.runs)
+    bench(attention, args.runs, failures)
     print(f"\n{time.perf_counter() - start:.0f} s")
     return 0
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_every_version_compiles_for_sm90_without_spills():
+def test_every_version_compiles_for_sm90_and_the_defaults_do_not_spill():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real, not interpret
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gluon_attention.py"), "--compile-only"],
@@ -33,8 +33,9 @@ def test_every_version_compiles_for_sm90_without_spills():
     )
     assert run.returncode == 0, run.stdout + run.stderr
     lines = [line for line in run.stdout.splitlines() if " D=" in line]
-    assert len(lines) >= 4, run.stdout  # every version at D=64/128, causal or not
+    assert len(lines) >= 8, run.stdout  # versions A and B (and tile variants) at D=64/128, causal or not
     for line in lines:
         assert "FAILED" not in line, line
         assert int(re.search(r"wgmma.mma_async (\d+)", line).group(1)) > 0, line
-        assert "spill st/ld ('0', '0')" in line, line
+        if ":" not in line.split(" D=")[0]:  # a default tile config, not an A/B override
+            assert "spill st/ld ('0', '0')" in line, line

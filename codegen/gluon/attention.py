@@ -402,10 +402,12 @@ def attention_forward(
     causal: bool = False,
     scale: float | None = None,
     version: str = "A",
+    tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, H, L, D] in q's dtype, lse [B, H, L] float32, natural log) of softmax(q k^T * scale) v."""
+    """(out [B, H, L, D] in q's dtype, lse [B, H, L] float32, natural log) of softmax(q k^T * scale) v.
+    `tiles` overrides entries of tile_config (an A/B of tile sizes: {"BLOCK_N": 128, "STAGES": 3})."""
     B, H, L, D = q.shape
-    config = tile_config(version, D)
+    config = tile_config(version, D) | (tiles or {})
     check_inputs(q, k, v, config)
     scale = D**-0.5 if scale is None else scale
     assert scale > 0, f"{scale=} must be positive (the row max is taken before scaling)"
@@ -437,13 +439,20 @@ def _descriptor_type(dtype: torch.dtype, rows: int, head_dim: int) -> str:
     return f"tensordesc<{DTYPES[dtype][1]}[{rows}, {head_dim}],{_layout(block, dtype)!r}>"
 
 
-def aot_compile(version: str, head_dim: int, causal: bool, dtype: torch.dtype = torch.bfloat16, seq_len: int = 8192):
+def aot_compile(
+    version: str,
+    head_dim: int,
+    causal: bool,
+    dtype: torch.dtype = torch.bfloat16,
+    seq_len: int = 8192,
+    tiles: dict | None = None,
+):
     """Compile one version for sm_90 without a GPU, specialized as a contiguous launch at seq_len
     specializes it (seq_len and lse's pointer 16-divisible).  Returns triton's CompiledKernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    config = tile_config(version, head_dim)
+    config = tile_config(version, head_dim) | (tiles or {})
     kernel = KERNELS[version]
     q_type = _descriptor_type(dtype, config["Q_ROWS"], head_dim)
     kv_type = _descriptor_type(dtype, config["BLOCK_N"], head_dim)
