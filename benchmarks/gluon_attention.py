@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -165,6 +166,44 @@ def check(attention, runs: list[str]) -> dict[tuple, str]:
     return failures
 
 
+def probe(runs: list[str], timeout: float = 90.0) -> dict[str, str]:
+    """Each run at the small shape in a child process, all at once: a kernel whose barrier phases are wrong hangs,
+    and here that costs its own run (killed at the timeout), not the whole benchmark.  run -> ok / hung / error.
+    The children's compiles land in Triton's disk cache, so the parent's are hits."""
+    children = {
+        run: subprocess.Popen(
+            [sys.executable, __file__, "--probe", run], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for run in runs
+    }
+    deadline = time.monotonic() + timeout
+    status = {}
+    for run, child in children.items():
+        try:
+            output, _ = child.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            status[run] = (
+                "ok"
+                if child.returncode == 0
+                else f"exit {child.returncode}: {' | '.join(output.strip().splitlines()[-2:])[-300:]}"
+            )
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            status[run] = f"hung (killed after {timeout:.0f} s)"
+    return status
+
+
+def probe_child(run: str) -> int:
+    """--probe: one run at the small shape, every config (the parent reads the exit code)."""
+    attention = gluon_module()
+    B, H, L = CHECK_SHAPE
+    for head_dim, causal in CONFIGS:
+        q, k, v = inputs(B, H, L, head_dim)
+        run_forward(attention, run, q, k, v, causal)
+        torch.cuda.synchronize()
+    return 0
+
+
 # ---------------------------------------------------------------- timing
 
 
@@ -231,9 +270,12 @@ def main() -> int:
     parser.add_argument("--compile-only", action="store_true", help="AOT-compile every run for sm_90, no GPU")
     parser.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, help="versions, with tile overrides after ':'")
     parser.add_argument("--watchdog", type=float, default=170.0, help="exit (code 124) after this many seconds")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # the child of probe()
     args = parser.parse_args()
     if args.compile_only:
         return compile_only(args.runs)
+    if args.probe:
+        return probe_child(args.probe)
     # a kernel whose barriers never complete hangs in synchronize; end the process instead of the device budget
     watchdog = threading.Timer(
         args.watchdog, lambda: (print("watchdog: timed out (a kernel hung?)", flush=True), os._exit(124))
@@ -248,8 +290,15 @@ def main() -> int:
         return 1
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference is float32
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; runs {args.runs}")
-    failures = check(attention, args.runs)
-    bench(attention, args.runs, failures)
+    status = probe(args.runs)
+    print(
+        "probe (each run alone at the small shape, in a child process): "
+        + "; ".join(f"{run} {why}" for run, why in status.items()),
+        flush=True,
+    )
+    runs = [run for run in args.runs if not status[run].startswith("hung")]
+    failures = check(attention, runs)
+    bench(attention, runs, failures)
     print(f"\n{time.perf_counter() - start:.0f} s")
     return 0
 
