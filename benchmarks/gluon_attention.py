@@ -55,13 +55,32 @@ def short(exc: BaseException) -> str:
 
 
 def ptx_summary(kernel) -> str:
-    """Registers and spills (the bundled ptxas), shared memory, and the PTX's wgmma / barrier / setmaxnreg counts."""
-    from aot_forward import ptxas_report  # benchmarks/ is the script's directory
+    """ptxas's report for sm_90 (the ptxas Triton itself runs there): registers, spills, and whether it serialized
+    the wgmmas (C75xx: an async accumulator it cannot keep in flight); shared memory; the PTX's op counts."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
 
     ptx = kernel.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/kernel.ptx"
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [get_ptxas(90).path, "-arch=sm_90a", "-v", path, "-o", path + ".o"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    serialized = sorted(set(re.findall(r"\((C75\d\d)\) Potential Performance Loss: wgmma", log)))
     counts = {op: ptx.count(op) for op in ("wgmma.mma_async", "wgmma.wait_group", "bar.sync", "setmaxnreg")}
-    return f"{ptxas_report(ptx)}, shared {kernel.metadata.shared // 1024} KiB, " + ", ".join(
-        f"{op} {n}" for op, n in counts.items()
+    return (
+        f"regs {regs.group(1) if regs else '?'}, spill st/ld {spills.groups() if spills else '?'}, "
+        f"wgmma {'SERIALIZED ' + '/'.join(serialized) if serialized else 'async'}, "
+        f"shared {kernel.metadata.shared // 1024} KiB, " + ", ".join(f"{op} {n}" for op, n in counts.items())
     )
 
 
@@ -166,7 +185,7 @@ def check(attention, runs: list[str]) -> dict[tuple, str]:
     return failures
 
 
-def probe(runs: list[str], timeout: float = 90.0) -> dict[str, str]:
+def probe(runs: list[str], timeout: float = 60.0) -> dict[str, str]:
     """Each run at the small shape in a child process, all at once: a kernel whose barrier phases are wrong hangs,
     and here that costs its own run (killed at the timeout), not the whole benchmark.  run -> ok / hung / error.
     The children's compiles land in Triton's disk cache, so the parent's are hits."""

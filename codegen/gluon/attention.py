@@ -38,7 +38,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
     warpgroup_mma,
-    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -113,16 +112,6 @@ def _rescale(acc, alpha):
 
 
 @gluon.jit
-def _issue_pv(p, acc_tok, alpha, v_ring, tile, STAGES: gl.constexpr, OUTSTANDING: gl.constexpr):
-    """Retire the previous P V (all wgmmas but the newest OUTSTANDING), rescale O by alpha, issue this
-    tile's O += P V with P from registers (V landed with K: _issue_qk waited).  Returns the accumulator token."""
-    o_layout: gl.constexpr = acc_tok.type.tensor_type.layout
-    acc = warpgroup_mma_wait(OUTSTANDING, deps=(acc_tok,))
-    acc = _rescale(acc, alpha)
-    return warpgroup_mma(_pv_operand(p, o_layout, v_ring.dtype), v_ring.index(tile % STAGES), acc, is_async=True)
-
-
-@gluon.jit
 def _store_out(acc, m_i, l_i, o_desc, out_smem, lse_ptr, row):
     """O / l through shared memory and one TMA store; lse = (m + log2 l) * ln 2 (natural log)."""
     o_layout: gl.constexpr = acc.type.layout
@@ -157,6 +146,43 @@ def _tile_coordinates(seq_len, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAU
 
 
 @gluon.jit
+def _step_a(
+    j, s, p, acc, m_i, l_i, ring, qk_scale, q_start, s_layout: gl.constexpr, MASKED: gl.constexpr, LAST: gl.constexpr
+):
+    """Tile j of version A.  Enters with s = S_j (retired), p = P_{j-1} (zeros for j = 0) and O through tile j-2
+    scaled to m_{j-1}; issues O += P_{j-1} V_{j-1}, then S_{j+1} (not for the LAST tile), runs the softmax of
+    tile j while both run, rescales O once the P V retired and refills that tile's slot.  Returns
+    (S_{j+1}, P_j, O through j-1 scaled to m_j, m_j, l_j) with every wgmma retired: an accumulator in flight
+    across the loop's back edge makes ptxas serialize all wgmmas (C7514: the loop's copies read it)."""
+    q_smem, k_ring, v_ring, kv_ready, k_desc, v_desc, kv_row, n_tiles = ring
+    STAGES: gl.constexpr = k_ring.shape[0]
+    BLOCK_N: gl.constexpr = k_ring.shape[1]
+    prev = gl.maximum(j - 1, 0)  # j = 0: P is zeros and tile 0's V (landed: S_0 waited for it) any V
+    acc_tok = warpgroup_mma(p, v_ring.index(prev % STAGES), acc, is_async=True)
+    if not LAST:
+        s_tok = _issue_qk(q_smem, k_ring, kv_ready, j + 1, STAGES, s_layout)
+    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale, q_start, j * BLOCK_N, MASKED)
+    acc = _rescale(warpgroup_mma_wait(0 if LAST else 1, deps=(acc_tok,)), alpha)
+    if not LAST:
+        # tile j-1's slot is free in both warpgroups (the barrier): it takes tile j-1+STAGES
+        gl.thread_barrier()
+        refill = prev + STAGES
+        slot = refill % STAGES
+        _issue_kv(
+            k_desc,
+            v_desc,
+            kv_row + refill * BLOCK_N,
+            kv_ready.index(slot),
+            k_ring.index(slot),
+            v_ring.index(slot),
+            (j >= 1) & (refill < n_tiles),
+        )
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
+    o_layout: gl.constexpr = acc.type.layout
+    return s, _pv_operand(p, o_layout, v_ring.dtype), acc, m_i, l_i
+
+
+@gluon.jit
 def _forward_a(
     q_desc,
     k_desc,
@@ -174,8 +200,8 @@ def _forward_a(
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
     o_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)
-    # tile t is loaded mid-iteration t+1-STAGES (when tile t-STAGES's P V retires, freeing its slot) and
-    # waited at the top of iteration t-1: STAGES >= 3 puts the load first (else the kernel hangs)
+    # tile t is loaded in step t+1-STAGES (when tile t-STAGES's P V retires, freeing its slot) and waited
+    # in step t-1: STAGES >= 3 puts the load first (else the kernel hangs)
     gl.static_assert(STAGES >= 3, "a ring slot is refilled in the iteration after its tile's P V")
     q_row, kv_row, q_start, n_tiles, first_masked = _tile_coordinates(seq_len, BLOCK_M, BLOCK_N, CAUSAL)
 
@@ -198,32 +224,20 @@ def _forward_a(
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-    acc_tok = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    p = gl.zeros([BLOCK_M, BLOCK_N], q_desc.dtype, gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
     s = warpgroup_mma_wait(0, deps=(_issue_qk(q_smem, k_ring, kv_ready, 0, STAGES, s_layout),))
-    # invariant at the top of iteration j: s = S_j (retired); in flight: O += P_{j-1} V_{j-1}
-    for j in range(n_tiles - 1):
-        s_next_tok = _issue_qk(q_smem, k_ring, kv_ready, j + 1, STAGES, s_layout)
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale, q_start, j * BLOCK_N, j >= first_masked)
-        # in flight: O += P_{j-1} V_{j-1}, then S_{j+1}: retire the first (1 outstanding)
-        acc_tok = _issue_pv(p, acc_tok, alpha, v_ring, j, STAGES, 1)
-        # tile j-1's slot is free (its S and P V retired, in both warpgroups: the barrier) and takes tile j-1+STAGES
-        gl.thread_barrier()
-        refill = j + STAGES - 1
-        _issue_kv(
-            k_desc,
-            v_desc,
-            kv_row + refill * BLOCK_N,
-            kv_ready.index(refill % STAGES),
-            k_ring.index(refill % STAGES),
-            v_ring.index(refill % STAGES),
-            (j >= 1) & (refill < n_tiles),
-        )
-        # in flight: S_{j+1}, then O += P_j V_j: retire S_{j+1} only
-        s = warpgroup_mma_wait(1, deps=(s_next_tok,))
+    ring = (q_smem, k_ring, v_ring, kv_ready, k_desc, v_desc, kv_row, n_tiles)
+    # the causal diagonal's tiles in a loop of their own: the mask is a constexpr, no branch in the loop
+    unmasked_end = gl.minimum(first_masked, n_tiles - 1)
+    for j in range(unmasked_end):
+        s, p, acc, m_i, l_i = _step_a(j, s, p, acc, m_i, l_i, ring, qk_scale, q_start, s_layout, False, False)
+    if CAUSAL:
+        for j in range(unmasked_end, n_tiles - 1):
+            s, p, acc, m_i, l_i = _step_a(j, s, p, acc, m_i, l_i, ring, qk_scale, q_start, s_layout, True, False)
     last = n_tiles - 1
-    p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i, qk_scale, q_start, last * BLOCK_N, last >= first_masked)
-    acc_tok = _issue_pv(p, acc_tok, alpha, v_ring, last, STAGES, 0)
-    acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+    s, p, acc, m_i, l_i = _step_a(last, s, p, acc, m_i, l_i, ring, qk_scale, q_start, s_layout, CAUSAL, True)
+    acc = warpgroup_mma_wait(0, deps=(warpgroup_mma(p, v_ring.index(last % STAGES), acc, is_async=True),))
 
     mbarrier.invalidate(q_ready)
     for i in gl.static_range(STAGES):
@@ -358,17 +372,17 @@ def tile_config(version: str, head_dim: int) -> dict:
     consumer's); CTA_M: rows per thread block; maxnreg: the launch's register cap, which warp specialization
     redistributes (None: ptxas decides).
 
-    A: during the softmax of tile j a thread holds S_j, the in-flight S_{j+1}, P_j and O, so D=128 takes the
-    narrower kv tile; STAGES=4 refills a slot two iterations before its tile is needed (registers allow one
-    block per SM, so shared memory, 144-160 KiB, does not limit occupancy).
+    A: during the softmax of tile j a thread holds S_j, the in-flight S_{j+1}, the in-flight P_{j-1} (a wgmma
+    operand), P_j and O.  With a 128-wide kv tile that is too many registers for ptxas to keep the wgmmas
+    asynchronous in the causal kernels (it serializes them, C7511), so A takes 64 at both head dims (D=64:
+    124 registers without a mask, two blocks per SM).  STAGES=4 refills a slot two tiles before it is needed.
     B: 12 warps (4 + 4 + the producer's warpgroup) at 168 registers = 64512 of the SM's 65536; the producer
     keeps 24, each consumer gets 240 (S 64, P 32, O 32-64 registers per thread at BLOCK_N=128).  Shared
     memory at D=128: Q 32 KiB + 3 stages of K and V at 64 KiB = 224 KiB, under Hopper's 227 KiB per block."""
     assert version in KERNELS, f"{version=} is not one of {sorted(KERNELS)}"
     assert head_dim in (64, 128), f"{head_dim=} must be 64 or 128"
     if version == "A":
-        block_n = 128 if head_dim == 64 else 64
-        return {"Q_ROWS": 128, "CTA_M": 128, "BLOCK_N": block_n, "STAGES": 4, "num_warps": 8, "maxnreg": None}
+        return {"Q_ROWS": 128, "CTA_M": 128, "BLOCK_N": 64, "STAGES": 4, "num_warps": 8, "maxnreg": None}
     stages = 3 if head_dim == 128 else 4
     return {"Q_ROWS": 64, "CTA_M": 128, "BLOCK_N": 128, "STAGES": stages, "num_warps": 4, "maxnreg": 168}
 
