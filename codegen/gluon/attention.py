@@ -43,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+LN2 = gl.constexpr(math.log(2.0))
 # version B's setmaxnreg budgets (see tile_config)
 CONSUMER_REGS = gl.constexpr(240)
 PRODUCER_REGS = gl.constexpr(24)
@@ -120,7 +120,7 @@ def _store_out(acc, m_i, l_i, o_desc, out_smem, lse_ptr, row):
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [row, 0], out_smem)
     rows = row + gl.arange(0, out_smem.shape[0], m_i.type.layout)
-    gl.store(lse_ptr + rows, (m_i + gl.log2(l_i)) * 0.6931471805599453)
+    gl.store(lse_ptr + rows, (m_i + gl.log2(l_i)) * LN2)
     tma.store_wait(0)
 
 
