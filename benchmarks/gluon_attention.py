@@ -128,9 +128,9 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
     return out, lse
 
 
-def inputs(B: int, H: int, L: int, D: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def inputs(B: int, H: int, L: int, D: int, seed: int = 0, dtype=torch.bfloat16) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    return tuple(torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    return tuple(torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
 
 
 def run_forward(attention, run: str, q, k, v, causal: bool):
@@ -150,35 +150,44 @@ OUT_TOLERANCE = 3e-2
 LSE_TOLERANCE = 1e-3  # lse is float32 from exact bf16 products: only exp2/log2 and summation order differ
 
 
+def error_cell(attention, run: str, q, k, v, causal: bool, ref_out, ref_lse) -> tuple[str, str | None]:
+    """(the run's max abs errors as text, None or why it failed)."""
+    try:
+        out, lse = run_forward(attention, run, q, k, v, causal)
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 -- reported; the other runs still run
+        return f"{run}: FAILED", short(exc)
+    err_out = (out.float() - ref_out).abs().max().item()
+    err_lse = (lse - ref_lse).abs().max().item()
+    ok = err_out < OUT_TOLERANCE and err_lse < LSE_TOLERANCE  # NaN compares false: not ok
+    return f"{run}: out {err_out:.1e} lse {err_lse:.1e}{'' if ok else ' WRONG'}", None if ok else "wrong"
+
+
 def check(attention, runs: list[str]) -> dict[tuple, str]:
-    """Max abs error of each run's out and lse against the float32 reference; (run, D, causal) -> failure."""
+    """Max abs error of each run's out and lse against the float32 reference; (run, D, causal) -> failure.
+    bf16 at every config and both shapes; fp16 once (D=128 causal, the small shape, the default tiles)."""
     failures = {}
-    print("correctness (max abs error vs SDPA math in float32; bf16 inputs):")
-    for B, H, L in (CHECK_SHAPE, BENCH_SHAPE):
-        for head_dim, causal in CONFIGS:
-            q, k, v = inputs(B, H, L, head_dim)
-            ref_out, ref_lse = reference(q, k, v, causal)
-            cells = []
-            for run in runs:
-                try:
-                    out, lse = run_forward(attention, run, q, k, v, causal)
-                    torch.cuda.synchronize()
-                    err_out = (out.float() - ref_out).abs().max().item()
-                    err_lse = (lse - ref_lse).abs().max().item()
-                    ok = err_out < OUT_TOLERANCE and err_lse < LSE_TOLERANCE  # NaN compares false: not ok
-                    cells.append(f"{run}: out {err_out:.1e} lse {err_lse:.1e}{'' if ok else ' WRONG'}")
-                    if not ok:
-                        failures[(run, head_dim, causal)] = "wrong"
-                except Exception as exc:  # noqa: BLE001 -- reported; the other runs still run
-                    cells.append(f"{run}: FAILED")
-                    failures[(run, head_dim, causal)] = short(exc)
-            try:
-                cells.append(f"cudnn: out {(cudnn_forward(q, k, v, causal).float() - ref_out).abs().max().item():.1e}")
-            except Exception as exc:  # noqa: BLE001 -- the calibration only
-                cells.append(f"cudnn: {short(exc)[:60]}")
-            label = f"B={B} H={H} L={L} D={head_dim} {'causal ' if causal else 'no mask'}"
-            print(f"  {label}: {'; '.join(cells)}", flush=True)
-            del q, k, v, ref_out, ref_lse
+    print("correctness (max abs error vs SDPA math in float32):")
+    fp16 = [(CHECK_SHAPE, 128, True, torch.float16, [run for run in runs if ":" not in run])]
+    bf16 = [(shape, d, c, torch.bfloat16, runs) for shape in (CHECK_SHAPE, BENCH_SHAPE) for d, c in CONFIGS]
+    for (B, H, L), head_dim, causal, dtype, checked in bf16[:4] + fp16 + bf16[4:]:
+        q, k, v = inputs(B, H, L, head_dim, dtype=dtype)
+        ref_out, ref_lse = reference(q, k, v, causal)
+        cells = []
+        for run in checked:
+            text, why = error_cell(attention, run, q, k, v, causal, ref_out, ref_lse)
+            cells.append(text)
+            if why is not None and dtype == torch.bfloat16:
+                failures[(run, head_dim, causal)] = why
+            elif why is not None and why != "wrong":
+                print(f"  {run} fp16: {why}")
+        try:
+            cells.append(f"cudnn: out {(cudnn_forward(q, k, v, causal).float() - ref_out).abs().max().item():.1e}")
+        except Exception as exc:  # noqa: BLE001 -- the calibration only
+            cells.append(f"cudnn: {short(exc)[:60]}")
+        label = f"{str(dtype)[6:]} B={B} H={H} L={L} D={head_dim} {'causal ' if causal else 'no mask'}"
+        print(f"  {label}: {'; '.join(cells)}", flush=True)
+        del q, k, v, ref_out, ref_lse
     for key, why in failures.items():
         if why != "wrong":
             print(f"  {key[0]} D={key[1]} causal={key[2]}: {why}")
