@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -322,12 +321,9 @@ def create_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, K
     The tiles the analysis cannot decide are evaluated element by element (bounded memory, on `device`), so the
     tables are exact; `exact=False` leaves them PARTIAL instead (sound, cheaper to build, more tiles visited).
     """
-    if torch.compiler.is_compiling():  # built at trace time, a constant of the graph (flexcomp/custom_op.py)
+    if torch.compiler.is_compiling():  # a description the op builds at each length (flexcomp/custom_op.py)
         from .custom_op import traced_block_mask
 
-        # symbolic lengths (dynamic=True) made concrete: Dynamo guards each (one graph per length); a SymInt cannot
-        # reach the trace-time build, which needs constants
-        Q_LEN, KV_LEN = operator.index(Q_LEN), operator.index(KV_LEN)
         return traced_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, exact)
     return eager_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE, exact=exact)
 

@@ -41,9 +41,9 @@ class Call:
     score_mod: Mod | None
     captured: tuple[tuple[str, Any, int | None], ...]  # where each captured tensor of the score_mod lives (`paths`)
     mask_mod: Mod | None  # a block mask's, or the call's mask_mod= (then built at every call, as eager does)
-    block_mask: Any  # the block mask object when its tables are not op inputs (closed-form bounds), else None
+    rebuilt: tuple | None  # (batch, heads, device, exact, built inside): a block mask the op builds for its lengths
+    # (closed-form bounds, or built inside the compiled function), else None
     tables: tuple[str, ...]  # the TABLE_NAMES the op takes as inputs, in order
-    seq_lengths: tuple[int, int] | None
     block_size: tuple[int, int] | None
     scale: float | None
     enable_gqa: bool
@@ -64,28 +64,25 @@ def call_key(score: Any, mask: Any, masking: tuple | None, scale: Any, enable_gq
     traced code is not followed by every Dynamo (torch 2.11 raised a KeyError on a key filed during the trace).
 
     Only constants come in (flexcomp/refs.py): the mods as functions or names, and for a block mask (torch's
-    too) `masking` = (its mask_mod, lengths, block size, whether it has closed-form bounds, then the tables it has
-    or, with bounds, its batch and head dims and device).  A block mask with bounds is rebuilt here from that: its
-    bounds follow from the mask and lengths alone, so block masks rebuilt at every step share one graph."""
+    too) `masking` = (its mask_mod, block size, then the tables it has, or for a mask the op rebuilds, its
+    batch, heads, device and exactness).  No sequence length: the op takes them from its query and key, so one
+    graph serves every length (dynamic=True) and block masks rebuilt at every step share it.  A mask with
+    closed-form bounds, or built inside the compiled function, is rebuilt by the op (`prepared`) for its lengths:
+    it follows from the mask and the lengths alone."""
     from .api import normalize_kernel_options
 
     score_mod = as_mod(resolve(score), "score")
     options = normalize_kernel_options(dict(kernel_options) if kernel_options is not None else None)
     if masking is None:
-        call = Call(score_mod, paths(score_mod), as_mod(resolve(mask), "mask"), None, (), None, None, scale,
-                    enable_gqa, options, backend)  # fmt: skip
+        call = Call(score_mod, paths(score_mod), as_mod(resolve(mask), "mask"), None, (), None, scale, enable_gqa,
+                    options, backend)  # fmt: skip
     else:
-        mask_fn, seq_lengths, block_size, has_bounds, tables = masking
+        mask_fn, block_size, rebuilt, tables = masking
         mask_mod = as_mod(resolve(mask_fn), "mask") if mask_fn is not None else None
-        block_mask = None
-        if has_bounds:
-            from .blockmask import eager_block_mask
-
-            batch, heads, device = tables
-            block_mask = eager_block_mask(mask_mod, batch, heads, *seq_lengths, device=device, BLOCK_SIZE=block_size)
-            tables = ()
-        call = Call(score_mod, paths(score_mod), mask_mod, block_mask, tables, seq_lengths, block_size, scale,
-                    enable_gqa, options, backend)  # fmt: skip
+        if rebuilt is not None and rebuilt[-1]:  # built inside the compiled function
+            refuse_captured_tensors(specialized_mod(mask_mod, "mask"))
+        call = Call(score_mod, paths(score_mod), mask_mod, rebuilt, tables, block_size, scale, enable_gqa, options,
+                    backend)  # fmt: skip
     key = f"flexcomp-call-{next(_KEYS)}"
     _CALLS[key] = call
     return key, call.tables, call.captured
@@ -98,23 +95,23 @@ def _named(obj: Any) -> Any:
 
 def _masking(block_mask: Any) -> tuple | None:
     """The block mask's description as constants (traced: the graph keeps guards on what this reads, so another
-    mask_mod, length or block size retraces and files its own call)."""
+    mask_mod or block size retraces and files its own call; the lengths are not read)."""
     if block_mask is None:
         return None
-    has_bounds = getattr(block_mask, "bounds", None) is not None
-    if has_bounds:
-        batch, heads, _ = _ints(block_mask.table_dims)
-        tables = (batch, heads, str(block_mask.device))
+    if isinstance(block_mask, TracedBlockMask):
+        rebuilt = (block_mask.batch, block_mask.heads, block_mask.device, block_mask.exact, True)
+        return _named(block_mask.mask_mod), block_mask.BLOCK_SIZE, rebuilt, ()
+    if getattr(block_mask, "bounds", None) is not None:
+        batch, heads = _ints(block_mask.table_dims[:2])
+        rebuilt, tables = (batch, heads, str(block_mask.device), True, False), ()
     else:
-        tables = tuple(n for n in TABLE_NAMES if getattr(block_mask, n) is not None)
-    return (_named(block_mask.mask_mod), _ints(block_mask.seq_lengths), _ints(block_mask.BLOCK_SIZE), has_bounds,
-            tables)  # fmt: skip
+        rebuilt, tables = None, tuple(n for n in TABLE_NAMES if getattr(block_mask, n) is not None)
+    return _named(block_mask.mask_mod), _ints(block_mask.BLOCK_SIZE), rebuilt, tables
 
 
 def _ints(values: Any) -> tuple[int, ...]:
-    """Python ints, also where Dynamo made them symbolic (dynamic=True, or a length that changed between calls):
-    operator.index specializes a SymInt with a guard, so each length gets its graph instead of failing in
-    call_key, which takes constants only."""
+    """Python ints, also where Dynamo made them symbolic: operator.index specializes a SymInt with a guard
+    (batch and head dims, block sizes: what call_key, which takes constants only, needs)."""
     return tuple(operator.index(v) for v in values)
 
 
@@ -215,7 +212,7 @@ def flex_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     from .api import flex_attention
 
     entry = _CALLS[call]
-    score_mod, block_mask, mask_mod = prepared(entry, tables)
+    score_mod, block_mask, mask_mod = prepared(entry, tables, query, key)
     out, lse = flex_attention(query, key, value, score_mod, block_mask, entry.scale, entry.enable_gqa, True,
                               entry.kernel_options, mask_mod=mask_mod, backend=entry.backend)  # fmt: skip
     return out.contiguous(), lse.contiguous().clone()  # contiguous, as the fake says; an op's outputs are no views
@@ -232,26 +229,39 @@ _PREPARED: OrderedDict[tuple, tuple] = OrderedDict()  # (call, tables' storage) 
 PREPARED_SIZE = 64
 
 
-def prepared(entry: Call, tables: list[torch.Tensor]) -> tuple[Any, Any, Any]:
-    """(score_mod, block_mask, mask_mod) for the eager entry point.  A block mask rebuilt from the op's tables is
-    kept per table storage, so that repeated calls find the eager path's plans (codegen/plans.py)."""
-    if entry.block_mask is not None:
-        return entry.score_mod, entry.block_mask, None
-    if not entry.tables:
+def prepared(entry: Call, tables: list[torch.Tensor], query: torch.Tensor,
+             key: torch.Tensor) -> tuple[Any, Any, Any]:  # fmt: skip
+    """(score_mod, block_mask, mask_mod) for the eager entry point, at the lengths of query and key.  A block mask
+    is kept per (call, lengths) where the op builds it, and per table storage where it is made from the op's
+    tables, so that repeated calls find the eager path's plans (codegen/plans.py)."""
+    lengths = (query.shape[-2], key.shape[-2])
+    if entry.rebuilt is not None:
+        # kept per length unless the mask reads captured tensors: its tables then follow their values at each call
+        memo = (id(entry), *lengths) if not entry.mask_mod.buffers else (id(entry), object())
+        hit = _PREPARED.get(memo)
+        if hit is None:
+            from .blockmask import eager_block_mask
+
+            batch, heads, device, exact, _ = entry.rebuilt
+            block_mask = eager_block_mask(entry.mask_mod, batch, heads, *lengths, device=device,
+                                          BLOCK_SIZE=entry.block_size, exact=exact)  # fmt: skip
+            hit = _PREPARED[memo] = (entry.score_mod, block_mask, None, entry)  # the entry kept: its id stays
+    elif not entry.tables:
         return entry.score_mod, None, entry.mask_mod
-    key = (id(entry), *((t.data_ptr(), t.shape, t.stride()) for t in tables))
-    hit = _PREPARED.get(key)
-    if hit is None:
-        named = dict(zip(entry.tables, tables, strict=True))
-        block_mask = BlockMask.from_kv_blocks(
-            named["kv_num_blocks"], named["kv_indices"], named.get("full_kv_num_blocks"),
-            named.get("full_kv_indices"), BLOCK_SIZE=entry.block_size, mask_mod=entry.mask_mod,
-            seq_lengths=entry.seq_lengths,
-        )  # fmt: skip
-        hit = _PREPARED[key] = (entry.score_mod, block_mask, None, tables)  # the tables kept: their storage stays
-        if len(_PREPARED) > PREPARED_SIZE:
-            _PREPARED.popitem(last=False)
-    _PREPARED.move_to_end(key)
+    else:
+        memo = (id(entry), *lengths, *((t.data_ptr(), t.shape, t.stride()) for t in tables))
+        hit = _PREPARED.get(memo)
+        if hit is None:
+            named = dict(zip(entry.tables, tables, strict=True))
+            block_mask = BlockMask.from_kv_blocks(
+                named["kv_num_blocks"], named["kv_indices"], named.get("full_kv_num_blocks"),
+                named.get("full_kv_indices"), BLOCK_SIZE=entry.block_size, mask_mod=entry.mask_mod,
+                seq_lengths=lengths,
+            )  # fmt: skip
+            hit = _PREPARED[memo] = (entry.score_mod, block_mask, None, tables)  # the tables kept: their storage stays
+    _PREPARED.move_to_end(memo)
+    if len(_PREPARED) > PREPARED_SIZE:
+        _PREPARED.popitem(last=False)
     return hit[:3]
 
 
@@ -308,7 +318,7 @@ def _kernel_backward(entry, tables, captured, query, key, value, out, lse, grad_
     from .autograd import pad_rows, vector_rows
     from .codegen.backward import flex_backward
 
-    score_mod, block_mask, mask_mod = prepared(entry, list(tables))
+    score_mod, block_mask, mask_mod = prepared(entry, list(tables), query, key)
     score_mod = specialized_mod(score_mod, "score")
     if block_mask is not None:
         block_mask = with_compiled_mask_mod(block_mask, compile_plain=True)
@@ -336,7 +346,7 @@ def _recomputed_backward(entry, tables, captured, query, key, value, grad_out, g
     """Autograd through the eager call, recomputed (the reference backend)."""
     from .api import flex_attention
 
-    score_mod, block_mask, mask_mod = prepared(entry, list(tables))
+    score_mod, block_mask, mask_mod = prepared(entry, list(tables), query, key)
     live = captured_tensors(entry)  # what the mod reads now: the same tensors as `captured`
     leaves = [t.detach().requires_grad_() if t.is_floating_point() else t for t in live]
     with _captured_as(entry, leaves):
@@ -379,34 +389,37 @@ flex_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------- block masks built inside a compiled function
 
-_BLOCK_MASKS: dict[str, Any] = {}
+class TracedBlockMask:
+    """create_block_mask as Dynamo traces it: the mask's description, built by the op for the lengths of each call
+    (`prepared`), so that one graph serves every length.  Its lengths are the traced ones (symbolic under
+    dynamic=True); it has no tables: pass it to flexcomp.flex_attention inside the same compiled function."""
+
+    def __init__(self, mask_mod: Any, batch: int | None, heads: int | None, seq_lengths: tuple,
+                 BLOCK_SIZE: tuple[int, int], device: str | None, exact: bool):  # fmt: skip
+        self.mask_mod, self.batch, self.heads, self.seq_lengths = mask_mod, batch, heads, seq_lengths
+        self.BLOCK_SIZE, self.device, self.exact = BLOCK_SIZE, device, exact
+
+    @property
+    def shape(self) -> tuple:
+        return (self.batch or 1, self.heads or 1, *self.seq_lengths)
 
 
-@torch._dynamo.assume_constant_result
-def block_mask_key(mask: Any, B: Any, H: Any, Q_LEN: int, KV_LEN: int, device: Any, BLOCK_SIZE: Any,
-                   exact: bool) -> str:  # fmt: skip
-    """Build the block mask once per trace, outside the graph, and file it under a key (the mask_mod as a function
-    or a name, as `call_key` takes it).
+def traced_block_mask(mask_mod: Any, B: Any, H: Any, Q_LEN: Any, KV_LEN: Any, device: Any, BLOCK_SIZE: Any,
+                      exact: bool) -> TracedBlockMask:  # fmt: skip
+    """create_block_mask inside a compiled function: its description (checked when flex_attention files the call:
+    a mask reading a captured tensor is refused, since the graph would not follow the tensor)."""
+    from .blockmask import block_pair
 
-    Only for masks of the indices and captured Python values: a mask reading a captured tensor (document ids) must
-    be rebuilt when the tensor changes, which a mask built at trace time would not be."""
-    from .blockmask import eager_block_mask
+    return TracedBlockMask(_named(mask_mod), B, H, (Q_LEN, KV_LEN), block_pair(BLOCK_SIZE),
+                           str(device) if device is not None else None, exact)  # fmt: skip
 
-    mod = specialized_mod(resolve(mask), "mask")
-    if mod.buffers:
+
+def refuse_captured_tensors(mod: Mod) -> None:
+    """A mask the op rebuilds from its description must not read captured tensors (document ids): a graph built
+    for one of their values would not follow the next."""
+    if mod is not None and mod.buffers:
         raise FlexcompError(
             f"create_block_mask inside torch.compile: the mask {mod.name} reads captured tensors "
             f"({', '.join(b.name for b in mod.buffers)}), whose values the compiled graph would not follow; build "
             "the block mask outside the compiled function and pass it in", mod.loc,
         )  # fmt: skip
-    key = f"flexcomp-block-mask-{next(_KEYS)}"
-    _BLOCK_MASKS[key] = eager_block_mask(mod, B, H, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=BLOCK_SIZE,
-                                         exact=exact)  # fmt: skip
-    return key
-
-
-def traced_block_mask(mask_mod: Any, B: Any, H: Any, Q_LEN: int, KV_LEN: int, device: Any, BLOCK_SIZE: Any,
-                      exact: bool) -> Any:  # fmt: skip
-    """create_block_mask as Dynamo traces it: built at trace time (for these lengths), a constant of the graph."""
-    return _BLOCK_MASKS[block_mask_key(_named(mask_mod), B, H, Q_LEN, KV_LEN,
-                                       str(device) if device is not None else None, BLOCK_SIZE, exact)]  # fmt: skip

@@ -154,9 +154,9 @@ def test_dynamic_lengths_one_graph(randn):
 @pytest.mark.parametrize("made", ["inside", "passed in"])
 @pytest.mark.parametrize("dynamic", [True, None])
 def test_dynamic_lengths_with_a_block_mask(randn, made, dynamic):
-    """Lengths that change with a block mask, built inside from the inputs' (symbolic) lengths or passed in (its
-    lengths made symbolic by dynamic=True, or by Dynamo after a change): the call site specializes on them (one
-    graph per length, docs/models.md) instead of failing on a SymInt in the trace-time functions."""
+    """Lengths that change with a block mask, built inside from the inputs' (symbolic) lengths or passed in: the
+    op takes the lengths from its query and key, so the graph does not specialize on them (as torch: one graph
+    with dynamic=True where the mask is built inside; else a second, dynamic one after the first change)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
 
@@ -166,14 +166,32 @@ def test_dynamic_lengths_with_a_block_mask(randn, made, dynamic):
         return fc.flex_attention(q, k, v, block_mask=block_mask)
 
     compiled = torch.compile(attend, fullgraph=True, dynamic=dynamic, backend="aot_eager")
-    lengths = (24, 40, 56)
+    lengths = (24, 40, 56, 72)
     for length in lengths:
         q, k, v = (randn(1, 2, length, D) for _ in range(3))
         passed = [fc.create_block_mask(window, None, None, length, length, device="cpu", BLOCK_SIZE=16)]
         ref, _ = naive_attention(q, k, v, mask_fn=window)
         out = compiled(q, k, v, *(passed if made == "passed in" else []))
         torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= len(lengths)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs <= (1 if (made, dynamic) == ("inside", True) else 2)
+
+
+def test_changing_lengths_with_tables_as_inputs(randn):
+    """A block mask decided by tables (document ids of a fixed-size buffer) passed in at four lengths: its tables
+    are op inputs with symbolic sizes after the first change, two graphs in all (torch's count too)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    global DOCS
+    DOCS = torch.arange(128) // 10
+    compiled = torch.compile(lambda q, k, v, bm: fc.flex_attention(q, k, v, block_mask=bm), fullgraph=True,
+                             backend="aot_eager")  # fmt: skip
+    for length in (24, 40, 56, 72):
+        q, k, v = (randn(1, 2, length, D) for _ in range(3))
+        block_mask = fc.create_block_mask(same_doc, None, None, length, length, device="cpu", BLOCK_SIZE=16)
+        ref, _ = naive_attention(q, k, v, mask_fn=same_doc)
+        torch.testing.assert_close(compiled(q, k, v, block_mask).double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 def test_mask_reading_a_tensor_is_refused_inside(randn):
