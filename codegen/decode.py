@@ -126,7 +126,7 @@ class DecodeLaunch:
             **values, **constexprs, **dict(zip(TABLE_NAMES, table_values, strict=True)),
             "O_PART": Slot("o_part"), "L2_PART": Slot("l2_part"), "ARRIVALS": Slot("arrivals"),
             "PACK": self.pack, "N_SPLITS": self.splits, "HAS_FULL": has_full,
-            "FUSED_MERGE": self.splits > 1 and fused_merge(kernel_options),
+            "FUSED_MERGE": fused_merge(kernel_options) and self.splits > 1,
             "SPARSE_KV": sparse_kv, "TILES_PER_BLOCK": sparse_kv // self.config.block_n,
             "BLOCK_M": max(next_power_of_2(self.pack * shape.q_len), MIN_BLOCK), "BLOCK_N": self.config.block_n,
             "EVEN_KV": shape.kv_len % sparse_kv == 0,
@@ -189,7 +189,8 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     """At least `count` zeroed int32 counters for launches on the current stream of `device`."""
     stream = 0  # the interpreter: one program at a time
     if device.type == "cuda":
-        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if device.index is None else device.index)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        stream = torch._C._cuda_getCurrentRawStream(index)
     counters = _ARRIVALS.get((device, stream))
     if counters is None or counters.numel() < count:
         if counters is not None:

@@ -140,6 +140,7 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
         "TABLE_ARGS": _args(list(TABLE_NAMES)),
         "FORWARD_PARAMS": FORWARD.render({"mod_buffers": score.buffers + mask.buffers}),  # the declaration in codegen/params.py
         "DECODE_PARAMS": DECODE.render({"mod_buffers": score.buffers + mask.buffers}),
+        "MERGE_PARTIALS": MERGE_SOURCE,
     }
     kernel = FORWARD_TEMPLATE + DECODE_TEMPLATE
     for key, value in fill.items():
@@ -371,7 +372,7 @@ def flex_forward_kernel(
 DECODE_TEMPLATE = '''
 
 
-''' + MERGE_SOURCE + '''
+{MERGE_PARTIALS}
 
 
 @triton.jit
