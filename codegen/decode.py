@@ -136,6 +136,8 @@ class DecodeLaunch:
         self.merge = None  # the separate merge launch, where the splits do not merge themselves
         if self.splits > 1 and not self.kwargs["FUSED_MERGE"]:
             self.merge = merge_launch(shape, self.dv, self.splits, values)
+        if self.kwargs["FUSED_MERGE"]:
+            reserve_graph_counters(device, programs)
 
     def run(self, tensors: dict[str, torch.Tensor]) -> None:
         """Attend into tensors["out"] and tensors["lse"] (allocated by the caller)."""
@@ -174,29 +176,47 @@ def fused_merge(kernel_options: dict | None) -> bool:
     return merge == "fused"
 
 
-# (device, stream) -> its arrival counters: int32, zero between launches.  Why one buffer per stream is safe: the
-# kernel zeroes every counter it counted on (the last split of a row tile, after the others have arrived), and
-# launches on one stream run one after the other, so each launch, of any plan, eager or replayed from a CUDA graph,
-# finds them zero, with no memset; launches on two streams may overlap, so each stream has its own.  A buffer is
-# never freed (a grown one is kept beside its successor): a captured CUDA graph holds its address for its life.
-# The one unsafe use is a graph replayed on another stream than the one it was captured on while decode calls still
-# run on that one (or two graphs captured on one stream replayed at once on two): DECODE_MERGE="separate" there.
+# The fused merge's arrival counters: int32, one per program of a split, zero between launches, with no memset.
+# Why that holds: the kernel zeroes every counter it counted on (the last split of a row tile, once all have
+# arrived), so a launch leaves its buffer as it found it, and two launches on one buffer must only not overlap:
+# - eager calls: one buffer per (device, stream); launches on one stream run one after the other, and each stream
+#   has its own, so calls on two streams may overlap.
+# - CUDA graphs: one buffer per device for every capture, zeroed before the capture (by the plan, made at the
+#   warm-up call torch requires before capturing): a graph replays without a memset node.  Graphs with decode calls
+#   must then not be replayed at once on two streams (DECODE_MERGE="separate" there).  A plan first called inside a
+#   capture gets zeros made in the graph (a memset node each replay: correct, slower).
+# A buffer is never freed (a grown one is kept beside its successor): a captured graph holds its address for life.
+GRAPHS = -1  # the stream key of the buffer captures use
 _ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []
 
 
 def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """At least `count` zeroed int32 counters for launches on the current stream of `device`."""
-    stream = 0  # the interpreter: one program at a time
-    if device.type == "cuda":
-        index = torch.cuda.current_device() if device.index is None else device.index
-        stream = torch._C._cuda_getCurrentRawStream(index)
-    counters = _ARRIVALS.get((device, stream))
+    """At least `count` int32 counters, zero, for a launch on the current stream of `device` (see above)."""
+    if device.type != "cuda":
+        return _counters((device, 0), count)  # the interpreter: one program at a time
+    if torch.cuda.is_current_stream_capturing():
+        counters = _ARRIVALS.get((device, GRAPHS))
+        if counters is None or counters.numel() < count:
+            return torch.zeros(count, dtype=torch.int32, device=device)  # a memset inside the graph
+        return counters
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _counters((device, torch._C._cuda_getCurrentRawStream(index)), count)
+
+
+def reserve_graph_counters(device: torch.device, count: int) -> None:
+    """Make the captures' buffer hold `count` counters (outside a capture: zeroed now, before any graph uses it)."""
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        _counters((device, GRAPHS), count)
+
+
+def _counters(key: tuple[torch.device, int], count: int) -> torch.Tensor:
+    counters = _ARRIVALS.get(key)
     if counters is None or counters.numel() < count:
         if counters is not None:
             _RETIRED.append(counters)
         size = max(next_power_of_2(count), 1024)  # doubling: what is retired stays under what is in use
-        counters = _ARRIVALS[(device, stream)] = torch.zeros(size, dtype=torch.int32, device=device)
+        counters = _ARRIVALS[key] = torch.zeros(size, dtype=torch.int32, device=key[0])
     return counters
 
 
