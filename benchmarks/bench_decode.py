@@ -174,10 +174,22 @@ def probe_options(splits: int, block_n: int, stages: int, merge: str) -> dict:
             "DECODE_MERGE": merge}  # fmt: skip
 
 
-def probe_grid() -> list[dict]:
-    """Every probe config; one split has no merge, so it is timed once (as "fused")."""
-    return [probe_options(splits, block_n, stages, merge) for block_n, stages in PROBE_TILES for merge in PROBE_MERGES
-            for splits in PROBE_SPLITS if splits > 1 or merge == "fused"]  # fmt: skip
+PROBE_TILE = (64, 3)  # the default tile and stages (codegen/autotune.py DECODE_CONFIGS)
+PROBE_TILE_SPLITS = (4, 8)  # the split counts the tile plane tries
+
+
+def probe_grid(full: bool) -> list[dict]:
+    """The probe's configs: every split count and merge at the default tile, and every tile and stage count at 4 and
+    8 splits, fused (25 a row; the kernels compile in ~5 s each, so the whole cross product, 81 a row, is opt-in).
+    One split has no merge: timed once (as "fused")."""
+    merges = {merge: [s for s in PROBE_SPLITS if s > 1 or merge == "fused"] for merge in PROBE_MERGES}
+    if full:
+        return [probe_options(splits, block_n, stages, merge) for block_n, stages in PROBE_TILES
+                for merge in PROBE_MERGES for splits in merges[merge]]  # fmt: skip
+    split_plane = [probe_options(splits, *PROBE_TILE, merge) for merge in PROBE_MERGES for splits in merges[merge]]
+    tile_plane = [probe_options(splits, block_n, stages, "fused") for block_n, stages in PROBE_TILES
+                  for splits in PROBE_TILE_SPLITS if (block_n, stages) != PROBE_TILE]  # fmt: skip
+    return split_plane + tile_plane
 
 
 def window_inputs(B: int, q_len: int, kv_len: int, args, device: str):
@@ -232,7 +244,7 @@ def probe_call(run, expected: torch.Tensor, args) -> tuple[float, int]:
 def probe_window(args) -> list[dict]:
     """The window rows (the calls whose fixed costs decide them) at every probe config, from CUDA graphs."""
     began = time.perf_counter()
-    configs = probe_grid()
+    configs = probe_grid(args.probe_full)
     precompile(configs, args)
     results = []
     for B, q_len, kv_len in VARIANT_ROWS:
@@ -264,7 +276,8 @@ def print_probe(results: list[dict]) -> None:
                 for splits in PROBE_SPLITS:
                     r = rate.get((q_len, splits, block_n, stages, "fused" if splits == 1 else merge))
                     cells.append("-" if r is None else f"{r['TBps']:.2f}" + ("*" if r["stages_run"] != stages else ""))
-            print(f"| {block_n} | {stages} | {merge} | " + " | ".join(cells) + " |")
+            if any(c != "-" for c in cells):
+                print(f"| {block_n} | {stages} | {merge} | " + " | ".join(cells) + " |")
     for q_len in q_lens:
         best = max((r for r in results if r["Lq"] == q_len), key=lambda r: r["TBps"])
         print(f"  best at Lq={q_len}: {best['TBps']:.2f} TB/s with NUM_SPLITS={best['NUM_SPLITS']} "
@@ -277,6 +290,7 @@ def main() -> None:
     parser.add_argument("--configs", action="store_true", help="also sweep the decode kernel's launch configs")
     parser.add_argument("--probe-window", action="store_true",
                         help="only the window rows, over NUM_SPLITS x BLOCK_N x stages x merge (GPU, < 90 s)")  # fmt: skip
+    parser.add_argument("--probe-full", action="store_true", help="with --probe-window: the whole cross product")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)

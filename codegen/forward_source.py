@@ -525,8 +525,9 @@ def flex_decode_kernel(
             tl.debug_barrier()  # every thread's stores issued before the arrival is counted (released with it)
             arrived = tl.atomic_add(ARRIVALS + pid, 1, sem="acq_rel")
             if arrived == N_SPLITS - 1:  # the others' stores are visible (acquired); merge_partials reads past L1
+                tl.debug_barrier()  # every thread's loads after the acquire (as inductor's grid barrier does)
                 out, lse = merge_partials(O_PART, L2_PART, part_row, row_in, N_SPLITS, BLOCK_M, DV, BLOCK_DV)
                 store_rows(Out, stride_ob, stride_oh, stride_om, stride_od, Lse, stride_lb, stride_lh, stride_lm,
                            b64, head_of_row, q_of_row, row_in, out, lse, DV, BLOCK_DV)
-                tl.store(ARRIVALS + pid, 0)  # every split has arrived: zero again for the next launch on this stream
+                tl.store(ARRIVALS + pid, 0)  # all splits have arrived: zero again for the next launch on this buffer
 '''
