@@ -4,6 +4,7 @@ decoding within 3% of the contiguous decode time, page size 128 and 16, pages sh
     python benchmarks/bench_paged.py            # the issue's rows, bf16, D=128, Hq=32, Hkv=8 (GPU)
     python benchmarks/bench_paged.py --quick    # tiny shapes on CPU (reference backend): a smoke test
     TRITON_INTERPRET=1 python benchmarks/bench_paged.py --quick   # the same through the decode kernel
+    python benchmarks/bench_paged.py --paged-block-n 16   # A/B: 16-row tiles, not 64-row tiles gathered from pages
 
 Contiguous: K/V [B, Hkv, Lkv, D], no mask (what bench_decode.py's "none" rows time).  Paged: one cache
 [1, Hkv, n_pages * page_size, D] whose pages are handed out shuffled, read through
@@ -76,8 +77,11 @@ def bench_one(B, q_len, L, page_size, args, device, dtype):
     def contiguous():
         return fc.flex_attention(q, k, v, enable_gqa=True, backend=backend)
 
+    options = {"BLOCK_N": args.paged_block_n} if args.paged_block_n else None
+
     def paged_run():
-        return fc.flex_attention(q, k_cache, v_cache, block_mask=converted, enable_gqa=True, backend=backend)
+        return fc.flex_attention(q, k_cache, v_cache, block_mask=converted, enable_gqa=True, backend=backend,
+                                 kernel_options=options)  # fmt: skip
 
     with DecodeLaunches() as launches:
         torch.testing.assert_close(paged_run().float(), contiguous().float(), atol=2e-2, rtol=2e-2)
@@ -94,6 +98,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--inner", type=int, default=20)
+    parser.add_argument(
+        "--paged-block-n", type=int, help="the paged calls' kv tile (16: one page part a tile, for A/B)"
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     rows, dtype = (QUICK_ROWS, torch.float32) if args.quick else (ISSUE_ROWS, torch.bfloat16)
