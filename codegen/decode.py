@@ -115,9 +115,7 @@ class DecodeLaunch:
                  device: torch.device, values: dict[str, Any], constexprs: dict[str, Any],
                  tables: tuple[bool, list[Any]], sparse_kv: int, kernel_options: dict | None):  # fmt: skip
         self.kernel, self.shape, self.dv, self.device = module.flex_decode_kernel, shape, dims[1], device
-        gather = not constexprs["USE_BOUNDS"] and sparse_kv >= MIN_BLOCK and not sparse_kv & (sparse_kv - 1)
-        self.config = decode_config(dtype, max(*dims, MIN_BLOCK), sparse_kv, kernel_options, gather)
-        block_n = self.config.block_n
+        self.config = decode_config(dtype, max(*dims, MIN_BLOCK), sparse_kv, kernel_options)
         self.pack = heads_packed(shape)
         programs = shape.batch * shape.q_heads // self.pack
         self.splits = split_count(programs, -(-shape.kv_len // self.config.block_n), device, kernel_options)
@@ -129,9 +127,8 @@ class DecodeLaunch:
             "O_PART": Slot("o_part"), "L2_PART": Slot("l2_part"), "ARRIVALS": Slot("arrivals"),
             "PACK": self.pack, "N_SPLITS": self.splits, "HAS_FULL": has_full,
             "FUSED_MERGE": fused_merge(kernel_options) and self.splits > 1,
-            "SPARSE_KV": sparse_kv, "TILES_PER_BLOCK": max(sparse_kv // block_n, 1),
-            "BLOCKS_PER_TILE": max(block_n // sparse_kv, 1),  # > 1: tiles gathered from several blocks (pages)
-            "BLOCK_M": max(next_power_of_2(self.pack * shape.q_len), MIN_BLOCK), "BLOCK_N": block_n,
+            "SPARSE_KV": sparse_kv, "TILES_PER_BLOCK": sparse_kv // self.config.block_n,
+            "BLOCK_M": max(next_power_of_2(self.pack * shape.q_len), MIN_BLOCK), "BLOCK_N": self.config.block_n,
             "EVEN_KV": shape.kv_len % sparse_kv == 0,
         })  # fmt: skip
         self.grid = (self.splits, programs)
@@ -223,17 +220,11 @@ def _counters(key: tuple[torch.device, int], count: int) -> torch.Tensor:
     return counters
 
 
-MAX_GATHERED_TILE = 128  # kv rows of a tile gathered from narrower blocks (a tile of a table walk of pages)
-
-
-def decode_config(dtype: torch.dtype, head_dim: int, sparse_kv: int, kernel_options: dict | None,
-                  gather: bool = False) -> DecodeConfig:  # fmt: skip
-    """The default for the dtype and head dim (codegen/autotune.py DECODE_CONFIGS), less what kernel_options set.
-    With `gather` (a table walk of power-of-two blocks) a tile may span several blocks: a paged cache's 16-row
-    pages do not shrink the tile to 16 rows (attend_list in the decode kernel gathers them)."""
+def decode_config(dtype: torch.dtype, head_dim: int, sparse_kv: int, kernel_options: dict | None) -> DecodeConfig:
+    """The default for the dtype and head dim (codegen/autotune.py DECODE_CONFIGS), less what kernel_options set."""
     base = default_decode_config(32 if dtype == torch.float32 else 16, head_dim)
     options = kernel_options or {}
-    block_n = tile_size(options, "BLOCK_N", base.block_n, max(sparse_kv, MAX_GATHERED_TILE) if gather else sparse_kv)
+    block_n = tile_size(options, "BLOCK_N", base.block_n, sparse_kv)
     stages = max(options.get("num_stages", base.num_stages), 2)
     return DecodeConfig(block_n, options.get("num_warps", base.num_warps), stages, base.unsplit_stages)
 

@@ -187,12 +187,7 @@ class ForwardPlan:
         self.out_shape, self.lse_shape, self.dtype, self.device = (B, Hq, Lq, Dv), (B, Hq, Lq), q.dtype, q.device
         self.sparse = sparse_q, sparse_kv = block_size(block_mask)
         self.sparse_mask = is_sparse(block_mask, bounds)
-        decode_shape = DecodeShape(B, Hq, Lq, Lkv, Hq // Hkv, sparse_q, tiles_per_head=tiles_per_head(block_mask, bounds))
-        decoding = decode_wanted(decode_shape, kernel_options)
-        forward_options = kernel_options  # the decode kernel checks its own BLOCK_N (its tiles may span blocks)
-        if decoding and kernel_options and "BLOCK_N" in kernel_options:
-            forward_options = {k: v for k, v in kernel_options.items() if k != "BLOCK_N"}
-        self.config = choose_config(q.dtype, D, self.sparse, forward_options, sparse=self.sparse_mask,
+        self.config = choose_config(q.dtype, D, self.sparse, kernel_options, sparse=self.sparse_mask,
                                     score_mod=score_mod is not None)
         module, self.key = _module_and_key(score_mod, mask_mod, bounds)
         self.kernel = module.flex_forward_kernel
@@ -200,6 +195,8 @@ class ForwardPlan:
         # the tables each launch walks, by their tiles: the block mask's, and where the config's kernel tiles are
         # smaller, the same mask at those tiles (empty sub-tiles out of the loops: flexcomp.blockmask.refine_block_mask)
         self.tables = {self.sparse: index_tables(block_mask, bounds is not None)}
+        decode_shape = DecodeShape(B, Hq, Lq, Lkv, Hq // Hkv, sparse_q, tiles_per_head=tiles_per_head(block_mask, bounds))
+        decoding = decode_wanted(decode_shape, kernel_options)
         tiles = (self.config.block_m, self.config.block_n)
         refined = None if bounds is not None or decoding or not refine_wanted(kernel_options) else \
             refine_block_mask(block_mask, tiles, B, Hq)

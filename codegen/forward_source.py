@@ -376,56 +376,6 @@ DECODE_TEMPLATE = '''
 
 
 @triton.jit
-def attend_list(
-    acc, l_i, m_i, q,
-    K, stride_kn, stride_kd,
-    V, stride_vn, stride_vd,
-    b, h, q_idx, sm_scale, KV_LEN,
-    i_lo, i_hi, n_listed,  # tiles [i_lo, i_hi) of the list; n_listed: its length in sparse blocks
-    first_lo, n_first, second_lo,
-    kv_index_row, stride_kv_index,
-    {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-    IS_FULL: tl.constexpr, USE_BOUNDS: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
-    SPARSE_KV: tl.constexpr, TILES_PER_BLOCK: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, FLOAT_INDEX: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
-):
-    \"\"\"attend_tiles over a program's list; or, where the table's blocks are narrower than a tile (pages of 16 rows
-    under 64-row tiles: BLOCKS_PER_TILE > 1), over tiles gathered from BLOCKS_PER_TILE listed blocks each.  The
-    lookup is per tile, not per row: one load of the tile's BLOCKS_PER_TILE block ids (4 int32 per 64 kv rows at
-    16-row pages, beside the 32 KiB of K and V they address), each block's rows consecutive.  attend_tile adds its
-    lanes to its start, so a vector start (each lane's row less the lane) gives every lane its own row; lanes past
-    the list read rows from KV_LEN on, masked as past the end (CHECK_KV).\"\"\"
-    if BLOCKS_PER_TILE == 1:
-        acc, l_i, m_i = attend_tiles(
-            acc, l_i, m_i, q, K, stride_kn, stride_kd, V, stride_vn, stride_vd, b, h, q_idx, sm_scale, KV_LEN,
-            i_lo, i_hi, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
-            {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-            IS_FULL, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, CHECK_KV, FAST_TANH, False, FLOAT_INDEX,
-            FOLD_SCALE, PREFETCH_INDEX,
-        )
-    else:
-        qk_scale = sm_scale * 1.4426950408889634
-        lanes = tl.arange(0, BLOCK_N)
-        for i in range(i_lo, i_hi):
-            slots = i * BLOCKS_PER_TILE + tl.arange(0, BLOCKS_PER_TILE)
-            listed = slots < n_listed
-            blocks = tl.load(kv_index_row + slots * stride_kv_index, mask=listed, other=0).to(tl.int32)
-            starts = tl.where(listed, blocks * SPARSE_KV, KV_LEN)
-            rows = tl.reshape(starts[:, None] + tl.arange(0, SPARSE_KV)[None, :], [BLOCK_N])
-            acc, l_i, m_i = attend_tile(
-                acc, l_i, m_i, q, rows - lanes, K, stride_kn, stride_kd, K, V, stride_vn, stride_vd, V,
-                b, h, q_idx, sm_scale, qk_scale, KV_LEN,
-                {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-                IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                True, FAST_TANH, False, FLOAT_INDEX, FOLD_SCALE,
-            )
-    return acc, l_i, m_i
-
-
-@triton.jit
 def store_rows(Out, stride_ob, stride_oh, stride_om, stride_od, Lse, stride_lb, stride_lh, stride_lm,
                b64, head_of_row, q_of_row, row_in, out, lse, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
     \"\"\"The final out and lse (natural log) of a decode tile's rows: row r is query head head_of_row[r], row q_of_row[r].\"\"\"
@@ -480,31 +430,30 @@ def flex_decode_kernel(
     n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row = program_tiles(
         kv_lo, kv_hi, full_lo, full_hi, b, h0, 0, {TABLE_ARGS}
         KV_LEN, USE_BOUNDS, HAS_FULL, BLOCK_N, TILES_PER_BLOCK)
-    # BLOCKS_PER_TILE > 1: the lists count sparse blocks (TILES_PER_BLOCK is 1), a tile takes BLOCKS_PER_TILE of them
-    partial_lo, partial_hi = split_tiles(tl.cdiv(n_partial, BLOCKS_PER_TILE), split, N_SPLITS)
-    full_i_lo, full_i_hi = split_tiles(tl.cdiv(n_full, BLOCKS_PER_TILE), split, N_SPLITS)
+    partial_lo, partial_hi = split_tiles(n_partial, split, N_SPLITS)
+    full_i_lo, full_i_hi = split_tiles(n_full, split, N_SPLITS)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = attend_list(
+    acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
         b, h, q_idx, sm_scale, KV_LEN,
-        partial_lo, partial_hi, n_partial, first_lo, n_first, second_lo,
+        partial_lo, partial_hi, first_lo, n_first, second_lo,
         partial_row, stride_in,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-        False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK, BLOCKS_PER_TILE,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, FLOAT_INDEX,
+        False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, False, FLOAT_INDEX,
         FOLD_SCALE, PREFETCH_INDEX,
     )
-    acc, l_i, m_i = attend_list(
+    acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
         b, h, q_idx, sm_scale, KV_LEN,
-        full_i_lo, full_i_hi, n_full, full_lo, n_full, full_lo,
+        full_i_lo, full_i_hi, full_lo, n_full, full_lo,
         full_row, stride_fin,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-        True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK, BLOCKS_PER_TILE,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, FLOAT_INDEX,
+        True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, False, FLOAT_INDEX,
         FOLD_SCALE, PREFETCH_INDEX,
     )
 

@@ -182,7 +182,7 @@ DECODE = Signature((
     (Param("sm_scale", "float"), *scalars("Q_LEN", "KV_LEN", "H_Q", "GQA_GROUP")),
     constexprs("PACK", "N_SPLITS", "FUSED_MERGE"),  # query heads packed per program (sharing a kv head); splits
     constexprs("HAS_SCORE_MOD", "USE_BOUNDS", "HAS_FULL"),
-    constexprs("SPARSE_KV", "TILES_PER_BLOCK", "BLOCKS_PER_TILE"),  # tiles per sparse block, or blocks per tile
+    constexprs("SPARSE_KV", "TILES_PER_BLOCK"),
     constexprs("BLOCK_M", "BLOCK_N"),
     constexprs("BLOCK_D", "BLOCK_DV", "D", "DV"),
     constexprs("DOT_PRECISION"),
