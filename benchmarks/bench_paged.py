@@ -4,14 +4,15 @@ decoding within 3% of the contiguous decode time, page size 128 and 16, pages sh
     python benchmarks/bench_paged.py            # the issue's rows, bf16, D=128, Hq=32, Hkv=8 (GPU)
     python benchmarks/bench_paged.py --quick    # tiny shapes on CPU (reference backend): a smoke test
     TRITON_INTERPRET=1 python benchmarks/bench_paged.py --quick   # the same through the decode kernel
-    python benchmarks/bench_paged.py --paged-block-n 16   # A/B: 16-row tiles, not 64-row tiles gathered from pages
+    python benchmarks/bench_paged.py --paged-block-n 16   # A/B: 16-row tiles (one page each), not 64 gathered
 
 Contiguous: K/V [B, Hkv, Lkv, D], no mask (what bench_decode.py's "none" rows time).  Paged: one cache
 [1, Hkv, n_pages * page_size, D] whose pages are handed out shuffled, read through
-`PagedAttention.convert_logical_block_mask` (no gather) by the decode kernel with its fused merge (checked on each
-row).  Outputs are checked against each other before timing; times are CUDA-event medians of calls replayed from
-CUDA graphs, as bench_decode.py times them.  `tile` is the decode kernel's kv tile on the paged cache: a page
-smaller than the default tile (64 rows) caps it, since a tile reads consecutive rows of one page.
+`PagedAttention.convert_logical_block_mask` of a logical mask at the default block size (128): the decode kernel
+(with its fused merge: checked on each row) walks logical tiles and reads their rows through the page table (no
+copy).  Outputs are checked against each other before timing; times are CUDA-event medians of calls replayed from
+CUDA graphs, as bench_decode.py times them, and the eager ratio (host time included).  `tile` is the paged call's
+kv tile: pages smaller than it are gathered per tile (codegen/ops.py physical_rows).
 """
 
 from __future__ import annotations
@@ -64,11 +65,11 @@ class DecodeLaunches:
 
 
 def bench_one(B, q_len, L, page_size, args, device, dtype):
-    """(contiguous ms, paged ms, the paged call's kv tile)."""
+    """(contiguous ms, paged ms, eager paged/contiguous, the paged call's kv tile)."""
     Hq, Hkv, D = args.heads, args.kv_heads, args.head_dim
     q = torch.randn(B, Hq, q_len, D, dtype=dtype, device=device)
     k, v = (torch.randn(B, Hkv, L, D, dtype=dtype, device=device) for _ in range(2))
-    logical = fc.create_block_mask(fc.noop_mask, B, None, q_len, L, device=device, BLOCK_SIZE=(128, page_size))
+    logical = fc.create_block_mask(fc.noop_mask, B, None, q_len, L, device=device)
     paged, k_cache, v_cache = paged_copy(k, v, page_size, device)
     converted = paged.convert_logical_block_mask(logical, batch_idx=torch.arange(B, device=device))
 
@@ -87,10 +88,11 @@ def bench_one(B, q_len, L, page_size, args, device, dtype):
         torch.testing.assert_close(paged_run().float(), contiguous().float(), atol=2e-2, rtol=2e-2)
     if backend == "triton":  # both through the decode kernel, merged in it
         assert len(launches.seen) == 2 and all(fused for _, fused in launches.seen), launches.seen
+    eager = timed(paged_run, device, args.repeats, 1) / timed(contiguous, device, args.repeats, 1)
     if device == "cuda":
         contiguous, paged_run = graphed(contiguous) or contiguous, graphed(paged_run) or paged_run
     times = timed(contiguous, device, args.repeats, args.inner), timed(paged_run, device, args.repeats, args.inner)
-    return *times, launches.seen[0][0] if launches.seen else "-"  # the paged call ran first
+    return *times, eager, launches.seen[0][0] if launches.seen else "-"  # the paged call ran first
 
 
 def main() -> None:
@@ -107,13 +109,13 @@ def main() -> None:
     args.heads, args.kv_heads, args.head_dim = (4, 2, 16) if args.quick else (32, 8, 128)
     if args.quick:
         args.repeats, args.inner = 3, 1
-    print("| B | Lq | Lkv | page | tile | contiguous us | paged us | paged/contiguous |")
-    print("|---" * 8 + "|")
+    print("| B | Lq | Lkv | page | tile | contiguous us | paged us | paged/contiguous | eager |")
+    print("|---" * 9 + "|")
     for B, q_len, L in rows:
         for page_size in PAGE_SIZES if not args.quick else (16, 32):
-            contig_ms, paged_ms, tile = bench_one(B, q_len, L, page_size, args, device, dtype)
+            contig_ms, paged_ms, eager, tile = bench_one(B, q_len, L, page_size, args, device, dtype)
             print(f"| {B} | {q_len} | {L} | {page_size} | {tile} | {contig_ms * 1e3:.1f} | {paged_ms * 1e3:.1f} | "
-                  f"{paged_ms / contig_ms:.3f} |", flush=True)  # fmt: skip
+                  f"{paged_ms / contig_ms:.3f} | {eager:.2f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

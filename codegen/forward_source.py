@@ -187,7 +187,7 @@ def attend_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
-    FOLD_SCALE: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, page_row=None, PAGE_SIZE: tl.constexpr = 0,
 ):
     \"\"\"One kv tile of the online softmax. FULL tiles (IS_FULL) never evaluate the mask.\"\"\"
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -195,7 +195,8 @@ def attend_tile(
     if USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
         kt = tl.trans(k_desc.load([start_n, 0]))
     else:
-        kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, CHECK_KV)
+        kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, CHECK_KV,
+                          page_row, PAGE_SIZE)
     qk = mma(q, kt, None, DOT_PRECISION)
     kv_idx = offs_n[None, :]
     if HAS_SCORE_MOD:  # score_mod(q.k * scale) * log2(e), the scalings folded into the mod (codegen/base2.py)
@@ -238,7 +239,8 @@ def attend_tile(
     if USE_TMA:
         v = v_desc.load([start_n, 0])
     else:
-        v = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, False, CHECK_KV)
+        v = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, False, CHECK_KV,
+                         page_row, PAGE_SIZE)
     acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -258,9 +260,9 @@ def attend_tiles(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr, page_row=None, PAGE_SIZE: tl.constexpr = 0,
 ):
-    \"\"\"Online softmax over kv tiles (attend_tile per tile).\"\"\"
+    \"\"\"Online softmax over kv tiles (attend_tile per tile); PAGE_SIZE > 0: K/V through a page table.\"\"\"
     qk_scale = sm_scale * 1.4426950408889634  # scores in base 2
     if USE_TMA:  # Hopper's bulk tensor copies for K and V (host checked 16-byte alignment, unit last stride)
         k_desc = tl.make_tensor_descriptor(K, [KV_LEN, D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
@@ -279,7 +281,7 @@ def attend_tiles(
             b, h, q_idx, sm_scale, qk_scale, KV_LEN,
             {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
             IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-            CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE,
+            CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE, page_row, PAGE_SIZE,
         )
     return acc, l_i, m_i
 
@@ -308,6 +310,7 @@ def flex_forward_kernel(
                   offs_m[:, None] < Q_LEN, offs_d[None, :] < D, not EVEN_Q, BLOCK_D != D)
     K_bh = K + b64 * stride_kb + kv_h64 * stride_kh
     V_bh = V + b64 * stride_vb + kv_h64 * stride_vh
+    page_row, kv_len = paged_request(b, PAGE_TABLE, stride_pgb, KV_LENS, KV_LEN, PAGE_SIZE)
 
     q_idx = offs_m[:, None]
     {SCORE_HOISTED_LHS} = score_mod_hoisted(b, h, q_idx, sm_scale, {SCORE_BUFFERS})
@@ -328,23 +331,23 @@ def flex_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, q_idx, sm_scale, KV_LEN,
+        b, h, q_idx, sm_scale, kv_len,
         0, n_partial, first_lo, n_first, second_lo,
         partial_row, stride_in,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-        FOLD_SCALE, PREFETCH_INDEX,
+        FOLD_SCALE, PREFETCH_INDEX, page_row, PAGE_SIZE,
     )
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, q_idx, sm_scale, KV_LEN,
+        b, h, q_idx, sm_scale, kv_len,
         0, n_full, full_lo, n_full, full_lo,
         full_row, stride_fin,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-        FOLD_SCALE, PREFETCH_INDEX,
+        FOLD_SCALE, PREFETCH_INDEX, page_row, PAGE_SIZE,
     )
 
     # a fully masked row has l = 0: output 0 and lse -inf, never 0/0
@@ -412,6 +415,7 @@ def flex_decode_kernel(
                   row_in[:, None], offs_d[None, :] < D, True, BLOCK_D != D)
     K_bh = K + b64 * stride_kb + kv_h64 * stride_kh
     V_bh = V + b64 * stride_vb + kv_h64 * stride_vh
+    page_row, kv_len = paged_request(b, PAGE_TABLE, stride_pgb, KV_LENS, KV_LEN, PAGE_SIZE)
 
     q_idx = q_of_row[:, None]
     if PACK == 1:
@@ -438,23 +442,23 @@ def flex_decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, q_idx, sm_scale, KV_LEN,
+        b, h, q_idx, sm_scale, kv_len,
         partial_lo, partial_hi, first_lo, n_first, second_lo,
         partial_row, stride_in,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, False, FLOAT_INDEX,
-        FOLD_SCALE, PREFETCH_INDEX,
+        FOLD_SCALE, PREFETCH_INDEX, page_row, PAGE_SIZE,
     )
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, q_idx, sm_scale, KV_LEN,
+        b, h, q_idx, sm_scale, kv_len,
         full_i_lo, full_i_hi, full_lo, n_full, full_lo,
         full_row, stride_fin,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, False, FLOAT_INDEX,
-        FOLD_SCALE, PREFETCH_INDEX,
+        FOLD_SCALE, PREFETCH_INDEX, page_row, PAGE_SIZE,
     )
 
     # a row with nothing unmasked in this split has l = 0: output 0 and lse -inf (the merge weighs it 0)
