@@ -252,7 +252,8 @@ def merge_partials(O_PART, L2_PART, part_row, row_in, N_SPLITS: tl.constexpr, RO
     part_row * N_SPLITS in the workspaces: each split weighted by its share of the row's softmax mass (exact
     log-sum-exp; a split with nothing unmasked has lse -inf and weight 0; a row with nothing anywhere gets 0 and
     -inf).  Loads bypass L1 (.cg): in the fused merge other programs wrote them, and L1 is not coherent.
-    Both merges call this one function, so they agree bit for bit; pasted into the generated kernels' module."""
+    Both merges call this one function (pasted into the generated kernels' module): the same arithmetic, equal up
+    to the order a reduction takes in the compiled code (fp32 rounding)."""
     splits = tl.arange(0, N_SPLITS)
     cols = tl.arange(0, BLOCK_DV)
     lse2 = tl.load(L2_PART + part_row[:, None] * N_SPLITS + splits[None, :], mask=row_in[:, None],
