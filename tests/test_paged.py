@@ -171,7 +171,7 @@ def test_kernels_read_pages_directly_with_the_logical_mods(randn, rng, monkeypat
     """flexcomp's converted mask and score_mod run as the logical mask and the user's score_mod over the page
     table; a score_mod that is not the PagedAttention's sees physical positions (torch's meaning) and so runs
     the converted mask."""
-    import flexcomp.codegen.forward as forward
+    from flexcomp.codegen import forward
 
     seen = []
     original = forward.paged_values
