@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                 # the issue's table, then sliding windows and a score_mod
     python benchmarks/bench_decode.py --configs       # also the decode kernel at each tile/warps/stages config
+    python benchmarks/bench_decode.py --probe-window  # only the window rows over splits x tiles x stages x merge
     TRITON_INTERPRET=1 python benchmarks/bench_decode.py --quick   # tiny shapes on CPU: a smoke test
 
 bf16, D=128, Hq=32, Hkv=8, enable_gqa.  Bandwidth = the K and V bytes the call must read at least (the whole cache
@@ -17,6 +18,7 @@ decode kernel called from Python each time (host time included: short steps are 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -162,10 +164,133 @@ def bench_configs(args, device: str) -> list[dict]:
     return rows
 
 
+PROBE_SPLITS = (1, 2, 4, 8, 16)
+PROBE_TILES = [(block_n, stages) for block_n in (32, 64, 128) for stages in (2, 3, 4)]
+PROBE_MERGES = ("fused", "separate")
+
+
+def probe_options(splits: int, block_n: int, stages: int, merge: str) -> dict:
+    return {"BACKEND": "TRITON_DECODE", "NUM_SPLITS": splits, "BLOCK_N": block_n, "num_stages": stages,
+            "DECODE_MERGE": merge}  # fmt: skip
+
+
+PROBE_TILE = (64, 3)  # the default tile and stages (codegen/autotune.py DECODE_CONFIGS)
+PROBE_TILE_SPLITS = (4, 8)  # the split counts the tile plane tries
+
+
+def probe_grid(full: bool) -> list[dict]:
+    """The probe's configs: every split count and merge at the default tile, and every tile and stage count at 4 and
+    8 splits, fused (25 a row; the kernels compile in ~5 s each, so the whole cross product, 81 a row, is opt-in).
+    One split has no merge: timed once (as "fused")."""
+    merges = {merge: [s for s in PROBE_SPLITS if s > 1 or merge == "fused"] for merge in PROBE_MERGES}
+    if full:
+        return [probe_options(splits, block_n, stages, merge) for block_n, stages in PROBE_TILES
+                for merge in PROBE_MERGES for splits in merges[merge]]  # fmt: skip
+    split_plane = [probe_options(splits, *PROBE_TILE, merge) for merge in PROBE_MERGES for splits in merges[merge]]
+    tile_plane = [probe_options(splits, block_n, stages, "fused") for block_n, stages in PROBE_TILES
+                  for splits in PROBE_TILE_SPLITS if (block_n, stages) != PROBE_TILE]  # fmt: skip
+    return split_plane + tile_plane
+
+
+def window_inputs(B: int, q_len: int, kv_len: int, args, device: str):
+    """(q, k, v, block mask) of a sliding-window row, seeded: the precompiling workers build the same call."""
+    torch.manual_seed(0)
+    q = torch.randn(B, args.heads, q_len, args.head_dim, dtype=torch.bfloat16, device=device)
+    k, v = (torch.randn(B, args.kv_heads, kv_len, args.head_dim, dtype=torch.bfloat16, device=device)
+            for _ in range(2))  # fmt: skip
+    _, mask_mod, _, rows = mods("window", q_len, kv_len)
+    return q, k, v, fc.create_block_mask(mask_mod, 1, 1, q_len, kv_len, device=device), rows
+
+
+def _compile_row(job) -> int:
+    """Run each config of `job` once (a worker process: fills Triton's and flexcomp's disk caches)."""
+    (B, q_len, kv_len), configs, args = job
+    q, k, v, block, _ = window_inputs(B, q_len, kv_len, args, "cuda")
+    for options in configs:
+        fc.flex_attention(q, k, v, block_mask=block, enable_gqa=True, backend="triton", kernel_options=options)
+    torch.cuda.synchronize()
+    return len(configs)
+
+
+def precompile(configs: list[dict], args) -> None:
+    """Compile every (row, config) in parallel processes: compiling ~240 kernels one after another would take
+    minutes, timing them takes seconds.  The parent then loads each binary from the disk cache."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = max(1, min(15, (os.cpu_count() or 2) - 1))
+    per_row = -(-workers // len(VARIANT_ROWS))
+    jobs = [(row, configs[i::per_row], args) for row in VARIANT_ROWS for i in range(per_row)]
+    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        compiled = sum(pool.map(_compile_row, jobs))
+    print(f"  precompiled {compiled} kernels in {len(jobs)} processes", flush=True)
+
+
+def _stages_run() -> int:
+    """The stages the last decode call's kernel launched with (fewer than asked where they did not fit)."""
+    from flexcomp.codegen.forward import _PLANS
+
+    plan = next(reversed(_PLANS._plans.values()))[1]
+    return plan.decode.launch.kwargs["num_stages"]
+
+
+def probe_call(run, expected: torch.Tensor, args) -> tuple[float, int]:
+    """(ms per call replayed from a CUDA graph, the stages it ran with), its output checked first."""
+    torch.testing.assert_close(run().float(), expected.float(), atol=2e-2, rtol=2e-2)
+    stages = _stages_run()
+    return timed(graphed(run) or run, "cuda", args.repeats, args.inner), stages
+
+
+def probe_window(args) -> list[dict]:
+    """The window rows (the calls whose fixed costs decide them) at every probe config, from CUDA graphs."""
+    began = time.perf_counter()
+    configs = probe_grid(args.probe_full)
+    precompile(configs, args)
+    results = []
+    for B, q_len, kv_len in VARIANT_ROWS:
+        q, k, v, block, rows = window_inputs(B, q_len, kv_len, args, "cuda")
+        needed = 2 * B * args.kv_heads * rows * args.head_dim * q.element_size()
+        expected = fc.flex_attention(q, k, v, block_mask=block, enable_gqa=True, kernel_options={"BACKEND": "TRITON"})
+        for options in configs:
+            run = functools.partial(fc.flex_attention, q, k, v, block_mask=block, enable_gqa=True, backend="triton",
+                                    kernel_options=options)  # fmt: skip
+            ms, stages = probe_call(run, expected, args)
+            results.append({"Lq": q_len, **options, "stages_run": stages, "TBps": needed / ms / 1e9})
+    print_probe(results)
+    print(f"  probe took {time.perf_counter() - began:.0f} s", flush=True)
+    return results
+
+
+def print_probe(results: list[dict]) -> None:
+    """One line per (BLOCK_N, stages, merge), one column per (Lq, splits); then each row's best config."""
+    q_lens = [q_len for _, q_len, _ in VARIANT_ROWS]
+    rate = {(r["Lq"], r["NUM_SPLITS"], r["BLOCK_N"], r["num_stages"], r["DECODE_MERGE"]): r for r in results}
+    print("TB/s of the window rows (B=8, Lkv=16384, window 4096), CUDA graphs; columns Lq/splits; "
+          "* = stages that did not fit and ran with fewer")  # fmt: skip
+    print("| BLOCK_N | stages | merge | " + " | ".join(f"{q}/{s}" for q in q_lens for s in PROBE_SPLITS) + " |")
+    print("|---" * (3 + len(q_lens) * len(PROBE_SPLITS)) + "|")
+    for block_n, stages in PROBE_TILES:
+        for merge in PROBE_MERGES:
+            cells = []
+            for q_len in q_lens:
+                for splits in PROBE_SPLITS:
+                    r = rate.get((q_len, splits, block_n, stages, "fused" if splits == 1 else merge))
+                    cells.append("-" if r is None else f"{r['TBps']:.2f}" + ("*" if r["stages_run"] != stages else ""))
+            if any(c != "-" for c in cells):
+                print(f"| {block_n} | {stages} | {merge} | " + " | ".join(cells) + " |")
+    for q_len in q_lens:
+        best = max((r for r in results if r["Lq"] == q_len), key=lambda r: r["TBps"])
+        print(f"  best at Lq={q_len}: {best['TBps']:.2f} TB/s with NUM_SPLITS={best['NUM_SPLITS']} "
+              f"BLOCK_N={best['BLOCK_N']} stages={best['stages_run']} merge={best['DECODE_MERGE']}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU under TRITON_INTERPRET=1)")
     parser.add_argument("--configs", action="store_true", help="also sweep the decode kernel's launch configs")
+    parser.add_argument("--probe-window", action="store_true",
+                        help="only the window rows, over NUM_SPLITS x BLOCK_N x stages x merge (GPU, < 90 s)")  # fmt: skip
+    parser.add_argument("--probe-full", action="store_true", help="with --probe-window: the whole cross product")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -178,6 +303,14 @@ def main() -> None:
         args.heads, args.kv_heads, args.head_dim, args.repeats, args.inner = 4, 2, 16, 1, 1
     if device == "cuda":
         print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    if args.probe_window:
+        args.repeats, args.inner = min(args.repeats, 5), min(args.inner, 10)  # ~240 configs: a few ms each
+        results = probe_window(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
+    if device == "cuda":
         torch._dynamo.config.recompile_limit = 1000  # torch flex compiles once per row's shapes
     plan = [(r, "none") for r in (QUICK_ROWS if args.quick else ISSUE_ROWS)]
     plan += [(r, variant) for variant in ("window", "softcap") for r in (QUICK_ROWS if args.quick else VARIANT_ROWS)]

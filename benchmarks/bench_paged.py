@@ -1,28 +1,33 @@
-"""Paged decode beside contiguous decode: one query token per request, same inputs, same process (issue 19).
+"""Paged decode beside contiguous decode: the issue's rows, same inputs, same process (issue 19 part 2: paged
+decoding within 3% of the contiguous decode time, page size 128 and 16, pages shuffled).
 
-    python benchmarks/bench_paged.py            # the issue's shapes, bf16, D=128, Hq=32, Hkv=8 (GPU)
+    python benchmarks/bench_paged.py            # the issue's rows, bf16, D=128, Hq=32, Hkv=8 (GPU)
     python benchmarks/bench_paged.py --quick    # tiny shapes on CPU (reference backend): a smoke test
+    TRITON_INTERPRET=1 python benchmarks/bench_paged.py --quick   # the same through the decode kernel
+    python benchmarks/bench_paged.py --paged-block-n 16   # A/B: 16-row tiles (one page each), not 64 gathered
 
-Contiguous: K/V [B, Hkv, Lkv, D], no block mask (the decode kernel at its default tiles).  Paged: one cache
+Contiguous: K/V [B, Hkv, Lkv, D], no mask (what bench_decode.py's "none" rows time).  Paged: one cache
 [1, Hkv, n_pages * page_size, D] whose pages are handed out shuffled, read through
-`PagedAttention.convert_logical_block_mask` of a logical mask at the default block size (128), so the kernels
-walk 128-row logical tiles and gather their rows page by page (no copy).  Both outputs are checked against each
-other before timing.  Times are CUDA-event medians of calls replayed from CUDA graphs (the GPU's time) and of
-eager calls (with the host's).
+`PagedAttention.convert_logical_block_mask` of a logical mask at the default block size (128): the decode kernel
+(with its fused merge: checked on each row) walks logical tiles and reads their rows through the page table (no
+copy).  Outputs are checked against each other before timing; times are CUDA-event medians of calls replayed from
+CUDA graphs, as bench_decode.py times them, and the eager ratio (host time included).  `tile` is the paged call's
+kv tile: pages smaller than it are gathered per tile (codegen/ops.py physical_rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 
 import torch
-from bench_decode import graphed, timed  # CUDA graphs and CUDA-event medians, shared with the decode benchmark
+from bench_decode import ISSUE_ROWS, graphed, timed  # the issue's rows; CUDA graphs and CUDA-event medians
+from flexcomp.codegen import decode as decode_module
 
 import flexcomp as fc
 
-SHAPES = [(8, 16384), (8, 32768), (1, 131072), (64, 4096)]  # (batch, kv length)
-QUICK_SHAPES = [(2, 64), (1, 128)]
+QUICK_ROWS = [(2, 1, 64), (1, 3, 128)]
 PAGE_SIZES = (128, 16)
 
 
@@ -41,48 +46,76 @@ def paged_copy(k, v, page_size, device):
     return paged, k_cache, v_cache
 
 
-def bench_one(B, L, page_size, args, device, dtype):
+class DecodeLaunches:
+    """The decode kernel's launches while inside: (kv tile, fused merge) of each (codegen/decode.py DecodeLaunch)."""
+
+    def __enter__(self):
+        self.seen, self.run = [], decode_module.DecodeLaunch.run
+        seen, run = self.seen, self.run
+
+        def recorded(launch, tensors):
+            seen.append((launch.config.block_n, launch.kwargs["FUSED_MERGE"] or launch.splits == 1))
+            return run(launch, tensors)
+
+        decode_module.DecodeLaunch.run = recorded
+        return self
+
+    def __exit__(self, *exc):
+        decode_module.DecodeLaunch.run = self.run
+
+
+def bench_one(B, q_len, L, page_size, args, device, dtype):
+    """(contiguous ms, paged ms, eager paged/contiguous, the paged call's kv tile)."""
     Hq, Hkv, D = args.heads, args.kv_heads, args.head_dim
-    q = torch.randn(B, Hq, 1, D, dtype=dtype, device=device)
+    q = torch.randn(B, Hq, q_len, D, dtype=dtype, device=device)
     k, v = (torch.randn(B, Hkv, L, D, dtype=dtype, device=device) for _ in range(2))
-    logical = fc.create_block_mask(fc.noop_mask, B, None, 1, L, device=device)
+    logical = fc.create_block_mask(fc.noop_mask, B, None, q_len, L, device=device)
     paged, k_cache, v_cache = paged_copy(k, v, page_size, device)
     converted = paged.convert_logical_block_mask(logical, batch_idx=torch.arange(B, device=device))
 
+    backend = "triton" if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
+
     def contiguous():
-        return fc.flex_attention(q, k, v, enable_gqa=True)
+        return fc.flex_attention(q, k, v, enable_gqa=True, backend=backend)
+
+    options = {"BLOCK_N": args.paged_block_n} if args.paged_block_n else None
 
     def paged_run():
-        return fc.flex_attention(q, k_cache, v_cache, block_mask=converted, enable_gqa=True)
+        return fc.flex_attention(q, k_cache, v_cache, block_mask=converted, enable_gqa=True, backend=backend,
+                                 kernel_options=options)  # fmt: skip
 
-    torch.testing.assert_close(paged_run().float(), contiguous().float(), atol=2e-2, rtol=2e-2)
-    times = {}
-    for name, fn in (("contiguous", contiguous), ("paged", paged_run)):
-        times[name] = timed(fn, device, args.repeats, 1)
-        if device == "cuda":
-            times[name + " graph"] = timed(graphed(fn) or fn, device, args.repeats, 10)
-    return times
+    with DecodeLaunches() as launches:
+        torch.testing.assert_close(paged_run().float(), contiguous().float(), atol=2e-2, rtol=2e-2)
+    if backend == "triton":  # both through the decode kernel, merged in it
+        assert len(launches.seen) == 2 and all(fused for _, fused in launches.seen), launches.seen
+    eager = timed(paged_run, device, args.repeats, 1) / timed(contiguous, device, args.repeats, 1)
+    if device == "cuda":
+        contiguous, paged_run = graphed(contiguous) or contiguous, graphed(paged_run) or paged_run
+    times = timed(contiguous, device, args.repeats, args.inner), timed(paged_run, device, args.repeats, args.inner)
+    return *times, eager, launches.seen[0][0] if launches.seen else "-"  # the paged call ran first
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test")
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--inner", type=int, default=20)
+    parser.add_argument(
+        "--paged-block-n", type=int, help="the paged calls' kv tile (16: one page part a tile, for A/B)"
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    shapes, dtype = (QUICK_SHAPES, torch.float32) if args.quick else (SHAPES, torch.bfloat16)
+    rows, dtype = (QUICK_ROWS, torch.float32) if args.quick else (ISSUE_ROWS, torch.bfloat16)
     args.heads, args.kv_heads, args.head_dim = (4, 2, 16) if args.quick else (32, 8, 128)
-    args.repeats = 3 if args.quick else args.repeats
-    columns = ["contiguous graph", "paged graph", "contiguous", "paged"] if device == "cuda" else ["contiguous", "paged"]
-    print(f"{'B':>3} {'Lkv':>7} {'page':>5} " + " ".join(f"{c + ' ms':>18}" for c in columns)
-          + f" {'paged/contig':>12}" + (f" {'eager':>6}" if device == "cuda" else ""))
-    for B, L in shapes:
+    if args.quick:
+        args.repeats, args.inner = 3, 1
+    print("| B | Lq | Lkv | page | tile | contiguous us | paged us | paged/contiguous | eager |")
+    print("|---" * 9 + "|")
+    for B, q_len, L in rows:
         for page_size in PAGE_SIZES if not args.quick else (16, 32):
-            t = bench_one(B, L, page_size, args, device, dtype)
-            ratio = t[columns[1]] / t[columns[0]]
-            eager = f" {t['paged'] / t['contiguous']:>6.2f}" if device == "cuda" else ""
-            print(f"{B:>3} {L:>7} {page_size:>5} " + " ".join(f"{t[c]:>18.4f}" for c in columns)
-                  + f" {ratio:>12.3f}" + eager, flush=True)
+            contig_ms, paged_ms, eager, tile = bench_one(B, q_len, L, page_size, args, device, dtype)
+            print(f"| {B} | {q_len} | {L} | {page_size} | {tile} | {contig_ms * 1e3:.1f} | {paged_ms * 1e3:.1f} | "
+                  f"{paged_ms / contig_ms:.3f} | {eager:.2f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,27 +124,34 @@ class DecodeLaunch:
         has_full, table_values = tables
         self.args, self.kwargs = DECODE.bind({
             **values, **constexprs, **dict(zip(TABLE_NAMES, table_values, strict=True)),
-            "O_PART": Slot("o_part"), "L2_PART": Slot("l2_part"),
+            "O_PART": Slot("o_part"), "L2_PART": Slot("l2_part"), "ARRIVALS": Slot("arrivals"),
             "PACK": self.pack, "N_SPLITS": self.splits, "HAS_FULL": has_full,
+            "FUSED_MERGE": fused_merge(kernel_options) and self.splits > 1,
             "SPARSE_KV": sparse_kv, "TILES_PER_BLOCK": sparse_kv // self.config.block_n,
             "BLOCK_M": max(next_power_of_2(self.pack * shape.q_len), MIN_BLOCK), "BLOCK_N": self.config.block_n,
             "EVEN_KV": shape.kv_len % sparse_kv == 0 and not values.get("PAGE_SIZE"),  # a paged request ends anywhere
         })  # fmt: skip
         self.grid = (self.splits, programs)
         self.launch: PreparedLaunch | None = None
-        self.merge = merge_launch(shape, self.dv, self.splits, values) if self.splits > 1 else None
+        self.merge = None  # the separate merge launch, where the splits do not merge themselves
+        if self.splits > 1 and not self.kwargs["FUSED_MERGE"]:
+            self.merge = merge_launch(shape, self.dv, self.splits, values)
+        if self.kwargs["FUSED_MERGE"]:
+            reserve_graph_counters(device, programs)
 
     def run(self, tensors: dict[str, torch.Tensor]) -> None:
         """Attend into tensors["out"] and tensors["lse"] (allocated by the caller)."""
         parts = (self.shape.batch, self.shape.q_heads, self.shape.q_len, self.splits)
-        split = self.merge is not None  # else the kernel writes out and lse itself
+        split = self.splits > 1  # else the kernel writes out and lse itself
         tensors["o_part"] = torch.empty((*parts, self.dv) if split else (1,), dtype=torch.float32, device=self.device)
         tensors["l2_part"] = torch.empty(parts if split else (1,), dtype=torch.float32, device=self.device)
+        fused = self.kwargs["FUSED_MERGE"]
+        tensors["arrivals"] = arrival_counters(self.device, self.grid[1]) if fused else tensors["l2_part"]
         if self.launch is None:
             self.launch = self._first_launch(tensors)
         else:
             self.launch(tensors)
-        if split:
+        if self.merge is not None:
             self.merge(tensors)
 
     def _first_launch(self, tensors: dict[str, torch.Tensor]) -> PreparedLaunch:
@@ -155,6 +164,62 @@ class DecodeLaunch:
         return launches[stages]
 
 
+MERGES = ("fused", "separate")
+
+
+def fused_merge(kernel_options: dict | None) -> bool:
+    """Whether the last split of each row tile merges the splits (kernel_options DECODE_MERGE "fused", the
+    default) or a second launch does ("separate"; kept for the A/B in benchmarks/bench_decode.py --probe-window)."""
+    merge = (kernel_options or {}).get("DECODE_MERGE", "fused")
+    if merge not in MERGES:
+        raise ValueError(f"kernel_options DECODE_MERGE={merge!r} must be one of {MERGES}")
+    return merge == "fused"
+
+
+# The fused merge's arrival counters: int32, one per program of a split, zero between launches, with no memset.
+# Why that holds: the kernel zeroes every counter it counted on (the last split of a row tile, once all have
+# arrived), so a launch leaves its buffer as it found it, and two launches on one buffer must only not overlap:
+# - eager calls: one buffer per (device, stream); launches on one stream run one after the other, and each stream
+#   has its own, so calls on two streams may overlap.
+# - CUDA graphs: one buffer per device for every capture, zeroed before the capture (by the plan, made at the
+#   warm-up call torch requires before capturing): a graph replays without a memset node.  Graphs with decode calls
+#   must then not be replayed at once on two streams (DECODE_MERGE="separate" there).  A plan first called inside a
+#   capture gets zeros made in the graph (a memset node each replay: correct, slower).
+# A buffer is never freed (a grown one is kept beside its successor): a captured graph holds its address for life.
+GRAPHS = -1  # the stream key of the buffer captures use
+_ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least `count` int32 counters, zero, for a launch on the current stream of `device` (see above)."""
+    if device.type != "cuda":
+        return _counters((device, 0), count)  # the interpreter: one program at a time
+    if torch.cuda.is_current_stream_capturing():
+        counters = _ARRIVALS.get((device, GRAPHS))
+        if counters is None or counters.numel() < count:
+            return torch.zeros(count, dtype=torch.int32, device=device)  # a memset inside the graph
+        return counters
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _counters((device, torch._C._cuda_getCurrentRawStream(index)), count)
+
+
+def reserve_graph_counters(device: torch.device, count: int) -> None:
+    """Make the captures' buffer hold `count` counters (outside a capture: zeroed now, before any graph uses it)."""
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        _counters((device, GRAPHS), count)
+
+
+def _counters(key: tuple[torch.device, int], count: int) -> torch.Tensor:
+    counters = _ARRIVALS.get(key)
+    if counters is None or counters.numel() < count:
+        if counters is not None:
+            _RETIRED.append(counters)
+        size = max(next_power_of_2(count), 1024)  # doubling: what is retired stays under what is in use
+        counters = _ARRIVALS[key] = torch.zeros(size, dtype=torch.int32, device=key[0])
+    return counters
+
+
 def decode_config(dtype: torch.dtype, head_dim: int, sparse_kv: int, kernel_options: dict | None) -> DecodeConfig:
     """The default for the dtype and head dim (codegen/autotune.py DECODE_CONFIGS), less what kernel_options set."""
     base = default_decode_config(32 if dtype == torch.float32 else 16, head_dim)
@@ -165,14 +230,51 @@ def decode_config(dtype: torch.dtype, head_dim: int, sparse_kv: int, kernel_opti
 
 
 def merge_launch(shape: DecodeShape, dv: int, splits: int, values: dict[str, Any]) -> PreparedLaunch:
-    """out, lse <- the splits' outputs weighted by their share of the row's softmax mass (exact log-sum-exp).
+    """out, lse <- the splits' partials (merge_partials) in a launch of its own: the A/B twin of the fused merge.
     Prepared once: through Triton's own launch path its host time (~20 us) outlasted short decode steps."""
     out_strides = [values[n] for n in ("stride_ob", "stride_oh", "stride_om", "stride_od")]
     lse_strides = [values[n] for n in ("stride_lb", "stride_lh", "stride_lm")]
+    rows = shape.batch * shape.q_heads * shape.q_len
     args = [Slot("o_part"), Slot("l2_part"), Slot("out"), *out_strides, Slot("lse"), *lse_strides, shape.q_heads,
-            shape.q_len]  # fmt: skip
-    constexprs = {"N_SPLITS": splits, "DV": dv, "BLOCK_DV": max(next_power_of_2(dv), MIN_BLOCK), "num_warps": 4}
-    return PreparedLaunch(merge_splits, (shape.batch * shape.q_heads * shape.q_len,), args, constexprs)
+            shape.q_len, rows]  # fmt: skip
+    constexprs = {"N_SPLITS": splits, "ROWS": MERGE_ROWS, "DV": dv, "BLOCK_DV": max(next_power_of_2(dv), MIN_BLOCK),
+                  "num_warps": 4}  # fmt: skip
+    return PreparedLaunch(merge_splits, (-(-rows // MERGE_ROWS),), args, constexprs)
+
+
+MERGE_ROWS = 16  # rows of [B, H_Q, Q_LEN] per program of the separate merge
+
+
+@triton.jit
+def merge_partials(O_PART, L2_PART, part_row, row_in, N_SPLITS: tl.constexpr, ROWS: tl.constexpr, DV: tl.constexpr,
+                   BLOCK_DV: tl.constexpr):  # fmt: skip
+    """(out float32 [ROWS, BLOCK_DV], lse in natural log [ROWS]) of the rows whose partials start at
+    part_row * N_SPLITS in the workspaces: each split weighted by its share of the row's softmax mass (exact
+    log-sum-exp; a split with nothing unmasked has lse -inf and weight 0; a row with nothing anywhere gets 0 and
+    -inf).  Loads bypass L1 (.cg): in the fused merge other programs wrote them, and L1 is not coherent.
+    Both merges call this one function (pasted into the generated kernels' module): the same arithmetic, equal up
+    to the order a reduction takes in the compiled code (fp32 rounding)."""
+    splits = tl.arange(0, N_SPLITS)
+    cols = tl.arange(0, BLOCK_DV)
+    lse2 = tl.load(L2_PART + part_row[:, None] * N_SPLITS + splits[None, :], mask=row_in[:, None],
+                   other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+    m = tl.max(lse2, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    weight = tl.math.exp2(lse2 - m_safe[:, None])
+    total = tl.sum(weight, 1)
+    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
+    for s in range(N_SPLITS):
+        w = tl.sum(tl.where(splits[None, :] == s, weight, 0.0), 1)  # column s of weight
+        part = tl.load(O_PART + (part_row * N_SPLITS + s)[:, None] * DV + cols[None, :],
+                       mask=row_in[:, None] & (cols[None, :] < DV), other=0.0, cache_modifier=".cg")  # fmt: skip
+        acc += part * w[:, None]
+    empty = total == 0.0
+    out = acc / tl.where(empty, 1.0, total)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
+    return out, lse
+
+
+MERGE_SOURCE = textwrap.dedent(inspect.getsource(merge_partials.fn))  # for the generated module (forward_source.py)
 
 
 @triton.jit
@@ -190,28 +292,19 @@ def merge_splits(
     stride_lm,
     H_Q,
     Q_LEN,
+    N_ROWS,
     N_SPLITS: tl.constexpr,
+    ROWS: tl.constexpr,
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # one (batch, query head, query row)
-    q = row % Q_LEN
-    h = (row // Q_LEN) % H_Q
-    b = row // (Q_LEN * H_Q)
-    splits = tl.arange(0, N_SPLITS)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # rows of [B, H_Q, Q_LEN]
+    row_in = rows < N_ROWS
+    out, lse = merge_partials(O_PART, L2_PART, rows, row_in, N_SPLITS, ROWS, DV, BLOCK_DV)
+    q = rows % Q_LEN
+    h = (rows // Q_LEN) % H_Q
+    b = rows // (Q_LEN * H_Q)
     cols = tl.arange(0, BLOCK_DV)
-    lse2 = tl.load(L2_PART + row * N_SPLITS + splits)
-    m = tl.max(lse2, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    weight = tl.math.exp2(lse2 - m_safe)  # 0 for splits with nothing unmasked
-    total = tl.sum(weight, 0)
-    parts = tl.load(O_PART + (row * N_SPLITS + splits)[:, None] * DV + cols[None, :], mask=cols[None, :] < DV)
-    empty = total == 0.0
-    out = tl.sum(parts * weight[:, None], 0) / tl.where(empty, 1.0, total)
-    tl.store(
-        Out + b * stride_ob + h * stride_oh + q * stride_om + cols * stride_od,
-        out.to(Out.dtype.element_ty),
-        mask=cols < DV,
-    )
-    lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
-    tl.store(Lse + b * stride_lb + h * stride_lh + q * stride_lm, lse)
+    out_ptrs = Out + (b * stride_ob + h * stride_oh + q * stride_om)[:, None] + cols[None, :] * stride_od
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_in[:, None] & (cols[None, :] < DV))
+    tl.store(Lse + b * stride_lb + h * stride_lh + q * stride_lm, lse, mask=row_in)

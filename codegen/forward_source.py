@@ -20,6 +20,7 @@ from flexcomp.ir import arg, to_expr, to_text
 from flexcomp.mods import Mod
 from flexcomp.tiles import ClosedFormBounds
 
+from .decode import MERGE_SOURCE
 from .kernel_passes import shape
 from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, cast_f32, hoistable, render_block
 from .params import DECODE, FORWARD, TABLE_NAMES
@@ -139,6 +140,7 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
         "TABLE_ARGS": _args(list(TABLE_NAMES)),
         "FORWARD_PARAMS": FORWARD.render({"mod_buffers": score.buffers + mask.buffers}),  # the declaration in codegen/params.py
         "DECODE_PARAMS": DECODE.render({"mod_buffers": score.buffers + mask.buffers}),
+        "MERGE_PARTIALS": MERGE_SOURCE,
     }
     kernel = FORWARD_TEMPLATE + DECODE_TEMPLATE
     for key, value in fill.items():
@@ -368,8 +370,23 @@ def flex_forward_kernel(
 # Decoding: a few query rows against a long kv cache (codegen/decode.py chooses it and says why).  One program per
 # (split, batch, pack of PACK query heads sharing a kv head): every query row of those heads in one tile of rows,
 # so each K/V tile is read once for all of them, and the kv list cut into N_SPLITS parts so that short-q problems
-# still fill the GPU.  Same tiles, mods and lists as the forward; only the rows and the epilogue differ.
+# still fill the GPU.  Same tiles, mods and lists as the forward; only the rows and the epilogue differ.  The
+# merge of the splits' partials (decode.merge_partials) is pasted in: the last split of a row tile to finish runs it.
 DECODE_TEMPLATE = '''
+
+
+{MERGE_PARTIALS}
+
+
+@triton.jit
+def store_rows(Out, stride_ob, stride_oh, stride_om, stride_od, Lse, stride_lb, stride_lh, stride_lm,
+               b64, head_of_row, q_of_row, row_in, out, lse, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    \"\"\"The final out and lse (natural log) of a decode tile's rows: row r is query head head_of_row[r], row q_of_row[r].\"\"\"
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_off = head_of_row.to(tl.int64) * stride_oh + q_of_row * stride_om
+    tl.store(Out + b64 * stride_ob + row_off[:, None] + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
+             mask=row_in[:, None] & (offs_dv[None, :] < DV))
+    tl.store(Lse + b64 * stride_lb + head_of_row.to(tl.int64) * stride_lh + q_of_row * stride_lm, lse, mask=row_in)
 
 
 @triton.jit
@@ -450,13 +467,20 @@ def flex_decode_kernel(
     out = acc / l_safe[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
     if N_SPLITS == 1:
-        out_ptrs = (Out + b64 * stride_ob + (head_of_row.to(tl.int64) * stride_oh + q_of_row * stride_om)[:, None]
-                    + offs_dv[None, :] * stride_od)
-        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_in[:, None] & (offs_dv[None, :] < DV))
-        tl.store(Lse + b64 * stride_lb + head_of_row.to(tl.int64) * stride_lh + q_of_row * stride_lm,
-                 lse2 * 0.6931471805599453, mask=row_in)
+        store_rows(Out, stride_ob, stride_oh, stride_om, stride_od, Lse, stride_lb, stride_lh, stride_lm,
+                   b64, head_of_row, q_of_row, row_in, out, lse2 * 0.6931471805599453, DV, BLOCK_DV)
     else:  # workspaces [B, H_Q, Q_LEN, N_SPLITS(, DV)], contiguous
-        part = ((b64 * H_Q + head_of_row) * Q_LEN + q_of_row) * N_SPLITS + split
+        part_row = (b64 * H_Q + head_of_row) * Q_LEN + q_of_row
+        part = part_row * N_SPLITS + split
         tl.store(O_PART + part[:, None] * DV + offs_dv[None, :], out, mask=row_in[:, None] & (offs_dv[None, :] < DV))
         tl.store(L2_PART + part, lse2, mask=row_in)
+        if FUSED_MERGE:  # the last split of this row tile to finish merges every split's partial (no second launch)
+            tl.debug_barrier()  # every thread's stores issued before the arrival is counted (released with it)
+            arrived = tl.atomic_add(ARRIVALS + pid, 1, sem="acq_rel")
+            if arrived == N_SPLITS - 1:  # the others' stores are visible (acquired); merge_partials reads past L1
+                tl.debug_barrier()  # every thread's loads after the acquire (as inductor's grid barrier does)
+                out, lse = merge_partials(O_PART, L2_PART, part_row, row_in, N_SPLITS, BLOCK_M, DV, BLOCK_DV)
+                store_rows(Out, stride_ob, stride_oh, stride_om, stride_od, Lse, stride_lb, stride_lh, stride_lm,
+                           b64, head_of_row, q_of_row, row_in, out, lse, DV, BLOCK_DV)
+                tl.store(ARRIVALS + pid, 0)  # all splits have arrived: zero again for the next launch on this buffer
 '''

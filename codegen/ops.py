@@ -348,13 +348,20 @@ def paged_request(b, PAGE_TABLE, stride_pgb, KV_LENS, KV_LEN, PAGE_SIZE: tl.cons
 def physical_rows(start_n, offs_n, kv_in, page_row, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
     # the cache rows holding logical kv rows offs_n: themselves, or through the page table.  A page of at least a
     # tile (the host checks BLOCK_N divides it) costs one page-table read per tile and keeps the rows one
-    # contiguous run; smaller pages read one entry per row (BLOCK_N // PAGE_SIZE distinct, from L1), and each
-    # page's rows stay contiguous, so the loads remain vectorized along the head dim.
+    # contiguous run.  A tile of whole smaller pages (16-row pages under 64-row tiles) gathers its BLOCK_N //
+    # PAGE_SIZE page ids once per tile (4 int32 per 64 rows, beside 32 KiB of K and V at D=128 bf16), not one per
+    # row, and expands each to its page's rows; other page sizes read one entry per row (BLOCK_N // PAGE_SIZE
+    # distinct, from L1).  Each page's rows stay contiguous, so the loads remain vectorized along the head dim.
     if PAGE_SIZE == 0:
         rows = offs_n
     elif PAGE_SIZE >= BLOCK_N:
         page = tl.load(page_row + start_n // PAGE_SIZE).to(tl.int64)
         rows = page * PAGE_SIZE + (start_n % PAGE_SIZE) + tl.arange(0, BLOCK_N)
+    elif BLOCK_N % PAGE_SIZE == 0:  # start_n is a multiple of BLOCK_N, so the tile starts a page
+        pages_in = tl.sum(tl.reshape(kv_in.to(tl.int32), [BLOCK_N // PAGE_SIZE, PAGE_SIZE]), 1) > 0
+        slots = start_n // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
+        page = tl.load(page_row + slots, mask=pages_in, other=0).to(tl.int64)
+        rows = tl.reshape(page[:, None] * PAGE_SIZE + tl.arange(0, PAGE_SIZE)[None, :], [BLOCK_N])
     else:
         page = tl.load(page_row + offs_n // PAGE_SIZE, mask=kv_in, other=0).to(tl.int64)
         rows = page * PAGE_SIZE + offs_n % PAGE_SIZE

@@ -175,8 +175,10 @@ BACKWARD = Signature((
 
 
 # The split-KV decoding kernel (codegen/decode.py): the forward's inputs; out and lse when it runs unsplit, else each
-# split's normalized output and base-2 lse in float32 workspaces [B, H_Q, Q_LEN, N_SPLITS(, DV)], merged after.
-DECODE_PARTS = (scalars("O_PART", "L2_PART", kind="pointer"),)
+# split's normalized output and base-2 lse in float32 workspaces [B, H_Q, Q_LEN, N_SPLITS(, DV)], merged by the
+# last split of each row tile to arrive (FUSED_MERGE: ARRIVALS holds one int32 counter per program of a split, zero
+# between launches) or by a separate launch after.
+DECODE_PARTS = (scalars("O_PART", "L2_PART", "ARRIVALS", kind="pointer"),)
 
 DECODE = Signature((
     Q_TENSOR, K_TENSOR, V_TENSOR, FORWARD_OUT, FORWARD_LSE, *DECODE_PARTS,
@@ -184,7 +186,7 @@ DECODE = Signature((
     MOD_BUFFERS,
     (Param("sm_scale", "float"), *scalars("Q_LEN", "KV_LEN", "H_Q", "GQA_GROUP")),
     PAGED_KV,
-    constexprs("PACK", "N_SPLITS"),  # query heads packed into one program's rows (they share a kv head); kv splits
+    constexprs("PACK", "N_SPLITS", "FUSED_MERGE"),  # query heads packed per program (sharing a kv head); splits
     constexprs("HAS_SCORE_MOD", "USE_BOUNDS", "HAS_FULL"),
     constexprs("SPARSE_KV", "TILES_PER_BLOCK"),
     constexprs("BLOCK_M", "BLOCK_N"),

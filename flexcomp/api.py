@@ -26,14 +26,14 @@ BACKENDS = ("auto", "triton", "reference")
 # BLOCK_N1, BLOCK_M2, BLOCK_N2 (backward tiles), num_warps, num_stages, and BACKEND / FORCE_USE_FLEX_ATTENTION (the
 # decode kernel or not: codegen/decode.py); the rest are accepted and have no effect (hints and switches of torch's
 # own kernels; flexcomp's are always safe on fully masked rows).  `autotune`, `BACKWARD_DQ` (codegen/backward.py)
-# and `NUM_SPLITS` (the decode kernel's split count) are flexcomp's.
+# `NUM_SPLITS` (the decode kernel's split count) and `DECODE_MERGE` (its merge: "fused" or "separate") are flexcomp's.
 KERNEL_OPTIONS = (
     "BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "num_warps", "num_stages",
     "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "FORCE_USE_FLEX_ATTENTION", "USE_TMA",
     "kpack", "matrix_instr_nonkdim", "waves_per_eu", "BACKEND",
     "FOLD_SCALE", "REFINE_TILES", "PREFETCH_INDEX",  # flexcomp's switches (codegen/forward.py; the last two the
     # backward too), for A/B
-    "autotune", "BACKWARD_DQ", "ONE_BACKWARD_LAUNCH", "NUM_SPLITS",
+    "autotune", "BACKWARD_DQ", "ONE_BACKWARD_LAUNCH", "NUM_SPLITS", "DECODE_MERGE",
 )  # fmt: skip
 TORCH_BACKENDS = ("AUTO", "TRITON", "FLASH", "TRITON_DECODE")
 

@@ -33,14 +33,19 @@ def _qkv(randn, B, Hq, Hkv, Lq, Lkv, D=16, Dv=None, dtype=torch.float32):
             randn(B, Hkv, Lkv, Dv or D, dtype=dtype))  # fmt: skip
 
 
-def _check(q, k, v, decode_calls, splits=None, mask_fn=None, score_fn=None, **kwargs):
-    options = {"BACKEND": "TRITON_DECODE"} | ({"NUM_SPLITS": splits} if splits else {})
+def _check(q, k, v, decode_calls, splits=None, mask_fn=None, score_fn=None, merge="fused", **kwargs):
+    options = {"BACKEND": "TRITON_DECODE", "DECODE_MERGE": merge} | ({"NUM_SPLITS": splits} if splits else {})
     out, lse = fc.flex_attention(
         q, k, v, enable_gqa=True, return_lse=True, backend="triton", kernel_options=options, **kwargs
     )
     ref_out, ref_lse = naive_attention(q, k, v, score_fn=score_fn, mask_fn=mask_fn, enable_gqa=True)
     assert_close_to_reference(out, lse, ref_out, ref_lse, atol=TOL[q.dtype])
     assert decode_calls and decode_calls[-1] == (splits or decode_calls[-1])
+    return out, lse
+
+
+def _counters_zero():
+    return all(not counters.any() for counters in decode_module._ARRIVALS.values())
 
 
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
@@ -78,6 +83,40 @@ def test_fully_masked_rows(randn, decode_calls):
     _check(q, k, v, decode_calls, splits=4, mask_fn=skip_row_1, block_mask=block_mask)
     out = fc.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, backend="triton")
     assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("q_len", [1, 3, 16])
+def test_fused_merge_equals_separate(randn, decode_calls, group, q_len):
+    """The last split to arrive merges (fused) as the separate launch does, both against float64: a window at the
+    end of the cache leaves most of the 8 splits with nothing unmasked, and query row 1 sees nothing at all."""
+    q, k, v = _qkv(randn, 2, 8, 8 // group, q_len, 260)
+
+    def window_but_row_1(b, h, q_idx, kv_idx):
+        return (q_idx != 1) & (kv_idx <= q_idx + 240) & (q_idx + 240 - kv_idx < 30)
+
+    block_mask = fc.create_block_mask(window_but_row_1, None, None, q_len, 260, device="cpu", BLOCK_SIZE=(16, 16))
+    fused, separate = (_check(q, k, v, decode_calls, splits=8, mask_fn=window_but_row_1, block_mask=block_mask,
+                              merge=merge) for merge in ("fused", "separate"))  # fmt: skip
+    torch.testing.assert_close(fused, separate, atol=0, rtol=2e-7)  # one merge_partials: fp32 rounding at most
+    if q_len > 1:
+        assert torch.equal(fused[0][:, :, 1], torch.zeros_like(fused[0][:, :, 1]))
+        assert torch.isneginf(fused[1][:, :, 1]).all()
+    assert _counters_zero()
+
+
+def test_repeated_calls_find_the_counters_zero(randn, decode_calls):
+    """Every launch leaves the arrival counters it counted on at zero, so the next call (the same plan, or another
+    with more programs sharing the stream's counters) needs no memset."""
+    q, k, v = _qkv(randn, 2, 4, 2, 2, 130)
+    first = [_check(q, k, v, decode_calls, splits=4) for _ in range(2)]
+    assert torch.equal(first[0][0], first[1][0]) and _counters_zero()
+    wider = _qkv(randn, 3, 8, 1, 1, 70)
+    _check(*wider, decode_calls, splits=2)
+    _check(q, k, v, decode_calls, splits=4)
+    assert _counters_zero() and decode_calls[-4:] == [4, 4, 2, 4]
+    with pytest.raises(ValueError, match="DECODE_MERGE"):
+        _check(q, k, v, decode_calls, merge="after")
 
 
 def test_score_mod_with_captured_tensor_across_packed_heads(randn, decode_calls):

@@ -171,7 +171,7 @@ def test_kernels_read_pages_directly_with_the_logical_mods(randn, rng, monkeypat
     """flexcomp's converted mask and score_mod run as the logical mask and the user's score_mod over the page
     table; a score_mod that is not the PagedAttention's sees physical positions (torch's meaning) and so runs
     the converted mask."""
-    import flexcomp.codegen.forward as forward
+    from flexcomp.codegen import forward
 
     seen = []
     original = forward.paged_values
@@ -275,3 +275,28 @@ def test_gradients_through_the_paged_cache(randn, rng, backend):
     ref_grads = torch.autograd.grad((ref_out * dout.double()).sum(), (q, bias))
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want.double(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_decode_kernel_merges_splits_over_shuffled_pages(randn, rng, page_size):
+    """Decode steps over shuffled pages through the decode kernel, cut into 4 splits: the fused merge (the last
+    split to arrive) and the separate launch both equal float64 on the logical cache, and each other."""
+    from flexcomp.codegen import decode as decode_module
+
+    lengths = [45, 20, 61]
+    scene = Scene(fc.PagedAttention, randn, rng, lengths, page_size, n_pages=160 // page_size, dtype=torch.float32)
+    kv_len = torch.tensor(lengths)
+    q = randn(len(lengths), H, 2, D)
+    logical = fc.create_block_mask(fc.noop_mask, len(lengths), None, 2, scene.max_len(), device="cpu",
+                                   BLOCK_SIZE=(16, 16))  # fmt: skip
+    converted = scene.paged.convert_logical_block_mask(logical, batch_idx=torch.arange(len(lengths)), kv_len=kv_len)
+    outs = {}
+    for merge in ("fused", "separate"):
+        options = {"BACKEND": "TRITON_DECODE", "NUM_SPLITS": 4, "DECODE_MERGE": merge}
+        outs[merge] = fc.flex_attention(q, scene.k_cache, scene.v_cache, block_mask=converted, enable_gqa=True,
+                                        return_lse=True, backend="triton", kernel_options=options)  # fmt: skip
+    ref_out, ref_lse = naive_attention(q, scene.padded(scene.k), scene.padded(scene.v),
+                                       mask_fn=lambda b, h, qi, ki: ki < kv_len[b], enable_gqa=True)  # fmt: skip
+    assert_close_to_reference(*outs["fused"], ref_out, ref_lse)
+    torch.testing.assert_close(outs["fused"], outs["separate"], atol=0, rtol=2e-7)
+    assert all(not counters.any() for counters in decode_module._ARRIVALS.values())
