@@ -34,7 +34,7 @@ from flexcomp.mods import Mod
 
 from .kernel_passes import shape
 from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, identifier, render_block
-from .params import BACKWARD
+from .params import BACKWARD, Q_TABLE_NAMES, TABLE_NAMES
 
 SCORE_PREFIX, MASK_PREFIX, GRAD_PREFIX = "sb", "mb", "gb"
 
@@ -201,6 +201,7 @@ def backward_source(score_mod: Mod | None, mask_mod: Mod | None, grad_buffers: f
     signature = BACKWARD.render({"mod_buffers": mod_params, "grad_buffers": grad_list})  # codegen/params.py
     kernel = BACKWARD_TEMPLATE.replace("{BACKWARD_PARAMS}", signature).replace("{MOD_BUFFERS}", _args(mod_params))
     kernel = kernel.replace("{GRAD_BUFFERS}", grad_params)
+    kernel = kernel.replace("{Q_TABLES}", _args(list(Q_TABLE_NAMES))).replace("{KV_TABLES}", _args(list(TABLE_NAMES)))
     kernel = kernel.replace("{SCATTER}", scatter_call).replace("{SCATTER_KV}", scatter_kv_call)
     kernel = kernel.replace("{DSCORE}", render_dscore(score_mod))
     modded = render_modded_scores(score_mod, mask_mod)
@@ -323,14 +324,14 @@ def probabilities(a, b_op, lse2, b, h, q_idx, kv_idx, sm_scale, KV_LEN,
 def dkdv_tiles(
     dk, dv, k, v, Q, DO, LSE2, DELTA, DQ_ACC,
     stride_qm, stride_qd, stride_dom, stride_dod,
-    index_row, n_blocks, b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
+    n_partial, partial_row, stride_in, n_full, full_row, stride_fin,  # the q tiles: program_tiles' two lists
+    b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
     {MOD_BUFFERS}{GRAD_BUFFERS}
-    IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
-    SPARSE_Q: tl.constexpr, EVEN_Q: tl.constexpr,
+    EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr, SPARSE_Q: tl.constexpr, EVEN_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
-    """Accumulate dK (unscaled) and dV of one kv tile over the q tiles of `n_blocks` sparse q blocks;
+    """Accumulate dK (unscaled) and dV of one kv tile over its q tiles, the PARTIAL list then the FULL one;
     under ATOMIC_DQ also add each q tile's dQ contribution (unscaled) into the float32 rows at DQ_ACC
     and scatter the captured tensors' gradients (the dQ kernel then does not run).
 
@@ -341,37 +342,41 @@ def dkdv_tiles(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_idx = offs_n[:, None]
-    n_tiles = n_blocks * (SPARSE_Q // BLOCK_M)
-    ahead = walk_ahead(index_row, 1, 0, n_tiles, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
-    for i in range(0, n_tiles):
-        start_m, ahead = walk_step(index_row, 1, i, n_tiles, ahead, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_in = offs_m < Q_LEN
-        qt = load_tile(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                       q_in[None, :], offs_d[:, None] < D, not EVEN_Q, BLOCK_D != D)
-        do = load_tile(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                       q_in[:, None], offs_dv[None, :] < DV, not EVEN_Q, BLOCK_DV != DV)
-        lse2 = load_rows(LSE2 + offs_m, q_in, float("inf"), not EVEN_Q)
-        delta = load_rows(DELTA + offs_m, q_in, 0.0, not EVEN_Q)
-        p, score, dmod = probabilities(k, qt, lse2[None, :], b, h, offs_m[None, :], kv_idx, sm_scale, KV_LEN,
-                                       {MOD_BUFFERS}IS_FULL, EVEN_KV, FAST_TANH, DOT_PRECISION)
-        dv = mma(p.to(do.dtype), do, dv, DOT_PRECISION)
-        dp = mma(v, tl.trans(do), None, DOT_PRECISION)
-        ds = p * (dp - delta[None, :])
-        {DSCORE}
-        dscore_lp = dscore.to(qt.dtype)
-        dk = mma(dscore_lp, tl.trans(qt), dk, DOT_PRECISION)
-        if ATOMIC_DQ:  # dQ[q tile] += dS K, as dQ^T = K^T dS^T (k is in shared memory: its transpose is a view)
-            dq_t = mma(tl.trans(k), dscore_lp, None, DOT_PRECISION)
-            dq_ptrs = DQ_ACC + offs_m[None, :] * D + offs_d[:, None]
-            if EVEN_Q and BLOCK_D == D:
-                tl.atomic_add(dq_ptrs, dq_t, sem="relaxed")
-            elif EVEN_Q:
-                tl.atomic_add(dq_ptrs, dq_t, mask=offs_d[:, None] < D, sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq_t, mask=q_in[None, :] & (offs_d[:, None] < D), sem="relaxed")
-            q_idx = offs_m[None, :]
-            {SCATTER_KV}
+    for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
+        if part == 0:
+            index_row, stride_index, n_tiles = partial_row, stride_in, n_partial
+        else:
+            index_row, stride_index, n_tiles = full_row, stride_fin, n_full
+        ahead = walk_ahead(index_row, stride_index, 0, n_tiles, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
+        for i in range(0, n_tiles):
+            start_m, ahead = walk_step(index_row, stride_index, i, n_tiles, ahead, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q_in = offs_m < Q_LEN
+            qt = load_tile(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                           q_in[None, :], offs_d[:, None] < D, not EVEN_Q, BLOCK_D != D)
+            do = load_tile(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                           q_in[:, None], offs_dv[None, :] < DV, not EVEN_Q, BLOCK_DV != DV)
+            lse2 = load_rows(LSE2 + offs_m, q_in, float("inf"), not EVEN_Q)
+            delta = load_rows(DELTA + offs_m, q_in, 0.0, not EVEN_Q)
+            p, score, dmod = probabilities(k, qt, lse2[None, :], b, h, offs_m[None, :], kv_idx, sm_scale, KV_LEN,
+                                           {MOD_BUFFERS}part == 1, EVEN_KV, FAST_TANH, DOT_PRECISION)
+            dv = mma(p.to(do.dtype), do, dv, DOT_PRECISION)
+            dp = mma(v, tl.trans(do), None, DOT_PRECISION)
+            ds = p * (dp - delta[None, :])
+            {DSCORE}
+            dscore_lp = dscore.to(qt.dtype)
+            dk = mma(dscore_lp, tl.trans(qt), dk, DOT_PRECISION)
+            if ATOMIC_DQ:  # dQ[q tile] += dS K, as dQ^T = K^T dS^T (k is in shared memory: its transpose is a view)
+                dq_t = mma(tl.trans(k), dscore_lp, None, DOT_PRECISION)
+                dq_ptrs = DQ_ACC + offs_m[None, :] * D + offs_d[:, None]
+                if EVEN_Q and BLOCK_D == D:
+                    tl.atomic_add(dq_ptrs, dq_t, sem="relaxed")
+                elif EVEN_Q:
+                    tl.atomic_add(dq_ptrs, dq_t, mask=offs_d[:, None] < D, sem="relaxed")
+                else:
+                    tl.atomic_add(dq_ptrs, dq_t, mask=q_in[None, :] & (offs_d[:, None] < D), sem="relaxed")
+                q_idx = offs_m[None, :]
+                {SCATTER_KV}
     return dk, dv
 
 
@@ -385,7 +390,7 @@ def dkdv_program(
     LSE2, DELTA, DQ_ACC,
     DK_OUT, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     DV_OUT, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, table_b, table_h, table_rows, table_cols, full_table_cols,
+    {Q_TABLES}
     {MOD_BUFFERS}{GRAD_BUFFERS}
     sm_scale, Q_LEN, KV_LEN, H_Q, H_KV,
     GQA_GROUP: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
@@ -412,22 +417,18 @@ def dkdv_program(
     sparse_n = (pid_n * BLOCK_N) // SPARSE_KV
     for g in range(0, GQA_GROUP):  # dK, dV of a kv head sum over the q heads that read it
         h = h_kv * GQA_GROUP + g
-        row = (b * table_b + h * table_h) * table_rows + sparse_n
+        # the q tiles of this kv tile: row sparse_n of the q-major tables (no closed form: USE_BOUNDS False)
+        n_partial, n_full, _, _, _, partial_row, _, full_row = program_tiles(
+            0, 0, 0, 0, b, h, sparse_n, {Q_TABLES}Q_LEN, False, True, BLOCK_M, SPARSE_Q // BLOCK_M)
         Q_bh = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
         DO_bh = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh
         lse_row = (b64 * H_Q + h) * Q_LEN
         dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE2 + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D,
                             stride_qm, stride_qd, stride_dom, stride_dod,
-                            Q_IDX + row * table_cols, tl.load(Q_NUM + row), b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
+                            n_partial, partial_row, stride_qin, n_full, full_row, stride_qfin,
+                            b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
                             {MOD_BUFFERS}{GRAD_BUFFERS}
-                            False, EVEN_KV, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                            ATOMIC_DQ, PREFETCH_INDEX)
-        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE2 + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D,
-                            stride_qm, stride_qd, stride_dom, stride_dod,
-                            FULL_Q_IDX + row * full_table_cols, tl.load(FULL_Q_NUM + row), b, h, offs_n, sm_scale,
-                            Q_LEN, KV_LEN,
-                            {MOD_BUFFERS}{GRAD_BUFFERS}
-                            True, EVEN_KV, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                            EVEN_KV, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
                             ATOMIC_DQ, PREFETCH_INDEX)
     store_tile(DK_OUT + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
                + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK_OUT.dtype.element_ty),
@@ -441,31 +442,35 @@ def dkdv_program(
 def dq_tiles(
     dq, q, do, lse2, delta, K, V,
     stride_kn, stride_kd, stride_vn, stride_vd,
-    index_row, n_blocks, b, h, offs_m, sm_scale, KV_LEN,
+    n_partial, partial_row, stride_in, n_full, full_row, stride_fin,  # the kv tiles: program_tiles' two lists
+    b, h, offs_m, sm_scale, KV_LEN,
     {MOD_BUFFERS}{GRAD_BUFFERS}slot,
-    IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
-    SPARSE_KV: tl.constexpr,
+    EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
-    """Accumulate dQ (unscaled) of one q tile over the kv tiles of `n_blocks` sparse kv blocks.
+    """Accumulate dQ (unscaled) of one q tile over its kv tiles, the PARTIAL list then the FULL one.
     EVEN_KV: KV_LEN is a multiple of SPARSE_KV, so no kv tile of a listed block reaches past it."""
     q_idx = offs_m[:, None]
-    n_tiles = n_blocks * (SPARSE_KV // BLOCK_N)
-    ahead = walk_ahead(index_row, 1, 0, n_tiles, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
-    for i in range(0, n_tiles):
-        start_n, ahead = walk_step(index_row, 1, i, n_tiles, ahead, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, not EVEN_KV)
-        vt = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, True, not EVEN_KV)
-        kv_idx = offs_n[None, :]
-        p, score, dmod = probabilities(q, kt, lse2[:, None], b, h, q_idx, kv_idx, sm_scale, KV_LEN,
-                                       {MOD_BUFFERS}IS_FULL, EVEN_KV, FAST_TANH, DOT_PRECISION)
-        dp = mma(do, vt, None, DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        {DSCORE}
-        dq = mma(dscore.to(q.dtype), tl.trans(kt), dq, DOT_PRECISION)
-        {SCATTER}
+    for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
+        if part == 0:
+            index_row, stride_index, n_tiles = partial_row, stride_in, n_partial
+        else:
+            index_row, stride_index, n_tiles = full_row, stride_fin, n_full
+        ahead = walk_ahead(index_row, stride_index, 0, n_tiles, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
+        for i in range(0, n_tiles):
+            start_n, ahead = walk_step(index_row, stride_index, i, n_tiles, ahead, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, not EVEN_KV)
+            vt = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, True, not EVEN_KV)
+            kv_idx = offs_n[None, :]
+            p, score, dmod = probabilities(q, kt, lse2[:, None], b, h, q_idx, kv_idx, sm_scale, KV_LEN,
+                                           {MOD_BUFFERS}part == 1, EVEN_KV, FAST_TANH, DOT_PRECISION)
+            dp = mma(do, vt, None, DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            {DSCORE}
+            dq = mma(dscore.to(q.dtype), tl.trans(kt), dq, DOT_PRECISION)
+            {SCATTER}
     return dq
 
 
@@ -478,7 +483,7 @@ def dq_program(
     DO, stride_dob, stride_doh, stride_dom, stride_dod,
     LSE2, DELTA,
     DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, table_b, table_h, table_rows, table_cols, full_table_cols,
+    {KV_TABLES}
     {MOD_BUFFERS}{GRAD_BUFFERS}
     sm_scale, Q_LEN, KV_LEN, H_Q,
     GQA_GROUP: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
@@ -508,17 +513,14 @@ def dq_program(
     delta = load_rows(DELTA + lse_row + offs_m, q_in, 0.0, not EVEN_Q)
     K_bh = K + b64 * stride_kb + h_kv64 * stride_kh
     V_bh = V + b64 * stride_vb + h_kv64 * stride_vh
-    row = (b * table_b + h * table_h) * table_rows + (pid_m * BLOCK_M) // SPARSE_Q
+    # the kv tiles of this q tile: a row of the kv-major tables, as the forward's (no closed form: USE_BOUNDS False)
+    n_partial, n_full, _, _, _, partial_row, _, full_row = program_tiles(
+        0, 0, 0, 0, b, h, (pid_m * BLOCK_M) // SPARSE_Q, {KV_TABLES}KV_LEN, False, True, BLOCK_N, SPARSE_KV // BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
-                  KV_IDX + row * table_cols, tl.load(KV_NUM + row), b, h, offs_m, sm_scale, KV_LEN,
+                  n_partial, partial_row, stride_in, n_full, full_row, stride_fin, b, h, offs_m, sm_scale, KV_LEN,
                   {MOD_BUFFERS}{GRAD_BUFFERS}slot,
-                  False, EVEN_KV, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                  DETERMINISTIC, PREFETCH_INDEX)
-    dq = dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
-                  FULL_KV_IDX + row * full_table_cols, tl.load(FULL_KV_NUM + row), b, h, offs_m, sm_scale, KV_LEN,
-                  {MOD_BUFFERS}{GRAD_BUFFERS}slot,
-                  True, EVEN_KV, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                  EVEN_KV, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
                   DETERMINISTIC, PREFETCH_INDEX)
     store_tile(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
@@ -550,8 +552,7 @@ def flex_bwd(
                          V, stride_vb, stride_vh, stride_vn, stride_vd, DO, stride_dob, stride_doh, stride_dom,
                          stride_dod, LSE2, DELTA, DQ_ACC, DK_OUT, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                          DV_OUT, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                         Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, q_table_b, q_table_h, q_table_rows, q_table_cols,
-                         q_full_table_cols,
+                         {Q_TABLES}
                          {MOD_BUFFERS}{GRAD_BUFFERS}
                          sm_scale, Q_LEN, KV_LEN, H_Q, H_KV,
                          GQA_GROUP, SPARSE_Q1, SPARSE_KV1, BLOCK_M1, BLOCK_N1, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
@@ -564,8 +565,7 @@ def flex_bwd(
                        Q, stride_qb, stride_qh, stride_qm, stride_qd, K, stride_kb, stride_kh, stride_kn, stride_kd,
                        V, stride_vb, stride_vh, stride_vn, stride_vd, DO, stride_dob, stride_doh, stride_dom,
                        stride_dod, LSE2, DELTA, DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                       KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, kv_table_b, kv_table_h, kv_table_rows, kv_table_cols,
-                       kv_full_table_cols,
+                       {KV_TABLES}
                        {MOD_BUFFERS}{GRAD_BUFFERS}
                        sm_scale, Q_LEN, KV_LEN, H_Q,
                        GQA_GROUP, SPARSE_Q2, SPARSE_KV2, BLOCK_M2, BLOCK_N2, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
