@@ -283,6 +283,42 @@ def attend_tiles(
 
 
 @triton.jit
+def attend_lists(
+    acc, l_i, m_i, q,
+    K, stride_kn, stride_kd,
+    V, stride_vn, stride_vd,
+    b, h, q_idx, sm_scale, KV_LEN,
+    n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row,  # program_tiles' two lists
+    stride_in, stride_fin,  # the block mask's kv_indices rows, walked unless USE_BOUNDS
+    split,  # this program's part of each list when they are cut into N_SPLITS (split-KV decoding)
+    {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
+    USE_BOUNDS: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, SPARSE_KV: tl.constexpr, N_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
+):
+    \"\"\"Online softmax over a program's kv tiles: its PARTIAL list, then its FULL one (attend_tiles per list).\"\"\"
+    for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
+        if part == 0:  # two runs of consecutive tiles (USE_BOUNDS), else a kv_indices row
+            n_tiles, run_lo, n_run, run2_lo, index_row, stride_index = (n_partial, first_lo, n_first, second_lo,
+                                                                         partial_row, stride_in)
+        else:  # one run
+            n_tiles, run_lo, n_run, run2_lo, index_row, stride_index = (n_full, full_lo, n_full, full_lo,
+                                                                         full_row, stride_fin)
+        i_lo, i_hi = split_tiles(n_tiles, split, N_SPLITS)
+        acc, l_i, m_i = attend_tiles(
+            acc, l_i, m_i, q, K, stride_kn, stride_kd, V, stride_vn, stride_vd, b, h, q_idx, sm_scale, KV_LEN,
+            i_lo, i_hi, run_lo, n_run, run2_lo, index_row, stride_index,
+            {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
+            part == 1, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, SPARSE_KV // BLOCK_N,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
+            FOLD_SCALE, PREFETCH_INDEX,
+        )
+    return acc, l_i, m_i
+
+
+@triton.jit
 def flex_forward_kernel(
 {FORWARD_PARAMS}
 ):
@@ -324,25 +360,12 @@ def flex_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = attend_tiles(
-        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, q_idx, sm_scale, KV_LEN,
-        0, n_partial, first_lo, n_first, second_lo,
-        partial_row, stride_in,
+    acc, l_i, m_i = attend_lists(
+        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, KV_LEN,
+        n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row, stride_in, stride_fin, 0,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-        False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-        FOLD_SCALE, PREFETCH_INDEX,
-    )
-    acc, l_i, m_i = attend_tiles(
-        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, q_idx, sm_scale, KV_LEN,
-        0, n_full, full_lo, n_full, full_lo,
-        full_row, stride_fin,
-        {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-        True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-        FOLD_SCALE, PREFETCH_INDEX,
+        USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, 1, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+        not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE, PREFETCH_INDEX,
     )
 
     # a fully masked row has l = 0: output 0 and lse -inf, never 0/0

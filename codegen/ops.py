@@ -384,9 +384,13 @@ def program_tiles(lo, hi, full_lo, full_hi, b, h, row,
 @triton.jit
 def split_tiles(n_tiles, split, N_SPLITS: tl.constexpr):
     # [lo, hi): split `split`'s share of a list of n_tiles tiles cut into N_SPLITS near-equal consecutive parts
-    per_split = tl.cdiv(n_tiles, N_SPLITS)
-    lo = tl.minimum(split * per_split, n_tiles)
-    return lo, tl.minimum(lo + per_split, n_tiles)
+    if N_SPLITS == 1:  # the whole list (the forward): no arithmetic
+        lo, hi = 0, n_tiles
+    else:
+        per_split = tl.cdiv(n_tiles, N_SPLITS)
+        lo = tl.minimum(split * per_split, n_tiles)
+        hi = tl.minimum(lo + per_split, n_tiles)
+    return lo, hi
 
 
 @triton.jit
