@@ -113,3 +113,32 @@ def test_launches_bind_every_declared_name(randn, monkeypatch):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
     for got, want in zip((q.grad, k.grad, v.grad), leaves, strict=True):
         torch.testing.assert_close(got.double(), want.grad, atol=1e-4, rtol=1e-4)
+
+
+def called(source: str, function: str) -> set[str]:
+    """The names of the functions `function` calls in a generated file."""
+    (fn,) = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name == function]
+    return {node.func.id for node in ast.walk(fn) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+
+
+def table_reads(source: str) -> set[str]:
+    """The generated functions that load from a block table (a parameter named like KV_NUM, FULL_Q_IDX, ...)."""
+    readers = set()
+    for fn in (node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)):
+        for call in (node for node in ast.walk(fn) if isinstance(node, ast.Call)):
+            loaded = ast.unparse(call.args[0]) if ast.unparse(call.func) == "tl.load" and call.args else ""
+            if any(table in loaded for table in ("_NUM", "_IDX")):
+                readers.add(fn.name)
+    return readers
+
+
+def test_every_program_gets_its_tiles_from_program_tiles(randn):
+    """Issue 18: one helper turns bounds or block tables into a program's tile lists, whichever axis it walks."""
+    score, mask = biased_mods(randn(4))
+    forward, backward = forward_source(score, mask, None), backward_source(score, mask, frozenset({"bias"}))
+    for source, program in ((forward, "flex_forward_kernel"), (forward, "flex_decode_kernel"),
+                            (backward, "dkdv_program"), (backward, "dq_program")):  # fmt: skip
+        assert "program_tiles" in called(source, program), program
+    assert table_reads(forward) == table_reads(backward) == {"program_tiles"}
+    assert called(forward, "flex_forward_kernel") >= {"attend_lists"}  # both lists walked from one call
+    assert {"dkdv_tiles", "dq_tiles"} <= called(backward, "dkdv_program") | called(backward, "dq_program")
