@@ -466,9 +466,8 @@ def flex_bwd(
                     DO + b64 * stride_dob + h.to(tl.int64) * stride_doh,
                     LSE2 + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D, stride_qm, stride_qd, stride_dom, stride_dod,
                     n_partial, partial_row, stride_qin, n_full, full_row, stride_qfin, b, h, offs_n, sm_scale, Q_LEN,
-                    KV_LEN, {MOD_BUFFERS}{GRAD_BUFFERS}
-                    EVEN_KV1, FAST_TANH, SPARSE_Q1, EVEN_Q1, BLOCK_M1, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                    ATOMIC_DQ, PREFETCH_INDEX1)
+                    KV_LEN, {MOD_BUFFERS}{GRAD_BUFFERS}EVEN_KV1, FAST_TANH, SPARSE_Q1, EVEN_Q1, BLOCK_M1, BLOCK_D,
+                    BLOCK_DV, D, DV, DOT_PRECISION, ATOMIC_DQ, PREFETCH_INDEX1)
             store_tile(DK_OUT + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
                        + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK_OUT.dtype.element_ty),
                        kv_in[:, None], offs_d[None, :] < D, not EVEN_KV1, BLOCK_D != D)
