@@ -129,7 +129,7 @@ def compile_forward(variant: str, D: int, block: tuple[int, int], warps: int, st
                   "BLOCK_N": block[1], "BLOCK_D": D, "BLOCK_DV": D, "D": D, "DV": D, "DOT_PRECISION": "tf32",
                   "EVEN_Q": True, "EVEN_KV": True, "FAST_TANH": score is not None,
                   "USE_TMA": False, "FLOAT_INDEX": variant == "alibi", "FOLD_SCALE": score is None,
-                  "PREFETCH_INDEX": False}
+                  "PREFETCH_INDEX": False, "ROW_ALIGN": 8}  # contiguous 16-bit rows: 16-byte vectors
     constexprs.update(extra)
     missing = [p for p in params if p.isupper() and p not in constexprs and inspect.signature(kernel.fn).parameters[
         p].default is not inspect.Parameter.empty]
