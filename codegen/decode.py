@@ -126,7 +126,7 @@ class DecodeLaunch:
             "PACK": self.pack, "N_SPLITS": self.splits, "HAS_FULL": has_full,
             "SPARSE_KV": sparse_kv, "TILES_PER_BLOCK": sparse_kv // self.config.block_n,
             "BLOCK_M": max(next_power_of_2(self.pack * shape.q_len), MIN_BLOCK), "BLOCK_N": self.config.block_n,
-            "EVEN_KV": shape.kv_len % sparse_kv == 0,
+            "EVEN_KV": shape.kv_len % sparse_kv == 0 and not values.get("PAGE_SIZE"),  # a paged request ends anywhere
         })  # fmt: skip
         self.grid = (self.splits, programs)
         self.launch: PreparedLaunch | None = None

@@ -107,8 +107,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: 
         raise BackendError(f"head dims up to {MAX_HEAD_DIM} are supported; got D={q.shape[-1]}, Dv={v.shape[-1]}")
 
 
-def check_block_mask(block_mask: Any, q: torch.Tensor, k: torch.Tensor) -> None:
-    q_len, kv_len = q.shape[-2], k.shape[-2]
+def check_block_mask(block_mask: Any, q: torch.Tensor, kv_len: int) -> None:
+    q_len = q.shape[-2]
     block_mask_q_len, block_mask_kv_len = block_mask.seq_lengths
     if (q_len, kv_len) != (block_mask_q_len, block_mask_kv_len):
         raise ValueError(f"block mask built for other lengths: {q_len=}, {kv_len=} but "
@@ -169,7 +169,9 @@ class ForwardPlan:
         check_inputs(q, k, v, enable_gqa)
         check_buffers(buffers, q.device)
         block_mask = block_mask if block_mask is not None else dense_block_mask(q, k)
-        check_block_mask(block_mask, q, k)
+        paged = getattr(block_mask, "paged", None)  # flexcomp.paging.PagedView: K/V are a paged cache
+        Lkv = paged.kv_len if paged is not None else k.shape[2]
+        check_block_mask(block_mask, q, Lkv)
         scale = scale if scale is not None else q.shape[-1] ** -0.5
         mask_mod = block_mask.mask_mod
         if not isinstance(mask_mod, Mod) or (score_mod is not None and not isinstance(score_mod, Mod)):
@@ -177,7 +179,7 @@ class ForwardPlan:
         self.mods = (score_mod, mask_mod)  # kept alive: the plan's key holds their ids
         bounds = getattr(block_mask, "bounds", None)
         B, Hq, Lq, D = q.shape
-        Hkv, Lkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        Hkv, Dv = k.shape[1], v.shape[-1]
         self.out_shape, self.lse_shape, self.dtype, self.device = (B, Hq, Lq, Dv), (B, Hq, Lq), q.dtype, q.device
         self.sparse = sparse_q, sparse_kv = block_size(block_mask)
         self.sparse_mask = is_sparse(block_mask, bounds)
@@ -203,6 +205,7 @@ class ForwardPlan:
             **bind_tensor(FORWARD_LSE, Slot("lse"), contiguous_strides(self.lse_shape)),
             "mod_buffers": [x for name, t in buffers for x in slot_args(name, t)],
             "sm_scale": float(scale), "Q_LEN": Lq, "KV_LEN": Lkv, "H_Q": Hq, "GQA_GROUP": Hq // Hkv,
+            **paged_values(paged, q),
         }  # fmt: skip
         self.constexprs = {
             "HAS_SCORE_MOD": score_mod is not None, "USE_BOUNDS": bounds is not None,
@@ -221,7 +224,7 @@ class ForwardPlan:
                 **self.constexprs,  # its rows reach q_idx up to Lq + MAX_PACKED_ROWS (padding rows)
                 "FLOAT_INDEX": float_index(score_mod, B, Hq, Lq + MAX_PACKED_ROWS, Lkv + sparse_kv),
             }, self.tables[self.sparse], sparse_kv, kernel_options)
-        self.tma_layout = tma_layout_ok(k, v) and not self.interpreted
+        self.tma_layout = tma_layout_ok(k, v) and not self.interpreted and paged is None
         self.kernel_options, self.dims = kernel_options, (D, Dv, Lq, Lkv, Hq // Hkv)
         self.launches: dict[LaunchConfig, PreparedLaunch] = {}
         self.fitted: LaunchConfig | None = None  # the config that ran, once one has
@@ -257,7 +260,8 @@ class ForwardPlan:
                 "HAS_FULL": has_full, "SPARSE_Q": sparse[0], "SPARSE_KV": sparse[1],
                 "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "TILES_PER_BLOCK": sparse[1] // config.block_n,
                 "EVEN_Q": Lq % config.block_m == 0,
-                "EVEN_KV": Lkv % sparse[1] == 0,  # every kv tile in bounds (a table walk visits whole sparse blocks)
+                # every kv tile in bounds (a table walk visits whole sparse blocks; a paged request ends anywhere)
+                "EVEN_KV": Lkv % sparse[1] == 0 and self.values["PAGE_SIZE"] == 0,
                 "USE_TMA": config.use_tma and self._tma_possible(),
                 "PREFETCH_INDEX": not self.constexprs["USE_BOUNDS"]
                 and prefetch_index(config.num_stages, config.num_warps, self.sparse_mask, self.kernel_options),
@@ -282,6 +286,16 @@ class ForwardPlan:
         return autotune.tuned_config(tune_key, list(dict.fromkeys(configs)) or [self.config],
                                      lambda c: self._launch(c)(tensors),
                                      on_gpu=self.device.type == "cuda" and not self.interpreted)
+
+
+def paged_values(paged: Any, q: torch.Tensor) -> dict[str, Any]:
+    """The PAGED_KV arguments (codegen/params.py): a PagedView's page-table rows and request lengths, or stand-ins
+    that the kernel never reads (PAGE_SIZE 0)."""
+    if paged is None:
+        stand_in = _stand_in(q.device)
+        return {"PAGE_TABLE": stand_in, "stride_pgb": 0, "KV_LENS": stand_in, "PAGE_SIZE": 0}
+    return {"PAGE_TABLE": paged.page_rows, "stride_pgb": paged.page_rows.stride(0), "KV_LENS": paged.lengths,
+            "PAGE_SIZE": paged.page_size}  # fmt: skip
 
 
 def tiles_per_head(block_mask: Any, bounds: ClosedFormBounds | None) -> bool:

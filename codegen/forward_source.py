@@ -189,9 +189,9 @@ def attend_tiles(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr, page_row=None, PAGE_SIZE: tl.constexpr = 0,
 ):
-    \"\"\"Online softmax over the kv tiles [i_lo, i_hi) of one list.\"\"\"
+    \"\"\"Online softmax over the kv tiles [i_lo, i_hi) of one list; PAGE_SIZE > 0: K/V through a page table.\"\"\"
     qk_scale = sm_scale * 1.4426950408889634  # scores in base 2
     if USE_TMA:  # Hopper's bulk tensor copies for K and V (host checked 16-byte alignment, unit last stride)
         k_desc = tl.make_tensor_descriptor(K, [KV_LEN, D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
@@ -211,7 +211,8 @@ def attend_tiles(
         if USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
             kt = tl.trans(k_desc.load([start_n, 0]))
         else:
-            kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, CHECK_KV)
+            kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, CHECK_KV,
+                              page_row, PAGE_SIZE)
         qk = mma(q, kt, None, DOT_PRECISION)
         kv_idx = offs_n[None, :]
         if HAS_SCORE_MOD:  # score_mod(q.k * scale) * log2(e), the scalings folded into the mod (codegen/base2.py)
@@ -255,7 +256,8 @@ def attend_tiles(
         if USE_TMA:
             v = v_desc.load([start_n, 0])
         else:
-            v = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, False, CHECK_KV)
+            v = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, False, CHECK_KV,
+                             page_row, PAGE_SIZE)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -270,12 +272,13 @@ def attend_lists(
     n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row,  # program_tiles' two lists
     stride_in, stride_fin,  # the block mask's kv_indices rows, walked unless USE_BOUNDS
     split,  # this program's part of each list when they are cut into N_SPLITS (split-KV decoding)
+    page_row,  # PAGE_SIZE > 0: the request's page-table row (paged_request)
     {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
     USE_BOUNDS: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, SPARSE_KV: tl.constexpr, N_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
     \"\"\"Online softmax over a program's kv tiles: its PARTIAL list, then its FULL one (attend_tiles per list).\"\"\"
     for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
@@ -292,7 +295,7 @@ def attend_lists(
             {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
             part == 1, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, SPARSE_KV // BLOCK_N,
             BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-            FOLD_SCALE, PREFETCH_INDEX,
+            FOLD_SCALE, PREFETCH_INDEX, page_row, PAGE_SIZE,
         )
     return acc, l_i, m_i
 
@@ -321,6 +324,7 @@ def flex_forward_kernel(
                   offs_m[:, None] < Q_LEN, offs_d[None, :] < D, not EVEN_Q, BLOCK_D != D)
     K_bh = K + b64 * stride_kb + kv_h64 * stride_kh
     V_bh = V + b64 * stride_vb + kv_h64 * stride_vh
+    page_row, kv_len = paged_request(b, PAGE_TABLE, stride_pgb, KV_LENS, KV_LEN, PAGE_SIZE)
 
     q_idx = offs_m[:, None]
     {SCORE_HOISTED_LHS} = score_mod_hoisted(b, h, q_idx, sm_scale, {SCORE_BUFFERS})
@@ -340,11 +344,12 @@ def flex_forward_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = attend_lists(
-        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, KV_LEN,
+        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, kv_len,
         n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row, stride_in, stride_fin, 0,
+        page_row,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, 1, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-        not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE, PREFETCH_INDEX,
+        not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE, PREFETCH_INDEX, PAGE_SIZE,
     )
 
     # a fully masked row has l = 0: output 0 and lse -inf, never 0/0
@@ -397,6 +402,7 @@ def flex_decode_kernel(
                   row_in[:, None], offs_d[None, :] < D, True, BLOCK_D != D)
     K_bh = K + b64 * stride_kb + kv_h64 * stride_kh
     V_bh = V + b64 * stride_vb + kv_h64 * stride_vh
+    page_row, kv_len = paged_request(b, PAGE_TABLE, stride_pgb, KV_LENS, KV_LEN, PAGE_SIZE)
 
     q_idx = q_of_row[:, None]
     if PACK == 1:
@@ -423,23 +429,23 @@ def flex_decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, q_idx, sm_scale, KV_LEN,
+        b, h, q_idx, sm_scale, kv_len,
         partial_lo, partial_hi, first_lo, n_first, second_lo,
         partial_row, stride_in,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, False, FLOAT_INDEX,
-        FOLD_SCALE, PREFETCH_INDEX,
+        FOLD_SCALE, PREFETCH_INDEX, page_row, PAGE_SIZE,
     )
     acc, l_i, m_i = attend_tiles(
         acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, q_idx, sm_scale, KV_LEN,
+        b, h, q_idx, sm_scale, kv_len,
         full_i_lo, full_i_hi, full_lo, n_full, full_lo,
         full_row, stride_fin,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
         True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, False, FLOAT_INDEX,
-        FOLD_SCALE, PREFETCH_INDEX,
+        FOLD_SCALE, PREFETCH_INDEX, page_row, PAGE_SIZE,
     )
 
     # a row with nothing unmasked in this split has l = 0: output 0 and lse -inf (the merge weighs it 0)

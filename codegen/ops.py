@@ -312,20 +312,53 @@ def load_tile(ptrs, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.c
 
 @triton.jit
 def load_kv_tile(head, start_n, stride_n, stride_d, KV_LEN, BLOCK_N: tl.constexpr, BLOCK_COLS: tl.constexpr,
-                 COLS: tl.constexpr, TRANSPOSED: tl.constexpr, CHECK_ROWS: tl.constexpr):
+                 COLS: tl.constexpr, TRANSPOSED: tl.constexpr, CHECK_ROWS: tl.constexpr,
+                 page_row=None, PAGE_SIZE: tl.constexpr = 0):
     # kv rows [start_n, start_n + BLOCK_N) x head-dim columns of one head's K or V (`head` points at its row 0),
-    # zero past KV_LEN and COLS: the one place a kernel addresses K/V (a page table would change only this).
+    # zero past KV_LEN and COLS: the one place a kernel addresses K/V.
     # TRANSPOSED gives [BLOCK_COLS, BLOCK_N], the operand of q @ k^T, loaded in that layout (not a tl.trans).
+    # PAGE_SIZE > 0: the rows are logical positions of a paged cache, read through `page_row` (the request's
+    # page table row: logical page -> physical page); rows past KV_LEN are never read (CHECK_ROWS is set).
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_COLS)
     kv_in = offs_n < KV_LEN
+    rows = physical_rows(start_n, offs_n, kv_in, page_row, BLOCK_N, PAGE_SIZE)
     if TRANSPOSED:
-        x = load_tile(head + offs_n[None, :] * stride_n + offs_c[:, None] * stride_d,
+        x = load_tile(head + rows[None, :] * stride_n + offs_c[:, None] * stride_d,
                       kv_in[None, :], offs_c[:, None] < COLS, CHECK_ROWS, BLOCK_COLS != COLS)
     else:
-        x = load_tile(head + offs_n[:, None] * stride_n + offs_c[None, :] * stride_d,
+        x = load_tile(head + rows[:, None] * stride_n + offs_c[None, :] * stride_d,
                       kv_in[:, None], offs_c[None, :] < COLS, CHECK_ROWS, BLOCK_COLS != COLS)
     return x
+
+
+@triton.jit
+def paged_request(b, PAGE_TABLE, stride_pgb, KV_LENS, KV_LEN, PAGE_SIZE: tl.constexpr):
+    # (request b's page-table row, its kv length): a paged request's rows end where its pages (or its length as
+    # converted) end, before the logical KV_LEN the tiles are planned for; positions past it are masked
+    page_row = PAGE_TABLE
+    kv_len = KV_LEN
+    if PAGE_SIZE > 0:
+        page_row = PAGE_TABLE + b * stride_pgb
+        kv_len = tl.minimum(KV_LEN, tl.load(KV_LENS + b))
+    return page_row, kv_len
+
+
+@triton.jit
+def physical_rows(start_n, offs_n, kv_in, page_row, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    # the cache rows holding logical kv rows offs_n: themselves, or through the page table.  A page of at least a
+    # tile (the host checks BLOCK_N divides it) costs one page-table read per tile and keeps the rows one
+    # contiguous run; smaller pages read one entry per row (BLOCK_N // PAGE_SIZE distinct, from L1), and each
+    # page's rows stay contiguous, so the loads remain vectorized along the head dim.
+    if PAGE_SIZE == 0:
+        rows = offs_n
+    elif PAGE_SIZE >= BLOCK_N:
+        page = tl.load(page_row + start_n // PAGE_SIZE).to(tl.int64)
+        rows = page * PAGE_SIZE + (start_n % PAGE_SIZE) + tl.arange(0, BLOCK_N)
+    else:
+        page = tl.load(page_row + offs_n // PAGE_SIZE, mask=kv_in, other=0).to(tl.int64)
+        rows = page * PAGE_SIZE + offs_n % PAGE_SIZE
+    return rows
 
 
 @triton.jit

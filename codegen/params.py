@@ -125,11 +125,16 @@ V_TENSOR = tensor("V", "stride_vb", "stride_vh", "stride_vn", "stride_vd")
 FORWARD_OUT = tensor("Out", "stride_ob", "stride_oh", "stride_om", "stride_od")
 FORWARD_LSE = tensor("Lse", "stride_lb", "stride_lh", "stride_lm")
 
+# A paged KV cache (flexcomp.paging): K/V hold pages, each request's page-table row maps its logical pages to them,
+# and its length ends its rows.  PAGE_SIZE 0: contiguous K/V, the two tables unread.
+PAGED_KV: Group = (*tensor("PAGE_TABLE", "stride_pgb"), *tensor("KV_LENS"), *constexprs("PAGE_SIZE"))
+
 FORWARD = Signature((
     Q_TENSOR, K_TENSOR, V_TENSOR, FORWARD_OUT, FORWARD_LSE,
     *KV_TABLES,
     MOD_BUFFERS,
     (Param("sm_scale", "float"), *scalars("Q_LEN", "KV_LEN", "H_Q", "GQA_GROUP")),
+    PAGED_KV,
     constexprs("HAS_SCORE_MOD", "USE_BOUNDS", "HAS_FULL"),
     constexprs("SPARSE_Q", "SPARSE_KV", "TILES_PER_BLOCK"),
     constexprs("BLOCK_M", "BLOCK_N"),
@@ -175,6 +180,7 @@ DECODE = Signature((
     *KV_TABLES,
     MOD_BUFFERS,
     (Param("sm_scale", "float"), *scalars("Q_LEN", "KV_LEN", "H_Q", "GQA_GROUP")),
+    PAGED_KV,
     constexprs("PACK", "N_SPLITS"),  # query heads packed into one program's rows (they share a kv head); kv splits
     constexprs("HAS_SCORE_MOD", "USE_BOUNDS", "HAS_FULL"),
     constexprs("SPARSE_KV", "TILES_PER_BLOCK"),

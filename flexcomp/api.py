@@ -16,6 +16,7 @@ from .custom_op import traced_flex_attention
 from .errors import BackendError
 from .ir import free_args, to_text
 from .mods import Mod, specialized_mod
+from .paging import direct_paged
 from .refs import new_ref
 from .tiles import table_device, table_dims
 
@@ -109,6 +110,8 @@ def flex_attention(
             raise BackendError("flexcomp's Triton kernels do not compute max_scores", hint="use backend='reference'")
         if block_mask is None and mask_mod is not None:
             block_mask = build_block_mask(mask_mod, query, key)
+        if block_mask is not None and not _needs_grad(query, key, value, score_mod):
+            block_mask, score_mod = _paged_direct(block_mask, score_mod)
         out, lse = _triton_forward()(query, key, value, score_mod, block_mask, scale, enable_gqa, want_lse,
                                      kernel_options)
     if return_aux is not None:
@@ -244,6 +247,21 @@ def respecialized_copy(block_mask: Any, mask_mod: Mod) -> Any:
     if getattr(respecialized, "bounds", None) is not None:
         respecialized.bounds = None
     return respecialized
+
+
+def _needs_grad(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Mod | None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    captured = [score_mod.resolvers[spec.name]() for spec in score_mod.buffers] if score_mod is not None else []
+    return any(t.requires_grad for t in (query, key, value, *captured))
+
+
+def _paged_direct(block_mask: Any, score_mod: Mod | None) -> tuple[Any, Mod | None]:
+    """On a paged cache, the logical block mask and mods the kernels read the pages with (flexcomp.paging)."""
+    logical, user_score_mod = direct_paged(block_mask, score_mod)
+    if logical is block_mask:
+        return block_mask, score_mod
+    return with_compiled_mask_mod(logical, compile_plain=True), specialized_mod(user_score_mod, "score")
 
 
 def choose_backend(backend: str, query: torch.Tensor) -> str:

@@ -31,6 +31,7 @@ copy, no sync); causal's full index table is inherently O(nq * nkv).  Otherwise 
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import operator
@@ -163,6 +164,14 @@ class BlockMask:
         return mask
 
     # ------------------------------------------------------------ views
+
+    def with_paged(self, view: Any) -> BlockMask:
+        """This mask over a paged cache's logical positions (`view`: a flexcomp.paging.PagedView): the same tiles
+        and bounds, tables shared; the kernels read K/V through the view's page table."""
+        twin = copy.copy(self)
+        twin.paged = view
+        twin.ref = new_ref(twin, "block-mask")
+        return twin
 
     @property
     def num_blocks(self) -> tuple[int, int]:

@@ -57,8 +57,11 @@ _KEYS = itertools.count()
 
 @torch._dynamo.assume_constant_result
 def call_key(score: Any, mask: Any, masking: tuple | None, scale: Any, enable_gqa: bool,
-             kernel_options: tuple | None, backend: str) -> str:  # fmt: skip
-    """File this call site's description (run by Dynamo once per trace, outside the graph) and return its key.
+             kernel_options: tuple | None, backend: str) -> tuple[str, tuple[str, ...], tuple]:  # fmt: skip
+    """File this call site's description (run by Dynamo once per trace, outside the graph) and return its key,
+    the block-mask tables the op takes and where the score_mod's captured tensors live (`paths`): everything the
+    traced code needs from the description comes back here, as constants, because a read of the registry from
+    traced code is not followed by every Dynamo (torch 2.11 raised a KeyError on a key filed during the trace).
 
     Only constants come in (flexcomp/refs.py): the mods as functions or names, and for a block mask (torch's
     too) `masking` = (its mask_mod, lengths, block size, whether it has closed-form bounds, then the tables it has
@@ -85,7 +88,7 @@ def call_key(score: Any, mask: Any, masking: tuple | None, scale: Any, enable_gq
                     enable_gqa, options, backend)  # fmt: skip
     key = f"flexcomp-call-{next(_KEYS)}"
     _CALLS[key] = call
-    return key
+    return key, call.tables, call.captured
 
 
 def _named(obj: Any) -> Any:
@@ -123,10 +126,10 @@ def traced_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
         raise FlexcompError("under torch.compile, pass scale as a Python number (a tensor scale would be read on "
                             "the host at every call)")  # fmt: skip
     options = tuple(sorted(kernel_options.items())) if kernel_options is not None else None
-    call = call_key(_named(score_mod), _named(mask_mod), _masking(block_mask), scale, enable_gqa, options, backend)
-    entry = _CALLS[call]
-    tables = [getattr(block_mask, name) for name in entry.tables]
-    captured = captured_tensors(entry)
+    call, table_names, places = call_key(_named(score_mod), _named(mask_mod), _masking(block_mask), scale,
+                                         enable_gqa, options, backend)  # fmt: skip
+    tables = [getattr(block_mask, name) for name in table_names]
+    captured = _captured_at(_function(score_mod), places)
     out, lse = torch.ops.flexcomp.flex_attention(query, key, value, tables, captured, call)
     if return_aux is not None:
         from .api import AuxOutput
@@ -172,13 +175,22 @@ def _positions(value: Any, tensor: torch.Tensor) -> list[int | None]:
 
 
 def captured_tensors(entry: Call) -> list[torch.Tensor]:
-    """The score_mod's captured tensors as they are now, read where they live (traced by Dynamo)."""
-    fn = entry.score_mod.fn if entry.score_mod is not None else None
+    """The score_mod's captured tensors as they are now, read where they live."""
+    return _captured_at(entry.score_mod.fn if entry.score_mod is not None else None, entry.captured)
+
+
+def _captured_at(fn: Any, places: tuple) -> list[torch.Tensor]:
+    """The tensors at `places` (`paths`) of the mod function fn (traced by Dynamo: each becomes a graph input)."""
     tensors = []
-    for kind, name, item in entry.captured:
+    for kind, name, item in places:
         value = _read(fn, kind, name)
         tensors.append(value if item is None else value[item])
     return tensors
+
+
+def _function(score_mod: Any) -> Any:
+    """The Python function of a score_mod as the call passed it (a Mod, or the plain function)."""
+    return score_mod.fn if isinstance(score_mod, Mod) else score_mod
 
 
 def _read(fn: Any, kind: str, name: Any) -> Any:

@@ -161,13 +161,31 @@ def _spec_changes(compiled: tuple[BufferSpec, ...], live: tuple[BufferSpec, ...]
 
 
 def _compile(fn: Callable, kind: str) -> Mod:
-    from .compiler import optimize
     from .frontend import lower_function
 
     lowered = lower_function(fn, kind)
     name = mod_name(fn, kind)
-    return Mod(kind, name, optimize(lowered.raw_ir, name), lowered.raw_ir, lowered.buffers, lowered.resolvers, fn,
-               lowered.loc, relower=functools.partial(_compile, fn, kind), guards=lowered.guards)
+    return Mod(kind, name, _optimized(lowered.raw_ir, name, getattr(fn, "__code__", None)), lowered.raw_ir,
+               lowered.buffers, lowered.resolvers, fn, lowered.loc, relower=functools.partial(_compile, fn, kind),
+               guards=lowered.guards)  # fmt: skip
+
+
+_OPTIMIZED: dict = {}  # (raw IR, name, code) -> optimized IR
+OPTIMIZED_CACHE_SIZE = 512
+
+
+def _optimized(raw: Node, name: str, origin: Any) -> Node:
+    """`optimize(raw)`, kept per raw IR: closures made anew at every step lower to the same IR.  The key holds the
+    code (`origin`) too, because IR equality ignores source locations and errors must point at this function."""
+    from .compiler import optimize
+
+    key = (raw, name, origin)
+    hit = _OPTIMIZED.get(key)
+    if hit is None:
+        hit = _OPTIMIZED[key] = optimize(raw, name)
+        if len(_OPTIMIZED) > OPTIMIZED_CACHE_SIZE:
+            del _OPTIMIZED[next(iter(_OPTIMIZED))]
+    return hit
 
 
 def mod_name(fn: Callable, kind: str) -> str:
@@ -228,7 +246,6 @@ def specialized_mod(fn_or_mod: Mod | Callable | None, kind: str) -> Mod | None:
 
 
 def _combine(op: Op, name: str, mods: tuple) -> Mod:
-    from .compiler import optimize
     from .frontend import BufferTable
 
     table, guards = BufferTable(), GuardTable()
@@ -239,7 +256,8 @@ def _combine(op: Op, name: str, mods: tuple) -> Mod:
         body = table.merge(m.buffers, m.resolvers, m.raw_ir)
         raw = body if raw.op == Op.CONST else Node(op, DType.BOOL, (raw, body))
     full_name = f"{name}({', '.join(m.name for m in parts)})"
-    return Mod("mask", full_name, optimize(raw, full_name), raw, tuple(table.specs.values()), dict(table.resolvers),
+    return Mod("mask", full_name, _optimized(raw, full_name, tuple(m.loc for m in parts)), raw,
+               tuple(table.specs.values()), dict(table.resolvers),
                _combined_fn(op, parts), relower=functools.partial(_combine, op, name, tuple(parts)),
                guards=guards.freeze())
 

@@ -10,12 +10,26 @@ logical positions.  A position in an unassigned page is masked.  Same semantics 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 UNASSIGNED = -1
+
+
+@dataclass(frozen=True)
+class PagedView:
+    """How the Triton kernels read a paged cache directly: logical kv positions through each request's page
+    table row, the logical block mask's tiles walked (closed-form bounds and FULL tiles kept), the mods
+    unconverted.  Made by `convert_logical_block_mask`; the kernels' `PAGE_SIZE` (codegen/params.py PAGED_KV)."""
+
+    page_rows: Tensor  # int32 [B, n_pages]: request b's logical page -> physical page (UNASSIGNED past its pages)
+    lengths: Tensor  # int32 [B]: request b's kv positions end here (its reserved pages, or kv_len where given)
+    page_size: int
+    kv_len: int  # the logical block mask's kv length
+    source: tuple  # (PagedAttention, kv_len, batch_idx) of the conversion: which converted mods it stands for
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -86,17 +100,23 @@ class PagedAttention:
     ) -> Any:
         """The block mask over the physical cache: same tiles, kv_indices pointing at the pages that hold them.
 
-        The logical mask's kv block must equal page_size or divide it (a page is then several whole tiles);
-        a tile larger than a page would span pages that are not adjacent, and is refused.
+        The logical mask's kv block must divide page_size (a page is then several whole tiles) or be a multiple
+        of it.  A larger logical tile spans pages that are not adjacent: the converted tables list it page by
+        page, while flexcomp's Triton kernels walk the logical tiles themselves and gather each tile's rows
+        through the page table (`PagedView`), so a logical mask at the default block size keeps full-size tiles
+        over small pages.
         """
         from .blockmask import BlockMask
 
+        logical = block_mask
         kv_block = block_mask.BLOCK_SIZE[1]
-        if self.page_size % kv_block:
+        if self.page_size % kv_block and kv_block % self.page_size:
             raise ValueError(
-                f"page_size ({self.page_size}) must be a multiple of the block mask's KV block size "
-                f"({kv_block}): build the logical block mask with BLOCK_SIZE=(q_block, {self.page_size})"
+                f"page_size ({self.page_size}) and the block mask's KV block size ({kv_block}) must divide one "
+                f"another: build the logical block mask with BLOCK_SIZE=(q_block, {self.page_size})"
             )
+        if kv_block > self.page_size:
+            block_mask, kv_block = _split_kv_blocks(block_mask, kv_block // self.page_size), self.page_size
         B = block_mask.kv_indices.shape[0]
         rows = torch.arange(B, device=self.page_table.device) if batch_idx is None else batch_idx.long()
         if B == 1 and len(rows) > 1:  # a mask broadcast over the batch: each request has its own pages
@@ -126,7 +146,7 @@ class PagedAttention:
 
         kv_num, kv_indices = to_physical(block_mask.kv_num_blocks, block_mask.kv_indices)
         full_num, full_indices = to_physical(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
-        return BlockMask.from_kv_blocks(
+        converted = BlockMask.from_kv_blocks(
             kv_num,
             kv_indices,
             full_num,
@@ -135,6 +155,20 @@ class PagedAttention:
             mask_mod=self.get_mask_mod(block_mask.mask_mod, kv_len, batch_idx),
             seq_lengths=(block_mask.seq_lengths[0], self.n_pages * self.page_size),
         )
+        converted.paged_logical = self._logical_view(logical, rows, kv_len, batch_idx)
+        return converted
+
+    def _logical_view(self, logical: Any, rows: Tensor, kv_len: Tensor | None, batch_idx: Tensor | None) -> Any:
+        """The logical block mask with a PagedView: what the kernels run instead of the converted mask."""
+        logical_len = logical.seq_lengths[1]
+        if logical_len > self.n_pages * self.page_size or not hasattr(logical, "with_paged"):
+            return None  # beyond what the page table addresses, or torch's BlockMask: the converted mask runs
+        lengths = self.capacity[rows]
+        if kv_len is not None:
+            lengths = torch.minimum(lengths, kv_len.to(lengths.device).long())
+        view = PagedView(self.page_table[rows].to(torch.int32).contiguous(), lengths.to(torch.int32).contiguous(),
+                         self.page_size, logical_len, (self, kv_len, batch_idx))  # fmt: skip
+        return logical.with_paged(view)
 
     def get_mask_mod(self, mask_mod: Any = None, kv_len: Tensor | None = None, batch_idx: Tensor | None = None) -> Any:
         """`mask_mod` on logical kv positions, as a mask_mod on physical ones (unassigned positions masked)."""
@@ -161,6 +195,7 @@ class PagedAttention:
             modded = score if user is None else user(score, b, h, q_idx, logical_kv_idx)
             return torch.where(valid, modded, -float("inf"))
 
+        paged_score.paged_logical = (self, kv_len, batch_idx, score_mod)  # what the paged kernels run instead
         return paged_score
 
     def _logical_index(self, kv_len: Tensor | None, batch_idx: Tensor | None):
@@ -181,6 +216,24 @@ class PagedAttention:
         return logical_index
 
 
+def direct_paged(block_mask: Any, score_mod: Any) -> tuple[Any, Any]:
+    """(block mask, score_mod) the Triton kernels run for a call on a paged cache: where `block_mask` came from
+    flexcomp's `convert_logical_block_mask` and `score_mod` is None or that PagedAttention's `get_score_mod` (same
+    batch_idx), the logical mask with its PagedView and the user's own score_mod, so that K/V are read through the
+    page table with the logical tiles' bounds, FULL tiles and mods; else both as given (the converted mods see
+    physical positions, as torch's)."""
+    logical = getattr(block_mask, "paged_logical", None)
+    if logical is None:
+        return block_mask, score_mod
+    paged, _, batch_idx = logical.paged.source
+    if score_mod is not None:
+        marked = getattr(getattr(score_mod, "fn", score_mod), "paged_logical", None)
+        if marked is None or marked[0] is not paged or marked[2] is not batch_idx:
+            return block_mask, score_mod
+        score_mod = marked[3]
+    return logical, score_mod
+
+
 def _expand_batch(block_mask: Any, batch: int) -> Any:
     """The batch-1 block mask repeated over `batch` requests (same tiles; the pages then differ per request)."""
     from .blockmask import BlockMask
@@ -197,6 +250,24 @@ def _expand_batch(block_mask: Any, batch: int) -> Any:
         mask_mod=block_mask.mask_mod,
         seq_lengths=block_mask.seq_lengths,
     )
+
+
+def _split_kv_blocks(block_mask: Any, parts: int) -> Any:
+    """The same tiles listed at a kv block `parts` times smaller (a logical tile as its pages)."""
+    from .blockmask import BlockMask
+
+    def split(num: Tensor | None, indices: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        if indices is None:
+            return None, None
+        step = torch.arange(parts, device=indices.device, dtype=indices.dtype)
+        finer = (indices[..., None] * parts + step).flatten(-2)
+        return num * parts, finer.contiguous()
+
+    kv_num, kv_indices = split(block_mask.kv_num_blocks, block_mask.kv_indices)
+    full_num, full_indices = split(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    return BlockMask.from_kv_blocks(kv_num, kv_indices, full_num, full_indices, BLOCK_SIZE=(q_block, kv_block // parts),
+                                    mask_mod=block_mask.mask_mod, seq_lengths=block_mask.seq_lengths)
 
 
 def _full_as_partial(block_mask: Any) -> Any:

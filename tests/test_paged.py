@@ -147,11 +147,51 @@ def test_torch_paged_attention_objects(randn, rng, backend):
     _run_and_check(scene, q, _causal_from(offsets), _bias_from(bias), backend, 16, create_block_mask, 2e-5)
 
 
-def test_tile_larger_than_page_is_refused(randn, rng):
-    scene = Scene(fc.PagedAttention, randn, rng, [20], 8, n_pages=4, dtype=torch.float32)
+def test_page_and_tile_that_do_not_divide_are_refused(randn, rng):
+    scene = Scene(fc.PagedAttention, randn, rng, [20], 12, n_pages=3, dtype=torch.float32)
     logical = fc.create_block_mask(_causal_from(torch.tensor([0])), 1, None, 16, 32, device="cpu", BLOCK_SIZE=16)
     with pytest.raises(ValueError, match="page_size"):
         scene.paged.convert_logical_block_mask(logical)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("S", [1, 8, 70])  # decode kernel, decode kernel with several rows, forward kernel
+def test_tiles_larger_than_pages(randn, rng, backend, S):
+    """Logical tiles of 32 over pages of 8: the kernels gather each tile's rows through the page table (the
+    converted tables list the tile page by page for the reference), requests of different lengths."""
+    lengths = [77, 40, 93]
+    scene = Scene(fc.PagedAttention, randn, rng, lengths, 8, n_pages=40, dtype=torch.float32)
+    offsets = torch.tensor([n - S for n in lengths])
+    q = randn(len(lengths), H, S, D)
+    bias = randn(H, scene.max_len())
+    _run_and_check(scene, q, _window_from(offsets, 50), _bias_from(bias), backend, 32, fc.create_block_mask, 2e-5)
+
+
+def test_kernels_read_pages_directly_with_the_logical_mods(randn, rng, monkeypatch):
+    """flexcomp's converted mask and score_mod run as the logical mask and the user's score_mod over the page
+    table; a score_mod that is not the PagedAttention's sees physical positions (torch's meaning) and so runs
+    the converted mask."""
+    import flexcomp.codegen.forward as forward
+
+    seen = []
+    original = forward.paged_values
+    monkeypatch.setattr(forward, "paged_values", lambda paged, q: seen.append(paged) or original(paged, q))
+    forward._PLANS.clear()
+    lengths = [30, 12]
+    scene = Scene(fc.PagedAttention, randn, rng, lengths, 16, n_pages=6, dtype=torch.float32)
+    q = randn(2, H, 1, D)
+    logical = fc.create_block_mask(_causal_from(torch.tensor([29, 11])), 2, None, 1, 32, device="cpu",
+                                   BLOCK_SIZE=(16, 16))  # fmt: skip
+    converted = scene.paged.convert_logical_block_mask(logical)
+    bias = randn(H, 32)
+    for score_mod, direct in [(None, True), (scene.paged.get_score_mod(_bias_from(bias)), True),
+                              (_bias_from(bias), False)]:  # fmt: skip
+        seen.clear()
+        fc.flex_attention(q, scene.k_cache, scene.v_cache, score_mod=score_mod, block_mask=converted,
+                          enable_gqa=True, backend="triton")  # fmt: skip
+        assert (seen[-1] is not None) == direct
+        if direct:
+            assert seen[-1].page_size == 16 and seen[-1].lengths.tolist() == [32, 16]
 
 
 def test_reserve_past_the_free_pages_is_refused():

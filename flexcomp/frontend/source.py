@@ -18,10 +18,24 @@ from .values import ALLOWED
 
 
 def read_function(fn: Callable) -> tuple[Source, Tree]:
-    """`fn`'s source and its parse tree: a `funcdef` tree, or a `lambda_mod` tree for a lambda."""
-    src = read_lambda(fn) if fn.__name__ == "<lambda>" else read_def(fn)
-    tree = parse_source(src)
-    return src, (tree.children[-1] if src.start == "start" else tree)
+    """`fn`'s source and its parse tree: a `funcdef` tree, or a `lambda_mod` tree for a lambda.
+
+    Kept per code object: a closure made anew at every step (a document mask over this batch's ids, a
+    transformers padding mask) shares its code with the last one, and finding the source (inspect tokenizes the
+    file) and parsing it cost milliseconds.  Neither reads the closure's values; the trees are never mutated."""
+    code = fn.__code__
+    hit = _READ.get(code)
+    if hit is None:
+        src = read_lambda(fn) if fn.__name__ == "<lambda>" else read_def(fn)
+        tree = parse_source(src)
+        hit = _READ[code] = (src, tree.children[-1] if src.start == "start" else tree)
+        if len(_READ) > READ_CACHE_SIZE:
+            del _READ[next(iter(_READ))]  # the oldest
+    return hit
+
+
+READ_CACHE_SIZE = 512
+_READ: dict = {}  # code object -> (Source, tree)
 
 
 # ---------------------------------------------------------------- def
