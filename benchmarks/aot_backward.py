@@ -54,7 +54,7 @@ def causal(b, h, q_idx, kv_idx):
 VARIANTS = {"causal": (None, causal), "softcap": (softcap, causal), "rel_bias": (rel_bias, causal)}
 POINTERS = {p: "*bf16" for p in ("Q", "K", "V", "DO", "DQ", "DK_OUT", "DV_OUT")}
 POINTERS |= {p: "*fp32" for p in ("LSE", "LSE2", "DELTA", "DQ_ACC")}
-POINTERS |= {p: "*i32" for p in ("KV_NUM", "KV_IDX", "FULL_KV_NUM", "FULL_KV_IDX", "Q_NUM", "Q_IDX", "FULL_Q_NUM",
+POINTERS |= {p: "*i32" for p in ("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX", "Q_NUM", "Q_IDX", "FULL_Q_NUM",
                                  "FULL_Q_IDX")}
 
 
@@ -62,9 +62,11 @@ def launch_ints(B: int, H: int, L: int, D: int) -> dict[str, int]:
     """The integer arguments of a contiguous [B, H, L, D] bf16 launch (ones become constants, as Triton's launcher)."""
     ints = {"Q_LEN": L, "KV_LEN": L, "H_Q": H, "H_KV": H, "dkdv_programs": B * H * L // 128,
             "kv_tiles": L // 128, "q_tiles": L // 128}
-    for major in ("q", "kv"):
-        ints |= {f"{major}_table_rows": L // 128, f"{major}_table_cols": L // 128,
-                 f"{major}_full_table_cols": L // 128, f"{major}_table_b": 0, f"{major}_table_h": 0}
+    for s in ("q", ""):  # a mask's [1, 1, rows(, cols)] tables, broadcast over batch and heads (params.block_tables)
+        for table in ("n", "fn", "i", "fi"):
+            ints |= {f"stride_{s}{table}b": 0, f"stride_{s}{table}h": 0}
+        ints |= {f"stride_{s}nm": 1, f"stride_{s}fnm": 1, f"stride_{s}im": L // 128, f"stride_{s}fim": L // 128,
+                 f"stride_{s}in": 1, f"stride_{s}fin": 1}
     for t in ("q", "k", "v", "do", "dq", "dk", "dv"):
         row = "n" if t in ("k", "v", "dk", "dv") else "m"
         ints |= {f"stride_{t}b": H * L * D, f"stride_{t}h": L * D, f"stride_{t}{row}": D, f"stride_{t}d": 1}

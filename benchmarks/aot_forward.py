@@ -63,7 +63,8 @@ def document_causal(b, h, q_idx, kv_idx):
 VARIANTS = {"none": (None, None), "causal": (None, causal), "alibi": (alibi, causal), "softcap": (softcap, causal),
             "window": (None, sliding_window), "document": (None, document_causal)}
 FORWARD_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32",
-                    "KV_NUM": "*i32", "KV_IDX": "*i32", "FULL_NUM": "*i32", "FULL_IDX": "*i32"}
+                    "KV_NUM": "*i32", "KV_IDX": "*i32", "FULL_NUM": "*i32", "FULL_IDX": "*i32",
+                    "PAGE_TABLE": "*i32", "KV_LENS": "*i32"}
 # the PTX instructions that the softmax spends per score element, by family (prefix match on the opcode)
 COUNTED = ("fma.rn.f32", "mul.f32", "mul.rn.f32", "add.f32", "add.rn.f32", "sub.f32", "max.f32", "min.f32",
            "selp.f32", "selp.b32", "ex2.approx", "cvt.rn.bf16x2.f32", "cvt.rn.f32.s32", "tanh.approx", "setp",
@@ -129,7 +130,8 @@ def compile_forward(variant: str, D: int, block: tuple[int, int], warps: int, st
                   "BLOCK_N": block[1], "BLOCK_D": D, "BLOCK_DV": D, "D": D, "DV": D, "DOT_PRECISION": "tf32",
                   "EVEN_Q": True, "EVEN_KV": True, "FAST_TANH": score is not None,
                   "USE_TMA": False, "FLOAT_INDEX": variant == "alibi", "FOLD_SCALE": score is None,
-                  "PREFETCH_INDEX": False}
+                  "PREFETCH_INDEX": False, "ROW_ALIGN": 8,  # contiguous 16-bit rows: 16-byte vectors
+                  "PAGE_SIZE": 0}  # contiguous K/V (no page table)
     constexprs.update(extra)
     missing = [p for p in params if p.isupper() and p not in constexprs and inspect.signature(kernel.fn).parameters[
         p].default is not inspect.Parameter.empty]

@@ -40,7 +40,16 @@ from . import autotune
 from .autotune import MIN_BLOCK, BackwardConfig, next_power_of_2, tile_size
 from .backward_source import backward_source
 from .cache import cache_key, load_generated
-from .host import MIN_STAGES, check_buffers, is_sparse, prefetch_index, refine_wanted, slot_args, walked_tiles
+from .host import (
+    MIN_STAGES,
+    check_buffers,
+    is_sparse,
+    prefetch_index,
+    refine_wanted,
+    slot_args,
+    table_args,
+    walked_tiles,
+)
 from .launch import PreparedLaunch, Slot, launch_first_fitting
 from .ops import dot_precision
 from .params import (
@@ -50,9 +59,9 @@ from .params import (
     BACKWARD_DQ,
     BACKWARD_DV,
     K_TENSOR,
-    KV_MAJOR_TABLES,
-    Q_MAJOR_TABLES,
+    Q_TABLE_NAMES,
     Q_TENSOR,
+    TABLE_NAMES,
     V_TENSOR,
     Group,
     bind_tensor,
@@ -113,14 +122,9 @@ def _tables(block_mask: Any, q_major: bool, q_len: int, kv_len: int, sparse: tup
     return tuple(t.to(device=device, dtype=torch.int32).contiguous() for t in (num, idx, full_num, full_idx))
 
 
-def _table_args(group: Group, num: torch.Tensor, idx: torch.Tensor, full_num: torch.Tensor,
-                full_idx: torch.Tensor) -> dict[str, Any]:
-    """`group`'s names (params.backward_tables) -> the four tables, then their batch and head strides (0 where
-    broadcast), rows and widths."""
-    tb, th, rows = num.shape
-    values = (num, idx, full_num, full_idx, th if tb > 1 else 0, 1 if th > 1 else 0, rows, idx.shape[-1],
-              full_idx.shape[-1])
-    return dict(zip((p.name for p in group), values, strict=True))
+def _table_args(names: tuple[str, ...], tables: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """`names` (a params.block_tables group's) -> the four tables' pointers and strides."""
+    return dict(zip(names, table_args(*tables), strict=True))
 
 
 def _bind_slot(group: Group, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -441,7 +445,7 @@ class BackwardPlan:
         kv_tiles, q_tiles = _cdiv(Lkv, config.BLOCK_N1), _cdiv(Lq, config.BLOCK_M2)
         dkdv_programs = kv_tiles * B * Hkv if dkdv else 0
         q_sparse = walked_tiles(self.q_tables, (config.BLOCK_M1, config.BLOCK_N1), self.sparse)
-        # the atomic scheme has no dQ programs and no kv-major tables: KV_MAJOR_TABLES, never read, get the q-major ones
+        # the atomic scheme has no dQ programs and no kv-major tables: KV_TABLES, never read, get the q-major ones
         kv_sparse = walked_tiles(self.kv_tables, (config.BLOCK_M2, config.BLOCK_N2), self.sparse) if dq else q_sparse
         kv_tables = self.kv_tables[kv_sparse] if dq else self.q_tables[q_sparse]
         part_constants = {
@@ -460,7 +464,7 @@ class BackwardPlan:
             **qkvdo, "LSE2": Slot("lse2"), "DELTA": Slot("delta"), "DQ_ACC": Slot("dq_sums" if self.atomic else "delta"),
             **_bind_slot(BACKWARD_DQ, "dq", tensors), **_bind_slot(BACKWARD_DK, "dk", tensors),
             **_bind_slot(BACKWARD_DV, "dv", tensors),
-            **_table_args(Q_MAJOR_TABLES, *self.q_tables[q_sparse]), **_table_args(KV_MAJOR_TABLES, *kv_tables),
+            **_table_args(Q_TABLE_NAMES, self.q_tables[q_sparse]), **_table_args(TABLE_NAMES, kv_tables),
             "mod_buffers": mod_args, "grad_buffers": self._grad_args(self.dq_programs(config) if partials else None),
             "sm_scale": self.scale, "Q_LEN": Lq, "KV_LEN": Lkv, "H_Q": Hq, "H_KV": Hkv,
             "dkdv_programs": dkdv_programs, "kv_tiles": kv_tiles, "q_tiles": q_tiles,

@@ -11,11 +11,12 @@ Three generated @triton.jit helpers carry everything variant-specific:
   Under DETERMINISTIC (torch.are_deterministic_algorithms_enabled()) it instead adds, without atomics
   and in a fixed order, into the program's own slice of a [programs, numel] buffer that torch then sums;
 * the template's kernels call them: `flex_bwd_delta` (delta = rowsum(dO * O) - dlse) and `flex_bwd`, whose
-  1-D grid holds dK/dV programs (`dkdv_program`: one per kv tile, walking the q-major block tables, summing over
-  the q heads of a GQA group; its tiles are [kv, q], S^T = K Q^T, so P^T and dS^T feed the dV and dK dots without
+  1-D grid holds dK/dV programs (one per kv tile, walking its q tiles with `dkdv_tiles`, summing over the q
+  heads of a GQA group; its tiles are [kv, q], S^T = K Q^T, so P^T and dS^T feed the dV and dK dots without
   a register transpose, which on the H100 miscompiled for a padded 256-wide dK) and then dQ programs
-  (`dq_program`: one per q tile, heaviest first, walking the kv-major tables; it also scatters the captured
-  tensors' gradients).  The constexprs DKDV_PART and DQ_PART say which parts a launch runs: both in one launch,
+  (one per q tile, heaviest first, walking its kv tiles with `dq_tiles`; it also scatters the captured
+  tensors' gradients).  Each program's two tile lists (PARTIAL, FULL) come from `program_tiles`, as the
+  forward's do.  The constexprs DKDV_PART and DQ_PART say which parts a launch runs: both in one launch,
   or one part per launch (codegen/backward.py `launch_parts`).
   The mods only broadcast, so they run unchanged on either orientation.
 
@@ -34,7 +35,7 @@ from flexcomp.mods import Mod
 
 from .kernel_passes import shape
 from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, identifier, render_block
-from .params import BACKWARD
+from .params import BACKWARD, Q_TABLE_NAMES, TABLE_NAMES
 
 SCORE_PREFIX, MASK_PREFIX, GRAD_PREFIX = "sb", "mb", "gb"
 
@@ -201,6 +202,7 @@ def backward_source(score_mod: Mod | None, mask_mod: Mod | None, grad_buffers: f
     signature = BACKWARD.render({"mod_buffers": mod_params, "grad_buffers": grad_list})  # codegen/params.py
     kernel = BACKWARD_TEMPLATE.replace("{BACKWARD_PARAMS}", signature).replace("{MOD_BUFFERS}", _args(mod_params))
     kernel = kernel.replace("{GRAD_BUFFERS}", grad_params)
+    kernel = kernel.replace("{Q_TABLES}", _args(list(Q_TABLE_NAMES))).replace("{KV_TABLES}", _args(list(TABLE_NAMES)))
     kernel = kernel.replace("{SCATTER}", scatter_call).replace("{SCATTER_KV}", scatter_kv_call)
     kernel = kernel.replace("{DSCORE}", render_dscore(score_mod))
     modded = render_modded_scores(score_mod, mask_mod)
@@ -323,14 +325,14 @@ def probabilities(a, b_op, lse2, b, h, q_idx, kv_idx, sm_scale, KV_LEN,
 def dkdv_tiles(
     dk, dv, k, v, Q, DO, LSE2, DELTA, DQ_ACC,
     stride_qm, stride_qd, stride_dom, stride_dod,
-    index_row, n_blocks, b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
+    n_partial, partial_row, stride_in, n_full, full_row, stride_fin,  # the q tiles: program_tiles' two lists
+    b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
     {MOD_BUFFERS}{GRAD_BUFFERS}
-    IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
-    SPARSE_Q: tl.constexpr, EVEN_Q: tl.constexpr,
+    EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr, SPARSE_Q: tl.constexpr, EVEN_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
-    """Accumulate dK (unscaled) and dV of one kv tile over the q tiles of `n_blocks` sparse q blocks;
+    """Accumulate dK (unscaled) and dV of one kv tile over its q tiles, the PARTIAL list then the FULL one;
     under ATOMIC_DQ also add each q tile's dQ contribution (unscaled) into the float32 rows at DQ_ACC
     and scatter the captured tensors' gradients (the dQ kernel then does not run).
 
@@ -341,188 +343,78 @@ def dkdv_tiles(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_idx = offs_n[:, None]
-    n_tiles = n_blocks * (SPARSE_Q // BLOCK_M)
-    ahead = walk_ahead(index_row, 1, 0, n_tiles, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
-    for i in range(0, n_tiles):
-        start_m, ahead = walk_step(index_row, 1, i, n_tiles, ahead, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_in = offs_m < Q_LEN
-        qt = load_tile(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                       q_in[None, :], offs_d[:, None] < D, not EVEN_Q, BLOCK_D != D)
-        do = load_tile(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                       q_in[:, None], offs_dv[None, :] < DV, not EVEN_Q, BLOCK_DV != DV)
-        lse2 = load_rows(LSE2 + offs_m, q_in, float("inf"), not EVEN_Q)
-        delta = load_rows(DELTA + offs_m, q_in, 0.0, not EVEN_Q)
-        p, score, dmod = probabilities(k, qt, lse2[None, :], b, h, offs_m[None, :], kv_idx, sm_scale, KV_LEN,
-                                       {MOD_BUFFERS}IS_FULL, EVEN_KV, FAST_TANH, DOT_PRECISION)
-        dv = mma(p.to(do.dtype), do, dv, DOT_PRECISION)
-        dp = mma(v, tl.trans(do), None, DOT_PRECISION)
-        ds = p * (dp - delta[None, :])
-        {DSCORE}
-        dscore_lp = dscore.to(qt.dtype)
-        dk = mma(dscore_lp, tl.trans(qt), dk, DOT_PRECISION)
-        if ATOMIC_DQ:  # dQ[q tile] += dS K, as dQ^T = K^T dS^T (k is in shared memory: its transpose is a view)
-            dq_t = mma(tl.trans(k), dscore_lp, None, DOT_PRECISION)
-            dq_ptrs = DQ_ACC + offs_m[None, :] * D + offs_d[:, None]
-            if EVEN_Q and BLOCK_D == D:
-                tl.atomic_add(dq_ptrs, dq_t, sem="relaxed")
-            elif EVEN_Q:
-                tl.atomic_add(dq_ptrs, dq_t, mask=offs_d[:, None] < D, sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq_t, mask=q_in[None, :] & (offs_d[:, None] < D), sem="relaxed")
-            q_idx = offs_m[None, :]
-            {SCATTER_KV}
+    for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
+        if part == 0:
+            index_row, stride_index, n_tiles = partial_row, stride_in, n_partial
+        else:
+            index_row, stride_index, n_tiles = full_row, stride_fin, n_full
+        ahead = walk_ahead(index_row, stride_index, 0, n_tiles, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
+        for i in range(0, n_tiles):
+            start_m, ahead = walk_step(index_row, stride_index, i, n_tiles, ahead, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q_in = offs_m < Q_LEN
+            qt = load_tile(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                           q_in[None, :], offs_d[:, None] < D, not EVEN_Q, BLOCK_D != D)
+            do = load_tile(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                           q_in[:, None], offs_dv[None, :] < DV, not EVEN_Q, BLOCK_DV != DV)
+            lse2 = load_rows(LSE2 + offs_m, q_in, float("inf"), not EVEN_Q)
+            delta = load_rows(DELTA + offs_m, q_in, 0.0, not EVEN_Q)
+            p, score, dmod = probabilities(k, qt, lse2[None, :], b, h, offs_m[None, :], kv_idx, sm_scale, KV_LEN,
+                                           {MOD_BUFFERS}part == 1, EVEN_KV, FAST_TANH, DOT_PRECISION)
+            dv = mma(p.to(do.dtype), do, dv, DOT_PRECISION)
+            dp = mma(v, tl.trans(do), None, DOT_PRECISION)
+            ds = p * (dp - delta[None, :])
+            {DSCORE}
+            dscore_lp = dscore.to(qt.dtype)
+            dk = mma(dscore_lp, tl.trans(qt), dk, DOT_PRECISION)
+            if ATOMIC_DQ:  # dQ[q tile] += dS K, as dQ^T = K^T dS^T (k is in shared memory: its transpose is a view)
+                dq_t = mma(tl.trans(k), dscore_lp, None, DOT_PRECISION)
+                dq_ptrs = DQ_ACC + offs_m[None, :] * D + offs_d[:, None]
+                if EVEN_Q and BLOCK_D == D:
+                    tl.atomic_add(dq_ptrs, dq_t, sem="relaxed")
+                elif EVEN_Q:
+                    tl.atomic_add(dq_ptrs, dq_t, mask=offs_d[:, None] < D, sem="relaxed")
+                else:
+                    tl.atomic_add(dq_ptrs, dq_t, mask=q_in[None, :] & (offs_d[:, None] < D), sem="relaxed")
+                q_idx = offs_m[None, :]
+                {SCATTER_KV}
     return dk, dv
-
-
-@triton.jit
-def dkdv_program(
-    pid_n, bh,
-    Q, stride_qb, stride_qh, stride_qm, stride_qd,
-    K, stride_kb, stride_kh, stride_kn, stride_kd,
-    V, stride_vb, stride_vh, stride_vn, stride_vd,
-    DO, stride_dob, stride_doh, stride_dom, stride_dod,
-    LSE2, DELTA, DQ_ACC,
-    DK_OUT, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    DV_OUT, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, table_b, table_h, table_rows, table_cols, full_table_cols,
-    {MOD_BUFFERS}{GRAD_BUFFERS}
-    sm_scale, Q_LEN, KV_LEN, H_Q, H_KV,
-    GQA_GROUP: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, EVEN_Q: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
-):
-    """dK, dV of kv tile `pid_n` of kv head row `bh` (and under ATOMIC_DQ dQ's parts).  EVEN_KV: KV_LEN is a multiple
-    of BLOCK_N (this tile is in bounds); EVEN_Q: Q_LEN is a multiple of SPARSE_Q (every q tile the tables list is)."""
-    b = bh // H_KV
-    h_kv = bh % H_KV
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    kv_in = offs_n < KV_LEN
-    b64 = b.to(tl.int64)
-    k = load_kv_tile(K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh, pid_n * BLOCK_N, stride_kn, stride_kd,
-                     KV_LEN, BLOCK_N, BLOCK_D, D, False, not EVEN_KV)
-    v = load_kv_tile(V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh, pid_n * BLOCK_N, stride_vn, stride_vd,
-                     KV_LEN, BLOCK_N, BLOCK_DV, DV, False, not EVEN_KV)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    sparse_n = (pid_n * BLOCK_N) // SPARSE_KV
-    for g in range(0, GQA_GROUP):  # dK, dV of a kv head sum over the q heads that read it
-        h = h_kv * GQA_GROUP + g
-        row = (b * table_b + h * table_h) * table_rows + sparse_n
-        Q_bh = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
-        DO_bh = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh
-        lse_row = (b64 * H_Q + h) * Q_LEN
-        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE2 + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D,
-                            stride_qm, stride_qd, stride_dom, stride_dod,
-                            Q_IDX + row * table_cols, tl.load(Q_NUM + row), b, h, offs_n, sm_scale, Q_LEN, KV_LEN,
-                            {MOD_BUFFERS}{GRAD_BUFFERS}
-                            False, EVEN_KV, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                            ATOMIC_DQ, PREFETCH_INDEX)
-        dk, dv = dkdv_tiles(dk, dv, k, v, Q_bh, DO_bh, LSE2 + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D,
-                            stride_qm, stride_qd, stride_dom, stride_dod,
-                            FULL_Q_IDX + row * full_table_cols, tl.load(FULL_Q_NUM + row), b, h, offs_n, sm_scale,
-                            Q_LEN, KV_LEN,
-                            {MOD_BUFFERS}{GRAD_BUFFERS}
-                            True, EVEN_KV, FAST_TANH, SPARSE_Q, EVEN_Q, BLOCK_M, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                            ATOMIC_DQ, PREFETCH_INDEX)
-    store_tile(DK_OUT + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
-               + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK_OUT.dtype.element_ty),
-               kv_in[:, None], offs_d[None, :] < D, not EVEN_KV, BLOCK_D != D)
-    store_tile(DV_OUT + b64 * stride_dvb + h_kv.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn
-               + offs_dv[None, :] * stride_dvd, dv.to(DV_OUT.dtype.element_ty),
-               kv_in[:, None], offs_dv[None, :] < DV, not EVEN_KV, BLOCK_DV != DV)
 
 
 @triton.jit
 def dq_tiles(
     dq, q, do, lse2, delta, K, V,
     stride_kn, stride_kd, stride_vn, stride_vd,
-    index_row, n_blocks, b, h, offs_m, sm_scale, KV_LEN,
+    n_partial, partial_row, stride_in, n_full, full_row, stride_fin,  # the kv tiles: program_tiles' two lists
+    b, h, offs_m, sm_scale, KV_LEN,
     {MOD_BUFFERS}{GRAD_BUFFERS}slot,
-    IS_FULL: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
-    SPARSE_KV: tl.constexpr,
+    EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
 ):
-    """Accumulate dQ (unscaled) of one q tile over the kv tiles of `n_blocks` sparse kv blocks.
+    """Accumulate dQ (unscaled) of one q tile over its kv tiles, the PARTIAL list then the FULL one.
     EVEN_KV: KV_LEN is a multiple of SPARSE_KV, so no kv tile of a listed block reaches past it."""
     q_idx = offs_m[:, None]
-    n_tiles = n_blocks * (SPARSE_KV // BLOCK_N)
-    ahead = walk_ahead(index_row, 1, 0, n_tiles, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
-    for i in range(0, n_tiles):
-        start_n, ahead = walk_step(index_row, 1, i, n_tiles, ahead, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, not EVEN_KV)
-        vt = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, True, not EVEN_KV)
-        kv_idx = offs_n[None, :]
-        p, score, dmod = probabilities(q, kt, lse2[:, None], b, h, q_idx, kv_idx, sm_scale, KV_LEN,
-                                       {MOD_BUFFERS}IS_FULL, EVEN_KV, FAST_TANH, DOT_PRECISION)
-        dp = mma(do, vt, None, DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        {DSCORE}
-        dq = mma(dscore.to(q.dtype), tl.trans(kt), dq, DOT_PRECISION)
-        {SCATTER}
+    for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
+        if part == 0:
+            index_row, stride_index, n_tiles = partial_row, stride_in, n_partial
+        else:
+            index_row, stride_index, n_tiles = full_row, stride_fin, n_full
+        ahead = walk_ahead(index_row, stride_index, 0, n_tiles, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
+        for i in range(0, n_tiles):
+            start_n, ahead = walk_step(index_row, stride_index, i, n_tiles, ahead, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, not EVEN_KV)
+            vt = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, True, not EVEN_KV)
+            kv_idx = offs_n[None, :]
+            p, score, dmod = probabilities(q, kt, lse2[:, None], b, h, q_idx, kv_idx, sm_scale, KV_LEN,
+                                           {MOD_BUFFERS}part == 1, EVEN_KV, FAST_TANH, DOT_PRECISION)
+            dp = mma(do, vt, None, DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            {DSCORE}
+            dq = mma(dscore.to(q.dtype), tl.trans(kt), dq, DOT_PRECISION)
+            {SCATTER}
     return dq
-
-
-@triton.jit
-def dq_program(
-    pid_m, bh, slot,
-    Q, stride_qb, stride_qh, stride_qm, stride_qd,
-    K, stride_kb, stride_kh, stride_kn, stride_kd,
-    V, stride_vb, stride_vh, stride_vn, stride_vd,
-    DO, stride_dob, stride_doh, stride_dom, stride_dod,
-    LSE2, DELTA,
-    DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, table_b, table_h, table_rows, table_cols, full_table_cols,
-    {MOD_BUFFERS}{GRAD_BUFFERS}
-    sm_scale, Q_LEN, KV_LEN, H_Q,
-    GQA_GROUP: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, FAST_TANH: tl.constexpr,
-    DETERMINISTIC: tl.constexpr, EVEN_Q: tl.constexpr, PREFETCH_INDEX: tl.constexpr,
-):
-    """dQ of q tile `pid_m` of q head row `bh`; also the captured tensors' gradients: atomics into one float32 buffer
-    each, or (DETERMINISTIC) plain adds into slice `slot` of a [programs, numel] buffer that torch sums.
-    EVEN_Q: Q_LEN is a multiple of BLOCK_M (this tile is in bounds); EVEN_KV: KV_LEN is a multiple of
-    SPARSE_KV (every kv tile the tables list is)."""
-    b = bh // H_Q
-    h = bh % H_Q
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q_in = offs_m < Q_LEN
-    b64 = b.to(tl.int64)
-    h_kv64 = (h // GQA_GROUP).to(tl.int64)
-    q = load_tile(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
-                  + offs_d[None, :] * stride_qd, q_in[:, None], offs_d[None, :] < D, not EVEN_Q, BLOCK_D != D)
-    do = load_tile(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
-                   + offs_dv[None, :] * stride_dod, q_in[:, None], offs_dv[None, :] < DV, not EVEN_Q, BLOCK_DV != DV)
-    lse_row = (b64 * H_Q + h) * Q_LEN
-    lse2 = load_rows(LSE2 + lse_row + offs_m, q_in, float("inf"), not EVEN_Q)
-    delta = load_rows(DELTA + lse_row + offs_m, q_in, 0.0, not EVEN_Q)
-    K_bh = K + b64 * stride_kb + h_kv64 * stride_kh
-    V_bh = V + b64 * stride_vb + h_kv64 * stride_vh
-    row = (b * table_b + h * table_h) * table_rows + (pid_m * BLOCK_M) // SPARSE_Q
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
-                  KV_IDX + row * table_cols, tl.load(KV_NUM + row), b, h, offs_m, sm_scale, KV_LEN,
-                  {MOD_BUFFERS}{GRAD_BUFFERS}slot,
-                  False, EVEN_KV, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                  DETERMINISTIC, PREFETCH_INDEX)
-    dq = dq_tiles(dq, q, do, lse2, delta, K_bh, V_bh, stride_kn, stride_kd, stride_vn, stride_vd,
-                  FULL_KV_IDX + row * full_table_cols, tl.load(FULL_KV_NUM + row), b, h, offs_m, sm_scale, KV_LEN,
-                  {MOD_BUFFERS}{GRAD_BUFFERS}slot,
-                  True, EVEN_KV, FAST_TANH, SPARSE_KV, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                  DETERMINISTIC, PREFETCH_INDEX)
-    store_tile(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
-               + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
-               q_in[:, None], offs_d[None, :] < D, not EVEN_Q, BLOCK_D != D)
 
 
 @triton.jit
@@ -543,31 +435,79 @@ def flex_bwd(
     stride_dkb, stride_dkh, stride_dkn = aligned(stride_dkb, ROW_ALIGN), aligned(stride_dkh, ROW_ALIGN), aligned(stride_dkn, ROW_ALIGN)
     stride_dvb, stride_dvh, stride_dvn = aligned(stride_dvb, ROW_ALIGN), aligned(stride_dvh, ROW_ALIGN), aligned(stride_dvn, ROW_ALIGN)
     pid = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     if DKDV_PART:
-        if pid < dkdv_programs:
-            dkdv_program(pid % kv_tiles, pid // kv_tiles,
-                         Q, stride_qb, stride_qh, stride_qm, stride_qd, K, stride_kb, stride_kh, stride_kn, stride_kd,
-                         V, stride_vb, stride_vh, stride_vn, stride_vd, DO, stride_dob, stride_doh, stride_dom,
-                         stride_dod, LSE2, DELTA, DQ_ACC, DK_OUT, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                         DV_OUT, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                         Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, q_table_b, q_table_h, q_table_rows, q_table_cols,
-                         q_full_table_cols,
-                         {MOD_BUFFERS}{GRAD_BUFFERS}
-                         sm_scale, Q_LEN, KV_LEN, H_Q, H_KV,
-                         GQA_GROUP, SPARSE_Q1, SPARSE_KV1, BLOCK_M1, BLOCK_N1, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                         EVEN_KV1, FAST_TANH, ATOMIC_DQ, EVEN_Q1, PREFETCH_INDEX1)
+        if pid < dkdv_programs:  # dK, dV of kv tile pid_n of kv head row bh (and under ATOMIC_DQ dQ's parts)
+            pid_n = pid % kv_tiles
+            bh = pid // kv_tiles
+            b = bh // H_KV
+            h_kv = bh % H_KV
+            offs_n = pid_n * BLOCK_N1 + tl.arange(0, BLOCK_N1)
+            kv_in = offs_n < KV_LEN
+            b64 = b.to(tl.int64)
+            # EVEN_KV1: KV_LEN is a multiple of BLOCK_N1 (this tile is in bounds); EVEN_Q1: Q_LEN is a multiple of
+            # SPARSE_Q1 (every q tile the tables list is)
+            k = load_kv_tile(K + b64 * stride_kb + h_kv.to(tl.int64) * stride_kh, pid_n * BLOCK_N1, stride_kn,
+                             stride_kd, KV_LEN, BLOCK_N1, BLOCK_D, D, False, not EVEN_KV1)
+            v = load_kv_tile(V + b64 * stride_vb + h_kv.to(tl.int64) * stride_vh, pid_n * BLOCK_N1, stride_vn,
+                             stride_vd, KV_LEN, BLOCK_N1, BLOCK_DV, DV, False, not EVEN_KV1)
+            dk = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N1, BLOCK_DV], dtype=tl.float32)
+            for g in range(0, GQA_GROUP):  # dK, dV of a kv head sum over the q heads that read it
+                h = h_kv * GQA_GROUP + g
+                # its q tiles: a row of the q-major tables (no closed form: USE_BOUNDS False)
+                n_partial, n_full, _, _, _, partial_row, _, full_row = program_tiles(
+                    0, 0, 0, 0, b, h, (pid_n * BLOCK_N1) // SPARSE_KV1, {Q_TABLES}Q_LEN, False, True, BLOCK_M1,
+                    SPARSE_Q1 // BLOCK_M1)
+                lse_row = (b64 * H_Q + h) * Q_LEN
+                dk, dv = dkdv_tiles(
+                    dk, dv, k, v, Q + b64 * stride_qb + h.to(tl.int64) * stride_qh,
+                    DO + b64 * stride_dob + h.to(tl.int64) * stride_doh,
+                    LSE2 + lse_row, DELTA + lse_row, DQ_ACC + lse_row * D, stride_qm, stride_qd, stride_dom, stride_dod,
+                    n_partial, partial_row, stride_qin, n_full, full_row, stride_qfin, b, h, offs_n, sm_scale, Q_LEN,
+                    KV_LEN, {MOD_BUFFERS}{GRAD_BUFFERS}EVEN_KV1, FAST_TANH, SPARSE_Q1, EVEN_Q1, BLOCK_M1, BLOCK_D,
+                    BLOCK_DV, D, DV, DOT_PRECISION, ATOMIC_DQ, PREFETCH_INDEX1)
+            store_tile(DK_OUT + b64 * stride_dkb + h_kv.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
+                       + offs_d[None, :] * stride_dkd, (dk * sm_scale).to(DK_OUT.dtype.element_ty),
+                       kv_in[:, None], offs_d[None, :] < D, not EVEN_KV1, BLOCK_D != D)
+            store_tile(DV_OUT + b64 * stride_dvb + h_kv.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn
+                       + offs_dv[None, :] * stride_dvd, dv.to(DV_OUT.dtype.element_ty),
+                       kv_in[:, None], offs_dv[None, :] < DV, not EVEN_KV1, BLOCK_DV != DV)
     if DQ_PART:
-        if pid >= dkdv_programs:
-            slot = pid - dkdv_programs
+        if pid >= dkdv_programs:  # dQ of q tile pid_m of q head row bh, and the captured tensors' gradients
+            slot = pid - dkdv_programs  # DETERMINISTIC: this program's slice of the [programs, numel] partials
             # last q tiles first: under causal-like masks they have the most kv tiles, so the tail of the grid is short
-            dq_program(q_tiles - 1 - slot % q_tiles, slot // q_tiles, slot.to(tl.int64),
-                       Q, stride_qb, stride_qh, stride_qm, stride_qd, K, stride_kb, stride_kh, stride_kn, stride_kd,
-                       V, stride_vb, stride_vh, stride_vn, stride_vd, DO, stride_dob, stride_doh, stride_dom,
-                       stride_dod, LSE2, DELTA, DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                       KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, kv_table_b, kv_table_h, kv_table_rows, kv_table_cols,
-                       kv_full_table_cols,
-                       {MOD_BUFFERS}{GRAD_BUFFERS}
-                       sm_scale, Q_LEN, KV_LEN, H_Q,
-                       GQA_GROUP, SPARSE_Q2, SPARSE_KV2, BLOCK_M2, BLOCK_N2, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-                       EVEN_KV2, FAST_TANH, DETERMINISTIC, EVEN_Q2, PREFETCH_INDEX2)
+            pid_m = q_tiles - 1 - slot % q_tiles
+            bh = slot // q_tiles
+            b = bh // H_Q
+            h = bh % H_Q
+            offs_m = pid_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
+            q_in = offs_m < Q_LEN
+            b64 = b.to(tl.int64)
+            h_kv64 = (h // GQA_GROUP).to(tl.int64)
+            # EVEN_Q2: Q_LEN is a multiple of BLOCK_M2 (this tile is in bounds); EVEN_KV2: KV_LEN is a multiple of
+            # SPARSE_KV2 (every kv tile the tables list is)
+            q = load_tile(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
+                          + offs_d[None, :] * stride_qd, q_in[:, None], offs_d[None, :] < D, not EVEN_Q2, BLOCK_D != D)
+            do = load_tile(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom
+                           + offs_dv[None, :] * stride_dod, q_in[:, None], offs_dv[None, :] < DV, not EVEN_Q2,
+                           BLOCK_DV != DV)
+            lse_row = (b64 * H_Q + h) * Q_LEN
+            lse2 = load_rows(LSE2 + lse_row + offs_m, q_in, float("inf"), not EVEN_Q2)
+            delta = load_rows(DELTA + lse_row + offs_m, q_in, 0.0, not EVEN_Q2)
+            # its kv tiles: a row of the kv-major tables, as the forward's (no closed form: USE_BOUNDS False)
+            n_partial, n_full, _, _, _, partial_row, _, full_row = program_tiles(
+                0, 0, 0, 0, b, h, (pid_m * BLOCK_M2) // SPARSE_Q2, {KV_TABLES}KV_LEN, False, True, BLOCK_N2,
+                SPARSE_KV2 // BLOCK_N2)
+            dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
+            dq = dq_tiles(dq, q, do, lse2, delta, K + b64 * stride_kb + h_kv64 * stride_kh,
+                          V + b64 * stride_vb + h_kv64 * stride_vh, stride_kn, stride_kd, stride_vn, stride_vd,
+                          n_partial, partial_row, stride_in, n_full, full_row, stride_fin, b, h, offs_m, sm_scale,
+                          KV_LEN, {MOD_BUFFERS}{GRAD_BUFFERS}slot.to(tl.int64),
+                          EVEN_KV2, FAST_TANH, SPARSE_KV2, BLOCK_N2, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+                          DETERMINISTIC, PREFETCH_INDEX2)
+            store_tile(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
+                       + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
+                       q_in[:, None], offs_d[None, :] < D, not EVEN_Q2, BLOCK_D != D)
 '''

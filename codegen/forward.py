@@ -33,6 +33,7 @@ from .host import (
     prefetch_index,
     refine_wanted,
     slot_args,
+    table_args,
     walked_tiles,
 )
 from .launch import PreparedLaunch, Slot, launch_first_fitting
@@ -120,13 +121,6 @@ def check_block_mask(block_mask: Any, q: torch.Tensor, kv_len: int) -> None:
 
 
 # ---------------------------------------------------------------- entry point
-
-
-def _strides(t: torch.Tensor | None, ndim: int) -> list[int]:
-    """Strides with size-1 dims broadcast (stride 0); zeros for a missing table."""
-    if t is None:
-        return [0] * ndim
-    return [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())]
 
 
 _PLANS = PlanCache()
@@ -419,9 +413,7 @@ def index_tables(block_mask: Any, use_bounds: bool) -> tuple[bool, list[Any]]:
     has_full = full_num is not None and full_idx is not None
     if not has_full:
         full_num, full_idx = num, idx
-    tables = [num, *_strides(num, 3), idx, *_strides(idx, 4), full_num, *_strides(full_num, 3),
-              full_idx, *_strides(full_idx, 4)]
-    return has_full, tables
+    return has_full, table_args(num, idx, full_num, full_idx)
 
 
 @functools.cache

@@ -177,75 +177,6 @@ def bounds_text(bounds: ClosedFormBounds | None) -> str:
 # The template.  {NAME} holes take the generated argument lists above.
 FORWARD_TEMPLATE = '''
 @triton.jit
-def attend_tile(
-    acc, l_i, m_i, q, start_n,
-    K, stride_kn, stride_kd, k_desc,
-    V, stride_vn, stride_vd, v_desc,
-    b, h, q_idx, sm_scale, qk_scale, KV_LEN,
-    {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-    IS_FULL: tl.constexpr, HAS_SCORE_MOD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, page_row=None, PAGE_SIZE: tl.constexpr = 0,
-):
-    \"\"\"One kv tile of the online softmax. FULL tiles (IS_FULL) never evaluate the mask.\"\"\"
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_in = offs_n < KV_LEN
-    if USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
-        kt = tl.trans(k_desc.load([start_n, 0]))
-    else:
-        kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, CHECK_KV,
-                          page_row, PAGE_SIZE)
-    qk = mma(q, kt, None, DOT_PRECISION)
-    kv_idx = offs_n[None, :]
-    if HAS_SCORE_MOD:  # score_mod(q.k * scale) * log2(e), the scalings folded into the mod (codegen/base2.py)
-        if FLOAT_INDEX:  # int->float casts of kv_idx expressions done in float: exact, the host checked the range
-            kv_idx_f = (start_n.to(tl.float32) + tl.arange(0, BLOCK_N).to(tl.float32))[None, :]
-            if FAST_TANH:
-                score = score_mod_float_fast(qk, b, h, q_idx, kv_idx, sm_scale, kv_idx_f,
-                                             {SCORE_HOISTED}{SCORE_BUFFERS})
-            else:
-                score = score_mod_float(qk, b, h, q_idx, kv_idx, sm_scale, kv_idx_f, {SCORE_HOISTED}{SCORE_BUFFERS})
-        elif FAST_TANH:
-            score = score_mod_fast(qk, b, h, q_idx, kv_idx, sm_scale, {SCORE_HOISTED}{SCORE_BUFFERS})
-        else:
-            score = score_mod(qk, b, h, q_idx, kv_idx, sm_scale, {SCORE_HOISTED}{SCORE_BUFFERS})
-        score = tl.broadcast_to(score.to(tl.float32), (BLOCK_M, BLOCK_N))
-    elif FOLD_SCALE:  # raw q.k: the scale goes into the row max and the exp2's FMA below (qk_scale > 0)
-        score = qk
-    else:
-        score = qk * qk_scale
-    if not IS_FULL:
-        keep = mask_mod(b, h, q_idx, kv_idx, {MASK_HOISTED}{MASK_BUFFERS})
-        score = tl.where(keep, score, float("-inf"))
-    if CHECK_KV:
-        score = tl.where(kv_in[None, :], score, float("-inf"))
-    # base-2 online softmax; a row with nothing unmasked yet keeps m = -inf, so subtract 0 instead
-    if FOLD_SCALE and not HAS_SCORE_MOD:  # max(qk) * c == max(qk * c) for c > 0, also with -inf entries
-        m_new = tl.maximum(m_i, tl.max(score, 1) * qk_scale)
-    else:
-        m_new = tl.maximum(m_i, tl.max(score, 1))
-    if ((not IS_FULL) or HAS_SCORE_MOD) or CHECK_KV:  # else every score here is finite
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_safe = m_new
-    alpha = tl.math.exp2(m_i - m_safe)
-    if FOLD_SCALE and not HAS_SCORE_MOD:
-        p = tl.math.exp2(score * qk_scale - m_safe[:, None])  # one FFMA per element; -inf stays -inf
-    else:
-        p = tl.math.exp2(score - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if USE_TMA:
-        v = v_desc.load([start_n, 0])
-    else:
-        v = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, False, CHECK_KV,
-                         page_row, PAGE_SIZE)
-    acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
 def attend_tiles(
     acc, l_i, m_i, q,
     K, stride_kn, stride_kd,
@@ -262,7 +193,7 @@ def attend_tiles(
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
     FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr, page_row=None, PAGE_SIZE: tl.constexpr = 0,
 ):
-    \"\"\"Online softmax over kv tiles (attend_tile per tile); PAGE_SIZE > 0: K/V through a page table.\"\"\"
+    \"\"\"Online softmax over the kv tiles [i_lo, i_hi) of one list; PAGE_SIZE > 0: K/V through a page table.\"\"\"
     qk_scale = sm_scale * 1.4426950408889634  # scores in base 2
     if USE_TMA:  # Hopper's bulk tensor copies for K and V (host checked 16-byte alignment, unit last stride)
         k_desc = tl.make_tensor_descriptor(K, [KV_LEN, D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
@@ -276,12 +207,97 @@ def attend_tiles(
         else:
             start_n, ahead = walk_step(kv_index_row, stride_kv_index, i, i_hi, ahead, SPARSE_KV, BLOCK_N,
                                        PREFETCH_INDEX)
-        acc, l_i, m_i = attend_tile(
-            acc, l_i, m_i, q, start_n, K, stride_kn, stride_kd, k_desc, V, stride_vn, stride_vd, v_desc,
-            b, h, q_idx, sm_scale, qk_scale, KV_LEN,
+        # the tile's online-softmax step; FULL tiles (IS_FULL) never evaluate the mask
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_in = offs_n < KV_LEN
+        if USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
+            kt = tl.trans(k_desc.load([start_n, 0]))
+        else:
+            kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, CHECK_KV,
+                              page_row, PAGE_SIZE)
+        qk = mma(q, kt, None, DOT_PRECISION)
+        kv_idx = offs_n[None, :]
+        if HAS_SCORE_MOD:  # score_mod(q.k * scale) * log2(e), the scalings folded into the mod (codegen/base2.py)
+            if FLOAT_INDEX:  # int->float casts of kv_idx expressions in float: exact, the host checked the range
+                kv_idx_f = (start_n.to(tl.float32) + tl.arange(0, BLOCK_N).to(tl.float32))[None, :]
+                if FAST_TANH:
+                    score = score_mod_float_fast(qk, b, h, q_idx, kv_idx, sm_scale, kv_idx_f,
+                                                 {SCORE_HOISTED}{SCORE_BUFFERS})
+                else:
+                    score = score_mod_float(qk, b, h, q_idx, kv_idx, sm_scale, kv_idx_f,
+                                            {SCORE_HOISTED}{SCORE_BUFFERS})
+            elif FAST_TANH:
+                score = score_mod_fast(qk, b, h, q_idx, kv_idx, sm_scale, {SCORE_HOISTED}{SCORE_BUFFERS})
+            else:
+                score = score_mod(qk, b, h, q_idx, kv_idx, sm_scale, {SCORE_HOISTED}{SCORE_BUFFERS})
+            score = tl.broadcast_to(score.to(tl.float32), (BLOCK_M, BLOCK_N))
+        elif FOLD_SCALE:  # raw q.k: the scale goes into the row max and the exp2's FMA below (qk_scale > 0)
+            score = qk
+        else:
+            score = qk * qk_scale
+        if not IS_FULL:
+            keep = mask_mod(b, h, q_idx, kv_idx, {MASK_HOISTED}{MASK_BUFFERS})
+            score = tl.where(keep, score, float("-inf"))
+        if CHECK_KV:
+            score = tl.where(kv_in[None, :], score, float("-inf"))
+        # base-2 online softmax; a row with nothing unmasked yet keeps m = -inf, so subtract 0 instead
+        if FOLD_SCALE and not HAS_SCORE_MOD:  # max(qk) * c == max(qk * c) for c > 0, also with -inf entries
+            m_new = tl.maximum(m_i, tl.max(score, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(score, 1))
+        if ((not IS_FULL) or HAS_SCORE_MOD) or CHECK_KV:  # else every score here is finite
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
+        alpha = tl.math.exp2(m_i - m_safe)
+        if FOLD_SCALE and not HAS_SCORE_MOD:
+            p = tl.math.exp2(score * qk_scale - m_safe[:, None])  # one FFMA per element; -inf stays -inf
+        else:
+            p = tl.math.exp2(score - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])
+        else:
+            v = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, False, CHECK_KV,
+                             page_row, PAGE_SIZE)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attend_lists(
+    acc, l_i, m_i, q,
+    K, stride_kn, stride_kd,
+    V, stride_vn, stride_vd,
+    b, h, q_idx, sm_scale, KV_LEN,
+    n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row,  # program_tiles' two lists
+    stride_in, stride_fin,  # the block mask's kv_indices rows, walked unless USE_BOUNDS
+    split,  # this program's part of each list when they are cut into N_SPLITS (split-KV decoding)
+    page_row,  # PAGE_SIZE > 0: the request's page-table row (paged_request)
+    {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
+    USE_BOUNDS: tl.constexpr, HAS_SCORE_MOD: tl.constexpr, SPARSE_KV: tl.constexpr, N_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr, PAGE_SIZE: tl.constexpr,
+):
+    \"\"\"Online softmax over a program's kv tiles: its PARTIAL list, then its FULL one (attend_tiles per list).\"\"\"
+    for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
+        if part == 0:  # two runs of consecutive tiles (USE_BOUNDS), else a kv_indices row
+            n_tiles, run_lo, n_run, run2_lo, index_row, stride_index = (n_partial, first_lo, n_first, second_lo,
+                                                                         partial_row, stride_in)
+        else:  # one run
+            n_tiles, run_lo, n_run, run2_lo, index_row, stride_index = (n_full, full_lo, n_full, full_lo,
+                                                                         full_row, stride_fin)
+        i_lo, i_hi = split_tiles(n_tiles, split, N_SPLITS)
+        acc, l_i, m_i = attend_tiles(
+            acc, l_i, m_i, q, K, stride_kn, stride_kd, V, stride_vn, stride_vd, b, h, q_idx, sm_scale, KV_LEN,
+            i_lo, i_hi, run_lo, n_run, run2_lo, index_row, stride_index,
             {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-            IS_FULL, HAS_SCORE_MOD, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
-            CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE, page_row, PAGE_SIZE,
+            part == 1, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, SPARSE_KV // BLOCK_N,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, CHECK_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
+            FOLD_SCALE, PREFETCH_INDEX, page_row, PAGE_SIZE,
         )
     return acc, l_i, m_i
 
@@ -329,25 +345,13 @@ def flex_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = attend_tiles(
-        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, q_idx, sm_scale, kv_len,
-        0, n_partial, first_lo, n_first, second_lo,
-        partial_row, stride_in,
+    acc, l_i, m_i = attend_lists(
+        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, kv_len,
+        n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row, stride_in, stride_fin, 0,
+        page_row,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-        False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-        FOLD_SCALE, PREFETCH_INDEX, page_row, PAGE_SIZE,
-    )
-    acc, l_i, m_i = attend_tiles(
-        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, q_idx, sm_scale, kv_len,
-        0, n_full, full_lo, n_full, full_lo,
-        full_row, stride_fin,
-        {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-        True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX,
-        FOLD_SCALE, PREFETCH_INDEX, page_row, PAGE_SIZE,
+        USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, 1, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+        not EVEN_KV, FAST_TANH, USE_TMA, FLOAT_INDEX, FOLD_SCALE, PREFETCH_INDEX, PAGE_SIZE,
     )
 
     # a fully masked row has l = 0: output 0 and lse -inf, never 0/0

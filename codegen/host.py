@@ -1,5 +1,5 @@
 """Host-side pieces both directions' launches share (forward.py and backward.py): pipeline depth, buffer checks,
-slot arguments, the sparse-mask heuristic, the index prefetch and refined-table choices.
+slot arguments, block-table arguments, the sparse-mask heuristic, the index prefetch and refined-table choices.
 
 Shared here so that backward.py imports no internals of forward.py (issue 18)."""
 
@@ -19,6 +19,13 @@ from .launch import Slot
 # (benchmarks/gpu_sweep.py, issue 16).  kernel_options num_stages=1 is read as 2, as a hint torch's kernels may also
 # adjust.
 MIN_STAGES = 2
+
+
+def table_args(num: torch.Tensor, idx: torch.Tensor, full_num: torch.Tensor, full_idx: torch.Tensor) -> list[Any]:
+    """A direction's four block tables as params.block_tables declares them: each pointer, then its strides (0 where
+    a dim has size 1: one table row serves every batch or head)."""
+    return [x for t in (num, idx, full_num, full_idx)
+            for x in (t, *(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())))]  # fmt: skip
 
 
 def check_buffers(buffers: list[tuple[str, torch.Tensor]], device: torch.device) -> None:

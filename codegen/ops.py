@@ -392,40 +392,45 @@ def closed_form_tiles(kv_lo, kv_hi, full_lo, full_hi, KV_LEN, BLOCK_N: tl.conste
 
 
 @triton.jit
-def program_tiles(kv_lo, kv_hi, full_lo, full_hi, b, h, sparse_m,
-                  KV_NUM, stride_nb, stride_nh, stride_nm, KV_IDX, stride_ib, stride_ih, stride_im, stride_in,
+def program_tiles(lo, hi, full_lo, full_hi, b, h, row,
+                  NUM, stride_nb, stride_nh, stride_nm, IDX, stride_ib, stride_ih, stride_im, stride_in,
                   FULL_NUM, stride_fnb, stride_fnh, stride_fnm, FULL_IDX, stride_fib, stride_fih, stride_fim, stride_fin,
-                  KV_LEN, USE_BOUNDS: tl.constexpr, HAS_FULL: tl.constexpr, BLOCK_N: tl.constexpr,
+                  LEN, USE_BOUNDS: tl.constexpr, HAS_FULL: tl.constexpr, BLOCK: tl.constexpr,
                   TILES_PER_BLOCK: tl.constexpr):
-    # The kv tiles one program visits, as two lists: PARTIAL tiles (mask applied) and FULL ones (mask skipped).
-    # Returns (n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row): with USE_BOUNDS
-    # the partial list is two runs of consecutive tiles (first_lo, n_first of them; then from second_lo) and the
-    # full list one run from full_lo, from the closed-form bounds kv_lo..full_hi; else each list is a row of the
-    # block mask's tables (row `sparse_m` of batch b, head h; the tables as codegen/params.py KV_TABLES declares
-    # them).  attend_tiles walks [i_lo, i_hi) of either list.
+    # The tiles one program walks, whichever axis (a forward or decode program's kv tiles; a backward dK/dV
+    # program's q tiles, a dQ program's kv tiles), as two lists: PARTIAL tiles (mask applied) and FULL ones (mask
+    # skipped).  Returns (n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row): with
+    # USE_BOUNDS the partial list is two runs of consecutive tiles (first_lo, n_first of them; then from second_lo)
+    # and the full list one run from full_lo, from the closed-form bounds lo..full_hi; else each list is a row of
+    # a direction's block tables (row `row` of batch b, head h; codegen/params.py block_tables), walked by
+    # walk_step.  The one place that turns bounds or tables into tile lists: a kernel walks [i_lo, i_hi) of each.
     if USE_BOUNDS:
-        first_lo, n_first, second_lo, n_partial, full_lo, n_full = closed_form_tiles(kv_lo, kv_hi, full_lo, full_hi,
-                                                                                      KV_LEN, BLOCK_N)
-        partial_row = KV_IDX
-        full_row = KV_IDX
+        first_lo, n_first, second_lo, n_partial, full_lo, n_full = closed_form_tiles(lo, hi, full_lo, full_hi, LEN,
+                                                                                      BLOCK)
+        partial_row = IDX
+        full_row = IDX
     else:
         first_lo, n_first, second_lo, full_lo = 0, 0, 0, 0
-        n_partial = tl.load(KV_NUM + b * stride_nb + h * stride_nh + sparse_m * stride_nm) * TILES_PER_BLOCK
-        partial_row = KV_IDX + b * stride_ib + h * stride_ih + sparse_m * stride_im
+        n_partial = tl.load(NUM + b * stride_nb + h * stride_nh + row * stride_nm) * TILES_PER_BLOCK
+        partial_row = IDX + b * stride_ib + h * stride_ih + row * stride_im
         if HAS_FULL:
-            n_full = tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + sparse_m * stride_fnm) * TILES_PER_BLOCK
+            n_full = tl.load(FULL_NUM + b * stride_fnb + h * stride_fnh + row * stride_fnm) * TILES_PER_BLOCK
         else:
             n_full = 0
-        full_row = FULL_IDX + b * stride_fib + h * stride_fih + sparse_m * stride_fim
+        full_row = FULL_IDX + b * stride_fib + h * stride_fih + row * stride_fim
     return n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row
 
 
 @triton.jit
 def split_tiles(n_tiles, split, N_SPLITS: tl.constexpr):
     # [lo, hi): split `split`'s share of a list of n_tiles tiles cut into N_SPLITS near-equal consecutive parts
-    per_split = tl.cdiv(n_tiles, N_SPLITS)
-    lo = tl.minimum(split * per_split, n_tiles)
-    return lo, tl.minimum(lo + per_split, n_tiles)
+    if N_SPLITS == 1:  # the whole list (the forward): no arithmetic
+        lo, hi = 0, n_tiles
+    else:
+        per_split = tl.cdiv(n_tiles, N_SPLITS)
+        lo = tl.minimum(split * per_split, n_tiles)
+        hi = tl.minimum(lo + per_split, n_tiles)
+    return lo, hi
 
 
 @triton.jit

@@ -49,14 +49,23 @@ def constexprs(*names: str, default: Any = NO_DEFAULT) -> Group:
 # (ops.buffer_params) and bound from one list of values, in the order the mods list their buffers.
 MOD_BUFFERS: Group = (Param("mod_buffers", "buffers"),)
 
-# The block mask's four index tables (what flexcomp.blockmask / torch's BlockMask carry): a group both directions read.
-KV_TABLES: tuple[Group, ...] = (
-    tensor("KV_NUM", "stride_nb", "stride_nh", "stride_nm"),
-    tensor("KV_IDX", "stride_ib", "stride_ih", "stride_im", "stride_in"),
-    tensor("FULL_NUM", "stride_fnb", "stride_fnh", "stride_fnm"),
-    tensor("FULL_IDX", "stride_fib", "stride_fih", "stride_fim", "stride_fin"),
-)
+
+def block_tables(num: str, idx: str, full_num: str, full_idx: str, s: str = "") -> tuple[Group, ...]:
+    """One direction's four block tables (what flexcomp.blockmask / torch's BlockMask carry): the counts [B, H, rows]
+    and the indices [B, H, rows, cols] of the PARTIAL blocks, then of the FULL ones, each a pointer and its strides
+    (0 where a dim broadcasts); `s` tells two directions' strides apart.  ops.program_tiles reads them."""
+    counts, indices = ("b", "h", "m"), ("b", "h", "m", "n")
+    return (tensor(num, *(f"stride_{s}n{d}" for d in counts)), tensor(idx, *(f"stride_{s}i{d}" for d in indices)),
+            tensor(full_num, *(f"stride_{s}fn{d}" for d in counts)),
+            tensor(full_idx, *(f"stride_{s}fi{d}" for d in indices)))  # fmt: skip
+
+
+# The kv blocks of each q block: what the forward (and decode) walk, and the backward's dQ programs.
+KV_TABLES = block_tables("KV_NUM", "KV_IDX", "FULL_NUM", "FULL_IDX")
 TABLE_NAMES = tuple(p.name for g in KV_TABLES for p in g)  # the order forward.index_tables lists their values
+# The q blocks of each kv block: what the backward's dK/dV programs walk.
+Q_TABLES = block_tables("Q_NUM", "Q_IDX", "FULL_Q_NUM", "FULL_Q_IDX", "q")
+Q_TABLE_NAMES = tuple(p.name for g in Q_TABLES for p in g)
 
 
 @dataclass(frozen=True)
@@ -137,29 +146,17 @@ FORWARD = Signature((
 ))  # fmt: skip
 
 
-def backward_tables(major: str) -> Group:
-    """The backward's walk tables of one direction (`major` "q": the dK/dV programs', "kv": the dQ programs'):
-    contiguous int32 [TB, TH, rows(, cols)], then their batch and head strides (0 where the mask broadcasts),
-    rows and widths."""
-    upper = major.upper()
-    pointers = (f"{upper}_NUM", f"{upper}_IDX", f"FULL_{upper}_NUM", f"FULL_{upper}_IDX")
-    sizes = (f"{major}_table_b", f"{major}_table_h", f"{major}_table_rows", f"{major}_table_cols",
-             f"{major}_full_table_cols")  # fmt: skip
-    return (*(Param(n, "pointer") for n in pointers), *scalars(*sizes))
-
-
 BACKWARD_DO = tensor("DO", "stride_dob", "stride_doh", "stride_dom", "stride_dod")
 BACKWARD_DQ = tensor("DQ", "stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd")
 BACKWARD_DK = tensor("DK_OUT", "stride_dkb", "stride_dkh", "stride_dkn", "stride_dkd")
 BACKWARD_DV = tensor("DV_OUT", "stride_dvb", "stride_dvh", "stride_dvn", "stride_dvd")
-Q_MAJOR_TABLES, KV_MAJOR_TABLES = backward_tables("q"), backward_tables("kv")
 
 BACKWARD = Signature((
     Q_TENSOR, K_TENSOR, V_TENSOR, BACKWARD_DO,
     scalars("LSE2", "DELTA", kind="pointer"),  # contiguous float32 [B, H_Q, Q_LEN]: lse in base 2, delta
     scalars("DQ_ACC", kind="pointer"),  # contiguous float32 [B, H_Q, Q_LEN, D], zeroed (ATOMIC_DQ; else unused)
     BACKWARD_DQ, BACKWARD_DK, BACKWARD_DV,
-    Q_MAJOR_TABLES, KV_MAJOR_TABLES,
+    *Q_TABLES, *KV_TABLES,
     (*MOD_BUFFERS, Param("grad_buffers", "buffers")),  # captured tensors, then their gradients' (each + slice stride)
     (Param("sm_scale", "float"), *scalars("Q_LEN", "KV_LEN", "H_Q", "H_KV")),
     scalars("dkdv_programs", "kv_tiles", "q_tiles"),  # programs [0, dkdv_programs) do dK/dV, the rest dQ

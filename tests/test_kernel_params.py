@@ -113,3 +113,33 @@ def test_launches_bind_every_declared_name(randn, monkeypatch):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
     for got, want in zip((q.grad, k.grad, v.grad), leaves, strict=True):
         torch.testing.assert_close(got.double(), want.grad, atol=1e-4, rtol=1e-4)
+
+
+def calls(source: str, function: str) -> list[str]:
+    """The names of the functions `function` calls in a generated file, once per call site."""
+    (fn,) = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name == function]
+    return [node.func.id for node in ast.walk(fn) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+
+
+def table_reads(source: str) -> set[str]:
+    """The generated functions that load from a block table (a parameter named like KV_NUM, FULL_Q_IDX, ...)."""
+    readers = set()
+    for fn in (node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)):
+        for call in (node for node in ast.walk(fn) if isinstance(node, ast.Call)):
+            loaded = ast.unparse(call.args[0]) if ast.unparse(call.func) == "tl.load" and call.args else ""
+            if any(table in loaded for table in ("_NUM", "_IDX")):
+                readers.add(fn.name)
+    return readers
+
+
+def test_every_program_gets_its_tiles_from_program_tiles(randn):
+    """Issue 18: one helper turns bounds or block tables into a program's tile lists, whichever axis it walks, and
+    each program walks both its lists (PARTIAL, FULL) from one call."""
+    score, mask = biased_mods(randn(4))
+    forward, backward = forward_source(score, mask, None), backward_source(score, mask, frozenset({"bias"}))
+    for kernel in ("flex_forward_kernel", "flex_decode_kernel"):
+        assert calls(forward, kernel).count("program_tiles") == 1, kernel
+    assert calls(forward, "flex_forward_kernel").count("attend_lists") == 1
+    backward_calls = calls(backward, "flex_bwd")  # its dK/dV programs and its dQ programs
+    assert [backward_calls.count(f) for f in ("program_tiles", "dkdv_tiles", "dq_tiles")] == [2, 1, 1]
+    assert table_reads(forward) == table_reads(backward) == {"program_tiles"}
