@@ -438,31 +438,16 @@ def flex_decode_kernel(
     n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row = program_tiles(
         kv_lo, kv_hi, full_lo, full_hi, b, h0, 0, {TABLE_ARGS}
         KV_LEN, USE_BOUNDS, HAS_FULL, BLOCK_N, TILES_PER_BLOCK)
-    partial_lo, partial_hi = split_tiles(n_partial, split, N_SPLITS)
-    full_i_lo, full_i_hi = split_tiles(n_full, split, N_SPLITS)
-
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = attend_tiles(
-        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, q_idx, sm_scale, kv_len,
-        partial_lo, partial_hi, first_lo, n_first, second_lo,
-        partial_row, stride_in,
+    acc, l_i, m_i = attend_lists(
+        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, kv_len,
+        n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row, stride_in, stride_fin, split,
+        page_row,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-        False, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, False, FLOAT_INDEX,
-        FOLD_SCALE, PREFETCH_INDEX, page_row, PAGE_SIZE,
-    )
-    acc, l_i, m_i = attend_tiles(
-        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd,
-        b, h, q_idx, sm_scale, kv_len,
-        full_i_lo, full_i_hi, full_lo, n_full, full_lo,
-        full_row, stride_fin,
-        {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
-        True, USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, TILES_PER_BLOCK,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION, not EVEN_KV, FAST_TANH, False, FLOAT_INDEX,
-        FOLD_SCALE, PREFETCH_INDEX, page_row, PAGE_SIZE,
+        USE_BOUNDS, HAS_SCORE_MOD, SPARSE_KV, N_SPLITS, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, D, DV, DOT_PRECISION,
+        not EVEN_KV, FAST_TANH, False, FLOAT_INDEX, FOLD_SCALE, PREFETCH_INDEX, PAGE_SIZE,
     )
 
     # a row with nothing unmasked in this split has l = 0: output 0 and lse -inf (the merge weighs it 0)
