@@ -111,11 +111,47 @@ class Plan:
         return sorted({kc for qc, kc in self.needed if qc in mine})
 
     def bytes_sent(self, kv_bytes_per_chunk: int) -> tuple[int, int]:
-        """(K/V bytes this plan sends, bytes an all-gather of every chunk would send)."""
-        sent = sum(kv_bytes_per_chunk for r in range(self.world) for kc in self.kv_chunks_for(r)
-                   if self.owner(kc) != r)  # fmt: skip
+        """(K/V bytes the p2p schedule's forward sends, bytes an all-gather of every chunk would send)."""
         every = self.world * (self.n_chunks - len(chunks_of(0, self.world, self.load_balance))) * kv_bytes_per_chunk
-        return sent, every
+        return self.traffic("p2p", kv_bytes_per_chunk)[0], every
+
+    def users(self, chunk: int) -> frozenset[int]:
+        """The ranks whose pairs read kv chunk `chunk`."""
+        return frozenset(self.owner(qc) for qc, kc in self.needed if kc == chunk)
+
+    def ring_hops(self, chunk: int) -> int:
+        """How far `chunk` travels along the ring (rank r to r+1 each step): to the last rank that needs it."""
+        owner = self.owner(chunk)
+        return max(((r - owner) % self.world for r in self.users(chunk)), default=0)
+
+    def ring_first_user(self, chunk: int) -> int | None:
+        """The first hop whose rank needs `chunk` (where its gradient starts accumulating), None if none does."""
+        owner = self.owner(chunk)
+        return min(((r - owner) % self.world for r in self.users(chunk)), default=None)
+
+    def ring_held(self, rank: int, step: int) -> list[int]:
+        """The kv chunks rank `rank` holds at ring step `step`: those of rank - step still travelling, ascending."""
+        source = (rank - step) % self.world
+        return sorted(c for c in chunks_of(source, self.world, self.load_balance) if self.ring_hops(c) >= step)
+
+    def traffic(self, schedule: str, kv_bytes_per_chunk: int) -> tuple[int, int]:
+        """(bytes the forward sends, bytes the backward sends) under `schedule`, all ranks together.  The p2p
+        backward returns each received chunk's dK/dV to its owner; the ring's backward passes K/V around again
+        (it kept none), with each chunk's dK/dV accumulating from its first user to its last, then sent home."""
+        chunks = range(self.n_chunks)
+        if schedule == "p2p":
+            sent = sum(len(self.users(c) - {self.owner(c)}) for c in chunks) * kv_bytes_per_chunk
+            return sent, sent
+        hops = sum(self.ring_hops(c) for c in chunks)
+        grad_hops = sum(self.ring_hops(c) - self.ring_first_user(c) + 1 for c in chunks if self.ring_hops(c))
+        return hops * kv_bytes_per_chunk, (hops + grad_hops) * kv_bytes_per_chunk
+
+    def remote_chunks_held(self, schedule: str) -> int:
+        """The most remote kv chunks a rank holds at once (received, in flight or kept for the backward)."""
+        if schedule == "p2p":
+            return max(sum(self.owner(c) != r for c in self.kv_chunks_for(r)) for r in range(self.world))
+        return max(len(self.ring_held(r, s)) * (s > 0) + len(self.ring_held(r, s + 1)) * (s + 1 < self.world)
+                   for r in range(self.world) for s in range(self.world))  # fmt: skip
 
 
 def plan(mask_mod: Any, seq_len: int, world: int, load_balance: bool | Layout = True, batch: int = 1, heads: int = 1,
@@ -183,19 +219,29 @@ def _pow2_at_most(n: int) -> int:
 # ---------------------------------------------------------------- attention
 
 
+SCHEDULES = ("p2p", "ring")  # p2p: each needed chunk sent once, straight to its users; ring: passed rank to rank
+
+
 def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Any = None,
                    block_mask: Any = None, scale: float | None = None, enable_gqa: bool = False,
                    return_lse: bool = False, kernel_options: dict | None = None, *, mask_mod: Any = None,
-                   group: Any = None, load_balance: bool | Layout = True, backend: str = "auto") -> Any:  # fmt: skip
+                   group: Any = None, load_balance: bool | Layout = True, backend: str = "auto",
+                   schedule: str = "p2p") -> Any:  # fmt: skip
     """flexcomp.flex_attention's arguments on this rank's shards of q, k, v (from `shard`): this rank's shard of
     the output (and of lse with `return_lse`).  Mods see global positions; a `block_mask` (built for the whole
     sequence) gives its mask_mod, whose tiles are re-derived per pair of chunks.  Differentiable in q, k, v and the
     score_mod's captured tensors (each rank gets the gradient of its own pairs: sum them over the group, as data
-    parallelism does, for a parameter every rank holds)."""
+    parallelism does, for a parameter every rank holds).
+
+    `schedule` "p2p" (the default: the fewest bytes, no recomputation) sends each needed K/V chunk straight to the
+    ranks that need it, all at once; "ring" passes chunks from rank to rank, one step at a time, so that a rank holds
+    O(1) remote chunks however many ranks there are (its backward recomputes each pair's forward)."""
     if block_mask is not None:
         if mask_mod is not None:
             raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
         mask_mod = block_mask.mask_mod
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{schedule=} must be one of {SCHEDULES}")
     rank, world = _world(group)
     per_rank = len(chunks_of(rank, world, load_balance))
     local_len = query.shape[2]
@@ -205,31 +251,36 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     chunk_len = local_len // per_rank
     the_plan = _cached_plan(mask_mod, chunk_len * per_rank * world, world, load_balance, query.shape[0],
                             query.shape[1], min(128, _pow2_at_most(chunk_len)))  # fmt: skip
-    mine = chunks_of(rank, world, load_balance)
-    k_parts, v_parts = key.split(chunk_len, 2), value.split(chunk_len, 2)
-    local = {c: (k_parts[i], v_parts[i]) for i, c in enumerate(mine)}
-    in_flight: list = []
-    local, remote = _exchanged(the_plan, rank, group, local, in_flight)  # sends and receives start now
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    pairs = _Pairs(the_plan, rank, group, score_mod, mask_mod, scale, enable_gqa, kernel_options, backend)
+    if schedule == "ring":
+        captured = _captured_requiring_grad(score_mod)
+        out, lse = _Ring.apply(pairs, query, key, value, *captured)
+    else:
+        out, lse = _p2p_attention(pairs, query, key, value)
+    return (out, lse) if return_lse else out
 
-    def attend(q, qc, sources):
-        return [_pair(q, *sources[kc], qc, kc, the_plan, score_mod, mask_mod, scale, enable_gqa, kernel_options,
-                      backend) for kc in sorted(sources) if (qc, kc) in the_plan.needed]  # fmt: skip
 
-    q_chunks = [query[:, :, i * chunk_len : (i + 1) * chunk_len] for i in range(len(mine))]
-    parts = [attend(q, qc, local) for q, qc in zip(q_chunks, mine)]  # the local pairs overlap the transfers
+def _p2p_attention(pairs: _Pairs, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
+    """The p2p schedule: every needed chunk's transfer starts at once; the local pairs run meanwhile."""
+    mine = pairs.mine
+    local = dict(zip(mine, zip(pairs.chunks(key), pairs.chunks(value))))
+    in_flight: list = []
+    local, remote = _exchanged(pairs.plan, pairs.rank, pairs.group, local, in_flight)  # sends and receives start
+    q_chunks = pairs.chunks(query)
+    parts = [pairs.attend_all(q, qc, local) for q, qc in zip(q_chunks, mine)]  # the local pairs overlap them
     _wait(in_flight)
     outs, lses, computed = [], [], 0
     for q, qc, own in zip(q_chunks, mine, parts):
-        pairs = own + attend(q, qc, remote)
-        computed += len(pairs)
-        out, lse = _merged(pairs, q, value.shape[-1])
+        done = own + pairs.attend_all(q, qc, remote)
+        computed += len(done)
+        out, lse = _merged(done, q, value.shape[-1])
         outs.append(out)
         lses.append(lse)
     out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
     if not computed:  # every pair of this rank is empty: still part of the graph, so that its backward joins the
         out = out + 0 * sum(t.sum() for pair in local.values() for t in pair) + 0 * query.sum()  # exchange
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 @functools.lru_cache(maxsize=64)
@@ -238,18 +289,55 @@ def _cached_plan(mask_mod: Any, seq_len: int, world: int, load_balance: bool | L
     return plan(mask_mod, seq_len, world, load_balance, batch, heads, block)
 
 
-def _pair(q, k, v, qc, kc, the_plan, score_mod, mask_mod, scale, enable_gqa, kernel_options, backend):
-    """(out, lse) of q chunk qc against kv chunk kc, the mods at global positions."""
-    from .api import flex_attention as attend
+@dataclass
+class _Pairs:
+    """What attending one (q chunk, kv chunk) pair needs beyond its tensors: the plan, this rank and the call's
+    arguments."""
 
-    q_off, kv_off = qc * the_plan.chunk_len, kc * the_plan.chunk_len
-    shifted_score, shifted_mask = _shifted_mods(score_mod, mask_mod, q_off, kv_off, q.device)
-    block_mask = None
-    if shifted_mask is not None:
-        block_mask = _pair_block_mask(mask_mod, shifted_mask, q_off, kv_off, the_plan.chunk_len, q.shape[0],
-                                      q.shape[1], q.device)  # fmt: skip
-    return attend(q, k, v, score_mod=shifted_score, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-                  return_lse=True, kernel_options=kernel_options, backend=backend)  # fmt: skip
+    plan: Plan
+    rank: int
+    group: Any
+    score_mod: Any
+    mask_mod: Any
+    scale: float
+    enable_gqa: bool
+    kernel_options: dict | None
+    backend: str
+
+    @property
+    def mine(self) -> tuple[int, ...]:
+        return chunks_of(self.rank, self.plan.world, self.plan.load_balance)
+
+    def chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This rank's shard `x` cut into its chunks (in the order of `mine`)."""
+        return x.split(self.plan.chunk_len, 2)
+
+    def attend_all(self, q: torch.Tensor, qc: int, sources: dict) -> list:
+        """(out, lse) of q chunk qc against each kv chunk of `sources` ({chunk: (k, v)}) that it needs."""
+        return [self.attend(q, qc, *sources[kc], kc) for kc in sorted(sources) if (qc, kc) in self.plan.needed]
+
+    def attend(self, q: torch.Tensor, qc: int, k: torch.Tensor, v: torch.Tensor, kc: int) -> tuple:
+        """(out, lse) of q chunk qc against kv chunk kc, the mods at global positions."""
+        from .api import flex_attention as attend
+
+        q_off, kv_off = qc * self.plan.chunk_len, kc * self.plan.chunk_len
+        shifted_score, shifted_mask = _shifted_mods(self.score_mod, self.mask_mod, q_off, kv_off, q.device)
+        block_mask = None
+        if shifted_mask is not None:
+            block_mask = _pair_block_mask(self.mask_mod, shifted_mask, q_off, kv_off, self.plan.chunk_len,
+                                          q.shape[0], q.shape[1], q.device)  # fmt: skip
+        return attend(q, k, v, score_mod=shifted_score, block_mask=block_mask, scale=self.scale,
+                      enable_gqa=self.enable_gqa, return_lse=True, kernel_options=self.kernel_options,
+                      backend=self.backend)  # fmt: skip
+
+
+def _captured_requiring_grad(score_mod: Any) -> tuple[torch.Tensor, ...]:
+    """The score_mod's captured tensors that want a gradient: the ring's autograd Function takes them as inputs, as
+    its backward computes their gradients itself."""
+    if score_mod is None:
+        return ()
+    captured = as_mod(score_mod, "score").tensors().values()
+    return tuple(t for t in captured if isinstance(t, torch.Tensor) and t.requires_grad)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -290,11 +378,16 @@ def _pair_block_mask(mask_mod, shifted_mask, q_off, kv_off, chunk_len, batch, he
                                     seq_lengths=tables.seq_lengths)  # fmt: skip
 
 
-def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, dv: int) -> tuple[torch.Tensor, ...]:
-    """Exact merge of partial attentions by their log-sum-exp; rows masked everywhere give 0 and -inf, never NaN
-    (also in the gradients)."""
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32  # and lse's dtype, as flex_attention's
+
+
+def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, dv: int,
+            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Exact merge of partial attentions by their log-sum-exp, the output in `out_dtype` (q's by default); rows
+    masked everywhere give 0 and -inf, never NaN (also in the gradients)."""
     B, H, Lq, _ = q.shape
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32  # and lse's dtype, as flex_attention's
+    work = _work_dtype(q)
     if not parts:
         return q.new_zeros(B, H, Lq, dv), q.new_full((B, H, Lq), -math.inf, dtype=work)
     outs = torch.stack([o.to(work) for o, _ in parts])
@@ -307,7 +400,7 @@ def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, dv:
     safe = torch.where(empty, torch.ones_like(total), total)
     out = (weights[..., None] * outs).sum(0) / safe[..., None]
     lse = torch.where(empty, torch.full_like(total, -math.inf), top + torch.log(safe))
-    return out.to(q.dtype), lse
+    return out.to(out_dtype or q.dtype), lse
 
 
 # ---------------------------------------------------------------- communication
@@ -389,3 +482,160 @@ def _run(ops: list) -> None:
 def _wait(requests: list) -> None:
     for request in requests:
         request.wait()
+
+
+# ---------------------------------------------------------------- the ring
+
+
+class _Ring(torch.autograd.Function):
+    """The ring schedule.  At step s rank r holds the kv chunks of rank r - s that are still travelling: it posts
+    their sends to rank r + 1 and the receives of step s + 1's chunks from rank r - 1, attends its needed pairs with
+    what it holds, merges them into a running (out, lse), then waits.  A chunk travels only as far as the last rank
+    that needs it (`Plan.ring_hops`), so at most two steps' chunks are held at once.
+
+    Backward passes K/V around again (the forward kept none: that is the memory the ring saves) and recomputes each
+    needed pair's forward to differentiate it against the merged out and lse.  A chunk's dK/dV accumulate as they
+    travel, from its first user to its last, which sends the sum home: one gradient buffer per held chunk and one
+    message per hop, where returning every user's share to the owner would have the owner hold one buffer per user.
+    """
+
+    @staticmethod
+    def forward(ctx, pairs, query, key, value, *captured):
+        held = dict(zip(pairs.mine, zip(pairs.chunks(key), pairs.chunks(value))))
+        q_chunks = pairs.chunks(query)
+        running: list = [None] * len(q_chunks)  # per q chunk: the (out, lse) merged so far, in the work dtype
+        for step in range(pairs.plan.world):
+            incoming: dict = {}
+            requests = _start(_ring_kv_ops(pairs, step, held, incoming, key))
+            for i, (q, qc) in enumerate(zip(q_chunks, pairs.mine)):
+                for part in pairs.attend_all(q, qc, held):
+                    so_far = [part] if running[i] is None else [running[i], part]
+                    running[i] = _merged(so_far, q, value.shape[-1], _work_dtype(q))
+            _wait(requests)
+            held = incoming
+        merged = [_merged([] if r is None else [r], q, value.shape[-1]) for r, q in zip(running, q_chunks)]
+        out, lse = torch.cat([o for o, _ in merged], 2), torch.cat([lse for _, lse in merged], 2)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.pairs = pairs
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        pairs = ctx.pairs
+        query, key, value, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        dlse = torch.zeros_like(lse) if dlse is None else dlse
+        rows = [pairs.chunks(t.unsqueeze(-1)) for t in (lse, dlse)]  # lse's chunks, with a last dim to split
+        per_q = list(zip(pairs.chunks(query), pairs.mine, pairs.chunks(out), pairs.chunks(dout), *rows))
+        captured = _captured_requiring_grad(pairs.score_mod)
+        dq = [torch.zeros(q.shape, dtype=_work_dtype(q), device=q.device) for q in pairs.chunks(query)]
+        dcaptured: list = [None] * len(captured)
+        held = dict(zip(pairs.mine, zip(pairs.chunks(key), pairs.chunks(value))))
+        home: dict = {}  # this rank's chunks' dK/dV once complete
+        done: dict = {}  # the held chunks of the step before, their dK/dV accumulated so far
+        for step in range(pairs.plan.world + 1):
+            incoming, arriving = {}, {}
+            ops = _ring_grad_ops(pairs, step, done, arriving, home, key)
+            ops += _ring_kv_ops(pairs, step, held, incoming, key) if step < pairs.plan.world else []
+            requests = _start(ops)
+            local = {kc: _contributions(pairs, per_q, kc, k, v, dq, captured, dcaptured) for kc, (k, v) in held.items()}
+            _wait(requests)
+            done = {kc: _summed(arriving.get(kc), local[kc], key.dtype) for kc in held}
+            home.update((kc, done[kc]) for kc in pairs.mine if kc in done and pairs.plan.ring_hops(kc) == 0)
+            held = incoming
+        dk, dv = ([home[kc][j] if home[kc] is not None else torch.zeros_like(part)
+                   for kc, part in zip(pairs.mine, pairs.chunks(t))] for j, t in enumerate((key, value)))  # fmt: skip
+        grads_captured = [torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(captured, dcaptured)]
+        return (None, torch.cat(dq, 2).to(query.dtype), torch.cat(dk, 2), torch.cat(dv, 2), *grads_captured)
+
+
+def _contributions(pairs: _Pairs, per_q: list, kc: int, k, v, dq: list, captured: tuple, dcaptured: list):
+    """[dK, dV] of kv chunk kc from this rank's needed pairs (None if it needs none), in the work dtype; adds the
+    pairs' dQ to `dq` and the captured tensors' gradients to `dcaptured`."""
+    dk = dv = None
+    for i, (q, qc, out, dout, lse, dlse) in enumerate(per_q):
+        if (qc, kc) not in pairs.plan.needed:
+            continue
+        grads = _pair_grads(pairs, q, qc, k, v, kc, out, dout, lse.squeeze(-1), dlse.squeeze(-1), captured)
+        dq[i] += grads[0]
+        dk = grads[1].to(dq[i].dtype) if dk is None else dk + grads[1]
+        dv = grads[2].to(dq[i].dtype) if dv is None else dv + grads[2]
+        for j, g in enumerate(grads[3:]):
+            if g is not None:
+                dcaptured[j] = g if dcaptured[j] is None else dcaptured[j] + g
+    return None if dk is None else [dk, dv]
+
+
+def _pair_grads(pairs: _Pairs, q, qc, k, v, kc, out, dout, lse, dlse, captured) -> tuple:
+    """(dq, dk, dv, *captured's) of one pair, its forward recomputed.  With the merged output out = sum_i w_i o_i,
+    w_i = exp(lse_i - lse): d o_i = w_i dout and d lse_i = w_i (rowsum(dout * (o_i - out)) + dlse)."""
+    with torch.enable_grad():
+        q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
+        o, pair_lse = pairs.attend(q_, qc, k_, v_, kc)
+        work = pair_lse.dtype
+        weight = torch.where(torch.isinf(pair_lse), 0.0, torch.exp(pair_lse.detach() - lse.to(work))).detach()
+        d_o = (weight[..., None] * dout.to(work)).to(o.dtype)
+        d_lse = weight * ((dout.to(work) * (o.detach().to(work) - out.to(work))).sum(-1) + dlse.to(work))
+        return torch.autograd.grad((o, pair_lse), (q_, k_, v_, *captured), (d_o, d_lse), allow_unused=True)
+
+
+def _summed(arrived, local, dtype: torch.dtype):
+    """A held chunk's dK/dV so far: what arrived from the rank before plus this rank's share (either may be None),
+    added in the work dtype, kept in the K/V dtype (what travels on)."""
+    parts = [p for p in (arrived, local) if p is not None]
+    if not parts:
+        return None
+    return [sum(p[j].to(torch.float64 if dtype == torch.float64 else torch.float32) for p in parts).to(dtype)
+            for j in range(2)]  # fmt: skip
+
+
+def _ring_kv_ops(pairs: _Pairs, step: int, held: dict, incoming: dict, like: torch.Tensor) -> list:
+    """Step `step`'s K/V transfers: the held chunks that travel further go to the next rank; the chunks of the
+    next step come from the previous one (into `incoming`)."""
+    the_plan, rank = pairs.plan, pairs.rank
+    ops = [_op(dist.isend, t, rank + 1, pairs) for kc in sorted(held) if the_plan.ring_hops(kc) > step
+           for t in held[kc]]  # fmt: skip
+    if step + 1 < the_plan.world:
+        for kc in the_plan.ring_held(rank, step + 1):
+            incoming[kc] = _buffers(like, pairs)
+            ops += [_op(dist.irecv, t, rank - 1, pairs) for t in incoming[kc]]
+    return ops
+
+
+def _ring_grad_ops(pairs: _Pairs, step: int, done: dict, arriving: dict, home: dict, like: torch.Tensor) -> list:
+    """The dK/dV transfers posted at the start of step `step`, for the chunks held at the step before (`done`):
+    first a chunk's sum going home from its last user (into `home` at its owner), then the sums travelling on to
+    the next rank (into `arriving` there).  Sender and receiver post each link's transfers in the same order."""
+    the_plan, rank, hop = pairs.plan, pairs.rank, step - 1
+    ops = []
+    for kc in sorted(done):  # this rank was kc's last hop: its sum goes home
+        if hop > 0 and the_plan.ring_hops(kc) == hop:
+            ops += [_op(dist.isend, g, the_plan.owner(kc), pairs) for g in done[kc]]
+    for kc in sorted(pairs.mine):  # and this rank's chunks whose last hop was the step before come back
+        if hop > 0 and the_plan.ring_hops(kc) == hop:
+            home[kc] = _buffers(like, pairs)
+            ops += [_op(dist.irecv, g, rank + hop, pairs) for g in home[kc]]
+    for kc in sorted(done):  # sums travelling on
+        if the_plan.ring_hops(kc) > hop and done[kc] is not None:
+            ops += [_op(dist.isend, g, rank + 1, pairs) for g in done[kc]]
+    if 0 < step < the_plan.world:
+        for kc in the_plan.ring_held(rank, step):
+            if the_plan.ring_first_user(kc) is not None and the_plan.ring_first_user(kc) < step:
+                arriving[kc] = _buffers(like, pairs)
+                ops += [_op(dist.irecv, g, rank - 1, pairs) for g in arriving[kc]]
+    return ops
+
+
+def _op(fn, tensor: torch.Tensor, peer: int, pairs: _Pairs) -> Any:
+    """A point-to-point op with the rank `peer` of the group (modulo its size)."""
+    return dist.P2POp(fn, tensor.contiguous(), _global_rank(pairs.group, peer % pairs.plan.world), pairs.group)
+
+
+def _buffers(like: torch.Tensor, pairs: _Pairs) -> list[torch.Tensor]:
+    """Two empty chunk-sized buffers (K and V, or their gradients) to receive into."""
+    chunk = pairs.chunks(like)[0]
+    return [torch.empty(chunk.shape, dtype=like.dtype, device=like.device) for _ in range(2)]
+
+
+def _start(ops: list) -> list:
+    return dist.batch_isend_irecv(ops) if ops else []

@@ -48,20 +48,33 @@ def biased(score, b, h, q_idx, kv_idx):
     return score + BIAS[kv_idx] * 0.5
 
 
-def _check(world, mask, score=None, backend="auto", dtype=torch.float64, tol=1e-10, load_balance=True):
-    """One case on every rank: same global inputs (same seed), this rank's shards through context parallelism."""
+def _check(world, mask, score=None, backend="auto", dtype=torch.float64, tol=1e-10, load_balance=True,
+           schedules=cp.SCHEDULES):  # fmt: skip
+    """One case on every rank: same global inputs (same seed), this rank's shards through context parallelism under
+    each schedule, against one single-process reference."""
     L = CHUNK * 2 * world
     g = torch.Generator().manual_seed(world * 100 + len(mask.__name__))
     q, k, v = (torch.randn(2, H, L, D, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
     dout = torch.randn(2, H, L, D, generator=g, dtype=dtype)
     leaves = (q, k, v, BIAS) if score is not None else (q, k, v)
-    ref = fc.flex_attention(q, k, v, score_mod=score, mask_mod=mask, backend=backend)
-    ref_grads = torch.autograd.grad((ref * dout).sum(), leaves)
+    dlse = torch.randn(2, H, L, generator=g, dtype=torch.float64)
+    ref, ref_lse = fc.flex_attention(q, k, v, score_mod=score, mask_mod=mask, backend=backend, return_lse=True)
+    ref_grads = torch.autograd.grad(_loss(ref, ref_lse, dout, dlse), leaves)
+    for schedule in schedules:
+        _check_schedule(schedule, (q, k, v), (dout, dlse), ref, ref_grads, mask, score, backend, tol, load_balance)
+
+
+def _loss(out, lse, dout, dlse):  # reaches lse too (rows masked everywhere have lse -inf: left out)
+    return (out * dout).sum() + (torch.where(lse.isinf(), 0, lse) * dlse).sum()
+
+
+def _check_schedule(schedule, qkv, douts, ref, ref_grads, mask, score, backend, tol, load_balance):
     shard = lambda t: cp.shard(t, load_balance=load_balance)
-    local = [shard(t.detach()).requires_grad_() for t in (q, k, v)]
+    local = [shard(t.detach()).requires_grad_() for t in qkv]
     out, lse = cp.flex_attention(*local, score_mod=score, mask_mod=mask, return_lse=True, backend=backend,
-                                 load_balance=load_balance)  # fmt: skip
-    grads = torch.autograd.grad((out * shard(dout)).sum(), local + ([BIAS] if score is not None else []))
+                                 load_balance=load_balance, schedule=schedule)  # fmt: skip
+    loss = _loss(out, lse, shard(douts[0]), cp.shard(douts[1], dim=2, load_balance=load_balance))
+    grads = torch.autograd.grad(loss, local + ([BIAS] if score is not None else []))
     torch.testing.assert_close(out, shard(ref.detach()), atol=tol, rtol=tol)
     torch.testing.assert_close(cp.unshard(out.detach(), load_balance=load_balance), ref.detach(), atol=tol, rtol=tol)
     for got, want in zip(grads[:3], ref_grads[:3]):
