@@ -54,9 +54,15 @@ def _world(group: Any) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _as_group(group: Any) -> Any:
+    """A process group from a group, None (the default group) or a one-dimensional DeviceMesh (as torch's
+    `context_parallel` takes)."""
+    return group.get_group() if hasattr(group, "get_group") else group
+
+
 def shard(x: torch.Tensor, group: Any = None, dim: int = 2, load_balance: bool | Layout = True) -> torch.Tensor:
     """This rank's shard of `x` along `dim` (the sequence dim of [B, H, L, D] by default)."""
-    rank, world = _world(group)
+    rank, world = _world(_as_group(group))
     n_chunks = chunk_count(world, load_balance)
     if x.shape[dim] % n_chunks:
         raise ValueError(f"sequence length {x.shape[dim]} must be a multiple of {n_chunks} chunks "
@@ -67,6 +73,7 @@ def shard(x: torch.Tensor, group: Any = None, dim: int = 2, load_balance: bool |
 
 def unshard(x: torch.Tensor, group: Any = None, dim: int = 2, load_balance: bool | Layout = True) -> torch.Tensor:
     """The whole sequence from every rank's shard (an all-gather)."""
+    group = _as_group(group)
     _, world = _world(group)
     if world == 1:
         return x
@@ -119,20 +126,32 @@ class Plan:
         """The ranks whose pairs read kv chunk `chunk`."""
         return frozenset(self.owner(qc) for qc, kc in self.needed if kc == chunk)
 
+    def ring_direction(self, chunk: int) -> int:
+        """Which way `chunk` travels the ring, +1 (rank r to r + 1) or -1: the way its last user is nearer.  With
+        head-tail a causal mask's early chunks go up and its late ones down, so each travels only as far as the p2p
+        schedule would send it, in hops of one."""
+        return min((1, -1), key=lambda way: self._hops(chunk, way))
+
     def ring_hops(self, chunk: int) -> int:
-        """How far `chunk` travels along the ring (rank r to r+1 each step): to the last rank that needs it."""
-        owner = self.owner(chunk)
-        return max(((r - owner) % self.world for r in self.users(chunk)), default=0)
+        """How far `chunk` travels along the ring (one rank a step): to the last rank that needs it."""
+        return self._hops(chunk, self.ring_direction(chunk))
 
     def ring_first_user(self, chunk: int) -> int | None:
         """The first hop whose rank needs `chunk` (where its gradient starts accumulating), None if none does."""
-        owner = self.owner(chunk)
-        return min(((r - owner) % self.world for r in self.users(chunk)), default=None)
+        return min(self._distances(chunk, self.ring_direction(chunk)), default=None)
 
     def ring_held(self, rank: int, step: int) -> list[int]:
-        """The kv chunks rank `rank` holds at ring step `step`: those of rank - step still travelling, ascending."""
-        source = (rank - step) % self.world
-        return sorted(c for c in chunks_of(source, self.world, self.load_balance) if self.ring_hops(c) >= step)
+        """The kv chunks rank `rank` holds at ring step `step` (those that set out `step` ranks before it and still
+        travel), ascending."""
+        return sorted(c for way in (1, -1) for c in chunks_of((rank - way * step) % self.world, self.world,
+                      self.load_balance) if self.ring_direction(c) == way and self.ring_hops(c) >= step)  # fmt: skip
+
+    def _distances(self, chunk: int, way: int) -> list[int]:
+        owner = self.owner(chunk)
+        return [((r - owner) * way) % self.world for r in self.users(chunk)]
+
+    def _hops(self, chunk: int, way: int) -> int:
+        return max(self._distances(chunk, way), default=0)
 
     def traffic(self, schedule: str, kv_bytes_per_chunk: int) -> tuple[int, int]:
         """(bytes the forward sends, bytes the backward sends) under `schedule`, all ranks together.  The p2p
@@ -242,6 +261,7 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         mask_mod = block_mask.mask_mod
     if schedule not in SCHEDULES:
         raise ValueError(f"{schedule=} must be one of {SCHEDULES}")
+    group = _as_group(group)
     rank, world = _world(group)
     per_rank = len(chunks_of(rank, world, load_balance))
     local_len = query.shape[2]
@@ -265,11 +285,11 @@ def _p2p_attention(pairs: _Pairs, query: torch.Tensor, key: torch.Tensor, value:
     """The p2p schedule: every needed chunk's transfer starts at once; the local pairs run meanwhile."""
     mine = pairs.mine
     local = dict(zip(mine, zip(pairs.chunks(key), pairs.chunks(value))))
-    in_flight: list = []
+    in_flight = pairs.transfers()
     local, remote = _exchanged(pairs.plan, pairs.rank, pairs.group, local, in_flight)  # sends and receives start
     q_chunks = pairs.chunks(query)
     parts = [pairs.attend_all(q, qc, local) for q, qc in zip(q_chunks, mine)]  # the local pairs overlap them
-    _wait(in_flight)
+    in_flight.wait()
     outs, lses, computed = [], [], 0
     for q, qc, own in zip(q_chunks, mine, parts):
         done = own + pairs.attend_all(q, qc, remote)
@@ -307,6 +327,9 @@ class _Pairs:
     @property
     def mine(self) -> tuple[int, ...]:
         return chunks_of(self.rank, self.plan.world, self.plan.load_balance)
+
+    def transfers(self) -> _Transfers:
+        return _Transfers(self.group, self.plan.world)
 
     def chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This rank's shard `x` cut into its chunks (in the order of `mine`)."""
@@ -407,7 +430,7 @@ def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, dv:
 
 
 def _exchanged(the_plan: Plan, rank: int, group: Any, local: dict[int, tuple[torch.Tensor, torch.Tensor]],
-               in_flight: list) -> tuple[dict, dict]:  # fmt: skip
+               in_flight: _Transfers) -> tuple[dict, dict]:  # fmt: skip
     """(this rank's K/V chunks, the chunks its pairs need from other ranks), both through one exchange: the
     received ones by point-to-point sends (only the needed ones), running asynchronously (their requests go to
     `in_flight`, to be waited for before those chunks are read).  The local chunks pass through it so that every
@@ -439,14 +462,13 @@ class _Exchange(torch.autograd.Function):
         template_k, template_v = local[mine[0]]
         ctx.templates = (template_k.new_empty(template_k.shape), template_v.new_empty(template_v.shape))
         received = [(torch.empty_like(template_k), torch.empty_like(template_v)) for _ in wanted]
-        ops = []
         for kc, dst in sends:
-            ops += [dist.P2POp(dist.isend, t.contiguous(), _global_rank(group, dst), group) for t in local[kc]]
-        for kc, (k, v) in zip(wanted, received):
-            src = _global_rank(group, the_plan.owner(kc))
-            ops += [dist.P2POp(dist.irecv, k, src, group), dist.P2POp(dist.irecv, v, src, group)]
-        if ops:
-            in_flight.extend(dist.batch_isend_irecv(ops))
+            for t in local[kc]:
+                in_flight.send(t, dst)
+        for kc, pair in zip(wanted, received):
+            for t in pair:
+                in_flight.recv(t, the_plan.owner(kc))
+        in_flight.start()
         ctx.exchange = (group, rank, the_plan, sends, wanted, mine)
         return (*(t.clone() for t in local_kv), *(t for pair in received for t in pair))
 
@@ -454,18 +476,17 @@ class _Exchange(torch.autograd.Function):
     def backward(ctx, *grads):
         group, _, the_plan, sends, wanted, mine = ctx.exchange
         passed, grads = grads[: 2 * len(mine)], grads[2 * len(mine) :]  # the local chunks', the received ones'
-        ops, returned = [], []
+        transfers, returned = _Transfers(group, the_plan.world), []
         templates = ctx.templates
         for i, kc in enumerate(wanted):  # the gradients of what this rank received go back to the owners
-            src = _global_rank(group, the_plan.owner(kc))
             for g, like in zip(grads[2 * i : 2 * i + 2], templates):
-                g = torch.zeros_like(like) if g is None else g
-                ops.append(dist.P2POp(dist.isend, g.contiguous(), src, group))
+                transfers.send(torch.zeros_like(like) if g is None else g, the_plan.owner(kc))
         for kc, dst in sends:  # and those of what it sent come back
             pair = [torch.empty_like(like) for like in templates]
             returned.append((kc, pair))
-            ops += [dist.P2POp(dist.irecv, t, _global_rank(group, dst), group) for t in pair]
-        _run(ops)
+            for t in pair:
+                transfers.recv(t, dst)
+        transfers.start().wait()
         local_grads = {kc: list(passed[2 * i : 2 * i + 2]) for i, kc in enumerate(mine)}
         for kc, (gk, gv) in returned:
             for j, g in enumerate((gk, gv)):
@@ -474,24 +495,54 @@ class _Exchange(torch.autograd.Function):
         return (None, None, None, None, None, None, *flat)
 
 
-def _run(ops: list) -> None:
-    if ops:
-        _wait(dist.batch_isend_irecv(ops))
+class _Transfers:
+    """Point-to-point transfers with the ranks of a group, started together and waited for together.  Where the
+    backend cannot send device tensors (gloo), they go through host memory: what a test on one GPU needs."""
 
+    def __init__(self, group: Any, world: int):
+        self.group, self.world = group, world
+        self.ops: list = []
+        self.requests: list = []
+        self.landing: list = []  # (device tensor, host buffer received for it)
 
-def _wait(requests: list) -> None:
-    for request in requests:
-        request.wait()
+    def send(self, tensor: torch.Tensor, peer: int) -> None:
+        tensor = tensor.contiguous()
+        self._add(dist.isend, tensor.cpu() if self._through_host(tensor) else tensor, peer)
+
+    def recv(self, tensor: torch.Tensor, peer: int) -> None:
+        if self._through_host(tensor):
+            host = torch.empty(tensor.shape, dtype=tensor.dtype)
+            self.landing.append((tensor, host))
+            tensor = host
+        self._add(dist.irecv, tensor, peer)
+
+    def start(self) -> _Transfers:
+        if self.ops:
+            self.requests = dist.batch_isend_irecv(self.ops)
+        return self
+
+    def wait(self) -> None:
+        for request in self.requests:
+            request.wait()
+        for tensor, host in self.landing:
+            tensor.copy_(host)
+
+    def _add(self, fn: Any, tensor: torch.Tensor, peer: int) -> None:
+        """`peer` is a rank of the group, modulo its size (the ring's neighbours)."""
+        self.ops.append(dist.P2POp(fn, tensor, _global_rank(self.group, peer % self.world), self.group))
+
+    def _through_host(self, tensor: torch.Tensor) -> bool:
+        return tensor.device.type != "cpu" and dist.get_backend(self.group) == "gloo"
 
 
 # ---------------------------------------------------------------- the ring
 
 
 class _Ring(torch.autograd.Function):
-    """The ring schedule.  At step s rank r holds the kv chunks of rank r - s that are still travelling: it posts
-    their sends to rank r + 1 and the receives of step s + 1's chunks from rank r - 1, attends its needed pairs with
-    what it holds, merges them into a running (out, lse), then waits.  A chunk travels only as far as the last rank
-    that needs it (`Plan.ring_hops`), so at most two steps' chunks are held at once.
+    """The ring schedule.  Each kv chunk travels one way round the ring (`Plan.ring_direction`), one rank a step,
+    only as far as the last rank that needs it (`Plan.ring_hops`).  At step s a rank posts the sends of the chunks
+    it holds that travel on and the receives of step s + 1's chunks, attends its needed pairs with what it holds,
+    merges them into a running (out, lse), then waits: at most two steps' chunks are held at once.
 
     Backward passes K/V around again (the forward kept none: that is the memory the ring saves) and recomputes each
     needed pair's forward to differentiate it against the merged out and lse.  A chunk's dK/dV accumulate as they
@@ -506,12 +557,13 @@ class _Ring(torch.autograd.Function):
         running: list = [None] * len(q_chunks)  # per q chunk: the (out, lse) merged so far, in the work dtype
         for step in range(pairs.plan.world):
             incoming: dict = {}
-            requests = _start(_ring_kv_ops(pairs, step, held, incoming, key))
+            transfers = _ring_kv_ops(pairs, step, held, incoming, key, pairs.transfers())
+            transfers.start()
             for i, (q, qc) in enumerate(zip(q_chunks, pairs.mine)):
                 for part in pairs.attend_all(q, qc, held):
                     so_far = [part] if running[i] is None else [running[i], part]
                     running[i] = _merged(so_far, q, value.shape[-1], _work_dtype(q))
-            _wait(requests)
+            transfers.wait()
             held = incoming
         merged = [_merged([] if r is None else [r], q, value.shape[-1]) for r, q in zip(running, q_chunks)]
         out, lse = torch.cat([o for o, _ in merged], 2), torch.cat([lse for _, lse in merged], 2)
@@ -535,11 +587,12 @@ class _Ring(torch.autograd.Function):
         done: dict = {}  # the held chunks of the step before, their dK/dV accumulated so far
         for step in range(pairs.plan.world + 1):
             incoming, arriving = {}, {}
-            ops = _ring_grad_ops(pairs, step, done, arriving, home, key)
-            ops += _ring_kv_ops(pairs, step, held, incoming, key) if step < pairs.plan.world else []
-            requests = _start(ops)
+            transfers = _ring_grad_ops(pairs, step, done, arriving, home, key, pairs.transfers())
+            if step < pairs.plan.world:
+                _ring_kv_ops(pairs, step, held, incoming, key, transfers)
+            transfers.start()
             local = {kc: _contributions(pairs, per_q, kc, k, v, dq, captured, dcaptured) for kc, (k, v) in held.items()}
-            _wait(requests)
+            transfers.wait()
             done = {kc: _summed(arriving.get(kc), local[kc], key.dtype) for kc in held}
             home.update((kc, done[kc]) for kc in pairs.mine if kc in done and pairs.plan.ring_hops(kc) == 0)
             held = incoming
@@ -589,53 +642,52 @@ def _summed(arrived, local, dtype: torch.dtype):
             for j in range(2)]  # fmt: skip
 
 
-def _ring_kv_ops(pairs: _Pairs, step: int, held: dict, incoming: dict, like: torch.Tensor) -> list:
+def _ring_kv_ops(pairs: _Pairs, step: int, held: dict, incoming: dict, like: torch.Tensor,
+                 transfers: _Transfers) -> _Transfers:  # fmt: skip
     """Step `step`'s K/V transfers: the held chunks that travel further go to the next rank; the chunks of the
     next step come from the previous one (into `incoming`)."""
     the_plan, rank = pairs.plan, pairs.rank
-    ops = [_op(dist.isend, t, rank + 1, pairs) for kc in sorted(held) if the_plan.ring_hops(kc) > step
-           for t in held[kc]]  # fmt: skip
-    if step + 1 < the_plan.world:
-        for kc in the_plan.ring_held(rank, step + 1):
-            incoming[kc] = _buffers(like, pairs)
-            ops += [_op(dist.irecv, t, rank - 1, pairs) for t in incoming[kc]]
-    return ops
+    way = the_plan.ring_direction
+    for kc in sorted(held):
+        for t in held[kc] if the_plan.ring_hops(kc) > step else ():
+            transfers.send(t, rank + way(kc))
+    for kc in the_plan.ring_held(rank, step + 1) if step + 1 < the_plan.world else ():
+        incoming[kc] = _buffers(like, pairs)
+        for t in incoming[kc]:
+            transfers.recv(t, rank - way(kc))
+    return transfers
 
 
-def _ring_grad_ops(pairs: _Pairs, step: int, done: dict, arriving: dict, home: dict, like: torch.Tensor) -> list:
+def _ring_grad_ops(pairs: _Pairs, step: int, done: dict, arriving: dict, home: dict, like: torch.Tensor,
+                   transfers: _Transfers) -> _Transfers:  # fmt: skip
     """The dK/dV transfers posted at the start of step `step`, for the chunks held at the step before (`done`):
     first a chunk's sum going home from its last user (into `home` at its owner), then the sums travelling on to
     the next rank (into `arriving` there).  Sender and receiver post each link's transfers in the same order."""
     the_plan, rank, hop = pairs.plan, pairs.rank, step - 1
-    ops = []
+    way = the_plan.ring_direction
     for kc in sorted(done):  # this rank was kc's last hop: its sum goes home
         if hop > 0 and the_plan.ring_hops(kc) == hop:
-            ops += [_op(dist.isend, g, the_plan.owner(kc), pairs) for g in done[kc]]
+            for g in done[kc]:
+                transfers.send(g, the_plan.owner(kc))
     for kc in sorted(pairs.mine):  # and this rank's chunks whose last hop was the step before come back
         if hop > 0 and the_plan.ring_hops(kc) == hop:
             home[kc] = _buffers(like, pairs)
-            ops += [_op(dist.irecv, g, rank + hop, pairs) for g in home[kc]]
+            for g in home[kc]:
+                transfers.recv(g, rank + way(kc) * hop)
     for kc in sorted(done):  # sums travelling on
         if the_plan.ring_hops(kc) > hop and done[kc] is not None:
-            ops += [_op(dist.isend, g, rank + 1, pairs) for g in done[kc]]
+            for g in done[kc]:
+                transfers.send(g, rank + way(kc))
     if 0 < step < the_plan.world:
         for kc in the_plan.ring_held(rank, step):
             if the_plan.ring_first_user(kc) is not None and the_plan.ring_first_user(kc) < step:
                 arriving[kc] = _buffers(like, pairs)
-                ops += [_op(dist.irecv, g, rank - 1, pairs) for g in arriving[kc]]
-    return ops
-
-
-def _op(fn, tensor: torch.Tensor, peer: int, pairs: _Pairs) -> Any:
-    """A point-to-point op with the rank `peer` of the group (modulo its size)."""
-    return dist.P2POp(fn, tensor.contiguous(), _global_rank(pairs.group, peer % pairs.plan.world), pairs.group)
+                for g in arriving[kc]:
+                    transfers.recv(g, rank - way(kc))
+    return transfers
 
 
 def _buffers(like: torch.Tensor, pairs: _Pairs) -> list[torch.Tensor]:
     """Two empty chunk-sized buffers (K and V, or their gradients) to receive into."""
     chunk = pairs.chunks(like)[0]
     return [torch.empty(chunk.shape, dtype=like.dtype, device=like.device) for _ in range(2)]
-
-
-def _start(ops: list) -> list:
-    return dist.batch_isend_irecv(ops) if ops else []

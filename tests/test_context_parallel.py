@@ -5,6 +5,7 @@ one case on the Triton kernels under the interpreter), under both schedules (p2p
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 
 import pytest
@@ -72,10 +73,17 @@ def _loss(out, lse, dout, dlse):  # reaches lse too (rows masked everywhere have
 def _check_schedule(schedule, qkv, douts, ref, ref_grads, mask, score, backend, tol, load_balance):
     shard = lambda t: cp.shard(t, load_balance=load_balance)
     local = [shard(t.detach()).requires_grad_() for t in qkv]
-    out, lse = cp.flex_attention(*local, score_mod=score, mask_mod=mask, return_lse=True, backend=backend,
-                                 load_balance=load_balance, schedule=schedule)  # fmt: skip
-    loss = _loss(out, lse, shard(douts[0]), cp.shard(douts[1], dim=2, load_balance=load_balance))
-    grads = torch.autograd.grad(loss, local + ([BIAS] if score is not None else []))
+    with _bytes_sent() as sent:
+        out, lse = cp.flex_attention(*local, score_mod=score, mask_mod=mask, return_lse=True, backend=backend,
+                                     load_balance=load_balance, schedule=schedule)  # fmt: skip
+        loss = _loss(out, lse, shard(douts[0]), cp.shard(douts[1], dim=2, load_balance=load_balance))
+        grads = torch.autograd.grad(loss, local + ([BIAS] if score is not None else []))
+    if dist.is_initialized():  # what the ranks sent, together, is what the plan says the schedule sends
+        plan = cp.plan(mask, local[0].shape[2] * dist.get_world_size(), dist.get_world_size(), load_balance,
+                       batch=local[0].shape[0], heads=H, block_size=CHUNK)  # fmt: skip
+        total = torch.tensor([sent[0]])
+        dist.all_reduce(total)
+        assert total.item() == sum(plan.traffic(schedule, 2 * local[0][:, :, :CHUNK].nbytes))
     torch.testing.assert_close(out, shard(ref.detach()), atol=tol, rtol=tol)
     torch.testing.assert_close(cp.unshard(out.detach(), load_balance=load_balance), ref.detach(), atol=tol, rtol=tol)
     for got, want in zip(grads[:3], ref_grads[:3]):
@@ -85,6 +93,22 @@ def _check_schedule(schedule, qkv, douts, ref, ref_grads, mask, score, backend, 
         dist.all_reduce(summed)
         torch.testing.assert_close(summed, ref_grads[3], atol=tol, rtol=tol)
     assert not lse.isnan().any()
+
+
+@contextlib.contextmanager
+def _bytes_sent():
+    """Counts the bytes this rank's point-to-point sends carry, in a one-element list."""
+    sent, batch = [0], dist.batch_isend_irecv
+
+    def counting(ops):
+        sent[0] += sum(op.tensor.nbytes for op in ops if op.op is dist.isend)
+        return batch(ops)
+
+    dist.batch_isend_irecv = counting
+    try:
+        yield sent
+    finally:
+        dist.batch_isend_irecv = batch
 
 
 def _worker(rank, world, path):
@@ -104,6 +128,7 @@ def _worker(rank, world, path):
             assert layout != ((0, 3), (1, 2))  # head-tail would give one rank both heavy chunks
             _check(world, ends_heavy, load_balance=layout)
             _check(world, window, score=biased, backend="triton", dtype=torch.float32, tol=2e-5)
+            _under_torch_context_parallel(world)
         plan = cp.plan(window, L, world)
         if world > 1:  # the window leaves far chunk pairs empty: fewer pairs computed, fewer chunks sent
             assert len(plan.needed) < plan.n_chunks**2
@@ -111,6 +136,25 @@ def _worker(rank, world, path):
             assert sent < every
     finally:
         dist.destroy_process_group()
+
+
+def _under_torch_context_parallel(world):
+    """Inside torch's `context_parallel` manager: its sharded buffers (head-tail, as ours) go to our flex_attention
+    with its mesh as the group, and its `context_parallel_unshard` restores the output."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel, context_parallel_unshard
+
+    mesh = init_device_mesh("cpu", (world,))
+    L = CHUNK * 2 * world
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, H, L, D, generator=g, dtype=torch.float64) for _ in range(3))
+    expected = fc.flex_attention(q, k, v, mask_mod=document)
+    ours = [cp.shard(t) for t in (q, k, v)]
+    with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2], no_restore_buffers={q, k, v}):
+        assert all(torch.equal(a, b) for a, b in zip((q, k, v), ours))  # the same layout
+        out = cp.flex_attention(q, k, v, mask_mod=document, group=mesh, schedule="ring")
+        (whole,) = context_parallel_unshard(mesh, [out], [2])
+    torch.testing.assert_close(whole, expected, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -133,6 +177,18 @@ def test_balanced_layout_evens_the_work():
     assert sorted(c for chunks in layout for c in chunks) == list(range(8))
     assert max(head_tail.work(r) for r in range(4)) == 16
     assert max(balanced.work(r) for r in range(4)) == 9
+
+
+def test_ring_travels_as_far_as_needed():
+    """At 4 ranks a causal mask's early chunks travel up the ring and its late ones down, each only to its last user:
+    the ring's forward sends what p2p sends; it holds fewer remote chunks at once; a window's chunks make one hop."""
+    causal_plan, window_plan = (cp.plan(mask, 8 * CHUNK, 4, block_size=CHUNK) for mask in (causal, window))
+    assert [causal_plan.ring_direction(c) for c in range(5, 8)] == [-1, -1, 1]  # 7 (on rank 0) goes nowhere
+    assert [causal_plan.ring_hops(c) for c in range(8)] == [3, 3, 3, 3, 3, 2, 1, 0]
+    assert causal_plan.traffic("ring", 1)[0] == causal_plan.traffic("p2p", 1)[0] == 18  # of an all-gather's 24
+    assert causal_plan.remote_chunks_held("ring") < causal_plan.remote_chunks_held("p2p") == 6
+    assert max(window_plan.ring_hops(c) for c in range(8)) == 1
+    assert window_plan.ring_held(1, 1) == [0, 5]  # chunk 0 from rank 0, chunk 5 (window reaches 6) from rank 2
 
 
 def test_shard_round_trip_and_plan_without_ranks(randn):
