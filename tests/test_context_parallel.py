@@ -6,6 +6,9 @@ one case on the Triton kernels under the interpreter), under both schedules (p2p
 from __future__ import annotations
 
 import contextlib
+import pathlib
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -83,7 +86,7 @@ def _check_schedule(schedule, qkv, douts, ref, ref_grads, mask, score, backend, 
                        batch=local[0].shape[0], heads=H, block_size=CHUNK)  # fmt: skip
         total = torch.tensor([sent[0]])
         dist.all_reduce(total)
-        assert total.item() == sum(plan.traffic(schedule, 2 * local[0][:, :, :CHUNK].nbytes))
+        assert total.item() == sum(plan.traffic(schedule, 2 * local[0][:, :, :CHUNK].nbytes)), (schedule, total, plan.traffic(schedule, 2 * local[0][:, :, :CHUNK].nbytes), sent)
     torch.testing.assert_close(out, shard(ref.detach()), atol=tol, rtol=tol)
     torch.testing.assert_close(cp.unshard(out.detach(), load_balance=load_balance), ref.detach(), atol=tol, rtol=tol)
     for got, want in zip(grads[:3], ref_grads[:3]):
@@ -142,7 +145,8 @@ def _under_torch_context_parallel(world):
     """Inside torch's `context_parallel` manager: its sharded buffers (head-tail, as ours) go to our flex_attention
     with its mesh as the group, and its `context_parallel_unshard` restores the output."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.experimental import context_parallel, context_parallel_unshard
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._attention import context_parallel_unshard  # where torchtitan takes it
 
     mesh = init_device_mesh("cpu", (world,))
     L = CHUNK * 2 * world
@@ -202,3 +206,14 @@ def test_shard_round_trip_and_plan_without_ranks(randn):
             q_idx = torch.arange(qc * CHUNK, (qc + 1) * CHUNK)[:, None]
             kv_idx = torch.arange(kc * CHUNK, (kc + 1) * CHUNK)[None, :]
             assert ((qc, kc) in plan.needed) == bool(window(0, 0, q_idx, kv_idx).any())
+
+
+def test_one_gpu_script_runs_quick():
+    """benchmarks/cp_one_gpu.py (the lead runs it on a GPU) with --quick: 2 ranks on CPU, tiny shapes; every rank
+    within its bound, and the overlap table printed."""
+    script = pathlib.Path(__file__).parents[1] / "benchmarks" / "cp_one_gpu.py"
+    command = [sys.executable, str(script), "--quick"]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| yes |") == 4 and "| NO |" not in done.stdout  # 2 ranks x 2 schedules
+    assert "| 2 | document | 1 | p2p |" in done.stdout
