@@ -148,7 +148,8 @@ def _pair_seconds(args, the_plan, mask, qc, kc) -> tuple[float, float]:
     (q, k, v), _ = _inputs(args, args.dtype)
     n = the_plan.chunk_len
     q, k, v = (t[:, :, c * n : (c + 1) * n] for t, c in ((q, qc), (k, kc), (v, kc)))
-    pairs = cp._Pairs(the_plan, 0, None, None, mask, args.dim**-0.5, False, None, args.backend)
+    pairs = cp._Pairs(the_plan, 0, None, None, mask, cp._captured_values(mask), args.dim**-0.5, False, None,
+                      args.backend)  # fmt: skip
     forward = _timed(lambda: pairs.attend(q, qc, k, v, kc), args.reps)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 

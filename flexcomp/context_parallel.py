@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from .blockmask import BlockMask, create_block_mask
 from .ir import free_args
-from .mods import as_mod
+from .mods import as_mod, specialized_mod
 
 # ---------------------------------------------------------------- sharding
 
@@ -269,10 +269,12 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         raise ValueError(f"q and k shards must have the same length, a multiple of {per_rank}; got "
                          f"{local_len} and {key.shape[2]}")  # fmt: skip
     chunk_len = local_len // per_rank
+    mask_values = _captured_values(mask_mod)
     the_plan = _cached_plan(mask_mod, chunk_len * per_rank * world, world, load_balance, query.shape[0],
-                            query.shape[1], min(128, _pow2_at_most(chunk_len)))  # fmt: skip
+                            query.shape[1], min(128, _pow2_at_most(chunk_len)), mask_values)  # fmt: skip
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    pairs = _Pairs(the_plan, rank, group, score_mod, mask_mod, scale, enable_gqa, kernel_options, backend)
+    pairs = _Pairs(the_plan, rank, group, score_mod, mask_mod, mask_values, scale, enable_gqa, kernel_options,
+                   backend)  # fmt: skip
     if schedule == "ring":
         captured = _captured_requiring_grad(score_mod)
         out, lse = _Ring.apply(pairs, query, key, value, *captured)
@@ -305,8 +307,31 @@ def _p2p_attention(pairs: _Pairs, query: torch.Tensor, key: torch.Tensor, value:
 
 @functools.lru_cache(maxsize=64)
 def _cached_plan(mask_mod: Any, seq_len: int, world: int, load_balance: bool | Layout, batch: int, heads: int,
-                 block: int) -> Plan:  # fmt: skip
+                 block: int, mask_values: tuple) -> Plan:  # fmt: skip
     return plan(mask_mod, seq_len, world, load_balance, batch, heads, block)
+
+
+class _Same:
+    """A captured value in a cache key, equal only to itself (and kept alive by the key, so its id is not reused)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+
+def _captured_values(mask_mod: Any) -> tuple:
+    """What the plan and the pairs' tables depend on beyond the mask's code: the values it captures, each tensor by
+    identity and version (rebinding a document-id tensor, or writing into it, changes the key)."""
+    if mask_mod is None:
+        return ()
+    values = specialized_mod(mask_mod, "mask").tensors()
+    return tuple((name, _Same(v), v._version) if isinstance(v, torch.Tensor) else (name, _Same(v))
+                 for name, v in sorted(values.items()))  # fmt: skip
 
 
 @dataclass
@@ -319,6 +344,7 @@ class _Pairs:
     group: Any
     score_mod: Any
     mask_mod: Any
+    mask_values: tuple  # `_captured_values` of mask_mod
     scale: float
     enable_gqa: bool
     kernel_options: dict | None
@@ -347,8 +373,8 @@ class _Pairs:
         shifted_score, shifted_mask = _shifted_mods(self.score_mod, self.mask_mod, q_off, kv_off, q.device)
         block_mask = None
         if shifted_mask is not None:
-            block_mask = _pair_block_mask(self.mask_mod, shifted_mask, q_off, kv_off, self.plan.chunk_len,
-                                          q.shape[0], q.shape[1], q.device)  # fmt: skip
+            block_mask = _pair_block_mask(self.mask_mod, self.mask_values, shifted_mask, q_off, kv_off,
+                                          self.plan.chunk_len, q.shape[0], q.shape[1], q.device)  # fmt: skip
         return attend(q, k, v, score_mod=shifted_score, block_mask=block_mask, scale=self.scale,
                       enable_gqa=self.enable_gqa, return_lse=True, kernel_options=self.kernel_options,
                       backend=self.backend)  # fmt: skip
@@ -387,15 +413,15 @@ def _shifted_mods(score_mod: Any, mask_mod: Any, q_off: int, kv_off: int, device
 
 
 @functools.lru_cache(maxsize=256)
-def _pair_tables(mask_mod: Any, q_off: int, kv_off: int, chunk_len: int, batch: int, heads: int,
+def _pair_tables(mask_mod: Any, mask_values: tuple, q_off: int, kv_off: int, chunk_len: int, batch: int, heads: int,
                  device: torch.device) -> BlockMask:  # fmt: skip
     """The pair's block mask tables, from the analysis of the mask with the offsets as constants (exact)."""
     return _offset_block_mask(mask_mod, q_off, kv_off, chunk_len, batch, heads, device, 128)
 
 
-def _pair_block_mask(mask_mod, shifted_mask, q_off, kv_off, chunk_len, batch, heads, device) -> BlockMask:
+def _pair_block_mask(mask_mod, mask_values, shifted_mask, q_off, kv_off, chunk_len, batch, heads, device) -> BlockMask:
     """The pair's tables, with the shifted mask_mod (tensor offsets) applied in their PARTIAL tiles."""
-    tables = _pair_tables(mask_mod, q_off, kv_off, chunk_len, batch, heads, device)
+    tables = _pair_tables(mask_mod, mask_values, q_off, kv_off, chunk_len, batch, heads, device)
     return BlockMask.from_kv_blocks(tables.kv_num_blocks, tables.kv_indices, tables.full_kv_num_blocks,
                                     tables.full_kv_indices, BLOCK_SIZE=tables.BLOCK_SIZE, mask_mod=shifted_mask,
                                     seq_lengths=tables.seq_lengths)  # fmt: skip

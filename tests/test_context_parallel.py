@@ -86,7 +86,8 @@ def _check_schedule(schedule, qkv, douts, ref, ref_grads, mask, score, backend, 
                        batch=local[0].shape[0], heads=H, block_size=CHUNK)  # fmt: skip
         total = torch.tensor([sent[0]])
         dist.all_reduce(total)
-        assert total.item() == sum(plan.traffic(schedule, 2 * local[0][:, :, :CHUNK].nbytes)), (schedule, total, plan.traffic(schedule, 2 * local[0][:, :, :CHUNK].nbytes), sent)
+        expected = plan.traffic(schedule, 2 * local[0][:, :, :CHUNK].nbytes)  # (forward, backward)
+        assert total.item() == sum(expected), (schedule, total.item(), expected, sent[0])
     torch.testing.assert_close(out, shard(ref.detach()), atol=tol, rtol=tol)
     torch.testing.assert_close(cp.unshard(out.detach(), load_balance=load_balance), ref.detach(), atol=tol, rtol=tol)
     for got, want in zip(grads[:3], ref_grads[:3]):
@@ -193,6 +194,26 @@ def test_ring_travels_as_far_as_needed():
     assert causal_plan.remote_chunks_held("ring") < causal_plan.remote_chunks_held("p2p") == 6
     assert max(window_plan.ring_hops(c) for c in range(8)) == 1
     assert window_plan.ring_held(1, 1) == [0, 5]  # chunk 0 from rank 0, chunk 5 (window reaches 6) from rank 2
+
+
+def test_rebound_or_rewritten_captured_mask_values(randn):
+    """The plan and the pairs' tables are cached per mask: a document-id tensor rebound to another, or written in
+    place, must not reuse them (it did: a silently wrong output)."""
+    global DOCS
+    q, k, v = (randn(1, 2, 4 * CHUNK, D, dtype=torch.float64) for _ in range(3))
+    saved = DOCS
+    try:
+        for step in range(3):
+            if step == 0:
+                DOCS = torch.tensor([0] * 2 * CHUNK + [1] * 2 * CHUNK, dtype=torch.int32)
+            elif step == 1:
+                DOCS = torch.zeros(4 * CHUNK, dtype=torch.int32)  # rebound: one document
+            else:
+                DOCS[CHUNK + 3 :] = 1  # written in place
+            out = cp.unshard(cp.flex_attention(*(cp.shard(t) for t in (q, k, v)), mask_mod=document))
+            torch.testing.assert_close(out, fc.flex_attention(q, k, v, mask_mod=document), atol=1e-10, rtol=1e-10)
+    finally:
+        DOCS = saved
 
 
 def test_shard_round_trip_and_plan_without_ranks(randn):
