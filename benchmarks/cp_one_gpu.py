@@ -160,17 +160,6 @@ def _pair_seconds(args, the_plan, mask, qc, kc) -> tuple[float, float]:
     return forward, _timed(both, args.reps)
 
 
-def _ring_step_bytes(the_plan, rank: int, step: int, chunk_bytes: int) -> tuple[int, int]:
-    """(forward, backward) bytes rank `rank` sends while it computes ring step `step`: the held chunks that travel
-    on (again in the backward), and the dK/dV sums of the step before that travel on or go home."""
-    forward = sum(chunk_bytes for c in the_plan.ring_held(rank, step) if the_plan.ring_hops(c) > step)
-    before = the_plan.ring_held(rank, step - 1) if step else []
-    sums = sum(chunk_bytes for c in before if the_plan.ring_first_user(c) is not None
-               and (the_plan.ring_hops(c) > step - 1 >= the_plan.ring_first_user(c)
-                    or the_plan.ring_hops(c) == step - 1 > 0))  # fmt: skip
-    return forward, forward + sums
-
-
 def overlap(args) -> None:
     ms_per_byte = 1e3 / (NVLINK_GBPS * 1e9)
     print(f"\nOverlap, NVLink at {NVLINK_GBPS} GB/s per direction: per rank and ring step, the bytes it sends while it "
@@ -188,8 +177,9 @@ def overlap(args) -> None:
             for rank in range(world):
                 mine = cp.chunks_of(rank, world)
                 for step in range(world):
-                    pairs = [(qc, kc) for qc in mine for kc in the_plan.ring_held(rank, step) if (qc, kc) in times]
-                    sent = _ring_step_bytes(the_plan, rank, step, chunk_bytes)
+                    pairs = [(qc, kc) for qc in mine for kc, _ in the_plan.ring_held(rank, step) if (qc, kc) in times]
+                    kv, sums = the_plan.ring_sends(rank, step)
+                    sent = kv * chunk_bytes, (kv + sums) * chunk_bytes
                     cells = [f"{world} | {mask.__name__} | {rank} | {step}"]
                     for j in range(2):  # forward, then backward (its compute: the pairs' forward+backward)
                         comm, compute = sent[j] * ms_per_byte, sum(times[p][j] for p in pairs) * 1e3

@@ -126,44 +126,63 @@ class Plan:
         """The ranks whose pairs read kv chunk `chunk`."""
         return frozenset(self.owner(qc) for qc, kc in self.needed if kc == chunk)
 
-    def ring_direction(self, chunk: int) -> int:
-        """Which way `chunk` travels the ring, +1 (rank r to r + 1) or -1: the way its last user is nearer.  With
-        head-tail a causal mask's early chunks go up and its late ones down, so each travels only as far as the p2p
-        schedule would send it, in hops of one."""
-        return min((1, -1), key=lambda way: self._hops(chunk, way))
+    def ring_arms(self, chunk: int) -> dict[int, tuple[int, ...]]:
+        """The ring's arms for `chunk`: {way: the hops at which a rank needs it going that way}, way +1 carrying it
+        from rank r to r + 1, -1 the other way.  Its remote users are split into those reached going up and those
+        reached going down, where the two arms' lengths sum least (then: fewer arms).  With head-tail, a causal
+        mask's early chunks go up and its late ones down; a document's chunk goes both ways to its neighbours."""
+        return self._all_arms[chunk]
 
-    def ring_hops(self, chunk: int) -> int:
-        """How far `chunk` travels along the ring (one rank a step): to the last rank that needs it."""
-        return self._hops(chunk, self.ring_direction(chunk))
+    def ring_reach(self, chunk: int, way: int) -> int:
+        """How far `chunk` travels going `way` (0: not that way)."""
+        return max(self.ring_arms(chunk).get(way, ()), default=0)
 
-    def ring_first_user(self, chunk: int) -> int | None:
-        """The first hop whose rank needs `chunk` (where its gradient starts accumulating), None if none does."""
-        return min(self._distances(chunk, self.ring_direction(chunk)), default=None)
+    def ring_held(self, rank: int, step: int) -> list[tuple[int, int]]:
+        """The (kv chunk, way) rank `rank` holds at ring step `step`: at step 0 its own chunks (way 0), then those
+        that set out `step` ranks before it, either way, and still travel; ascending."""
+        if step == 0:
+            return [(c, 0) for c in sorted(chunks_of(rank, self.world, self.load_balance))]
+        return sorted((c, way) for way in (1, -1) for c in chunks_of((rank - way * step) % self.world, self.world,
+                      self.load_balance) if self.ring_reach(c, way) >= step)  # fmt: skip
 
-    def ring_held(self, rank: int, step: int) -> list[int]:
-        """The kv chunks rank `rank` holds at ring step `step` (those that set out `step` ranks before it and still
-        travel), ascending."""
-        return sorted(c for way in (1, -1) for c in chunks_of((rank - way * step) % self.world, self.world,
-                      self.load_balance) if self.ring_direction(c) == way and self.ring_hops(c) >= step)  # fmt: skip
+    @functools.cached_property
+    def _all_arms(self) -> dict[int, dict[int, tuple[int, ...]]]:
+        return {c: self._arms(c) for c in range(self.n_chunks)}
 
-    def _distances(self, chunk: int, way: int) -> list[int]:
-        owner = self.owner(chunk)
-        return [((r - owner) * way) % self.world for r in self.users(chunk)]
+    def _arms(self, chunk: int) -> dict[int, tuple[int, ...]]:
+        far = sorted({(r - self.owner(chunk)) % self.world for r in self.users(chunk)} - {0})  # hops going up
 
-    def _hops(self, chunk: int, way: int) -> int:
-        return max(self._distances(chunk, way), default=0)
+        def cost(split: int) -> tuple[int, int]:  # far[:split] reached going up, the rest going down
+            up, down = far[:split], far[split:]
+            return (up[-1] if up else 0) + (self.world - down[0] if down else 0), bool(up) + bool(down)
+
+        split = min(range(len(far) + 1), key=cost)
+        arms = {1: tuple(far[:split]), -1: tuple(sorted(self.world - d for d in far[split:]))}
+        return {way: hops for way, hops in arms.items() if hops}
 
     def traffic(self, schedule: str, kv_bytes_per_chunk: int) -> tuple[int, int]:
         """(bytes the forward sends, bytes the backward sends) under `schedule`, all ranks together.  The p2p
         backward returns each received chunk's dK/dV to its owner; the ring's backward passes K/V around again
-        (it kept none), with each chunk's dK/dV accumulating from its first user to its last, then sent home."""
+        (it kept none), with each arm's dK/dV accumulating from its first user to its last, then sent home."""
         chunks = range(self.n_chunks)
         if schedule == "p2p":
             sent = sum(len(self.users(c) - {self.owner(c)}) for c in chunks) * kv_bytes_per_chunk
             return sent, sent
-        hops = sum(self.ring_hops(c) for c in chunks)
-        grad_hops = sum(self.ring_hops(c) - self.ring_first_user(c) + 1 for c in chunks if self.ring_hops(c))
-        return hops * kv_bytes_per_chunk, (hops + grad_hops) * kv_bytes_per_chunk
+        sends = [self.ring_sends(r, step) for r in range(self.world) for step in range(self.world + 1)]
+        forward = sum(kv for kv, _ in sends)
+        return forward * kv_bytes_per_chunk, (forward + sum(sums for _, sums in sends)) * kv_bytes_per_chunk
+
+    def ring_sends(self, rank: int, step: int) -> tuple[int, int]:
+        """(K/V chunks, dK/dV sums) rank `rank` sends at ring step `step`, while it computes that step's pairs: the
+        chunks it holds that travel on (forward, and again in the backward), and the sums of what it held at the
+        step before that travel on or go home (backward; step `world` has only those)."""
+        held = self.ring_held(rank, step) if step < self.world else []
+        kv = sum(self.ring_reach(c, onward) > step for c, way in held for onward in ((-1, 1) if way == 0 else (way,)))
+        before = self.ring_held(rank, step - 1) if step else []
+        hop = step - 1
+        sums = sum(self.ring_reach(c, way) == hop or self.ring_arms(c)[way][0] <= hop < self.ring_reach(c, way)
+                   for c, way in before if way)  # fmt: skip
+        return kv, sums
 
     def remote_chunks_held(self, schedule: str) -> int:
         """The most remote kv chunks a rank holds at once (received, in flight or kept for the backward)."""
@@ -565,28 +584,30 @@ class _Transfers:
 
 
 class _Ring(torch.autograd.Function):
-    """The ring schedule.  Each kv chunk travels one way round the ring (`Plan.ring_direction`), one rank a step,
-    only as far as the last rank that needs it (`Plan.ring_hops`).  At step s a rank posts the sends of the chunks
-    it holds that travel on and the receives of step s + 1's chunks, attends its needed pairs with what it holds,
+    """The ring schedule.  Each kv chunk travels round the ring one rank a step, on one or two arms (up and down,
+    `Plan.ring_arms`), each only as far as the last rank that needs it.  At step s a rank posts the sends of what
+    it holds that travels on and the receives of step s + 1's chunks, attends its needed pairs with what it holds,
     merges them into a running (out, lse), then waits: at most two steps' chunks are held at once.
 
     Backward passes K/V around again (the forward kept none: that is the memory the ring saves) and recomputes each
-    needed pair's forward to differentiate it against the merged out and lse.  A chunk's dK/dV accumulate as they
-    travel, from its first user to its last, which sends the sum home: one gradient buffer per held chunk and one
-    message per hop, where returning every user's share to the owner would have the owner hold one buffer per user.
+    needed pair's forward to differentiate it against the merged out and lse.  On each arm a chunk's dK/dV
+    accumulate as they travel, from the arm's first user to its last, which sends the sum home: one gradient buffer
+    per held chunk and one message per hop, where returning every user's share to the owner would have the owner
+    hold one buffer per user.
     """
 
     @staticmethod
     def forward(ctx, pairs, query, key, value, *captured):
-        held = dict(zip(pairs.mine, zip(pairs.chunks(key), pairs.chunks(value))))
+        held = dict(zip(pairs.plan.ring_held(pairs.rank, 0), zip(pairs.chunks(key), pairs.chunks(value))))
         q_chunks = pairs.chunks(query)
         running: list = [None] * len(q_chunks)  # per q chunk: the (out, lse) merged so far, in the work dtype
         for step in range(pairs.plan.world):
             incoming: dict = {}
             transfers = _ring_kv_ops(pairs, step, held, incoming, key, pairs.transfers())
             transfers.start()
+            sources = {kc: kv for (kc, _), kv in held.items()}  # a rank is on one arm of a chunk at most
             for i, (q, qc) in enumerate(zip(q_chunks, pairs.mine)):
-                for part in pairs.attend_all(q, qc, held):
+                for part in pairs.attend_all(q, qc, sources):
                     so_far = [part] if running[i] is None else [running[i], part]
                     running[i] = _merged(so_far, q, value.shape[-1], _work_dtype(q))
             transfers.wait()
@@ -608,21 +629,23 @@ class _Ring(torch.autograd.Function):
         captured = _captured_requiring_grad(pairs.score_mod)
         dq = [torch.zeros(q.shape, dtype=_work_dtype(q), device=q.device) for q in pairs.chunks(query)]
         dcaptured: list = [None] * len(captured)
-        held = dict(zip(pairs.mine, zip(pairs.chunks(key), pairs.chunks(value))))
-        home: dict = {}  # this rank's chunks' dK/dV once complete
-        done: dict = {}  # the held chunks of the step before, their dK/dV accumulated so far
+        held = dict(zip(pairs.plan.ring_held(pairs.rank, 0), zip(pairs.chunks(key), pairs.chunks(value))))
+        home: dict = {}  # this rank's chunks' dK/dV: its own share (way 0) and each arm's sum, once back
+        done: dict = {}  # what was held at the step before, its dK/dV accumulated so far
         for step in range(pairs.plan.world + 1):
             incoming, arriving = {}, {}
             transfers = _ring_grad_ops(pairs, step, done, arriving, home, key, pairs.transfers())
             if step < pairs.plan.world:
                 _ring_kv_ops(pairs, step, held, incoming, key, transfers)
             transfers.start()
-            local = {kc: _contributions(pairs, per_q, kc, k, v, dq, captured, dcaptured) for kc, (k, v) in held.items()}
+            local = {item: _contributions(pairs, per_q, item[0], *kv, dq, captured, dcaptured)
+                     for item, kv in held.items()}  # fmt: skip
             transfers.wait()
-            done = {kc: _summed(arriving.get(kc), local[kc], key.dtype) for kc in held}
-            home.update((kc, done[kc]) for kc in pairs.mine if kc in done and pairs.plan.ring_hops(kc) == 0)
+            done = {item: _summed([arriving.get(item), local[item]], key.dtype) for item in held}
+            home.update((item, g) for item, g in done.items() if item[1] == 0)
             held = incoming
-        dk, dv = ([home[kc][j] if home[kc] is not None else torch.zeros_like(part)
+        parts = {kc: _summed([g for (c, _), g in home.items() if c == kc], key.dtype) for kc in pairs.mine}
+        dk, dv = ([parts[kc][j] if parts[kc] is not None else torch.zeros_like(part)
                    for kc, part in zip(pairs.mine, pairs.chunks(t))] for j, t in enumerate((key, value)))  # fmt: skip
         grads_captured = [torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(captured, dcaptured)]
         return (None, torch.cat(dq, 2).to(query.dtype), torch.cat(dk, 2), torch.cat(dv, 2), *grads_captured)
@@ -658,10 +681,10 @@ def _pair_grads(pairs: _Pairs, q, qc, k, v, kc, out, dout, lse, dlse, captured) 
         return torch.autograd.grad((o, pair_lse), (q_, k_, v_, *captured), (d_o, d_lse), allow_unused=True)
 
 
-def _summed(arrived, local, dtype: torch.dtype):
-    """A held chunk's dK/dV so far: what arrived from the rank before plus this rank's share (either may be None),
-    added in the work dtype, kept in the K/V dtype (what travels on)."""
-    parts = [p for p in (arrived, local) if p is not None]
+def _summed(parts: list, dtype: torch.dtype):
+    """[dK, dV] summed over `parts` (each [dK, dV] or None), added in the work dtype, kept in the K/V dtype (what
+    travels on); None if all are."""
+    parts = [p for p in parts if p is not None]
     if not parts:
         return None
     return [sum(p[j].to(torch.float64 if dtype == torch.float64 else torch.float32) for p in parts).to(dtype)
@@ -670,46 +693,46 @@ def _summed(arrived, local, dtype: torch.dtype):
 
 def _ring_kv_ops(pairs: _Pairs, step: int, held: dict, incoming: dict, like: torch.Tensor,
                  transfers: _Transfers) -> _Transfers:  # fmt: skip
-    """Step `step`'s K/V transfers: the held chunks that travel further go to the next rank; the chunks of the
-    next step come from the previous one (into `incoming`)."""
+    """Step `step`'s K/V transfers: what is held and travels further goes on (a rank's own chunks onto their arms);
+    the next step's chunks come from the neighbours (into `incoming`)."""
     the_plan, rank = pairs.plan, pairs.rank
-    way = the_plan.ring_direction
-    for kc in sorted(held):
-        for t in held[kc] if the_plan.ring_hops(kc) > step else ():
-            transfers.send(t, rank + way(kc))
-    for kc in the_plan.ring_held(rank, step + 1) if step + 1 < the_plan.world else ():
-        incoming[kc] = _buffers(like, pairs)
-        for t in incoming[kc]:
-            transfers.recv(t, rank - way(kc))
+    for kc, way in sorted(held):
+        for onward in (-1, 1) if way == 0 else (way,):
+            for t in held[(kc, way)] if the_plan.ring_reach(kc, onward) > step else ():
+                transfers.send(t, rank + onward)
+    for kc, way in the_plan.ring_held(rank, step + 1) if step + 1 < the_plan.world else ():
+        incoming[(kc, way)] = _buffers(like, pairs)
+        for t in incoming[(kc, way)]:
+            transfers.recv(t, rank - way)
     return transfers
 
 
 def _ring_grad_ops(pairs: _Pairs, step: int, done: dict, arriving: dict, home: dict, like: torch.Tensor,
                    transfers: _Transfers) -> _Transfers:  # fmt: skip
-    """The dK/dV transfers posted at the start of step `step`, for the chunks held at the step before (`done`):
-    first a chunk's sum going home from its last user (into `home` at its owner), then the sums travelling on to
-    the next rank (into `arriving` there).  Sender and receiver post each link's transfers in the same order."""
+    """The dK/dV transfers posted at the start of step `step`, for what was held at the step before (`done`):
+    first an arm's sum going home from its last user (into `home` at the owner), then the sums travelling on to
+    the next rank of their arm (into `arriving` there).  Sender and receiver post each link's transfers in the
+    same order."""
     the_plan, rank, hop = pairs.plan, pairs.rank, step - 1
-    way = the_plan.ring_direction
-    for kc in sorted(done):  # this rank was kc's last hop: its sum goes home
-        if hop > 0 and the_plan.ring_hops(kc) == hop:
-            for g in done[kc]:
+    for kc, way in sorted(done):  # this rank was the arm's last hop: its sum goes home
+        if way and the_plan.ring_reach(kc, way) == hop:
+            for g in done[(kc, way)]:
                 transfers.send(g, the_plan.owner(kc))
-    for kc in sorted(pairs.mine):  # and this rank's chunks whose last hop was the step before come back
-        if hop > 0 and the_plan.ring_hops(kc) == hop:
-            home[kc] = _buffers(like, pairs)
-            for g in home[kc]:
-                transfers.recv(g, rank + way(kc) * hop)
-    for kc in sorted(done):  # sums travelling on
-        if the_plan.ring_hops(kc) > hop and done[kc] is not None:
-            for g in done[kc]:
-                transfers.send(g, rank + way(kc))
-    if 0 < step < the_plan.world:
-        for kc in the_plan.ring_held(rank, step):
-            if the_plan.ring_first_user(kc) is not None and the_plan.ring_first_user(kc) < step:
-                arriving[kc] = _buffers(like, pairs)
-                for g in arriving[kc]:
-                    transfers.recv(g, rank - way(kc))
+    for kc in sorted(pairs.mine):  # and this rank's chunks' arms that ended the step before come back
+        for way in (-1, 1):
+            if hop > 0 and the_plan.ring_reach(kc, way) == hop:
+                home[(kc, way)] = _buffers(like, pairs)
+                for g in home[(kc, way)]:
+                    transfers.recv(g, rank + way * hop)
+    for kc, way in sorted(done):  # sums travelling on
+        if way and the_plan.ring_reach(kc, way) > hop and done[(kc, way)] is not None:
+            for g in done[(kc, way)]:
+                transfers.send(g, rank + way)
+    for kc, way in the_plan.ring_held(rank, step) if 0 < step < the_plan.world else ():
+        if the_plan.ring_arms(kc)[way][0] < step:  # the arm's first user is behind: a sum is on its way
+            arriving[(kc, way)] = _buffers(like, pairs)
+            for g in arriving[(kc, way)]:
+                transfers.recv(g, rank - way)
     return transfers
 
 

@@ -126,6 +126,8 @@ def _worker(rank, world, path):
         _check(world, causal)
         _check(world, document)
         _check(world, window, score=biased)  # a learnable captured table; far chunk pairs entirely empty
+        if world == 4:  # chunks that travel both ways round the ring
+            _check(world, neighbours, schedules=("ring",))
         if world == 2:  # a rank that only sends, a layout balanced by work, the generated kernels interpreted
             _check(world, one_way)
             layout = cp.balanced_layout(ends_heavy, L, world, block_size=CHUNK)
@@ -184,16 +186,24 @@ def test_balanced_layout_evens_the_work():
     assert max(balanced.work(r) for r in range(4)) == 9
 
 
+def neighbours(b, h, q_idx, kv_idx):  # each chunk attends itself and the chunks either side
+    q_chunk, kv_chunk = q_idx // CHUNK, kv_idx // CHUNK
+    return (q_chunk - kv_chunk <= 1) & (kv_chunk - q_chunk <= 1)
+
+
 def test_ring_travels_as_far_as_needed():
-    """At 4 ranks a causal mask's early chunks travel up the ring and its late ones down, each only to its last user:
-    the ring's forward sends what p2p sends; it holds fewer remote chunks at once; a window's chunks make one hop."""
-    causal_plan, window_plan = (cp.plan(mask, 8 * CHUNK, 4, block_size=CHUNK) for mask in (causal, window))
-    assert [causal_plan.ring_direction(c) for c in range(5, 8)] == [-1, -1, 1]  # 7 (on rank 0) goes nowhere
-    assert [causal_plan.ring_hops(c) for c in range(8)] == [3, 3, 3, 3, 3, 2, 1, 0]
+    """At 4 ranks (8 chunks, head-tail) each chunk travels the ring only as far as its last user, on one arm or two:
+    a causal mask's forward sends what p2p sends, holding fewer remote chunks at once; a window's chunks make one
+    hop; chunk 1 (rank 1), read by ranks 0 and 2, goes one hop each way rather than 3 hops one way."""
+    causal_plan, window_plan, neighbours_plan = (cp.plan(mask, 8 * CHUNK, 4, block_size=CHUNK)
+                                                 for mask in (causal, window, neighbours))  # fmt: skip
+    assert [sum(causal_plan.ring_reach(c, way) for way in (1, -1)) for c in range(8)] == [3, 3, 3, 3, 3, 2, 1, 0]
     assert causal_plan.traffic("ring", 1)[0] == causal_plan.traffic("p2p", 1)[0] == 18  # of an all-gather's 24
     assert causal_plan.remote_chunks_held("ring") < causal_plan.remote_chunks_held("p2p") == 6
-    assert max(window_plan.ring_hops(c) for c in range(8)) == 1
-    assert window_plan.ring_held(1, 1) == [0, 5]  # chunk 0 from rank 0, chunk 5 (window reaches 6) from rank 2
+    assert all(hops == (1,) for c in range(8) for hops in window_plan.ring_arms(c).values())
+    assert window_plan.ring_held(1, 1) == [(0, 1), (5, -1)]  # chunk 0 from rank 0, chunk 5 (window reaches 6) rank 2
+    assert neighbours_plan.ring_arms(1) == {1: (1,), -1: (1,)}
+    assert neighbours_plan.traffic("ring", 1)[0] == neighbours_plan.traffic("p2p", 1)[0]
 
 
 def test_rebound_or_rewritten_captured_mask_values(randn):
