@@ -9,9 +9,11 @@ Which (q chunk, kv chunk) pairs have anything unmasked is decided on the host by
 mask with each pair's offsets as constants (`Plan`).  A rank receives only the K/V chunks its q chunks need, by
 point-to-point sends between the ranks (torch.distributed, gloo or NCCL), and attends each needed pair with
 flexcomp's kernels, its mods shifted by the pair's offsets (0-d tensors: one kernel for every pair); the pairs'
-outputs are merged exactly by their log-sum-exp.  Empty pairs are neither sent nor computed.  The transfers run
-while the rank attends its own chunks' pairs; in the backward the gradients of the received K/V chunks travel back
-to their owners.
+outputs are merged exactly by their log-sum-exp.  Empty pairs are neither sent nor computed.  Two schedules:
+"p2p" (the default) sends each needed chunk straight to its users, all at once, while a rank attends its own
+chunks' pairs, and its backward returns the received chunks' gradients to their owners; "ring" passes chunks one
+rank a step, each only as far as its last user (up the ring, down, or both), each step's transfers under the
+previous step's kernels, so that a rank holds O(1) remote chunks; its dK/dV accumulate as they travel.
 """
 
 from __future__ import annotations
