@@ -54,9 +54,9 @@ def biased(score, b, h, q_idx, kv_idx):
 
 
 def _check(world, mask, score=None, backend="auto", dtype=torch.float64, tol=1e-10, load_balance=True,
-           schedules=cp.SCHEDULES):  # fmt: skip
-    """One case on every rank: same global inputs (same seed), this rank's shards through context parallelism under
-    each schedule, against one single-process reference."""
+           schedules=cp.SCHEDULES, group=None):  # fmt: skip
+    """One case on every rank (of `group`, of `world` ranks): same global inputs (same seed), this rank's shards
+    through context parallelism under each schedule, against one single-process reference."""
     L = CHUNK * 2 * world
     g = torch.Generator().manual_seed(world * 100 + len(mask.__name__))
     q, k, v = (torch.randn(2, H, L, D, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -66,35 +66,38 @@ def _check(world, mask, score=None, backend="auto", dtype=torch.float64, tol=1e-
     ref, ref_lse = fc.flex_attention(q, k, v, score_mod=score, mask_mod=mask, backend=backend, return_lse=True)
     ref_grads = torch.autograd.grad(_loss(ref, ref_lse, dout, dlse), leaves)
     for schedule in schedules:
-        _check_schedule(schedule, (q, k, v), (dout, dlse), ref, ref_grads, mask, score, backend, tol, load_balance)
+        _check_schedule(schedule, (q, k, v), (dout, dlse), ref, ref_grads, mask, score, backend, tol, load_balance,
+                        group)  # fmt: skip
 
 
 def _loss(out, lse, dout, dlse):  # reaches lse too (rows masked everywhere have lse -inf: left out)
     return (out * dout).sum() + (torch.where(lse.isinf(), 0, lse) * dlse).sum()
 
 
-def _check_schedule(schedule, qkv, douts, ref, ref_grads, mask, score, backend, tol, load_balance):
-    shard = lambda t: cp.shard(t, load_balance=load_balance)
+def _check_schedule(schedule, qkv, douts, ref, ref_grads, mask, score, backend, tol, load_balance, group):
+    shard = lambda t, dim=2: cp.shard(t, group, dim, load_balance)
     local = [shard(t.detach()).requires_grad_() for t in qkv]
     with _bytes_sent() as sent:
         out, lse = cp.flex_attention(*local, score_mod=score, mask_mod=mask, return_lse=True, backend=backend,
-                                     load_balance=load_balance, schedule=schedule)  # fmt: skip
-        loss = _loss(out, lse, shard(douts[0]), cp.shard(douts[1], dim=2, load_balance=load_balance))
+                                     load_balance=load_balance, schedule=schedule, group=group)  # fmt: skip
+        loss = _loss(out, lse, shard(douts[0]), shard(douts[1], dim=2))
         grads = torch.autograd.grad(loss, local + ([BIAS] if score is not None else []))
     if dist.is_initialized():  # what the ranks sent, together, is what the plan says the schedule sends
-        plan = cp.plan(mask, local[0].shape[2] * dist.get_world_size(), dist.get_world_size(), load_balance,
-                       batch=local[0].shape[0], heads=H, block_size=CHUNK)  # fmt: skip
+        world = dist.get_world_size(group)
+        plan = cp.plan(mask, local[0].shape[2] * world, world, load_balance, batch=local[0].shape[0], heads=H,
+                       block_size=CHUNK)  # fmt: skip
         total = torch.tensor([sent[0]])
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=group)
         expected = plan.traffic(schedule, 2 * local[0][:, :, :CHUNK].nbytes)  # (forward, backward)
         assert total.item() == sum(expected), (schedule, total.item(), expected, sent[0])
     torch.testing.assert_close(out, shard(ref.detach()), atol=tol, rtol=tol)
-    torch.testing.assert_close(cp.unshard(out.detach(), load_balance=load_balance), ref.detach(), atol=tol, rtol=tol)
+    whole = cp.unshard(out.detach(), group, load_balance=load_balance)
+    torch.testing.assert_close(whole, ref.detach(), atol=tol, rtol=tol)
     for got, want in zip(grads[:3], ref_grads[:3]):
         torch.testing.assert_close(got, shard(want), atol=tol, rtol=tol)
     if score is not None:  # each rank has its pairs' share of the bias gradient: summed, the whole
         summed = grads[3].clone()
-        dist.all_reduce(summed)
+        dist.all_reduce(summed, group=group)
         torch.testing.assert_close(summed, ref_grads[3], atol=tol, rtol=tol)
     assert not lse.isnan().any()
 
@@ -126,6 +129,10 @@ def _worker(rank, world, path):
         _check(world, causal)
         _check(world, document)
         _check(world, window, score=biased)  # a learnable captured table; far chunk pairs entirely empty
+        if world == 3:  # a group of ranks 1 and 2 of the 3: its ranks are not the global ones
+            pair_of_ranks = dist.new_group([1, 2])
+            if rank in (1, 2):
+                _check(2, document, group=pair_of_ranks)
         if world == 4:  # chunks that travel both ways round the ring
             _check(world, neighbours, schedules=("ring",))
         if world == 2:  # a rank that only sends, a layout balanced by work, the generated kernels interpreted
