@@ -406,7 +406,7 @@ def _captured_requiring_grad(score_mod: Any) -> tuple[torch.Tensor, ...]:
     its backward computes their gradients itself."""
     if score_mod is None:
         return ()
-    captured = as_mod(score_mod, "score").tensors().values()
+    captured = specialized_mod(score_mod, "score").tensors().values()
     return tuple(t for t in captured if isinstance(t, torch.Tensor) and t.requires_grad)
 
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -118,37 +117,46 @@ def _bytes_sent():
         dist.batch_isend_irecv = batch
 
 
-def _worker(rank, world, path):
-    global DOCS, BIAS
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+def _worker(rank, ranks, path):
+    """Every world size 1..ranks on the first ranks of one spawn (a group each), then a group whose ranks are not
+    the global ones, then torch's manager on all."""
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=ranks)
     try:
-        L = CHUNK * 2 * world
-        g = torch.Generator().manual_seed(7)
-        DOCS = (torch.rand(L, generator=g) < 0.08).cumsum(0).to(torch.int32)
-        BIAS = torch.randn(L, generator=g, dtype=torch.float64, requires_grad=True)
-        _check(world, causal)
-        _check(world, document)
-        _check(world, window, score=biased)  # a learnable captured table; far chunk pairs entirely empty
-        if world == 3:  # a group of ranks 1 and 2 of the 3: its ranks are not the global ones
-            pair_of_ranks = dist.new_group([1, 2])
-            if rank in (1, 2):
-                _check(2, document, group=pair_of_ranks)
-        if world == 4:  # chunks that travel both ways round the ring
-            _check(world, neighbours, schedules=("ring",))
-        if world == 2:  # a rank that only sends, a layout balanced by work, the generated kernels interpreted
-            _check(world, one_way)
-            layout = cp.balanced_layout(ends_heavy, L, world, block_size=CHUNK)
-            assert layout != ((0, 3), (1, 2))  # head-tail would give one rank both heavy chunks
-            _check(world, ends_heavy, load_balance=layout)
-            _check(world, window, score=biased, backend="triton", dtype=torch.float32, tol=2e-5)
-            _under_torch_context_parallel(world)
-        plan = cp.plan(window, L, world)
-        if world > 1:  # the window leaves far chunk pairs empty: fewer pairs computed, fewer chunks sent
-            assert len(plan.needed) < plan.n_chunks**2
-            sent, every = plan.bytes_sent(1)
-            assert sent < every
+        groups = {world: dist.new_group(list(range(world))) for world in range(1, ranks + 1)}  # all ranks, in order
+        ranks_1_and_2 = dist.new_group([1, 2])
+        for world, group in groups.items():
+            if rank < world:
+                _cases(rank, world, group)
+            dist.barrier()
+        if rank in (1, 2):
+            _check(2, document, group=ranks_1_and_2)
+        _under_torch_context_parallel(ranks)
     finally:
         dist.destroy_process_group()
+
+
+def _cases(rank, world, group):
+    global DOCS, BIAS
+    L = CHUNK * 2 * world
+    g = torch.Generator().manual_seed(7)
+    DOCS = (torch.rand(L, generator=g) < 0.08).cumsum(0).to(torch.int32)
+    BIAS = torch.randn(L, generator=g, dtype=torch.float64, requires_grad=True)
+    _check(world, causal, group=group)
+    _check(world, document, group=group)
+    _check(world, window, score=biased, group=group)  # a learnable captured table; far chunk pairs entirely empty
+    if world == 4:  # chunks that travel both ways round the ring
+        _check(world, neighbours, schedules=("ring",), group=group)
+    if world == 2:  # a rank that only sends, a layout balanced by work, the generated kernels interpreted
+        _check(world, one_way, group=group)
+        layout = cp.balanced_layout(ends_heavy, L, world, block_size=CHUNK)
+        assert layout != ((0, 3), (1, 2))  # head-tail would give one rank both heavy chunks
+        _check(world, ends_heavy, load_balance=layout, group=group)
+        _check(world, window, score=biased, backend="triton", dtype=torch.float32, tol=2e-5, group=group)
+    plan = cp.plan(window, L, world)
+    if world > 1:  # the window leaves far chunk pairs empty: fewer pairs computed, fewer chunks sent
+        assert len(plan.needed) < plan.n_chunks**2
+        sent, every = plan.bytes_sent(1)
+        assert sent < every
 
 
 def _under_torch_context_parallel(world):
@@ -171,10 +179,10 @@ def _under_torch_context_parallel(world):
     torch.testing.assert_close(whole, expected, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_context_parallel_matches_one_process(world):
+def test_context_parallel_matches_one_process():
+    """World sizes 1-4 (one spawn of 4 processes: each size a group of the first ranks)."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, f"{tmp}/rendezvous"), nprocs=world, join=True)
+        mp.spawn(_worker, args=(4, f"{tmp}/rendezvous"), nprocs=4, join=True)
 
 
 def test_balanced_layout_evens_the_work():
