@@ -296,12 +296,26 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     pairs = _Pairs(the_plan, rank, group, score_mod, mask_mod, mask_values, scale, enable_gqa, kernel_options,
                    backend)  # fmt: skip
+    if world > 1:
+        _first_collective(group)
     if schedule == "ring":
         captured = _captured_requiring_grad(score_mod)
         out, lse = _Ring.apply(pairs, query, key, value, *captured)
     else:
         out, lse = _p2p_attention(pairs, query, key, value)
     return (out, lse) if return_lse else out
+
+
+_STARTED_GROUPS: set[int] = set()
+
+
+def _first_collective(group: Any) -> None:
+    """NCCL wants a group's first collective to involve all its ranks, and batch_isend_irecv may be that one, skipped
+    by a rank with nothing to send or receive: a barrier first, once per group."""
+    key = id(dist.group.WORLD if group is None else group)
+    if key not in _STARTED_GROUPS and dist.get_backend(group) == "nccl":
+        dist.barrier(group=group)
+    _STARTED_GROUPS.add(key)
 
 
 def _p2p_attention(pairs: _Pairs, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
