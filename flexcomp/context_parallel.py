@@ -703,8 +703,8 @@ def _summed(parts: list, dtype: torch.dtype):
     parts = [p for p in parts if p is not None]
     if not parts:
         return None
-    return [sum(p[j].to(torch.float64 if dtype == torch.float64 else torch.float32) for p in parts).to(dtype)
-            for j in range(2)]  # fmt: skip
+    work = _work_dtype(parts[0][0])
+    return [sum(p[j].to(work) for p in parts).to(dtype) for j in range(2)]
 
 
 def _ring_kv_ops(pairs: _Pairs, step: int, held: dict, incoming: dict, like: torch.Tensor,
