@@ -9,9 +9,11 @@ Which (q chunk, kv chunk) pairs have anything unmasked is decided on the host by
 mask with each pair's offsets as constants (`Plan`).  A rank receives only the K/V chunks its q chunks need, by
 point-to-point sends between the ranks (torch.distributed, gloo or NCCL), and attends each needed pair with
 flexcomp's kernels, its mods shifted by the pair's offsets (0-d tensors: one kernel for every pair); the pairs'
-outputs are merged exactly by their log-sum-exp.  Empty pairs are neither sent nor computed.  The transfers run
-while the rank attends its own chunks' pairs; in the backward the gradients of the received K/V chunks travel back
-to their owners.
+outputs are merged exactly by their log-sum-exp.  Empty pairs are neither sent nor computed.  Two schedules:
+"p2p" (the default) sends each needed chunk straight to its users, all at once, while a rank attends its own
+chunks' pairs, and its backward returns the received chunks' gradients to their owners; "ring" passes chunks one
+rank a step, each only as far as its last user (up the ring, down, or both), each step's transfers under the
+previous step's kernels, so that a rank holds O(1) remote chunks; its dK/dV accumulate as they travel.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.distributed as dist
 
 from .blockmask import BlockMask, create_block_mask
 from .ir import free_args
-from .mods import as_mod
+from .mods import as_mod, specialized_mod
 
 # ---------------------------------------------------------------- sharding
 
@@ -54,9 +56,15 @@ def _world(group: Any) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _as_group(group: Any) -> Any:
+    """A process group from a group, None (the default group) or a one-dimensional DeviceMesh (as torch's
+    `context_parallel` takes)."""
+    return group.get_group() if hasattr(group, "get_group") else group
+
+
 def shard(x: torch.Tensor, group: Any = None, dim: int = 2, load_balance: bool | Layout = True) -> torch.Tensor:
     """This rank's shard of `x` along `dim` (the sequence dim of [B, H, L, D] by default)."""
-    rank, world = _world(group)
+    rank, world = _world(_as_group(group))
     n_chunks = chunk_count(world, load_balance)
     if x.shape[dim] % n_chunks:
         raise ValueError(f"sequence length {x.shape[dim]} must be a multiple of {n_chunks} chunks "
@@ -67,6 +75,7 @@ def shard(x: torch.Tensor, group: Any = None, dim: int = 2, load_balance: bool |
 
 def unshard(x: torch.Tensor, group: Any = None, dim: int = 2, load_balance: bool | Layout = True) -> torch.Tensor:
     """The whole sequence from every rank's shard (an all-gather)."""
+    group = _as_group(group)
     _, world = _world(group)
     if world == 1:
         return x
@@ -111,11 +120,78 @@ class Plan:
         return sorted({kc for qc, kc in self.needed if qc in mine})
 
     def bytes_sent(self, kv_bytes_per_chunk: int) -> tuple[int, int]:
-        """(K/V bytes this plan sends, bytes an all-gather of every chunk would send)."""
-        sent = sum(kv_bytes_per_chunk for r in range(self.world) for kc in self.kv_chunks_for(r)
-                   if self.owner(kc) != r)  # fmt: skip
+        """(K/V bytes the p2p schedule's forward sends, bytes an all-gather of every chunk would send)."""
         every = self.world * (self.n_chunks - len(chunks_of(0, self.world, self.load_balance))) * kv_bytes_per_chunk
-        return sent, every
+        return self.traffic("p2p", kv_bytes_per_chunk)[0], every
+
+    def users(self, chunk: int) -> frozenset[int]:
+        """The ranks whose pairs read kv chunk `chunk`."""
+        return frozenset(self.owner(qc) for qc, kc in self.needed if kc == chunk)
+
+    def ring_arms(self, chunk: int) -> dict[int, tuple[int, ...]]:
+        """The ring's arms for `chunk`: {way: the hops at which a rank needs it going that way}, way +1 carrying it
+        from rank r to r + 1, -1 the other way.  Its remote users are split into those reached going up and those
+        reached going down, where the two arms' lengths sum least (then: fewer arms).  With head-tail, a causal
+        mask's early chunks go up and its late ones down; a document's chunk goes both ways to its neighbours."""
+        return self._all_arms[chunk]
+
+    def ring_reach(self, chunk: int, way: int) -> int:
+        """How far `chunk` travels going `way` (0: not that way)."""
+        return max(self.ring_arms(chunk).get(way, ()), default=0)
+
+    def ring_held(self, rank: int, step: int) -> list[tuple[int, int]]:
+        """The (kv chunk, way) rank `rank` holds at ring step `step`: at step 0 its own chunks (way 0), then those
+        that set out `step` ranks before it, either way, and still travel; ascending."""
+        if step == 0:
+            return [(c, 0) for c in sorted(chunks_of(rank, self.world, self.load_balance))]
+        return sorted((c, way) for way in (1, -1) for c in chunks_of((rank - way * step) % self.world, self.world,
+                      self.load_balance) if self.ring_reach(c, way) >= step)  # fmt: skip
+
+    @functools.cached_property
+    def _all_arms(self) -> dict[int, dict[int, tuple[int, ...]]]:
+        return {c: self._arms(c) for c in range(self.n_chunks)}
+
+    def _arms(self, chunk: int) -> dict[int, tuple[int, ...]]:
+        far = sorted({(r - self.owner(chunk)) % self.world for r in self.users(chunk)} - {0})  # hops going up
+
+        def cost(split: int) -> tuple[int, int]:  # far[:split] reached going up, the rest going down
+            up, down = far[:split], far[split:]
+            return (up[-1] if up else 0) + (self.world - down[0] if down else 0), bool(up) + bool(down)
+
+        split = min(range(len(far) + 1), key=cost)
+        arms = {1: tuple(far[:split]), -1: tuple(sorted(self.world - d for d in far[split:]))}
+        return {way: hops for way, hops in arms.items() if hops}
+
+    def traffic(self, schedule: str, kv_bytes_per_chunk: int) -> tuple[int, int]:
+        """(bytes the forward sends, bytes the backward sends) under `schedule`, all ranks together.  The p2p
+        backward returns each received chunk's dK/dV to its owner; the ring's backward passes K/V around again
+        (it kept none), with each arm's dK/dV accumulating from its first user to its last, then sent home."""
+        chunks = range(self.n_chunks)
+        if schedule == "p2p":
+            sent = sum(len(self.users(c) - {self.owner(c)}) for c in chunks) * kv_bytes_per_chunk
+            return sent, sent
+        sends = [self.ring_sends(r, step) for r in range(self.world) for step in range(self.world + 1)]
+        forward = sum(kv for kv, _ in sends)
+        return forward * kv_bytes_per_chunk, (forward + sum(sums for _, sums in sends)) * kv_bytes_per_chunk
+
+    def ring_sends(self, rank: int, step: int) -> tuple[int, int]:
+        """(K/V chunks, dK/dV sums) rank `rank` sends at ring step `step`, while it computes that step's pairs: the
+        chunks it holds that travel on (forward, and again in the backward), and the sums of what it held at the
+        step before that travel on or go home (backward; step `world` has only those)."""
+        held = self.ring_held(rank, step) if step < self.world else []
+        kv = sum(self.ring_reach(c, onward) > step for c, way in held for onward in ((-1, 1) if way == 0 else (way,)))
+        before = self.ring_held(rank, step - 1) if step else []
+        hop = step - 1
+        sums = sum(self.ring_reach(c, way) == hop or self.ring_arms(c)[way][0] <= hop < self.ring_reach(c, way)
+                   for c, way in before if way)  # fmt: skip
+        return kv, sums
+
+    def remote_chunks_held(self, schedule: str) -> int:
+        """The most remote kv chunks a rank holds at once (received, in flight or kept for the backward)."""
+        if schedule == "p2p":
+            return max(sum(self.owner(c) != r for c in self.kv_chunks_for(r)) for r in range(self.world))
+        return max(len(self.ring_held(r, s)) * (s > 0) + len(self.ring_held(r, s + 1)) * (s + 1 < self.world)
+                   for r in range(self.world) for s in range(self.world))  # fmt: skip
 
 
 def plan(mask_mod: Any, seq_len: int, world: int, load_balance: bool | Layout = True, batch: int = 1, heads: int = 1,
@@ -183,19 +259,30 @@ def _pow2_at_most(n: int) -> int:
 # ---------------------------------------------------------------- attention
 
 
+SCHEDULES = ("p2p", "ring")  # p2p: each needed chunk sent once, straight to its users; ring: passed rank to rank
+
+
 def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Any = None,
                    block_mask: Any = None, scale: float | None = None, enable_gqa: bool = False,
                    return_lse: bool = False, kernel_options: dict | None = None, *, mask_mod: Any = None,
-                   group: Any = None, load_balance: bool | Layout = True, backend: str = "auto") -> Any:  # fmt: skip
+                   group: Any = None, load_balance: bool | Layout = True, backend: str = "auto",
+                   schedule: str = "p2p") -> Any:  # fmt: skip
     """flexcomp.flex_attention's arguments on this rank's shards of q, k, v (from `shard`): this rank's shard of
     the output (and of lse with `return_lse`).  Mods see global positions; a `block_mask` (built for the whole
     sequence) gives its mask_mod, whose tiles are re-derived per pair of chunks.  Differentiable in q, k, v and the
     score_mod's captured tensors (each rank gets the gradient of its own pairs: sum them over the group, as data
-    parallelism does, for a parameter every rank holds)."""
+    parallelism does, for a parameter every rank holds).
+
+    `schedule` "p2p" (the default: the fewest bytes, no recomputation) sends each needed K/V chunk straight to the
+    ranks that need it, all at once; "ring" passes chunks from rank to rank, one step at a time, so that a rank holds
+    O(1) remote chunks however many ranks there are (its backward recomputes each pair's forward)."""
     if block_mask is not None:
         if mask_mod is not None:
             raise ValueError("pass mask_mod or block_mask, not both: a block mask carries its own mask_mod")
         mask_mod = block_mask.mask_mod
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{schedule=} must be one of {SCHEDULES}")
+    group = _as_group(group)
     rank, world = _world(group)
     per_rank = len(chunks_of(rank, world, load_balance))
     local_len = query.shape[2]
@@ -203,53 +290,138 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         raise ValueError(f"q and k shards must have the same length, a multiple of {per_rank}; got "
                          f"{local_len} and {key.shape[2]}")  # fmt: skip
     chunk_len = local_len // per_rank
+    mask_values = _captured_values(mask_mod)
     the_plan = _cached_plan(mask_mod, chunk_len * per_rank * world, world, load_balance, query.shape[0],
-                            query.shape[1], min(128, _pow2_at_most(chunk_len)))  # fmt: skip
-    mine = chunks_of(rank, world, load_balance)
-    k_parts, v_parts = key.split(chunk_len, 2), value.split(chunk_len, 2)
-    local = {c: (k_parts[i], v_parts[i]) for i, c in enumerate(mine)}
-    in_flight: list = []
-    local, remote = _exchanged(the_plan, rank, group, local, in_flight)  # sends and receives start now
+                            query.shape[1], min(128, _pow2_at_most(chunk_len)), mask_values)  # fmt: skip
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    pairs = _Pairs(the_plan, rank, group, score_mod, mask_mod, mask_values, scale, enable_gqa, kernel_options,
+                   backend)  # fmt: skip
+    if world > 1:
+        _first_collective(group)
+    if schedule == "ring":
+        captured = _captured_requiring_grad(score_mod)
+        out, lse = _Ring.apply(pairs, query, key, value, *captured)
+    else:
+        out, lse = _p2p_attention(pairs, query, key, value)
+    return (out, lse) if return_lse else out
 
-    def attend(q, qc, sources):
-        return [_pair(q, *sources[kc], qc, kc, the_plan, score_mod, mask_mod, scale, enable_gqa, kernel_options,
-                      backend) for kc in sorted(sources) if (qc, kc) in the_plan.needed]  # fmt: skip
 
-    q_chunks = [query[:, :, i * chunk_len : (i + 1) * chunk_len] for i in range(len(mine))]
-    parts = [attend(q, qc, local) for q, qc in zip(q_chunks, mine)]  # the local pairs overlap the transfers
-    _wait(in_flight)
+_STARTED_GROUPS: set[int] = set()
+
+
+def _first_collective(group: Any) -> None:
+    """NCCL wants a group's first collective to involve all its ranks, and batch_isend_irecv may be that one, skipped
+    by a rank with nothing to send or receive: a barrier first, once per group."""
+    key = id(dist.group.WORLD if group is None else group)
+    if key not in _STARTED_GROUPS and dist.get_backend(group) == "nccl":
+        dist.barrier(group=group)
+    _STARTED_GROUPS.add(key)
+
+
+def _p2p_attention(pairs: _Pairs, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
+    """The p2p schedule: every needed chunk's transfer starts at once; the local pairs run meanwhile."""
+    mine = pairs.mine
+    local = dict(zip(mine, zip(pairs.chunks(key), pairs.chunks(value))))
+    in_flight = pairs.transfers()
+    local, remote = _exchanged(pairs.plan, pairs.rank, pairs.group, local, in_flight)  # sends and receives start
+    q_chunks = pairs.chunks(query)
+    parts = [pairs.attend_all(q, qc, local) for q, qc in zip(q_chunks, mine)]  # the local pairs overlap them
+    in_flight.wait()
     outs, lses, computed = [], [], 0
     for q, qc, own in zip(q_chunks, mine, parts):
-        pairs = own + attend(q, qc, remote)
-        computed += len(pairs)
-        out, lse = _merged(pairs, q, value.shape[-1])
+        done = own + pairs.attend_all(q, qc, remote)
+        computed += len(done)
+        out, lse = _merged(done, q, value.shape[-1])
         outs.append(out)
         lses.append(lse)
     out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
     if not computed:  # every pair of this rank is empty: still part of the graph, so that its backward joins the
         out = out + 0 * sum(t.sum() for pair in local.values() for t in pair) + 0 * query.sum()  # exchange
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 @functools.lru_cache(maxsize=64)
 def _cached_plan(mask_mod: Any, seq_len: int, world: int, load_balance: bool | Layout, batch: int, heads: int,
-                 block: int) -> Plan:  # fmt: skip
+                 block: int, mask_values: tuple) -> Plan:  # fmt: skip
     return plan(mask_mod, seq_len, world, load_balance, batch, heads, block)
 
 
-def _pair(q, k, v, qc, kc, the_plan, score_mod, mask_mod, scale, enable_gqa, kernel_options, backend):
-    """(out, lse) of q chunk qc against kv chunk kc, the mods at global positions."""
-    from .api import flex_attention as attend
+class _Same:
+    """A captured value in a cache key, equal only to itself (and kept alive by the key, so its id is not reused)."""
 
-    q_off, kv_off = qc * the_plan.chunk_len, kc * the_plan.chunk_len
-    shifted_score, shifted_mask = _shifted_mods(score_mod, mask_mod, q_off, kv_off, q.device)
-    block_mask = None
-    if shifted_mask is not None:
-        block_mask = _pair_block_mask(mask_mod, shifted_mask, q_off, kv_off, the_plan.chunk_len, q.shape[0],
-                                      q.shape[1], q.device)  # fmt: skip
-    return attend(q, k, v, score_mod=shifted_score, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-                  return_lse=True, kernel_options=kernel_options, backend=backend)  # fmt: skip
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+
+def _captured_values(mask_mod: Any) -> tuple:
+    """What the plan and the pairs' tables depend on beyond the mask's code: the values it captures, each tensor by
+    identity and version (rebinding a document-id tensor, or writing into it, changes the key)."""
+    if mask_mod is None:
+        return ()
+    values = specialized_mod(mask_mod, "mask").tensors()
+    return tuple((name, _Same(v), v._version) if isinstance(v, torch.Tensor) else (name, _Same(v))
+                 for name, v in sorted(values.items()))  # fmt: skip
+
+
+@dataclass
+class _Pairs:
+    """What attending one (q chunk, kv chunk) pair needs beyond its tensors: the plan, this rank and the call's
+    arguments."""
+
+    plan: Plan
+    rank: int
+    group: Any
+    score_mod: Any
+    mask_mod: Any
+    mask_values: tuple  # `_captured_values` of mask_mod
+    scale: float
+    enable_gqa: bool
+    kernel_options: dict | None
+    backend: str
+
+    @property
+    def mine(self) -> tuple[int, ...]:
+        return chunks_of(self.rank, self.plan.world, self.plan.load_balance)
+
+    def transfers(self) -> _Transfers:
+        return _Transfers(self.group, self.plan.world)
+
+    def chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This rank's shard `x` cut into its chunks (in the order of `mine`)."""
+        return x.split(self.plan.chunk_len, 2)
+
+    def attend_all(self, q: torch.Tensor, qc: int, sources: dict) -> list:
+        """(out, lse) of q chunk qc against each kv chunk of `sources` ({chunk: (k, v)}) that it needs."""
+        return [self.attend(q, qc, *sources[kc], kc) for kc in sorted(sources) if (qc, kc) in self.plan.needed]
+
+    def attend(self, q: torch.Tensor, qc: int, k: torch.Tensor, v: torch.Tensor, kc: int) -> tuple:
+        """(out, lse) of q chunk qc against kv chunk kc, the mods at global positions."""
+        from .api import flex_attention as attend
+
+        q_off, kv_off = qc * self.plan.chunk_len, kc * self.plan.chunk_len
+        shifted_score, shifted_mask = _shifted_mods(self.score_mod, self.mask_mod, q_off, kv_off, q.device)
+        block_mask = None
+        if shifted_mask is not None:
+            block_mask = _pair_block_mask(self.mask_mod, self.mask_values, shifted_mask, q_off, kv_off,
+                                          self.plan.chunk_len, q.shape[0], q.shape[1], q.device)  # fmt: skip
+        return attend(q, k, v, score_mod=shifted_score, block_mask=block_mask, scale=self.scale,
+                      enable_gqa=self.enable_gqa, return_lse=True, kernel_options=self.kernel_options,
+                      backend=self.backend)  # fmt: skip
+
+
+def _captured_requiring_grad(score_mod: Any) -> tuple[torch.Tensor, ...]:
+    """The score_mod's captured tensors that want a gradient: the ring's autograd Function takes them as inputs, as
+    its backward computes their gradients itself."""
+    if score_mod is None:
+        return ()
+    captured = specialized_mod(score_mod, "score").tensors().values()
+    return tuple(t for t in captured if isinstance(t, torch.Tensor) and t.requires_grad)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -276,25 +448,30 @@ def _shifted_mods(score_mod: Any, mask_mod: Any, q_off: int, kv_off: int, device
 
 
 @functools.lru_cache(maxsize=256)
-def _pair_tables(mask_mod: Any, q_off: int, kv_off: int, chunk_len: int, batch: int, heads: int,
+def _pair_tables(mask_mod: Any, mask_values: tuple, q_off: int, kv_off: int, chunk_len: int, batch: int, heads: int,
                  device: torch.device) -> BlockMask:  # fmt: skip
     """The pair's block mask tables, from the analysis of the mask with the offsets as constants (exact)."""
     return _offset_block_mask(mask_mod, q_off, kv_off, chunk_len, batch, heads, device, 128)
 
 
-def _pair_block_mask(mask_mod, shifted_mask, q_off, kv_off, chunk_len, batch, heads, device) -> BlockMask:
+def _pair_block_mask(mask_mod, mask_values, shifted_mask, q_off, kv_off, chunk_len, batch, heads, device) -> BlockMask:
     """The pair's tables, with the shifted mask_mod (tensor offsets) applied in their PARTIAL tiles."""
-    tables = _pair_tables(mask_mod, q_off, kv_off, chunk_len, batch, heads, device)
+    tables = _pair_tables(mask_mod, mask_values, q_off, kv_off, chunk_len, batch, heads, device)
     return BlockMask.from_kv_blocks(tables.kv_num_blocks, tables.kv_indices, tables.full_kv_num_blocks,
                                     tables.full_kv_indices, BLOCK_SIZE=tables.BLOCK_SIZE, mask_mod=shifted_mask,
                                     seq_lengths=tables.seq_lengths)  # fmt: skip
 
 
-def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, dv: int) -> tuple[torch.Tensor, ...]:
-    """Exact merge of partial attentions by their log-sum-exp; rows masked everywhere give 0 and -inf, never NaN
-    (also in the gradients)."""
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32  # and lse's dtype, as flex_attention's
+
+
+def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, dv: int,
+            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Exact merge of partial attentions by their log-sum-exp, the output in `out_dtype` (q's by default); rows
+    masked everywhere give 0 and -inf, never NaN (also in the gradients)."""
     B, H, Lq, _ = q.shape
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32  # and lse's dtype, as flex_attention's
+    work = _work_dtype(q)
     if not parts:
         return q.new_zeros(B, H, Lq, dv), q.new_full((B, H, Lq), -math.inf, dtype=work)
     outs = torch.stack([o.to(work) for o, _ in parts])
@@ -307,14 +484,14 @@ def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, dv:
     safe = torch.where(empty, torch.ones_like(total), total)
     out = (weights[..., None] * outs).sum(0) / safe[..., None]
     lse = torch.where(empty, torch.full_like(total, -math.inf), top + torch.log(safe))
-    return out.to(q.dtype), lse
+    return out.to(out_dtype or q.dtype), lse
 
 
 # ---------------------------------------------------------------- communication
 
 
 def _exchanged(the_plan: Plan, rank: int, group: Any, local: dict[int, tuple[torch.Tensor, torch.Tensor]],
-               in_flight: list) -> tuple[dict, dict]:  # fmt: skip
+               in_flight: _Transfers) -> tuple[dict, dict]:  # fmt: skip
     """(this rank's K/V chunks, the chunks its pairs need from other ranks), both through one exchange: the
     received ones by point-to-point sends (only the needed ones), running asynchronously (their requests go to
     `in_flight`, to be waited for before those chunks are read).  The local chunks pass through it so that every
@@ -346,14 +523,13 @@ class _Exchange(torch.autograd.Function):
         template_k, template_v = local[mine[0]]
         ctx.templates = (template_k.new_empty(template_k.shape), template_v.new_empty(template_v.shape))
         received = [(torch.empty_like(template_k), torch.empty_like(template_v)) for _ in wanted]
-        ops = []
         for kc, dst in sends:
-            ops += [dist.P2POp(dist.isend, t.contiguous(), _global_rank(group, dst), group) for t in local[kc]]
-        for kc, (k, v) in zip(wanted, received):
-            src = _global_rank(group, the_plan.owner(kc))
-            ops += [dist.P2POp(dist.irecv, k, src, group), dist.P2POp(dist.irecv, v, src, group)]
-        if ops:
-            in_flight.extend(dist.batch_isend_irecv(ops))
+            for t in local[kc]:
+                in_flight.send(t, dst)
+        for kc, pair in zip(wanted, received):
+            for t in pair:
+                in_flight.recv(t, the_plan.owner(kc))
+        in_flight.start()
         ctx.exchange = (group, rank, the_plan, sends, wanted, mine)
         return (*(t.clone() for t in local_kv), *(t for pair in received for t in pair))
 
@@ -361,18 +537,17 @@ class _Exchange(torch.autograd.Function):
     def backward(ctx, *grads):
         group, _, the_plan, sends, wanted, mine = ctx.exchange
         passed, grads = grads[: 2 * len(mine)], grads[2 * len(mine) :]  # the local chunks', the received ones'
-        ops, returned = [], []
+        transfers, returned = _Transfers(group, the_plan.world), []
         templates = ctx.templates
         for i, kc in enumerate(wanted):  # the gradients of what this rank received go back to the owners
-            src = _global_rank(group, the_plan.owner(kc))
             for g, like in zip(grads[2 * i : 2 * i + 2], templates):
-                g = torch.zeros_like(like) if g is None else g
-                ops.append(dist.P2POp(dist.isend, g.contiguous(), src, group))
+                transfers.send(torch.zeros_like(like) if g is None else g, the_plan.owner(kc))
         for kc, dst in sends:  # and those of what it sent come back
             pair = [torch.empty_like(like) for like in templates]
             returned.append((kc, pair))
-            ops += [dist.P2POp(dist.irecv, t, _global_rank(group, dst), group) for t in pair]
-        _run(ops)
+            for t in pair:
+                transfers.recv(t, dst)
+        transfers.start().wait()
         local_grads = {kc: list(passed[2 * i : 2 * i + 2]) for i, kc in enumerate(mine)}
         for kc, (gk, gv) in returned:
             for j, g in enumerate((gk, gv)):
@@ -381,11 +556,203 @@ class _Exchange(torch.autograd.Function):
         return (None, None, None, None, None, None, *flat)
 
 
-def _run(ops: list) -> None:
-    if ops:
-        _wait(dist.batch_isend_irecv(ops))
+class _Transfers:
+    """Point-to-point transfers with the ranks of a group, started together and waited for together.  Where the
+    backend cannot send device tensors (gloo), they go through host memory: what a test on one GPU needs."""
+
+    def __init__(self, group: Any, world: int):
+        self.group, self.world = group, world
+        self.ops: list = []
+        self.requests: list = []
+        self.landing: list = []  # (device tensor, host buffer received for it)
+
+    def send(self, tensor: torch.Tensor, peer: int) -> None:
+        tensor = tensor.contiguous()
+        self._add(dist.isend, tensor.cpu() if self._through_host(tensor) else tensor, peer)
+
+    def recv(self, tensor: torch.Tensor, peer: int) -> None:
+        if self._through_host(tensor):
+            host = torch.empty(tensor.shape, dtype=tensor.dtype)
+            self.landing.append((tensor, host))
+            tensor = host
+        self._add(dist.irecv, tensor, peer)
+
+    def start(self) -> _Transfers:
+        if self.ops:
+            self.requests = dist.batch_isend_irecv(self.ops)
+        return self
+
+    def wait(self) -> None:
+        for request in self.requests:
+            request.wait()
+        for tensor, host in self.landing:
+            tensor.copy_(host)
+
+    def _add(self, fn: Any, tensor: torch.Tensor, peer: int) -> None:
+        """`peer` is a rank of the group, modulo its size (the ring's neighbours)."""
+        self.ops.append(dist.P2POp(fn, tensor, _global_rank(self.group, peer % self.world), self.group))
+
+    def _through_host(self, tensor: torch.Tensor) -> bool:
+        return tensor.device.type != "cpu" and dist.get_backend(self.group) == "gloo"
 
 
-def _wait(requests: list) -> None:
-    for request in requests:
-        request.wait()
+# ---------------------------------------------------------------- the ring
+
+
+class _Ring(torch.autograd.Function):
+    """The ring schedule.  Each kv chunk travels round the ring one rank a step, on one or two arms (up and down,
+    `Plan.ring_arms`), each only as far as the last rank that needs it.  At step s a rank posts the sends of what
+    it holds that travels on and the receives of step s + 1's chunks, attends its needed pairs with what it holds,
+    merges them into a running (out, lse), then waits: at most two steps' chunks are held at once.
+
+    Backward passes K/V around again (the forward kept none: that is the memory the ring saves) and recomputes each
+    needed pair's forward to differentiate it against the merged out and lse.  On each arm a chunk's dK/dV
+    accumulate as they travel, from the arm's first user to its last, which sends the sum home: one gradient buffer
+    per held chunk and one message per hop, where returning every user's share to the owner would have the owner
+    hold one buffer per user.
+    """
+
+    @staticmethod
+    def forward(ctx, pairs, query, key, value, *captured):
+        held = dict(zip(pairs.plan.ring_held(pairs.rank, 0), zip(pairs.chunks(key), pairs.chunks(value))))
+        q_chunks = pairs.chunks(query)
+        running: list = [None] * len(q_chunks)  # per q chunk: the (out, lse) merged so far, in the work dtype
+        for step in range(pairs.plan.world):
+            incoming: dict = {}
+            transfers = _ring_kv_ops(pairs, step, held, incoming, key, pairs.transfers())
+            transfers.start()
+            sources = {kc: kv for (kc, _), kv in held.items()}  # a rank is on one arm of a chunk at most
+            for i, (q, qc) in enumerate(zip(q_chunks, pairs.mine)):
+                for part in pairs.attend_all(q, qc, sources):
+                    so_far = [part] if running[i] is None else [running[i], part]
+                    running[i] = _merged(so_far, q, value.shape[-1], _work_dtype(q))
+            transfers.wait()
+            held = incoming
+        merged = [_merged([] if r is None else [r], q, value.shape[-1]) for r, q in zip(running, q_chunks)]
+        out, lse = torch.cat([o for o, _ in merged], 2), torch.cat([lse for _, lse in merged], 2)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.pairs = pairs
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        pairs = ctx.pairs
+        query, key, value, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        dlse = torch.zeros_like(lse) if dlse is None else dlse
+        rows = [pairs.chunks(t.unsqueeze(-1)) for t in (lse, dlse)]  # lse's chunks, with a last dim to split
+        per_q = list(zip(pairs.chunks(query), pairs.mine, pairs.chunks(out), pairs.chunks(dout), *rows))
+        captured = _captured_requiring_grad(pairs.score_mod)
+        dq = [torch.zeros(q.shape, dtype=_work_dtype(q), device=q.device) for q in pairs.chunks(query)]
+        dcaptured: list = [None] * len(captured)
+        held = dict(zip(pairs.plan.ring_held(pairs.rank, 0), zip(pairs.chunks(key), pairs.chunks(value))))
+        home: dict = {}  # this rank's chunks' dK/dV: its own share (way 0) and each arm's sum, once back
+        done: dict = {}  # what was held at the step before, its dK/dV accumulated so far
+        for step in range(pairs.plan.world + 1):
+            incoming, arriving = {}, {}
+            transfers = _ring_grad_ops(pairs, step, done, arriving, home, key, pairs.transfers())
+            if step < pairs.plan.world:
+                _ring_kv_ops(pairs, step, held, incoming, key, transfers)
+            transfers.start()
+            local = {item: _contributions(pairs, per_q, item[0], *kv, dq, captured, dcaptured)
+                     for item, kv in held.items()}  # fmt: skip
+            transfers.wait()
+            done = {item: _summed([arriving.get(item), local[item]], key.dtype) for item in held}
+            home.update((item, g) for item, g in done.items() if item[1] == 0)
+            held = incoming
+        parts = {kc: _summed([g for (c, _), g in home.items() if c == kc], key.dtype) for kc in pairs.mine}
+        dk, dv = ([parts[kc][j] if parts[kc] is not None else torch.zeros_like(part)
+                   for kc, part in zip(pairs.mine, pairs.chunks(t))] for j, t in enumerate((key, value)))  # fmt: skip
+        grads_captured = [torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(captured, dcaptured)]
+        return (None, torch.cat(dq, 2).to(query.dtype), torch.cat(dk, 2), torch.cat(dv, 2), *grads_captured)
+
+
+def _contributions(pairs: _Pairs, per_q: list, kc: int, k, v, dq: list, captured: tuple, dcaptured: list):
+    """[dK, dV] of kv chunk kc from this rank's needed pairs (None if it needs none), in the work dtype; adds the
+    pairs' dQ to `dq` and the captured tensors' gradients to `dcaptured`."""
+    dk = dv = None
+    for i, (q, qc, out, dout, lse, dlse) in enumerate(per_q):
+        if (qc, kc) not in pairs.plan.needed:
+            continue
+        grads = _pair_grads(pairs, q, qc, k, v, kc, out, dout, lse.squeeze(-1), dlse.squeeze(-1), captured)
+        dq[i] += grads[0]
+        dk = grads[1].to(dq[i].dtype) if dk is None else dk + grads[1]
+        dv = grads[2].to(dq[i].dtype) if dv is None else dv + grads[2]
+        for j, g in enumerate(grads[3:]):
+            if g is not None:
+                dcaptured[j] = g if dcaptured[j] is None else dcaptured[j] + g
+    return None if dk is None else [dk, dv]
+
+
+def _pair_grads(pairs: _Pairs, q, qc, k, v, kc, out, dout, lse, dlse, captured) -> tuple:
+    """(dq, dk, dv, *captured's) of one pair, its forward recomputed.  With the merged output out = sum_i w_i o_i,
+    w_i = exp(lse_i - lse): d o_i = w_i dout and d lse_i = w_i (rowsum(dout * (o_i - out)) + dlse)."""
+    with torch.enable_grad():
+        q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
+        o, pair_lse = pairs.attend(q_, qc, k_, v_, kc)
+        work = pair_lse.dtype
+        weight = torch.where(torch.isinf(pair_lse), 0.0, torch.exp(pair_lse.detach() - lse.to(work))).detach()
+        d_o = (weight[..., None] * dout.to(work)).to(o.dtype)
+        d_lse = weight * ((dout.to(work) * (o.detach().to(work) - out.to(work))).sum(-1) + dlse.to(work))
+        return torch.autograd.grad((o, pair_lse), (q_, k_, v_, *captured), (d_o, d_lse), allow_unused=True)
+
+
+def _summed(parts: list, dtype: torch.dtype):
+    """[dK, dV] summed over `parts` (each [dK, dV] or None), added in the work dtype, kept in the K/V dtype (what
+    travels on); None if all are."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    work = _work_dtype(parts[0][0])
+    return [sum(p[j].to(work) for p in parts).to(dtype) for j in range(2)]
+
+
+def _ring_kv_ops(pairs: _Pairs, step: int, held: dict, incoming: dict, like: torch.Tensor,
+                 transfers: _Transfers) -> _Transfers:  # fmt: skip
+    """Step `step`'s K/V transfers: what is held and travels further goes on (a rank's own chunks onto their arms);
+    the next step's chunks come from the neighbours (into `incoming`)."""
+    the_plan, rank = pairs.plan, pairs.rank
+    for kc, way in sorted(held):
+        for onward in (-1, 1) if way == 0 else (way,):
+            for t in held[(kc, way)] if the_plan.ring_reach(kc, onward) > step else ():
+                transfers.send(t, rank + onward)
+    for kc, way in the_plan.ring_held(rank, step + 1) if step + 1 < the_plan.world else ():
+        incoming[(kc, way)] = _buffers(like, pairs)
+        for t in incoming[(kc, way)]:
+            transfers.recv(t, rank - way)
+    return transfers
+
+
+def _ring_grad_ops(pairs: _Pairs, step: int, done: dict, arriving: dict, home: dict, like: torch.Tensor,
+                   transfers: _Transfers) -> _Transfers:  # fmt: skip
+    """The dK/dV transfers posted at the start of step `step`, for what was held at the step before (`done`):
+    first an arm's sum going home from its last user (into `home` at the owner), then the sums travelling on to
+    the next rank of their arm (into `arriving` there).  Sender and receiver post each link's transfers in the
+    same order."""
+    the_plan, rank, hop = pairs.plan, pairs.rank, step - 1
+    for kc, way in sorted(done):  # this rank was the arm's last hop: its sum goes home
+        if way and the_plan.ring_reach(kc, way) == hop:
+            for g in done[(kc, way)]:
+                transfers.send(g, the_plan.owner(kc))
+    for kc in sorted(pairs.mine):  # and this rank's chunks' arms that ended the step before come back
+        for way in (-1, 1):
+            if hop > 0 and the_plan.ring_reach(kc, way) == hop:
+                home[(kc, way)] = _buffers(like, pairs)
+                for g in home[(kc, way)]:
+                    transfers.recv(g, rank + way * hop)
+    for kc, way in sorted(done):  # sums travelling on
+        if way and the_plan.ring_reach(kc, way) > hop and done[(kc, way)] is not None:
+            for g in done[(kc, way)]:
+                transfers.send(g, rank + way)
+    for kc, way in the_plan.ring_held(rank, step) if 0 < step < the_plan.world else ():
+        if the_plan.ring_arms(kc)[way][0] < step:  # the arm's first user is behind: a sum is on its way
+            arriving[(kc, way)] = _buffers(like, pairs)
+            for g in arriving[(kc, way)]:
+                transfers.recv(g, rank - way)
+    return transfers
+
+
+def _buffers(like: torch.Tensor, pairs: _Pairs) -> list[torch.Tensor]:
+    """Two empty chunk-sized buffers (K and V, or their gradients) to receive into."""
+    chunk = pairs.chunks(like)[0]
+    return [torch.empty(chunk.shape, dtype=like.dtype, device=like.device) for _ in range(2)]
