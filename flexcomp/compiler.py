@@ -29,8 +29,12 @@ def optimize(root: Node, name: str = "") -> Node:
     return root
 
 
+def debugging() -> bool:
+    return os.environ.get("FLEXCOMP_DEBUG", "") not in ("", "0")
+
+
 def debug(title: str, root: Node) -> None:
-    if os.environ.get("FLEXCOMP_DEBUG", "") not in ("", "0"):
+    if debugging():
         print(f"--- {title}\n{root}", file=sys.stderr)
 
 

@@ -177,8 +177,10 @@ OPTIMIZED_CACHE_SIZE = 512
 def _optimized(raw: Node, name: str, origin: Any) -> Node:
     """`optimize(raw)`, kept per raw IR: closures made anew at every step lower to the same IR.  The key holds the
     code (`origin`) too, because IR equality ignores source locations and errors must point at this function."""
-    from .compiler import optimize
+    from .compiler import debugging, optimize
 
+    if debugging():  # FLEXCOMP_DEBUG=1 shows every pass: run them
+        return optimize(raw, name)
     key = (raw, name, origin)
     hit = _OPTIMIZED.get(key)
     if hit is None:
