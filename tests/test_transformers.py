@@ -88,6 +88,32 @@ def test_generate_is_token_identical(name, rng):
     assert torch.equal(ours, theirs), f"first difference at {(ours != theirs).nonzero()[0].tolist()}"
 
 
+# More families, checked once each (padded logits and 10 greedy tokens against eager): Qwen2's sliding layers,
+# Gemma 3's local/global layers, Starcoder2's window, GPT-NeoX's partial rotary, Cohere's parallel blocks.
+MORE_MODELS = {
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}, "eager"),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16,
+                                    "layer_types": ["sliding_attention", "full_attention"]}, "eager"),
+    "starcoder2": ("Starcoder2Config", {"sliding_window": 6}, "eager"),
+    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.25}, "eager"),
+    "cohere": ("CohereConfig", {}, "eager"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MORE_MODELS)
+def test_more_families(name, rng, monkeypatch):
+    monkeypatch.setitem(MODELS, name, MORE_MODELS[name])
+    if not hasattr(transformers, MODELS[name][0]):
+        pytest.skip(f"this transformers has no {MODELS[name][0]}")
+    model, twin = models(name, rng)
+    ids, keep = prompts(rng)
+    kept = keep.bool()
+    torch.testing.assert_close(logits(model, ids, attention_mask=keep)[kept],
+                               logits(twin, ids, attention_mask=keep)[kept], atol=1e-4, rtol=1e-4)  # fmt: skip
+    settings = {"attention_mask": keep, "max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(model.generate(ids, **settings), twin.generate(ids, **settings))
+
+
 def test_padding_with_holes(rng):
     """Kept tokens that are not one run per row: the per-row table path."""
     model, twin = models("llama", rng)
