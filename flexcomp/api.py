@@ -17,7 +17,6 @@ from .errors import BackendError
 from .ir import free_args, to_text
 from .mods import Mod, specialized_mod
 from .paging import direct_paged
-from .refs import new_ref
 from .tiles import table_device, table_dims
 
 BACKENDS = ("auto", "triton", "reference")
@@ -242,8 +241,6 @@ def respecialized_copy(block_mask: Any, mask_mod: Mod) -> Any:
     """A shallow copy of `block_mask` (its tables shared) with `mask_mod`, and without closed-form bounds."""
     respecialized = copy.copy(block_mask)
     respecialized.mask_mod = mask_mod
-    if hasattr(respecialized, "ref"):  # a name of its own for torch.compile's tracer (flexcomp/refs.py)
-        respecialized.ref = new_ref(respecialized, "block-mask")
     if getattr(respecialized, "bounds", None) is not None:
         respecialized.bounds = None
     return respecialized

@@ -41,7 +41,6 @@ import torch
 
 from .ir import free_args
 from .mods import Mod, specialized_mod
-from .refs import new_ref
 from .sparsity import closed_form_bounds
 from .sparsity import counts as device_counts
 from .sparsity.equality import candidate_ranges, interval_tables, ranges_to_tiles
@@ -82,7 +81,6 @@ class BlockMask:
         self._tables = dict(tables)
         self._lazy = dict(lazy or {})
         self.version = 0  # bumped when a table is replaced
-        self.ref = new_ref(self, "block-mask")  # its name for torch.compile's tracer (flexcomp/refs.py)
 
     def _get(self, name: str) -> Tensor | None:
         if name not in self._tables and name in self._lazy:
@@ -169,7 +167,6 @@ class BlockMask:
         and bounds, tables shared; the kernels read K/V through the view's page table."""
         twin = copy.copy(self)
         twin.paged = view
-        twin.ref = new_ref(twin, "block-mask")
         return twin
 
     @property
@@ -254,6 +251,8 @@ class BlockMask:
 
     def __getitem__(self, index: Any) -> BlockMask:
         """Index the batch/head/q-block dims of every table (ints keep their dim, as torch's)."""
+        if torch.compiler.is_compiling():  # a decode step slicing the full mask (gpt-fast): lazy tables built first
+            _tables_built(self)
         index = index if isinstance(index, tuple) else (index,)
         padded = (*index, slice(None), slice(None), slice(None))[:3]
         sizes = self.kv_num_blocks.shape[:3]
@@ -300,6 +299,15 @@ def _block_sizes(BLOCK_SIZE: int | tuple[int, int]) -> tuple[int, int]:
         if min(block) >= 1:
             return block
     raise ValueError(f"BLOCK_SIZE must be a positive int or a (Q, KV) pair, got {BLOCK_SIZE=}")
+
+
+@torch._dynamo.assume_constant_result
+def _tables_built(block_mask: BlockMask) -> int:
+    """Build a block mask's lazy kv tables now, while torch.compile traces (outside the graph: their build has
+    data-dependent sizes); the traced code then reads them as the graph's inputs."""
+    for name in _TABLES[:4]:
+        block_mask._get(name)
+    return block_mask.version
 
 
 def _indexed(device: torch.device) -> torch.device:

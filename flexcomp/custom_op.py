@@ -89,8 +89,8 @@ def call_key(score: Any, mask: Any, masking: tuple | None, scale: Any, enable_gq
 
 
 def _named(obj: Any) -> Any:
-    """What the tracer hands `call_key` for a mod or block mask: its name (flexcomp/refs.py), or the function."""
-    return obj.ref if isinstance(obj, (Mod, BlockMask)) else obj
+    """What the tracer hands `call_key` for a mod: its name (flexcomp/refs.py), or the function."""
+    return obj.ref if isinstance(obj, Mod) else obj
 
 
 def _masking(block_mask: Any) -> tuple | None:

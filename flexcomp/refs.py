@@ -1,7 +1,7 @@
 """Names for objects that torch.compile's tracer must pass around as constants (flexcomp/custom_op.py).
 
 Dynamo hands a function it runs while tracing (`torch._dynamo.assume_constant_result`) only constants: strings,
-numbers, tuples, functions; a Mod or a BlockMask is none of these in every torch version.  Each of those objects
+numbers, tuples, functions; a Mod is none of these in every torch version.  Each of those objects
 gets a name when it is made, and the tracer passes the name."""
 
 from __future__ import annotations

@@ -230,3 +230,34 @@ def test_block_masks_rebuilt_every_step_share_one_graph(randn, rng):
         torch.testing.assert_close(compiled(q, k, v, block_mask).double(), ref, atol=1e-5, rtol=1e-5)
     # document tables of another width recompile once, with symbolic sizes (torch's automatic dynamic shapes)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+
+
+POSITION = torch.tensor([0])  # the decoding step's query position, as gpt-fast's input_pos
+
+
+def causal_at_position(b, h, q_idx, kv_idx):
+    return q_idx + POSITION[0] >= kv_idx
+
+
+def test_gpt_fast_decode_step_slices_the_block_mask_inside(randn):
+    """gpt-fast compiles its decode step with fullgraph=True and slices the block mask built once for the maximum
+    length inside it (`block_mask[:, :, input_pos // BLOCK]`, then its mask_mod and lengths set): one graph for
+    every step, each step equal to the float64 reference."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    full = fc.create_block_mask(causal, 1, 1, L, L, device="cpu", BLOCK_SIZE=16)
+    k, v = randn(1, 2, L, D), randn(1, 2, L, D)
+
+    def decode_step(q, input_pos, block_mask):
+        step_mask = block_mask[:, :, input_pos // 16]
+        step_mask.mask_mod = causal_at_position
+        step_mask.seq_lengths = (1, L)
+        return fc.flex_attention(q, k, v, block_mask=step_mask)
+
+    compiled = torch.compile(decode_step, fullgraph=True, backend="aot_eager")
+    for position in (5, 21, L - 1):
+        POSITION.fill_(position)
+        q = randn(1, 2, 1, D)
+        ref, _ = naive_attention(q, k, v, mask_fn=lambda b, h, qi, ki: qi + position >= ki)
+        torch.testing.assert_close(compiled(q, torch.tensor([position]), full).double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
