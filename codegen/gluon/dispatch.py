@@ -93,28 +93,30 @@ def gluon_forward(
     if why:
         _debug(f"kernel_options BACKEND='GLUON': the Triton kernel runs this call: {why}")
         return None
-    from .attention import GluonMods, attention_forward
+    from .attention import attention_forward
+
+    _debug("kernel_options BACKEND='GLUON': the Gluon kernel runs this call")
+    return attention_forward(q, k, v, scale=scale, version="B", mods=kernel_mods(score_mod, block_mask))
+
+
+def kernel_mods(score_mod: Mod | None, block_mask: Any):
+    """attention.GluonMods of a call: its score_mod, and its block mask's mask_mod and closed-form bounds
+    (none for no mask or torch's noop_mask), rendered by mods.py.  Imports Gluon."""
+    from ..forward import NOOP_MASK
+    from .attention import GluonMods
     from .mods import gluon_mods_module
 
-    mods = GluonMods()
-    if score_mod is not None or block_mask is not None:
-        mask_mod, bounds = _mask_and_bounds(block_mask)
-        module = gluon_mods_module(score_mod, mask_mod, bounds)
-        mods = GluonMods(
-            score=module.gluon_score if score_mod is not None else None,
-            mask=module.gluon_mask if bounds is not None else None,
-            tiles=module.gluon_tiles if bounds is not None else None,
-        )
-    _debug("kernel_options BACKEND='GLUON': the Gluon kernel runs this call")
-    return attention_forward(q, k, v, scale=scale, version="B", mods=mods)
-
-
-def _mask_and_bounds(block_mask: Any) -> tuple[Mod, Any]:
-    from ..forward import NOOP_MASK
-
-    if block_mask is None or block_mask.mask_mod.key == NOOP_MASK.key:
-        return NOOP_MASK, None  # no mask: every tile full, none masked
-    return block_mask.mask_mod, block_mask.bounds
+    noop = block_mask is None or block_mask.mask_mod.key == NOOP_MASK.key
+    if score_mod is None and noop:
+        return GluonMods()
+    module = gluon_mods_module(
+        score_mod, NOOP_MASK if noop else block_mask.mask_mod, None if noop else block_mask.bounds
+    )
+    return GluonMods(
+        score=module.gluon_score if score_mod is not None else None,
+        mask=None if noop else module.gluon_mask,
+        tiles=None if noop else module.gluon_tiles,
+    )
 
 
 def _debug(message: str) -> None:
