@@ -35,8 +35,9 @@ BENCH_SHAPE = (4, 16, 8192)  # B, H, L
 CHECK_SHAPE = (2, 4, 1024)
 CONFIGS = [(64, False), (64, True), (128, False), (128, True)]  # (head dim, causal)
 # what runs: a version, or a version with tile_config overrides ("A:BLOCK_N=128,STAGES=3")
-# (issue 22 step 1's A/B: SPLIT=1 masked and full kv tiles in loops of their own; CONSUMERS=3 192-row CTAs)
-DEFAULT_RUNS = ["B", "B:SPLIT=1", "B:CONSUMERS=3", "B:CONSUMERS=3,SPLIT=1"]
+# issue 22 step 1's A/B (predictions in NOTES_forward.md): SPLIT=1 masked and full kv tiles in loops of their own;
+# CONSUMERS=3 192-row CTAs; Q_ROWS=128,BLOCK_N=64 two 128-row consumers on 64-wide kv tiles (D=64's candidates)
+DEFAULT_RUNS = ["B", "B:SPLIT=1", "B:CONSUMERS=3", "B:CONSUMERS=3,SPLIT=1", "B:Q_ROWS=128,BLOCK_N=64"]
 VARIANT_RUNS = ["B", "B:SPLIT=1"]  # the runs the variants take
 
 
