@@ -1,9 +1,8 @@
-"""A minimal attention forward in Gluon for Hopper (sm_90): no mods, causal or not, out and lse.
-
-Issue 22's first step: measure what explicit scheduling buys before rendering mods into it.
+"""An attention forward in Gluon for Hopper (sm_90): causal or not, or (version B) a variant's mods; out and lse.
 
     out, lse = attention_forward(q, k, v, causal=True)            # q, k, v: [B, H, L, D] bf16/fp16
     out, lse = attention_forward(q, k, v, version="B")            # warp-specialized, ping-pong
+    out, lse = attention_forward(q, k, v, version="B", mods=...)  # GluonMods from codegen/gluon/dispatch.py
 
 Version A (`_forward_a`): one partition of 8 warps (two warpgroups running the same code) on a
 128-row Q tile.  Q is TMA-loaded once; K and V tiles stream through a STAGES-deep shared-memory
@@ -18,11 +17,16 @@ consumer warpgroups of 64 rows each.  The consumers take turns on the tensor cor
 in its turn a consumer issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}, passes the turn, and runs the softmax
 of tile j while the other consumer's wgmmas run (FA3's ping-pong; inside a consumer the softmax of j
 overlaps its own P_{j-1} V_{j-1}).  setmaxnreg moves registers from the producer (24) to the consumers (240).
+Each CTA visits the kv tiles lo <= t < hi of its rows (_kv_range: all, causal's, or a mask's closed-form bounds),
+masking only those outside the full run [full_lo, full_hi); tile_config's overrides (CONSUMERS=3, SPLIT=1,
+Q_ROWS, BLOCK_N, STAGES) are the A/B runs of benchmarks/gluon_attention.py.  Mods (score, mask, tile bounds) are
+@gluon.jit functions passed as constexprs, rendered by codegen/gluon/mods.py from the Triton kernel's renderers.
 
 lse is natural-log, like flexcomp's forward: the softmax runs in base 2 on scores pre-multiplied
 by scale * log2(e), so lse = (m + log2(l)) * ln(2).
 
-Not dispatched from flexcomp yet: benchmarks/gluon_attention.py measures it against cuDNN.
+flexcomp dispatches to version B with kernel_options={"BACKEND": "GLUON"} (codegen/gluon/dispatch.py);
+benchmarks/gluon_attention.py measures it against cuDNN, flexcomp's Triton kernel and torch flex.
 """
 
 from __future__ import annotations
