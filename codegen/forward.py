@@ -149,6 +149,7 @@ def flex_forward(
         result = gluon_forward(query, key, value, score_mod, block_mask, scale, enable_gqa)
         if result is not None:
             return result
+        kernel_options = {k: v for k, v in kernel_options.items() if k != "BACKEND"}  # the rest as with AUTO
     mask_mod = block_mask.mask_mod if block_mask is not None else NOOP_MASK
     buffers = live_buffers(score_mod, "score:") + live_buffers(mask_mod, "mask:")
     try:
