@@ -237,7 +237,7 @@ def check(attention, runs: list[str]) -> dict[tuple, str]:
     return failures
 
 
-def probe(runs: list[str], timeout: float = 60.0) -> dict[str, str]:
+def probe(runs: list[str], timeout: float = 90.0) -> dict[str, str]:
     """Each run at the small shape in a child process, all at once: a kernel whose barrier phases are wrong hangs,
     and here that costs its own run (killed at the timeout), not the whole benchmark.  run -> ok / hung / error.
     The children's compiles land in Triton's disk cache, so the parent's are hits."""
@@ -265,12 +265,17 @@ def probe(runs: list[str], timeout: float = 60.0) -> dict[str, str]:
 
 
 def probe_child(run: str) -> int:
-    """--probe: one run at the small shape, every config (the parent reads the exit code)."""
+    """--probe: one run at the small shape, every config, and every variant if the variants take the run (the
+    parent reads the exit code)."""
     attention = gluon_module()
     B, H, L = CHECK_SHAPE
     for head_dim, causal in CONFIGS:
         q, k, v = inputs(B, H, L, head_dim)
         run_forward(attention, run, q, k, v, causal)
+        torch.cuda.synchronize()
+    for variant in VARIANTS if run in VARIANT_RUNS else ():
+        q, k, v = inputs(B, H, L, 128)
+        run_forward(attention, run, q, k, v, False, variant_mods(variant, L, "cuda")[2])
         torch.cuda.synchronize()
     return 0
 
@@ -339,14 +344,12 @@ def variant_reference(q, k, v, score, block_mask) -> tuple[torch.Tensor, torch.T
     return fc.flex_attention(q.float(), k.float(), v.float(), score, block_mask, return_lse=True, backend="reference")
 
 
-def variant_impls(attention, variant: str, q, k, v, with_torch: bool) -> dict:
+def variant_impls(attention, runs: list[str], variant: str, q, k, v, with_torch: bool) -> dict:
     """name -> zero-argument callable returning out (or (out, lse)) for one variant, on the same q, k, v."""
     import flexcomp as fc
 
     score, block_mask, mods = variant_mods(variant, q.shape[2], "cuda")
-    impls = {
-        f"gluon {run}": (lambda run=run: run_forward(attention, run, q, k, v, False, mods)) for run in VARIANT_RUNS
-    }
+    impls = {f"gluon {run}": (lambda run=run: run_forward(attention, run, q, k, v, False, mods)) for run in runs}
     impls["flexcomp GLUON"] = lambda: fc.flex_attention(
         q, k, v, score, block_mask, kernel_options={"BACKEND": "GLUON"}, return_lse=True
     )
@@ -361,7 +364,7 @@ def variant_impls(attention, variant: str, q, k, v, with_torch: bool) -> dict:
     return impls
 
 
-def variants(attention, head_dims: list[int]) -> None:
+def variants(attention, runs: list[str], head_dims: list[int]) -> None:
     """The variants: max abs error against the reference at the small shape, then TFLOP/s at the bench shape."""
     print("\nvariants, correctness (max abs error vs flexcomp's reference backend in float32):")
     B, H, L = CHECK_SHAPE
@@ -369,7 +372,7 @@ def variants(attention, head_dims: list[int]) -> None:
         q, k, v = inputs(B, H, L, 128, seed=2)
         ref_out, ref_lse = variant_reference(q, k, v, *variant_mods(variant, L, "cuda")[:2])
         cells = []
-        for name, fn in variant_impls(attention, variant, q, k, v, with_torch=False).items():
+        for name, fn in variant_impls(attention, runs, variant, q, k, v, with_torch=False).items():
             try:
                 out, lse = fn()
                 err_out, err_lse = (out.float() - ref_out).abs().max().item(), (lse - ref_lse).abs().max().item()
@@ -385,7 +388,7 @@ def variants(attention, head_dims: list[int]) -> None:
             q, k, v = inputs(B, H, L, head_dim, seed=3)
             flops = 4 * B * H * L * L * head_dim
             cells = {}
-            for name, fn in variant_impls(attention, variant, q, k, v, with_torch=True).items():
+            for name, fn in variant_impls(attention, runs, variant, q, k, v, with_torch=True).items():
                 names += [name] if name not in names else []
                 try:
                     cells[name] = f"{flops / median_ms(fn) / 1e9:.0f}"
@@ -437,7 +440,7 @@ def main() -> int:
     failures = check(attention, runs)
     bench(attention, runs, failures)
     if not args.skip_variants:
-        variants(attention, args.variant_dims)
+        variants(attention, [run for run in VARIANT_RUNS if status.get(run) == "ok"], args.variant_dims)
     print(f"\n{time.perf_counter() - start:.0f} s")
     return 0
 
