@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,7 +38,7 @@ def why_not_gluon(
     from .mods import unsupported_ops  # imports Gluon: only once every cheap check passed
 
     mask_mod = block_mask.mask_mod if block_mask is not None else None
-    missing = unsupported_ops(score_mod, mask_mod if isinstance(mask_mod, Mod) else None)
+    missing = _memoized((unsupported_ops, score_mod, mask_mod), lambda: unsupported_ops(score_mod, mask_mod))
     return f"the mods call tl.{', tl.'.join(missing)}, which Gluon {GLUON_TRITON} lacks" if missing else ""
 
 
@@ -104,19 +106,41 @@ def kernel_mods(score_mod: Mod | None, block_mask: Any):
     (none for no mask or torch's noop_mask), rendered by mods.py.  Imports Gluon."""
     from ..forward import NOOP_MASK
     from .attention import GluonMods
-    from .mods import gluon_mods_module
 
     noop = block_mask is None or block_mask.mask_mod.key == NOOP_MASK.key
     if score_mod is None and noop:
         return GluonMods()
-    module = gluon_mods_module(
-        score_mod, NOOP_MASK if noop else block_mask.mask_mod, None if noop else block_mask.bounds
-    )
+    mask_mod, bounds = (NOOP_MASK, None) if noop else (block_mask.mask_mod, block_mask.bounds)
+    return _memoized((score_mod, mask_mod, bounds), lambda: _rendered(score_mod, mask_mod, bounds))
+
+
+def _rendered(score_mod: Mod | None, mask_mod: Mod, bounds: Any):
+    from .attention import GluonMods
+    from .mods import gluon_mods_module
+
+    module = gluon_mods_module(score_mod, mask_mod, bounds)
     return GluonMods(
         score=module.gluon_score if score_mod is not None else None,
-        mask=None if noop else module.gluon_mask,
-        tiles=None if noop else module.gluon_tiles,
+        mask=module.gluon_mask if bounds is not None else None,
+        tiles=module.gluon_tiles if bounds is not None else None,
     )
+
+
+# ids of a call's mods (and block mask) -> (those objects, kept alive so their ids stay unique; the result): the
+# rendering and the file's key cost host time on every call otherwise
+_MEMO: OrderedDict[tuple[int, ...], tuple[tuple, Any]] = OrderedDict()
+MEMO_SIZE = 64
+
+
+def _memoized(parts: tuple, make: Callable[[], Any]) -> Any:
+    ids = tuple(map(id, parts))
+    hit = _MEMO.get(ids)
+    if hit is None:
+        hit = _MEMO[ids] = (parts, make())
+        if len(_MEMO) > MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    _MEMO.move_to_end(ids)
+    return hit[1]
 
 
 def _debug(message: str) -> None:
