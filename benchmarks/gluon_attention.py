@@ -1,6 +1,6 @@
 """The Gluon Hopper forward (codegen/gluon/attention.py, issue 22) beside cuDNN SDPA and flexcomp's Triton kernel.
 
-    python benchmarks/gluon_attention.py                  # H200: correctness, then the TFLOP/s table (< 150 s)
+    python benchmarks/gluon_attention.py                  # H200: correctness, then the TFLOP/s tables (< 170 s)
     python benchmarks/gluon_attention.py --compile-only   # any machine with Triton 3.6: AOT-compile every version
                                                           # for sm_90 and print registers, spills, shared memory
 
@@ -10,6 +10,11 @@ causal and not, beside cuDNN SDPA and flexcomp.flex_attention (a causal block ma
 TFLOP/s counts unmasked work: 4*B*H*L^2*D, half of it causal.  Each run (a version, or a version with tile
 overrides: --runs A B "A:BLOCK_N=128,STAGES=3") goes in its own try/except, so one that fails to compile or run
 is reported in a line and the others still print.
+
+Then the variants (VARIANTS: sliding window, ALiBi, softcap), whose mods flexcomp renders into version B
+(codegen/gluon/mods.py): each checked against flexcomp's float32 reference backend, then timed at D=128 (--variant-dims)
+beside flexcomp's Triton kernel, flexcomp with kernel_options BACKEND='GLUON' (the dispatch, host time included)
+and torch's flex_attention (torch.compile'd).  TFLOP/s there counts the dense work (4*B*H*L^2*D) for all.
 """
 
 from __future__ import annotations
@@ -30,7 +35,30 @@ BENCH_SHAPE = (4, 16, 8192)  # B, H, L
 CHECK_SHAPE = (2, 4, 1024)
 CONFIGS = [(64, False), (64, True), (128, False), (128, True)]  # (head dim, causal)
 # what runs: a version, or a version with tile_config overrides ("A:BLOCK_N=128,STAGES=3")
-DEFAULT_RUNS = ["A", "B", "A:BLOCK_N=128,STAGES=3"]
+# issue 22 step 1's A/B (predictions in NOTES_forward.md): SPLIT=1 masked and full kv tiles in loops of their own;
+# CONSUMERS=3 192-row CTAs; Q_ROWS=128,BLOCK_N=64 two 128-row consumers on 64-wide kv tiles (D=64's candidates)
+DEFAULT_RUNS = ["B", "B:SPLIT=1", "B:CONSUMERS=3", "B:CONSUMERS=3,SPLIT=1", "B:Q_ROWS=128,BLOCK_N=64"]
+VARIANT_RUNS = ["B", "B:SPLIT=1"]  # the runs the variants take
+
+
+def sliding_window(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < 1024)
+
+
+def causal_mask(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def alibi(score, b, h, q_idx, kv_idx):
+    return score + (kv_idx - q_idx) * 2.0 ** (-(h + 1) * 0.5)  # 16 heads' slopes 2^-0.5 .. 2^-8
+
+
+def softcap(score, b, h, q_idx, kv_idx):
+    return 30.0 * torch.tanh(score / 30.0)
+
+
+# name -> (score_mod, mask_mod), plain functions: torch's flex_attention gets exactly what flexcomp gets
+VARIANTS = {"sliding window": (None, sliding_window), "alibi causal": (alibi, causal_mask), "softcap": (softcap, None)}
 
 
 def parse_run(run: str) -> tuple[str, dict]:
@@ -84,25 +112,39 @@ def ptx_summary(kernel) -> str:
     )
 
 
-def compile_only(runs: list[str]) -> int:
-    """AOT-compile every run at every config for sm_90; 1 if any failed."""
+def variant_mods(variant: str, L: int, device: str):
+    """(flexcomp score_mod, block mask, the Gluon kernel's GluonMods) of a VARIANTS entry at length L."""
+    from flexcomp.codegen.gluon.dispatch import kernel_mods
+
+    import flexcomp as fc
+
+    score_fn, mask_fn = VARIANTS[variant]
+    score = fc.score_mod(score_fn) if score_fn else None
+    block_mask = fc.create_block_mask(mask_fn, 1, 1, L, L, device=device) if mask_fn else None
+    return score, block_mask, kernel_mods(score, block_mask)
+
+
+def compile_only(runs: list[str], variant_dims: list[int]) -> int:
+    """AOT-compile every run at every config for sm_90, and the variants' runs; 1 if any failed."""
     import triton
 
     attention = gluon_module()
     print(f"triton {triton.__version__}; target cuda sm_90")
+    jobs = [(run, head_dim, causal, None) for run in runs for head_dim, causal in CONFIGS]
+    jobs += [(run, d, False, variant) for variant in VARIANTS for run in VARIANT_RUNS for d in variant_dims]
     failed = 0
-    for run in runs:
+    for run, head_dim, causal, variant in jobs:
         version, tiles = parse_run(run)
-        for head_dim, causal in CONFIGS:
-            name = f"{run} D={head_dim} {'causal' if causal else 'no mask'}"
-            start = time.perf_counter()
-            try:
-                kernel = attention.aot_compile(version, head_dim, causal, tiles=tiles)
-            except Exception as exc:  # noqa: BLE001 -- one version's failure is reported, the others still compile
-                print(f"{name}: FAILED {short(exc)}")
-                failed += 1
-                continue
-            print(f"{name}: {time.perf_counter() - start:.1f} s; {ptx_summary(kernel)}")
+        name = f"{run} {variant} D={head_dim}" if variant else f"{run} D={head_dim} {'causal' if causal else 'no mask'}"
+        start = time.perf_counter()
+        try:
+            mods = variant_mods(variant, 8192, "cpu")[2] if variant else attention.NO_MODS
+            kernel = attention.aot_compile(version, head_dim, causal, tiles=tiles, mods=mods)
+        except Exception as exc:  # noqa: BLE001 -- one version's failure is reported, the others still compile
+            print(f"{name}: FAILED {short(exc)}")
+            failed += 1
+            continue
+        print(f"{name}: {time.perf_counter() - start:.1f} s; {ptx_summary(kernel)}")
     return 1 if failed else 0
 
 
@@ -133,9 +175,10 @@ def inputs(B: int, H: int, L: int, D: int, seed: int = 0, dtype=torch.bfloat16) 
     return tuple(torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
 
 
-def run_forward(attention, run: str, q, k, v, causal: bool):
+def run_forward(attention, run: str, q, k, v, causal: bool, mods=None):
     version, tiles = parse_run(run)
-    return attention.attention_forward(q, k, v, causal=causal, version=version, tiles=tiles)
+    mods = attention.NO_MODS if mods is None else mods
+    return attention.attention_forward(q, k, v, causal=causal, version=version, tiles=tiles, mods=mods)
 
 
 def cudnn_forward(q, k, v, causal: bool) -> torch.Tensor:
@@ -194,7 +237,7 @@ def check(attention, runs: list[str]) -> dict[tuple, str]:
     return failures
 
 
-def probe(runs: list[str], timeout: float = 60.0) -> dict[str, str]:
+def probe(runs: list[str], timeout: float = 90.0) -> dict[str, str]:
     """Each run at the small shape in a child process, all at once: a kernel whose barrier phases are wrong hangs,
     and here that costs its own run (killed at the timeout), not the whole benchmark.  run -> ok / hung / error.
     The children's compiles land in Triton's disk cache, so the parent's are hits."""
@@ -222,12 +265,17 @@ def probe(runs: list[str], timeout: float = 60.0) -> dict[str, str]:
 
 
 def probe_child(run: str) -> int:
-    """--probe: one run at the small shape, every config (the parent reads the exit code)."""
+    """--probe: one run at the small shape, every config, and every variant if the variants take the run (the
+    parent reads the exit code)."""
     attention = gluon_module()
     B, H, L = CHECK_SHAPE
     for head_dim, causal in CONFIGS:
         q, k, v = inputs(B, H, L, head_dim)
         run_forward(attention, run, q, k, v, causal)
+        torch.cuda.synchronize()
+    for variant in VARIANTS if run in VARIANT_RUNS else ():
+        q, k, v = inputs(B, H, L, 128)
+        run_forward(attention, run, q, k, v, False, variant_mods(variant, L, "cuda")[2])
         torch.cuda.synchronize()
     return 0
 
@@ -248,10 +296,6 @@ def median_ms(fn, warmup: int = 5, reps: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def causal_mask(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
 
 
 def implementations(attention, runs: list[str], q, k, v, causal: bool) -> dict:
@@ -293,15 +337,83 @@ def bench(attention, runs: list[str], failures: dict) -> None:
         print(f"| {label} | " + " | ".join(cells.get(n, "-") for n in names) + " |")
 
 
+def variant_reference(q, k, v, score, block_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) in float32 by flexcomp's reference backend (torch ops; O(L^2) memory, the small shape only)."""
+    import flexcomp as fc
+
+    return fc.flex_attention(q.float(), k.float(), v.float(), score, block_mask, return_lse=True, backend="reference")
+
+
+def variant_impls(attention, runs: list[str], variant: str, q, k, v, with_torch: bool) -> dict:
+    """name -> zero-argument callable returning out (or (out, lse)) for one variant, on the same q, k, v."""
+    import flexcomp as fc
+
+    score, block_mask, mods = variant_mods(variant, q.shape[2], "cuda")
+    impls = {f"gluon {run}": (lambda run=run: run_forward(attention, run, q, k, v, False, mods)) for run in runs}
+    impls["flexcomp GLUON"] = lambda: fc.flex_attention(
+        q, k, v, score, block_mask, kernel_options={"BACKEND": "GLUON"}, return_lse=True
+    )
+    impls["flexcomp"] = lambda: fc.flex_attention(q, k, v, score, block_mask, return_lse=True)
+    if with_torch:
+        from torch.nn.attention import flex_attention as torch_flex_module
+
+        torch_flex = torch.compile(torch_flex_module.flex_attention, dynamic=False)
+        score_fn, mask_fn = VARIANTS[variant]
+        torch_mask = torch_flex_module.create_block_mask(mask_fn, 1, 1, q.shape[2], q.shape[2]) if mask_fn else None
+        impls["torch flex"] = lambda: torch_flex(q, k, v, score_mod=score_fn, block_mask=torch_mask)
+    return impls
+
+
+def variants(attention, runs: list[str], head_dims: list[int]) -> None:
+    """The variants: max abs error against the reference at the small shape, then TFLOP/s at the bench shape."""
+    print("\nvariants, correctness (max abs error vs flexcomp's reference backend in float32):")
+    B, H, L = CHECK_SHAPE
+    for variant in VARIANTS:
+        q, k, v = inputs(B, H, L, 128, seed=2)
+        ref_out, ref_lse = variant_reference(q, k, v, *variant_mods(variant, L, "cuda")[:2])
+        cells = []
+        for name, fn in variant_impls(attention, runs, variant, q, k, v, with_torch=False).items():
+            try:
+                out, lse = fn()
+                err_out, err_lse = (out.float() - ref_out).abs().max().item(), (lse - ref_lse).abs().max().item()
+                bad = not (err_out < OUT_TOLERANCE and err_lse < LSE_TOLERANCE)
+                cells.append(f"{name}: out {err_out:.1e} lse {err_lse:.1e}{' WRONG' if bad else ''}")
+            except Exception as exc:  # noqa: BLE001 -- reported; the others still run
+                cells.append(f"{name}: {short(exc)}")
+        print(f"  {variant} D=128: {'; '.join(cells)}", flush=True)
+    B, H, L = BENCH_SHAPE
+    rows, names = [], []
+    for variant in VARIANTS:
+        for head_dim in head_dims:
+            q, k, v = inputs(B, H, L, head_dim, seed=3)
+            flops = 4 * B * H * L * L * head_dim
+            cells = {}
+            for name, fn in variant_impls(attention, runs, variant, q, k, v, with_torch=True).items():
+                names += [name] if name not in names else []
+                try:
+                    cells[name] = f"{flops / median_ms(fn) / 1e9:.0f}"
+                except Exception as exc:  # noqa: BLE001 -- reported; the others still run
+                    print(f"  {name} {variant} D={head_dim}: {short(exc)}", file=sys.stderr)
+                    cells[name] = "fail"
+            rows.append((f"{variant} D={head_dim}", cells))
+    print(f"\nvariants, forward TFLOP/s (dense work), bf16, B={B} H={H} L={L}")
+    print("| | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for label, cells in rows:
+        print(f"| {label} | " + " | ".join(cells.get(n, "-") for n in names) + " |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile-only", action="store_true", help="AOT-compile every run for sm_90, no GPU")
     parser.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, help="versions, with tile overrides after ':'")
+    parser.add_argument("--variant-dims", nargs="*", type=int, default=[128], help="head dims of the variants' table")
+    parser.add_argument("--skip-variants", action="store_true", help="only the no mask / causal tables")
     parser.add_argument("--watchdog", type=float, default=170.0, help="exit (code 124) after this many seconds")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # the child of probe()
     args = parser.parse_args()
     if args.compile_only:
-        return compile_only(args.runs)
+        return compile_only(args.runs, [] if args.skip_variants else [64, 128])
     if args.probe:
         return probe_child(args.probe)
     # a kernel whose barriers never complete hangs in synchronize; end the process instead of the device budget
@@ -327,6 +439,8 @@ def main() -> int:
     runs = [run for run in args.runs if not status[run].startswith("hung")]
     failures = check(attention, runs)
     bench(attention, runs, failures)
+    if not args.skip_variants:
+        variants(attention, [run for run in VARIANT_RUNS if status.get(run) == "ok"], args.variant_dims)
     print(f"\n{time.perf_counter() - start:.0f} s")
     return 0
 

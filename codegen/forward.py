@@ -25,6 +25,7 @@ from .autotune import MIN_BLOCK, LaunchConfig, next_power_of_2
 from .cache import cache_key, load_generated
 from .decode import MAX_PACKED_ROWS, DecodeLaunch, DecodeShape, decode_wanted
 from .forward_source import bounds_text, forward_source
+from .gluon.dispatch import gluon_forward, gluon_wanted
 from .host import (
     MEMO_SIZE,
     MIN_STAGES,
@@ -144,6 +145,11 @@ def flex_forward(
     mask, scale and options) reuses its plan (codegen/plans.py): no checks or configs are redone.
     """
     del return_lse
+    if gluon_wanted(kernel_options):  # the hand-scheduled Hopper kernel where it fits (codegen/gluon/dispatch.py)
+        result = gluon_forward(query, key, value, score_mod, block_mask, scale, enable_gqa)
+        if result is not None:
+            return result
+        kernel_options = {k: v for k, v in kernel_options.items() if k != "BACKEND"}  # the rest as with AUTO
     mask_mod = block_mask.mask_mod if block_mask is not None else NOOP_MASK
     buffers = live_buffers(score_mod, "score:") + live_buffers(mask_mod, "mask:")
     try:

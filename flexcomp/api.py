@@ -34,7 +34,7 @@ KERNEL_OPTIONS = (
     # backward too), for A/B
     "autotune", "BACKWARD_DQ", "ONE_BACKWARD_LAUNCH", "NUM_SPLITS", "DECODE_MERGE",
 )  # fmt: skip
-TORCH_BACKENDS = ("AUTO", "TRITON", "FLASH", "TRITON_DECODE")
+TORCH_BACKENDS = ("AUTO", "TRITON", "FLASH", "TRITON_DECODE", "GLUON")  # GLUON: flexcomp's (codegen/gluon/dispatch.py)
 
 
 try:  # torch's own classes, so code written for torch sees the types it expects

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_every_version_compiles_for_sm90_and_the_defaults_keep_wgmma_async_without_spills():
+def test_every_version_and_rendered_variant_compiles_for_sm90_and_the_defaults_keep_wgmma_async_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real, not interpret
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gluon_attention.py"), "--compile-only"],
@@ -33,7 +33,9 @@ def test_every_version_compiles_for_sm90_and_the_defaults_keep_wgmma_async_witho
     )
     assert run.returncode == 0, run.stdout + run.stderr
     lines = [line for line in run.stdout.splitlines() if " D=" in line]
-    assert len(lines) >= 8, run.stdout  # versions A and B (and tile variants) at D=64/128, causal or not
+    assert len(lines) >= 8, run.stdout  # the default runs (B and its A/B overrides) at D=64/128, causal or not
+    for variant in ("sliding window", "alibi causal", "softcap"):  # mods rendered into B (codegen/gluon/mods.py)
+        assert sum(f"B {variant} D=" in line for line in lines) == 2, run.stdout  # D=64 and 128
     for line in lines:
         assert "FAILED" not in line, line
         assert int(re.search(r"wgmma.mma_async (\d+)", line).group(1)) > 0, line

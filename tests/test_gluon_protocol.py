@@ -110,22 +110,22 @@ def version_a(machine, n_tiles, stages):
     return [partition()]
 
 
-def version_b(machine, n_tiles, stages):
-    """_forward_b: two consumers taking turns, one producer."""
-    q_ready, turn = Barrier(1), [Barrier(1), Barrier(1)]
-    ready, empty = [Barrier(1) for _ in range(stages)], [Barrier(2) for _ in range(stages)]
+def version_b(machine, n_tiles, stages, consumers=2):
+    """_forward_b: `consumers` warpgroups taking turns in a ring (CONSUMERS), one producer."""
+    q_ready, turn = Barrier(1), [Barrier(1) for _ in range(consumers)]
+    ready, empty = [Barrier(1) for _ in range(stages)], [Barrier(consumers) for _ in range(stages)]
 
     def producer():
-        q_ready.expect(2)
-        machine.copy(q_ready, "q0", 0)
-        machine.copy(q_ready, "q1", 0)
+        q_ready.expect(consumers)
+        for wg in range(consumers):
+            machine.copy(q_ready, f"q{wg}", 0)
         for t in range(n_tiles):
             yield lambda t=t: empty[t % stages].passed(((t // stages) & 1) ^ 1)
             ready[t % stages].expect()
             machine.copy(ready[t % stages], t % stages, t)
 
     def consumer(wg):
-        if wg == 1:
+        if wg == consumers - 1:
             turn[0].arrive()
         yield lambda: q_ready.passed(0)
         for j in range(n_tiles):
@@ -134,7 +134,7 @@ def version_b(machine, n_tiles, stages):
             machine.read(j % stages, j, True)  # S_j
             if j:
                 machine.read((j - 1) % stages, j - 1, True)  # O += P_{j-1} V_{j-1}
-            turn[1 - wg].arrive()
+            turn[(wg + 1) % consumers].arrive()
             machine.read(j % stages, j, False)  # wait_group 1 (0 for j = 0): S_j retired
             yield None  # the softmax of tile j
             if j:
@@ -143,11 +143,17 @@ def version_b(machine, n_tiles, stages):
         machine.read((n_tiles - 1) % stages, n_tiles - 1, True)  # the last P V
         machine.read((n_tiles - 1) % stages, n_tiles - 1, False)
 
-    return [consumer(0), consumer(1), producer()]
+    return [*(consumer(wg) for wg in range(consumers)), producer()]
+
+
+def version_b3(machine, n_tiles, stages):
+    """_forward_b with CONSUMERS=3 (tile_config's D=64 A/B)."""
+    return version_b(machine, n_tiles, stages, consumers=3)
 
 
 @pytest.mark.parametrize(
-    "version, stages", [(version_a, 3), (version_a, 4), (version_b, 2), (version_b, 3), (version_b, 4)]
+    "version, stages",
+    [(version_a, 3), (version_a, 4), (version_b, 2), (version_b, 3), (version_b, 4), (version_b3, 2), (version_b3, 4)],
 )
 def test_the_barrier_protocol_finishes_and_never_overwrites_a_slot_in_use(version, stages):
     rng = random.Random(stages)

@@ -1,4 +1,6 @@
-"""Hand-written Gluon kernels for Hopper (sm_90): the start of issue 22 (a warp-specialized forward).
+"""Hand-written Gluon kernels for Hopper (sm_90): issue 22's warp-specialized forward.
 
-Importing this package imports `triton.experimental.gluon`; flexcomp's dispatch does not use it yet.
+attention.py: the kernels; mods.py: a variant's mods rendered for them; dispatch.py: kernel_options
+{"BACKEND": "GLUON"}.  Importing this package imports nothing; attention.py and mods.py's generated files import
+`triton.experimental.gluon` (Triton 3.6's API), which dispatch.py reaches only once a call fits the kernel.
 """
