@@ -192,6 +192,18 @@ def rel_err(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-2 * b.numel() ** 0.5)).item()
 
 
+def float32_math_errors(q, k, v, dout, kwargs, ref_grads) -> dict[str, float]:
+    """The captured tensors' gradient errors of plain float32 attention math (the reference backend: scores
+    materialized, softmax, autograd) on the same inputs: what float32 itself leaves of a cancelling sum."""
+    global SLOPES, BIAS
+    SLOPES, BIAS = (t.detach().float().clone().requires_grad_() for t in (SLOPES, BIAS))  # read live by the mods
+    qf, kf, vf = (t.detach().float() for t in (q, k, v))
+    out, _ = fc.flex_attention(qf, kf, vf, backend="reference", **kwargs)
+    grads = torch.autograd.grad((out * dout.float()).sum(), [SLOPES, BIAS], allow_unused=True)
+    return {label: rel_err(got, ref) for label, got, ref in zip(CAPTURED_GRADS, grads, ref_grads[-2:])
+            if got is not None and ref is not None and ref.abs().sum() > 0}
+
+
 def run_case(case: dict) -> tuple[bool, str]:
     global OFFSET, DOC, PREFIX, SLOPES, BIAS
     g = torch.Generator(device=DEVICE).manual_seed(case["seed"])
@@ -260,7 +272,14 @@ def run_case(case: dict) -> tuple[bool, str]:
             errs[label] = rel_err(got, ref)
     tolerance = TOLERANCE[case["dtype"]]
     judged = {k: e for k, e in errs.items() if case["dtype"] == "float32" or k not in CAPTURED_GRADS}
-    problems += [f"{k}={e:.1e}" for k, e in judged.items() if not e <= tolerance]
+    limits = dict.fromkeys(judged, tolerance)
+    if backward and any(k in CAPTURED_GRADS and e > tolerance for k, e in judged.items()):
+        # a captured tensor's gradient that cancels (ALiBi slopes: dS * (kv - q) over rows of dS summing to 0)
+        # loses digits to float32 in any implementation: judged against plain float32 math's error, four times over
+        baseline = float32_math_errors(q, k, v, dout, kwargs, ref_grads)
+        errs.update({f"f32math_{k}": e for k, e in baseline.items()})
+        limits.update({k: max(tolerance, 4 * e) for k, e in baseline.items()})
+    problems += [f"{k}={e:.1e}" for k, e in judged.items() if not e <= limits[k]]
     detail = " ".join(f"{k}={e:.1e}" for k, e in errs.items())
     return not problems, detail + ("  PROBLEMS: " + ", ".join(problems) if problems else "")
 
