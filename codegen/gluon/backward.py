@@ -32,8 +32,6 @@ flexcomp.  lse is natural-log, as attention_forward (codegen/gluon/attention.py)
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -48,17 +46,19 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from .attention import DTYPES, LOG2E, _descriptor, _descriptor_type, _issue_kv, _mma_layout
 
+LOG2E_GL = gl.constexpr(LOG2E)
 PREPROCESS_ROWS = 128  # rows of one _preprocess program; the [B*H*L] rows are a multiple (L is a multiple of 128)
 
 
-def tile_config(head_dim: int) -> dict:
+def tile_config(head_dim: int, tiles: dict | None = None) -> dict:
     """Tiles of both kernels.  RESIDENT: rows a CTA keeps (its kv tile on the dK/dV side, its q tile on the dQ
     side); STREAMED: rows of one ring tile.  8 warps: two warpgroups of 64 resident rows each.  Registers per thread
     on the dK/dV side at D=128: dK and dV 64 + 64, S^T and dP^T 32 + 32, P^T and dS^T as bf16 operands 16 + 16
     (under 255, the cap at 256 threads).  Shared memory at D=128: K and V 64 KiB + 3 stages of Q and dO at 32 KiB
-    = 160 KiB; the dQ side the same (Q and dO 64 KiB, K and V tiles of 64 rows)."""
+    = 160 KiB; the dQ side the same (Q and dO 64 KiB, K and V tiles of 64 rows).  `tiles` overrides entries
+    (an A/B run: {"STREAMED": 32}), for both kernels."""
     assert head_dim in (64, 128), f"{head_dim=} must be 64 or 128"
-    return {"RESIDENT": 128, "STREAMED": 64, "STAGES": 3 if head_dim == 128 else 4, "num_warps": 8}
+    return {"RESIDENT": 128, "STREAMED": 64, "STAGES": 3 if head_dim == 128 else 4, "num_warps": 8} | (tiles or {})
 
 
 # ---------------------------------------------------------------- preprocess: delta and base-2 lse
@@ -74,7 +74,7 @@ def _preprocess(o_ptr, do_ptr, lse_ptr, delta_ptr, lse2_ptr, HEAD_DIM: gl.conste
     o = gl.load(o_ptr + offsets).to(gl.float32)
     do = gl.load(do_ptr + offsets).to(gl.float32)
     gl.store(delta_ptr + rows, gl.sum(o * do, 1))
-    gl.store(lse2_ptr + rows, gl.load(lse_ptr + rows) * 1.4426950408889634)
+    gl.store(lse2_ptr + rows, gl.load(lse_ptr + rows) * LOG2E_GL)
 
 
 # ---------------------------------------------------------------- the dK/dV and dQ kernels
@@ -140,10 +140,8 @@ def _step(i, acc1, acc2, ring, stats, res_start, qk_scale, KV_SIDE: gl.constexpr
     if KV_SIDE:  # the streamed tile's q rows: per column of the [kv, q] tile
         q_idx = head_row + str_start + gl.arange(0, STREAMED, gl.SliceLayout(0, t_layout))
         lse2 = gl.load(lse2_ptr + q_idx)[None, :]
-        delta = gl.load(delta_ptr + q_idx)[None, :]
-    else:  # the resident q rows, loaded once by the caller
+    else:  # the resident q rows
         lse2 = _stats_rows(lse2_ptr, head_row + res_start, RESIDENT, t_layout)
-        delta = _stats_rows(delta_ptr, head_row + res_start, RESIDENT, t_layout)
     mbarrier.wait(ready.index(slot), (r // STAGES) & 1)
     y1 = y1_ring.index(slot)
     y2 = y2_ring.index(slot)
@@ -155,6 +153,12 @@ def _step(i, acc1, acc2, ring, stats, res_start, qk_scale, KV_SIDE: gl.constexpr
     if MASKED:
         p = gl.where(_causal_keep(p, res_start, str_start, KV_SIDE), p, 0.0)
     acc_layout: gl.constexpr = acc1.type.layout
+    # delta loaded once P is out: with lse2 (16 columns a thread each) live across the wgmmas, the causal dK/dV
+    # kernel at D=128 spilled
+    if KV_SIDE:
+        delta = gl.load(delta_ptr + q_idx)[None, :]
+    else:
+        delta = _stats_rows(delta_ptr, head_row + res_start, RESIDENT, t_layout)
     if KV_SIDE:  # dV += P^T dO runs while dS^T is computed
         acc2_tok = warpgroup_mma(_operand(p, acc_layout, y2.dtype), y2, acc2, is_async=True)
         t2 = warpgroup_mma_wait(1, deps=(t2_tok,))
@@ -258,7 +262,7 @@ def _backward(
 # ---------------------------------------------------------------- host side
 
 
-def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: dict | None = None) -> str | None:
     """Why the kernels cannot run these inputs, or None."""
     if not (q.shape == k.shape == v.shape and q.dim() == 4):
         return f"q, k, v must be equal [B, H, L, D] (no GQA, Lq == Lkv): {q.shape=} {k.shape=} {v.shape=}"
@@ -266,9 +270,9 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
         return f"{q.dtype=} must be bfloat16 or float16"
     if q.shape[-1] not in (64, 128):
         return f"head dim {q.shape[-1]} must be 64 or 128"
-    config = tile_config(q.shape[-1])
-    if q.shape[2] % config["RESIDENT"]:
-        return f"L={q.shape[2]} must be a multiple of {config['RESIDENT']}"
+    config = tile_config(q.shape[-1], tiles)
+    if q.shape[2] % config["RESIDENT"] or q.shape[2] % config["STREAMED"]:
+        return f"L={q.shape[2]} must be a multiple of the tiles {config['RESIDENT']} and {config['STREAMED']}"
     return None
 
 
@@ -281,12 +285,14 @@ def attention_backward(
     lse: torch.Tensor,
     causal: bool = False,
     scale: float | None = None,
+    tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of out = softmax(q k^T * scale) v at the output gradient do; lse [B, H, L] natural log."""
-    why = unsupported(q, k, v)
+    """(dq, dk, dv) of out = softmax(q k^T * scale) v at the output gradient do; lse [B, H, L] natural log (as
+    attention_forward returns it).  `tiles` overrides entries of tile_config (an A/B run)."""
+    why = unsupported(q, k, v, tiles)
     assert why is None, why
     B, H, L, D = q.shape
-    config = tile_config(D)
+    config = tile_config(D, tiles)
     scale = D**-0.5 if scale is None else scale
     q, k, v, out, do = (t.contiguous() for t in (q, k, v, out, do))
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
@@ -313,14 +319,21 @@ def attention_backward(
 # ---------------------------------------------------------------- ahead-of-time compile (no GPU needed)
 
 
-def aot_compile(kernel: str, head_dim: int, causal: bool, dtype: torch.dtype = torch.bfloat16, seq_len: int = 8192):
+def aot_compile(
+    kernel: str,
+    head_dim: int,
+    causal: bool,
+    dtype: torch.dtype = torch.bfloat16,
+    seq_len: int = 8192,
+    tiles: dict | None = None,
+):
     """Compile "preprocess", "dkdv" or "dq" for sm_90 without a GPU, specialized as a contiguous launch at seq_len
     specializes it (pointers and seq_len 16-divisible).  Returns triton's CompiledKernel."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     assert kernel in ("preprocess", "dkdv", "dq"), kernel
-    config = tile_config(head_dim)
+    config = tile_config(head_dim, tiles)
     target = GPUTarget("cuda", 90, 32)
     if kernel == "preprocess":
         element = f"*{DTYPES[dtype][1]}"
