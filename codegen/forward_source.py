@@ -22,7 +22,17 @@ from flexcomp.tiles import ClosedFormBounds
 
 from .decode import MERGE_SOURCE
 from .kernel_passes import shape
-from .ops import KERNEL_HELPERS, PRELUDE, buffer_params, cast_f32, hoistable, render_block
+from .ops import (
+    KERNEL_HELPERS,
+    PRELUDE,
+    args_text,
+    buffer_params,
+    cast_f32,
+    fill_holes,
+    hoistable,
+    lhs_text,
+    render_block,
+)
 from .params import DECODE, FORWARD, TABLE_NAMES
 
 LOOP_ARGS = frozenset({"score", "kv_idx"})  # what changes from one kv tile to the next
@@ -131,20 +141,18 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
         describe_bounds(bounds),
     ])  # fmt: skip
     fill = {
-        "SCORE_HOISTED": _args(score.hoisted),
-        "MASK_HOISTED": _args(mask.hoisted),
-        "SCORE_BUFFERS": _args(score.buffers),
-        "MASK_BUFFERS": _args(mask.buffers),
-        "SCORE_HOISTED_LHS": _lhs(score.hoisted),
-        "MASK_HOISTED_LHS": _lhs(mask.hoisted),
-        "TABLE_ARGS": _args(list(TABLE_NAMES)),
+        "SCORE_HOISTED": args_text(score.hoisted),
+        "MASK_HOISTED": args_text(mask.hoisted),
+        "SCORE_BUFFERS": args_text(score.buffers),
+        "MASK_BUFFERS": args_text(mask.buffers),
+        "SCORE_HOISTED_LHS": lhs_text(score.hoisted),
+        "MASK_HOISTED_LHS": lhs_text(mask.hoisted),
+        "TABLE_ARGS": args_text(list(TABLE_NAMES)),
         "FORWARD_PARAMS": FORWARD.render({"mod_buffers": score.buffers + mask.buffers}),  # the declaration in codegen/params.py
         "DECODE_PARAMS": DECODE.render({"mod_buffers": score.buffers + mask.buffers}),
         "MERGE_PARTIALS": MERGE_SOURCE,
     }
-    kernel = FORWARD_TEMPLATE + DECODE_TEMPLATE
-    for key, value in fill.items():
-        kernel = kernel.replace("{" + key + "}", value)
+    kernel = fill_holes(FORWARD_TEMPLATE + DECODE_TEMPLATE, fill)
     parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), KERNEL_HELPERS.strip(),
              score.functions, fast_variant(score.functions, "score_mod"), score.float_functions,
              fast_variant(score.float_functions, "score_mod_float"), mask.functions,
@@ -157,15 +165,6 @@ def fast_variant(functions: str, name: str) -> str:
     """`{name}_fast`: the function `name` with tanh on the MUFU unit (the kernel calls it when FAST_TANH)."""
     body = functions[functions.index(f"@triton.jit\ndef {name}("):]
     return body.replace(f"def {name}(", f"def {name}_fast(").replace("tanh_f32(", "tanh_approx(")
-
-
-def _args(names: list[str]) -> str:
-    """`a, b, ` (trailing separator, so an empty list leaves no stray comma)."""
-    return "".join(f"{n}, " for n in names)
-
-
-def _lhs(names: list[str]) -> str:
-    return ", ".join(names) if names else "_unused"
 
 
 def bounds_text(bounds: ClosedFormBounds | None) -> str:

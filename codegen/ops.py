@@ -469,6 +469,26 @@ def walk_step(index_row, stride_index, i, n_tiles, ahead, SPARSE: tl.constexpr, 
     return start, ahead
 '''
 
+# ---------------------------------------------------------------- template text
+
+
+def args_text(names: list[str]) -> str:
+    """`a, b, ` (trailing separator, so an empty list leaves no stray comma)."""
+    return "".join(f"{n}, " for n in names)
+
+
+def lhs_text(names: list[str]) -> str:
+    """`a, b` as an assignment's targets (`_unused` when there are none)."""
+    return ", ".join(names) if names else "_unused"
+
+
+def fill_holes(template: str, fill: dict[str, str]) -> str:
+    """`template` with each `{NAME}` hole replaced by fill[NAME]."""
+    for key, value in fill.items():
+        template = template.replace("{" + key + "}", value)
+    return template
+
+
 # ---------------------------------------------------------------- captured tensors
 
 

@@ -27,7 +27,7 @@ from flexcomp.tiles import ClosedFormBounds
 
 from ..cache import cache_key, load_generated
 from ..forward_source import bounds_text, describe, describe_bounds, render_bounds, render_mod
-from ..ops import KERNEL_HELPERS, PRELUDE
+from ..ops import KERNEL_HELPERS, PRELUDE, args_text, fill_holes, lhs_text
 
 GLUON_IMPORTS = """from triton.experimental import gluon
 from triton.experimental.gluon import language as tl  # the renderers' tl.* calls are Gluon's element-wise ops"""
@@ -65,15 +65,10 @@ def gluon_mods_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBo
         describe(mask_mod, "mask"),
         describe_bounds(bounds),
     ])  # fmt: skip
-    fill = {
-        "SCORE_LHS": ", ".join(score.hoisted) or "_unused",
-        "SCORE_HOISTED": "".join(f"{n}, " for n in score.hoisted),
-        "MASK_LHS": ", ".join(mask.hoisted) or "_unused",
-        "MASK_HOISTED": "".join(f"{n}, " for n in mask.hoisted),
-    }
-    entries = ENTRY_POINTS
-    for key, value in fill.items():
-        entries = entries.replace("{" + key + "}", value)
+    entries = fill_holes(ENTRY_POINTS, {
+        "SCORE_LHS": lhs_text(score.hoisted), "SCORE_HOISTED": args_text(score.hoisted),
+        "MASK_LHS": lhs_text(mask.hoisted), "MASK_HOISTED": args_text(mask.hoisted),
+    })  # fmt: skip
     # 16-bit inputs on CUDA only: tanh on the MUFU unit, as the Triton kernel's FAST_TANH
     score_functions = score.functions.replace("tanh_f32(", "tanh_approx(")
     parts = [header, GLUON_IMPORTS, PRELUDE.strip(), KERNEL_HELPERS.strip(), score_functions, mask.functions,
