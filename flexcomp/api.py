@@ -109,7 +109,7 @@ def flex_attention(
             raise BackendError("flexcomp's Triton kernels do not compute max_scores", hint="use backend='reference'")
         if block_mask is None and mask_mod is not None:
             block_mask = build_block_mask(mask_mod, query, key)
-        if block_mask is not None and not _needs_grad(query, key, value, score_mod):
+        if block_mask is not None and not _wants_gradients(query, key, value, score_mod):
             block_mask, score_mod = _paged_direct(block_mask, score_mod)
         out, lse = _triton_forward()(query, key, value, score_mod, block_mask, scale, enable_gqa, want_lse,
                                      kernel_options)
@@ -246,11 +246,12 @@ def respecialized_copy(block_mask: Any, mask_mod: Mod) -> Any:
     return respecialized
 
 
-def _needs_grad(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Mod | None) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    captured = [score_mod.resolvers[spec.name]() for spec in score_mod.buffers] if score_mod is not None else []
-    return any(t.requires_grad for t in (query, key, value, *captured))
+def _wants_gradients(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, score_mod: Mod | None) -> bool:
+    """autograd.wants_gradients (the Triton backend's own rule) for this call's inputs."""
+    from .autograd import wants_gradients
+
+    captured = score_mod.tensors().values() if score_mod is not None else ()
+    return wants_gradients(query, key, value, captured)
 
 
 def _paged_direct(block_mask: Any, score_mod: Mod | None) -> tuple[Any, Mod | None]:

@@ -72,13 +72,17 @@ def triton_flex_attention(
     if score_mod is not None and not captured_tensors:
         values = score_mod.tensors()
         captured_tensors = tuple(values[spec.name] for spec in score_mod.buffers)
-    inputs = (query, key, value, *captured_tensors)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):  # nothing to differentiate: skip
+    if not wants_gradients(query, key, value, captured_tensors):  # nothing to differentiate: skip
         from .codegen import flex_forward  # the autograd Function's bookkeeping (host time on every call)
 
         return flex_forward(query, key, value, score_mod, block_mask, scale, enable_gqa, True, kernel_options)
     return FlexAttentionFunction.apply(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
                                        *captured_tensors)
+
+
+def wants_gradients(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, captured: Any) -> bool:
+    """Whether autograd records the call: grad mode on, and q, k, v or a captured tensor requires grad."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captured))
 
 
 ROW_BYTES = 16  # head dims of 16-bit inputs are padded to rows of a multiple of this many bytes

@@ -29,7 +29,7 @@ class PagedView:
     lengths: Tensor  # int32 [B]: request b's kv positions end here (its reserved pages, or kv_len where given)
     page_size: int
     kv_len: int  # the logical block mask's kv length
-    source: tuple  # (PagedAttention, kv_len, batch_idx) of the conversion: which converted mods it stands for
+    source: tuple  # (PagedAttention, batch_idx) of the conversion: which converted score_mods it stands for
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -167,7 +167,7 @@ class PagedAttention:
         if kv_len is not None:
             lengths = torch.minimum(lengths, kv_len.to(lengths.device).long())
         view = PagedView(self.page_table[rows].to(torch.int32).contiguous(), lengths.to(torch.int32).contiguous(),
-                         self.page_size, logical_len, (self, kv_len, batch_idx))  # fmt: skip
+                         self.page_size, logical_len, (self, batch_idx))  # fmt: skip
         return logical.with_paged(view)
 
     def get_mask_mod(self, mask_mod: Any = None, kv_len: Tensor | None = None, batch_idx: Tensor | None = None) -> Any:
@@ -195,7 +195,7 @@ class PagedAttention:
             modded = score if user is None else user(score, b, h, q_idx, logical_kv_idx)
             return torch.where(valid, modded, -float("inf"))
 
-        paged_score.paged_logical = (self, kv_len, batch_idx, score_mod)  # what the paged kernels run instead
+        paged_score.paged_logical = (self, batch_idx, score_mod)  # what the paged kernels run instead
         return paged_score
 
     def _logical_index(self, kv_len: Tensor | None, batch_idx: Tensor | None):
@@ -225,12 +225,12 @@ def direct_paged(block_mask: Any, score_mod: Any) -> tuple[Any, Any]:
     logical = getattr(block_mask, "paged_logical", None)
     if logical is None:
         return block_mask, score_mod
-    paged, _, batch_idx = logical.paged.source
+    paged, batch_idx = logical.paged.source
     if score_mod is not None:
         marked = getattr(getattr(score_mod, "fn", score_mod), "paged_logical", None)
-        if marked is None or marked[0] is not paged or marked[2] is not batch_idx:
+        if marked is None or marked[0] is not paged or marked[1] is not batch_idx:  # (tensors: by identity)
             return block_mask, score_mod
-        score_mod = marked[3]
+        score_mod = marked[2]
     return logical, score_mod
 
 
