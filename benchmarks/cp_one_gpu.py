@@ -20,7 +20,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 if "--quick" in sys.argv:  # before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,6 +27,7 @@ if "--quick" in sys.argv:  # before triton is imported
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_decode import timed
 
 import flexcomp as fc
 from flexcomp import context_parallel as cp
@@ -127,21 +127,9 @@ def correctness(args) -> bool:
 # ---------------------------------------------------------------- 2. overlap
 
 
-def _timed(fn, reps: int) -> float:
-    """Seconds per call (CUDA events on a GPU)."""
-    fn()
-    if not torch.cuda.is_available():
-        began = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - began) / reps
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
+def _seconds(fn, reps: int) -> float:
+    """Seconds per call: bench_decode's `timed` (CUDA-event medians on a GPU)."""
+    return timed(fn, "cuda" if torch.cuda.is_available() else "cpu", reps, 1) / 1e3
 
 
 def _pair_seconds(args, the_plan, mask, qc, kc) -> tuple[float, float]:
@@ -151,14 +139,14 @@ def _pair_seconds(args, the_plan, mask, qc, kc) -> tuple[float, float]:
     q, k, v = (t[:, :, c * n : (c + 1) * n] for t, c in ((q, qc), (k, kc), (v, kc)))
     pairs = cp._Pairs(the_plan, 0, None, None, mask, cp._captured_values(mask), args.dim**-0.5, False, None,
                       args.backend)  # fmt: skip
-    forward = _timed(lambda: pairs.attend(q, qc, k, v, kc), args.reps)
+    forward = _seconds(lambda: pairs.attend(q, qc, k, v, kc), args.reps)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 
     def both():
         out, _ = pairs.attend(leaves[0], qc, leaves[1], leaves[2], kc)
         torch.autograd.grad(out.float().sum(), leaves)
 
-    return forward, _timed(both, args.reps)
+    return forward, _seconds(both, args.reps)
 
 
 def overlap(args) -> None:
