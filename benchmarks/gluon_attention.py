@@ -64,7 +64,12 @@ VARIANTS = {"sliding window": (None, sliding_window), "alibi causal": (alibi, ca
 def parse_run(run: str) -> tuple[str, dict]:
     """'A:BLOCK_N=128,STAGES=3' -> ('A', {'BLOCK_N': 128, 'STAGES': 3})."""
     version, _, overrides = run.partition(":")
-    return version, {key: int(value) for key, value in (item.split("=") for item in overrides.split(",") if item)}
+    return version, parse_overrides(overrides)
+
+
+def parse_overrides(text: str) -> dict:
+    """'BLOCK_N=128,STAGES=3' -> {'BLOCK_N': 128, 'STAGES': 3}; '' -> {}."""
+    return {key: int(value) for key, value in (item.split("=") for item in text.split(",") if item)}
 
 
 def gluon_module():
@@ -237,13 +242,13 @@ def check(attention, runs: list[str]) -> dict[tuple, str]:
     return failures
 
 
-def probe(runs: list[str], timeout: float = 90.0) -> dict[str, str]:
-    """Each run at the small shape in a child process, all at once: a kernel whose barrier phases are wrong hangs,
-    and here that costs its own run (killed at the timeout), not the whole benchmark.  run -> ok / hung / error.
-    The children's compiles land in Triton's disk cache, so the parent's are hits."""
+def probe(runs: list[str], timeout: float = 90.0, script: str = __file__) -> dict[str, str]:
+    """Each run at the small shape in a child process (`script --probe RUN`), all at once: a kernel whose barrier
+    phases are wrong hangs, and here that costs its own run (killed at the timeout), not the whole benchmark.
+    run -> ok / hung / error.  The children's compiles land in Triton's disk cache, so the parent's are hits."""
     children = {
         run: subprocess.Popen(
-            [sys.executable, __file__, "--probe", run], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [sys.executable, script, "--probe", run], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         for run in runs
     }
@@ -403,6 +408,15 @@ def variants(attention, runs: list[str], head_dims: list[int]) -> None:
         print(f"| {label} | " + " | ".join(cells.get(n, "-") for n in names) + " |")
 
 
+def start_watchdog(seconds: float) -> None:
+    """End the process (exit 124) after `seconds`: a kernel whose barriers never complete hangs in synchronize, and
+    would spend the device budget instead."""
+    watchdog = threading.Timer(seconds, lambda: (print("watchdog: timed out (a kernel hung?)", flush=True),
+                                                 os._exit(124)))  # fmt: skip
+    watchdog.daemon = True
+    watchdog.start()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile-only", action="store_true", help="AOT-compile every run for sm_90, no GPU")
@@ -416,12 +430,7 @@ def main() -> int:
         return compile_only(args.runs, [] if args.skip_variants else [64, 128])
     if args.probe:
         return probe_child(args.probe)
-    # a kernel whose barriers never complete hangs in synchronize; end the process instead of the device budget
-    watchdog = threading.Timer(
-        args.watchdog, lambda: (print("watchdog: timed out (a kernel hung?)", flush=True), os._exit(124))
-    )
-    watchdog.daemon = True
-    watchdog.start()
+    start_watchdog(args.watchdog)
     start = time.perf_counter()
     try:
         attention = gluon_module()

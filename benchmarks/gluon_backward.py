@@ -19,15 +19,22 @@ its own try/except: one that fails is reported in a line and the others still pr
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import threading
 import time
 
 import torch
 import torch.nn.functional as F
-from gluon_attention import CONFIGS, causal_mask, inputs, median_ms, ptx_summary, short
+from gluon_attention import (
+    CONFIGS,
+    causal_mask,
+    inputs,
+    median_ms,
+    parse_overrides,
+    probe,
+    ptx_summary,
+    short,
+    start_watchdog,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BENCH_SHAPE = (4, 16, 8192)  # B, H, L
@@ -39,9 +46,7 @@ KERNELS = ("preprocess", "dkdv", "dq")
 
 def parse_tiles(run: str) -> dict:
     """'STREAMED=32,STAGES=2' -> {'STREAMED': 32, 'STAGES': 2}; 'default' -> {}."""
-    if run == "default":
-        return {}
-    return {key: int(value) for key, value in (item.split("=") for item in run.split(","))}
+    return {} if run == "default" else parse_overrides(run)
 
 
 def gluon_modules():
@@ -180,28 +185,6 @@ def check(backward, runs: list[str]) -> dict[str, bool]:
     return verdicts
 
 
-def probe(runs: list[str], timeout: float = 60.0) -> dict[str, str]:
-    """Each run at the small shape, every config, in a child process: run -> ok / hung / error."""
-    children = {
-        run: subprocess.Popen(
-            [sys.executable, __file__, "--probe", run], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for run in runs
-    }
-    deadline = time.monotonic() + timeout
-    status = {}
-    for run, child in children.items():
-        try:
-            output, _ = child.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            tail = " | ".join(output.strip().splitlines()[-2:])[-300:]
-            status[run] = "ok" if child.returncode == 0 else f"exit {child.returncode}: {tail}"
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate()
-            status[run] = f"hung (killed after {timeout:.0f} s)"
-    return status
-
-
 def probe_child(run: str) -> int:
     attention, backward = gluon_modules()
     B, H, L = CHECK_SHAPE
@@ -313,11 +296,7 @@ def main() -> int:
         return compile_only(args.runs)
     if args.probe:
         return probe_child(args.probe)
-    watchdog = threading.Timer(
-        args.watchdog, lambda: (print("watchdog: timed out (a kernel hung?)", flush=True), os._exit(124))
-    )
-    watchdog.daemon = True
-    watchdog.start()
+    start_watchdog(args.watchdog)
     start = time.perf_counter()
     try:
         _, backward = gluon_modules()
@@ -326,7 +305,7 @@ def main() -> int:
         return 1
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference is float32
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; runs {args.runs}")
-    status = probe(args.runs)
+    status = probe(args.runs, timeout=60.0, script=__file__)
     print("probe (each run alone at the small shape): " + "; ".join(f"{r} {s}" for r, s in status.items()), flush=True)
     runs = [run for run in args.runs if status[run] == "ok"]
     verdicts = check(backward, runs)
