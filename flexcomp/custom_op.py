@@ -235,17 +235,14 @@ def prepared(entry: Call, tables: list[torch.Tensor], query: torch.Tensor,
     is kept per (call, lengths) where the op builds it, and per table storage where it is made from the op's
     tables, so that repeated calls find the eager path's plans (codegen/plans.py)."""
     lengths = (query.shape[-2], key.shape[-2])
-    if entry.rebuilt is not None:
-        # kept per length unless the mask reads captured tensors: its tables then follow their values at each call
-        memo = (id(entry), *lengths) if not entry.mask_mod.buffers else (id(entry), object())
+    if entry.rebuilt is not None and entry.mask_mod.buffers:  # its tables follow the captured tensors: built anew
+        return entry.score_mod, _rebuilt_block_mask(entry, lengths), None
+    if entry.rebuilt is not None:  # kept per length
+        memo = (id(entry), *lengths)
         hit = _PREPARED.get(memo)
         if hit is None:
-            from .blockmask import eager_block_mask
-
-            batch, heads, device, exact, _ = entry.rebuilt
-            block_mask = eager_block_mask(entry.mask_mod, batch, heads, *lengths, device=device,
-                                          BLOCK_SIZE=entry.block_size, exact=exact)  # fmt: skip
-            hit = _PREPARED[memo] = (entry.score_mod, block_mask, None, entry)  # the entry kept: its id stays
+            hit = _PREPARED[memo] = (entry.score_mod, _rebuilt_block_mask(entry, lengths), None, entry)  # the
+            # entry kept: its id stays unique
     elif not entry.tables:
         return entry.score_mod, None, entry.mask_mod
     else:
@@ -263,6 +260,14 @@ def prepared(entry: Call, tables: list[torch.Tensor], query: torch.Tensor,
     if len(_PREPARED) > PREPARED_SIZE:
         _PREPARED.popitem(last=False)
     return hit[:3]
+
+
+def _rebuilt_block_mask(entry: Call, lengths: tuple[int, int]) -> BlockMask:
+    from .blockmask import eager_block_mask
+
+    batch, heads, device, exact, _ = entry.rebuilt
+    return eager_block_mask(entry.mask_mod, batch, heads, *lengths, device=device, BLOCK_SIZE=entry.block_size,
+                            exact=exact)  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):
