@@ -1,6 +1,7 @@
 """GPU correctness sweep: the generated kernels against the float64 reference, forward and backward.
 
     python benchmarks/gpu_check.py            # on a CUDA machine; exits 1 on any failure
+    python benchmarks/gpu_check.py --shard 2/4   # every 4th check from the third: run 4 at once to cut compile time
 
 Covers what the interpreter tests cannot reach: real tile sizes and num_warps,
 bf16 tensor-core dots, odd lengths, GQA, head dims 16..256 (non-powers of two),
@@ -10,6 +11,7 @@ example of the gallery on CUDA (benchmarks/gpu_examples.py).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 import time
@@ -160,29 +162,37 @@ def check_repeat_launches() -> tuple[bool, str]:
                 f"views, vs float64: {' '.join(f'{e:.1e}' for e in errs)}")
 
 
-def main() -> int:
-    t0 = time.time()
-    failures = 0
-    try:
-        ok, detail = check_repeat_launches()
-    except Exception as exc:  # noqa: BLE001
-        ok, detail = False, f"{type(exc).__name__}: {str(exc)[:300]}"
-    failures += not ok
-    print(f"{'ok  ' if ok else 'FAIL'} {'repeat launches':28s} {detail}", flush=True)
+def all_checks() -> list[tuple[str, object]]:
+    """Every check as (label, thunk returning (ok, detail)), in a fixed order that --shard slices."""
+    checks = [("repeat launches", check_repeat_launches)]
     runs = list(itertools.product(CASES, SHAPES[:2], [torch.bfloat16], [True]))
     runs += list(itertools.product(CASES[:2] + CASES[5:6], SHAPES[2:], [torch.bfloat16], [True]))
     runs += list(itertools.product(CASES[1:3] + CASES[6:7], SHAPES[1:2], [torch.float16, torch.float32], [True]))
     for (name, mask_fn, score_fn), shape, dtype, backward in runs:
+        label = f"{name:28s} {shape!s:34s} {dtype!s:15s}"
+        checks.append((label, lambda a=(name, mask_fn, score_fn, shape, dtype, backward): check(*a)))
+    for example in example_names():  # the gallery on CUDA (issue 24: captured tensors on the wrong device)
+        checks.append((f"example {example}", lambda e=example: (run_all(DEVICE, [e]) == 0, "(line above)")))
+    return checks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shard", default="0/1", help="K/N: run checks K, K+N, K+2N, ... (0 <= K < N)")
+    shard, shards = (int(x) for x in parser.parse_args().shard.split("/"))
+    t0 = time.time()
+    mine = all_checks()[shard::shards]
+    failures = 0
+    for label, thunk in mine:
         try:
-            ok, detail = check(name, mask_fn, score_fn, shape, dtype, backward)
+            ok, detail = thunk()
         except Exception as exc:  # noqa: BLE001 -- a crash is a failed check, reported with the rest
             ok, detail = False, f"{type(exc).__name__}: {str(exc)[:300]}"
         failures += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {name:28s} {shape!s:34s} {dtype!s:15s} {detail}", flush=True)
-    example_failures = run_all(DEVICE)  # the gallery on CUDA (issue 24: captured tensors on the wrong device)
-    failures += example_failures
-    total = len(runs) + 1 + len(example_names())
-    print(f"{total - failures}/{total} GPU checks passed in {time.time() - t0:.0f}s")
+        if not label.startswith("example "):  # run_all printed the example's own line
+            print(f"{'ok  ' if ok else 'FAIL'} {label} {detail}", flush=True)
+    print(f"{len(mine) - failures}/{len(mine)} GPU checks passed in {time.time() - t0:.0f}s "
+          f"(shard {shard}/{shards})", flush=True)
     return 1 if failures else 0
 
 
