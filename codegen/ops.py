@@ -320,9 +320,16 @@ def load_kv_tile(head, start_n, stride_n, stride_d, KV_LEN, BLOCK_N: tl.constexp
     # PAGE_SIZE > 0: the rows are logical positions of a paged cache, read through `page_row` (the request's
     # page table row: logical page -> physical page); rows past KV_LEN are never read (CHECK_ROWS is set).
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_c = tl.arange(0, BLOCK_COLS)
     kv_in = offs_n < KV_LEN
     rows = physical_rows(start_n, offs_n, kv_in, page_row, BLOCK_N, PAGE_SIZE)
+    return load_kv_rows(head, rows, kv_in, stride_n, stride_d, BLOCK_COLS, COLS, TRANSPOSED, CHECK_ROWS)
+
+
+@triton.jit
+def load_kv_rows(head, rows, kv_in, stride_n, stride_d, BLOCK_COLS: tl.constexpr, COLS: tl.constexpr,
+                 TRANSPOSED: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    # load_kv_tile at cache rows found already (a paged walk reads a tile's page entries one tile ahead)
+    offs_c = tl.arange(0, BLOCK_COLS)
     if TRANSPOSED:
         x = load_tile(head + rows[None, :] * stride_n + offs_c[:, None] * stride_d,
                       kv_in[None, :], offs_c[:, None] < COLS, CHECK_ROWS, BLOCK_COLS != COLS)
@@ -342,6 +349,24 @@ def paged_request(b, PAGE_TABLE, stride_pgb, KV_LENS, KV_LEN, PAGE_SIZE: tl.cons
         page_row = PAGE_TABLE + b * stride_pgb
         kv_len = tl.minimum(KV_LEN, tl.load(KV_LENS + b))
     return page_row, kv_len
+
+
+@triton.jit
+def tile_start(i, n_tiles, first_lo, n_first, second_lo, index_row, stride_index, USE_BOUNDS: tl.constexpr,
+               SPARSE: tl.constexpr, BLOCK: tl.constexpr):
+    # the first row of tile i of a program's list (program_tiles: two runs of consecutive tiles, or a table row)
+    if USE_BOUNDS:
+        start = tl.where(i < n_first, first_lo + i * BLOCK, second_lo + (i - n_first) * BLOCK)
+    else:
+        start = listed_tile_start(index_row, stride_index, i, n_tiles, SPARSE, BLOCK)
+    return start
+
+
+@triton.jit
+def tile_rows(start_n, KV_LEN, page_row, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    # the cache rows of the tile at logical row start_n (page entries past KV_LEN unread)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    return physical_rows(start_n, offs_n, offs_n < KV_LEN, page_row, BLOCK_N, PAGE_SIZE)
 
 
 @triton.jit
