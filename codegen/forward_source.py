@@ -202,9 +202,8 @@ def attend_tiles(
     ahead = walk_ahead(kv_index_row, stride_kv_index, i_lo, i_hi, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)  # (off with bounds)
     if PAGE_SIZE > 0:  # a paged cache: each tile's page entries are read one tile ahead (as PREFETCH_INDEX reads
         # block indices): read in the step whose K/V loads they address, they stall Triton's pipeline
-        rows_next = tile_rows(tile_start(i_lo, i_hi, first_lo, n_first, second_lo, kv_index_row,
-                                                     stride_kv_index, USE_BOUNDS, SPARSE_KV, BLOCK_N),
-                                          KV_LEN, page_row, BLOCK_N, PAGE_SIZE)
+        rows_next = tile_rows(tile_start(i_lo, i_hi, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
+                                         USE_BOUNDS, SPARSE_KV, BLOCK_N), KV_LEN, page_row, BLOCK_N, PAGE_SIZE)
     for i in range(i_lo, i_hi):
         if USE_BOUNDS:
             start_n = tile_start(i, i_hi, first_lo, n_first, second_lo, kv_index_row, stride_kv_index, True,
@@ -218,14 +217,13 @@ def attend_tiles(
         if PAGE_SIZE > 0:
             rows = rows_next
             rows_next = tile_rows(tile_start(i + 1, i_hi, first_lo, n_first, second_lo, kv_index_row,
-                                                         stride_kv_index, USE_BOUNDS, SPARSE_KV, BLOCK_N),
-                                              KV_LEN, page_row, BLOCK_N, PAGE_SIZE)
+                                             stride_kv_index, USE_BOUNDS, SPARSE_KV, BLOCK_N),
+                                  KV_LEN, page_row, BLOCK_N, PAGE_SIZE)  # at the last tile: a spare read, in bounds
             kt = load_kv_rows(K, rows, kv_in, stride_kn, stride_kd, BLOCK_D, D, True, CHECK_KV)
         elif USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
             kt = tl.trans(k_desc.load([start_n, 0]))
         else:
-            kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, CHECK_KV,
-                              page_row, PAGE_SIZE)
+            kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, CHECK_KV)
         qk = mma(q, kt, None, DOT_PRECISION)
         kv_idx = offs_n[None, :]
         if HAS_SCORE_MOD:  # score_mod(q.k * scale) * log2(e), the scalings folded into the mod (codegen/base2.py)
