@@ -200,20 +200,30 @@ def attend_tiles(
     else:
         k_desc, v_desc = K, V  # unused
     ahead = walk_ahead(kv_index_row, stride_kv_index, i_lo, i_hi, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)  # (off with bounds)
+    if PAGE_SIZE > 0:  # a paged cache: each tile's page entries are read one tile ahead (as PREFETCH_INDEX reads
+        # block indices): read in the step whose K/V loads they address, they stall Triton's pipeline
+        rows_next = tile_rows(tile_start(i_lo, i_hi, first_lo, n_first, second_lo, kv_index_row, stride_kv_index,
+                                         USE_BOUNDS, SPARSE_KV, BLOCK_N), KV_LEN, page_row, BLOCK_N, PAGE_SIZE)
     for i in range(i_lo, i_hi):
         if USE_BOUNDS:
-            start_n = tl.where(i < n_first, first_lo + i * BLOCK_N, second_lo + (i - n_first) * BLOCK_N)
+            start_n = tile_start(i, i_hi, first_lo, n_first, second_lo, kv_index_row, stride_kv_index, True,
+                                 SPARSE_KV, BLOCK_N)
         else:
             start_n, ahead = walk_step(kv_index_row, stride_kv_index, i, i_hi, ahead, SPARSE_KV, BLOCK_N,
                                        PREFETCH_INDEX)
         # the tile's online-softmax step; FULL tiles (IS_FULL) never evaluate the mask
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_in = offs_n < KV_LEN
-        if USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
+        if PAGE_SIZE > 0:
+            rows = rows_next
+            rows_next = tile_rows(tile_start(i + 1, i_hi, first_lo, n_first, second_lo, kv_index_row,
+                                             stride_kv_index, USE_BOUNDS, SPARSE_KV, BLOCK_N),
+                                  KV_LEN, page_row, BLOCK_N, PAGE_SIZE)  # at the last tile: a spare read, in bounds
+            kt = load_kv_rows(K, rows, kv_in, stride_kn, stride_kd, BLOCK_D, D, True, CHECK_KV)
+        elif USE_TMA:  # the copy engine zero-fills rows past KV_LEN and columns past D
             kt = tl.trans(k_desc.load([start_n, 0]))
         else:
-            kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, CHECK_KV,
-                              page_row, PAGE_SIZE)
+            kt = load_kv_tile(K, start_n, stride_kn, stride_kd, KV_LEN, BLOCK_N, BLOCK_D, D, True, CHECK_KV)
         qk = mma(q, kt, None, DOT_PRECISION)
         kv_idx = offs_n[None, :]
         if HAS_SCORE_MOD:  # score_mod(q.k * scale) * log2(e), the scalings folded into the mod (codegen/base2.py)
@@ -254,11 +264,12 @@ def attend_tiles(
         else:
             p = tl.math.exp2(score - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_TMA:
+        if PAGE_SIZE > 0:
+            v = load_kv_rows(V, rows, kv_in, stride_vn, stride_vd, BLOCK_DV, DV, False, CHECK_KV)
+        elif USE_TMA:
             v = v_desc.load([start_n, 0])
         else:
-            v = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, False, CHECK_KV,
-                             page_row, PAGE_SIZE)
+            v = load_kv_tile(V, start_n, stride_vn, stride_vd, KV_LEN, BLOCK_N, BLOCK_DV, DV, False, CHECK_KV)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i

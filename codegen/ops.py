@@ -312,17 +312,20 @@ def load_tile(ptrs, rows_in, cols_in, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.c
 
 @triton.jit
 def load_kv_tile(head, start_n, stride_n, stride_d, KV_LEN, BLOCK_N: tl.constexpr, BLOCK_COLS: tl.constexpr,
-                 COLS: tl.constexpr, TRANSPOSED: tl.constexpr, CHECK_ROWS: tl.constexpr,
-                 page_row=None, PAGE_SIZE: tl.constexpr = 0):
+                 COLS: tl.constexpr, TRANSPOSED: tl.constexpr, CHECK_ROWS: tl.constexpr):
     # kv rows [start_n, start_n + BLOCK_N) x head-dim columns of one head's K or V (`head` points at its row 0),
-    # zero past KV_LEN and COLS: the one place a kernel addresses K/V.
-    # TRANSPOSED gives [BLOCK_COLS, BLOCK_N], the operand of q @ k^T, loaded in that layout (not a tl.trans).
-    # PAGE_SIZE > 0: the rows are logical positions of a paged cache, read through `page_row` (the request's
-    # page table row: logical page -> physical page); rows past KV_LEN are never read (CHECK_ROWS is set).
+    # zero past KV_LEN and COLS: the one place a kernel addresses contiguous K/V (a paged cache: tile_rows, then
+    # load_kv_rows).  TRANSPOSED gives [BLOCK_COLS, BLOCK_N], the operand of q @ k^T, loaded in that layout (not a
+    # tl.trans).
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    return load_kv_rows(head, offs_n, offs_n < KV_LEN, stride_n, stride_d, BLOCK_COLS, COLS, TRANSPOSED, CHECK_ROWS)
+
+
+@triton.jit
+def load_kv_rows(head, rows, kv_in, stride_n, stride_d, BLOCK_COLS: tl.constexpr, COLS: tl.constexpr,
+                 TRANSPOSED: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    # load_kv_tile at cache rows found already (a paged walk reads a tile's page entries one tile ahead)
     offs_c = tl.arange(0, BLOCK_COLS)
-    kv_in = offs_n < KV_LEN
-    rows = physical_rows(start_n, offs_n, kv_in, page_row, BLOCK_N, PAGE_SIZE)
     if TRANSPOSED:
         x = load_tile(head + rows[None, :] * stride_n + offs_c[:, None] * stride_d,
                       kv_in[None, :], offs_c[:, None] < COLS, CHECK_ROWS, BLOCK_COLS != COLS)
@@ -345,25 +348,37 @@ def paged_request(b, PAGE_TABLE, stride_pgb, KV_LENS, KV_LEN, PAGE_SIZE: tl.cons
 
 
 @triton.jit
-def physical_rows(start_n, offs_n, kv_in, page_row, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    # the cache rows holding logical kv rows offs_n: themselves, or through the page table.  A page of at least a
-    # tile (the host checks BLOCK_N divides it) costs one page-table read per tile and keeps the rows one
+def tile_start(i, n_tiles, first_lo, n_first, second_lo, index_row, stride_index, USE_BOUNDS: tl.constexpr,
+               SPARSE: tl.constexpr, BLOCK: tl.constexpr):
+    # the first row of tile i of a program's list (program_tiles: two runs of consecutive tiles, or a table row)
+    if USE_BOUNDS:
+        start = tl.where(i < n_first, first_lo + i * BLOCK, second_lo + (i - n_first) * BLOCK)
+    else:
+        start = listed_tile_start(index_row, stride_index, i, n_tiles, SPARSE, BLOCK)
+    return start
+
+
+@triton.jit
+def tile_rows(start_n, KV_LEN, page_row, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    # the cache rows holding logical kv rows [start_n, start_n + BLOCK_N): themselves, or through the page table
+    # (`page_row`: the request's logical page -> physical page; entries past KV_LEN are never read).  A page of at
+    # least a tile (the host checks BLOCK_N divides it) costs one page-table read per tile and keeps the rows one
     # contiguous run.  A tile of whole smaller pages (16-row pages under 64-row tiles) gathers its BLOCK_N //
     # PAGE_SIZE page ids once per tile (4 int32 per 64 rows, beside 32 KiB of K and V at D=128 bf16), not one per
     # row, and expands each to its page's rows; other page sizes read one entry per row (BLOCK_N // PAGE_SIZE
     # distinct, from L1).  Each page's rows stay contiguous, so the loads remain vectorized along the head dim.
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     if PAGE_SIZE == 0:
         rows = offs_n
     elif PAGE_SIZE >= BLOCK_N:
-        page = tl.load(page_row + start_n // PAGE_SIZE).to(tl.int64)
+        page = tl.load(page_row + start_n // PAGE_SIZE, mask=start_n < KV_LEN, other=0).to(tl.int64)
         rows = page * PAGE_SIZE + (start_n % PAGE_SIZE) + tl.arange(0, BLOCK_N)
     elif BLOCK_N % PAGE_SIZE == 0:  # start_n is a multiple of BLOCK_N, so the tile starts a page
-        pages_in = tl.sum(tl.reshape(kv_in.to(tl.int32), [BLOCK_N // PAGE_SIZE, PAGE_SIZE]), 1) > 0
         slots = start_n // PAGE_SIZE + tl.arange(0, BLOCK_N // PAGE_SIZE)
-        page = tl.load(page_row + slots, mask=pages_in, other=0).to(tl.int64)
+        page = tl.load(page_row + slots, mask=slots * PAGE_SIZE < KV_LEN, other=0).to(tl.int64)
         rows = tl.reshape(page[:, None] * PAGE_SIZE + tl.arange(0, PAGE_SIZE)[None, :], [BLOCK_N])
     else:
-        page = tl.load(page_row + offs_n // PAGE_SIZE, mask=kv_in, other=0).to(tl.int64)
+        page = tl.load(page_row + offs_n // PAGE_SIZE, mask=offs_n < KV_LEN, other=0).to(tl.int64)
         rows = page * PAGE_SIZE + offs_n % PAGE_SIZE
     return rows
 
