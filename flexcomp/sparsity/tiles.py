@@ -8,6 +8,7 @@ import torch
 
 from ..ir import Node
 from ..tiles import TileClass
+from .host import on_host
 from .intervals import Analyzer
 
 Tensor = torch.Tensor
@@ -59,7 +60,7 @@ class Grid:
 
 def analyze_rows(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, q1: int) -> Tensor:
     """uint8 TileClass [B, H, q1-q0, nkv] proven by interval/relational analysis (PARTIAL = undecided)."""
-    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    tensors = on_host(tensors)
     can_true, can_false = Analyzer(grid.ranges(q0, q1), tensors).truth(ir)
     shape = (grid.B, grid.H, q1 - q0, grid.num_kv_blocks)
     can_true, can_false = can_true.expand(shape), can_false.expand(shape)
@@ -72,7 +73,7 @@ def analyze_rows(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, q1: 
 def analyze_tiles(ir: Node, tensors: dict[str, Tensor], grid: Grid, q_blocks: Tensor, kv_blocks: Tensor,
                   chunk: int = 1 << 18) -> Tensor:
     """uint8 TileClass [B, H, T] of the listed tiles (int64 [T] q and kv block numbers), by the same analysis."""
-    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    tensors = on_host(tensors)
     out = torch.empty(grid.B, grid.H, q_blocks.numel(), dtype=torch.uint8)
     step = max(1, chunk // (grid.B * grid.H))
     for start in range(0, q_blocks.numel(), step):
