@@ -13,32 +13,37 @@ import weakref
 import torch
 
 Tensor = torch.Tensor
-_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # device tensor -> (its _version, host copy)
+_TWINS: dict[int, tuple[weakref.ref, int, Tensor]] = {}  # id(device tensor) -> (it, its _version, host copy)
+# by id, not a WeakKeyDictionary: that compares keys with ==, which on tensors is elementwise
 
 
 def remember(device_tensor: Tensor, host_tensor: Tensor) -> Tensor:
     """Record `host_tensor` (same values, on the CPU) as `device_tensor`'s host copy; returns `device_tensor`."""
     if device_tensor.device.type != "cpu":
-        _TWINS[device_tensor] = (device_tensor._version, host_tensor.detach())
+        key = id(device_tensor)
+        alive = weakref.ref(device_tensor, lambda _: _TWINS.pop(key, None))
+        _TWINS[key] = (alive, device_tensor._version, host_tensor.detach())
     return device_tensor
 
 
 def _twin(tensor: Tensor) -> Tensor | None:
-    hit = _TWINS.get(tensor)
-    return hit[1] if hit is not None and hit[0] == tensor._version else None  # written since: read it again
+    hit = _TWINS.get(id(tensor))
+    if hit is None or hit[0]() is not tensor or hit[1] != tensor._version:  # written since: read it again
+        return None
+    return hit[2]
 
 
 def on_host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """`tensors` (detached) on the CPU, the device ones read in one copy (one sync, none if all are remembered)."""
-    out = {k: v.detach() for k, v in tensors.items()}
-    to_read = {}
-    for k, v in out.items():
-        if v.device.type != "cpu":
-            twin = _twin(v)
-            if twin is not None:
-                out[k] = twin
-            else:
-                to_read[k] = v
+    out, to_read = {}, {}
+    for k, v in tensors.items():
+        twin = _twin(v) if v.device.type != "cpu" else None  # looked up by the tensor itself, not a detached view
+        if twin is not None:
+            out[k] = twin
+        elif v.device.type != "cpu":
+            to_read[k] = v.detach()
+        else:
+            out[k] = v.detach()
     if len(to_read) == 1:
         ((k, v),) = to_read.items()
         out[k] = v.cpu()
