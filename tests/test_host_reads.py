@@ -3,9 +3,9 @@ tables by one gather (sparsity.summaries), and transformers' mask hook, whose pa
 
 import pytest
 import torch
+from test_blockmask import brute_classes
 
 from flexcomp.sparsity import host, summaries
-from test_blockmask import brute_classes
 
 GRID = 4  # grid dims of the analysis: b, h, q blocks, kv blocks
 
