@@ -75,22 +75,48 @@ fct = pytest.importorskip("flexcomp.integrations.transformers")
 
 
 @pytest.mark.parametrize("offsets", [(0, 0), (5, 0), (torch.tensor(5), torch.tensor(0))])
-def test_model_mask_left_padding_equals_a_dense_mask(rng, offsets):
-    """Left padding (a run per row) at query offsets given as ints or as tensors (a StaticCache's): the hook's
-    mask and tile classes against the mask written out densely."""
+def test_model_mask_left_padding_equals_a_dense_mask(monkeypatch, rng, offsets):
+    """Left padding (a run per row) at query offsets given as ints or as tensors (a StaticCache's), three forwards
+    with new padding (the later ones reuse the first one's lowering): the hook's mask, its Python function and its
+    tile classes against the mask written out densely."""
     batch, q_len, kv_len = 3, 40, 45
-    keep = torch.ones(batch, kv_len, dtype=torch.long)
-    for row in range(batch):
-        keep[row, : int(torch.randint(0, 20, (), generator=rng))] = 0
     q_offset, kv_offset = offsets
-    got = fct.model_mask(batch, q_len, kv_len, q_offset, kv_offset, None, keep, "cpu")
     q = torch.arange(q_len)[:, None] + int(q_offset)
     kv = torch.arange(kv_len)[None, :] + int(kv_offset)
-    expected = ((kv <= q)[None] & keep.bool()[:, None, :])[:, None]
-    mod = got.block_mask.mask_mod
-    dense = fct.fc.create_mask(mod, batch, 1, q_len, kv_len, "cpu")
-    assert torch.equal(dense, expected)
-    assert torch.equal(got.offsets, torch.tensor([int(q_offset), int(kv_offset)], dtype=torch.int32))
-    classes = got.block_mask.tile_classes().expand(batch, 1, -1, -1)
-    block = got.block_mask.BLOCK_SIZE
-    assert torch.equal(classes, brute_classes(mod, batch, 1, q_len, kv_len, block))
+    keys = set()
+    for _ in range(3):
+        keep = torch.ones(batch, kv_len, dtype=torch.long)
+        for row in range(batch):
+            keep[row, : int(torch.randint(0, 20, (), generator=rng))] = 0
+        got = fct.model_mask(batch, q_len, kv_len, q_offset, kv_offset, None, keep, "cpu")
+        expected = ((kv <= q)[None] & keep.bool()[:, None, :])[:, None]
+        mod = got.block_mask.mask_mod
+        keys.add(mod.key)
+        assert torch.equal(fct.fc.create_mask(mod, batch, 1, q_len, kv_len, "cpu"), expected)
+        b, q_idx, kv_idx = torch.arange(batch).view(-1, 1, 1, 1), torch.arange(q_len)[:, None], torch.arange(kv_len)
+        assert torch.equal(mod(b, 0, q_idx, kv_idx), expected)  # calling the Mod runs its Python function
+        assert torch.equal(got.offsets, torch.tensor([int(q_offset), int(kv_offset)], dtype=torch.int32))
+        classes = got.block_mask.tile_classes().expand(batch, 1, -1, -1)
+        assert torch.equal(classes, brute_classes(mod, batch, 1, q_len, kv_len, got.block_mask.BLOCK_SIZE))
+        monkeypatch.setattr(fct, "_lowered", _not_again)  # the later forwards reuse the first one's lowering
+    assert len(keys) == 1  # one IR: one kernel for every forward
+
+
+def _not_again(*args):
+    raise AssertionError("the mask was lowered again")
+
+
+def test_a_pattern_with_tensors_of_its_own_is_lowered_at_each_forward(rng):
+    """chunked attention captures the left padding itself: no reuse, and still the dense mask."""
+    batch, length, chunk = 2, 24, 8
+    keep = torch.ones(batch, length, dtype=torch.long)
+    keep[1, :5] = 0
+    left = torch.tensor([0, 5])
+    pattern = fct.fc.and_masks(fct._causal, fct._chunked(chunk, left))
+    with fct.use_mods(mask_mod=pattern):
+        got = fct.model_mask(batch, length, length, 0, 0, None, keep, "cpu")
+    q, kv = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    start = left.view(-1, 1, 1)
+    same_chunk = (kv - start) // chunk == (q - start) // chunk
+    expected = ((kv <= q) & same_chunk & keep.bool()[:, None, :])[:, None]
+    assert torch.equal(fct.fc.create_mask(got.block_mask.mask_mod, batch, 1, length, length, "cpu"), expected)

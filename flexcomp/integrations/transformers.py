@@ -289,6 +289,71 @@ def at_positions(mask: Any, offsets: torch.Tensor) -> Mod:
     return fc.mask_mod(at_positions)
 
 
+def _lowered(pattern: Mod, padding: Callable | None, offsets: torch.Tensor) -> Mod:
+    return at_positions(pattern if padding is None else fc.and_masks(pattern, padding), offsets)
+
+
+# (pattern's key, padding's code, tensors' dtypes, shapes and devices) -> (a lowered Mod, {its buffer: which tensor})
+_LOWERED: dict[tuple, tuple[Mod, dict[str, int]]] = {}
+LOWERED_KEPT = 64
+
+
+def _kernel_mask(pattern: Mod, padding: Callable | None, offsets: torch.Tensor) -> Mod:
+    """`at_positions(pattern & padding, offsets)`, lowered once per pattern, kind of padding and tensor shapes: a
+    later forward's Mod is the first one's (same IR, so same kernels) reading this forward's tensors.  Lowering the
+    mask costs more than the block mask's analysis; the tensors are new at every forward, the mask is not.  A
+    pattern capturing tensors of its own (chunked, packed) is lowered anew."""
+    ours = [offsets, *_captured_tensors(padding)]
+    if pattern.buffers:
+        return _lowered(pattern, padding, offsets)
+    key = (pattern.key, getattr(padding, "__code__", None), tuple((t.dtype, t.shape, t.device) for t in ours))
+    hit = _LOWERED.get(key)
+    if hit is None:
+        mod = _lowered(pattern, padding, offsets)
+        sources = {name: _position(read(), ours) for name, read in mod.resolvers.items()}
+        if None in sources.values():
+            return mod
+        _LOWERED[key] = mod, sources
+        if len(_LOWERED) > LOWERED_KEPT:
+            del _LOWERED[next(iter(_LOWERED))]
+        return mod
+    first, sources = hit
+    fresh = dataclasses.replace(
+        first,
+        fn=_positions_fn(pattern, padding, offsets),
+        resolvers={name: functools.partial(_same, ours[i]) for name, i in sources.items()},
+        relower=functools.partial(_lowered, pattern, padding, offsets),
+        variants={},
+        latest=None,
+    )
+    fresh.__dict__["key"] = first.key  # its IR and buffer specs are the first one's
+    return fresh
+
+
+def _captured_tensors(fn: Callable | None) -> list[torch.Tensor]:
+    cells = getattr(fn, "__closure__", None) or ()
+    return [c.cell_contents for c in cells if isinstance(c.cell_contents, torch.Tensor)]
+
+
+def _position(value: Any, tensors: list[torch.Tensor]) -> int | None:
+    return next((i for i, t in enumerate(tensors) if t is value), None)
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _positions_fn(pattern: Mod, padding: Callable | None, offsets: torch.Tensor) -> Callable:
+    """The Python function of `_lowered`'s Mod (what calling the Mod runs, not compiled): pattern & padding, shifted."""
+
+    def at_positions(b, h, q_idx, kv_idx):
+        q, kv = q_idx + offsets[0], kv_idx + offsets[1]
+        kept = pattern(b, h, q, kv)
+        return kept if padding is None else kept & padding(b, h, q, kv)
+
+    return at_positions
+
+
 # ---------------------------------------------------------------- score mods
 
 
@@ -374,7 +439,7 @@ def model_mask(
     q_offset, kv_offset = _as_ints(q_offset, kv_offset)
     padding = padding_mod(attention_mask, kv_length + kv_offset)
     offsets = _offsets(q_offset, kv_offset, device)
-    mask = at_positions(pattern if padding is None else fc.and_masks(pattern, padding), offsets)
+    mask = _kernel_mask(pattern, padding, offsets)
     block_mask = fc.create_block_mask(mask, batch_size, None, q_length, kv_length, device=device)
     return ModelMask(block_mask, offsets, settings)
 
