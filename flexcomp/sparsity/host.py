@@ -68,3 +68,11 @@ def _read_together(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
             tensors[k].shape
         )
     return out
+
+
+def on_device(tensors: list[Tensor], device: torch.device | str) -> list[Tensor]:
+    """Host tensors of one dtype on `device` through one copy (each copy from pageable memory waits for the device)."""
+    if torch.device(device).type == "cpu" or len(tensors) < 2 or len({t.dtype for t in tensors}) > 1:
+        return [t.to(device) for t in tensors]
+    packed = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+    return [part.view(t.shape) for part, t in zip(packed.split([t.numel() for t in tensors]), tensors)]

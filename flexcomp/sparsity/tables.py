@@ -15,7 +15,7 @@ import torch
 
 from ..evaluate import evaluate
 from ..tiles import ClosedFormBounds, TileClass
-from .host import on_host
+from .host import on_device, on_host
 
 Tensor = torch.Tensor
 CHUNK_ELEMENTS = 1 << 22  # index entries built per band of rows: bounds the intermediates of a table
@@ -62,9 +62,9 @@ def rows_to_ordered(partial: list[Tensor], full: list[Tensor], device: torch.dev
     for bands in (partial, full):
         parts = [mask_to_ordered(m) for m in bands]
         width = max(p[1].shape[-1] for p in parts)
-        out.append(torch.cat([p[0] for p in parts], dim=-1).to(device))
-        out.append(torch.cat([_pad(p[1], width) for p in parts], dim=-2).to(device))
-    return tuple(out)
+        out.append(torch.cat([p[0] for p in parts], dim=-1))
+        out.append(torch.cat([_pad(p[1], width) for p in parts], dim=-2))
+    return tuple(on_device(out, device))  # one copy for the four tables
 
 
 def classes_to_ordered(classes: Tensor) -> tuple[Tensor, ...]:

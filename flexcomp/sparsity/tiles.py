@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -96,17 +97,25 @@ def evaluate_tiles(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, ti
     undecided tiles PARTIAL, as they straddle an edge of the mask, for a few dozen elements each; only the tiles
     whose sample agrees everywhere (EMPTY or FULL ones, or an edge the sample missed) are evaluated in full."""
     tensors = {k: v.to(device) for k, v in tensors.items()}
-    out = _classes(ir, tensors, grid, q0, tiles, device, _sample(grid.q_block), _sample(grid.kv_block))
+    device = torch.device(device)
+    out = _classes(ir, tensors, grid, q0, tiles, device, _sample(grid.q_block, device), _sample(grid.kv_block, device))
     rest = (out != TileClass.PARTIAL).nonzero()[:, 0]  # a mixed sample is a mixed tile: PARTIAL, decided
     if rest.numel():
-        everything = torch.arange(grid.q_block), torch.arange(grid.kv_block)
+        everything = _every(grid.q_block, device), _every(grid.kv_block, device)
         out[rest] = _classes(ir, tensors, grid, q0, tiles[rest], device, *everything)
     return out
 
 
-def _sample(block: int) -> Tensor:
-    """SAMPLE_POINTS offsets spread over [0, block), first and last included (all of them in a small block)."""
-    return torch.linspace(0, block - 1, min(block, SAMPLE_POINTS)).round().long().unique()
+@functools.lru_cache(maxsize=64)
+def _sample(block: int, device: torch.device) -> Tensor:
+    """SAMPLE_POINTS offsets spread over [0, block), first and last included (all of them in a small block); kept
+    per device (a copy to a GPU waits for it), read only."""
+    return torch.linspace(0, block - 1, min(block, SAMPLE_POINTS)).round().long().unique().to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _every(block: int, device: torch.device) -> Tensor:
+    return torch.arange(block, device=device)  # made there: no copy
 
 
 def _classes(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, tiles: Tensor, device: torch.device | str,
