@@ -44,6 +44,7 @@ from .mods import Mod, specialized_mod
 from .sparsity import closed_form_bounds
 from .sparsity import counts as device_counts
 from .sparsity.equality import candidate_ranges, interval_tables, ranges_to_tiles
+from .sparsity.host import on_host
 from .sparsity.tables import (
     bounds_rows,
     classes_to_ordered,
@@ -386,13 +387,14 @@ def _from_analysis(mod: Mod, grid: Grid, device: torch.device, evaluate: bool,
     if tables is not None:
         *tables, unsorted = tables
         return _finish(mod, grid, tables, bounds, _interval_report(grid.num_q_blocks * grid.num_kv_blocks, unsorted))
-    ranges = candidate_ranges(mod.ir, tensors, grid)
+    host = on_host(tensors)  # the analysis reads the captured tensors on the host: one device read for all
+    ranges = candidate_ranges(mod.ir, host, grid)
     if ranges is not None:
-        return _from_candidates(mod, grid, device, evaluate, bounds, ranges)
+        return _from_candidates(mod, grid, device, evaluate, bounds, ranges, host)
     nq, nkv = grid.num_q_blocks, grid.num_kv_blocks
     band = max(1, ANALYSIS_TILES // max(1, grid.B * grid.H * nkv))
     bands = [(q0, min(nq, q0 + band)) for q0 in range(0, nq, band)]
-    classes = [analyze_rows(mod.ir, tensors, grid, q0, q1) for q0, q1 in bands]
+    classes = [analyze_rows(mod.ir, host, grid, q0, q1) for q0, q1 in bands]
     undecided = sum(int((c == TileClass.PARTIAL).sum().item()) for c in classes)
     counts = _report(mod, grid, evaluate, undecided, skipped=0)
     partial_rows, full_rows = [], []
@@ -415,11 +417,12 @@ def _table_kernel(*args: Any) -> tuple[Tensor, ...]:
 
 
 def _from_candidates(mod: Mod, grid: Grid, device: torch.device, evaluate: bool, bounds: ClosedFormBounds | None,
-                     ranges: tuple[Tensor, Tensor]) -> BlockMask:
-    """`f(q) == g(kv) & ...` with g monotone: tiles outside each row's kv range are EMPTY (sparsity.equality)."""
+                     ranges: tuple[Tensor, Tensor], host: dict[str, Tensor]) -> BlockMask:
+    """`f(q) == g(kv) & ...` with g monotone: tiles outside each row's kv range are EMPTY (sparsity.equality).
+    `host`: the captured tensors on the host, for the analysis."""
     tensors = mod.tensors()
     rows, cols = ranges_to_tiles(*ranges)
-    cls = analyze_tiles(mod.ir, tensors, grid, rows, cols)  # [B, H, T]
+    cls = analyze_tiles(mod.ir, host, grid, rows, cols)  # [B, H, T]
     skipped = grid.B * grid.H * (grid.num_q_blocks * grid.num_kv_blocks - rows.numel())
     undecided = int((cls == TileClass.PARTIAL).sum().item())
     counts = _report(mod, grid, evaluate, undecided, skipped)

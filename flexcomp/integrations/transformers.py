@@ -42,6 +42,7 @@ except ImportError:
 import flexcomp as fc
 from flexcomp.errors import BackendError, UnsupportedConstructError
 from flexcomp.mods import Mod, as_mod
+from flexcomp.sparsity.host import remember
 
 NAME = "flexcomp"
 
@@ -247,14 +248,20 @@ def padding_mod(attention_mask: torch.Tensor | None, kv_end: int) -> Callable | 
         return None
     kept = attention_mask.to(torch.bool)
     length = kept.shape[-1]
-    if length >= kv_end and bool(kept[:, :kv_end].all()):
-        return None
     positions = torch.arange(length, device=kept.device)
     count = kept.sum(-1)
     start = torch.where(kept, positions, length).amin(-1)
     end = torch.where(kept, positions + 1, 0).amax(-1)
-    if bool(((end - start == count) | (count == 0)).all()):
-        return _kept_run(start.to(torch.int32), end.to(torch.int32))
+    all_kept = kept[:, :kv_end].all() if length >= kv_end else torch.zeros((), dtype=torch.bool, device=kept.device)
+    one_run = ((end - start == count) | (count == 0)).all()
+    # one device read (one sync) for both decisions and the runs' host copy, which the block mask's analysis reads
+    host = torch.cat([torch.stack([all_kept, one_run]).to(torch.int32), start.to(torch.int32), end.to(torch.int32)])
+    host = host.cpu()
+    if host[0]:
+        return None
+    if host[1]:
+        runs = host[2:].view(2, -1)
+        return _kept_run(*(remember(t.to(torch.int32), h) for t, h in zip((start, end), runs)))
     width = 1 << max(kv_end - 1, length - 1, 1).bit_length()
     return _kept_positions(torch.nn.functional.pad(kept, (0, width - length)))
 
@@ -266,11 +273,11 @@ def _kept_run(start: torch.Tensor, end: torch.Tensor) -> Callable:
     return kept_run
 
 
-def _offsets(q_offset: Any, kv_offset: Any, device: Any) -> torch.Tensor:
-    """[q_offset, kv_offset] as an int32 tensor: captured, not baked in, so each decode step reuses the kernel."""
-    return torch.stack(
-        [torch.as_tensor(o).reshape(()).to(device=device, dtype=torch.int32) for o in (q_offset, kv_offset)]
-    )
+def _offsets(q_offset: int, kv_offset: int, device: Any) -> torch.Tensor:
+    """[q_offset, kv_offset] as an int32 tensor: captured, not baked in, so each decode step reuses the kernel.
+    Made on the host (one copy to the device) and remembered there, so the block mask's analysis reads no device."""
+    host = torch.tensor([q_offset, kv_offset], dtype=torch.int32)
+    return remember(host.to(device), host)
 
 
 def at_positions(mask: Any, offsets: torch.Tensor) -> Mod:
@@ -280,6 +287,71 @@ def at_positions(mask: Any, offsets: torch.Tensor) -> Mod:
         return mask(b, h, q_idx + offsets[0], kv_idx + offsets[1])
 
     return fc.mask_mod(at_positions)
+
+
+def _lowered(pattern: Mod, padding: Callable | None, offsets: torch.Tensor) -> Mod:
+    return at_positions(pattern if padding is None else fc.and_masks(pattern, padding), offsets)
+
+
+# (pattern's key, padding's code, tensors' dtypes, shapes and devices) -> (a lowered Mod, {its buffer: which tensor})
+_LOWERED: dict[tuple, tuple[Mod, dict[str, int]]] = {}
+LOWERED_KEPT = 64
+
+
+def _kernel_mask(pattern: Mod, padding: Callable | None, offsets: torch.Tensor) -> Mod:
+    """`at_positions(pattern & padding, offsets)`, lowered once per pattern, kind of padding and tensor shapes: a
+    later forward's Mod is the first one's (same IR, so same kernels) reading this forward's tensors.  Lowering the
+    mask costs more than the block mask's analysis; the tensors are new at every forward, the mask is not.  A
+    pattern capturing tensors of its own (chunked, packed) is lowered anew."""
+    ours = [offsets, *_captured_tensors(padding)]
+    if pattern.buffers:
+        return _lowered(pattern, padding, offsets)
+    key = (pattern.key, getattr(padding, "__code__", None), tuple((t.dtype, t.shape, t.device) for t in ours))
+    hit = _LOWERED.get(key)
+    if hit is None:
+        mod = _lowered(pattern, padding, offsets)
+        sources = {name: _position(read(), ours) for name, read in mod.resolvers.items()}
+        if None in sources.values():
+            return mod
+        _LOWERED[key] = mod, sources
+        if len(_LOWERED) > LOWERED_KEPT:
+            del _LOWERED[next(iter(_LOWERED))]
+        return mod
+    first, sources = hit
+    fresh = dataclasses.replace(
+        first,
+        fn=_positions_fn(pattern, padding, offsets),
+        resolvers={name: functools.partial(_same, ours[i]) for name, i in sources.items()},
+        relower=functools.partial(_lowered, pattern, padding, offsets),
+        variants={},
+        latest=None,
+    )
+    fresh.__dict__["key"] = first.key  # its IR and buffer specs are the first one's
+    return fresh
+
+
+def _captured_tensors(fn: Callable | None) -> list[torch.Tensor]:
+    cells = getattr(fn, "__closure__", None) or ()
+    return [c.cell_contents for c in cells if isinstance(c.cell_contents, torch.Tensor)]
+
+
+def _position(value: Any, tensors: list[torch.Tensor]) -> int | None:
+    return next((i for i, t in enumerate(tensors) if t is value), None)
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _positions_fn(pattern: Mod, padding: Callable | None, offsets: torch.Tensor) -> Callable:
+    """The Python function of `_lowered`'s Mod (what calling the Mod runs, not compiled): pattern & padding, shifted."""
+
+    def at_positions(b, h, q_idx, kv_idx):
+        q, kv = q_idx + offsets[0], kv_idx + offsets[1]
+        kept = pattern(b, h, q, kv)
+        return kept if padding is None else kept & padding(b, h, q, kv)
+
+    return at_positions
 
 
 # ---------------------------------------------------------------- score mods
@@ -364,15 +436,21 @@ def model_mask(
         q_length, q_offset, device = cache_position.shape[0], cache_position[0], cache_position.device
     settings = _ACTIVE.get().over(settings)
     pattern = settings.mask_mod or (translate(mask_function) if mask_function else as_mod(_causal, "mask"))
-    padding = padding_mod(attention_mask, kv_length + _as_int(kv_offset))
+    q_offset, kv_offset = _as_ints(q_offset, kv_offset)
+    padding = padding_mod(attention_mask, kv_length + kv_offset)
     offsets = _offsets(q_offset, kv_offset, device)
-    mask = at_positions(pattern if padding is None else fc.and_masks(pattern, padding), offsets)
+    mask = _kernel_mask(pattern, padding, offsets)
     block_mask = fc.create_block_mask(mask, batch_size, None, q_length, kv_length, device=device)
     return ModelMask(block_mask, offsets, settings)
 
 
-def _as_int(offset: Any) -> int:
-    return int(offset)  # a StaticCache's offsets are tensors
+def _as_ints(q_offset: Any, kv_offset: Any) -> tuple[int, int]:
+    """The offsets as ints: a StaticCache's (and 4.x's cache_position) are device tensors, read together (one sync)."""
+    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
+        device = (q_offset if isinstance(q_offset, torch.Tensor) else kv_offset).device
+        pair = [torch.as_tensor(o).reshape(()).to(device=device, dtype=torch.int64) for o in (q_offset, kv_offset)]
+        q_offset, kv_offset = torch.stack(pair).tolist()
+    return int(q_offset), int(kv_offset)
 
 
 def attention(

@@ -7,6 +7,7 @@
 - `closed_form`: sympy derivation of per-q-block kv ranges (`ClosedFormBounds`);
 - `tables`: torch's ordered block tables without dense maps.
 - `counts`: the count tables of closed-form bounds, built on the device from their symbolic form.
+- `host`: the captured tensors' host copies the analysis reads (one device read per build), tables to the device.
 """
 
 from __future__ import annotations

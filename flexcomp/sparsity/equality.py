@@ -38,6 +38,7 @@ import torch
 from ..evaluate import evaluate
 from ..ir import INT32_MAX, INT32_MIN, DType, Node, Op, arg, const, free_args, substitute, toposort
 from . import closed_form
+from .host import on_host
 from .tables import columns, interval_spans, spans_to_tables
 
 Tensor = torch.Tensor
@@ -81,7 +82,7 @@ def candidate_ranges(ir: Node, tensors: dict[str, Tensor], grid) -> tuple[Tensor
     if term is None:
         return None
     f, g = term
-    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    tensors = on_host(tensors)
     g_vals = _values(g, "kv_idx", grid.kv_len, tensors)
     if g_vals.numel() > 1 and bool((g_vals[1:] < g_vals[:-1]).any()):
         return None

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ..ir import COMPARISON_OPS, INT32_MAX, INT32_MIN, DType, Node, Op
-from .linear import Constraint, constraint_of, linear
+from .linear import Constraint, linear, literal_constraint
 from .summaries import load_bounds
 
 Tensor = torch.Tensor
@@ -160,7 +160,7 @@ class Analyzer:
         self.wrapped: dict[Node, Tensor] = {}
         self.truths: dict[Node, Truth] = {}
         self.lin_cache: dict = {}
-        self.keys: dict[Node, str] = {}
+        self.forms: dict[tuple, Ival] = {}
         self.no = torch.zeros((1, 1, 1, 1), dtype=torch.bool)
 
     # ------------------------------------------------------------ values
@@ -335,7 +335,7 @@ class Analyzer:
         can_true, can_false = torch.ones((1, 1, 1, 1), dtype=torch.bool), self.no
         groups: dict[tuple, list[Constraint]] = {}
         for node, negate in literals:
-            con = constraint_of(node, negate, self.lin_cache, self.keys)
+            con = literal_constraint(node, negate)
             if isinstance(con, bool):
                 can_true, can_false = can_true & con, can_false | (not con)
                 continue
@@ -355,6 +355,11 @@ class Analyzer:
         return can_true, can_false
 
     def form_range(self, terms: tuple[tuple[Node, int], ...]) -> Ival:
+        if terms not in self.forms:  # a form's literals are judged alone, then together: one range for all
+            self.forms[terms] = self._form_range(terms)
+        return self.forms[terms]
+
+    def _form_range(self, terms: tuple[tuple[Node, int], ...]) -> Ival:
         lo, hi = _t(0, torch.int64), _t(0, torch.int64)
         for atom, c in terms:
             a_lo, a_hi = self.ival(atom)

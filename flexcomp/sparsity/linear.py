@@ -12,6 +12,7 @@ equal group keys, whatever way the user wrote the comparison.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -121,6 +122,13 @@ def constraint_of(node: Node, negate: bool, lin_cache: dict, keys: dict[Node, st
         return Constraint(t, neq=lo, sources=(a, b)) if lo == hi else True
     lo, hi = FORM_RANGE[op]
     return _make(terms, const, lo, hi, (a, b), keys)
+
+
+@functools.lru_cache(maxsize=4096)
+def literal_constraint(node: Node, negate: bool) -> Constraint | bool | None:
+    """`constraint_of`, kept per literal: it depends on the IR alone, and a mask rebuilt at every forward (its
+    captured tensors new) has the same IR, so its block mask's analysis normalizes each comparison once."""
+    return constraint_of(node, negate, {}, {})
 
 
 def _make(terms: dict[Node, int], const: int, lo: int | None, hi: int | None, sources: tuple[Node, ...],

@@ -16,6 +16,7 @@ Tensor = torch.Tensor
 AXES = ("b", "h", "q_idx", "kv_idx")
 GATHER_BUDGET = 1 << 25  # elements per gather; ranges longer than this are reduced in slices
 DEDUP_MIN = 4096  # range lists longer than this are deduplicated before reducing
+POINT_MAX = 1 << 16  # per-tile index values past which a point read is not looked for
 
 
 def axis_of(shape: torch.Size) -> int | None:
@@ -65,12 +66,30 @@ def _reduce_paired(table: Tensor, first: int, dim: int, lo: Tensor, hi: Tensor, 
     return torch.cat(out).unsqueeze(1).movedim((0, 1), (first, dim))
 
 
+def _point_read(table: Tensor, index_ranges: list[tuple[Tensor, Tensor]], grid_dims: int) -> Tensor | None:
+    """`table[indices]` per tile where every index is one value per tile (`start[b]`, `offsets[0]`), each along
+    at most one grid axis and inside the table: what the reductions below would give, by one gather; else None."""
+    if table.dim() != len(index_ranges):
+        return None
+    for (lo, hi), size in zip(index_ranges, table.shape):
+        if lo.shape != hi.shape or axis_of(lo.shape) == -1 or lo.numel() > POINT_MAX or not torch.equal(lo, hi):
+            return None
+        if not bool(((lo >= 0) & (lo <= size - 1)).all()):
+            return None
+    if not index_ranges:
+        return table.reshape([1] * grid_dims)
+    return table[tuple(lo.to(device=table.device, dtype=torch.int64) for lo, _ in index_ranges)]
+
+
 def load_bounds(table: Tensor, index_ranges: list[tuple[Tensor, Tensor]], grid_dims: int = 4) -> tuple[Tensor, Tensor]:
     """[lo, hi] of `table[indices]` per tile, given each index's per-tile [lo, hi] (grid-broadcast tensors)."""
     table = table.detach()
     if table.dtype == torch.bool:
         table = table.to(torch.int64)
     table = table.to(torch.float64) if table.is_floating_point() else table.to(torch.int64)
+    point = _point_read(table, index_ranges, grid_dims)
+    if point is not None:
+        return point, point
     tmin, tmax = table, table
     gather: list[Tensor] = []
     reduced_along: dict[int, int] = {}  # grid axis -> the table dim already reduced along it

@@ -15,6 +15,7 @@ import torch
 
 from ..evaluate import evaluate
 from ..tiles import ClosedFormBounds, TileClass
+from .host import on_device, on_host
 
 Tensor = torch.Tensor
 CHUNK_ELEMENTS = 1 << 22  # index entries built per band of rows: bounds the intermediates of a table
@@ -61,9 +62,9 @@ def rows_to_ordered(partial: list[Tensor], full: list[Tensor], device: torch.dev
     for bands in (partial, full):
         parts = [mask_to_ordered(m) for m in bands]
         width = max(p[1].shape[-1] for p in parts)
-        out.append(torch.cat([p[0] for p in parts], dim=-1).to(device))
-        out.append(torch.cat([_pad(p[1], width) for p in parts], dim=-2).to(device))
-    return tuple(out)
+        out.append(torch.cat([p[0] for p in parts], dim=-1))
+        out.append(torch.cat([_pad(p[1], width) for p in parts], dim=-2))
+    return tuple(on_device(out, device))  # one copy for the four tables
 
 
 def classes_to_ordered(classes: Tensor) -> tuple[Tensor, ...]:
@@ -121,7 +122,7 @@ def bounds_rows(bounds: ClosedFormBounds, grid, tensors: dict[str, Tensor]) -> t
     env = {"q_lo": (qb * grid.q_block).int(), "q_hi": (torch.clamp((qb + 1) * grid.q_block, max=grid.q_len) - 1).int(),
            "Q_LEN": torch.tensor(grid.q_len, dtype=torch.int32), "KV_LEN": torch.tensor(grid.kv_len, dtype=torch.int32),
            "b": torch.tensor(0, dtype=torch.int32), "h": torch.tensor(0, dtype=torch.int32)}
-    tensors = {k: v.cpu() for k, v in tensors.items()}
+    tensors = on_host(tensors)
     value = lambda node: evaluate(node, env, tensors).long().expand(qb.shape).clamp(0, grid.kv_len)
     kv_lo, kv_hi, full_lo, full_hi = (value(n) for n in (bounds.kv_lo, bounds.kv_hi, bounds.full_lo, bounds.full_hi))
     bk, nkv = grid.kv_block, grid.num_kv_blocks

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from ..ir import Node
 from ..tiles import TileClass
+from .host import on_host
 from .intervals import Analyzer
 
 Tensor = torch.Tensor
@@ -59,7 +61,7 @@ class Grid:
 
 def analyze_rows(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, q1: int) -> Tensor:
     """uint8 TileClass [B, H, q1-q0, nkv] proven by interval/relational analysis (PARTIAL = undecided)."""
-    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    tensors = on_host(tensors)
     can_true, can_false = Analyzer(grid.ranges(q0, q1), tensors).truth(ir)
     shape = (grid.B, grid.H, q1 - q0, grid.num_kv_blocks)
     can_true, can_false = can_true.expand(shape), can_false.expand(shape)
@@ -72,7 +74,7 @@ def analyze_rows(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, q1: 
 def analyze_tiles(ir: Node, tensors: dict[str, Tensor], grid: Grid, q_blocks: Tensor, kv_blocks: Tensor,
                   chunk: int = 1 << 18) -> Tensor:
     """uint8 TileClass [B, H, T] of the listed tiles (int64 [T] q and kv block numbers), by the same analysis."""
-    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    tensors = on_host(tensors)
     out = torch.empty(grid.B, grid.H, q_blocks.numel(), dtype=torch.uint8)
     step = max(1, chunk // (grid.B * grid.H))
     for start in range(0, q_blocks.numel(), step):
@@ -95,17 +97,25 @@ def evaluate_tiles(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, ti
     undecided tiles PARTIAL, as they straddle an edge of the mask, for a few dozen elements each; only the tiles
     whose sample agrees everywhere (EMPTY or FULL ones, or an edge the sample missed) are evaluated in full."""
     tensors = {k: v.to(device) for k, v in tensors.items()}
-    out = _classes(ir, tensors, grid, q0, tiles, device, _sample(grid.q_block), _sample(grid.kv_block))
+    device = torch.device(device)
+    out = _classes(ir, tensors, grid, q0, tiles, device, _sample(grid.q_block, device), _sample(grid.kv_block, device))
     rest = (out != TileClass.PARTIAL).nonzero()[:, 0]  # a mixed sample is a mixed tile: PARTIAL, decided
     if rest.numel():
-        everything = torch.arange(grid.q_block), torch.arange(grid.kv_block)
+        everything = _every(grid.q_block, device), _every(grid.kv_block, device)
         out[rest] = _classes(ir, tensors, grid, q0, tiles[rest], device, *everything)
     return out
 
 
-def _sample(block: int) -> Tensor:
-    """SAMPLE_POINTS offsets spread over [0, block), first and last included (all of them in a small block)."""
-    return torch.linspace(0, block - 1, min(block, SAMPLE_POINTS)).round().long().unique()
+@functools.lru_cache(maxsize=64)
+def _sample(block: int, device: torch.device) -> Tensor:
+    """SAMPLE_POINTS offsets spread over [0, block), first and last included (all of them in a small block); kept
+    per device (a copy to a GPU waits for it), read only."""
+    return torch.linspace(0, block - 1, min(block, SAMPLE_POINTS)).round().long().unique().to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _every(block: int, device: torch.device) -> Tensor:
+    return torch.arange(block, device=device)  # made there: no copy
 
 
 def _classes(ir: Node, tensors: dict[str, Tensor], grid: Grid, q0: int, tiles: Tensor, device: torch.device | str,
