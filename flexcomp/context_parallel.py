@@ -585,8 +585,9 @@ class _Transfers:
     def wait(self) -> None:
         for request in self.requests:
             request.wait()
-        for tensor, host in self.landing:
-            tensor.copy_(host)
+        with torch.no_grad():  # recorded, the copy would be the received chunk's last op: its gradient would stop
+            for tensor, host in self.landing:  # there, never reaching the owner (p2p's dK/dV, wrong on one GPU)
+                tensor.copy_(host)
 
     def _add(self, fn: Any, tensor: torch.Tensor, peer: int) -> None:
         """`peer` is a rank of the group, modulo its size (the ring's neighbours)."""

@@ -130,6 +130,8 @@ def _worker(rank, ranks, path):
             dist.barrier()
         if rank in (1, 2):
             _check(2, document, group=ranks_1_and_2)
+        if rank < 2:
+            _check_landing_in_host_buffers(groups[2])
         _under_torch_context_parallel(ranks)
     finally:
         dist.destroy_process_group()
@@ -157,6 +159,18 @@ def _cases(rank, world, group):
         assert len(plan.needed) < plan.n_chunks**2
         sent, every = plan.bytes_sent(1)
         assert sent < every
+
+
+def _check_landing_in_host_buffers(group):
+    """gloo cannot send CUDA tensors: they go through host buffers and are copied into the received chunks (what
+    benchmarks/cp_one_gpu.py runs on one GPU).  Forced here for CPU tensors: the copy into a received chunk must not
+    cut the way its gradient takes back to the owner (p2p's dK/dV were wrong on the GPU when it did)."""
+    through_host = cp._Transfers._through_host
+    cp._Transfers._through_host = lambda self, tensor: True
+    try:
+        _check(2, causal, group=group)
+    finally:
+        cp._Transfers._through_host = through_host
 
 
 def _under_torch_context_parallel(world):
