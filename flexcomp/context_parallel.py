@@ -549,10 +549,12 @@ class _Exchange(torch.autograd.Function):
                 transfers.recv(t, dst)
         transfers.start().wait()
         local_grads = {kc: list(passed[2 * i : 2 * i + 2]) for i, kc in enumerate(mine)}
-        for kc, (gk, gv) in returned:
-            for j, g in enumerate((gk, gv)):
-                local_grads[kc][j] = g if local_grads[kc][j] is None else local_grads[kc][j] + g
-        flat = [g for kc in mine for g in local_grads[kc]]
+        for kc, pair in returned:  # summed in the work dtype, as the ring's hops sum (one rounding to bf16, not one
+            for j, g in enumerate(pair):  # per user of the chunk)
+                so_far = local_grads[kc][j]
+                g = g.to(_work_dtype(g))
+                local_grads[kc][j] = g if so_far is None else so_far.to(g.dtype) + g
+        flat = [g if g is None else g.to(like.dtype) for kc in mine for g, like in zip(local_grads[kc], templates)]
         return (None, None, None, None, None, None, *flat)
 
 
