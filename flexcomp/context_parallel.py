@@ -298,11 +298,8 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                    backend)  # fmt: skip
     if world > 1:
         _first_collective(group)
-    if schedule == "ring":
-        captured = _captured_requiring_grad(score_mod)
-        out, lse = _Ring.apply(pairs, query, key, value, *captured)
-    else:
-        out, lse = _p2p_attention(pairs, query, key, value)
+    schedule_function = _Ring if schedule == "ring" else _P2P
+    out, lse = schedule_function.apply(pairs, query, key, value, *_captured_requiring_grad(score_mod))
     return (out, lse) if return_lse else out
 
 
@@ -316,28 +313,6 @@ def _first_collective(group: Any) -> None:
     if key not in _STARTED_GROUPS and dist.get_backend(group) == "nccl":
         dist.barrier(group=group)
     _STARTED_GROUPS.add(key)
-
-
-def _p2p_attention(pairs: _Pairs, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
-    """The p2p schedule: every needed chunk's transfer starts at once; the local pairs run meanwhile."""
-    mine = pairs.mine
-    local = dict(zip(mine, zip(pairs.chunks(key), pairs.chunks(value))))
-    in_flight = pairs.transfers()
-    local, remote = _exchanged(pairs.plan, pairs.rank, pairs.group, local, in_flight)  # sends and receives start
-    q_chunks = pairs.chunks(query)
-    parts = [pairs.attend_all(q, qc, local) for q, qc in zip(q_chunks, mine)]  # the local pairs overlap them
-    in_flight.wait()
-    outs, lses, computed = [], [], 0
-    for q, qc, own in zip(q_chunks, mine, parts):
-        done = own + pairs.attend_all(q, qc, remote)
-        computed += len(done)
-        out, lse = _merged(done, q, value.shape[-1])
-        outs.append(out)
-        lses.append(lse)
-    out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
-    if not computed:  # every pair of this rank is empty: still part of the graph, so that its backward joins the
-        out = out + 0 * sum(t.sum() for pair in local.values() for t in pair) + 0 * query.sum()  # exchange
-    return out, lse
 
 
 @functools.lru_cache(maxsize=64)
@@ -416,8 +391,8 @@ class _Pairs:
 
 
 def _captured_requiring_grad(score_mod: Any) -> tuple[torch.Tensor, ...]:
-    """The score_mod's captured tensors that want a gradient: the ring's autograd Function takes them as inputs, as
-    its backward computes their gradients itself."""
+    """The score_mod's captured tensors that want a gradient: each schedule's autograd Function takes them as
+    inputs, as its backward computes their gradients itself."""
     if score_mod is None:
         return ()
     captured = specialized_mod(score_mod, "score").tensors().values()
@@ -490,72 +465,84 @@ def _merged(parts: list[tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, dv:
 # ---------------------------------------------------------------- communication
 
 
-def _exchanged(the_plan: Plan, rank: int, group: Any, local: dict[int, tuple[torch.Tensor, torch.Tensor]],
-               in_flight: _Transfers) -> tuple[dict, dict]:  # fmt: skip
-    """(this rank's K/V chunks, the chunks its pairs need from other ranks), both through one exchange: the
-    received ones by point-to-point sends (only the needed ones), running asynchronously (their requests go to
-    `in_flight`, to be waited for before those chunks are read).  The local chunks pass through it so that every
-    rank's backward runs the exchange's, and so joins the transfers that return other ranks' gradients."""
-    if the_plan.world == 1:
-        return local, {}
-    wanted = [kc for kc in the_plan.kv_chunks_for(rank) if the_plan.owner(kc) != rank]
-    sends = [(kc, r) for kc in sorted(local) for r in range(the_plan.world)
-             if r != rank and kc in the_plan.kv_chunks_for(r)]  # fmt: skip
-    flat = _Exchange.apply(group, rank, the_plan, tuple(sends), tuple(wanted), in_flight,
-                           *(t for kc in sorted(local) for t in local[kc]))  # fmt: skip
-    own = {kc: (flat[2 * i], flat[2 * i + 1]) for i, kc in enumerate(sorted(local))}
-    received = flat[2 * len(own) :]
-    return own, {kc: (received[2 * i], received[2 * i + 1]) for i, kc in enumerate(wanted)}
+class _P2P(torch.autograd.Function):
+    """The p2p schedule.  Every needed K/V chunk goes straight from its owner to the ranks that need it, all transfers
+    at once, while the rank attends its own chunks' pairs; then the received chunks' pairs.  Each pair's forward is
+    recorded by autograd on leaves of its own and kept with the received chunks for the backward (the memory the
+    ring saves; nothing is recomputed), which differentiates each pair against the merged out and lse as the ring's
+    does, sends each received chunk's dK/dV share home and sums the shares of its own chunks in the work dtype
+    (float32): one rounding to the K/V dtype per user of a chunk, as the ring's one per hop.  (Through autograd's
+    own graph, a chunk used by two pairs had its gradients summed in bf16: W=4 causal dV over its bound on the H200.)"""
+
+    @staticmethod
+    def forward(ctx, pairs, query, key, value, *captured):
+        plan = pairs.plan
+        local = dict(zip(pairs.mine, zip(pairs.chunks(key), pairs.chunks(value))))
+        transfers, received = pairs.transfers(), {}
+        for kc, user in _p2p_sends(pairs):
+            for t in local[kc]:
+                transfers.send(t, user)
+        for kc in _p2p_wanted(pairs):
+            received[kc] = (torch.empty_like(local[pairs.mine[0]][0]), torch.empty_like(local[pairs.mine[0]][1]))
+            for t in received[kc]:
+                transfers.recv(t, plan.owner(kc))
+        transfers.start()
+        q_chunks, recorded = pairs.chunks(query), {}
+        for q, qc in zip(q_chunks, pairs.mine):  # the own chunks' pairs while the others travel
+            recorded.update(_record_all(pairs, q, qc, local))
+        transfers.wait()
+        for q, qc in zip(q_chunks, pairs.mine):
+            recorded.update(_record_all(pairs, q, qc, received))
+        merged = [_merged([(o.detach(), lse.detach()) for (c, _), (o, lse, _) in sorted(recorded.items()) if c == qc],
+                          q, value.shape[-1]) for q, qc in zip(q_chunks, pairs.mine)]  # fmt: skip
+        out, lse = torch.cat([o for o, _ in merged], 2), torch.cat([lse for _, lse in merged], 2)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.pairs, ctx.received, ctx.recorded = pairs, received, recorded
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        pairs = ctx.pairs
+        query, key, value, out, lse = ctx.saved_tensors
+        received, recorded = ctx.received, ctx.recorded
+        per_q, dq, captured, dcaptured = _backward_inputs(pairs, query, out, lse, dout, dlse)
+        transfers, returned = pairs.transfers(), []
+        for kc in _p2p_wanted(pairs):  # the received chunks' shares go home first: the owners wait for them
+            share = _contributions(pairs, per_q, kc, *received[kc], dq, captured, dcaptured, recorded)
+            for g, like in zip(share or (None, None), received[kc]):
+                transfers.send(torch.zeros_like(like) if g is None else g.to(like.dtype), pairs.plan.owner(kc))
+        local = dict(zip(pairs.mine, zip(pairs.chunks(key), pairs.chunks(value))))
+        for kc, user in _p2p_sends(pairs):  # and the shares of this rank's chunks come back
+            returned.append((kc, [torch.empty_like(t) for t in local[kc]]))
+            for t in returned[-1][1]:
+                transfers.recv(t, user)
+        transfers.start()
+        home = {kc: _contributions(pairs, per_q, kc, *local[kc], dq, captured, dcaptured, recorded) for kc in local}
+        transfers.wait()
+        parts = {kc: _summed([home[kc], *(share for c, share in returned if c == kc)], key.dtype) for kc in local}
+        return _backward_outputs(pairs, query, key, value, parts, dq, captured, dcaptured)
+
+
+def _record_all(pairs: _Pairs, q, qc: int, sources: dict) -> dict:
+    """{(qc, kc): `_recorded` pair} for each kv chunk of `sources` ({chunk: (k, v)}) that q chunk qc needs."""
+    needed = [kc for kc in sorted(sources) if (qc, kc) in pairs.plan.needed]
+    return {(qc, kc): _recorded(pairs, q, qc, *sources[kc], kc) for kc in needed}
+
+
+def _p2p_sends(pairs: _Pairs) -> list[tuple[int, int]]:
+    """(chunk, rank) for each of this rank's chunks and each other rank that needs it, in the order both ends use."""
+    plan = pairs.plan
+    return [(kc, r) for kc in sorted(pairs.mine) for r in range(plan.world)
+            if r != pairs.rank and kc in plan.kv_chunks_for(r)]  # fmt: skip
+
+
+def _p2p_wanted(pairs: _Pairs) -> list[int]:
+    """The chunks of other ranks that this rank's pairs need, in the order their owners send them."""
+    return [kc for kc in pairs.plan.kv_chunks_for(pairs.rank) if pairs.plan.owner(kc) != pairs.rank]
 
 
 def _global_rank(group: Any, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
-
-
-class _Exchange(torch.autograd.Function):
-    """Send this rank's K/V chunks to the ranks that need them and receive the chunks it needs; backward sends the
-    received chunks' gradients back to their owners and adds the returned ones to the local chunks'."""
-
-    @staticmethod
-    def forward(ctx, group, rank, the_plan, sends, wanted, in_flight, *local_kv):
-        mine = sorted(chunks_of(rank, the_plan.world, the_plan.load_balance))
-        local = {kc: (local_kv[2 * i], local_kv[2 * i + 1]) for i, kc in enumerate(mine)}
-        template_k, template_v = local[mine[0]]
-        ctx.templates = (template_k.new_empty(template_k.shape), template_v.new_empty(template_v.shape))
-        received = [(torch.empty_like(template_k), torch.empty_like(template_v)) for _ in wanted]
-        for kc, dst in sends:
-            for t in local[kc]:
-                in_flight.send(t, dst)
-        for kc, pair in zip(wanted, received):
-            for t in pair:
-                in_flight.recv(t, the_plan.owner(kc))
-        in_flight.start()
-        ctx.exchange = (group, rank, the_plan, sends, wanted, mine)
-        return (*(t.clone() for t in local_kv), *(t for pair in received for t in pair))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        group, _, the_plan, sends, wanted, mine = ctx.exchange
-        passed, grads = grads[: 2 * len(mine)], grads[2 * len(mine) :]  # the local chunks', the received ones'
-        transfers, returned = _Transfers(group, the_plan.world), []
-        templates = ctx.templates
-        for i, kc in enumerate(wanted):  # the gradients of what this rank received go back to the owners
-            for g, like in zip(grads[2 * i : 2 * i + 2], templates):
-                transfers.send(torch.zeros_like(like) if g is None else g, the_plan.owner(kc))
-        for kc, dst in sends:  # and those of what it sent come back
-            pair = [torch.empty_like(like) for like in templates]
-            returned.append((kc, pair))
-            for t in pair:
-                transfers.recv(t, dst)
-        transfers.start().wait()
-        local_grads = {kc: list(passed[2 * i : 2 * i + 2]) for i, kc in enumerate(mine)}
-        for kc, pair in returned:  # summed in the work dtype, as the ring's hops sum (one rounding to bf16, not one
-            for j, g in enumerate(pair):  # per user of the chunk)
-                so_far = local_grads[kc][j]
-                g = g.to(_work_dtype(g))
-                local_grads[kc][j] = g if so_far is None else so_far.to(g.dtype) + g
-        flat = [g if g is None else g.to(like.dtype) for kc in mine for g, like in zip(local_grads[kc], templates)]
-        return (None, None, None, None, None, None, *flat)
 
 
 class _Transfers:
@@ -641,13 +628,7 @@ class _Ring(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         pairs = ctx.pairs
         query, key, value, out, lse = ctx.saved_tensors
-        dout = torch.zeros_like(out) if dout is None else dout
-        dlse = torch.zeros_like(lse) if dlse is None else dlse
-        rows = [pairs.chunks(t.unsqueeze(-1)) for t in (lse, dlse)]  # lse's chunks, with a last dim to split
-        per_q = list(zip(pairs.chunks(query), pairs.mine, pairs.chunks(out), pairs.chunks(dout), *rows))
-        captured = _captured_requiring_grad(pairs.score_mod)
-        dq = [torch.zeros(q.shape, dtype=_work_dtype(q), device=q.device) for q in pairs.chunks(query)]
-        dcaptured: list = [None] * len(captured)
+        per_q, dq, captured, dcaptured = _backward_inputs(pairs, query, out, lse, dout, dlse)
         held = dict(zip(pairs.plan.ring_held(pairs.rank, 0), zip(pairs.chunks(key), pairs.chunks(value))))
         home: dict = {}  # this rank's chunks' dK/dV: its own share (way 0) and each arm's sum, once back
         done: dict = {}  # what was held at the step before, its dK/dV accumulated so far
@@ -664,20 +645,41 @@ class _Ring(torch.autograd.Function):
             home.update((item, g) for item, g in done.items() if item[1] == 0)
             held = incoming
         parts = {kc: _summed([g for (c, _), g in home.items() if c == kc], key.dtype) for kc in pairs.mine}
-        dk, dv = ([parts[kc][j] if parts[kc] is not None else torch.zeros_like(part)
-                   for kc, part in zip(pairs.mine, pairs.chunks(t))] for j, t in enumerate((key, value)))  # fmt: skip
-        grads_captured = [torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(captured, dcaptured)]
-        return (None, torch.cat(dq, 2).to(query.dtype), torch.cat(dk, 2), torch.cat(dv, 2), *grads_captured)
+        return _backward_outputs(pairs, query, key, value, parts, dq, captured, dcaptured)
 
 
-def _contributions(pairs: _Pairs, per_q: list, kc: int, k, v, dq: list, captured: tuple, dcaptured: list):
+def _backward_inputs(pairs: _Pairs, query, out, lse, dout, dlse) -> tuple:
+    """What both schedules' backwards start from: per q chunk (q, chunk, out, dout, lse, dlse), zeroed dQ chunks in
+    the work dtype, the captured tensors that want gradients and their (empty) gradients."""
+    dout = torch.zeros_like(out) if dout is None else dout
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    rows = [pairs.chunks(t.unsqueeze(-1)) for t in (lse, dlse)]  # lse's chunks, with a last dim to split
+    per_q = list(zip(pairs.chunks(query), pairs.mine, pairs.chunks(out), pairs.chunks(dout), *rows))
+    captured = _captured_requiring_grad(pairs.score_mod)
+    dq = [torch.zeros(q.shape, dtype=_work_dtype(q), device=q.device) for q in pairs.chunks(query)]
+    return per_q, dq, captured, [None] * len(captured)
+
+
+def _backward_outputs(pairs: _Pairs, query, key, value, parts: dict, dq: list, captured, dcaptured) -> tuple:
+    """The Function's gradients from each own chunk's summed [dK, dV] (None: no pair used it), dQ and the captured
+    tensors' gradients."""
+    dk, dv = ([parts[kc][j] if parts[kc] is not None else torch.zeros_like(part)
+               for kc, part in zip(pairs.mine, pairs.chunks(t))] for j, t in enumerate((key, value)))  # fmt: skip
+    grads_captured = [torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(captured, dcaptured)]
+    return (None, torch.cat(dq, 2).to(query.dtype), torch.cat(dk, 2), torch.cat(dv, 2), *grads_captured)
+
+
+def _contributions(pairs: _Pairs, per_q: list, kc: int, k, v, dq: list, captured: tuple, dcaptured: list,
+                   recorded: dict | None = None):  # fmt: skip
     """[dK, dV] of kv chunk kc from this rank's needed pairs (None if it needs none), in the work dtype; adds the
-    pairs' dQ to `dq` and the captured tensors' gradients to `dcaptured`."""
+    pairs' dQ to `dq` and the captured tensors' gradients to `dcaptured`.  Each pair is differentiated through its
+    forward as `recorded` holds it ({(q chunk, kv chunk): `_recorded`}, p2p's), else recomputed (the ring's)."""
     dk = dv = None
     for i, (q, qc, out, dout, lse, dlse) in enumerate(per_q):
         if (qc, kc) not in pairs.plan.needed:
             continue
-        grads = _pair_grads(pairs, q, qc, k, v, kc, out, dout, lse.squeeze(-1), dlse.squeeze(-1), captured)
+        record = recorded[qc, kc] if recorded is not None else _recorded(pairs, q, qc, k, v, kc)
+        grads = _pair_grads(record, out, dout, lse.squeeze(-1), dlse.squeeze(-1), captured)
         dq[i] += grads[0]
         dk = grads[1].to(dq[i].dtype) if dk is None else dk + grads[1]
         dv = grads[2].to(dq[i].dtype) if dv is None else dv + grads[2]
@@ -687,17 +689,23 @@ def _contributions(pairs: _Pairs, per_q: list, kc: int, k, v, dq: list, captured
     return None if dk is None else [dk, dv]
 
 
-def _pair_grads(pairs: _Pairs, q, qc, k, v, kc, out, dout, lse, dlse, captured) -> tuple:
-    """(dq, dk, dv, *captured's) of one pair, its forward recomputed.  With the merged output out = sum_i w_i o_i,
-    w_i = exp(lse_i - lse): d o_i = w_i dout and d lse_i = w_i (rowsum(dout * (o_i - out)) + dlse)."""
+def _recorded(pairs: _Pairs, q, qc, k, v, kc) -> tuple:
+    """(out, lse, (q, k, v)) of one pair, attended with autograd recording, on leaves of its own (so that each pair's
+    gradients come out separately, to be summed in the work dtype)."""
     with torch.enable_grad():
-        q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
-        o, pair_lse = pairs.attend(q_, qc, k_, v_, kc)
-        work = pair_lse.dtype
-        weight = torch.where(torch.isinf(pair_lse), 0.0, torch.exp(pair_lse.detach() - lse.to(work))).detach()
-        d_o = (weight[..., None] * dout.to(work)).to(o.dtype)
-        d_lse = weight * ((dout.to(work) * (o.detach().to(work) - out.to(work))).sum(-1) + dlse.to(work))
-        return torch.autograd.grad((o, pair_lse), (q_, k_, v_, *captured), (d_o, d_lse), allow_unused=True)
+        q_, k_, v_ = leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+        return (*pairs.attend(q_, qc, k_, v_, kc), leaves)
+
+
+def _pair_grads(record: tuple, out, dout, lse, dlse, captured) -> tuple:
+    """(dq, dk, dv, *captured's) of one recorded pair.  With the merged output out = sum_i w_i o_i,
+    w_i = exp(lse_i - lse): d o_i = w_i dout and d lse_i = w_i (rowsum(dout * (o_i - out)) + dlse)."""
+    o, pair_lse, leaves = record
+    work = pair_lse.dtype
+    weight = torch.where(torch.isinf(pair_lse), 0.0, torch.exp(pair_lse.detach() - lse.to(work)))
+    d_o = (weight[..., None] * dout.to(work)).to(o.dtype)
+    d_lse = weight * ((dout.to(work) * (o.detach().to(work) - out.to(work))).sum(-1) + dlse.to(work))
+    return torch.autograd.grad((o, pair_lse), (*leaves, *captured), (d_o, d_lse), allow_unused=True)
 
 
 def _summed(parts: list, dtype: torch.dtype):
