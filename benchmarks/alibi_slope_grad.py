@@ -4,7 +4,8 @@
     SKIP_TORCH=1 TRITON_DEFAULT_FP_FUSION=0 python benchmarks/alibi_slope_grad.py   # flexcomp alone, no FMA fusion
 
 Rows: plain float32 math (the reference backend), flexcomp by default, with the forward kernel instead of the decode
-kernel, with atomic dQ, under deterministic algorithms, and torch's flex_attention compiled.  The slope's gradient
+kernel, with atomic dQ, under deterministic algorithms, flexcomp's backward alone fed the float64 forward's out and
+lse, and torch's flex_attention compiled.  The slope's gradient
 sums dS * (kv - q) over rows of dS that sum to zero, so it cancels; with slopes near 1 over ~1700 keys flexcomp's
 error was 10-40x torch's on the H200 (session 12), and not on the interpreter.
 """
@@ -53,10 +54,27 @@ def case(q_len: int, kv_len: int, dim: int, dim_v: int, slope_scale: float, seed
     torch.use_deterministic_algorithms(True)
     rows["deterministic"] = grads(fc.flex_attention, torch.float32)
     torch.use_deterministic_algorithms(False)
+    rows["bwd alone"] = backward_alone(q, k, v, dout, slopes)
     if not os.environ.get("SKIP_TORCH"):
         rows["torch flex"] = grads(torch.compile(torch_flex), torch.float32)
     errors = "  ".join(f"{k}: dslopes {rel(g[0], ref[0]):.1e} dq {rel(g[1], ref[1]):.1e}" for k, g in rows.items())
     print(f"Lq={q_len} Lkv={kv_len} D={dim} Dv={dim_v} slopes*{slope_scale}: {errors}", flush=True)
+
+
+def backward_alone(q, k, v, dout, slopes) -> tuple:
+    """(d slopes, d q) of flexcomp's backward kernels fed the float64 forward's out and lse (rounded to float32):
+    which of the two directions loses the digits."""
+    from flexcomp.codegen.backward import flex_backward
+
+    global SLOPES
+    SLOPES = slopes.double()
+    out64, lse64 = fc.flex_attention(*(t.double() for t in (q, k, v)), score_mod=alibi, enable_gqa=True,
+                                     return_lse=True, backend="reference")  # fmt: skip
+    SLOPES = slopes.float()
+    mod = fc.score_mod(alibi)
+    dq, _, _, grads = flex_backward(q, k, v, out64.float(), lse64.float(), dout, None, mod, None, None, True, None,
+                                    captured={"SLOPES": SLOPES}, grad_buffers=frozenset({"SLOPES"}))  # fmt: skip
+    return grads["SLOPES"], dq
 
 
 if __name__ == "__main__":
