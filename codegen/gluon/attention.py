@@ -424,15 +424,7 @@ def _consumer_step(
 @gluon.jit
 def _consumer(
     WG: gl.constexpr,
-    q_smem,
-    k_ring,
-    v_ring,
-    bars,
-    o_desc,
-    lse_ptr,
-    scales,
-    seq_len,
-    heads,
+    shared,
     CAUSAL: gl.constexpr,
     SPLIT: gl.constexpr,
     SCORE_FN: gl.constexpr,
@@ -442,7 +434,9 @@ def _consumer(
     """One warpgroup, rows [WG * Q_ROWS, (WG + 1) * Q_ROWS) of the CTA's Q tile.  Ping-pong: a consumer issues
     its two wgmmas only in its turn and hands the turn to the next right after, so its softmax of tile i runs
     while the others' wgmmas use the tensor cores.  SPLIT: the masked tiles (before and after the full run) and
-    the full ones in loops of their own, the mask a constexpr (no mask code or branch in the full loop)."""
+    the full ones in loops of their own, the mask a constexpr (no mask code or branch in the full loop).
+    `shared`: what every consumer gets, (q_smem, k_ring, v_ring, bars, o_desc, lse_ptr, scales, seq_len, heads)."""
+    q_smem, k_ring, v_ring, bars, o_desc, lse_ptr, scales, seq_len, heads = shared
     q_ready, kv_ready, kv_empty, turn = bars
     CONSUMERS: gl.constexpr = q_smem.shape[0]
     Q_ROWS: gl.constexpr = q_smem.shape[1]
@@ -550,130 +544,24 @@ def _forward_b(
         mbarrier.init(turn.index(i), count=1)
     fence_async_shared()
     bars = (q_ready, kv_ready, kv_empty, turn)
-    scales = (qk_scale, sm_scale)
-    # (Gluon 3.6 takes the partitions' (function, args) pairs only as literals inside the call)
+    shared = (q_smem, k_ring, v_ring, bars, o_desc, lse_ptr, (qk_scale, sm_scale), seq_len, heads)
+    # Gluon 3.6 takes the partitions' (function, args) pairs only as literals inside the call (a tuple variable may
+    # not hold the mods' functions): one call per consumer count
+    # fmt: off
     if CONSUMERS == 2:
-        gl.warp_specialize(
-            [
-                (
-                    _consumer,
-                    (
-                        0,
-                        q_smem,
-                        k_ring,
-                        v_ring,
-                        bars,
-                        o_desc,
-                        lse_ptr,
-                        scales,
-                        seq_len,
-                        heads,
-                        CAUSAL,
-                        SPLIT,
-                        SCORE_FN,
-                        MASK_FN,
-                        TILES_FN,
-                    ),
-                ),
-                (
-                    _consumer,
-                    (
-                        1,
-                        q_smem,
-                        k_ring,
-                        v_ring,
-                        bars,
-                        o_desc,
-                        lse_ptr,
-                        scales,
-                        seq_len,
-                        heads,
-                        CAUSAL,
-                        SPLIT,
-                        SCORE_FN,
-                        MASK_FN,
-                        TILES_FN,
-                    ),
-                ),
-                (
-                    _producer,
-                    (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, bars, seq_len, heads, CAUSAL, MASK_FN, TILES_FN),
-                ),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )
+        gl.warp_specialize([(_consumer, (0, shared, CAUSAL, SPLIT, SCORE_FN, MASK_FN, TILES_FN)),
+                            (_consumer, (1, shared, CAUSAL, SPLIT, SCORE_FN, MASK_FN, TILES_FN)),
+                            (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, bars, seq_len, heads, CAUSAL,
+                                         MASK_FN, TILES_FN))],
+                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
-        gl.warp_specialize(
-            [
-                (
-                    _consumer,
-                    (
-                        0,
-                        q_smem,
-                        k_ring,
-                        v_ring,
-                        bars,
-                        o_desc,
-                        lse_ptr,
-                        scales,
-                        seq_len,
-                        heads,
-                        CAUSAL,
-                        SPLIT,
-                        SCORE_FN,
-                        MASK_FN,
-                        TILES_FN,
-                    ),
-                ),
-                (
-                    _consumer,
-                    (
-                        1,
-                        q_smem,
-                        k_ring,
-                        v_ring,
-                        bars,
-                        o_desc,
-                        lse_ptr,
-                        scales,
-                        seq_len,
-                        heads,
-                        CAUSAL,
-                        SPLIT,
-                        SCORE_FN,
-                        MASK_FN,
-                        TILES_FN,
-                    ),
-                ),
-                (
-                    _consumer,
-                    (
-                        2,
-                        q_smem,
-                        k_ring,
-                        v_ring,
-                        bars,
-                        o_desc,
-                        lse_ptr,
-                        scales,
-                        seq_len,
-                        heads,
-                        CAUSAL,
-                        SPLIT,
-                        SCORE_FN,
-                        MASK_FN,
-                        TILES_FN,
-                    ),
-                ),
-                (
-                    _producer,
-                    (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, bars, seq_len, heads, CAUSAL, MASK_FN, TILES_FN),
-                ),
-            ],
-            [4, 4, 1],
-            [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS],
-        )
+        gl.warp_specialize([(_consumer, (0, shared, CAUSAL, SPLIT, SCORE_FN, MASK_FN, TILES_FN)),
+                            (_consumer, (1, shared, CAUSAL, SPLIT, SCORE_FN, MASK_FN, TILES_FN)),
+                            (_consumer, (2, shared, CAUSAL, SPLIT, SCORE_FN, MASK_FN, TILES_FN)),
+                            (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, bars, seq_len, heads, CAUSAL,
+                                         MASK_FN, TILES_FN))],
+                           [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+    # fmt: on
 
 
 # ---------------------------------------------------------------- host side
