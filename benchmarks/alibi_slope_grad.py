@@ -1,13 +1,15 @@
 """The float32 ALiBi slope gradient on the GPU: its relative error against float64, flexcomp's paths beside torch's.
 
     python benchmarks/alibi_slope_grad.py                       # CUDA
-    SKIP_TORCH=1 TRITON_DEFAULT_FP_FUSION=0 python benchmarks/alibi_slope_grad.py   # flexcomp alone, no FMA fusion
+    SKIP_TORCH=1 FLEXCOMP_FP_FUSION=0 python benchmarks/alibi_slope_grad.py   # flexcomp alone, no FMA fusion
 
 Rows: plain float32 math (the reference backend), flexcomp by default, with the forward kernel instead of the decode
 kernel, with atomic dQ, under deterministic algorithms, flexcomp's backward alone fed the float64 forward's out and
 lse, and torch's flex_attention compiled.  The slope's gradient
 sums dS * (kv - q) over rows of dS that sum to zero, so it cancels; with slopes near 1 over ~1700 keys flexcomp's
-error was 10-40x torch's on the H200 (session 12), and not on the interpreter.
+error was 10-40x torch's on the H200 (session 12), and not on the interpreter.  (Session 12 also ran it with
+Triton's TRITON_DEFAULT_FP_FUSION=0, which changed nothing because flexcomp's launches set the option themselves:
+FLEXCOMP_FP_FUSION is the switch that reaches them.)
 """
 
 from __future__ import annotations
@@ -78,6 +80,6 @@ def backward_alone(q, k, v, dout, slopes) -> tuple:
 
 
 if __name__ == "__main__":
-    print("TRITON_DEFAULT_FP_FUSION", os.environ.get("TRITON_DEFAULT_FP_FUSION", "(default)"))
+    print("FLEXCOMP_FP_FUSION", os.environ.get("FLEXCOMP_FP_FUSION", "(default: on)"))
     for args in CASES:
         case(*args)

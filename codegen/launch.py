@@ -28,7 +28,9 @@ Config = TypeVar("Config")
 
 # Compile options for every generated kernel.  The online softmax relies on fused multiply-adds; Triton 3.9
 # warns that its default for them turns off in 3.10, so say so explicitly instead of inheriting a default.
-KERNEL_OPTIONS = {"enable_fp_fusion": True}
+# FLEXCOMP_FP_FUSION=0 turns them off, to see whether a numerical difference comes from where the compilers fused
+# (benchmarks/alibi_slope_grad.py; Triton's own TRITON_DEFAULT_FP_FUSION does not reach these launches).
+KERNEL_OPTIONS = {"enable_fp_fusion": os.environ.get("FLEXCOMP_FP_FUSION", "1") != "0"}
 
 
 def launch_first_fitting(configs: Iterable[Config], run: Callable[[Config], None], refusal: str) -> Config:
