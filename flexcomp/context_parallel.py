@@ -487,12 +487,12 @@ class _P2P(torch.autograd.Function):
             for t in received[kc]:
                 transfers.recv(t, plan.owner(kc))
         transfers.start()
-        q_chunks, recorded = pairs.chunks(query), {}
+        q_chunks, recorded, grads = pairs.chunks(query), {}, any(ctx.needs_input_grad)
         for q, qc in zip(q_chunks, pairs.mine):  # the own chunks' pairs while the others travel
-            recorded.update(_record_all(pairs, q, qc, local))
+            recorded.update(_record_all(pairs, q, qc, local, grads))
         transfers.wait()
         for q, qc in zip(q_chunks, pairs.mine):
-            recorded.update(_record_all(pairs, q, qc, received))
+            recorded.update(_record_all(pairs, q, qc, received, grads))
         merged = [_merged([(o.detach(), lse.detach()) for (c, _), (o, lse, _) in sorted(recorded.items()) if c == qc],
                           q, value.shape[-1]) for q, qc in zip(q_chunks, pairs.mine)]  # fmt: skip
         out, lse = torch.cat([o for o, _ in merged], 2), torch.cat([lse for _, lse in merged], 2)
@@ -523,9 +523,12 @@ class _P2P(torch.autograd.Function):
         return _backward_outputs(pairs, query, key, value, parts, dq, captured, dcaptured)
 
 
-def _record_all(pairs: _Pairs, q, qc: int, sources: dict) -> dict:
-    """{(qc, kc): `_recorded` pair} for each kv chunk of `sources` ({chunk: (k, v)}) that q chunk qc needs."""
+def _record_all(pairs: _Pairs, q, qc: int, sources: dict, grads: bool) -> dict:
+    """{(qc, kc): `_recorded` pair} for each kv chunk of `sources` ({chunk: (k, v)}) that q chunk qc needs; without
+    `grads` (nothing to differentiate) attended without recording."""
     needed = [kc for kc in sorted(sources) if (qc, kc) in pairs.plan.needed]
+    if not grads:
+        return {(qc, kc): (*pairs.attend(q, qc, *sources[kc], kc), None) for kc in needed}
     return {(qc, kc): _recorded(pairs, q, qc, *sources[kc], kc) for kc in needed}
 
 

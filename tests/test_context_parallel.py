@@ -171,6 +171,21 @@ def _check_landing_in_host_buffers(group):
         _check(2, causal, group=group)
     finally:
         cp._Transfers._through_host = through_host
+    _check_without_gradients(group)
+
+
+def _check_without_gradients(group):
+    """Inference (no_grad, or inputs that need no gradient): both schedules attend without recording a graph, and
+    give the single-process output."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, H, CHUNK * 4, D, generator=g, dtype=torch.float64) for _ in range(3))
+    ref = fc.flex_attention(q, k, v, mask_mod=causal)
+    local = [cp.shard(t, group) for t in (q, k, v)]
+    for schedule in cp.SCHEDULES:
+        with torch.no_grad():
+            out = cp.flex_attention(*local, mask_mod=causal, group=group, schedule=schedule)
+        torch.testing.assert_close(out, cp.shard(ref, group), atol=1e-10, rtol=1e-10)
+        assert out.grad_fn is None and not out.requires_grad
 
 
 def _under_torch_context_parallel(world):
