@@ -4,7 +4,8 @@ decoding within 3% of the contiguous decode time, page size 128 and 16, pages sh
     python benchmarks/bench_paged.py            # the issue's rows, bf16, D=128, Hq=32, Hkv=8 (GPU)
     python benchmarks/bench_paged.py --quick    # tiny shapes on CPU (reference backend): a smoke test
     TRITON_INTERPRET=1 python benchmarks/bench_paged.py --quick   # the same through the decode kernel
-    python benchmarks/bench_paged.py --paged-block-n 16   # A/B: 16-row tiles (one page each), not 64 gathered
+    python benchmarks/bench_paged.py --paged-options BLOCK_N=16   # A/B: the paged calls' kernel_options
+    python benchmarks/bench_paged.py --probe --page-sizes 16     # every PROBE config, paged/contiguous per row
 
 Contiguous: K/V [B, Hkv, Lkv, D], no mask (what bench_decode.py's "none" rows time).  Paged: one cache
 [1, Hkv, n_pages * page_size, D] whose pages are handed out shuffled, read through
@@ -29,6 +30,8 @@ import flexcomp as fc
 
 QUICK_ROWS = [(2, 1, 64), (1, 3, 128)]
 PAGE_SIZES = (128, 16)
+# --probe: the paged calls' (kv tile, stages) tried against the default; small pages may want more bytes in flight
+PROBE = [(64, 4), (64, 5), (128, 2), (128, 3), (32, 4), (32, 6)]
 
 
 def paged_copy(k, v, page_size, device):
@@ -78,7 +81,7 @@ def bench_one(B, q_len, L, page_size, args, device, dtype):
     def contiguous():
         return fc.flex_attention(q, k, v, enable_gqa=True, backend=backend)
 
-    options = {"BLOCK_N": args.paged_block_n} if args.paged_block_n else None
+    options = args.paged_options or None
 
     def paged_run():
         return fc.flex_attention(q, k_cache, v_cache, block_mask=converted, enable_gqa=True, backend=backend,
@@ -100,22 +103,35 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU: a smoke test")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--inner", type=int, default=20)
-    parser.add_argument(
-        "--paged-block-n", type=int, help="the paged calls' kv tile (16: one page part a tile, for A/B)"
-    )
+    parser.add_argument("--paged-options", nargs="*", default=[], metavar="KEY=INT",
+                        help="the paged calls' kernel_options (BLOCK_N=16: one page a tile; num_stages=4)")
+    parser.add_argument("--page-sizes", type=int, nargs="*", default=None, help=f"default {PAGE_SIZES}")
+    parser.add_argument("--probe", action="store_true", help="each row at every PROBE config too (GPU)")
     args = parser.parse_args()
+    args.paged_options = dict(_option(o) for o in args.paged_options)
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     rows, dtype = (QUICK_ROWS, torch.float32) if args.quick else (ISSUE_ROWS, torch.bfloat16)
     args.heads, args.kv_heads, args.head_dim = (4, 2, 16) if args.quick else (32, 8, 128)
     if args.quick:
         args.repeats, args.inner = 3, 1
-    print("| B | Lq | Lkv | page | tile | contiguous us | paged us | paged/contiguous | eager |")
-    print("|---" * 9 + "|")
+    page_sizes = args.page_sizes or (PAGE_SIZES if not args.quick else (16, 32))
+    variants = [args.paged_options]
+    if args.probe:
+        variants += [{**args.paged_options, "BLOCK_N": n, "num_stages": s} for n, s in PROBE]
+    print("| B | Lq | Lkv | page | options | tile | contiguous us | paged us | paged/contiguous | eager |")
+    print("|---" * 10 + "|")
     for B, q_len, L in rows:
-        for page_size in PAGE_SIZES if not args.quick else (16, 32):
-            contig_ms, paged_ms, eager, tile = bench_one(B, q_len, L, page_size, args, device, dtype)
-            print(f"| {B} | {q_len} | {L} | {page_size} | {tile} | {contig_ms * 1e3:.1f} | {paged_ms * 1e3:.1f} | "
-                  f"{paged_ms / contig_ms:.3f} | {eager:.2f} |", flush=True)  # fmt: skip
+        for page_size in page_sizes:
+            for args.paged_options in variants:
+                contig_ms, paged_ms, eager, tile = bench_one(B, q_len, L, page_size, args, device, dtype)
+                shown = " ".join(f"{k}={v}" for k, v in args.paged_options.items()) or "default"
+                print(f"| {B} | {q_len} | {L} | {page_size} | {shown} | {tile} | {contig_ms * 1e3:.1f} | "
+                      f"{paged_ms * 1e3:.1f} | {paged_ms / contig_ms:.3f} | {eager:.2f} |", flush=True)  # fmt: skip
+
+
+def _option(text: str) -> tuple[str, int]:
+    key, _, value = text.partition("=")
+    return key, int(value)
 
 
 if __name__ == "__main__":
