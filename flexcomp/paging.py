@@ -286,9 +286,12 @@ def _full_as_partial(block_mask: Any) -> Any:
         dim=-1,
     )
     order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # listed tiles first, in order
+    # a row lists each kv block once, as PARTIAL or FULL: at most nkv entries, though the two tables side by side
+    # are twice torch's dense width (wider than the physical cache's table for a mask built at its capacity)
+    width = min(indices.shape[-1], -(-block_mask.seq_lengths[1] // block_mask.BLOCK_SIZE[1]))
     return BlockMask.from_kv_blocks(
         block_mask.kv_num_blocks + block_mask.full_kv_num_blocks,
-        torch.gather(indices, -1, order).contiguous(),
+        torch.gather(indices, -1, order)[..., :width].contiguous(),
         BLOCK_SIZE=block_mask.BLOCK_SIZE,
         mask_mod=block_mask.mask_mod,
         seq_lengths=block_mask.seq_lengths,
