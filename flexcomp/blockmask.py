@@ -44,7 +44,8 @@ from .mods import Mod, specialized_mod
 from .sparsity import closed_form_bounds
 from .sparsity import counts as device_counts
 from .sparsity.equality import candidate_ranges, interval_tables, ranges_to_tiles
-from .sparsity.host import on_host
+from .sparsity.host import on_device, on_host
+from .sparsity.row_bounds import row_bound_tables, row_bounds
 from .sparsity.tables import (
     bounds_rows,
     classes_to_ordered,
@@ -388,6 +389,10 @@ def _from_analysis(mod: Mod, grid: Grid, device: torch.device, evaluate: bool,
         *tables, unsorted = tables
         return _finish(mod, grid, tables, bounds, _interval_report(grid.num_q_blocks * grid.num_kv_blocks, unsorted))
     host = on_host(tensors)  # the analysis reads the captured tensors on the host: one device read for all
+    rows = row_bounds(mod.ir)
+    if rows is not None:  # each row one kv interval: its ends evaluated row by row, no tile analysis
+        tables = on_device(list(row_bound_tables(rows, host, grid)), device)
+        return _finish(mod, grid, tables, bounds, {"row bounds": grid.B * grid.H * grid.num_q_blocks * grid.num_kv_blocks})
     ranges = candidate_ranges(mod.ir, host, grid)
     if ranges is not None:
         return _from_candidates(mod, grid, device, evaluate, bounds, ranges, host)

@@ -85,18 +85,24 @@ def test_tables_match_torch(name: str, shape) -> None:
     mod = CASES[name]()
     H = 3 if name == "head_gate" else None
     ours = create_block_mask(mod, 2, H, q_len, kv_len, "cpu", block, exact=True)
-    theirs = torch_classes(mod.fn, 1, H or 1, q_len, kv_len, block)
-    got = ours.tile_classes()
-    assert torch.equal(got.expand_as(theirs) != TileClass.EMPTY, theirs != 0), name
-    # torch pads the last row/column with masked elements, so it never calls them FULL; we may
+    assert_tables_match_torch(ours, mod, mod.fn, 1, H or 1)
+
+
+def assert_tables_match_torch(ours: BlockMask, mod: Mod, fn, B: int, H: int) -> None:
+    """`ours` lists the tiles torch's create_block_mask lists, with its classes, except where torch pads: it fills
+    a ragged last q or kv block with masked elements, so it never calls those FULL; we may (as brute_classes)."""
+    (q_len, kv_len), block = ours.seq_lengths, ours.BLOCK_SIZE
+    theirs = torch_classes(fn, B, H, q_len, kv_len, block)
+    got = ours.tile_classes().expand_as(theirs)
+    assert torch.equal(got != TileClass.EMPTY, theirs != 0), mod.name
     bq, bk = ours.BLOCK_SIZE
     interior = torch.ones_like(theirs, dtype=torch.bool)
     if q_len % bq:
         interior[..., -1, :] = False
     if kv_len % bk:
         interior[..., -1] = False
-    assert torch.equal(got.expand_as(theirs)[interior], theirs[interior]), name
-    assert torch.equal(got, brute_classes(mod, 1, H or 1, q_len, kv_len, block)), name
+    assert torch.equal(got[interior], theirs[interior]), mod.name
+    assert torch.equal(got, brute_classes(mod, B, H, q_len, kv_len, block).expand_as(theirs)), mod.name
 
 
 def test_closed_forms_are_exact_without_evaluation() -> None:

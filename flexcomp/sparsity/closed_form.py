@@ -23,12 +23,13 @@ from functools import lru_cache
 
 import sympy as sp
 
-from ..ir import DType, Node, Op, arg, const
+from ..ir import DType, Node, Op, arg, const, free_args
 from ..tiles import ClosedFormBounds
 
 Q, KV = sp.Symbol("q", integer=True), sp.Symbol("kv", integer=True)
 T = sp.Symbol("t", integer=True, nonnegative=True)
 MAX_PERIOD = 4096
+ROW_OFF = 1 << 30  # a kv bound past any kv: a row's condition false gives [ROW_OFF, 0), true [0, ROW_OFF)
 
 
 class _Unsupported(Exception):
@@ -41,21 +42,28 @@ _SYM_ARITH = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: la
               Op.MIN: sp.Min, Op.MAX: sp.Max}  # fmt: skip
 
 
-def to_sym(node: Node) -> sp.Expr:
+Params = dict  # Node -> sp.Symbol: kv-free subexpressions held opaque (row_bounds.py); None: none are
+
+
+def to_sym(node: Node, params: Params | None = None) -> sp.Expr:
+    """The i32 expression `node` in sympy; with `params`, every kv-free subexpression that is not q_idx or a
+    constant becomes a symbol of its own (recorded there): a value constant within a row."""
     if node.dtype != DType.I32:
         raise _Unsupported(node.op)
     if node.op == Op.CONST:
         return sp.Integer(node.arg)
     if node.op == Op.ARG and node.arg in ("q_idx", "kv_idx"):
         return Q if node.arg == "q_idx" else KV
+    if params is not None and "kv_idx" not in free_args(node):
+        return _param(node, params)
     if node.op in _SYM_ARITH:
-        return _SYM_ARITH[node.op](*(to_sym(s) for s in node.src))
+        return _SYM_ARITH[node.op](*(to_sym(s, params) for s in node.src))
     if node.op == Op.NEG:
-        return -to_sym(node.src[0])
+        return -to_sym(node.src[0], params)
     if node.op == Op.ABS:
-        return sp.Abs(to_sym(node.src[0]))
+        return sp.Abs(to_sym(node.src[0], params))
     if node.op in (Op.FLOORDIV, Op.MOD) and node.src[1].op == Op.CONST and node.src[1].arg != 0:
-        x, d = to_sym(node.src[0]), sp.Integer(node.src[1].arg)
+        x, d = to_sym(node.src[0], params), sp.Integer(node.src[1].arg)
         return sp.floor(x / d) if node.op == Op.FLOORDIV else x - d * sp.floor(x / d)  # a // d, a % d
     raise _Unsupported(node.op)
 
@@ -66,13 +74,23 @@ FLIP = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ}
 NEGATE = {Op.LT: Op.GE, Op.LE: Op.GT, Op.GT: Op.LE, Op.GE: Op.LT, Op.EQ: Op.NE, Op.NE: Op.EQ}
 
 
-def kv_interval(node: Node, negate: bool = False) -> tuple[sp.Expr, sp.Expr]:
-    """[lo, hi) with mask(q, kv) <=> lo <= kv < hi (lo may be -oo, hi oo)."""
+def _param(node: Node, params: Params) -> sp.Symbol:
+    if node not in params:
+        params[node] = sp.Symbol(f"p{len(params)}", integer=True)
+    return params[node]
+
+
+def kv_interval(node: Node, negate: bool = False, params: Params | None = None) -> tuple[sp.Expr, sp.Expr]:
+    """[lo, hi) with mask(q, kv) <=> lo <= kv < hi (lo may be -oo, hi oo); `params`: see to_sym."""
     op = node.op
     if node.dtype == DType.BOOL and op == Op.NOT:
-        return kv_interval(node.src[0], not negate)
+        return kv_interval(node.src[0], not negate, params)
+    if params is not None and node.dtype == DType.BOOL and "kv_idx" not in free_args(node):
+        # a condition on the row alone (q_idx < lengths[b]): every kv or none, as 0/1 times a bound past any kv
+        kept = _param(Node(Op.CAST, DType.I32, (Node(Op.NOT, DType.BOOL, (node,)) if negate else node,)), params)
+        return (1 - kept) * ROW_OFF, kept * ROW_OFF
     if node.dtype == DType.BOOL and op in (Op.AND, Op.OR):
-        (lo1, hi1), (lo2, hi2) = (kv_interval(s, negate) for s in node.src)
+        (lo1, hi1), (lo2, hi2) = (kv_interval(s, negate, params) for s in node.src)
         if (op == Op.AND) != negate:  # a & b, or ~(a | b)
             return sp.Max(lo1, lo2), sp.Min(hi1, hi2)
         if lo1 == -sp.oo and lo2 == -sp.oo:  # kv < x | kv < y  ->  kv < max(x, y)
@@ -90,8 +108,8 @@ def kv_interval(node: Node, negate: bool = False) -> tuple[sp.Expr, sp.Expr]:
         if x.op == Op.ABS and c in (Op.LE, Op.LT):  # |x| <= y  ->  x <= y & -x <= y
             neg_x = Node(Op.NEG, DType.I32, (x.src[0],))
             both = Node(Op.AND, DType.BOOL, (Node(c, DType.BOOL, (x.src[0], y)), Node(c, DType.BOOL, (neg_x, y))))
-            return kv_interval(both)
-    return solve(to_sym(a) - to_sym(b), cmp)
+            return kv_interval(both, params=params)
+    return solve(to_sym(a, params) - to_sym(b, params), cmp)
 
 
 def solve(expr: sp.Expr, cmp: Op) -> tuple[sp.Expr, sp.Expr]:
@@ -205,16 +223,23 @@ def _nonneg_in_t(e: sp.Expr) -> bool:
 # ---------------------------------------------------------------- sympy -> IR
 
 
-def to_ir(e: sp.Expr, q_node: Node, infinite: Node) -> Node:
+def to_ir(e: sp.Expr, q_node: Node, infinite: Node, nodes_of: dict | None = None) -> Node:
+    """`e` as i32 IR: q is `q_node`, +-oo `infinite`, a parameter symbol its node (`nodes_of`)."""
     if e in (sp.oo, -sp.oo):
         return infinite
     if e.is_Integer:
         return const(int(e))
     if e == Q:
         return q_node
+    if nodes_of and e in nodes_of:
+        return nodes_of[e]
+
+    def sub(x: sp.Expr) -> Node:
+        return to_ir(x, q_node, infinite, nodes_of)
+
     if isinstance(e, (sp.Max, sp.Min)):
         op = Op.MAX if isinstance(e, sp.Max) else Op.MIN
-        nodes = [to_ir(a, q_node, infinite) for a in e.args]
+        nodes = [sub(a) for a in e.args]
         out = nodes[0]
         for n in nodes[1:]:
             out = Node(op, DType.I32, (out, n))
@@ -224,25 +249,25 @@ def to_ir(e: sp.Expr, q_node: Node, infinite: Node) -> Node:
         if not den.is_Integer or den <= 0:
             raise _Unsupported(e)
         if isinstance(e, sp.floor):
-            return Node(Op.FLOORDIV, DType.I32, (to_ir(sp.expand(num), q_node, infinite), const(int(den))))
-        neg = to_ir(sp.expand(-num), q_node, infinite)  # ceil(n/d) = -((-n) // d)
+            return Node(Op.FLOORDIV, DType.I32, (sub(sp.expand(num)), const(int(den))))
+        neg = sub(sp.expand(-num))  # ceil(n/d) = -((-n) // d)
         return Node(Op.NEG, DType.I32, (Node(Op.FLOORDIV, DType.I32, (neg, const(int(den)))),))
     if isinstance(e, sp.Add):
         terms = list(e.as_ordered_terms())
-        out = to_ir(terms[0], q_node, infinite)
+        out = sub(terms[0])
         for t in terms[1:]:
             coeff, rest = t.as_coeff_Mul()
             if coeff.is_Rational and coeff < 0:
-                out = Node(Op.SUB, DType.I32, (out, to_ir(-t, q_node, infinite)))
+                out = Node(Op.SUB, DType.I32, (out, sub(-t)))
             else:
-                out = Node(Op.ADD, DType.I32, (out, to_ir(t, q_node, infinite)))
+                out = Node(Op.ADD, DType.I32, (out, sub(t)))
         return out
     if isinstance(e, sp.Mul):
         coeff, rest = e.as_coeff_Mul()
         if coeff.is_Integer:
             if coeff == -1:
-                return Node(Op.NEG, DType.I32, (to_ir(rest, q_node, infinite),))
-            return Node(Op.MUL, DType.I32, (const(int(coeff)), to_ir(rest, q_node, infinite)))
+                return Node(Op.NEG, DType.I32, (sub(rest),))
+            return Node(Op.MUL, DType.I32, (const(int(coeff)), sub(rest)))
     raise _Unsupported(e)
 
 
