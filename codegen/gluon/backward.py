@@ -44,7 +44,18 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .attention import DTYPES, LOG2E, _descriptor, _descriptor_type, _issue_kv, _mma_layout
+from .attention import (
+    DTYPES,
+    LOG2E,
+    _descriptor,
+    _descriptor_type,
+    _fill_ring,
+    _invalidate_barriers,
+    _issue_kv,
+    _mma_layout,
+    _ready_barriers,
+    _ring,
+)
 
 LOG2E_GL = gl.constexpr(LOG2E)
 PREPROCESS_ROWS = 128  # rows of one _preprocess program; the [B*H*L] rows are a multiple (L is a multiple of 128)
@@ -220,19 +231,11 @@ def _backward(
 
     x1 = gl.allocate_shared_memory(x1_desc.dtype, [RESIDENT, HEAD_DIM], x1_desc.layout)
     x2 = gl.allocate_shared_memory(x2_desc.dtype, [RESIDENT, HEAD_DIM], x2_desc.layout)
-    y1_ring = gl.allocate_shared_memory(y1_desc.dtype, [STAGES, STREAMED, HEAD_DIM], y1_desc.layout)
-    y2_ring = gl.allocate_shared_memory(y2_desc.dtype, [STAGES, STREAMED, HEAD_DIM], y2_desc.layout)
-    x_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(x_ready, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-    fence_async_shared()  # the barriers' init is visible to the TMA unit before it signals them
+    y1_ring, y2_ring = _ring(y1_desc, y2_desc, STAGES)
+    x_ready, ready = _ready_barriers(STAGES)
 
     _issue_kv(x1_desc, x2_desc, res_row, x_ready, x1, x2, True)
-    for s in gl.static_range(STAGES):
-        row = head_row + (lo + s) * STREAMED
-        _issue_kv(y1_desc, y2_desc, row, ready.index(s), y1_ring.index(s), y2_ring.index(s), lo + s < hi)
+    _fill_ring(y1_desc, y2_desc, head_row, ready, y1_ring, y2_ring, lo, hi)
     mbarrier.wait(x_ready, 0)
 
     acc1 = gl.zeros([RESIDENT, HEAD_DIM], gl.float32, acc_layout)
@@ -249,9 +252,7 @@ def _backward(
         for i in range(lo, hi):
             acc1, acc2 = _step(i, acc1, acc2, ring, stats, res_start, qk_scale, KV_SIDE, False)
 
-    mbarrier.invalidate(x_ready)
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(s))
+    _invalidate_barriers(x_ready, ready)
     gl.thread_barrier()  # both warpgroups' last wgmmas read X: retired before X is overwritten
     _store_tile(acc1, sm_scale, x1, out1_desc, res_row)  # dK = scale dS^T Q, or dQ = scale dS K
     if KV_SIDE:
