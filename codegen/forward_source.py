@@ -33,7 +33,7 @@ from .ops import (
     lhs_text,
     render_block,
 )
-from .params import DECODE, FORWARD, TABLE_NAMES
+from .params import DECODE, FORWARD, FORWARD_ROW_ALIGNED, TABLE_NAMES, render_row_aligned
 
 LOOP_ARGS = frozenset({"score", "kv_idx"})  # what changes from one kv tile to the next
 MOD_ARG_NAMES = {"score": "score", "b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", "sm_scale": "sm_scale"}
@@ -151,6 +151,7 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
         "FORWARD_PARAMS": FORWARD.render({"mod_buffers": score.buffers + mask.buffers}),  # the declaration in codegen/params.py
         "DECODE_PARAMS": DECODE.render({"mod_buffers": score.buffers + mask.buffers}),
         "MERGE_PARTIALS": MERGE_SOURCE,
+        "ROW_ALIGNED": render_row_aligned(FORWARD_ROW_ALIGNED),
     }
     kernel = fill_holes(FORWARD_TEMPLATE + DECODE_TEMPLATE, fill)
     parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), KERNEL_HELPERS.strip(),
@@ -316,10 +317,7 @@ def attend_lists(
 def flex_forward_kernel(
 {FORWARD_PARAMS}
 ):
-    stride_qb, stride_qh, stride_qm = aligned(stride_qb, ROW_ALIGN), aligned(stride_qh, ROW_ALIGN), aligned(stride_qm, ROW_ALIGN)
-    stride_kb, stride_kh, stride_kn = aligned(stride_kb, ROW_ALIGN), aligned(stride_kh, ROW_ALIGN), aligned(stride_kn, ROW_ALIGN)
-    stride_vb, stride_vh, stride_vn = aligned(stride_vb, ROW_ALIGN), aligned(stride_vh, ROW_ALIGN), aligned(stride_vn, ROW_ALIGN)
-    stride_ob, stride_oh, stride_om = aligned(stride_ob, ROW_ALIGN), aligned(stride_oh, ROW_ALIGN), aligned(stride_om, ROW_ALIGN)
+{ROW_ALIGNED}
     # q tiles in reverse: under a causal-like mask the last ones are the longest, so they start first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -407,10 +405,7 @@ def store_rows(Out, stride_ob, stride_oh, stride_om, stride_od, Lse, stride_lb, 
 def flex_decode_kernel(
 {DECODE_PARAMS}
 ):
-    stride_qb, stride_qh, stride_qm = aligned(stride_qb, ROW_ALIGN), aligned(stride_qh, ROW_ALIGN), aligned(stride_qm, ROW_ALIGN)
-    stride_kb, stride_kh, stride_kn = aligned(stride_kb, ROW_ALIGN), aligned(stride_kh, ROW_ALIGN), aligned(stride_kn, ROW_ALIGN)
-    stride_vb, stride_vh, stride_vn = aligned(stride_vb, ROW_ALIGN), aligned(stride_vh, ROW_ALIGN), aligned(stride_vn, ROW_ALIGN)
-    stride_ob, stride_oh, stride_om = aligned(stride_ob, ROW_ALIGN), aligned(stride_oh, ROW_ALIGN), aligned(stride_om, ROW_ALIGN)
+{ROW_ALIGNED}
     split = tl.program_id(0)
     pid = tl.program_id(1)
     b = pid // (H_Q // PACK)
