@@ -278,7 +278,7 @@ def attend_tiles(
 
 @triton.jit
 def attend_lists(
-    acc, l_i, m_i, q,
+    q,
     K, stride_kn, stride_kd,
     V, stride_vn, stride_vd,
     b, h, q_idx, sm_scale, KV_LEN,
@@ -293,7 +293,11 @@ def attend_lists(
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
     FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
-    \"\"\"Online softmax over a program's kv tiles: its PARTIAL list, then its FULL one (attend_tiles per list).\"\"\"
+    \"\"\"Online softmax over a program's kv tiles from the empty state (no row seen yet): its PARTIAL list, then
+    its FULL one (attend_tiles per list).  Returns (acc, l_i, m_i), acc not yet divided by l_i.\"\"\"
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
         if part == 0:  # two runs of consecutive tiles (USE_BOUNDS), else a kv_indices row
             n_tiles, run_lo, n_run, run2_lo, index_row, stride_index = (n_partial, first_lo, n_first, second_lo,
@@ -350,11 +354,8 @@ def flex_forward_kernel(
         kv_lo, kv_hi, full_lo, full_hi, b, h, q_lo // SPARSE_Q, {TABLE_ARGS}
         KV_LEN, USE_BOUNDS, HAS_FULL, BLOCK_N, TILES_PER_BLOCK)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = attend_lists(
-        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, kv_len,
+        q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, kv_len,
         n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row, stride_in, stride_fin, 0,
         page_row,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
@@ -443,11 +444,8 @@ def flex_decode_kernel(
     n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row = program_tiles(
         kv_lo, kv_hi, full_lo, full_hi, b, h0, 0, {TABLE_ARGS}
         KV_LEN, USE_BOUNDS, HAS_FULL, BLOCK_N, TILES_PER_BLOCK)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = attend_lists(
-        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, kv_len,
+        q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, kv_len,
         n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row, stride_in, stride_fin, split,
         page_row,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
