@@ -318,6 +318,16 @@ def probabilities(a, b_op, lse2, b, h, q_idx, kv_idx, sm_scale, KV_LEN,
 
 
 @triton.jit
+def listed_tiles(PART: tl.constexpr, n_partial, partial_row, stride_in, n_full, full_row, stride_fin):
+    """(index row, its stride, tile count) of one of program_tiles' two lists: PART 0 the PARTIAL tiles, 1 the FULL."""
+    if PART == 0:
+        index_row, stride_index, n_tiles = partial_row, stride_in, n_partial
+    else:
+        index_row, stride_index, n_tiles = full_row, stride_fin, n_full
+    return index_row, stride_index, n_tiles
+
+
+@triton.jit
 def dkdv_tiles(
     dk, dv, k, v, Q, DO, LSE2, DELTA, DQ_ACC,
     stride_qm, stride_qd, stride_dom, stride_dod,
@@ -340,10 +350,8 @@ def dkdv_tiles(
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_idx = offs_n[:, None]
     for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
-        if part == 0:
-            index_row, stride_index, n_tiles = partial_row, stride_in, n_partial
-        else:
-            index_row, stride_index, n_tiles = full_row, stride_fin, n_full
+        index_row, stride_index, n_tiles = listed_tiles(part, n_partial, partial_row, stride_in, n_full, full_row,
+                                                        stride_fin)
         ahead = walk_ahead(index_row, stride_index, 0, n_tiles, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
         for i in range(0, n_tiles):
             start_m, ahead = walk_step(index_row, stride_index, i, n_tiles, ahead, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
@@ -392,10 +400,8 @@ def dq_tiles(
     EVEN_KV: KV_LEN is a multiple of SPARSE_KV, so no kv tile of a listed block reaches past it."""
     q_idx = offs_m[:, None]
     for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
-        if part == 0:
-            index_row, stride_index, n_tiles = partial_row, stride_in, n_partial
-        else:
-            index_row, stride_index, n_tiles = full_row, stride_fin, n_full
+        index_row, stride_index, n_tiles = listed_tiles(part, n_partial, partial_row, stride_in, n_full, full_row,
+                                                        stride_fin)
         ahead = walk_ahead(index_row, stride_index, 0, n_tiles, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
         for i in range(0, n_tiles):
             start_n, ahead = walk_step(index_row, stride_index, i, n_tiles, ahead, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
