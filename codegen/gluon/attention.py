@@ -746,9 +746,6 @@ def aot_compile(
 ):
     """Compile one version for sm_90 without a GPU, specialized as a contiguous launch at seq_len
     specializes it (seq_len and lse's pointer 16-divisible).  Returns triton's CompiledKernel."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     config = tile_config(version, head_dim, tiles)
     kernel = KERNELS[version]
     q_type = _descriptor_type(dtype, config["Q_ROWS"], head_dim)
@@ -758,15 +755,20 @@ def aot_compile(
     if version == "B":
         signature |= {"sm_scale": "fp32"}
     signature |= {"seq_len": "i32"} | ({"heads": "i32"} if version == "B" else {})
-    constexprs = _constexprs(version, config, causal, mods)
-    signature |= dict.fromkeys(constexprs, "constexpr")
+    divisible = ["lse_ptr"] + (["seq_len"] if seq_len % 16 == 0 else [])
+    options = {"num_warps": config["num_warps"], "maxnreg": config["maxnreg"]}
+    return compile_sm90(kernel, signature, _constexprs(version, config, causal, mods), divisible, options)
+
+
+def compile_sm90(kernel, signature: dict[str, str], constexprs: dict, divisible: list[str], options: dict):
+    """Compile a @gluon.jit kernel for sm_90 without a GPU: `signature` holds the runtime arguments' types (the
+    constexprs are added here), and the arguments named in `divisible` are specialized as 16-divisible, as a
+    launch specializes torch's 256-byte aligned pointers and lengths that are multiples of 16."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    signature = signature | dict.fromkeys(constexprs, "constexpr")
     names = list(signature)
-    attrs = {(names.index("lse_ptr"),): [["tt.divisibility", 16]]}
-    if seq_len % 16 == 0:
-        attrs[(names.index("seq_len"),)] = [["tt.divisibility", 16]]
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     source = GluonASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(
-        source,
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": config["num_warps"], "maxnreg": config["maxnreg"]},
-    )
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)

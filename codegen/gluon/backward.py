@@ -33,7 +33,6 @@ flexcomp.  lse is natural-log, as attention_forward (codegen/gluon/attention.py)
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -55,6 +54,7 @@ from .attention import (
     _mma_layout,
     _ready_barriers,
     _ring,
+    compile_sm90,
 )
 
 LOG2E_GL = gl.constexpr(LOG2E)
@@ -330,30 +330,18 @@ def aot_compile(
 ):
     """Compile "preprocess", "dkdv" or "dq" for sm_90 without a GPU, specialized as a contiguous launch at seq_len
     specializes it (pointers and seq_len 16-divisible).  Returns triton's CompiledKernel."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     assert kernel in ("preprocess", "dkdv", "dq"), kernel
     config = tile_config(head_dim, tiles)
-    target = GPUTarget("cuda", 90, 32)
     if kernel == "preprocess":
         element = f"*{DTYPES[dtype][1]}"
-        signature = {"o_ptr": element, "do_ptr": element, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-                     "lse2_ptr": "*fp32", "HEAD_DIM": "constexpr", "ROWS": "constexpr"}  # fmt: skip
+        pointers = {"o_ptr": element, "do_ptr": element, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "lse2_ptr": "*fp32"}
         constexprs = {"HEAD_DIM": head_dim, "ROWS": PREPROCESS_ROWS}
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-        source = GluonASTSource(_preprocess, signature, constexprs, attrs)
-        return triton.compile(source, target=target, options={"num_warps": 4})
+        return compile_sm90(_preprocess, pointers, constexprs, list(pointers), {"num_warps": 4})
     res_type = _descriptor_type(dtype, config["RESIDENT"], head_dim)
     str_type = _descriptor_type(dtype, config["STREAMED"], head_dim)
     signature = {"x1_desc": res_type, "x2_desc": res_type, "y1_desc": str_type, "y2_desc": str_type,
                  "out1_desc": res_type, "out2_desc": res_type, "lse2_ptr": "*fp32", "delta_ptr": "*fp32",
                  "qk_scale": "fp32", "sm_scale": "fp32", "seq_len": "i32"}  # fmt: skip
     constexprs = {"KV_SIDE": kernel == "dkdv", "CAUSAL": causal, "STAGES": config["STAGES"]}
-    signature |= dict.fromkeys(constexprs, "constexpr")
-    names = list(signature)
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ("lse2_ptr", "delta_ptr")}
-    if seq_len % 16 == 0:
-        attrs[(names.index("seq_len"),)] = [["tt.divisibility", 16]]
-    source = GluonASTSource(_backward, signature, constexprs, attrs)
-    return triton.compile(source, target=target, options={"num_warps": config["num_warps"]})
+    divisible = ["lse2_ptr", "delta_ptr"] + (["seq_len"] if seq_len % 16 == 0 else [])
+    return compile_sm90(_backward, signature, constexprs, divisible, {"num_warps": config["num_warps"]})
