@@ -258,6 +258,6 @@ def test_gpt_fast_decode_step_slices_the_block_mask_inside(randn):
     for position in (5, 21, L - 1):
         POSITION.fill_(position)
         q = randn(1, 2, 1, D)
-        ref, _ = naive_attention(q, k, v, mask_fn=lambda b, h, qi, ki: qi + position >= ki)
+        ref, _ = naive_attention(q, k, v, mask_fn=lambda b, h, qi, ki, p=position: qi + p >= ki)
         torch.testing.assert_close(compiled(q, torch.tensor([position]), full).double(), ref, atol=1e-5, rtol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

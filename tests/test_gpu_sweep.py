@@ -15,6 +15,6 @@ def test_a_float32_alibi_backward_case_passes_on_the_interpreter():
             "mask": "causal", "options": None, "pad": 0, "score": "alibi", "seed": 11}  # fmt: skip
     env = dict(os.environ, SWEEP_DEVICE="cpu", TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, str(SWEEP), "--replay", json.dumps(case), "--workers", "1"],
-                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+                         capture_output=True, text=True, env=env, timeout=600, check=False)  # fmt: skip
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "dslopes=" in run.stdout and "1/1 cases passed" in run.stdout
