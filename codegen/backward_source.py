@@ -35,7 +35,7 @@ from flexcomp.mods import Mod
 
 from .kernel_passes import shape
 from .ops import KERNEL_HELPERS, PRELUDE, args_text, buffer_params, fill_holes, identifier, render_block
-from .params import BACKWARD, Q_TABLE_NAMES, TABLE_NAMES
+from .params import BACKWARD, BACKWARD_ROW_ALIGNED, Q_TABLE_NAMES, TABLE_NAMES, render_row_aligned
 
 SCORE_PREFIX, MASK_PREFIX, GRAD_PREFIX = "sb", "mb", "gb"
 
@@ -196,7 +196,8 @@ def backward_source(score_mod: Mod | None, mask_mod: Mod | None, grad_buffers: f
                         describe(score_mod, "score", grad_buffers), describe(mask_mod, "mask")])
     signature = BACKWARD.render({"mod_buffers": mod_params, "grad_buffers": grad_list})  # codegen/params.py
     kernel = fill_holes(BACKWARD_TEMPLATE, {
-        "BACKWARD_PARAMS": signature, "MOD_BUFFERS": args_text(mod_params), "GRAD_BUFFERS": grad_params,
+        "BACKWARD_PARAMS": signature, "ROW_ALIGNED": render_row_aligned(BACKWARD_ROW_ALIGNED),
+        "MOD_BUFFERS": args_text(mod_params), "GRAD_BUFFERS": grad_params,
         "Q_TABLES": args_text(list(Q_TABLE_NAMES)), "KV_TABLES": args_text(list(TABLE_NAMES)),
         "SCATTER": scatter_call, "SCATTER_KV": scatter_kv_call, "DSCORE": render_dscore(score_mod),
     })  # fmt: skip
@@ -317,6 +318,16 @@ def probabilities(a, b_op, lse2, b, h, q_idx, kv_idx, sm_scale, KV_LEN,
 
 
 @triton.jit
+def listed_tiles(PART: tl.constexpr, n_partial, partial_row, stride_in, n_full, full_row, stride_fin):
+    """(index row, its stride, tile count) of one of program_tiles' two lists: PART 0 the PARTIAL tiles, 1 the FULL."""
+    if PART == 0:
+        index_row, stride_index, n_tiles = partial_row, stride_in, n_partial
+    else:
+        index_row, stride_index, n_tiles = full_row, stride_fin, n_full
+    return index_row, stride_index, n_tiles
+
+
+@triton.jit
 def dkdv_tiles(
     dk, dv, k, v, Q, DO, LSE2, DELTA, DQ_ACC,
     stride_qm, stride_qd, stride_dom, stride_dod,
@@ -339,10 +350,8 @@ def dkdv_tiles(
     offs_dv = tl.arange(0, BLOCK_DV)
     kv_idx = offs_n[:, None]
     for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
-        if part == 0:
-            index_row, stride_index, n_tiles = partial_row, stride_in, n_partial
-        else:
-            index_row, stride_index, n_tiles = full_row, stride_fin, n_full
+        index_row, stride_index, n_tiles = listed_tiles(part, n_partial, partial_row, stride_in, n_full, full_row,
+                                                        stride_fin)
         ahead = walk_ahead(index_row, stride_index, 0, n_tiles, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
         for i in range(0, n_tiles):
             start_m, ahead = walk_step(index_row, stride_index, i, n_tiles, ahead, SPARSE_Q, BLOCK_M, PREFETCH_INDEX)
@@ -391,10 +400,8 @@ def dq_tiles(
     EVEN_KV: KV_LEN is a multiple of SPARSE_KV, so no kv tile of a listed block reaches past it."""
     q_idx = offs_m[:, None]
     for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
-        if part == 0:
-            index_row, stride_index, n_tiles = partial_row, stride_in, n_partial
-        else:
-            index_row, stride_index, n_tiles = full_row, stride_fin, n_full
+        index_row, stride_index, n_tiles = listed_tiles(part, n_partial, partial_row, stride_in, n_full, full_row,
+                                                        stride_fin)
         ahead = walk_ahead(index_row, stride_index, 0, n_tiles, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
         for i in range(0, n_tiles):
             start_n, ahead = walk_step(index_row, stride_index, i, n_tiles, ahead, SPARSE_KV, BLOCK_N, PREFETCH_INDEX)
@@ -422,13 +429,7 @@ def flex_bwd(
     dK/dV programs leave idle, where two launches would wait for the slowest dK/dV program.  Constexprs ending
     in 1 configure the dK/dV part, in 2 the dQ part (BackwardConfig's names); the parts of one launch share its
     warps and pipeline depth (Triton 3.6 does not pipeline a loop given its own depth by tl.range(num_stages=))."""
-    stride_qb, stride_qh, stride_qm = aligned(stride_qb, ROW_ALIGN), aligned(stride_qh, ROW_ALIGN), aligned(stride_qm, ROW_ALIGN)
-    stride_kb, stride_kh, stride_kn = aligned(stride_kb, ROW_ALIGN), aligned(stride_kh, ROW_ALIGN), aligned(stride_kn, ROW_ALIGN)
-    stride_vb, stride_vh, stride_vn = aligned(stride_vb, ROW_ALIGN), aligned(stride_vh, ROW_ALIGN), aligned(stride_vn, ROW_ALIGN)
-    stride_dob, stride_doh, stride_dom = aligned(stride_dob, ROW_ALIGN), aligned(stride_doh, ROW_ALIGN), aligned(stride_dom, ROW_ALIGN)
-    stride_dqb, stride_dqh, stride_dqm = aligned(stride_dqb, ROW_ALIGN), aligned(stride_dqh, ROW_ALIGN), aligned(stride_dqm, ROW_ALIGN)
-    stride_dkb, stride_dkh, stride_dkn = aligned(stride_dkb, ROW_ALIGN), aligned(stride_dkh, ROW_ALIGN), aligned(stride_dkn, ROW_ALIGN)
-    stride_dvb, stride_dvh, stride_dvn = aligned(stride_dvb, ROW_ALIGN), aligned(stride_dvh, ROW_ALIGN), aligned(stride_dvn, ROW_ALIGN)
+{ROW_ALIGNED}
     pid = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)

@@ -33,7 +33,7 @@ from .ops import (
     lhs_text,
     render_block,
 )
-from .params import DECODE, FORWARD, TABLE_NAMES
+from .params import DECODE, FORWARD, FORWARD_ROW_ALIGNED, TABLE_NAMES, render_row_aligned
 
 LOOP_ARGS = frozenset({"score", "kv_idx"})  # what changes from one kv tile to the next
 MOD_ARG_NAMES = {"score": "score", "b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx", "sm_scale": "sm_scale"}
@@ -151,6 +151,7 @@ def forward_source(score_mod: Mod | None, mask_mod: Mod, bounds: ClosedFormBound
         "FORWARD_PARAMS": FORWARD.render({"mod_buffers": score.buffers + mask.buffers}),  # the declaration in codegen/params.py
         "DECODE_PARAMS": DECODE.render({"mod_buffers": score.buffers + mask.buffers}),
         "MERGE_PARTIALS": MERGE_SOURCE,
+        "ROW_ALIGNED": render_row_aligned(FORWARD_ROW_ALIGNED),
     }
     kernel = fill_holes(FORWARD_TEMPLATE + DECODE_TEMPLATE, fill)
     parts = [header, "import triton\nimport triton.language as tl", PRELUDE.strip(), KERNEL_HELPERS.strip(),
@@ -277,7 +278,7 @@ def attend_tiles(
 
 @triton.jit
 def attend_lists(
-    acc, l_i, m_i, q,
+    q,
     K, stride_kn, stride_kd,
     V, stride_vn, stride_vd,
     b, h, q_idx, sm_scale, KV_LEN,
@@ -292,7 +293,11 @@ def attend_lists(
     CHECK_KV: tl.constexpr, FAST_TANH: tl.constexpr, USE_TMA: tl.constexpr, FLOAT_INDEX: tl.constexpr,
     FOLD_SCALE: tl.constexpr, PREFETCH_INDEX: tl.constexpr, PAGE_SIZE: tl.constexpr,
 ):
-    \"\"\"Online softmax over a program's kv tiles: its PARTIAL list, then its FULL one (attend_tiles per list).\"\"\"
+    \"\"\"Online softmax over a program's kv tiles from the empty state (no row seen yet): its PARTIAL list, then
+    its FULL one (attend_tiles per list).  Returns (acc, l_i, m_i), acc not yet divided by l_i.\"\"\"
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for part in tl.static_range(2):  # unrolled: one loop over the PARTIAL tiles (mask applied), one over the FULL
         if part == 0:  # two runs of consecutive tiles (USE_BOUNDS), else a kv_indices row
             n_tiles, run_lo, n_run, run2_lo, index_row, stride_index = (n_partial, first_lo, n_first, second_lo,
@@ -316,10 +321,7 @@ def attend_lists(
 def flex_forward_kernel(
 {FORWARD_PARAMS}
 ):
-    stride_qb, stride_qh, stride_qm = aligned(stride_qb, ROW_ALIGN), aligned(stride_qh, ROW_ALIGN), aligned(stride_qm, ROW_ALIGN)
-    stride_kb, stride_kh, stride_kn = aligned(stride_kb, ROW_ALIGN), aligned(stride_kh, ROW_ALIGN), aligned(stride_kn, ROW_ALIGN)
-    stride_vb, stride_vh, stride_vn = aligned(stride_vb, ROW_ALIGN), aligned(stride_vh, ROW_ALIGN), aligned(stride_vn, ROW_ALIGN)
-    stride_ob, stride_oh, stride_om = aligned(stride_ob, ROW_ALIGN), aligned(stride_oh, ROW_ALIGN), aligned(stride_om, ROW_ALIGN)
+{ROW_ALIGNED}
     # q tiles in reverse: under a causal-like mask the last ones are the longest, so they start first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -352,11 +354,8 @@ def flex_forward_kernel(
         kv_lo, kv_hi, full_lo, full_hi, b, h, q_lo // SPARSE_Q, {TABLE_ARGS}
         KV_LEN, USE_BOUNDS, HAS_FULL, BLOCK_N, TILES_PER_BLOCK)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = attend_lists(
-        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, kv_len,
+        q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, kv_len,
         n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row, stride_in, stride_fin, 0,
         page_row,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}
@@ -407,10 +406,7 @@ def store_rows(Out, stride_ob, stride_oh, stride_om, stride_od, Lse, stride_lb, 
 def flex_decode_kernel(
 {DECODE_PARAMS}
 ):
-    stride_qb, stride_qh, stride_qm = aligned(stride_qb, ROW_ALIGN), aligned(stride_qh, ROW_ALIGN), aligned(stride_qm, ROW_ALIGN)
-    stride_kb, stride_kh, stride_kn = aligned(stride_kb, ROW_ALIGN), aligned(stride_kh, ROW_ALIGN), aligned(stride_kn, ROW_ALIGN)
-    stride_vb, stride_vh, stride_vn = aligned(stride_vb, ROW_ALIGN), aligned(stride_vh, ROW_ALIGN), aligned(stride_vn, ROW_ALIGN)
-    stride_ob, stride_oh, stride_om = aligned(stride_ob, ROW_ALIGN), aligned(stride_oh, ROW_ALIGN), aligned(stride_om, ROW_ALIGN)
+{ROW_ALIGNED}
     split = tl.program_id(0)
     pid = tl.program_id(1)
     b = pid // (H_Q // PACK)
@@ -448,11 +444,8 @@ def flex_decode_kernel(
     n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row = program_tiles(
         kv_lo, kv_hi, full_lo, full_hi, b, h0, 0, {TABLE_ARGS}
         KV_LEN, USE_BOUNDS, HAS_FULL, BLOCK_N, TILES_PER_BLOCK)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = attend_lists(
-        acc, l_i, m_i, q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, kv_len,
+        q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, b, h, q_idx, sm_scale, kv_len,
         n_partial, n_full, first_lo, n_first, second_lo, partial_row, full_lo, full_row, stride_in, stride_fin, split,
         page_row,
         {SCORE_HOISTED}{MASK_HOISTED}{SCORE_BUFFERS}{MASK_BUFFERS}

@@ -171,6 +171,22 @@ BACKWARD = Signature((
 ))  # fmt: skip
 
 
+# The tensors whose batch, head and row strides an entry kernel restates as multiples of ROW_ALIGN on entry
+# (ops.aligned): the ones the host's plans.row_alignment found them multiples of.  The last stride, the elements',
+# is left as it is.
+FORWARD_ROW_ALIGNED = (Q_TENSOR, K_TENSOR, V_TENSOR, FORWARD_OUT)  # the forward's and the decoding kernel's
+BACKWARD_ROW_ALIGNED = (Q_TENSOR, K_TENSOR, V_TENSOR, BACKWARD_DO, BACKWARD_DQ, BACKWARD_DK, BACKWARD_DV)
+
+
+def render_row_aligned(tensors: tuple[Group, ...], indent: str = "    ") -> str:
+    """The kernel's opening statements, one a tensor: `stride_qb, ... = aligned(stride_qb, ROW_ALIGN), ...`."""
+    lines = []
+    for group in tensors:
+        names = [p.name for p in group[1:-1]]  # the pointer and the elements' stride left out
+        lines.append(f"{indent}{', '.join(names)} = {', '.join(f'aligned({n}, ROW_ALIGN)' for n in names)}")
+    return "\n".join(lines)
+
+
 # The split-KV decoding kernel (codegen/decode.py): the forward's inputs; out and lse when it runs unsplit, else each
 # split's normalized output and base-2 lse in float32 workspaces [B, H_Q, Q_LEN, N_SPLITS(, DV)], merged by the
 # last split of each row tile to arrive (FUSED_MERGE: ARRIVALS holds one int32 counter per program of a split, zero

@@ -18,7 +18,15 @@ from flexcomp.codegen import launch as launch_module
 from flexcomp.codegen.backward_source import backward_source
 from flexcomp.codegen.forward_source import forward_source
 from flexcomp.codegen.ops import buffer_params
-from flexcomp.codegen.params import BACKWARD, FORWARD, NO_DEFAULT, Q_TENSOR, bind_tensor
+from flexcomp.codegen.params import (
+    BACKWARD,
+    BACKWARD_ROW_ALIGNED,
+    FORWARD,
+    FORWARD_ROW_ALIGNED,
+    NO_DEFAULT,
+    Q_TENSOR,
+    bind_tensor,
+)
 from naive import naive_attention
 
 import flexcomp as fc
@@ -143,3 +151,19 @@ def test_every_program_gets_its_tiles_from_program_tiles(randn):
     backward_calls = calls(backward, "flex_bwd")  # its dK/dV programs and its dQ programs
     assert [backward_calls.count(f) for f in ("program_tiles", "dkdv_tiles", "dq_tiles")] == [2, 1, 1]
     assert table_reads(forward) == table_reads(backward) == {"program_tiles"}
+
+
+def test_each_entry_kernel_aligns_the_row_strides_of_its_declared_tensors(randn):
+    """The ROW_ALIGN statements are rendered from codegen/params.py's lists: each entry kernel restates the batch,
+    head and row strides of those tensors (the ones plans.row_alignment checks), and only strides it takes."""
+    score, mask = biased_mods(randn(4))
+    forward, backward = forward_source(score, mask, None), backward_source(score, mask, frozenset({"bias"}))
+    for source, kernel, tensors in ((forward, "flex_forward_kernel", FORWARD_ROW_ALIGNED),
+                                    (forward, "flex_decode_kernel", FORWARD_ROW_ALIGNED),
+                                    (backward, "flex_bwd", BACKWARD_ROW_ALIGNED)):  # fmt: skip
+        (fn,) = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name == kernel]
+        aligned = [target.id for node in fn.body if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple)
+                   and all(ast.unparse(v).startswith("aligned(") for v in node.value.elts)
+                   for target in node.targets[0].elts]  # fmt: skip
+        assert aligned == [p.name for group in tensors for p in group[1:-1]], kernel
+        assert set(aligned) <= set(signature(source, kernel)), kernel

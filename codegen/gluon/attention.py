@@ -78,6 +78,47 @@ def _issue_kv(k_desc, v_desc, row, bar, k_dest, v_dest, pred):
 
 
 @gluon.jit
+def _ring(desc1, desc2, STAGES: gl.constexpr):
+    """A STAGES-deep shared-memory ring for a pair of streamed tiles (K and V; the backward's Y1 and Y2)."""
+    rows: gl.constexpr = desc1.block_type.shape[0]
+    cols: gl.constexpr = desc1.block_type.shape[1]
+    ring1 = gl.allocate_shared_memory(desc1.dtype, [STAGES, rows, cols], desc1.layout)
+    ring2 = gl.allocate_shared_memory(desc2.dtype, [STAGES, rows, cols], desc2.layout)
+    return ring1, ring2
+
+
+@gluon.jit
+def _ready_barriers(STAGES: gl.constexpr):
+    """(the resident tiles' "ready" mbarrier, one per ring slot), each completed by one TMA transaction."""
+    resident_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ring_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(resident_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ring_ready.index(i), count=1)
+    fence_async_shared()  # the barriers' init is visible to the TMA unit before it signals them
+    return resident_ready, ring_ready
+
+
+@gluon.jit
+def _fill_ring(desc1, desc2, row, ring_ready, ring1, ring2, first, end):
+    """The prologue's loads: slot s takes streamed tile first + s of the head whose rows start at `row` (in the
+    [B*H*L, D] view), where that tile is before `end`."""
+    STAGES: gl.constexpr = ring1.shape[0]
+    ROWS: gl.constexpr = ring1.shape[1]
+    for s in gl.static_range(STAGES):
+        tile = first + s
+        _issue_kv(desc1, desc2, row + tile * ROWS, ring_ready.index(s), ring1.index(s), ring2.index(s), tile < end)
+
+
+@gluon.jit
+def _invalidate_barriers(resident_ready, ring_ready):
+    STAGES: gl.constexpr = ring_ready.shape[0]
+    mbarrier.invalidate(resident_ready)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ring_ready.index(i))
+
+
+@gluon.jit
 def _issue_qk(q_smem, k_ring, kv_ready, tile, STAGES: gl.constexpr, s_layout: gl.constexpr):
     """Wait for tile `tile`'s K and V and issue S = Q K^T as an async wgmma (a fresh accumulator)."""
     slot = tile % STAGES
@@ -210,20 +251,11 @@ def _forward_a(
     q_row, kv_row, q_start, n_tiles, first_masked = _tile_coordinates(seq_len, BLOCK_M, BLOCK_N, CAUSAL)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_ready, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(kv_ready.index(i), count=1)
-    fence_async_shared()  # the barriers' init is visible to the TMA unit before it signals them
+    k_ring, v_ring = _ring(k_desc, v_desc, STAGES)
+    q_ready, kv_ready = _ready_barriers(STAGES)
 
     _issue_tile(q_desc, q_row, q_ready, q_smem, True)
-    for i in gl.static_range(STAGES):
-        _issue_kv(
-            k_desc, v_desc, kv_row + i * BLOCK_N, kv_ready.index(i), k_ring.index(i), v_ring.index(i), i < n_tiles
-        )
+    _fill_ring(k_desc, v_desc, kv_row, kv_ready, k_ring, v_ring, 0, n_tiles)
     mbarrier.wait(q_ready, 0)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -243,9 +275,7 @@ def _forward_a(
     s, p, acc, m_i, l_i = _step_a(last, s, p, acc, m_i, l_i, ring, qk_scale, q_start, s_layout, CAUSAL, True)
     acc = warpgroup_mma_wait(0, deps=(warpgroup_mma(p, v_ring.index(last % STAGES), acc, is_async=True),))
 
-    mbarrier.invalidate(q_ready)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(kv_ready.index(i))
+    _invalidate_barriers(q_ready, kv_ready)
     _store_out(acc, m_i, l_i, o_desc, q_smem, lse_ptr, q_row)
 
 
@@ -528,10 +558,8 @@ def _forward_b(
     gl.static_assert(CONSUMERS == 2 or CONSUMERS == 3, "two or three consumer warpgroups")
     Q_ROWS: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS, Q_ROWS, HEAD_DIM], q_desc.layout)
-    k_ring = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    k_ring, v_ring = _ring(k_desc, v_desc, STAGES)
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -718,9 +746,6 @@ def aot_compile(
 ):
     """Compile one version for sm_90 without a GPU, specialized as a contiguous launch at seq_len
     specializes it (seq_len and lse's pointer 16-divisible).  Returns triton's CompiledKernel."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     config = tile_config(version, head_dim, tiles)
     kernel = KERNELS[version]
     q_type = _descriptor_type(dtype, config["Q_ROWS"], head_dim)
@@ -730,15 +755,20 @@ def aot_compile(
     if version == "B":
         signature |= {"sm_scale": "fp32"}
     signature |= {"seq_len": "i32"} | ({"heads": "i32"} if version == "B" else {})
-    constexprs = _constexprs(version, config, causal, mods)
-    signature |= dict.fromkeys(constexprs, "constexpr")
+    divisible = ["lse_ptr"] + (["seq_len"] if seq_len % 16 == 0 else [])
+    options = {"num_warps": config["num_warps"], "maxnreg": config["maxnreg"]}
+    return compile_sm90(kernel, signature, _constexprs(version, config, causal, mods), divisible, options)
+
+
+def compile_sm90(kernel, signature: dict[str, str], constexprs: dict, divisible: list[str], options: dict):
+    """Compile a @gluon.jit kernel for sm_90 without a GPU: `signature` holds the runtime arguments' types (the
+    constexprs are added here), and the arguments named in `divisible` are specialized as 16-divisible, as a
+    launch specializes torch's 256-byte aligned pointers and lengths that are multiples of 16."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    signature = signature | dict.fromkeys(constexprs, "constexpr")
     names = list(signature)
-    attrs = {(names.index("lse_ptr"),): [["tt.divisibility", 16]]}
-    if seq_len % 16 == 0:
-        attrs[(names.index("seq_len"),)] = [["tt.divisibility", 16]]
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     source = GluonASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(
-        source,
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": config["num_warps"], "maxnreg": config["maxnreg"]},
-    )
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)

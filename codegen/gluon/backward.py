@@ -33,7 +33,6 @@ flexcomp.  lse is natural-log, as attention_forward (codegen/gluon/attention.py)
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -44,7 +43,19 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .attention import DTYPES, LOG2E, _descriptor, _descriptor_type, _issue_kv, _mma_layout
+from .attention import (
+    DTYPES,
+    LOG2E,
+    _descriptor,
+    _descriptor_type,
+    _fill_ring,
+    _invalidate_barriers,
+    _issue_kv,
+    _mma_layout,
+    _ready_barriers,
+    _ring,
+    compile_sm90,
+)
 
 LOG2E_GL = gl.constexpr(LOG2E)
 PREPROCESS_ROWS = 128  # rows of one _preprocess program; the [B*H*L] rows are a multiple (L is a multiple of 128)
@@ -220,19 +231,11 @@ def _backward(
 
     x1 = gl.allocate_shared_memory(x1_desc.dtype, [RESIDENT, HEAD_DIM], x1_desc.layout)
     x2 = gl.allocate_shared_memory(x2_desc.dtype, [RESIDENT, HEAD_DIM], x2_desc.layout)
-    y1_ring = gl.allocate_shared_memory(y1_desc.dtype, [STAGES, STREAMED, HEAD_DIM], y1_desc.layout)
-    y2_ring = gl.allocate_shared_memory(y2_desc.dtype, [STAGES, STREAMED, HEAD_DIM], y2_desc.layout)
-    x_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(x_ready, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-    fence_async_shared()  # the barriers' init is visible to the TMA unit before it signals them
+    y1_ring, y2_ring = _ring(y1_desc, y2_desc, STAGES)
+    x_ready, ready = _ready_barriers(STAGES)
 
     _issue_kv(x1_desc, x2_desc, res_row, x_ready, x1, x2, True)
-    for s in gl.static_range(STAGES):
-        row = head_row + (lo + s) * STREAMED
-        _issue_kv(y1_desc, y2_desc, row, ready.index(s), y1_ring.index(s), y2_ring.index(s), lo + s < hi)
+    _fill_ring(y1_desc, y2_desc, head_row, ready, y1_ring, y2_ring, lo, hi)
     mbarrier.wait(x_ready, 0)
 
     acc1 = gl.zeros([RESIDENT, HEAD_DIM], gl.float32, acc_layout)
@@ -249,9 +252,7 @@ def _backward(
         for i in range(lo, hi):
             acc1, acc2 = _step(i, acc1, acc2, ring, stats, res_start, qk_scale, KV_SIDE, False)
 
-    mbarrier.invalidate(x_ready)
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(s))
+    _invalidate_barriers(x_ready, ready)
     gl.thread_barrier()  # both warpgroups' last wgmmas read X: retired before X is overwritten
     _store_tile(acc1, sm_scale, x1, out1_desc, res_row)  # dK = scale dS^T Q, or dQ = scale dS K
     if KV_SIDE:
@@ -329,30 +330,18 @@ def aot_compile(
 ):
     """Compile "preprocess", "dkdv" or "dq" for sm_90 without a GPU, specialized as a contiguous launch at seq_len
     specializes it (pointers and seq_len 16-divisible).  Returns triton's CompiledKernel."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     assert kernel in ("preprocess", "dkdv", "dq"), kernel
     config = tile_config(head_dim, tiles)
-    target = GPUTarget("cuda", 90, 32)
     if kernel == "preprocess":
         element = f"*{DTYPES[dtype][1]}"
-        signature = {"o_ptr": element, "do_ptr": element, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-                     "lse2_ptr": "*fp32", "HEAD_DIM": "constexpr", "ROWS": "constexpr"}  # fmt: skip
+        pointers = {"o_ptr": element, "do_ptr": element, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "lse2_ptr": "*fp32"}
         constexprs = {"HEAD_DIM": head_dim, "ROWS": PREPROCESS_ROWS}
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-        source = GluonASTSource(_preprocess, signature, constexprs, attrs)
-        return triton.compile(source, target=target, options={"num_warps": 4})
+        return compile_sm90(_preprocess, pointers, constexprs, list(pointers), {"num_warps": 4})
     res_type = _descriptor_type(dtype, config["RESIDENT"], head_dim)
     str_type = _descriptor_type(dtype, config["STREAMED"], head_dim)
     signature = {"x1_desc": res_type, "x2_desc": res_type, "y1_desc": str_type, "y2_desc": str_type,
                  "out1_desc": res_type, "out2_desc": res_type, "lse2_ptr": "*fp32", "delta_ptr": "*fp32",
                  "qk_scale": "fp32", "sm_scale": "fp32", "seq_len": "i32"}  # fmt: skip
     constexprs = {"KV_SIDE": kernel == "dkdv", "CAUSAL": causal, "STAGES": config["STAGES"]}
-    signature |= dict.fromkeys(constexprs, "constexpr")
-    names = list(signature)
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ("lse2_ptr", "delta_ptr")}
-    if seq_len % 16 == 0:
-        attrs[(names.index("seq_len"),)] = [["tt.divisibility", 16]]
-    source = GluonASTSource(_backward, signature, constexprs, attrs)
-    return triton.compile(source, target=target, options={"num_warps": config["num_warps"]})
+    divisible = ["lse2_ptr", "delta_ptr"] + (["seq_len"] if seq_len % 16 == 0 else [])
+    return compile_sm90(_backward, signature, constexprs, divisible, {"num_warps": config["num_warps"]})
