@@ -92,3 +92,17 @@ def test_attention_through_row_bound_tables_matches_float64(rng, randn, naive_at
     for backend in ("reference", "triton"):
         out = fc.flex_attention(q, k, v, block_mask=mask, backend=backend)
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_pairs_in_groups_give_the_same_tables(rng, monkeypatch) -> None:
+    """Many (b, h) pairs are evaluated a group at a time (bounded memory); groups of one pair, whose bands differ in
+    width (a window per head), concatenate to the tables of one group."""
+    from flexcomp.sparsity import row_bounds as module
+
+    fn = masks(tensors_for(rng, 300, 310))["head_windows"]
+    mod = fc.mask_mod(fn)
+    whole = create_block_mask(mod, B, H, 300, 310, device="cpu", BLOCK_SIZE=32)
+    monkeypatch.setattr(module, "ROW_CHUNK", 1)
+    grouped = create_block_mask(mod, B, H, 300, 310, device="cpu", BLOCK_SIZE=32)
+    assert torch.equal(grouped.tile_classes(), whole.tile_classes())
+    assert_tables_match_torch(grouped, mod, fn, B, H)

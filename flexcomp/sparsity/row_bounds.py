@@ -51,20 +51,38 @@ def row_bounds(ir: Node) -> RowBounds | None:
         return None
 
 
+ROW_CHUNK = 1 << 22  # rows whose ends are evaluated at once: bounded host memory with many batches and heads
+
+
 def row_bound_tables(bounds: RowBounds, tensors: dict[str, Tensor], grid) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices ([B, H, nq(, width)] int32, on the host) of
-    the mask on `grid`, `width` the widest q block's band of kv blocks; `tensors`: the captured tensors, on the host."""
-    B, H, nq, bq = grid.B, grid.H, grid.num_q_blocks, grid.q_block
+    the mask on `grid`, `width` the widest q block's band of kv blocks; `tensors`: the captured tensors, on the host.
+    The (b, h) pairs go in groups of at most ROW_CHUNK rows (one pair at least)."""
+    pairs, nq = grid.B * grid.H, grid.num_q_blocks
+    step = max(1, ROW_CHUNK // (nq * grid.q_block))
+    parts = [_pair_tables(bounds, tensors, grid, torch.arange(p0, min(pairs, p0 + step), dtype=torch.int32))
+             for p0 in range(0, pairs, step)]  # fmt: skip
+    width = max(part[1].shape[-1] for part in parts)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # entries past a count are never read
+    kv_num, kv_indices, full_num, full_indices = (torch.cat([pad(t) if t.dim() == 2 else t for t in tables])
+                                                  for tables in zip(*parts))  # fmt: skip
+    shape = (grid.B, grid.H, nq)
+    return kv_num.view(shape), kv_indices.view(*shape, -1), full_num.view(shape), full_indices.view(*shape, -1)
+
+
+def _pair_tables(bounds: RowBounds, tensors: dict[str, Tensor], grid, pairs: Tensor) -> tuple[Tensor, ...]:
+    """The tables ([P * nq] counts, [P * nq, width] indices) of the (b, h) pairs numbered `pairs` (b * H + h)."""
+    nq, bq = grid.num_q_blocks, grid.q_block
     rows = torch.arange(nq * bq, dtype=torch.int32).clamp_(max=grid.q_len - 1)  # rows past Q_LEN repeat the last
-    env = {"b": torch.arange(B, dtype=torch.int32).view(-1, 1, 1), "h": torch.arange(H, dtype=torch.int32).view(1, -1, 1),
-           "q_idx": rows.view(1, 1, -1), "KV_LEN": torch.tensor(grid.kv_len, dtype=torch.int32)}  # fmt: skip
-    lo, hi = (evaluate(end, env, tensors).long().expand(B, H, nq * bq).clamp(0, grid.kv_len)
+    env = {"b": (pairs // grid.H).view(-1, 1), "h": (pairs % grid.H).view(-1, 1), "q_idx": rows.view(1, -1),
+           "KV_LEN": torch.tensor(grid.kv_len, dtype=torch.int32)}  # fmt: skip
+    lo, hi = (evaluate(end, env, tensors).long().expand(len(pairs), nq * bq).clamp(0, grid.kv_len).reshape(-1)
               for end in (bounds.lo, bounds.hi))
     # every (b, h, q block) is a q block of one tall grid: the spans and tables are per q block already
-    tall = SimpleNamespace(num_q_blocks=B * H * nq, q_block=bq, kv_block=grid.kv_block,
+    tall = SimpleNamespace(num_q_blocks=len(pairs) * nq, q_block=bq, kv_block=grid.kv_block,
                            num_kv_blocks=grid.num_kv_blocks, kv_len=grid.kv_len)
-    spans = interval_spans(lo.reshape(-1), hi.reshape(-1), tall)
+    spans = interval_spans(lo, hi, tall)
     start = spans[1].amin(1, keepdim=True)  # each q block's band of kv blocks (a window's tables stay narrow)
     width = max(1, int((spans[2].amax(1, keepdim=True) - start).max()))
     kv_num, kv_indices, full_num, full_indices = spans_to_tables(spans, tall, start, width)
-    return kv_num.view(B, H, nq), kv_indices.view(B, H, nq, -1), full_num.view(B, H, nq), full_indices.view(B, H, nq, -1)
+    return kv_num.view(-1), kv_indices.view(len(pairs) * nq, -1), full_num.view(-1), full_indices.view(len(pairs) * nq, -1)
