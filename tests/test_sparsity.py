@@ -11,6 +11,8 @@ from flexcomp.evaluate import evaluate
 from flexcomp.ir import DType, Node, Op
 from flexcomp.sparsity import standard as std
 from flexcomp.sparsity.closed_form import derive_bounds
+from flexcomp.sparsity.row_bounds import row_bound_tables, row_bounds
+from flexcomp.sparsity.tables import ordered_to_classes
 from flexcomp.sparsity.tiles import Grid, analyze_rows, analyze_tiles
 from flexcomp.tiles import TileClass
 
@@ -227,3 +229,53 @@ def test_tile_list_analysis_never_contradicts_brute_force(mask: Node, grid: Grid
     any_true, any_false = (t[0][:, q_blocks, kv_blocks] for t in brute_force(mask, grid, TENSORS))
     assert not ((got == TileClass.EMPTY) & any_true).any(), ir.to_text(mask)
     assert not ((got == TileClass.FULL) & any_false).any(), ir.to_text(mask)
+
+
+# ---------------------------------------------------------------- row bounds (ends read from h and tables)
+
+row_terms = st.one_of(  # kv-free integer terms a row bound may read: a head's table entry, a row's, a constant
+    consts.map(ir.const), st.just(Q), st.just(node(Op.ADD, Q, ir.load("TI", DType.I32, (H,)))),
+    st.integers(1, 7).map(lambda d: ir.load("TI", DType.I32, (node(Op.FLOORDIV, Q, ir.const(d)),))))
+param_half_lines = st.one_of(
+    half_lines,
+    st.tuples(st.sampled_from([Op.LE, Op.LT, Op.GE, Op.GT, Op.EQ]), row_terms, consts).map(
+        lambda t: node(t[0], node(Op.ADD, KV, ir.const(t[2])), t[1])),
+    st.tuples(st.sampled_from([Op.LT, Op.GE]), row_terms, consts).map(  # a condition on the row alone
+        lambda t: node(t[0], Q, node(Op.ADD, t[1], ir.const(t[2])))),
+)
+param_kv_ranges = st.recursive(param_half_lines, lambda sub: st.one_of(
+    st.tuples(st.sampled_from([Op.AND, Op.OR]), sub, sub).map(lambda t: node(t[0], t[1], t[2])),
+    sub.map(lambda x: node(Op.NOT, x))), max_leaves=4)
+
+
+def assert_row_bounds_exact(mask: Node, grid: Grid) -> bool:
+    """Where row_bounds offers ends, its tables' classes equal brute force's exactly; whether it offered."""
+    bounds = row_bounds(mask)
+    if bounds is None:
+        return False
+    tables = row_bound_tables(bounds, TENSORS, grid)
+    got = ordered_to_classes(*tables, grid.num_kv_blocks)[..., : grid.num_q_blocks, :]
+    expected = exact_classes(*brute_force(mask, grid, TENSORS))
+    assert torch.equal(got.expand_as(expected), expected), f"row bounds tables != brute force:\n{ir.to_text(mask)}"
+    return True
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mask=param_kv_ranges, grid=grids)
+def test_row_bound_tables_equal_brute_force(mask: Node, grid: Grid) -> None:
+    assert_row_bounds_exact(mask, grid)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mask=bool_exprs(3), grid=grids)
+def test_row_bounds_of_any_program_are_exact_or_refused(mask: Node, grid: Grid) -> None:
+    assert_row_bounds_exact(mask, grid)
+
+
+def test_row_bounds_are_offered_for_parametric_masks() -> None:
+    offered = [node(Op.LT, node(Op.ADD, KV, ir.const(3)), node(Op.ADD, Q, ir.load("TI", DType.I32, (H,)))),
+               node(Op.AND, node(Op.LT, Q, ir.load("TI", DType.I32, (H,))), node(Op.LE, KV, Q))]
+    refused = [node(Op.NE, KV, Q), node(Op.LT, ir.load("TI", DType.I32, (KV,)), Q),
+               node(Op.OR, node(Op.LT, KV, ir.const(3)), node(Op.GT, KV, ir.load("TI", DType.I32, (H,))))]
+    assert all(row_bounds(m) is not None for m in offered)
+    assert all(row_bounds(m) is None for m in refused)
