@@ -8,6 +8,7 @@ so the two sides cannot drift apart by position.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -74,9 +75,17 @@ class Signature:
 
     groups: tuple[Group, ...]
 
-    @property
+    @functools.cached_property  # a plan binds on every build (each decode step's new block mask): computed once
     def params(self) -> tuple[Param, ...]:
         return tuple(p for g in self.groups for p in g)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Param]:
+        return {p.name: p for p in self.params}
+
+    @functools.cached_property
+    def _required(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params if p.default is NO_DEFAULT)
 
     def names(self, buffers: Mapping[str, list[str]]) -> list[str]:
         """The kernel's parameter names in order, each "buffers" run replaced by its generated names in `buffers`."""
@@ -95,9 +104,8 @@ class Signature:
 
     def bind(self, values: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """(positional arguments, constexpr keywords) for a launch; every name checked against the declaration."""
-        params = {p.name: p for p in self.params}
-        unknown = sorted(set(values) - set(params))
-        missing = [p.name for p in self.params if p.name not in values and p.default is NO_DEFAULT]
+        unknown = sorted(values.keys() - self._by_name.keys())
+        missing = [name for name in self._required if name not in values]
         if unknown or missing:
             raise TypeError(f"kernel arguments do not match the declaration: missing {missing}, unknown {unknown}")
         args: list[Any] = []
