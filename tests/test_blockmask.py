@@ -422,3 +422,13 @@ def test_counts_fall_back_to_the_host_outside_the_fragment(monkeypatch) -> None:
     slow = create_block_mask(mod, None, None, 1000, 900, "cpu", (64, 32))
     for table in TABLES:
         assert torch.equal(getattr(fast, table), getattr(slow, table)), table
+
+
+def test_listed_first_is_torchs_stable_sort(rng) -> None:
+    """The tables list each row's tiles as torch's stable descending sort does, placed without sorting."""
+    from flexcomp.sparsity.tables import columns, listed_first
+
+    for rows, width in [(1, 1), (3, 7), (16, 64), (5, 300)]:
+        listed = torch.rand(rows, width, generator=rng) < torch.rand(rows, 1, generator=rng)
+        expected = listed.sort(dim=1, descending=True, stable=True).indices.to(torch.int32)
+        assert torch.equal(listed_first(listed, columns(width, torch.device("cpu"))), expected)

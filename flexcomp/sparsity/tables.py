@@ -267,13 +267,22 @@ def spans_to_tables(spans: tuple[Tensor, ...], grid, start: Tensor | None = None
     col = columns(width, first.device)
     full = (col >= local(f0)) & (col < local(f1))
     partial = nonempty > full  # a > b on bools: a & ~b
-    kv_indices = partial.sort(dim=1, descending=True, stable=True).indices.to(torch.int32)  # listed first, ascending
+    kv_indices = listed_first(partial, col)
     full_indices = (f0 + col).clamp_(max=nkv - 1)  # the entries past the count are never read: kept in range
     if start is not None:
         kv_indices += start
     view = lambda t: t.view(1, 1, nq, -1)
     return (partial.sum(1, dtype=torch.int32).view(1, 1, nq), view(kv_indices),
             full.sum(1, dtype=torch.int32).view(1, 1, nq), view(full_indices))
+
+
+def listed_first(listed: Tensor, col: Tensor) -> Tensor:
+    """Each row's column numbers, its listed ones first, each part ascending (int32): what a stable descending sort
+    of `listed` returns as indices (torch's layout), placed by two running counts instead of a sort."""
+    before = listed.cumsum(1, dtype=torch.int32)  # listed columns up to and including each one
+    count = before[:, -1:]
+    position = torch.where(listed, before - 1, count + col - before)  # unlisted: after every listed one
+    return torch.empty_like(position).scatter_(1, position.long(), col.expand_as(position))
 
 
 @functools.lru_cache(maxsize=64)
