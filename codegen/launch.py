@@ -160,6 +160,15 @@ def _runner(compiled: CompiledKernel, grid: tuple[int, int, int]) -> Callable[..
     return run
 
 
+def interpreter_ready() -> bool:
+    """Whether kernels can run under Triton's interpreter: TRITON_INTERPRET=1 now, and already when Triton was
+    imported (its own library, tl.cdiv, tl.sum and the rest, is made interpreted or compiled then, once: a kernel
+    interpreted later cannot call a compiled tl.sum)."""
+    from triton.language import standard
+
+    return os.environ.get("TRITON_INTERPRET") == "1" and type(standard.cdiv).__name__ == "InterpretedFunction"
+
+
 def _direct_launch_possible(kernel) -> bool:
     """Whether the compiled kernel may be called directly: the fast launch on, a GPU, no interpreter, and a
     JITFunction (not a wrapper that records launches)."""

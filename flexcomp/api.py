@@ -270,7 +270,20 @@ def choose_backend(backend: str, query: torch.Tensor) -> str:
             "backend='triton' on CPU tensors runs the kernel under Triton's interpreter, which is off",
             hint="set TRITON_INTERPRET=1 in the environment before triton is imported, or use backend='reference'",
         )
+    if backend == "triton" and query.device.type == "cpu" and not _interpreter_ready():
+        raise BackendError(
+            "TRITON_INTERPRET=1 was set after Triton was imported: Triton decides then whether its own library "
+            "(tl.sum, tl.cdiv...) is interpreted, so an interpreted kernel cannot run in this process",
+            hint="set it before Python starts (TRITON_INTERPRET=1 python ...) or before the first import of "
+            "flexcomp, torch's compiler or triton; or use backend='reference'",
+        )
     return backend
+
+
+def _interpreter_ready() -> bool:
+    from .codegen.launch import interpreter_ready  # codegen only when a kernel is asked for
+
+    return interpreter_ready()
 
 
 def _triton_forward():

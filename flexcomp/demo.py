@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -80,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run kernels on CPU
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        # kernels on the CPU run under Triton's interpreter, which must be on when Triton is imported; `python -m
+        # flexcomp.demo` has imported it with the package, so the demo runs again in a process that has it on
+        again = [sys.executable, "-m", "flexcomp.demo", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(again, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False).returncode
     import flexcomp as fc
 
     device = torch.device("cuda" if cuda else "cpu")
