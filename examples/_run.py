@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import math
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -212,8 +213,10 @@ def _run_spec(
     block_size=128, check_q_len=None, check_kv_len=None,
 ) -> None:
     args = _parse_args(q_len, kv_len or q_len)
-    if args.triton and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton compiles anything
+    if args.triton and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton's interpreter must be on when Triton is imported, which importing flexcomp has done: run again
+        sys.exit(subprocess.run([sys.executable, *sys.argv], env={**os.environ, "TRITON_INTERPRET": "1"},
+                                check=False).returncode)  # fmt: skip
     mods = [m for m in (score_mod, mask_mod) if m is not None]
     check_q = check_q_len or min(args.q_len, 128)
     check_kv = check_kv_len or min(args.kv_len, 128)

@@ -52,3 +52,11 @@ def test_interpreter_turned_on_after_import_is_a_clear_error(tmp_path) -> None:
     run = run_python([str(script)], tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "REFUSED:" in run.stdout and "set after Triton was imported" in run.stdout, run.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU the example runs compiled kernels")
+def test_an_example_with_triton_runs_without_the_interpreter_in_the_environment(tmp_path) -> None:
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "alibi.py")
+    run = run_python([example, "--triton", "--quiet"], tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "ok   backend=triton" in run.stdout, run.stdout
