@@ -22,11 +22,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def compiled_lines(script: str) -> tuple[list[str], str]:
+def compiled_lines(script: str, *args: str) -> tuple[list[str], str]:
     """(the report lines of `benchmarks/<script> --compile-only`, one per compiled kernel, and the whole output)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real, not interpret
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--compile-only"], capture_output=True,
-                         text=True, env=env, timeout=600, check=False)  # fmt: skip
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--compile-only", *args],
+                         capture_output=True, text=True, env=env, timeout=600, check=False)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     lines = [line for line in run.stdout.splitlines() if " D=" in line]
     for line in lines:
@@ -44,6 +44,14 @@ def test_every_version_and_rendered_variant_compiles_for_sm90_and_the_defaults_k
         if ":" not in line.split(" D=")[0]:  # a default tile config, not an A/B override
             assert "spill st/ld ('0', '0')" in line, line
             assert "wgmma async" in line, line  # ptxas did not serialize the wgmmas (the kernels' whole point)
+
+
+def test_version_a_compiles_for_sm90_too():
+    """Version A (one consumer warpgroup, the benchmarks' A/B twin of B) shares B's barrier-ring helpers."""
+    lines, stdout = compiled_lines("gluon_attention.py", "--runs", "A", "--skip-variants")
+    assert len(lines) >= 4 and all(line.startswith("A ") for line in lines), stdout  # D=64/128, causal or not
+    for line in lines:
+        assert int(re.search(r"wgmma.mma_async (\d+)", line).group(1)) > 0, line
 
 
 def test_backward_preprocess_dkdv_and_dq_kernels_compile_for_sm90_with_async_wgmma():
