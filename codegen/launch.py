@@ -14,6 +14,7 @@ with no specialization work at all (the plan's key guarantees the specialization
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, TypeVar
@@ -164,9 +165,14 @@ def interpreter_ready() -> bool:
     """Whether kernels can run under Triton's interpreter: TRITON_INTERPRET=1 now, and already when Triton was
     imported (its own library, tl.cdiv, tl.sum and the rest, is made interpreted or compiled then, once: a kernel
     interpreted later cannot call a compiled tl.sum)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and _imported_interpreted()
+
+
+@functools.cache
+def _imported_interpreted() -> bool:  # fixed once Triton is imported
     from triton.language import standard
 
-    return os.environ.get("TRITON_INTERPRET") == "1" and type(standard.cdiv).__name__ == "InterpretedFunction"
+    return type(standard.cdiv).__name__ == "InterpretedFunction"
 
 
 def _direct_launch_possible(kernel) -> bool:
