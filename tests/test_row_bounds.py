@@ -82,16 +82,24 @@ def test_masks_that_are_not_one_interval_per_row_are_left_to_the_analysis(rng) -
         assert_tables_match_torch(mask, mod, fn, B, H)
 
 
-def test_attention_through_row_bound_tables_matches_float64(rng, randn, naive_attention) -> None:
-    """The tables feed the kernel (interpreter) and the reference backend alike; both against float64."""
-    t = tensors_for(rng, 70, 90)
-    fn = masks(t)["padded_causal"]
-    q, k, v = randn(B, H, 70, 16), randn(B, H, 90, 16), randn(B, H, 90, 16)
+@pytest.mark.parametrize("name", ["padded_causal", "head_windows"])
+def test_attention_and_gradients_through_row_bound_tables_match_float64(rng, randn, naive_attention, name) -> None:
+    """The tables (and the q-major ones the backward walks, derived from them) feed the kernels (interpreter) and
+    the reference backend alike; outputs and gradients against float64."""
+    fn = masks(tensors_for(rng, 70, 90))[name]
     mask = fc.create_block_mask(fc.mask_mod(fn), B, H, 70, 90, device="cpu", BLOCK_SIZE=32)
-    expected, _ = naive_attention(q.double(), k.double(), v.double(), mask_fn=fn)
+    assert set(mask.decided_by) == {"row bounds"}
+    q, k, v = (randn(B, H, n, 16, requires_grad=True) for n in (70, 90, 90))
+    dout = randn(B, H, 70, 16)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected, _ = naive_attention(*wide, mask_fn=fn)
+    expected_grads = torch.autograd.grad(expected, wide, dout.double())
     for backend in ("reference", "triton"):
         out = fc.flex_attention(q, k, v, block_mask=mask, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
 def test_pairs_in_groups_give_the_same_tables(rng, monkeypatch) -> None:
