@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -385,8 +384,7 @@ def _from_analysis(mod: Mod, grid: Grid, device: torch.device, evaluate: bool,
     """Exact per-row intervals of a document-style mask on the device, or dense bands of q blocks through the
     analysis, or only the candidate tiles of a document-style mask."""
     tensors = mod.tensors()
-    tables = interval_tables(mod.ir, tensors, grid, device, sync_free=device.type != "cpu",
-                             kernel=_table_kernel_on(device))
+    tables = interval_tables(mod.ir, tensors, grid, device, sync_free=device.type != "cpu", kernel=_table_kernel)
     if tables is not None:
         *tables, unsorted = tables
         return _finish(mod, grid, tables, bounds, _interval_report(grid.num_q_blocks * grid.num_kv_blocks, unsorted))
@@ -414,17 +412,6 @@ def _from_analysis(mod: Mod, grid: Grid, device: torch.device, evaluate: bool,
         full_rows.append(cls == TileClass.FULL)
     tables = rows_to_ordered(partial_rows, full_rows, device)
     return _finish(mod, grid, tables, bounds, counts)
-
-
-def _table_kernel_on(device: torch.device) -> Callable[..., tuple[Tensor, ...]] | None:
-    """_table_kernel, unless on a CPU whose Triton interpreter cannot run it: TRITON_INTERPRET set after Triton
-    was imported (equality._kernel_runs reads only the environment); the torch ops build the same tables."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        from .codegen.launch import interpreter_ready
-
-        if not interpreter_ready():
-            return None
-    return _table_kernel
 
 
 def _table_kernel(*args: Any) -> tuple[Tensor, ...]:
