@@ -84,7 +84,8 @@ def run_checks(length=12, batch=3, new_tokens=20) -> list[dict]:
         with torch.no_grad():
             full = (ours(ids).logits - theirs(ids).logits).abs().max().item()
             padded = (ours(ids, attention_mask=keep).logits - theirs(ids, attention_mask=keep).logits).abs()[kept]
-        settings = {"attention_mask": keep, "max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+        tokens = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}  # a random model may emit EOS early
+        settings = {"attention_mask": keep, **tokens, "do_sample": False, "pad_token_id": 0}
         same = torch.equal(ours.generate(ids, **settings), theirs.generate(ids, **settings))
         result = {"model": name, "reference": reference, "logits_err": full, "padded_err": padded.max().item(),
                   "generate_identical": same}  # fmt: skip

@@ -55,6 +55,13 @@ def prompts(rng, batch=3, length=PROMPT):
     return ids, keep
 
 
+def greedy(keep, new_tokens):
+    """generate() settings for exactly `new_tokens` greedy tokens: a random model emits its EOS token now and then
+    (and stops early, on every implementation alike), so EOS is held back until the last one."""
+    tokens = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    return {"attention_mask": keep, **tokens, "do_sample": False, "pad_token_id": 0}
+
+
 def logits(model, ids, **kwargs):
     with torch.no_grad():
         return model(ids, **kwargs).logits
@@ -82,7 +89,7 @@ def test_generate_is_token_identical(name, rng):
     sliding windows still apply; 20 new tokens, as the reference implementation."""
     model, twin = models(name, rng)
     ids, keep = prompts(rng)
-    settings = {"attention_mask": keep, "max_new_tokens": 20, "do_sample": False, "pad_token_id": 0}
+    settings = greedy(keep, 20)
     ours, theirs = model.generate(ids, **settings), twin.generate(ids, **settings)
     assert ours.shape == (3, PROMPT + 20)
     assert torch.equal(ours, theirs), f"first difference at {(ours != theirs).nonzero()[0].tolist()}"
@@ -110,7 +117,7 @@ def test_more_families(name, rng, monkeypatch):
     kept = keep.bool()
     torch.testing.assert_close(logits(model, ids, attention_mask=keep)[kept],
                                logits(twin, ids, attention_mask=keep)[kept], atol=1e-4, rtol=1e-4)  # fmt: skip
-    settings = {"attention_mask": keep, "max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+    settings = greedy(keep, 10)
     assert torch.equal(model.generate(ids, **settings), twin.generate(ids, **settings))
 
 
@@ -179,7 +186,7 @@ def test_triton_backend(rng):
     """The generated kernel (Triton's interpreter on CPU) through the model: padding, GQA, decode offsets."""
     model, twin = models("mistral", rng)
     ids, keep = prompts(rng, batch=2, length=8)
-    settings = {"attention_mask": keep, "max_new_tokens": 2, "do_sample": False, "pad_token_id": 0}
+    settings = greedy(keep, 2)
     with fct.use_mods(backend="triton"):
         ours = model.generate(ids, **settings)
     assert torch.equal(ours, twin.generate(ids, **settings))
