@@ -62,7 +62,7 @@ def document_causal(b, h, q_idx, kv_idx):
 # name -> (score_mod, mask_mod): bench_attention's variants
 VARIANTS = {"none": (None, None), "causal": (None, causal), "alibi": (alibi, causal), "softcap": (softcap, causal),
             "window": (None, sliding_window), "document": (None, document_causal)}
-FORWARD_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32",
+FORWARD_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "Lse": "*fp32", "MaxScores": "*fp32",
                     "KV_NUM": "*i32", "KV_IDX": "*i32", "FULL_NUM": "*i32", "FULL_IDX": "*i32",
                     "PAGE_TABLE": "*i32", "KV_LENS": "*i32"}
 # the PTX instructions that the softmax spends per score element, by family (prefix match on the opcode)
@@ -131,7 +131,8 @@ def compile_forward(variant: str, D: int, block: tuple[int, int], warps: int, st
                   "EVEN_Q": True, "EVEN_KV": True, "FAST_TANH": score is not None,
                   "USE_TMA": False, "FLOAT_INDEX": variant == "alibi", "FOLD_SCALE": score is None,
                   "PREFETCH_INDEX": False, "ROW_ALIGN": 8,  # contiguous 16-bit rows: 16-byte vectors
-                  "PAGE_SIZE": 0}  # contiguous K/V (no page table)
+                  "PAGE_SIZE": 0,  # contiguous K/V (no page table)
+                  "OUTPUT_MAX": False}
     constexprs.update(extra)
     missing = [p for p in params if p.isupper() and p not in constexprs and inspect.signature(kernel.fn).parameters[
         p].default is not inspect.Parameter.empty]

@@ -39,7 +39,8 @@ PROGRAMS_PER_SM = 2  # splits are added until the grid covers the SMs this many 
 
 @dataclass(frozen=True)
 class DecodeShape:
-    """What the decision needs: lengths, heads, the block mask's q block and whether its tiles vary by head."""
+    """What the decision needs: lengths, heads, the block mask's q block, whether its tiles vary by head and whether
+    the call asks for max_scores (return_aux), which only the forward kernel writes."""
 
     batch: int
     q_heads: int
@@ -48,6 +49,7 @@ class DecodeShape:
     gqa_group: int
     sparse_q: int
     tiles_per_head: bool
+    output_max: bool = False
 
 
 def decode_wanted(shape: DecodeShape, kernel_options: dict | None) -> bool:
@@ -71,6 +73,8 @@ def why_not_decode(shape: DecodeShape) -> str:
         return f"Lq={shape.q_len} is over {MAX_PACKED_ROWS} rows"
     if shape.q_len > shape.sparse_q:
         return f"Lq={shape.q_len} spans more than one q block of the block mask (BLOCK_SIZE {shape.sparse_q})"
+    if shape.output_max:
+        return "return_aux asks for max_scores, which only the forward kernel computes"
     return ""
 
 

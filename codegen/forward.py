@@ -137,15 +137,18 @@ def flex_forward(
     enable_gqa: bool,
     return_lse: bool,
     kernel_options: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the generated forward kernel: (out [B, Hq, Lq, Dv] in the input dtype, lse [B, Hq, Lq] float32).
+    return_max: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Run the generated forward kernel: (out [B, Hq, Lq, Dv] in the input dtype, lse [B, Hq, Lq] float32), and
+    with `return_max` a third, max_scores [B, Hq, Lq] float32 (return_aux's: each row's largest score after the
+    mods, -inf where fully masked; only the forward kernel computes it, so such calls never decode or go to Gluon).
 
     lse is always computed (natural log; -inf on fully masked rows); `return_lse`
     is accepted for symmetry with the API, which drops it.  A repeated call (same layouts, mods, block
     mask, scale and options) reuses its plan (codegen/plans.py): no checks or configs are redone.
     """
     del return_lse
-    if gluon_wanted(kernel_options):  # the hand-scheduled Hopper kernel where it fits (codegen/gluon/dispatch.py)
+    if not return_max and gluon_wanted(kernel_options):  # the hand-scheduled Hopper kernel where it fits
         result = gluon_forward(query, key, value, score_mod, block_mask, scale, enable_gqa)
         if result is not None:
             return result
@@ -155,12 +158,13 @@ def flex_forward(
     try:
         plan_key = (layout(query), layout(key), layout(value), *(layout(t) for _, t in buffers), id(score_mod),
                     id(block_mask), id(mask_mod), getattr(block_mask, "version", 0), scale, enable_gqa,
-                    options_key(kernel_options))
+                    options_key(kernel_options), return_max)
     except TypeError:  # unhashable kernel_options: no plan kept
         plan_key = None
     plan = _PLANS.get(plan_key, block_mask) if plan_key is not None else None
     if plan is None:
-        plan = ForwardPlan(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, buffers)
+        plan = ForwardPlan(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, buffers,
+                           return_max)
         if plan_key is not None:
             _PLANS.put(plan_key, block_mask, plan)
     return plan.run({"q": query, "k": key, "v": value, **dict(buffers)})
@@ -171,7 +175,7 @@ class ForwardPlan:
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Mod | None, block_mask: Any,
                  scale: float | None, enable_gqa: bool, kernel_options: dict | None,
-                 buffers: list[tuple[str, torch.Tensor]]):
+                 buffers: list[tuple[str, torch.Tensor]], output_max: bool = False):
         check_inputs(q, k, v, enable_gqa)
         check_buffers(buffers, q.device)
         block_mask = block_mask if block_mask is not None else dense_block_mask(q, k)
@@ -197,7 +201,7 @@ class ForwardPlan:
         # the tables each launch walks, by their tiles: the block mask's, and where the config's kernel tiles are
         # smaller, the same mask at those tiles (empty sub-tiles out of the loops: flexcomp.blockmask.refine_block_mask)
         self.tables = {self.sparse: index_tables(block_mask, bounds is not None)}
-        decode_shape = DecodeShape(B, Hq, Lq, Lkv, Hq // Hkv, sparse_q, tiles_per_head=tiles_per_head(block_mask, bounds))
+        decode_shape = DecodeShape(B, Hq, Lq, Lkv, Hq // Hkv, sparse_q, tiles_per_head(block_mask, bounds), output_max)
         decoding = decode_wanted(decode_shape, kernel_options)
         tiles = (self.config.block_m, self.config.block_n)
         refined = None if bounds is not None or decoding or not refine_wanted(kernel_options) else \
@@ -224,6 +228,7 @@ class ForwardPlan:
             "ROW_ALIGN": row_alignment(*((t.element_size(), t.stride()) for t in (q, k, v)),
                                        (q.element_size(), out_strides)),
         }  # fmt: skip
+        self.output_max = output_max  # the forward kernel's alone (decode_wanted said no)
         self.decode = None  # codegen/decode.py: few query rows against a long kv cache
         if decoding:
             self.decode = DecodeLaunch(module, decode_shape, (D, Dv), q.dtype, q.device, self.values, {
@@ -235,24 +240,26 @@ class ForwardPlan:
         self.launches: dict[LaunchConfig, PreparedLaunch] = {}
         self.fitted: LaunchConfig | None = None  # the config that ran, once one has
 
-    def run(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(out, lse), and max_scores third when the plan outputs it."""
         tensors["out"] = out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         tensors["lse"] = lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        results = (out, lse)
+        if self.output_max:
+            tensors["max_scores"] = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+            results += (tensors["max_scores"],)
         if self.decode is not None:
             self.decode.run(tensors)
-            return out, lse
-        if self.fitted is not None:
+        elif self.fitted is not None:
             if self.fitted.use_tma and self.tma_layout:
                 _install_allocator()  # per call: Triton keeps the allocator per thread
             self.launches[self.fitted](tensors)
-            return out, lse
-        config = self.config
-        if autotune.wanted(self.kernel_options):
-            config = self._tuned(tensors)
-        self.fitted = launch_first_fitting(fallbacks(config), lambda c: self._launch(c)(tensors),
-                                           f"no launch configuration fits this GPU for D={self.dims[0]}, "
-                                           f"Dv={self.dims[1]}, {self.dtype}")
-        return out, lse
+        else:
+            config = self._tuned(tensors) if autotune.wanted(self.kernel_options) else self.config
+            self.fitted = launch_first_fitting(fallbacks(config), lambda c: self._launch(c)(tensors),
+                                               f"no launch configuration fits this GPU for D={self.dims[0]}, "
+                                               f"Dv={self.dims[1]}, {self.dtype}")
+        return results
 
     def _launch(self, config: LaunchConfig) -> PreparedLaunch:
         """The launch at `config`'s tiles (made once per config)."""
@@ -264,6 +271,8 @@ class ForwardPlan:
             args, kwargs = FORWARD.bind({
                 **self.values, **self.constexprs, **dict(zip(TABLE_NAMES, tables, strict=True)),
                 "HAS_FULL": has_full, "SPARSE_Q": sparse[0], "SPARSE_KV": sparse[1],
+                "OUTPUT_MAX": self.output_max,  # else MaxScores is never written: lse's pointer stands in
+                "MaxScores": Slot("max_scores" if self.output_max else "lse"),
                 "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "TILES_PER_BLOCK": sparse[1] // config.block_n,
                 "EVEN_Q": Lq % config.block_m == 0,
                 # every kv tile in bounds (a table walk visits whole sparse blocks; a paged request ends anywhere)

@@ -376,7 +376,10 @@ def flex_forward_kernel(
         tl.store(out_ptrs, out)
     else:
         tl.store(out_ptrs, out, mask=row_in[:, None] & (offs_dv[None, :] < DV))
-    tl.store(Lse + b64 * stride_lb + h.to(tl.int64) * stride_lh + offs_m * stride_lm, lse, mask=row_in)
+    lse_offsets = b64 * stride_lb + h.to(tl.int64) * stride_lh + offs_m * stride_lm
+    tl.store(Lse + lse_offsets, lse, mask=row_in)
+    if OUTPUT_MAX:  # the row's largest score after score_mod and mask (-inf when fully masked), natural units
+        tl.store(MaxScores + lse_offsets, m_i * 0.6931471805599453, mask=row_in)
 '''
 
 

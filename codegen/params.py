@@ -132,13 +132,15 @@ V_TENSOR = tensor("V", "stride_vb", "stride_vh", "stride_vn", "stride_vd")
 
 FORWARD_OUT = tensor("Out", "stride_ob", "stride_oh", "stride_om", "stride_od")
 FORWARD_LSE = tensor("Lse", "stride_lb", "stride_lh", "stride_lm")
+# return_aux's max_scores: float32 [B, H_Q, Q_LEN] laid out as Lse (the host allocates both), written when OUTPUT_MAX
+FORWARD_MAX = scalars("MaxScores", kind="pointer")
 
 # A paged KV cache (flexcomp.paging): K/V hold pages, each request's page-table row maps its logical pages to them,
 # and its length ends its rows.  PAGE_SIZE 0: contiguous K/V, the two tables unread.
 PAGED_KV: Group = (*tensor("PAGE_TABLE", "stride_pgb"), *tensor("KV_LENS"), *constexprs("PAGE_SIZE"))
 
 FORWARD = Signature((
-    Q_TENSOR, K_TENSOR, V_TENSOR, FORWARD_OUT, FORWARD_LSE,
+    Q_TENSOR, K_TENSOR, V_TENSOR, FORWARD_OUT, FORWARD_LSE, FORWARD_MAX,
     *KV_TABLES,
     MOD_BUFFERS,
     (Param("sm_scale", "float"), *scalars("Q_LEN", "KV_LEN", "H_Q", "GQA_GROUP")),
@@ -150,7 +152,7 @@ FORWARD = Signature((
     constexprs("DOT_PRECISION"),
     constexprs("EVEN_Q", "EVEN_KV", "FAST_TANH", default=False),
     constexprs("USE_TMA", "FLOAT_INDEX", "FOLD_SCALE", default=False),
-    (*constexprs("PREFETCH_INDEX", default=False), *constexprs("ROW_ALIGN", default=1)),
+    (*constexprs("PREFETCH_INDEX", "OUTPUT_MAX", default=False), *constexprs("ROW_ALIGN", default=1)),
 ))  # fmt: skip
 
 

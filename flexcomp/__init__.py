@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from .api import CompiledVariant, compile, flex_attention
+from .api import AuxOutput, AuxRequest, CompiledVariant, compile, flex_attention
 from .errors import (
     BackendError,
     FlexcompError,
@@ -25,6 +25,8 @@ _LAZY = {"create_block_mask": "blockmask", "create_mask": "blockmask", "BlockMas
          "PagedAttention": "paging"}
 
 __all__ = [
+    "AuxOutput",
+    "AuxRequest",
     "BackendError",
     "BlockMask",
     "CompiledVariant",

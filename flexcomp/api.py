@@ -105,14 +105,13 @@ def flex_attention(
         out, lse, max_scores = reference_attention_aux(query, key, value, score_mod, block_mask, scale, enable_gqa,
                                                        mask_mod=mask_mod)
     else:
-        if want_max:
-            raise BackendError("flexcomp's Triton kernels do not compute max_scores", hint="use backend='reference'")
         if block_mask is None and mask_mod is not None:
             block_mask = build_block_mask(mask_mod, query, key)
         if block_mask is not None and not _wants_gradients(query, key, value, score_mod):
             block_mask, score_mod = _paged_direct(block_mask, score_mod)
-        out, lse = _triton_forward()(query, key, value, score_mod, block_mask, scale, enable_gqa, want_lse,
-                                     kernel_options)
+        out, lse, *maxima = _triton_forward()(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                                              want_lse, kernel_options, return_max=want_max)
+        max_scores = maxima[0] if maxima else None
     if return_aux is not None:
         return out, AuxOutput(lse=lse if want_lse else None, max_scores=max_scores if want_max else None)
     return (out, lse) if return_lse else out

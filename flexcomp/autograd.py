@@ -17,26 +17,30 @@ from .mods import Mod
 
 
 class FlexAttentionFunction(torch.autograd.Function):
-    """(out, lse) = flex attention of q, k, v; differentiable in q, k, v, lse's users and captured tensors."""
+    """(out, lse, max_scores or None) = flex attention of q, k, v; differentiable in q, k, v, lse's users and
+    captured tensors.  max_scores (return_aux's) is not differentiable, as in torch."""
 
     @staticmethod
-    def forward(ctx, query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, *captured):
+    def forward(ctx, query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, return_max,
+                *captured):
         from .codegen import flex_forward
 
-        out, lse = flex_forward(query, key, value, score_mod, block_mask, scale, enable_gqa, True, kernel_options)
+        out, lse, *max_scores = flex_forward(query, key, value, score_mod, block_mask, scale, enable_gqa, True,
+                                             kernel_options, return_max)
         ctx.save_for_backward(query, key, value, out, lse, *captured)
         ctx.mods = (score_mod, block_mask, scale, enable_gqa, kernel_options)
         ctx.set_materialize_grads(False)  # an unused lse's gradient stays None, not a zeroed tensor to read
-        return out, lse
+        ctx.mark_non_differentiable(*max_scores)
+        return out, lse, (max_scores[0] if max_scores else None)
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse):
+    def backward(ctx, grad_out, grad_lse, grad_max_scores):
         from .codegen.backward import flex_backward
 
         query, key, value, out, lse, *captured = ctx.saved_tensors
         score_mod, block_mask, scale, enable_gqa, kernel_options = ctx.mods
         specs = tuple(score_mod.buffers) if score_mod is not None else ()
-        wanted = frozenset(spec.name for spec, t, needs in zip(specs, captured, ctx.needs_input_grad[8:])
+        wanted = frozenset(spec.name for spec, t, needs in zip(specs, captured, ctx.needs_input_grad[-len(specs):])
                            if needs and t.is_floating_point())
         if grad_out is None:  # only lse was used
             grad_out = torch.zeros_like(out)
@@ -45,7 +49,7 @@ class FlexAttentionFunction(torch.autograd.Function):
             kernel_options, captured={spec.name: t for spec, t in zip(specs, captured)}, grad_buffers=wanted,
         )
         captured_grads = [grads.get(spec.name) for spec in specs]
-        return (dq, dk, dv, None, None, None, None, None, *captured_grads)
+        return (dq, dk, dv, None, None, None, None, None, None, *captured_grads)
 
 
 def triton_flex_attention(
@@ -59,8 +63,9 @@ def triton_flex_attention(
     return_lse: bool,
     kernel_options: dict[str, Any] | None = None,
     *captured_tensors: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """flex_forward's arguments and result (out, lse), differentiable end to end.
+    return_max: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """flex_forward's arguments and result (out, lse, and max_scores with `return_max`), differentiable end to end.
 
     `captured_tensors` are the score_mod's captured tensors in the order of `score_mod.buffers`;
     by default their current values.  Gradients reach every one that requires grad.
@@ -68,16 +73,18 @@ def triton_flex_attention(
     del return_lse  # lse is always returned (and differentiable); the caller drops it
     if not vector_rows(query, key, value):
         return _with_padded_rows(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
-                                 *captured_tensors)
+                                 *captured_tensors, return_max=return_max)
     if score_mod is not None and not captured_tensors:
         values = score_mod.tensors()
         captured_tensors = tuple(values[spec.name] for spec in score_mod.buffers)
     if not wants_gradients(query, key, value, captured_tensors):  # nothing to differentiate: skip
         from .codegen import flex_forward  # the autograd Function's bookkeeping (host time on every call)
 
-        return flex_forward(query, key, value, score_mod, block_mask, scale, enable_gqa, True, kernel_options)
-    return FlexAttentionFunction.apply(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
-                                       *captured_tensors)
+        return flex_forward(query, key, value, score_mod, block_mask, scale, enable_gqa, True, kernel_options,
+                            return_max)
+    out, lse, max_scores = FlexAttentionFunction.apply(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                                                       kernel_options, return_max, *captured_tensors)
+    return (out, lse, max_scores) if return_max else (out, lse)
 
 
 def wants_gradients(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, captured: Any) -> bool:
@@ -105,14 +112,15 @@ def vector_rows(*tensors: torch.Tensor) -> bool:
     return row_alignment(*((t.element_size(), t.stride()) for t in tensors)) >= 2
 
 
-def _with_padded_rows(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, *captured):
+def _with_padded_rows(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, *captured,
+                      return_max=False):
     """triton_flex_attention on copies of q, k, v whose head dims are zero-padded to 16-byte rows (q.k and P V are
     unchanged by zero columns; the output's extra columns are cut off).  Autograd takes the gradients through the
     padding.  One copy of each input per call: only for layouts `vector_rows` refuses."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = triton_flex_attention(pad_rows(query), pad_rows(key), pad_rows(value), score_mod, block_mask, scale,
-                                     enable_gqa, True, kernel_options, *captured)
-    return out[..., :value.shape[-1]].contiguous(), lse
+    out, *stats = triton_flex_attention(pad_rows(query), pad_rows(key), pad_rows(value), score_mod, block_mask,
+                                        scale, enable_gqa, True, kernel_options, *captured, return_max=return_max)
+    return out[..., :value.shape[-1]].contiguous(), *stats
 
 
 def pad_rows(t: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,10 @@ eager Python, which Dynamo cannot trace (mods parsed from source, plan caches, d
 - `call_key` runs once per trace, outside the graph (`torch._dynamo.assume_constant_result`): it compiles the
   mods, reads the block mask's description (lengths, block size, closed-form bounds, which tables it has) and
   files all that, with scale, enable_gqa, kernel_options and the backend, under a string key.
-- The graph then holds one `torch.ops.flexcomp.flex_attention(query, key, value, tables, captured, call)`: the
-  block mask's index tables and the score_mod's captured tensors are op inputs, so Dynamo sees them as data (a
-  new block mask's tables each step, a learnable bias updated by the optimizer) and autograd reaches the
-  captured tensors.  Its fake implementation gives the output shapes, so dynamic shapes need no recompile.
+- The graph then holds one `torch.ops.flexcomp.flex_attention(query, key, value, tables, captured, call,
+  want_max)`: the block mask's index tables and the score_mod's captured tensors are op inputs, so Dynamo sees
+  them as data (a new block mask's tables each step, a learnable bias updated by the optimizer) and autograd
+  reaches the captured tensors; want_max asks for return_aux's max_scores too (not differentiable).  Its fake implementation gives the output shapes, so dynamic shapes need no recompile.
 - At run time the op calls the eager `flex_attention` on the real tensors (every backend, every feature; mods
   re-specialize on rebound scalars as in eager calls), and its backward (`torch.library.register_autograd`) runs
   the generated backward kernels, or autograd through the reference backend.
@@ -127,14 +127,12 @@ def traced_flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
                                          enable_gqa, options, backend)  # fmt: skip
     tables = [getattr(block_mask, name) for name in table_names]
     captured = _captured_at(_function(score_mod), places)
-    out, lse = torch.ops.flexcomp.flex_attention(query, key, value, tables, captured, call)
+    want_max = return_aux is not None and bool(return_aux.max_scores)
+    out, lse, max_scores = torch.ops.flexcomp.flex_attention(query, key, value, tables, captured, call, want_max)
     if return_aux is not None:
         from .api import AuxOutput
 
-        if return_aux.max_scores:
-            raise FlexcompError("under torch.compile, return_aux takes lse only (max_scores needs an eager call "
-                                "with backend='reference')")  # fmt: skip
-        return out, AuxOutput(lse=lse if return_aux.lse else None, max_scores=None)
+        return out, AuxOutput(lse=lse if return_aux.lse else None, max_scores=max_scores if want_max else None)
     return (out, lse) if return_lse else out
 
 
@@ -207,22 +205,28 @@ def _write(fn: Any, kind: str, name: Any, value: Any) -> None:
 
 @torch.library.custom_op("flexcomp::flex_attention", mutates_args=())
 def flex_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tables: list[torch.Tensor],
-                      captured: list[torch.Tensor], call: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(out, lse) of the call filed under `call`, on these tensors."""
-    from .api import flex_attention
+                      captured: list[torch.Tensor], call: str,
+                      want_max: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(out, lse, max_scores) of the call filed under `call`, on these tensors; max_scores (return_aux's) is empty
+    unless `want_max`."""
+    from .api import AuxRequest, flex_attention
 
     entry = _CALLS[call]
     score_mod, block_mask, mask_mod = prepared(entry, tables, query, key)
-    out, lse = flex_attention(query, key, value, score_mod, block_mask, entry.scale, entry.enable_gqa, True,
-                              entry.kernel_options, mask_mod=mask_mod, backend=entry.backend)  # fmt: skip
-    return out.contiguous(), lse.contiguous().clone()  # contiguous, as the fake says; an op's outputs are no views
+    out, aux = flex_attention(query, key, value, score_mod, block_mask, entry.scale, entry.enable_gqa,
+                              kernel_options=entry.kernel_options, return_aux=AuxRequest(True, want_max),
+                              mask_mod=mask_mod, backend=entry.backend)  # fmt: skip
+    max_scores = aux.max_scores.contiguous().clone() if want_max else aux.lse.new_empty(0)
+    return out.contiguous(), aux.lse.contiguous().clone(), max_scores  # contiguous, as the fake says; no views
 
 
 @flex_attention_op.register_fake
-def _(query, key, value, tables, captured, call):
+def _(query, key, value, tables, captured, call, want_max):
     B, Hq, Lq, _ = query.shape
-    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    return query.new_empty(B, Hq, Lq, value.shape[-1]), query.new_empty(B, Hq, Lq, dtype=lse_dtype)
+    stat_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    stat = query.new_empty(B, Hq, Lq, dtype=stat_dtype)
+    return (query.new_empty(B, Hq, Lq, value.shape[-1]), stat,
+            query.new_empty(B, Hq, Lq, dtype=stat_dtype) if want_max else query.new_empty(0, dtype=stat_dtype))
 
 
 _PREPARED: OrderedDict[tuple, tuple] = OrderedDict()  # (call, tables' storage) -> (score_mod, block_mask, mask_mod)
@@ -271,13 +275,14 @@ def _rebuilt_block_mask(entry: Call, lengths: tuple[int, int]) -> BlockMask:
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, tables, captured, call = inputs
-    out, lse = output
+    query, key, value, tables, captured, call, _ = inputs
+    out, lse, max_scores = output
     ctx.save_for_backward(query, key, value, out, lse, *tables, *captured)
     ctx.call, ctx.n_tables = call, len(tables)
+    ctx.mark_non_differentiable(max_scores)  # as torch's
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, grad_lse, grad_max_scores):
     query, key, value, out, lse, *rest = ctx.saved_tensors
     tables, captured = rest[: ctx.n_tables], rest[ctx.n_tables :]
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
@@ -287,7 +292,7 @@ def _backward(ctx, grad_out, grad_lse):
     needs = ctx.needs_input_grad
     captured_grads = [g if t.is_floating_point() and needs[4] else None for g, t in zip(captured_grads, captured)]
     return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, [None] * len(tables),
-            captured_grads, None)  # fmt: skip
+            captured_grads, None, None)  # fmt: skip
 
 
 @torch.library.custom_op("flexcomp::flex_attention_backward", mutates_args=())

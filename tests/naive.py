@@ -7,12 +7,14 @@ import math
 import torch
 
 
-def naive_attention(q, k, v, score_fn=None, mask_fn=None, scale=None, enable_gqa=False, dense_mask=None):
-    """(out, lse) of softmax(score_fn(q k^T * scale) masked by mask_fn) @ v, in float64.
+def naive_attention(q, k, v, score_fn=None, mask_fn=None, scale=None, enable_gqa=False, dense_mask=None,
+                    return_max=False):
+    """(out, lse) of softmax(score_fn(q k^T * scale) masked by mask_fn) @ v, in float64; with `return_max` also
+    each row's largest masked score (torch's return_aux max_scores).
 
     `score_fn(score, b, h, q_idx, kv_idx)` and `mask_fn(b, h, q_idx, kv_idx)` are plain
     callables on broadcast int64 index tensors.  `dense_mask` ([B or 1, H or 1, Lq, Lkv] bool)
-    replaces `mask_fn` when given.  A fully masked row gives out 0 and lse -inf.
+    replaces `mask_fn` when given.  A fully masked row gives out 0, lse -inf and max -inf.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lkv = k.shape[1], k.shape[2]
@@ -36,7 +38,7 @@ def naive_attention(q, k, v, score_fn=None, mask_fn=None, scale=None, enable_gqa
     lse = torch.logsumexp(s, dim=-1)
     weights = torch.exp(s - torch.where(lse.isinf(), 0.0, lse)[..., None])
     out = weights @ v.double()
-    return out, lse
+    return (out, lse, s.amax(-1)) if return_max else (out, lse)
 
 
 def assert_close_to_reference(out, lse, ref_out, ref_lse, atol=2e-5):

@@ -222,11 +222,6 @@ def test_return_aux_lse_and_max_scores(randn, naive_attention, torch_flex):
     assert fc.flex_attention(q, k, v, return_aux=fc.api.AuxRequest())[1] == fc.api.AuxOutput(None, None)
 
 
-def test_triton_says_it_has_no_max_scores(randn):
-    with pytest.raises(fc.BackendError, match="do not compute max_scores"):
-        fc.flex_attention(*tensors(randn), backend="triton", return_aux=fc.api.AuxRequest(max_scores=True))
-
-
 @pytest.mark.parametrize("options", [
     {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1},
     {"fwd_BLOCK_M": 16, "bwd_BLOCK_M1": 16, "PRESCALE_QK": True, "ROWS_GUARANTEED_SAFE": False, "BACKEND": "TRITON"},
