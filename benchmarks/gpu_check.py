@@ -83,7 +83,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def check(name, mask_fn, score_fn, shape, dtype, backward: bool) -> tuple[bool, str]:
+def check(name, mask_fn, score_fn, shape, dtype, backward: bool, with_max: bool = False) -> tuple[bool, str]:
+    """One case against float64; `with_max` also asks for return_aux's max_scores (the OUTPUT_MAX kernels)."""
     global DOC, BIAS, SLOPES
     B, Hq, Hkv, Lq, Lkv, D, Dv = shape
     DOC = (torch.arange(max(Lq, Lkv), device=DEVICE) // 97).to(torch.int32)
@@ -94,9 +95,10 @@ def check(name, mask_fn, score_fn, shape, dtype, backward: bool) -> tuple[bool, 
     v = torch.randn(B, Hkv, Lkv, Dv, device=DEVICE, dtype=dtype, requires_grad=backward)
     dout = torch.randn(B, Hq, Lq, Dv, device=DEVICE, dtype=dtype)
     block_mask = fc.create_block_mask(mask_fn, None, None, Lq, Lkv, device=DEVICE) if mask_fn else None
-    kwargs = {"score_mod": score_fn, "block_mask": block_mask, "enable_gqa": Hq != Hkv, "return_lse": True}
+    kwargs = {"score_mod": score_fn, "block_mask": block_mask, "enable_gqa": Hq != Hkv,
+              "return_aux": fc.AuxRequest(lse=True, max_scores=with_max)}
 
-    out, lse = fc.flex_attention(q, k, v, backend="triton", **kwargs)
+    out, (lse, max_scores) = fc.flex_attention(q, k, v, backend="triton", **kwargs)
     leaves = [t for t in (q, k, v, BIAS, SLOPES) if t.requires_grad]
     if backward:
         grads = torch.autograd.grad((out.float() * dout.float()).sum(), leaves, allow_unused=True)
@@ -105,11 +107,14 @@ def check(name, mask_fn, score_fn, shape, dtype, backward: bool) -> tuple[bool, 
         # fresh float32 leaves (a captured tensor's dtype is part of the compiled mod); the reference computes in float64
         BIAS64, SLOPES64 = BIAS.detach().clone().requires_grad_(backward), SLOPES.detach().clone().requires_grad_(backward)
         BIAS, SLOPES = BIAS64, SLOPES64  # the mods read the globals live
-        ref_out, ref_lse = fc.flex_attention(q64, k64, v64, backend="reference", **kwargs)
+        ref_out, (ref_lse, ref_max) = fc.flex_attention(q64, k64, v64, backend="reference", **kwargs)
     errs = {"out": rel_err(out, ref_out)}
     finite = torch.isfinite(ref_lse)
     errs["lse"] = rel_err(lse[finite], ref_lse[finite])
     ok = bool(torch.equal(torch.isfinite(lse), finite)) and not out.isnan().any().item()
+    if with_max:
+        errs["max"] = rel_err(max_scores[finite], ref_max[finite])
+        ok = ok and bool(torch.equal(torch.isfinite(max_scores), finite))
     if backward:
         ref_leaves = [t for t in (q64, k64, v64, BIAS64, SLOPES64) if t.requires_grad]
         ref_grads = torch.autograd.grad((ref_out * dout.double()).sum(), ref_leaves, allow_unused=True)
@@ -171,6 +176,9 @@ def all_checks() -> list[tuple[str, object]]:
     for (name, mask_fn, score_fn), shape, dtype, backward in runs:
         label = f"{name:28s} {shape!s:34s} {dtype!s:15s}"
         checks.append((label, lambda a=(name, mask_fn, score_fn, shape, dtype, backward): check(*a)))
+    for (name, mask_fn, score_fn), dtype in itertools.product(CASES[3:6], [torch.bfloat16, torch.float32]):
+        label = f"{name + ' + max_scores':28s} {SHAPES[1]!s:34s} {dtype!s:15s}"
+        checks.append((label, lambda a=(name, mask_fn, score_fn, SHAPES[1], dtype, True, True): check(*a)))
     for example in example_names():  # the gallery on CUDA (issue 24: captured tensors on the wrong device)
         checks.append((f"example {example}", lambda e=example: (run_all(DEVICE, [e]) == 0, "(line above)")))
     return checks
