@@ -45,6 +45,31 @@ CASES = {
     "special": (lambda s: torch.special.expit(s) + torch.special.erfc(s) + torch.special.ndtr(s),
                 lambda x: torch.special.expit(x) + torch.special.erfc(x) + torch.special.ndtr(x)),
     "tanh_alias": (lambda s: 4.0 * tanh(s / 4.0) + torch.Tensor.tanh(s), lambda x: 4 * torch.tanh(x / 4) + x.tanh()),
+    "ceil_trunc": (lambda s: torch.ceil(s) + s.trunc() + torch.fix(s * 0.5) + math.ceil(s) * 0.5,
+                   lambda x: torch.ceil(x) + x.trunc() + torch.fix(x * 0.5) + torch.ceil(x) * 0.5),
+    "div_modes": (lambda s: torch.div(s, 0.75, rounding_mode="floor") + torch.div(s, -0.75, rounding_mode="trunc")
+                  + s.divide(2.0) + torch.true_divide(s, 4.0) + torch.div(s, 3.0, rounding_mode=None),
+                  lambda x: torch.div(x, 0.75, rounding_mode="floor") + torch.div(x, -0.75, rounding_mode="trunc")
+                  + x / 2 + x / 4 + x / 3),
+    "fmod": (lambda s: torch.fmod(s, 1.5) + s.fmod(-2.5) + math.fmod(s, 0.5),
+             lambda x: torch.fmod(x, 1.5) + torch.fmod(x, -2.5) + torch.fmod(x, 0.5)),
+    "logaddexp": (lambda s: torch.logaddexp(s, 0.5 * s) + torch.logaddexp2(s, -s) + F.logsigmoid(s),
+                  lambda x: torch.logaddexp(x, 0.5 * x) + torch.logaddexp2(x, -x) + F.logsigmoid(x)),
+    "nan_to_num": (lambda s: torch.nan_to_num(s, nan=0.5, posinf=7.0, neginf=-7.0) + s.nan_to_num(1.0, 2.0, -2.0),
+                   lambda x: torch.nan_to_num(x, 0.5, 7.0, -7.0) + torch.nan_to_num(x, 1.0, 2.0, -2.0)),
+    "tests": (lambda s: torch.where(torch.isnan(s) | torch.isinf(s), 0.0, s) + torch.isfinite(s).float()
+              + torch.isposinf(s).float() * 2 - torch.isneginf(s).float() + math.isnan(s) * 3.0,
+              lambda x: torch.where(x.isnan() | x.isinf(), 0.0, x) + x.isfinite().double() + x.isposinf() * 2.0
+              - x.isneginf().double() + x.isnan() * 3.0),
+    "square_clamp": (lambda s: torch.square(s) * 0.1 + torch.clamp_min(s, -1.0) + s.clamp_max(2.0),
+                     lambda x: x.square() * 0.1 + x.clamp_min(-1.0) + x.clamp_max(2.0)),
+    "compare": (lambda s: torch.where(s.ge(0.5) & torch.lt(s, 2.0) | s.eq(-1.0) | torch.greater(s, 50.0), s, -s)
+                + torch.ne(s, 0.0).float() + s.less_equal(0.25).type_as(s),
+                lambda x: torch.where((x >= 0.5) & (x < 2.0) | (x == -1.0) | (x > 50.0), x, -x) + (x != 0).double()
+                + (x <= 0.25).double()),
+    "constants": (lambda s: s + torch.zeros_like(s) + torch.ones_like(s) * 2 + torch.tensor(0.5)
+                  + torch.full_like(s, -1.25) + torch.scalar_tensor(3) + torch.tensor(True, dtype=torch.float32),
+                  lambda x: x + 2.0 + 0.5 - 1.25 + 3 + 1),
 }  # fmt: skip
 
 # inputs with edge behaviour: tiny and huge magnitudes, exact halves, a float32 just below 0.5, 2^23 + 1,
@@ -180,9 +205,11 @@ def check_against_naive(inputs, out, grads, score_fn=None, mask_fn=None):
 
 
 SCALES = {"log1p": 0.5, "tan": 0.25, "expm1": 1.0}  # inside the domain / first branch; tan's pole 6 sigma away
-# round's score is piecewise constant (no gradient to compare) and a float32 score may land on the other side of a
-# half than the float64 one: checked element by element above and as a mask below
-SMOOTH_CASES = [name for name in CASES if not name.startswith("round")]
+# round's, ceil's, trunc's and a rounded division's scores are piecewise constant (no gradient to compare) and a
+# float32 score may land on the other side of a step than the float64 one: checked element by element above and as
+# masks below
+STEPS = ("round", "ceil_trunc", "div_modes")
+SMOOTH_CASES = [name for name in CASES if not name.startswith(STEPS)]
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -197,8 +224,28 @@ def test_score_mod_attention(name, backend, randn):
     check_against_naive(inputs, out, grads, score_fn=score_fn)
 
 
+def integer_divisions(score, b, h, q_idx, kv_idx):
+    d = q_idx - kv_idx  # both signs, over divisors of both signs: C's and Python's rounding differ exactly there
+    return (score + torch.div(d, 3, rounding_mode="trunc") * 0.3 + torch.fmod(d, -5) * 0.2
+            + torch.div(d, -4, rounding_mode="floor") * 0.1 + torch.remainder(-d, -3) * 0.05 + d.fmod(4) * 0.01)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_integer_division_modes_in_scores(backend, randn):
+    """torch.div's rounding modes and C's fmod on ints of both signs (int64 in torch, int32 in the kernels)."""
+    inputs, out, grads = run_attention(fc.score_mod(integer_divisions), None, randn, backend)
+    check_against_naive(inputs, out, grads, score_fn=integer_divisions)
+
+
 # masks written with the new functions: (mask, the same on int64 index tensors in torch)
 MASKS = {
+    "trunc_div": (lambda b, h, q, kv: torch.div(q - kv, 5, rounding_mode="trunc") == 0,  # |q - kv| < 5
+                  lambda b, h, q, kv: torch.div(q - kv, 5, rounding_mode="trunc") == 0),
+    "fmod_stride": (lambda b, h, q, kv: (torch.fmod(kv - q, 4) == 0) & torch.le(kv, q),
+                    lambda b, h, q, kv: (torch.fmod(kv - q, 4) == 0) & (kv <= q)),
+    "bitwise_lanes": (lambda b, h, q, kv: torch.bitwise_and(q, 3).eq(torch.bitwise_and(kv, 3))
+                      | torch.logical_xor(q >= 16, kv >= 16),
+                      lambda b, h, q, kv: ((q & 3) == (kv & 3)) | ((q >= 16) ^ (kv >= 16))),
     "round_blocks": (lambda b, h, q, kv: torch.round(q / 4.0) >= torch.round(kv / 4.0),
                      lambda b, h, q, kv: torch.round(q / 4.0) >= torch.round(kv / 4.0)),
     "relu_window": (lambda b, h, q, kv: (F.relu(q - kv) <= 8) & (torch.sign(q - kv) >= 0),
@@ -286,6 +333,10 @@ def test_autograd_function_is_refused_with_advice():
     (lambda s: F.softplus(s, beta=s), "must be a constant"),
     (lambda s: F.leaky_relu(s, 0.1, False, 3), "takes"),
     (lambda s: torch.round(s, decimals=0.5), "decimals must be an int"),
+    (lambda s: torch.div(s, 2.0, rounding_mode="ceil"), "rounding_mode='ceil'"),
+    (lambda s: torch.full_like(s), "full_like` takes"),
+    (lambda s: s + torch.tensor(s), "in a mod takes a number known"),
+    (lambda s: torch.zeros_like(s, requires_grad=True), "requires_grad=True"),
 ])  # fmt: skip
 def test_bad_arguments_are_refused(call, message):
     with pytest.raises(fc.FlexcompError, match=message.replace("(", r"\(")) as info:

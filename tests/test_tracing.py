@@ -259,6 +259,18 @@ def test_traced_activations_take_torchs_keywords(rng):
     torch.testing.assert_close(evaluate(traced.ir, {"score": score}, {}), want)
 
 
+def test_traced_compositions_take_torchs_signatures(rng):
+    """Two-input functions with keyword parameters, C's remainder and constructors, traced as parsed."""
+    traced = fm.score_mod(exec_mod("def s(score, b, h, q, kv):\n"
+                                   "    d = torch.div(q - kv, -3, rounding_mode='trunc') + torch.fmod(q - kv, 4)\n"
+                                   "    return torch.logaddexp(score, torch.zeros_like(score)) + d\n"))
+    score = torch.randn(100, generator=rng)
+    q, kv = (torch.randint(0, 50, (100,), dtype=torch.int32, generator=rng) for _ in range(2))
+    d = torch.div(q - kv, -3, rounding_mode="trunc") + torch.fmod(q - kv, 4)
+    got = evaluate(traced.ir, {"score": score, "q_idx": q, "kv_idx": kv}, {})
+    torch.testing.assert_close(got, torch.logaddexp(score, torch.zeros_like(score)) + d)
+
+
 def test_a_rebound_scalar_of_a_traced_mod_is_seen_at_the_next_call(rng):
     namespace = {"torch": torch, "W": 4}
     exec(compile("def m(b, h, q, kv):\n    return (q >= kv) & (q - kv < W)\n", "<repl>", "exec"), namespace)  # noqa: S102

@@ -81,10 +81,19 @@ def where(c: Node, a: Node, b: Node, loc: Any) -> Node:
 
 
 def clamp(x: Node, lo: Node | None, hi: Node | None, loc: Any) -> Node:
-    # clamp(x, lo, hi) -> MIN(MAX(x, lo), hi); a missing bound is left out
-    if lo is not None:
-        x = binary(Op.MAX, x, lo, loc)
-    return x if hi is None else binary(Op.MIN, x, hi, loc)
+    # ints: clamp(x, lo, hi) -> MIN(MAX(x, lo), hi), a missing bound left out (what the sparsity algebra reads);
+    # floats: WHERE(x < lo, lo, x), then WHERE(x > hi, hi, x), so that at a bound x keeps its whole gradient, as
+    # torch's clamp (MAX splits it at a tie, as torch.maximum) and NaN stays NaN
+    if DType.F32 not in (x.dtype, *(b.dtype for b in (lo, hi) if b is not None)):
+        if lo is not None:
+            x = binary(Op.MAX, x, lo, loc)
+        return x if hi is None else binary(Op.MIN, x, hi, loc)
+    x = cast(x, DType.F32, loc)
+    for bound, outside in ((lo, Op.LT), (hi, Op.GT)):
+        if bound is not None:
+            bound = cast(bound, DType.F32, loc)
+            x = where(binary(outside, x, bound, loc), bound, x, loc)
+    return x
 
 
 def logical(op: Op, a: Node, b: Node, loc: Any) -> Node:

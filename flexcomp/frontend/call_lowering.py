@@ -10,9 +10,9 @@ from lark import Tree
 
 from ..errors import FlexcompTypeError, SignatureError, SourceLoc, UnsupportedConstructError
 from ..ir import DType, Node, Op, const
-from .activations import FUNCTIONS, call_function
 from .builders import add_all, binary, cast, clamp, constant, inline_mod, int_const
 from .calls import CAST_KEYS, METHODS, STRUCTURAL_KEYS, apply_rule, bind_clamp
+from .functions import FUNCTIONS, call_function, split_inputs
 from .locations import SourceUnavailable
 from .source import read_function
 from .tracer import trace_call
@@ -84,11 +84,9 @@ class CallLowering:
         return clamp(nodes["input"], nodes.get("min"), nodes.get("max"), loc)
 
     def call_activation(self, key: str, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
-        x = args[0] if args else kwargs.pop("input", None)
-        if x is None:
-            raise SignatureError(f"`{key}` needs an input", loc)
+        inputs, rest, kwargs = split_inputs(key, args, kwargs, loc)
         options = {k: v for k, (v, _) in kwargs.items()}
-        return call_function(key, self.as_node(*x), [v for v, _ in args[1:]], options, loc)
+        return call_function(key, [self.as_node(*x) for x in inputs], [v for v, _ in rest], options, loc)
 
     def call_method(self, method: Method, args: list[Argument], kwargs: dict, loc: SourceLoc) -> Node:
         key = METHODS[method.name]

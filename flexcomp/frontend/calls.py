@@ -16,28 +16,41 @@ from typing import Any
 import torch
 
 from ..errors import SignatureError, SourceLoc
-from ..ir import DType, Node, Op
-from .builders import binary, cast, logical, logical_not, unary, where
+from ..ir import DType, Node, Op, const
+from .builders import binary, cast, clamp, logical, logical_not, unary, where
 
 UNARY_FLOAT = {"exp": Op.EXP, "exp2": Op.EXP2, "log": Op.LOG, "log2": Op.LOG2, "sqrt": Op.SQRT, "rsqrt": Op.RSQRT,
                "tanh": Op.TANH, "sigmoid": Op.SIGMOID, "sin": Op.SIN, "cos": Op.COS, "tan": Op.TAN, "erf": Op.ERF,
                "log1p": Op.LOG1P, "expm1": Op.EXPM1}  # fmt: skip
-# torch's functions with keyword parameters (flexcomp/frontend/activations.py), by the same name everywhere
-ACTIVATIONS = {n: n for n in ("relu", "sign", "round", "erfc")}
+# torch's functions with keyword parameters or composed of several ops (flexcomp/frontend/functions.py), by the
+# same name everywhere
+ACTIVATIONS = {n: n for n in ("relu", "sign", "round", "erfc", "ceil", "trunc", "div", "true_divide", "fmod",
+                              "logaddexp", "logaddexp2", "nan_to_num")}  # fmt: skip
+# torch's comparison and bitwise functions and methods (torch.eq(a, b), x.ge(y), torch.bitwise_and(a, b))
+COMPARISONS = {"eq": "eq", "ne": "ne", "not_equal": "ne", "lt": "lt", "less": "lt", "le": "le", "less_equal": "le",
+               "gt": "gt", "greater": "gt", "ge": "ge", "greater_equal": "ge"}  # fmt: skip
+BITWISE = {"bitwise_and": "bitwise_and", "bitwise_or": "bitwise_or", "bitwise_xor": "bitwise_xor",
+           "bitwise_not": "bitwise_not", "logical_xor": "logical_xor"}  # fmt: skip
+# one value's tests and simple compositions (calls.BUILTINS)
+ELEMENTWISE = {n: n for n in ("isnan", "isinf", "isfinite", "isposinf", "isneginf", "square", "clamp_min",
+                              "clamp_max")}  # fmt: skip
 
 # spelling -> BUILTINS key, per namespace
 TORCH_FUNCS = {**{n: n for n in UNARY_FLOAT}, "abs": "abs", "floor": "floor", "where": "where", "minimum": "min2",
                "maximum": "max2", "clamp": "clamp", "clip": "clamp", "neg": "neg", "negative": "neg",
                "logical_and": "logical_and", "logical_or": "logical_or", "logical_not": "logical_not",
                "pow": "pow", "remainder": "mod", "floor_divide": "floordiv", "sum": "sum", "dot": "dot",
-               **ACTIVATIONS, "sgn": "sign"}  # fmt: skip
+               **ACTIVATIONS, "sgn": "sign", "divide": "div", "fix": "trunc", **COMPARISONS, **BITWISE,
+               **ELEMENTWISE, "zeros_like": "zeros_like", "ones_like": "ones_like", "full_like": "full_like",
+               "tensor": "tensor", "scalar_tensor": "tensor"}  # fmt: skip
 FUNCTIONAL_FUNCS = {n: n for n in ("relu", "relu6", "hardtanh", "leaky_relu", "silu", "gelu", "softplus", "sigmoid",
-                                   "tanh")}  # torch.nn.functional  # fmt: skip
+                                   "tanh", "logsigmoid")}  # torch.nn.functional  # fmt: skip
 SPECIAL_FUNCS = {**{n: n for n in ("erf", "erfc", "expm1", "exp2", "log1p", "round", "ndtr")},
                  "expit": "sigmoid"}  # torch.special  # fmt: skip
 MATH_FUNCS = {"exp": "exp", "log": "log", "log2": "log2", "sqrt": "sqrt", "tanh": "tanh", "sin": "sin", "cos": "cos",
               "floor": "floor", "fabs": "abs", "tan": "tan", "erf": "erf", "erfc": "erfc", "log1p": "log1p",
-              "expm1": "expm1"}  # fmt: skip
+              "expm1": "expm1", "ceil": "ceil", "trunc": "trunc", "fmod": "fmod", "isnan": "isnan",
+              "isinf": "isinf", "isfinite": "isfinite"}  # fmt: skip
 PY_BUILTINS = {"abs": "abs", "min": "min", "max": "max", "int": "int", "float": "float", "bool": "bool", "pow": "pow",
                "round": "round", "range": "range", "len": "len"}  # fmt: skip
 # compile-time structure, not arithmetic: lowered by CallLowering.call_structural
@@ -48,7 +61,8 @@ METHODS = {**{n: n for n in UNARY_FLOAT}, "abs": "abs", "floor": "floor", "neg":
            "pow": "pow", "logical_not": "logical_not", "logical_and": "logical_and", "logical_or": "logical_or",
            "sqrt": "sqrt", "remainder": "mod", "size": "size", "dim": "dim", "new_ones": "new_ones",
            "new_zeros": "new_zeros", "new_full": "new_full", "sum": "sum", "dot": "dot", **ACTIVATIONS,
-           "sgn": "sign"}  # fmt: skip
+           "sgn": "sign", "divide": "div", "fix": "trunc", **COMPARISONS, **BITWISE, **ELEMENTWISE,
+           "type_as": "type_as", "floor_divide": "floordiv"}  # fmt: skip
 # `torch.Tensor.tanh(x)` -> tanh(x): every method but `.to`/`.type`, which take a dtype
 TENSOR_METHODS = {name: key for name, key in METHODS.items() if key != "to"}
 
@@ -117,7 +131,24 @@ BUILTINS: dict[str, Rule] = {
     "logical_and": Rule(2, 2, lambda xs, loc: logical(Op.AND, xs[0], xs[1], loc)),
     "logical_or": Rule(2, 2, lambda xs, loc: logical(Op.OR, xs[0], xs[1], loc)),
     "pow": binary_rule(Op.POW), "mod": binary_rule(Op.MOD), "floordiv": binary_rule(Op.FLOORDIV),
+    **{name: binary_rule(Op[name.upper()]) for name in ("eq", "ne", "lt", "le", "gt", "ge")},  # torch.eq(a, b) -> a == b
+    # bitwise_and(a, b) -> a & b (logical on bools, bitwise on ints, as the operators); bitwise_not(a) -> ~a
+    **{f"bitwise_{name}": binary_rule(Op[name.upper()]) for name in ("and", "or", "xor")},
+    "bitwise_not": unary_rule(Op.NOT), "logical_xor": Rule(2, 2, lambda xs, loc: logical(Op.XOR, xs[0], xs[1], loc)),
+    "isnan": Rule(1, 1, lambda xs, loc: binary(Op.NE, xs[0], xs[0], loc)),  # isnan(x) -> x != x
+    "isinf": Rule(1, 1, lambda xs, loc: _compare_abs(Op.EQ, xs[0], loc)),  # isinf(x) -> |x| == inf
+    "isfinite": Rule(1, 1, lambda xs, loc: _compare_abs(Op.LT, xs[0], loc)),  # isfinite(x) -> |x| < inf (NaN: False)
+    "isposinf": Rule(1, 1, lambda xs, loc: binary(Op.EQ, xs[0], const(math.inf, DType.F32, loc), loc)),  # x == inf
+    "isneginf": Rule(1, 1, lambda xs, loc: binary(Op.EQ, xs[0], const(-math.inf, DType.F32, loc), loc)),
+    "square": Rule(1, 1, lambda xs, loc: binary(Op.MUL, xs[0], xs[0], loc)),  # square(x) -> x * x
+    "clamp_min": Rule(2, 2, lambda xs, loc: clamp(xs[0], xs[1], None, loc)),  # clamp_min(x, a) -> clamp(x, min=a)
+    "clamp_max": Rule(2, 2, lambda xs, loc: clamp(xs[0], None, xs[1], loc)),
+    "type_as": Rule(2, 2, lambda xs, loc: cast(xs[0], xs[1].dtype, loc)),  # a.type_as(b) -> CAST(a) to b's dtype
 }  # fmt: skip
+
+
+def _compare_abs(op: Op, x: Node, loc: SourceLoc) -> Node:
+    return binary(op, unary(Op.ABS, cast(x, DType.F32, loc), loc), const(math.inf, DType.F32, loc), loc)
 
 
 def apply_rule(key: str, spelled: str, args: list[Node], loc: SourceLoc) -> Node:

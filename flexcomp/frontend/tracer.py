@@ -25,18 +25,17 @@ import torch
 from ..errors import (
     FlexcompError,
     FlexcompTypeError,
-    SignatureError,
     SourceLoc,
     UndefinedNameError,
     UnsupportedConstructError,
 )
 from ..guards import Guard, GuardTable
 from ..ir import COMPARISON_OPS, BufferSpec, DType, Node, Op, arg, const, load, toposort
-from .activations import FUNCTIONS, call_function
 from .builders import OP_SYMBOL, binary, cast, clamp, inline_mod, int_const, unary
 from .calls import METHODS, TORCH_DTYPES, apply_rule, bind_clamp, known_callable
 from .frames import code_loc, comparison_written, traceback_loc, user_frame_loc
 from .free_names import FreeRead, free_reads
+from .functions import FUNCTIONS, call_function, split_inputs
 from .names import BufferTable, guard_unless_live, tensor_spec
 from .signature import check_param_count, partial_bindings, refuse_signature
 
@@ -207,13 +206,10 @@ class Trace:
         return self.traced(apply_rule(key, spelled, [self.node(a, loc) for a in args], loc))
 
     def function(self, key: str, args: tuple, kwargs: dict, loc: SourceLoc) -> Traced:
-        kwargs = dict(kwargs)
-        x = args[0] if args else kwargs.pop("input", None)
-        if x is None:
-            raise SignatureError(f"`{key}` needs an input", loc)
+        inputs, rest, kwargs = split_inputs(key, list(args), kwargs, loc)
         options = {k: v.node if isinstance(v, Traced) else v for k, v in kwargs.items()}
-        rest = [a.node if isinstance(a, Traced) else a for a in args[1:]]
-        return self.traced(call_function(key, self.node(x, loc), rest, options, loc))
+        rest = [a.node if isinstance(a, Traced) else a for a in rest]
+        return self.traced(call_function(key, [self.node(x, loc) for x in inputs], rest, options, loc))
 
     def clamp(self, args: tuple, kwargs: dict, loc: SourceLoc) -> Traced:
         bound = {k: self.node(v, loc) for k, v in bind_clamp(list(args), kwargs, loc).items() if v is not None}

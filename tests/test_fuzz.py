@@ -1,0 +1,127 @@
+"""Random mods, end to end: Python source drawn from the test's seed (int arithmetic on the indices with Python's
+floor division and modulo, torch.div/fmod, captured-table lookups, comparisons and bit logic for the mask; float
+functions of the score and the indices for the score_mod), written to a file, compiled by flexcomp (grammar,
+passes, tile analysis, closed-form bounds or tables, generated kernels) and run forward and backward on the
+reference backend and the Triton interpreter, against torch's own flex_attention on the same functions in float64
+(the forward; torch has no CPU backward) and dense float64 attention (tests/naive.py: the gradients).
+
+Every run draws new programs (FLEXCOMP_FUZZ_CASES of them, default 6); `FLEXCOMP_TEST_SEED=<seed>` replays a failure,
+whose source the message prints."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import sys
+
+import pytest
+import torch
+from naive import naive_attention
+from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
+from torch.nn.attention.flex_attention import flex_attention as torch_flex_attention
+
+import flexcomp as fc
+
+SMALL = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1,
+         "BLOCK_M1": 16, "BLOCK_N1": 16, "BLOCK_M2": 16, "BLOCK_N2": 16}  # fmt: skip
+TABLE = 64  # length of the captured int table T (indexed modulo its length)
+CASES = int(os.environ.get("FLEXCOMP_FUZZ_CASES", "6"))  # programs per run
+
+
+class Program:
+    """A random program's source, drawn from `rnd`: int and bool expressions of bounded depth."""
+
+    def __init__(self, rnd: random.Random):
+        self.rnd = rnd
+
+    def const(self, lo: int = -6, hi: int = 6) -> str:
+        return str(self.rnd.randint(lo, hi))
+
+    def divisor(self) -> str:
+        return str(self.rnd.choice([-7, -5, -3, -2, 2, 3, 4, 5, 7]))
+
+    def ints(self, depth: int) -> tuple[str, bool]:
+        """(an int expression, whether it is a tensor: torch's binary functions refuse two Python ints)."""
+        leaves = [("q_idx", True), ("kv_idx", True), ("q_idx", True), ("kv_idx", True), ("h", True), ("b", True),
+                  (self.const(), False)]  # fmt: skip
+        if depth == 0 or self.rnd.random() < 0.25:
+            return self.rnd.choice(leaves)
+        (a, ta), (b, tb) = self.ints(depth - 1), self.ints(depth - 1)
+        forms = [(f"({a} + {b})", ta or tb), (f"({a} - {b})", ta or tb), (f"({a} * {self.const(-3, 3)})", ta),
+                 (f"({a} // {self.divisor()})", ta), (f"({a} % {self.divisor()})", ta), (f"abs({a})", ta),
+                 (f"torch.where({self.bools(depth - 1)}, {a}, {b})", True), (f"T[({a}) % {TABLE}]", True)]
+        if ta and tb:
+            forms += [(f"torch.minimum({a}, {b})", True), (f"torch.maximum({a}, {b})", True)]
+        if ta:
+            forms += [(f"torch.div({a}, {self.divisor()}, rounding_mode='trunc')", True),
+                      (f"torch.fmod({a}, {self.divisor()})", True)]
+        return self.rnd.choice(forms)
+
+    def bools(self, depth: int) -> str:
+        (a, ta), (b, _) = self.ints(max(depth - 1, 0)), self.ints(max(depth - 1, 0))
+        compare = f"({a if ta else 'q_idx'} {self.rnd.choice(['<', '<=', '>', '>=', '==', '!='])} {b})"
+        if depth == 0 or self.rnd.random() < 0.4:
+            return compare
+        a, b = self.bools(depth - 1), self.bools(depth - 1)
+        return self.rnd.choice([f"({a} & {b})", f"({a} | {b})", f"({a} ^ {b})", f"(~{a})", compare])
+
+    def score(self) -> str:
+        d, tensor = self.ints(2)
+        d = d if tensor else "(q_idx - kv_idx)"  # torch.exp refuses a Python number
+        terms = [
+            f"score * {self.rnd.choice(['0.5', '1.5', '-1.0'])}",
+            f"{self.rnd.choice(['2.0', '5.0'])} * torch.tanh(score / {self.rnd.choice(['2.0', '5.0'])})",
+            f"score + ({d}) * 0.1",
+            f"score * torch.exp(-abs({d}) * 0.05)",
+            f"torch.where({self.bools(1)}, score, score * 0.25 - 1.0)",
+            f"score + T[({d}) % {TABLE}] * 0.2",
+        ]
+        return " + ".join(self.rnd.sample(terms, self.rnd.randint(1, 3)))
+
+    def source(self) -> str:
+        table = [self.rnd.randint(-9, 9) for _ in range(TABLE)]
+        return (f"import torch\n\nT = torch.tensor({table}, dtype=torch.int32)\n\n\n"
+                f"def mask(b, h, q_idx, kv_idx):\n    return {self.bools(3)}\n\n\n"
+                f"def score(score, b, h, q_idx, kv_idx):\n    return {self.score()}\n")  # fmt: skip
+
+
+def load(source: str, tmp_path, name: str):
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("case", range(CASES))
+def test_random_mods_match_torch(case, rng, tmp_path):
+    rnd = random.Random(int(torch.randint(2**62, (), generator=rng)))
+    source = Program(rnd).source()
+    module = load(source, tmp_path, f"fuzz_{case}_{rnd.randrange(10**9)}")
+    B, Hkv, group = 2, 2, rnd.choice([1, 2])
+    Lq, Lkv = rnd.randint(1, 70), rnd.randint(1, 70)
+    q = torch.randn(B, Hkv * group, Lq, 16, generator=rng, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, Lkv, 16, generator=rng, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(B, Hkv * group, Lq, 16, generator=rng, dtype=torch.float64)
+
+    block_mask = torch_create_block_mask(module.mask, B, Hkv * group, Lq, Lkv, device="cpu")
+    want = torch_flex_attention(q, k, v, score_mod=module.score, block_mask=block_mask, enable_gqa=group > 1)
+    # torch's flex_attention has no backward on CPU: gradients from dense float64 attention on the same functions
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    dense, _ = naive_attention(*leaves, score_fn=module.score, mask_fn=module.mask, enable_gqa=group > 1)
+    torch.testing.assert_close(dense.detach(), want, atol=1e-9, rtol=1e-9)  # the two oracles agree
+    want_grads = torch.autograd.grad(dense, leaves, dout)
+
+    score, mask = fc.score_mod(module.score), fc.mask_mod(module.mask)
+    for backend, dtype, tol in (("reference", torch.float64, 1e-9), ("triton", torch.float32, 2e-4)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        got = fc.flex_attention(*leaves, score_mod=score, mask_mod=mask, enable_gqa=group > 1, backend=backend,
+                                kernel_options=SMALL if backend == "triton" else None)  # fmt: skip
+        grads = torch.autograd.grad(got, leaves, dout.to(dtype))
+        for name, a, b in zip(("out", "dq", "dk", "dv"), (got, *grads), (want, *want_grads)):
+            torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol, msg=lambda m, n=name, be=backend: (
+                f"{be} {n} differs from torch's flex_attention (B={B}, Hq={Hkv * group}, Hkv={Hkv}, Lq={Lq}, "
+                f"Lkv={Lkv}) for\n{source}\n{m}"))
