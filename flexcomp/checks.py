@@ -12,6 +12,9 @@ def validate_inputs(query: Any, key: Any, value: Any, enable_gqa: bool) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested:  # as torch's flex_attention (2.10 on) refuses them
+            raise ValueError(f"{name} is a nested (jagged) tensor, which flex_attention does not take: pack the "
+                             "sequences into one [1, H, total, D] tensor and mask across them (a document mask)")
         if t.ndim != 4:
             raise ValueError(f"{name} must be 4-D [B, H, L, D], got {name}.ndim={t.ndim} (shape {tuple(t.shape)})")
         if not t.is_floating_point():

@@ -48,6 +48,8 @@ def bad_inputs(randn):
     return {  # name: (args, kwargs, error type, text the message must contain)
         "query not a tensor": ((q.tolist(), k, v), {}, TypeError, "query must be a torch.Tensor, got list"),
         "3-D key": ((q, k[0], v), {}, ValueError, "key.ndim=3"),
+        "nested query": ((torch.nested.nested_tensor([q[0], q[0, :, :5]], layout=torch.jagged), k, v), {}, ValueError,
+                         "query is a nested (jagged) tensor"),
         "integer dtype": ((q.long(), k.long(), v.long()), {}, TypeError, "query.dtype=torch.int64"),
         "dtype mismatch": ((q, k.double(), v), {}, ValueError, "query.dtype=torch.float32 key.dtype=torch.float64"),
         "device mismatch": ((q, k.to("meta"), v), {}, ValueError, "key.device=device(type='meta')"),
