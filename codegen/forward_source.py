@@ -99,7 +99,9 @@ def render_bounds(bounds: ClosedFormBounds | None, mask_mod: Mod) -> str:
     roots = [bounds.kv_lo, bounds.kv_hi, bounds.full_lo, bounds.full_hi]
     names = {arg(a): n for a, n in BOUND_ARG_NAMES.items()}
     lines, results = render_block(roots, names, "k", tuple(mask_mod.buffers), "mb")
-    return _function("kv_bounds", params, lines, ", ".join(results))
+    ints = params[:6]  # the decode kernel passes q_lo = 0; Q_LEN may be specialized (1)
+    entry = f"    {', '.join(ints)} = {', '.join(f'as_i32({n})' for n in ints)}"
+    return _function("kv_bounds", params, [entry, *lines], ", ".join(results))
 
 
 def _function(name: str, params: list[str], lines: list[str], result: str) -> str:

@@ -251,6 +251,13 @@ def round_half_even(x):
 
 
 @triton.jit
+def as_i32(x):
+    # a literal or constexpr int (a call's `0`, or an argument Triton specialized for being 1) as an int32 tensor,
+    # which the rendered casts (`.to`) and comparisons need; free on a tensor
+    return x + tl.zeros([], tl.int32)
+
+
+@triton.jit
 def wrap_index(i, size):
     # Python's negative indices count from the end; anything still out of range is clamped, never read wild
     i = tl.where(i < 0, i + size, i)

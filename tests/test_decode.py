@@ -85,6 +85,20 @@ def test_fully_masked_rows(randn, decode_calls):
     assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
 
 
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_bounds_that_floor_divide_the_query_rows(randn, decode_calls, q_len):
+    """Closed-form bounds computing q_lo // 4 (found by tests/test_fuzz.py): the decode kernel passes q_lo as the
+    literal 0 and, at one query row, Q_LEN - 1 as a constant, on which the rendered int casts did not exist."""
+    q, k, v = _qkv(randn, 1, 4, 2, q_len, 90)
+
+    def shrinking(b, h, q_idx, kv_idx):
+        return kv_idx <= 60 - q_idx // 4 - q_idx
+
+    block_mask = fc.create_block_mask(shrinking, None, None, q_len, 90, device="cpu", BLOCK_SIZE=(16, 16))
+    assert block_mask.bounds is not None  # the closed form, not tables
+    _check(q, k, v, decode_calls, splits=2, mask_fn=shrinking, block_mask=block_mask)
+
+
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("q_len", [1, 3, 16])
 def test_fused_merge_equals_separate(randn, decode_calls, group, q_len):
