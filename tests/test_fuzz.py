@@ -34,6 +34,7 @@ class Program:
 
     def __init__(self, rnd: random.Random):
         self.rnd = rnd
+        self.weights = [round(self.rnd.uniform(-1, 1), 3) for _ in range(8)]
 
     def const(self, lo: int = -6, hi: int = 6) -> str:
         return str(self.rnd.randint(lo, hi))
@@ -76,12 +77,14 @@ class Program:
             f"score * torch.exp(-abs({d}) * 0.05)",
             f"torch.where({self.bools(1)}, score, score * 0.25 - 1.0)",
             f"score + T[({d}) % {TABLE}] * 0.2",
+            f"score + W[({d}) % {len(self.weights)}] * 0.5",  # a learnable table: its gradient is checked too
         ]
         return " + ".join(self.rnd.sample(terms, self.rnd.randint(1, 3)))
 
     def source(self) -> str:
         table = [self.rnd.randint(-9, 9) for _ in range(TABLE)]
-        return (f"import torch\n\nT = torch.tensor({table}, dtype=torch.int32)\n\n\n"
+        return (f"import torch\n\nT = torch.tensor({table}, dtype=torch.int32)\n"
+                f"W = torch.tensor({self.weights}, requires_grad=True)\n\n\n"
                 f"def mask(b, h, q_idx, kv_idx):\n    return {self.bools(3)}\n\n\n"
                 f"def score(score, b, h, q_idx, kv_idx):\n    return {self.score()}\n")  # fmt: skip
 
@@ -102,7 +105,7 @@ def test_random_mods_match_torch(case, rng, tmp_path):
     source = Program(rnd).source()
     module = load(source, tmp_path, f"fuzz_{case}_{rnd.randrange(10**9)}")
     B, Hkv, group = 2, 2, rnd.choice([1, 2])
-    Lq, Lkv = rnd.randint(1, 70), rnd.randint(1, 70)
+    Lq, Lkv = rnd.randint(1, 100), rnd.randint(1, 100)  # up to 64 query rows the decode kernel runs, unless forced
     q = torch.randn(B, Hkv * group, Lq, 16, generator=rng, dtype=torch.float64)
     k, v = (torch.randn(B, Hkv, Lkv, 16, generator=rng, dtype=torch.float64) for _ in range(2))
     dout = torch.randn(B, Hkv * group, Lq, 16, generator=rng, dtype=torch.float64)
@@ -113,15 +116,23 @@ def test_random_mods_match_torch(case, rng, tmp_path):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     dense, _ = naive_attention(*leaves, score_fn=module.score, mask_fn=module.mask, enable_gqa=group > 1)
     torch.testing.assert_close(dense.detach(), want, atol=1e-9, rtol=1e-9)  # the two oracles agree
-    want_grads = torch.autograd.grad(dense, leaves, dout)
+    want_grads = torch.autograd.grad(dense, [*leaves, module.W], dout, allow_unused=True)
 
     score, mask = fc.score_mod(module.score), fc.mask_mod(module.mask)
+    how = rnd.choice(["mask_mod", "flexcomp block mask", "torch block mask"])
+    masking = {"mask_mod": mask} if how == "mask_mod" else {"block_mask": block_mask} if how == "torch block mask" \
+        else {"block_mask": fc.create_block_mask(mask, B, Hkv * group, Lq, Lkv, device="cpu",
+                                                 BLOCK_SIZE=rnd.choice([16, 32, 128, (16, 64)]))}  # fmt: skip
+    options = {**SMALL, **rnd.choice([{}, {"BACKEND": "TRITON"}])}  # the decode kernel where it applies, or not
+    setting = f"B={B}, Hq={Hkv * group}, Hkv={Hkv}, Lq={Lq}, Lkv={Lkv}, {how}, kernel_options={options}"
     for backend, dtype, tol in (("reference", torch.float64, 1e-9), ("triton", torch.float32, 2e-4)):
         leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-        got = fc.flex_attention(*leaves, score_mod=score, mask_mod=mask, enable_gqa=group > 1, backend=backend,
-                                kernel_options=SMALL if backend == "triton" else None)  # fmt: skip
-        grads = torch.autograd.grad(got, leaves, dout.to(dtype))
-        for name, a, b in zip(("out", "dq", "dk", "dv"), (got, *grads), (want, *want_grads)):
-            torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol, msg=lambda m, n=name, be=backend: (
-                f"{be} {n} differs from torch's flex_attention (B={B}, Hq={Hkv * group}, Hkv={Hkv}, Lq={Lq}, "
-                f"Lkv={Lkv}) for\n{source}\n{m}"))
+        got = fc.flex_attention(*leaves, score_mod=score, enable_gqa=group > 1, backend=backend,
+                                kernel_options=options if backend == "triton" else None, **masking)  # fmt: skip
+        grads = torch.autograd.grad(got, [*leaves, module.W], dout.to(dtype), allow_unused=True)
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dW"), (got, *grads), (want, *want_grads)):
+            if b is None:  # the program does not read W
+                assert a is None or not a.any(), name
+                continue
+            torch.testing.assert_close(a.double(), b.double(), atol=tol, rtol=tol, msg=lambda m, n=name, be=backend: (
+                f"{be} {n} differs from torch's flex_attention ({setting}) for\n{source}\n{m}"))
