@@ -140,7 +140,7 @@ def test_random_mods_match_torch(case, rng, tmp_path):
                 assert a is None or not a.any(), name
             elif name != "dW" or inputs not in RELATIVE_L2:  # W's gradient is often exactly 0 (W[h] shifts a whole
                 # row): only an absolute bound says anything there, checked on the float32 draws
-                assert_close(a, b, inputs, name, lambda m, n=name, be=backend, i=inputs: (
+                assert_close(a, b, inputs, name, dout, lambda m, n=name, be=backend, i=inputs: (
                     f"{be} {n} ({i}) differs from torch's flex_attention ({setting}) for\n{source}\n{m}"))
 
 
@@ -148,11 +148,15 @@ ABSOLUTE = {torch.float64: 1e-9, torch.float32: 2e-4}  # elementwise, as assert_
 RELATIVE_L2 = {torch.bfloat16: 3e-2, torch.float16: 5e-3}  # 16-bit outputs: the error's norm over the reference's
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, name: str, msg) -> None:
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, name: str, dout: torch.Tensor,
+                 msg) -> None:  # fmt: skip
     if dtype in ABSOLUTE:
         tol = max(ABSOLUTE[dtype], 2e-5) if name == "dW" else ABSOLUTE[dtype]  # W is float32: summed in float32
         torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=tol, msg=msg)
         return
     assert not got.isnan().any(), msg("NaN")
-    error = (got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-12)
+    # over the reference's norm, but at least dout's (per element): where a row sees one key, dq is exactly 0 and
+    # the 16-bit kernels' is rounding of terms as large as dout's
+    scale = max(want.double().norm().item(), dout.norm().item() * (want.numel() / dout.numel()) ** 0.5)
+    error = (got.double() - want.double()).norm().item() / scale
     assert error <= RELATIVE_L2[dtype], msg(f"relative L2 error {error:.2e} > {RELATIVE_L2[dtype]:.0e}")
