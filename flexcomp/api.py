@@ -132,7 +132,7 @@ def broadcast_batch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if block_mask is None and not has_mask_mod:
         raise ValueError(f"Expect query and key/value to have the same batch size, or non-none block_mask, "
                          f"but got block_mask=None, {Bq=}, and {Bkv=}.")
-    B_block_mask = table_dims(block_mask)[0] if block_mask is not None else Bq
+    B_block_mask = block_mask.shape[0] if block_mask is not None else Bq  # torch's: the batch it was made for
     if B_block_mask != Bq:
         raise ValueError(f"Expect query and key/value to have the same batch size, or block_mask and query to have "
                          f"the same batch size, but got {Bq=}, {Bkv=}, {B_block_mask=}.")

@@ -83,6 +83,8 @@ class BlockMask:
         self._tables = dict(tables)
         self._lazy = dict(lazy or {})
         self.version = 0  # bumped when a table is replaced
+        self.built_for: tuple[int, int] | None = None  # (B, H) create_block_mask was asked for, where the tables
+        # broadcast (size 1) a dim the mask does not read; `shape` reports them, as torch's BlockMask does
 
     def _get(self, name: str) -> Tensor | None:
         if name not in self._tables and name in self._lazy:
@@ -192,7 +194,9 @@ class BlockMask:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.table_dims[:2] + self.seq_lengths
+        """torch's (B, H, Q_LEN, KV_LEN): the batch and heads the mask was made for (its tables may hold 1 of a dim
+        the mask does not read: `table_dims`)."""
+        return (self.built_for or self.table_dims[:2]) + self.seq_lengths
 
     def tile_classes(self) -> Tensor:
         """uint8 TileClass map [B|1, H|1, nq, nkv] (O(tiles): for inspection and tests)."""
@@ -260,15 +264,22 @@ class BlockMask:
         sizes = self.kv_num_blocks.shape[:3]
         index = tuple((slice(i % n, i % n + 1) if isinstance(i, int) else i) for i, n in zip(padded, sizes))
         pick = lambda t: None if t is None else t[index]
-        return BlockMask.from_kv_blocks(pick(self.kv_num_blocks), pick(self.kv_indices),
-                                        pick(self.full_kv_num_blocks), pick(self.full_kv_indices),
-                                        BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
-                                        seq_lengths=self.seq_lengths, compute_q_blocks=True)
+        sliced = BlockMask.from_kv_blocks(pick(self.kv_num_blocks), pick(self.kv_indices),
+                                          pick(self.full_kv_num_blocks), pick(self.full_kv_indices),
+                                          BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
+                                          seq_lengths=self.seq_lengths, compute_q_blocks=True)
+        if self.built_for is not None:  # the dims torch's tables would have, indexed as they would be
+            whole = (*self.built_for, sizes[2])
+            dims = [(slice(i % n, i % n + 1) if isinstance(i, int) else i) for i, n in zip(padded, whole)]
+            sliced.built_for = tuple(torch.empty(whole, device="meta")[tuple(dims)].shape[:2])
+        return sliced
 
     def to(self, device: torch.device | str) -> BlockMask:
         tables = {name: (None if t is None else t.to(device)) for name in _TABLES for t in [getattr(self, name)]}
-        return BlockMask(self.seq_lengths, self.BLOCK_SIZE, self.mask_mod, tables, bounds=self.bounds,
-                         decided_by=self.decided_by)
+        moved = BlockMask(self.seq_lengths, self.BLOCK_SIZE, self.mask_mod, tables, bounds=self.bounds,
+                          decided_by=self.decided_by)
+        moved.built_for = self.built_for
+        return moved
 
     def __str__(self) -> str:
         return f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%, \n{self.to_string().strip()}\n)"
@@ -327,7 +338,8 @@ def create_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, K
                       BLOCK_SIZE: int | tuple[int, int] = DEFAULT_BLOCK, *, exact: bool = True) -> BlockMask:
     """torch's create_block_mask, from the mask's IR: O(tiles) time and memory (see the module docstring).
 
-    B / H of None, or a mask that does not read b / h, give batch / head dims of size 1 (broadcast).
+    B / H of None give batch / head dims of size 1; a mask that does not read b / h keeps tables of size 1 there
+    (broadcast), while `shape` says (B, H, ...) as torch's.
     The tiles the analysis cannot decide are evaluated element by element (bounded memory, on `device`), so the
     tables are exact; `exact=False` leaves them PARTIAL instead (sound, cheaper to build, more tiles visited).
     """
@@ -345,7 +357,9 @@ def eager_block_mask(mask_mod: Any, B: int | None, H: int | None, Q_LEN: int, KV
         raise ValueError(f"sequence lengths must be positive, got {Q_LEN=} {KV_LEN=}")
     mod = specialized_mod(mask_mod, "mask")
     device = _indexed(torch.device(device) if device is not None else _default_device())
-    return _build(mod, B, H, Q_LEN, KV_LEN, device, _block_sizes(BLOCK_SIZE), evaluate=exact)
+    block_mask = _build(mod, B, H, Q_LEN, KV_LEN, device, _block_sizes(BLOCK_SIZE), evaluate=exact)
+    block_mask.built_for = (B or 1, H or 1)
+    return block_mask
 
 
 def _build(mod: Mod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, device: torch.device,

@@ -115,10 +115,11 @@ class PagedAttention:
                 f"page_size ({self.page_size}) and the block mask's KV block size ({kv_block}) must divide one "
                 f"another: build the logical block mask with BLOCK_SIZE=(q_block, {self.page_size})"
             )
+        batch = block_mask.shape[0]  # the batch it was made for (flexcomp's tables may broadcast it), as torch's
         if kv_block > self.page_size:
             block_mask, kv_block = _split_kv_blocks(block_mask, kv_block // self.page_size), self.page_size
         B = block_mask.kv_indices.shape[0]
-        rows = torch.arange(B, device=self.page_table.device) if batch_idx is None else batch_idx.long()
+        rows = torch.arange(batch, device=self.page_table.device) if batch_idx is None else batch_idx.long()
         if B == 1 and len(rows) > 1:  # a mask broadcast over the batch: each request has its own pages
             block_mask, B = _expand_batch(block_mask, len(rows)), len(rows)
         if kv_len is not None and block_mask.full_kv_num_blocks is not None:

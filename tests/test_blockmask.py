@@ -115,9 +115,13 @@ def test_closed_forms_are_exact_without_evaluation() -> None:
 
 def test_broadcast_dims_and_head_dependence() -> None:
     causal = create_block_mask(CASES["causal"](), 4, 8, 256, 256, "cpu")
-    assert causal.kv_num_blocks.shape == (1, 1, 2) and causal.shape == (1, 1, 256, 256)
+    assert causal.kv_num_blocks.shape == (1, 1, 2) and causal.table_dims == (1, 1, 2)  # broadcast tables
+    assert causal.shape == (4, 8, 256, 256)  # torch's shape: what it was made for
+    assert causal[1].shape == (1, 8, 256, 256) and causal[:, 2:5].shape == (4, 3, 256, 256)  # indexed as torch's
+    assert causal.to("cpu").shape == (4, 8, 256, 256)
+    assert create_block_mask(CASES["causal"](), None, None, 256, 256, "cpu").shape == (1, 1, 256, 256)
     gated = create_block_mask(CASES["head_gate"](), 4, 3, 300, 300, "cpu", 64)
-    assert gated.kv_num_blocks.shape == (1, 3, 5)  # depends on h, not on b
+    assert gated.kv_num_blocks.shape == (1, 3, 5) and gated.shape == (4, 3, 300, 300)  # depends on h, not on b
     per_head = gated.tile_classes()
     assert not torch.equal(per_head[0, 0], per_head[0, 1]) or not torch.equal(per_head[0, 1], per_head[0, 2])
 

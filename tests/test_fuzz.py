@@ -160,3 +160,49 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, name
     scale = max(want.double().norm().item(), dout.norm().item() * (want.numel() / dout.numel()) ** 0.5)
     error = (got.double() - want.double()).norm().item() / scale
     assert error <= RELATIVE_L2[dtype], msg(f"relative L2 error {error:.2e} > {RELATIVE_L2[dtype]:.0e}")
+
+
+@pytest.mark.parametrize("case", range(max(CASES // 2, 1)))
+def test_random_mods_on_a_shuffled_paged_cache(case, rng, tmp_path):
+    """The same programs through fc.PagedAttention (torch's API): requests of random lengths on pages handed out
+    shuffled, a few query rows each, the logical mask converted and the score_mod wrapped; the kernels read K/V
+    through the page table and run the mods on logical positions.  Against float64 attention on the contiguous
+    cache, each request's keys cut at its length."""
+    rnd = random.Random(int(torch.randint(2**62, (), generator=rng)))
+    source = Program(rnd).source()
+    module = load(source, tmp_path, f"paged_{case}_{rnd.randrange(10**9)}")
+    B, Hkv, group, D = rnd.randint(1, 3), 2, rnd.choice([1, 2]), 16
+    page_size, kv_block = rnd.choice([(16, 16), (16, 64), (32, 16), (32, 32)])
+    lengths = [rnd.randint(1, 90) for _ in range(B)]
+    n_pages = sum(-(-n // page_size) for n in lengths) + 2
+    paged = fc.PagedAttention(n_pages, page_size, B, device="cpu")
+    paged.empty_pages = [int(p) for p in torch.randperm(n_pages, generator=rng)]
+    k_cache, v_cache = torch.zeros(1, Hkv, n_pages * page_size, D), torch.zeros(1, Hkv, n_pages * page_size, D)
+    max_len = -(-max(lengths) // page_size) * page_size
+    k, v = (torch.randn(B, Hkv, max_len, D, generator=rng) for _ in range(2))
+    for i, n in enumerate(lengths):
+        paged.reserve(torch.tensor(i), torch.tensor(n))
+        paged.assign(torch.tensor([i]), torch.arange(n).view(1, -1), k[i : i + 1, :, :n], v[i : i + 1, :, :n],
+                     k_cache, v_cache)  # fmt: skip
+    Lq = rnd.randint(1, 8)
+    q = torch.randn(B, Hkv * group, Lq, D, generator=rng)
+    kv_len = torch.tensor(lengths)
+    logical = fc.create_block_mask(fc.mask_mod(module.mask), B, Hkv * group, Lq, max_len, device="cpu",
+                                   BLOCK_SIZE=(16, kv_block))  # fmt: skip
+    converted = paged.convert_logical_block_mask(logical, kv_len=kv_len)
+    score_mod = paged.get_score_mod(fc.score_mod(module.score), kv_len)
+
+    def within(b, h, q_idx, kv_idx):
+        return module.mask(b, h, q_idx, kv_idx) & (kv_idx < kv_len[b])
+
+    want, want_lse = naive_attention(q.double(), k.double(), v.double(), score_fn=module.score, mask_fn=within,
+                                     enable_gqa=group > 1)  # fmt: skip
+    for backend in ("reference", "triton"):
+        out, lse = fc.flex_attention(q, k_cache, v_cache, block_mask=converted, score_mod=score_mod,
+                                     enable_gqa=group > 1, return_lse=True, backend=backend)  # fmt: skip
+        setting = f"{backend}: lengths {lengths}, page {page_size}, kv block {kv_block}, Lq={Lq}, group {group}"
+        torch.testing.assert_close(out.double(), want, atol=2e-4, rtol=2e-4, msg=lambda m, s=setting: (
+            f"{s}: out differs for\n{source}\n{m}"))
+        finite = want_lse.isfinite()
+        assert torch.equal(lse.isfinite(), finite), f"{setting}: other fully masked rows for\n{source}"
+        torch.testing.assert_close(lse.double()[finite], want_lse[finite], atol=2e-4, rtol=2e-4)

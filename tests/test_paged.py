@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from naive import assert_close_to_reference, naive_attention
+from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
 
 import flexcomp as fc
 
@@ -231,6 +232,27 @@ def test_batch_broadcast_mask_with_batch_idx_rows(randn, rng, backend):
     )
     k, v = scene.padded(scene.k)[rows], scene.padded(scene.v)[rows]
     ref_out, ref_lse = naive_attention(q, k, v, mask_fn=lambda b, h, qi, ki: ki < kv_len[b], enable_gqa=True)
+    assert_close_to_reference(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("creator", ["flexcomp", "torch"])
+def test_mask_made_for_the_batch_without_reading_b(randn, rng, creator):
+    """torch's habit: create_block_mask(mask, B, ...) for a mask that does not read b, converted without batch_idx.
+    flexcomp's tables broadcast over the batch, but the mask is made for B requests (its shape says so, as torch's),
+    so each request gets its own pages (found by tests/test_fuzz.py: batch 1 was converted, for request 0 only)."""
+    lengths = [30, 12, 41]
+    scene = Scene(fc.PagedAttention, randn, rng, lengths, 16, n_pages=9, dtype=torch.float32)
+    kv_len = torch.tensor(lengths)
+    create = fc.create_block_mask if creator == "flexcomp" else torch_create_block_mask
+    logical = create(lambda b, h, q_idx, kv_idx: kv_idx >= q_idx, 3, None, 2, scene.max_len(), device="cpu",
+                     BLOCK_SIZE=16)  # fmt: skip
+    assert logical.shape[0] == 3
+    converted = scene.paged.convert_logical_block_mask(logical, kv_len=kv_len)
+    q = randn(3, H, 2, D)
+    out, lse = fc.flex_attention(q, scene.k_cache, scene.v_cache, block_mask=converted, enable_gqa=True,
+                                 return_lse=True, backend="triton")  # fmt: skip
+    ref_out, ref_lse = naive_attention(q, scene.padded(scene.k), scene.padded(scene.v), enable_gqa=True,
+                                       mask_fn=lambda b, h, qi, ki: (ki >= qi) & (ki < kv_len[b]))  # fmt: skip
     assert_close_to_reference(out, lse, ref_out, ref_lse)
 
 
