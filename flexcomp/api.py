@@ -17,7 +17,7 @@ from .errors import BackendError
 from .ir import free_args, to_text
 from .mods import Mod, specialized_mod
 from .paging import direct_paged
-from .tiles import table_device, table_dims
+from .tiles import table_device
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -198,7 +198,7 @@ def validate_block_mask(block_mask: Any, query: torch.Tensor, key: torch.Tensor)
     if kv_len != block_mask_kv_len:
         raise ValueError(f"{kv_len=} != {block_mask_kv_len=}; build the block mask for these lengths")
     q_batch, q_heads = query.shape[:2]
-    block_mask_batch, block_mask_heads, _ = table_dims(block_mask)
+    block_mask_batch, block_mask_heads = block_mask.shape[:2]  # torch's: what it was made for (tables may broadcast)
     if block_mask_batch not in (1, q_batch):
         raise ValueError(f"{block_mask_batch=} is neither 1 nor {q_batch=}")
     if block_mask_heads not in (1, q_heads):

@@ -73,6 +73,8 @@ def bad_inputs(randn):
                               "kv_len=12 != block_mask_kv_len=11"),
         "block mask batch": (tensors(randn, B=3), {"block_mask": torch_create_block_mask(
             causal_fn, 2, None, 9, 11, device="cpu")}, ValueError, "block_mask_batch=2 is neither 1 nor q_batch=3"),
+        "block mask made for a batch of 3": (tensors(randn, B=2), {"block_mask": fc.create_block_mask(
+            causal_fn, 3, None, 9, 11, device="cpu")}, ValueError, "block_mask_batch=3 is neither 1 nor q_batch=2"),
         "unknown backend": ((q, k, v), {"backend": "cuda"}, ValueError, "backend='cuda'"),
         "mask as score_mod": ((q, k, v, causal), {}, TypeError, "fn_or_mod.kind='mask' != kind='score'"),
         "score_mod not callable": ((q, k, v, 3.0), {}, TypeError, "score_mod must be a function or a flexcomp Mod"),
