@@ -59,9 +59,20 @@ class Program:
                       (f"torch.fmod({a}, {self.divisor()})", True)]
         return self.rnd.choice(forms)
 
+    def structured(self) -> str:
+        """The building blocks of real masks: causal, windows, per-request lengths, per-head starts, documents,
+        block gates (they reach the closed forms, the row bounds and the interval tables)."""
+        return self.rnd.choice([
+            "(q_idx >= kv_idx)", f"((q_idx - kv_idx) < {self.rnd.randint(1, 40)})", "(kv_idx < LEN[b])",
+            "(kv_idx >= START[h])", "(DOC[q_idx] == DOC[kv_idx])", "G[h, q_idx // 16, kv_idx // 16]",
+            f"(q_idx // {self.rnd.choice([4, 16])} >= kv_idx // {self.rnd.choice([4, 16])})",
+        ])  # fmt: skip
+
     def bools(self, depth: int) -> str:
         (a, ta), (b, _) = self.ints(max(depth - 1, 0)), self.ints(max(depth - 1, 0))
         compare = f"({a if ta else 'q_idx'} {self.rnd.choice(['<', '<=', '>', '>=', '==', '!='])} {b})"
+        if self.rnd.random() < 0.35:
+            return self.structured()
         if depth == 0 or self.rnd.random() < 0.4:
             return compare
         a, b = self.bools(depth - 1), self.bools(depth - 1)
@@ -83,8 +94,14 @@ class Program:
 
     def source(self) -> str:
         table = [self.rnd.randint(-9, 9) for _ in range(TABLE)]
+        docs = sorted(self.rnd.randint(0, 9) for _ in range(128))
+        gate = [[[self.rnd.random() < 0.5 for _ in range(8)] for _ in range(8)] for _ in range(4)]
         return (f"import torch\n\nT = torch.tensor({table}, dtype=torch.int32)\n"
-                f"W = torch.tensor({self.weights}, requires_grad=True)\n\n\n"
+                f"W = torch.tensor({self.weights}, requires_grad=True)\n"
+                f"LEN = torch.tensor({[self.rnd.randint(1, 100) for _ in range(4)]})  # per request\n"
+                f"START = torch.tensor({[self.rnd.randint(0, 60) for _ in range(4)]})  # per head\n"
+                f"DOC = torch.tensor({docs})  # sorted document ids\n"
+                f"G = torch.tensor({gate})  # [head, q block, kv block]\n\n\n"
                 f"def mask(b, h, q_idx, kv_idx):\n    return {self.bools(3)}\n\n\n"
                 f"def score(score, b, h, q_idx, kv_idx):\n    return {self.score()}\n")  # fmt: skip
 
