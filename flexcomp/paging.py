@@ -254,19 +254,26 @@ def _expand_batch(block_mask: Any, batch: int) -> Any:
 
 
 def _split_kv_blocks(block_mask: Any, parts: int) -> Any:
-    """The same tiles listed at a kv block `parts` times smaller (a logical tile as its pages)."""
+    """The same tiles listed at a kv block `parts` times smaller (a logical tile as its pages).  The last block may
+    reach past the mask's kv length (a block of 64 over 96 rows): its finer tiles there are not listed, so that each
+    row lists at most ceil(length / finer block) tiles, as a mask built at the finer block would."""
     from .blockmask import BlockMask
+
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    tiles = -(-block_mask.seq_lengths[1] // (kv_block // parts))  # finer tiles inside the kv length
 
     def split(num: Tensor | None, indices: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         if indices is None:
             return None, None
         step = torch.arange(parts, device=indices.device, dtype=indices.dtype)
         finer = (indices[..., None] * parts + step).flatten(-2)
-        return num * parts, finer.contiguous()
+        listed = torch.arange(indices.shape[-1], device=indices.device) < num[..., None]
+        keep = (listed[..., None] & (finer.view(*indices.shape, parts) < tiles)).flatten(-2)
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept tiles first, in order
+        return keep.sum(-1).to(num.dtype), torch.gather(finer, -1, order).contiguous()
 
     kv_num, kv_indices = split(block_mask.kv_num_blocks, block_mask.kv_indices)
     full_num, full_indices = split(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
-    q_block, kv_block = block_mask.BLOCK_SIZE
     return BlockMask.from_kv_blocks(kv_num, kv_indices, full_num, full_indices, BLOCK_SIZE=(q_block, kv_block // parts),
                                     mask_mod=block_mask.mask_mod, seq_lengths=block_mask.seq_lengths)
 

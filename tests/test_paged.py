@@ -257,6 +257,32 @@ def test_mask_made_for_the_batch_without_reading_b(randn, rng, creator):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("creator", ["flexcomp", "torch"])
+def test_logical_blocks_reaching_past_the_cache(randn, rng, backend, creator):
+    """A logical KV block of 64 over 96 rows of pages of 16: the last block's finer tiles past row 96 are not listed,
+    so a row's tiles fit the width the paged mask's FULL-as-PARTIAL step keeps (found by tests/test_fuzz.py: two of
+    request 0's tiles were cut and rows 32-63 went unattended wherever the converted tables ran: the reference
+    backend; the kernels read flexcomp's logical tables directly)."""
+    lengths = [83, 74]
+    scene = Scene(fc.PagedAttention, randn, rng, lengths, 16, n_pages=13, dtype=torch.float32)
+    limit = torch.tensor([78, 53])  # request 0: block 0 FULL, block 1 PARTIAL
+
+    def below(b, h, q_idx, kv_idx):
+        return kv_idx < limit[b]
+
+    create = fc.create_block_mask if creator == "flexcomp" else torch_create_block_mask
+    logical = create(below, 2, None, 8, scene.max_len(), device="cpu", BLOCK_SIZE=(16, 64))
+    kv_len = torch.tensor(lengths)
+    converted = scene.paged.convert_logical_block_mask(logical, kv_len=kv_len)
+    q = randn(2, H, 8, D)
+    out, lse = fc.flex_attention(q, scene.k_cache, scene.v_cache, block_mask=converted, enable_gqa=True,
+                                 return_lse=True, backend=backend)  # fmt: skip
+    ref_out, ref_lse = naive_attention(q, scene.padded(scene.k), scene.padded(scene.v), enable_gqa=True,
+                                       mask_fn=lambda b, h, qi, ki: below(b, h, qi, ki) & (ki < kv_len[b]))  # fmt: skip
+    assert_close_to_reference(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_tiles_of_unassigned_pages_are_dropped(randn, rng, backend):
     """No kv_len: a FULL logical tile whose page was never reserved holds no tokens and is left out."""
     lengths = [32, 16]
