@@ -189,7 +189,7 @@ def test_random_mods_on_a_shuffled_paged_cache(case, rng, tmp_path):
     source = Program(rnd).source()
     module = load(source, tmp_path, f"paged_{case}_{rnd.randrange(10**9)}")
     B, Hkv, group, D = rnd.randint(1, 3), 2, rnd.choice([1, 2]), 16
-    page_size, kv_block = rnd.choice([(16, 16), (16, 64), (32, 16), (32, 32)])
+    page_size, kv_block = rnd.choice([(16, 16), (16, 64), (16, 128), (32, 16), (32, 32), (32, 128)])
     lengths = [rnd.randint(1, 90) for _ in range(B)]
     n_pages = sum(-(-n // page_size) for n in lengths) + 2
     paged = fc.PagedAttention(n_pages, page_size, B, device="cpu")
