@@ -5,6 +5,7 @@ Backends never need promotion rules of their own because every operand pair reac
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from ..errors import FlexcompTypeError, SignatureError
@@ -108,6 +109,22 @@ def int_const(value: int, loc: Any, what: str = "integer") -> Node:
     if not INT32_MIN <= value <= INT32_MAX:
         raise FlexcompTypeError(f"{what} {value} does not fit in int32", loc, "indices and int constants are int32")
     return const(int(value), DType.I32, loc)
+
+
+def number(value: Any, loc: Any, what: str = "integer") -> Node | None:
+    """A Python bool, int or float as a constant node (bool, int32, float32), or None for anything else."""
+    if isinstance(value, bool):
+        return const(value, DType.BOOL, loc)
+    if isinstance(value, numbers.Integral):
+        return int_const(int(value), loc, what)
+    if isinstance(value, numbers.Real):
+        return const(float(value), DType.F32, loc)
+    return None
+
+
+def is_nan(x: Node, loc: Any) -> Node:
+    # isnan(x) -> x != x
+    return binary(Op.NE, x, x, loc)
 
 
 def constant(node: Node) -> Node | None:

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import SignatureError, SourceLoc
 from ..ir import DType, Node, Op, const
-from .builders import binary, cast, clamp, logical, logical_not, unary, where
+from .builders import binary, cast, clamp, is_nan, logical, logical_not, unary, where
 
 UNARY_FLOAT = {"exp": Op.EXP, "exp2": Op.EXP2, "log": Op.LOG, "log2": Op.LOG2, "sqrt": Op.SQRT, "rsqrt": Op.RSQRT,
                "tanh": Op.TANH, "sigmoid": Op.SIGMOID, "sin": Op.SIN, "cos": Op.COS, "tan": Op.TAN, "erf": Op.ERF,
@@ -72,6 +72,11 @@ TORCH_DTYPES = {"float32": DType.F32, "float": DType.F32, "float64": DType.F32, 
                 "int": DType.I32, "int64": DType.I32, "long": DType.I32, "int16": DType.I32, "int8": DType.I32,
                 "uint8": DType.I32, "bool": DType.BOOL}  # fmt: skip
 CAST_KEYS = {DType.F32: "float", DType.I32: "int", DType.BOOL: "bool"}  # torch.float32(x) -> float(x)
+
+
+def ir_dtype(dtype: torch.dtype) -> DType:
+    """The IR's dtype for a torch dtype (float32 for the rare ones: complex and the like are refused elsewhere)."""
+    return TORCH_DTYPES.get(str(dtype).removeprefix("torch."), DType.F32)
 MODULE_CONSTANTS = {"torch": {"inf": math.inf, "pi": math.pi, "e": math.e, "nan": math.nan},
                     "math": {"inf": math.inf, "pi": math.pi, "e": math.e, "tau": math.tau, "nan": math.nan}}  # fmt: skip
 MODULES = {"torch": torch, "math": math, "torch.nn": torch.nn, "torch.nn.functional": torch.nn.functional,
@@ -135,7 +140,7 @@ BUILTINS: dict[str, Rule] = {
     # bitwise_and(a, b) -> a & b (logical on bools, bitwise on ints, as the operators); bitwise_not(a) -> ~a
     **{f"bitwise_{name}": binary_rule(Op[name.upper()]) for name in ("and", "or", "xor")},
     "bitwise_not": unary_rule(Op.NOT), "logical_xor": Rule(2, 2, lambda xs, loc: logical(Op.XOR, xs[0], xs[1], loc)),
-    "isnan": Rule(1, 1, lambda xs, loc: binary(Op.NE, xs[0], xs[0], loc)),  # isnan(x) -> x != x
+    "isnan": Rule(1, 1, lambda xs, loc: is_nan(xs[0], loc)),
     "isinf": Rule(1, 1, lambda xs, loc: _compare_abs(Op.EQ, xs[0], loc)),  # isinf(x) -> |x| == inf
     "isfinite": Rule(1, 1, lambda xs, loc: _compare_abs(Op.LT, xs[0], loc)),  # isfinite(x) -> |x| < inf (NaN: False)
     "isposinf": Rule(1, 1, lambda xs, loc: binary(Op.EQ, xs[0], const(math.inf, DType.F32, loc), loc)),  # x == inf

@@ -17,8 +17,8 @@ from typing import Any
 
 from ..errors import SignatureError, SourceLoc, UnsupportedConstructError
 from ..ir import DType, Node, Op, const
-from .builders import binary, cast, constant, int_const, logical, unary, where
-from .calls import TORCH_DTYPES
+from .builders import binary, cast, constant, is_nan, logical, number, unary, where
+from .calls import ir_dtype
 from .values import NONE, Text, TorchDType
 
 Options = dict[str, Any]
@@ -184,11 +184,6 @@ def _logsigmoid(x: Node, o: Options, loc: SourceLoc) -> Node:
     return binary(Op.SUB, binary(Op.MIN, x, _num(0, loc), loc), tail, loc)
 
 
-def _isnan(x: Node) -> Node:
-    # isnan(x) = x != x
-    return binary(Op.NE, x, x, x.loc)
-
-
 def _nan_to_num(x: Node, o: Options, loc: SourceLoc) -> Node:
     # nan_to_num(x) = where(x != x, nan, where(x == inf, posinf, where(x == -inf, neginf, x))); the bounds default
     # to float32's largest finite values (a mod computes in float32); ints pass through
@@ -198,29 +193,23 @@ def _nan_to_num(x: Node, o: Options, loc: SourceLoc) -> Node:
     neginf = -FLOAT32_MAX if o["neginf"] is None else o["neginf"]
     out = where(binary(Op.EQ, x, _num(-math.inf, loc), loc), _num(neginf, loc), x, loc)
     out = where(binary(Op.EQ, x, _num(math.inf, loc), loc), _num(posinf, loc), out, loc)
-    return where(_isnan(x), _num(o["nan"], loc), out, loc)
+    return where(is_nan(x, loc), _num(o["nan"], loc), out, loc)
 
 
 def _dtype_of(value: Any, default: DType) -> DType:
     """A dtype= argument (a torch dtype as the parser or the tracer holds it) as the IR's dtype."""
     if value is None:
         return default
-    if isinstance(value, TorchDType):
-        return value.dtype
-    return TORCH_DTYPES.get(str(value).removeprefix("torch."), DType.F32)
+    return value.dtype if isinstance(value, TorchDType) else ir_dtype(value)
 
 
 def _filled(fill: Any, x: Node, o: Options, loc: SourceLoc) -> Node:
     # zeros_like / ones_like / full_like(x, v) -> the constant v in x's dtype (or dtype=): a mod computes one value
-    value = o["fill_value"] if fill is None else fill
-    if not isinstance(value, (bool, int, float)):
-        raise SignatureError(f"fill_value must be a number known when the mod is compiled, got {value!r}", loc)
-    number = int_const(value, loc) if _python_dtype(value) == DType.I32 else const(value, _python_dtype(value), loc)
-    return cast(number, _dtype_of(o["dtype"], x.dtype), loc)
-
-
-def _python_dtype(value: Any) -> DType:
-    return DType.BOOL if isinstance(value, bool) else DType.I32 if isinstance(value, int) else DType.F32
+    value = number(o["fill_value"] if fill is None else fill, loc)
+    if value is None:
+        raise SignatureError(f"fill_value must be a number known when the mod is compiled, got {o['fill_value']!r}",
+                             loc)  # fmt: skip
+    return cast(value, _dtype_of(o["dtype"], x.dtype), loc)
 
 
 def _tensor(x: Node, o: Options, loc: SourceLoc) -> Node:

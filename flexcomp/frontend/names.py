@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import builtins
 import functools
-import numbers
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,9 +13,9 @@ import torch
 
 from ..errors import SignatureError, SourceLoc, UndefinedNameError, UnsupportedConstructError
 from ..guards import GuardTable, Scope
-from ..ir import BufferSpec, DType, Node, Op, const, map_nodes
-from .builders import int_const
-from .calls import MODULES, PY_BUILTINS, TORCH_DTYPES, known_callable
+from ..ir import BufferSpec, Node, Op, map_nodes
+from .builders import number
+from .calls import MODULES, PY_BUILTINS, ir_dtype, known_callable
 from .values import NONE, Builtin, Captured, ModBase, ModRef, Module, PyFunction, TorchDType, Value
 
 
@@ -96,12 +95,9 @@ def capture(name: str, value: Any, read: Callable[[], Any], buffers: BufferTable
     """
     if value is None:
         return NONE  # only `x is None` / `x is not None` can use it
-    if isinstance(value, bool):
-        return const(value, DType.BOOL, loc)
-    if isinstance(value, numbers.Integral):
-        return int_const(int(value), loc, f"captured int {name!r} =")
-    if isinstance(value, numbers.Real):
-        return const(float(value), DType.F32, loc)
+    scalar = number(value, loc, f"captured int {name!r} =")
+    if scalar is not None:
+        return scalar
     if isinstance(value, torch.Tensor):
         spec = tensor_spec(name, value, loc)
         return Captured(BufferSpec(buffers.add(spec, read), spec.dtype, spec.shape))
@@ -109,7 +105,7 @@ def capture(name: str, value: Any, read: Callable[[], Any], buffers: BufferTable
         return tuple(capture(f"{name}_{i}", v, functools.partial(lambda i: read()[i], i), buffers, loc)
                      for i, v in enumerate(value))
     if isinstance(value, torch.dtype):
-        return TorchDType(TORCH_DTYPES.get(str(value).removeprefix("torch."), DType.F32), str(value))
+        return TorchDType(ir_dtype(value), str(value))
     if isinstance(value, types.ModuleType) and value in MODULES.values():
         return Module(value.__name__)
     key = known_callable(value)

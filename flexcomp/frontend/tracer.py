@@ -13,7 +13,6 @@ be recorded: each is refused with a FlexcompError that says what to write instea
 from __future__ import annotations
 
 import functools
-import numbers
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -30,9 +29,9 @@ from ..errors import (
     UnsupportedConstructError,
 )
 from ..guards import Guard, GuardTable
-from ..ir import COMPARISON_OPS, BufferSpec, DType, Node, Op, arg, const, load, toposort
-from .builders import OP_SYMBOL, binary, cast, clamp, inline_mod, int_const, unary
-from .calls import METHODS, TORCH_DTYPES, apply_rule, bind_clamp, known_callable
+from ..ir import COMPARISON_OPS, BufferSpec, DType, Node, Op, arg, load, toposort
+from .builders import OP_SYMBOL, binary, cast, clamp, inline_mod, number, unary
+from .calls import METHODS, apply_rule, bind_clamp, ir_dtype, known_callable
 from .frames import code_loc, comparison_written, traceback_loc, user_frame_loc
 from .free_names import FreeRead, free_reads
 from .functions import FUNCTIONS, call_function, split_inputs
@@ -159,12 +158,9 @@ class Trace:
         """A value met while tracing, as an IR node: a stand-in, a Python scalar (a constant) or a 0-d tensor."""
         if isinstance(value, Traced):
             return value.node
-        if isinstance(value, bool):
-            return const(value, DType.BOOL, loc)
-        if isinstance(value, numbers.Integral):
-            return int_const(int(value), loc)
-        if isinstance(value, numbers.Real):
-            return const(float(value), DType.F32, loc)
+        scalar = number(value, loc)
+        if scalar is not None:
+            return scalar
         if isinstance(value, torch.Tensor):
             return self.load(value, (), loc)
         if isinstance(value, PartlyIndexed):
@@ -225,8 +221,7 @@ class Trace:
         if len(targets) != 1 or not isinstance(targets[0], torch.dtype):
             raise UnsupportedConstructError(f"`.{name}(...)` needs exactly one torch dtype argument", loc,
                                             "e.g. `x.to(torch.float32)`")
-        dtype = TORCH_DTYPES.get(str(targets[0]).removeprefix("torch."), DType.F32)
-        return self.traced(cast(self.node(receiver, loc), dtype, loc))
+        return self.traced(cast(self.node(receiver, loc), ir_dtype(targets[0]), loc))
 
     def torch_call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """A torch function or tensor method that met a stand-in (`Traced.__torch_function__`)."""
