@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .sparsity.tables import columns, listed_first
+
 UNASSIGNED = -1
 
 
@@ -137,7 +139,7 @@ class PagedAttention:
             physical = (pages.clamp(min=0) * tiles_per_page + logical % tiles_per_page).view(indices.shape)
             listed = torch.arange(indices.shape[-1], device=indices.device) < num[..., None]
             keep = listed & (pages.view(indices.shape) != UNASSIGNED)
-            order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept tiles first, in order
+            order = _kept_first(keep)
             # width n_pages * tiles_per_page: the physical indices can exceed the logical mask's width
             wide = torch.zeros(
                 (*indices.shape[:-1], self.n_pages * tiles_per_page), dtype=torch.int32, device=indices.device
@@ -253,6 +255,13 @@ def _expand_batch(block_mask: Any, batch: int) -> Any:
     )
 
 
+def _kept_first(keep: Tensor) -> Tensor:
+    """Each row's positions, its kept ones first, each part in order (int64, for gather): what a stable sort of
+    ~keep returns, placed by sparsity.tables.listed_first's running counts."""
+    width = keep.shape[-1]
+    return listed_first(keep.reshape(-1, width), columns(width, keep.device)).view(keep.shape).long()
+
+
 def _split_kv_blocks(block_mask: Any, parts: int) -> Any:
     """The same tiles listed at a kv block `parts` times smaller (a logical tile as its pages).  The last block may
     reach past the mask's kv length (a block of 64 over 96 rows): its finer tiles there are not listed, so that each
@@ -269,7 +278,7 @@ def _split_kv_blocks(block_mask: Any, parts: int) -> Any:
         finer = (indices[..., None] * parts + step).flatten(-2)
         listed = torch.arange(indices.shape[-1], device=indices.device) < num[..., None]
         keep = (listed[..., None] & (finer.view(*indices.shape, parts) < tiles)).flatten(-2)
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept tiles first, in order
+        order = _kept_first(keep)
         return keep.sum(-1).to(num.dtype), torch.gather(finer, -1, order).contiguous()
 
     kv_num, kv_indices = split(block_mask.kv_num_blocks, block_mask.kv_indices)
@@ -293,7 +302,7 @@ def _full_as_partial(block_mask: Any) -> Any:
         ],
         dim=-1,
     )
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # listed tiles first, in order
+    order = _kept_first(keep)
     # a row lists each kv block once, as PARTIAL or FULL: at most nkv entries, though the two tables side by side
     # are twice torch's dense width (wider than the physical cache's table for a mask built at its capacity)
     width = min(indices.shape[-1], -(-block_mask.seq_lengths[1] // block_mask.BLOCK_SIZE[1]))
