@@ -9,7 +9,8 @@ eager Python, which Dynamo cannot trace (mods parsed from source, plan caches, d
 - The graph then holds one `torch.ops.flexcomp.flex_attention(query, key, value, tables, captured, call,
   want_max)`: the block mask's index tables and the score_mod's captured tensors are op inputs, so Dynamo sees
   them as data (a new block mask's tables each step, a learnable bias updated by the optimizer) and autograd
-  reaches the captured tensors; want_max asks for return_aux's max_scores too (not differentiable).  Its fake implementation gives the output shapes, so dynamic shapes need no recompile.
+  reaches the captured tensors; want_max asks for return_aux's max_scores too (not differentiable).  Its fake
+  implementation gives the output shapes, so dynamic shapes need no recompile.
 - At run time the op calls the eager `flex_attention` on the real tensors (every backend, every feature; mods
   re-specialize on rebound scalars as in eager calls), and its backward (`torch.library.register_autograd`) runs
   the generated backward kernels, or autograd through the reference backend.
@@ -224,9 +225,9 @@ def flex_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 def _(query, key, value, tables, captured, call, want_max):
     B, Hq, Lq, _ = query.shape
     stat_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    stat = query.new_empty(B, Hq, Lq, dtype=stat_dtype)
-    return (query.new_empty(B, Hq, Lq, value.shape[-1]), stat,
-            query.new_empty(B, Hq, Lq, dtype=stat_dtype) if want_max else query.new_empty(0, dtype=stat_dtype))
+    max_shape = (B, Hq, Lq) if want_max else (0,)
+    return (query.new_empty(B, Hq, Lq, value.shape[-1]), query.new_empty(B, Hq, Lq, dtype=stat_dtype),
+            query.new_empty(max_shape, dtype=stat_dtype))
 
 
 _PREPARED: OrderedDict[tuple, tuple] = OrderedDict()  # (call, tables' storage) -> (score_mod, block_mask, mask_mod)
