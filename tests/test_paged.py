@@ -242,18 +242,13 @@ def test_mask_made_for_the_batch_without_reading_b(randn, rng, creator):
     so each request gets its own pages (found by tests/test_fuzz.py: batch 1 was converted, for request 0 only)."""
     lengths = [30, 12, 41]
     scene = Scene(fc.PagedAttention, randn, rng, lengths, 16, n_pages=9, dtype=torch.float32)
-    kv_len = torch.tensor(lengths)
     create = fc.create_block_mask if creator == "flexcomp" else torch_create_block_mask
-    logical = create(lambda b, h, q_idx, kv_idx: kv_idx >= q_idx, 3, None, 2, scene.max_len(), device="cpu",
-                     BLOCK_SIZE=16)  # fmt: skip
-    assert logical.shape[0] == 3
-    converted = scene.paged.convert_logical_block_mask(logical, kv_len=kv_len)
-    q = randn(3, H, 2, D)
-    out, lse = fc.flex_attention(q, scene.k_cache, scene.v_cache, block_mask=converted, enable_gqa=True,
-                                 return_lse=True, backend="triton")  # fmt: skip
-    ref_out, ref_lse = naive_attention(q, scene.padded(scene.k), scene.padded(scene.v), enable_gqa=True,
-                                       mask_fn=lambda b, h, qi, ki: (ki >= qi) & (ki < kv_len[b]))  # fmt: skip
-    assert_close_to_reference(out, lse, ref_out, ref_lse)
+
+    def later(b, h, q_idx, kv_idx):
+        return kv_idx >= q_idx
+
+    assert create(later, 3, None, 2, scene.max_len(), device="cpu", BLOCK_SIZE=16).shape[0] == 3
+    _run_and_check(scene, randn(3, H, 2, D), later, None, "triton", 16, create, 2e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -271,15 +266,7 @@ def test_logical_blocks_reaching_past_the_cache(randn, rng, backend, creator):
         return kv_idx < limit[b]
 
     create = fc.create_block_mask if creator == "flexcomp" else torch_create_block_mask
-    logical = create(below, 2, None, 8, scene.max_len(), device="cpu", BLOCK_SIZE=(16, 64))
-    kv_len = torch.tensor(lengths)
-    converted = scene.paged.convert_logical_block_mask(logical, kv_len=kv_len)
-    q = randn(2, H, 8, D)
-    out, lse = fc.flex_attention(q, scene.k_cache, scene.v_cache, block_mask=converted, enable_gqa=True,
-                                 return_lse=True, backend=backend)  # fmt: skip
-    ref_out, ref_lse = naive_attention(q, scene.padded(scene.k), scene.padded(scene.v), enable_gqa=True,
-                                       mask_fn=lambda b, h, qi, ki: below(b, h, qi, ki) & (ki < kv_len[b]))  # fmt: skip
-    assert_close_to_reference(out, lse, ref_out, ref_lse)
+    _run_and_check(scene, randn(2, H, 8, D), below, None, backend, 64, create, 2e-5)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
